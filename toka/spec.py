@@ -1,0 +1,562 @@
+"""The agent spec: pydantic models for Toka's YAML format, as written in the wild.
+
+Real files use several shapes for the same thing (three for
+``dependencies``, two for ``reporting.metrics``); each is normalised into
+one internal shape here, at the edge, once. Known blocks reject unknown keys
+(a typo such as ``timout`` must not silently drop a limit); unknown
+*top-level* blocks are domain context and are kept, in order, for the agent.
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from .errors import Problem, SpecError
+from .units import Bandwidth, ByteSize, CpuShare, Duration
+from .yaml_source import YamlSource, load_yaml
+
+__all__ = [
+    "PRIORITIES",
+    "AgentSpec",
+    "Capabilities",
+    "Dependencies",
+    "Metadata",
+    "Metric",
+    "Objective",
+    "Priority",
+    "Reporting",
+    "ResourceLimits",
+    "Risk",
+    "RiskMitigation",
+    "Security",
+    "SpecInfo",
+    "Task",
+    "Tasks",
+]
+
+Priority = Literal["critical", "high", "medium", "low"]
+#: Priorities from most to least urgent; the index is the sort key.
+PRIORITIES: tuple[Priority, ...] = ("critical", "high", "medium", "low")
+
+Frequency = Literal[
+    "real-time", "hourly", "daily", "weekly", "on-milestone", "on-completion", "continuous"
+]
+
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        coerce_numbers_to_str=True,
+    )
+
+
+def _single_key_maps_to_dict(value: Any, what: str) -> Any:
+    """``[{a: x}, {b: y}]`` -> ``{a: x, b: y}``; other shapes pass through.
+
+    ``None`` (a key written with nothing after it) means empty, and a list of
+    bare names is accepted with empty reasons.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        return value
+    merged: dict[Any, Any] = {}
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {item: ""}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(
+                f"item {i} is {item!r}; each {what} entry must be one "
+                "'name: reason' pair (or write a plain map 'name: reason')"
+            )
+        ((name, reason),) = item.items()
+        if name in merged:
+            raise ValueError(f"{name!r} is listed twice")
+        merged[name] = reason
+    return merged
+
+
+def _normalise_deps(value: Any) -> Any:
+    value = _single_key_maps_to_dict(value, "dependency")
+    if isinstance(value, dict):
+        return {k: "" if v is None else v for k, v in value.items()}
+    return value
+
+
+DependencyMap = Annotated[
+    dict[str, str],
+    BeforeValidator(
+        _normalise_deps,
+        json_schema_input_type=dict[str, str | None] | list[dict[str, str | None] | str] | None,
+    ),
+]
+
+
+class Metadata(_Block):
+    """Identity and provenance of the agent."""
+
+    name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=63)
+    """Kebab-case id, unique across a set of specs; names the Prefect flow."""
+    version: str | None = None
+    """Spec version, e.g. ``v0.3.0``."""
+    created: date | None = None
+    """Date the spec was written."""
+    modified: date | None = None
+    """Date the spec was last changed."""
+    workstream: str | None = None
+    """Human title of the workstream; a Prefect tag."""
+    branch: str | None = None
+    """Branch the workstream delivers to."""
+    schema_version: str | None = None
+    """Version of the spec schema the file was written against."""
+    checksum: str | None = None
+    """Checksum recorded by tooling that generated the file."""
+
+
+class SpecInfo(_Block):
+    """What the agent is: title, domain and urgency."""
+
+    name: NonEmptyText
+    """Human title, e.g. ``Build System Stabilization Agent``."""
+    domain: NonEmptyText
+    """Free-text domain; a Prefect tag."""
+    priority: Priority
+    """Agent priority; breaks ties when concurrency slots are short."""
+    description: str | None = None
+    """Optional longer description."""
+
+
+class Capabilities(_Block):
+    """Skills the agent has (descriptive labels, not permissions)."""
+
+    primary: list[str] = []
+    """Main skills."""
+    secondary: list[str] = []
+    """Supporting skills."""
+
+
+class Objective(_Block):
+    """One outcome the agent works toward."""
+
+    description: NonEmptyText
+    """What to achieve."""
+    deliverable: NonEmptyText
+    """What is produced."""
+    validation: NonEmptyText
+    """How success is checked."""
+    priority: Priority | None = None
+    """Optional urgency of this objective."""
+
+
+class Task(_Block):
+    """One step of the agent; becomes one Prefect task."""
+
+    description: NonEmptyText
+    """What to do; the short form names the task in the Prefect UI."""
+    priority: Priority = "medium"
+    """critical/high failures stop the agent; medium/low failures are recorded and the agent goes on."""
+    estimated_duration: Duration | None = None
+    """Rough effort, e.g. ``4h``."""
+    estimated_time: Duration | None = None
+    """Synonym of ``estimated_duration`` seen in some files."""
+    tools_required: list[str] = []
+    """Tools the author expects the task to need (informational)."""
+    dependencies: list[str] = []
+    """Free-text prerequisites of this task (informational)."""
+
+
+class Tasks(_Block):
+    """The ordered task list, plus tasks switched on by named contexts."""
+
+    default: list[Task] = Field(min_length=1)
+    """Tasks run in this order on every run."""
+    conditional: dict[str, list[Task]] = {}
+    """Context name -> tasks that only run when that context is switched on."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_empty(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("conditional", {}) is None:
+            data = {**data, "conditional": {}}
+        return data
+
+
+class Dependencies(_Block):
+    """Other agents this one builds on, each with the reason."""
+
+    required: DependencyMap = {}
+    """Agents that must complete first; this agent does not run if one fails."""
+    optional: DependencyMap = {}
+    """Agents to run first when both are in the run; their results are passed along."""
+
+
+def _normalise_metrics(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, str):
+            out.append({"name": item})
+        elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
+            ((name, description),) = item.items()
+            out.append({"name": name, "description": description})
+        else:
+            out.append(item)
+    return out
+
+
+class Metric(_Block):
+    """A figure the agent reports; the structured result is keyed by ``name``."""
+
+    name: NonEmptyText
+    """Metric id, e.g. ``build-success-rate``."""
+    description: str | None = None
+    """What it measures."""
+    type: str | None = None
+    """Kind of value (``gauge``, ``counter``, ``percentage``...)."""
+    unit: str | None = None
+    """Unit of the value."""
+
+
+MetricList = Annotated[
+    list[Metric],
+    BeforeValidator(
+        _normalise_metrics,
+        json_schema_input_type=list[dict[str, str] | Metric | str],
+    ),
+]
+
+
+class Reporting(_Block):
+    """How the agent reports progress."""
+
+    frequency: Frequency | None = None
+    """How often to report."""
+    channels: list[str] = []
+    """Where reports go."""
+    metrics: MetricList = []
+    """Figures to report; written either as ``[{name: description}]`` or as ``[{name, description, type, unit}]``."""
+
+
+class ResourceLimits(_Block):
+    """Limits enforced on the agent's run and on the commands it starts."""
+
+    timeout: Duration
+    """Wall-clock limit of the whole agent run, e.g. ``2h``."""
+    max_memory: ByteSize | None = None
+    """Memory limit of each command the agent runs, e.g. ``512MB``."""
+    max_cpu: CpuShare | None = None
+    """CPU share of each command, between ``1%`` and ``100%`` of one CPU."""
+    max_disk_usage: ByteSize | None = None
+    """How much the workspace may grow during the run."""
+    max_network_bandwidth: Bandwidth | None = None
+    """Network rate for agents granted network access, e.g. ``100Mbps``."""
+    max_processes: int | None = Field(default=None, ge=1, le=100_000)
+    """Most processes a command may have at once (stops fork bombs)."""
+
+
+class Security(_Block):
+    """Permissions and resource limits."""
+
+    sandbox: bool = True
+    """Run commands in a sandbox; ``false`` needs ``--allow-unsandboxed``."""
+    capabilities_required: list[NonEmptyText] = []
+    """Permission names, e.g. ``filesystem-read``; they decide which tools the agent gets."""
+    resource_limits: ResourceLimits
+    """Limits enforced while the agent runs."""
+
+
+class BehavioralDirectives(_Block):
+    """Guidance for how the agent works, passed verbatim to the model."""
+
+    operational_focus: list[str] = []
+    """What to prioritise."""
+    error_handling: list[str] = []
+    """How to react to failures."""
+    coordination: list[str] = []
+    """How to work with other agents."""
+
+
+class Risk(_Block):
+    """A known risk and how to mitigate it."""
+
+    risk: NonEmptyText
+    """What could go wrong."""
+    mitigation: NonEmptyText
+    """How to avoid or contain it."""
+    probability: str | None = None
+    """Likelihood, free text."""
+    impact: str | None = None
+    """Impact, free text."""
+
+
+class RiskMitigation(_Block):
+    """Risks the agent must keep in mind."""
+
+    high_priority_risks: list[Risk] = []
+    """The risks that matter most."""
+    monitoring: list[str] = []
+    """What to watch."""
+
+
+class SuccessCriteria(_Block):
+    """Phased criteria for judging the agent's work; further ``phase_N`` lists are allowed."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, list[str]] = Field(init=False)  # type: ignore[assignment]
+
+    phase_1: list[str] = []
+    """First-phase criteria."""
+    phase_2: list[str] = []
+    """Second-phase criteria."""
+    final_validation: list[str] = []
+    """Criteria for the finished work."""
+
+
+class AgentSpec(BaseModel):
+    """One agent, as declared in one YAML file."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        use_attribute_docstrings=True,
+        title="Toka agent spec",
+    )
+
+    metadata: Metadata
+    """Identity: name, version, workstream."""
+    spec: SpecInfo
+    """Title, domain and priority."""
+    capabilities: Capabilities = Capabilities()
+    """Skills (descriptive)."""
+    objectives: list[Objective] = []
+    """Outcomes to work toward."""
+    tasks: Tasks
+    """The ordered tasks."""
+    dependencies: Dependencies = Dependencies()
+    """Required and optional agents to run first."""
+    reporting: Reporting = Reporting()
+    """Reporting frequency, channels and metrics."""
+    security: Security
+    """Permissions and resource limits."""
+    behavioral_directives: BehavioralDirectives = BehavioralDirectives()
+    """Guidance passed to the model."""
+    risk_mitigation: RiskMitigation = RiskMitigation()
+    """Risks and their mitigations."""
+    success_criteria: SuccessCriteria = SuccessCriteria()
+    """Phased success criteria."""
+
+    _source: YamlSource | None = PrivateAttr(default=None)
+
+    _KNOWN_BLOCKS: ClassVar[tuple[str, ...]] = (
+        "metadata", "spec", "capabilities", "objectives", "tasks", "dependencies",
+        "reporting", "security", "behavioral_directives", "risk_mitigation", "success_criteria",
+    )  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        """The agent id (``metadata.name``)."""
+        return self.metadata.name
+
+    @property
+    def priority(self) -> Priority:
+        """The agent priority (``spec.priority``)."""
+        return self.spec.priority
+
+    @property
+    def context_blocks(self) -> dict[str, Any]:
+        """Domain-specific top-level blocks, in file order, shown to the agent as context."""
+        return dict(self.model_extra or {})
+
+    @property
+    def source(self) -> str | None:
+        """The file this spec was read from, as the user named it."""
+        return None if self._source is None else self._source.name
+
+    def line_of(self, *path: str | int) -> int | None:
+        """The line in the source file where ``path`` is written, when known."""
+        return None if self._source is None else self._source.line_of(path)
+
+    # -- constructors -------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AgentSpec:
+        """Read and validate one spec file.
+
+        Raises:
+            SpecError: the file cannot be read, is not YAML, or is not a valid
+                spec; every problem found is listed with its line.
+        """
+        name = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SpecError([Problem("no such file", source=name)]) from None
+        except IsADirectoryError:
+            raise SpecError([Problem("is a directory, not a spec file", source=name)]) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError([Problem(f"cannot read: {e}", source=name)]) from None
+        return cls.from_text(text, source=name)
+
+    @classmethod
+    def from_text(cls, text: str, *, source: str = "<string>") -> AgentSpec:
+        """Validate a spec given as YAML text; ``source`` names it in errors."""
+        yaml_source = YamlSource(source, text)
+        data = load_yaml(yaml_source)
+        return cls._validate_located(data, yaml_source)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = None) -> AgentSpec:
+        """Validate an already-parsed spec (errors carry no line numbers)."""
+        return cls._validate_located(data, None, source_name=source)
+
+    @classmethod
+    def _validate_located(
+        cls, data: Any, yaml_source: YamlSource | None, *, source_name: str | None = None
+    ) -> AgentSpec:
+        name = yaml_source.name if yaml_source is not None else source_name
+        if not isinstance(data, dict):
+            kind = "an empty file" if data is None else f"a {type(data).__name__}"
+            raise SpecError(
+                [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
+            )
+        problems = cls._misspelt_blocks(data, yaml_source, name)
+        try:
+            spec = cls.model_validate(data)
+        except ValidationError as e:
+            problems += [_problem(err, yaml_source, name) for err in e.errors()]
+            spec = None
+        if problems:
+            raise SpecError(problems)
+        assert spec is not None
+        spec._source = yaml_source
+        return spec
+
+    @classmethod
+    def _misspelt_blocks(
+        cls, data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None
+    ) -> list[Problem]:
+        """Unknown blocks are kept as context, unless one is surely a typo of a missing known block."""
+        problems = []
+        for key in data:
+            if not isinstance(key, str) or key in cls._KNOWN_BLOCKS:
+                continue
+            close = difflib.get_close_matches(key, cls._KNOWN_BLOCKS, n=1, cutoff=0.85)
+            if close and close[0] not in data:
+                problems.append(
+                    Problem(
+                        f"unknown block {key!r}; did you mean {close[0]!r}?",
+                        source=name,
+                        line=yaml_source.line_of([key]) if yaml_source else None,
+                        field=key,
+                    )
+                )
+        return problems
+
+
+# -- turning pydantic errors into located, readable problems -----------------
+
+
+def _field_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(value: Any) -> str:
+    kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing"}
+    kind = kinds.get(type(value), f"a {type(value).__name__}")
+    return kind if value is None else f"{kind} ({value!r})"
+
+
+def _message(err: ErrorDetails, model_fields: list[str]) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        key = err["loc"][-1]
+        close = difflib.get_close_matches(str(key), model_fields, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown field {key!r}; {hint}expected one of: {', '.join(model_fields)}"
+    if kind == "literal_error":
+        return f"{value!r} is not one of {ctx.get('expected', '')}"
+    if kind == "string_pattern_mismatch" and err["loc"][-1] == "name":
+        return f"{value!r} is not a kebab-case name (lowercase letters, digits and single hyphens, e.g. 'build-system')"
+    if kind in ("string_type", "string_sub_type"):
+        return f"expected text, got {_describe(value)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length', 1)} item(s), got {_describe(value)}"
+    if kind == "list_type":
+        return f"expected a list, got {_describe(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping, got {_describe(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {_describe(value)}"
+    if kind in ("date_type", "date_parsing", "date_from_datetime_parsing", "date_from_datetime_inexact"):
+        return f"{value!r} is not a date (write YYYY-MM-DD)"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    if kind == "unit":
+        return err["msg"]
+    return f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {_describe(value)})"
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The field names the model at ``loc``'s parent accepts (for 'did you mean')."""
+    model: Any = AgentSpec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return []
+        model = _model_in(info.annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None) -> Problem:
+    # Before-validators on a whole field report at the field itself; unions and
+    # nested types can add pseudo-locations (e.g. 'function-after[...]').
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+    return Problem(
+        _message(err, _fields_at(loc)),
+        source=name,
+        line=yaml_source.line_of(loc) if yaml_source else None,
+        field=_field_path(loc),
+    )

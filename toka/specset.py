@@ -1,0 +1,61 @@
+"""Finding and loading a set of spec files from the paths a user names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import Problem, SpecError
+from .spec import AgentSpec
+
+__all__ = ["DEFAULT_SPEC_DIR", "find_spec_files", "load_specs"]
+
+#: Where ``toka`` looks when no path is given.
+DEFAULT_SPEC_DIR = Path("agent_specs")
+
+_SUFFIXES = (".yaml", ".yml")
+
+
+def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and directories (searched recursively) into spec files, sorted and unique.
+
+    Raises:
+        SpecError: a path does not exist, or a directory holds no spec file.
+    """
+    found: dict[Path, None] = {}
+    problems: list[Problem] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not files:
+                problems.append(Problem("no agent specs (*.yaml, *.yml) in this directory", source=str(path)))
+            found.update(dict.fromkeys(files))
+        elif path.is_file():
+            found[path] = None
+        else:
+            problems.append(Problem("no such file or directory", source=str(path)))
+    if problems:
+        raise SpecError(problems)
+    return list(found)
+
+
+def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentSpec]:
+    """Load every spec under ``paths``, reporting the problems of all files together.
+
+    Raises:
+        SpecError: with every problem of every bad file, each located.
+    """
+    specs: list[AgentSpec] = []
+    problems: list[Problem] = []
+    for file in find_spec_files(paths):
+        try:
+            specs.append(AgentSpec.from_file(file))
+        except SpecError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise SpecError(problems)
+    return specs

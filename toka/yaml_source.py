@@ -1,0 +1,152 @@
+"""Reading spec YAML: safe loading, duplicate keys as errors, and line lookup.
+
+Loading uses libyaml when present (it is, with the PyYAML wheels) because
+``toka plan`` over a thousand specs must stay fast. Line numbers are only
+needed when something is wrong, so the node tree that holds them is composed
+lazily, on the first lookup, instead of on every load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import Problem, SpecError
+
+__all__ = ["YamlSource", "load_yaml"]
+
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """A safe loader that refuses a key repeated in one mapping.
+
+    PyYAML keeps the last value silently; in a spec that would drop, say, a
+    timeout without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass
+class YamlSource:
+    """The text of one spec file and how to find the line of a field in it."""
+
+    name: str
+    text: str
+    _root: yaml.Node | None = field(default=None, repr=False)
+    _composed: bool = field(default=False, repr=False)
+
+    def _root_node(self) -> yaml.Node | None:
+        if not self._composed:
+            self._composed = True
+            try:
+                self._root = yaml.compose(self.text, Loader=_BaseLoader)
+            except yaml.YAMLError:
+                self._root = None
+        return self._root
+
+    def line_of(self, path: Sequence[str | int]) -> int | None:
+        """The 1-based line of the deepest node along ``path`` that exists.
+
+        A path into a missing field points at its parent mapping, which is
+        where the user must add it. A string key met at a list is looked up
+        among the list's single-key maps, the shape several spec blocks use.
+        """
+        node = self._root_node()
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for part in path:
+            child = _child(node, part)
+            if child is None:
+                break
+            key_line, node = child
+            line = key_line
+        return line
+
+    def path_at(self, line: int) -> str | None:
+        """The dotted path of the mapping key written on ``line``, if any."""
+        root = self._root_node()
+        if root is None:
+            return None
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        while stack:
+            node, prefix = stack.pop()
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                    if key_node.start_mark.line + 1 == line:
+                        return path
+                    stack.append((value_node, path))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{prefix}[{i}]") for i, item in enumerate(node.value))
+        return None
+
+
+def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                return key_node.start_mark.line + 1, value_node
+    elif isinstance(node, yaml.SequenceNode):
+        if isinstance(part, int):
+            if 0 <= part < len(node.value):
+                item = node.value[part]
+                return item.start_mark.line + 1, item
+        else:
+            for item in node.value:
+                found = _child(item, part)
+                if found is not None:
+                    return found
+    return None
+
+
+def load_yaml(source: YamlSource) -> Any:
+    """Parse ``source`` safely; malformed YAML and duplicate keys raise :class:`SpecError`."""
+    try:
+        return yaml.load(source.text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise SpecError(
+            [
+                Problem(
+                    f"duplicate key {e.key!r} (first defined on line {e.first_line}); "
+                    "YAML would silently keep only the last value",
+                    source=source.name,
+                    line=e.line,
+                    field=source.path_at(e.line),
+                )
+            ]
+        ) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = e.problem or e.context or "malformed YAML"
+        raise SpecError(
+            [
+                Problem(
+                    f"invalid YAML: {what}",
+                    source=source.name,
+                    line=None if mark is None else mark.line + 1,
+                )
+            ]
+        ) from None
+    except yaml.YAMLError as e:
+        raise SpecError([Problem(f"invalid YAML: {e}", source=source.name)]) from None
