@@ -59,7 +59,7 @@ class AgentGraph:
     ) -> None:
         self.agents: dict[str, AgentSpec] = dict(sorted(agents.items()))
         self.edges: tuple[Edge, ...] = tuple(
-            sorted(edges, key=lambda e: (e.dependent, e.kind, e.dependency))
+            sorted(edges, key=lambda e: (e.dependent, e.kind != "required", e.dependency))
         )
         self.warnings: tuple[Problem, ...] = tuple(warnings)
         self.dropped: tuple[Edge, ...] = tuple(dropped)

@@ -364,7 +364,8 @@ class AgentSpec(BaseModel):
     success_criteria: SuccessCriteria = SuccessCriteria()
     """Phased success criteria."""
 
-    _source: YamlSource | None = PrivateAttr(default=None)
+    _source_name: str | None = PrivateAttr(default=None)
+    _yaml: YamlSource | None = PrivateAttr(default=None)
 
     _KNOWN_BLOCKS: ClassVar[tuple[str, ...]] = (
         "metadata", "spec", "capabilities", "objectives", "tasks", "dependencies",
@@ -389,11 +390,11 @@ class AgentSpec(BaseModel):
     @property
     def source(self) -> str | None:
         """The file this spec was read from, as the user named it."""
-        return None if self._source is None else self._source.name
+        return self._source_name
 
     def line_of(self, *path: str | int) -> int | None:
         """The line in the source file where ``path`` is written, when known."""
-        return None if self._source is None else self._source.line_of(path)
+        return None if self._yaml is None else self._yaml.line_of(path)
 
     # -- constructors -------------------------------------------------------
 
@@ -447,7 +448,8 @@ class AgentSpec(BaseModel):
         if problems:
             raise SpecError(problems)
         assert spec is not None
-        spec._source = yaml_source
+        spec._source_name = name
+        spec._yaml = yaml_source
         return spec
 
     @classmethod

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from toka.cli import app
+
+from .conftest import AGENT_SPECS, ROOT, TOKA_SPECS, minimal_spec
+
+runner = CliRunner()
+
+
+def toka(*args: str | Path) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+class TestValidate:
+    def test_one_line_per_agent(self) -> None:
+        code, out, _ = toka("validate", TOKA_SPECS)
+        assert code == 0
+        lines = [l for l in out.splitlines() if l.startswith("ok ")]
+        assert len(lines) == 9
+        bss = next(l for l in lines if "build-system-stabilization" in l)
+        assert "critical" in bss and "8 tasks" in bss
+        assert "timeout 2h, memory 512MB, cpu 75%" in bss
+        doc = next(l for l in lines if "document-organization" in l)
+        assert "requires: build-system-stabilization" in doc
+        assert "optional: github-cicd-issues-resolution, testing-infrastructure" in doc
+        assert out.rstrip().endswith("9 agents valid, 0 warnings")
+
+    def test_default_is_agent_specs(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(ROOT)
+        code, out, _ = toka("validate")
+        assert code == 0
+        assert "5 agents valid" in out
+
+    def test_bad_spec_exits_2_with_located_errors(self, write_specs) -> None:
+        bad = minimal_spec("bad")
+        bad["security"]["resource_limits"]["max_cpu"] = "150%"
+        bad["spec"]["priority"] = "urgent"
+        folder = write_specs(bad, minimal_spec("fine"))
+        code, out, err = toka("validate", folder)
+        assert code == 2
+        assert f"{folder / 'bad.yaml'}:" in err
+        assert "security.resource_limits.max_cpu: '150%' is not a percentage between 1% and 100%" in err
+        assert "spec.priority: 'urgent' is not one of" in err
+        assert "2 errors" in err
+        assert "Traceback" not in out + err
+
+    def test_warnings_are_shown(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a", optional={"ghost": ""}))
+        code, out, err = toka("validate", folder)
+        assert code == 0
+        assert "warning:" in err and "unknown optional dependency 'ghost'" in err
+        assert "1 agent valid, 1 warning" in out
+
+    def test_missing_path(self, tmp_path: Path) -> None:
+        code, _, err = toka("validate", tmp_path / "nowhere")
+        assert code == 2
+        assert "nowhere: no such file or directory" in err
+
+    def test_empty_directory(self, tmp_path: Path) -> None:
+        code, _, err = toka("validate", tmp_path)
+        assert code == 2
+        assert "no agent specs" in err
+
+    def test_cycle_exits_2(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a", required={"b": ""}), minimal_spec("b", required={"a": ""}))
+        code, _, err = toka("validate", folder)
+        assert code == 2
+        assert "a -> b -> a" in err
+
+
+class TestPlan:
+    def test_human_output_lists_waves(self) -> None:
+        code, out, _ = toka("plan", TOKA_SPECS)
+        assert code == 0
+        assert out.startswith("9 agents in 6 waves")
+        assert out.index("wave 1") < out.index("build-system-stabilization") < out.index("wave 2")
+        assert "capabilities: filesystem-read, filesystem-write, cargo-execution, git-access, ci-integration" in out
+        assert "build-system-stabilization -> storage-advancement  (required)" in out
+
+    def test_json_is_stable(self) -> None:
+        code, out, _ = toka("plan", TOKA_SPECS, "--json")
+        assert code == 0
+        plan = json.loads(out)
+        assert plan["format"] == "toka-plan/1"
+        assert list(plan) == ["format", "agents", "waves", "order", "edges", "dropped_edges", "warnings"]
+        assert plan["waves"][0] == ["build-system-stabilization"]
+        assert plan["order"] == [a["name"] for a in plan["agents"]]
+        first = plan["agents"][0]
+        assert list(first) == [
+            "name", "title", "source", "priority", "domain", "workstream", "wave", "tasks",
+            "conditional_tasks", "requires", "optional", "capabilities", "sandbox", "limits",
+        ]
+        assert first["limits"] == {
+            "timeout_seconds": 7200.0,
+            "max_memory_bytes": 512 * 1024**2,
+            "max_cpu_percent": 75.0,
+            "max_disk_usage_bytes": None,
+            "max_network_bandwidth_bps": None,
+            "max_processes": None,
+        }
+        assert {"from": "build-system-stabilization", "to": "testing-infrastructure",
+                "kind": "required",
+                "reason": "Stable build system required for reliable test execution"} in plan["edges"]
+
+    def test_agent_selection(self) -> None:
+        code, out, _ = toka("plan", TOKA_SPECS, "--json", "--agent", "storage-advancement")
+        assert code == 0
+        plan = json.loads(out)
+        assert plan["order"] == ["build-system-stabilization", "storage-advancement"]
+        assert plan["agents"][1]["optional"] == []
+
+    def test_selecting_optional_dependency_too_orders_it(self) -> None:
+        code, out, _ = toka(
+            "plan", TOKA_SPECS, "--json", "-a", "storage-advancement", "-a", "kernel-events-enhancement"
+        )
+        plan = json.loads(out)
+        assert plan["waves"] == [
+            ["build-system-stabilization"], ["kernel-events-enhancement"], ["storage-advancement"]
+        ]
+
+    def test_unknown_agent_exits_2(self) -> None:
+        code, _, err = toka("plan", TOKA_SPECS, "--agent", "storage-advancment")
+        assert code == 2
+        assert "did you mean 'storage-advancement'?" in err
+
+
+class TestSchema:
+    def test_prints_json_schema_with_docstrings(self) -> None:
+        code, out, _ = toka("schema")
+        assert code == 0
+        schema = json.loads(out)
+        limits = schema["$defs"]["ResourceLimits"]["properties"]
+        assert "Wall-clock limit" in limits["timeout"]["description"]
+
+    @pytest.mark.parametrize("spec_file", sorted(TOKA_SPECS.glob("*.yaml")) + sorted(AGENT_SPECS.glob("*.yaml")),
+                             ids=lambda p: p.name)
+    def test_every_real_spec_validates_against_schema(self, spec_file: Path) -> None:
+        schema = json.loads((AGENT_SPECS / "agent-spec.schema.json").read_text())
+        jsonschema.validate(yaml.safe_load(spec_file.read_text()), schema)
+
+    def test_committed_schema_is_current(self) -> None:
+        code, out, err = toka("schema", "--check", AGENT_SPECS / "agent-spec.schema.json")
+        assert code == 0, err
+
+    def test_agent_specs_reference_the_schema(self) -> None:
+        for spec_file in AGENT_SPECS.glob("*.yaml"):
+            first = spec_file.read_text().splitlines()[0]
+            assert first == "# yaml-language-server: $schema=./agent-spec.schema.json", spec_file
+
+
+def test_console_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "x.yaml").write_text("metadata: {name: x}\nspec: [1, 2\n")
+    exe = Path(sys.executable).with_name("toka")
+    proc = subprocess.run(
+        [str(exe), "validate", str(tmp_path)], capture_output=True, text=True,
+        env={**os.environ, "NO_COLOR": "1"}, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'x.yaml'}:" in proc.stderr and "invalid YAML" in proc.stderr
+    assert "Traceback" not in proc.stderr
