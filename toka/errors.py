@@ -4,11 +4,28 @@ Every error a user can cause with bad input derives from :class:`TokaError`;
 the CLI turns it into readable lines and exit code 2, never a traceback::
 
     TokaError
-    ├── SpecError          a spec file (or several) is malformed
-    └── GraphError         the set of specs does not form a runnable graph
-        ├── DuplicateAgentError
-        ├── UnknownAgentError
-        └── DependencyCycleError
+    ├── SpecError              a spec file (or several) is malformed
+    ├── GraphError             the set of specs does not form a runnable graph
+    │   ├── DuplicateAgentError
+    │   ├── UnknownAgentError
+    │   └── DependencyCycleError
+    ├── ConfigError            a run option or setting is unusable
+    ├── ModelError             the model provider failed
+    │   ├── ModelTimeoutError      no answer within the request timeout (retryable)
+    │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
+    │   └── PermanentModelError    bad request, authentication, permission
+    ├── StepError              the LLM-assisted loop could not finish a task
+    │   ├── NoResultError          the model stopped without submitting a result
+    │   ├── TurnLimitError         the task used all its turns
+    │   ├── InvalidToolInputError  the model kept sending malformed input (retryable)
+    │   └── TaskReportedFailure    the model submitted status failed/blocked
+    ├── ToolError              a tool could not run (refusals go back to the model)
+    │   └── ToolTimeoutError       a tool process outlived its timeout and was killed
+    ├── BudgetExceededError    a token budget is spent
+    └── AgentFailedError       an agent ended Failed; carries its report
+
+``retryable`` on each class tells Prefect's ``retry_condition_fn`` whether
+re-running the whole task can help; permanent errors are never retried.
 
 Errors carry a list of :class:`Problem` so that several defects found in one
 pass are reported together. They pickle (Prefect ships exceptions between
@@ -22,12 +39,26 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "AgentFailedError",
+    "BudgetExceededError",
+    "ConfigError",
     "DependencyCycleError",
     "DuplicateAgentError",
     "GraphError",
+    "InvalidToolInputError",
+    "ModelError",
+    "ModelTimeoutError",
+    "NoResultError",
+    "PermanentModelError",
     "Problem",
     "SpecError",
+    "StepError",
+    "TaskReportedFailure",
     "TokaError",
+    "ToolError",
+    "ToolTimeoutError",
+    "TransientModelError",
+    "TurnLimitError",
     "UnknownAgentError",
 ]
 
@@ -62,6 +93,9 @@ class Problem:
 class TokaError(Exception):
     """Root of every error this project raises on purpose."""
 
+    #: Whether re-running the whole Prefect task may succeed.
+    retryable: bool = False
+
     def __init__(self, problems: Iterable[Problem] | str) -> None:
         if isinstance(problems, str):
             problems = [Problem(problems)]
@@ -91,3 +125,76 @@ class UnknownAgentError(GraphError):
 
 class DependencyCycleError(GraphError):
     """Required dependencies form a cycle, so no agent in it can start."""
+
+
+class ConfigError(TokaError):
+    """A run option, environment variable or setting is unusable."""
+
+
+class ModelError(TokaError):
+    """The model provider failed; subclasses say whether trying again can help."""
+
+
+class ModelTimeoutError(ModelError):
+    """The model did not answer within the request timeout."""
+
+    retryable = True
+
+
+class TransientModelError(ModelError):
+    """Rate limited, overloaded, a server error or a dropped connection."""
+
+    retryable = True
+
+
+class PermanentModelError(ModelError):
+    """Invalid request, authentication or permission failure: fix the cause, do not retry."""
+
+
+class StepError(TokaError):
+    """The LLM-assisted loop could not produce a result for a task."""
+
+
+class NoResultError(StepError):
+    """The model stopped without calling ``submit_result``, even after a reminder."""
+
+
+class TurnLimitError(StepError):
+    """The task used its whole turn budget without submitting a result."""
+
+
+class InvalidToolInputError(StepError):
+    """The model kept sending input that does not match a tool's schema."""
+
+    retryable = True
+
+
+class TaskReportedFailure(StepError):
+    """The model submitted a result whose status is ``failed`` or ``blocked``."""
+
+
+class ToolError(TokaError):
+    """A tool could not run at all (refusals are returned to the model instead)."""
+
+
+class ToolTimeoutError(ToolError):
+    """A tool's process outlived its timeout; its whole process group was killed."""
+
+    retryable = True
+
+
+class BudgetExceededError(TokaError):
+    """A token budget is spent; no further model request may start."""
+
+
+class AgentFailedError(TokaError):
+    """An agent ended Failed. ``report`` holds what it did before that.
+
+    Raised from the agent flow so that Prefect marks the run Failed while the
+    report still reaches the pipeline (exceptions are persisted as results).
+    """
+
+    def __init__(self, problems: Iterable[Problem] | str, report: object = None) -> None:
+        super().__init__(problems)
+        self.args = (self.problems, report)
+        self.report = report

@@ -275,29 +275,30 @@ def _add_optional_edges(
 ) -> tuple[list[Edge], list[Edge]]:
     """Add optional orderings that keep the graph acyclic; return (kept, dropped).
 
-    An edge that agrees with the current topological order cannot close a
-    cycle, so only edges against it pay for a reachability walk; the order
-    is recomputed after such an edge is accepted.
+    Usually no optional edge closes a cycle, and one topological sort of the
+    whole graph proves it. Only when it does not are edges added one by one,
+    each checked for a path back, so the edges dropped are deterministic.
     """
+    ordered = sorted(optional, key=lambda e: (e.dependent, e.dependency))
+    trial = {name: [*deps] for name, deps in deps_of.items()}
+    for edge in ordered:
+        trial[edge.dependent].append(edge.dependency)
+    if len(_positions(trial)) == len(trial):
+        deps_of.update(trial)
+        return ordered, []
     kept: list[Edge] = []
     dropped: list[Edge] = []
-    position = _positions(deps_of)
-    for edge in sorted(optional, key=lambda e: (e.dependent, e.dependency)):
-        if edge.dependency == edge.dependent or (
-            position[edge.dependency] > position[edge.dependent]
-            and _depends_on(deps_of, edge.dependency, edge.dependent)
-        ):
+    for edge in ordered:
+        if edge.dependency == edge.dependent or _depends_on(deps_of, edge.dependency, edge.dependent):
             dropped.append(edge)
             continue
-        against_order = position[edge.dependency] > position[edge.dependent]
         deps_of[edge.dependent].append(edge.dependency)
         kept.append(edge)
-        if against_order:
-            position = _positions(deps_of)
     return kept, dropped
 
 
 def _positions(deps_of: Mapping[str, list[str]]) -> dict[str, int]:
+    """Kahn's algorithm; nodes on a cycle get no position."""
     waiting = {name: len(deps) for name, deps in deps_of.items()}
     downstream: dict[str, list[str]] = {name: [] for name in deps_of}
     for name, deps in deps_of.items():

@@ -26,24 +26,73 @@ class _DuplicateKey(Exception):
         self.key, self.line, self.first_line = key, line, first_line
 
 
-class _StrictLoader(_BaseLoader):  # type: ignore[misc, valid-type]
-    """A safe loader that refuses a key repeated in one mapping.
+_STR = "tag:yaml.org,2002:str"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+_MERGE = "tag:yaml.org,2002:merge"
 
-    PyYAML keeps the last value silently; in a spec that would drop, say, a
-    timeout without a word.
+
+class _Builder:
+    """Turns a composed node tree into Python objects, refusing duplicate keys.
+
+    PyYAML's own constructor keeps the last of two equal keys silently (in a
+    spec that would drop, say, a timeout without a word), and its generic
+    machinery costs more than libyaml's parsing. Spec files are plain maps,
+    lists and scalars, so those take a direct path; every other tag goes to
+    PyYAML's safe constructor, which stays the authority on what is safe.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise _DuplicateKey(key, line, seen[key])
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self) -> None:
+        self._safe = yaml.constructor.SafeConstructor()
+        self._memo: dict[int, Any] = {}
+
+    def build(self, node: yaml.Node) -> Any:
+        tag = node.tag
+        if isinstance(node, yaml.ScalarNode):
+            return node.value if tag == _STR else self._safe.construct_object(node, deep=True)
+        known = self._memo.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.SequenceNode) and tag == _SEQ:
+            items: list[Any] = []
+            self._memo[id(node)] = items
+            items.extend(self.build(child) for child in node.value)
+            return items
+        if isinstance(node, yaml.MappingNode) and tag == _MAP:
+            explicit = len(node.value)
+            if any(k.tag == _MERGE for k, _ in node.value):
+                explicit -= sum(1 for k, _ in node.value if k.tag == _MERGE)
+                self._safe.flatten_mapping(node)
+            merged = len(node.value) - explicit  # merged pairs come first
+            mapping: dict[Any, Any] = {}
+            self._memo[id(node)] = mapping
+            lines: dict[Any, int] = {}
+            for i, (key_node, value_node) in enumerate(node.value):
+                key = self.build(key_node)
+                if i < merged:  # '<<: *anchor' values may be overridden below
+                    mapping[key] = self.build(value_node)
+                    continue
+                try:
+                    first = lines.get(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        "found an unhashable key", key_node.start_mark,
+                    ) from None
+                if first is not None:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+                lines[key] = key_node.start_mark.line + 1
+                mapping[key] = self.build(value_node)
+            return mapping
+        return self._safe.construct_object(node, deep=True)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _BaseLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -59,7 +108,7 @@ class YamlSource:
         if not self._composed:
             self._composed = True
             try:
-                self._root = yaml.compose(self.text, Loader=_BaseLoader)
+                self._root = _compose(self.text)
             except yaml.YAMLError:
                 self._root = None
         return self._root
@@ -123,7 +172,10 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
 def load_yaml(source: YamlSource) -> Any:
     """Parse ``source`` safely; malformed YAML and duplicate keys raise :class:`SpecError`."""
     try:
-        return yaml.load(source.text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        root = _compose(source.text)
+        return None if root is None else _Builder().build(root)
+    except RecursionError:
+        raise SpecError([Problem("YAML nested too deeply to be a spec", source=source.name)]) from None
     except _DuplicateKey as e:
         raise SpecError(
             [
