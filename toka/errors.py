@@ -22,7 +22,9 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     ├── ToolError              a tool could not run (refusals go back to the model)
     │   └── ToolTimeoutError       a tool process outlived its timeout and was killed
     ├── BudgetExceededError    a token budget is spent
-    └── AgentFailedError       an agent ended Failed; carries its report
+    └── RunFailedError         a run ended Failed; carries its report
+        ├── AgentFailedError       one agent
+        └── PipelineFailedError    the pipeline (some agent failed)
 
 ``retryable`` on each class tells Prefect's ``retry_condition_fn`` whether
 re-running the whole task can help; permanent errors are never retried.
@@ -50,7 +52,9 @@ __all__ = [
     "ModelTimeoutError",
     "NoResultError",
     "PermanentModelError",
+    "PipelineFailedError",
     "Problem",
+    "RunFailedError",
     "SpecError",
     "StepError",
     "TaskReportedFailure",
@@ -187,14 +191,22 @@ class BudgetExceededError(TokaError):
     """A token budget is spent; no further model request may start."""
 
 
-class AgentFailedError(TokaError):
-    """An agent ended Failed. ``report`` holds what it did before that.
+class RunFailedError(TokaError):
+    """A flow run ended Failed; ``report`` holds what it did before that.
 
-    Raised from the agent flow so that Prefect marks the run Failed while the
-    report still reaches the pipeline (exceptions are persisted as results).
+    Raised from flows so that Prefect marks the run Failed while the report
+    still reaches the caller (the exception is the run's persisted result).
     """
 
     def __init__(self, problems: Iterable[Problem] | str, report: object = None) -> None:
         super().__init__(problems)
         self.args = (self.problems, report)
         self.report = report
+
+
+class AgentFailedError(RunFailedError):
+    """An agent ended Failed (a critical or high task failed, or it timed out)."""
+
+
+class PipelineFailedError(RunFailedError):
+    """At least one agent of the pipeline failed or could not run; ``report`` is the summary."""

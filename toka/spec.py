@@ -10,6 +10,8 @@ one internal shape here, at the edge, once. Known blocks reject unknown keys
 from __future__ import annotations
 
 import difflib
+import hashlib
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -382,6 +384,20 @@ class AgentSpec(BaseModel):
         """The agent priority (``spec.priority``)."""
         return self.spec.priority
 
+    def task_list(self, contexts: Iterable[str] = ()) -> list[Task]:
+        """The tasks to run, in order: the default ones, then those of each switched-on context."""
+        on = set(contexts)
+        tasks = list(self.tasks.default)
+        for context, extra in self.tasks.conditional.items():
+            if context in on:
+                tasks.extend(extra)
+        return tasks
+
+    def digest(self) -> str:
+        """A hash of the spec's content (every block, in order); changes when the spec does."""
+        blob = self.model_dump_json(by_alias=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
     @property
     def context_blocks(self) -> dict[str, Any]:
         """Domain-specific top-level blocks, in file order, shown to the agent as context."""
@@ -488,7 +504,8 @@ def _field_path(loc: tuple[str | int, ...]) -> str:
 
 
 def _describe(value: Any) -> str:
-    kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing"}
+    kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing",
+             int: "a number", float: "a number", date: "a date"}
     kind = kinds.get(type(value), f"a {type(value).__name__}")
     return kind if value is None else f"{kind} ({value!r})"
 
@@ -533,12 +550,10 @@ def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
     """The field names the model at ``loc``'s parent accepts (for 'did you mean')."""
     model: Any = AgentSpec
     for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
-        info = getattr(model, "model_fields", {}).get(part)
-        if info is None:
-            return []
-        model = _model_in(info.annotation)
+        info = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if info is not None:
+            model = _model_in(info.annotation)
+        # Anything else is a list index or a mapping key (a context name): stay on the model.
     return list(getattr(model, "model_fields", {}))
 
 

@@ -10,6 +10,7 @@ cgroups and container runtimes do; bandwidth uses decimal bits (1 Mbps =
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,6 +100,8 @@ class Duration(_UnitValue):
         seconds = sum(
             float(n) * _DURATION_UNITS[u.lower()] for n, u in _DURATION_PART.findall(text)
         )
+        if not math.isfinite(seconds):
+            raise ValueError(f"{text!r} is too large to be a duration")
         if seconds <= 0:
             raise ValueError(f"{text!r} is not a positive duration; it must be longer than zero")
         return cls(seconds=seconds, text=text)
@@ -134,7 +137,10 @@ class ByteSize(_UnitValue):
                 f"{text!r} is not a size; expected a number and a unit "
                 "(B, KB, MB, GB, TB), e.g. '512KB', '256MB', '1GB'"
             )
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is too large to be a size")
+        size = int(number)
         if size <= 0:
             raise ValueError(f"{text!r} is not a positive size; it must be larger than zero")
         return cls(bytes=size, text=text)
@@ -193,7 +199,10 @@ class Bandwidth(_UnitValue):
                 f"{text!r} is not a bandwidth; expected a number and a unit "
                 "(bps, Kbps, Mbps, Gbps), e.g. '100Mbps'"
             )
-        rate = int(float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2).lower()]
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is too large to be a bandwidth")
+        rate = int(number)
         if rate <= 0:
             raise ValueError(f"{text!r} is not a positive bandwidth; it must be above zero")
         return cls(bits_per_second=rate, text=text)

@@ -26,6 +26,11 @@ class _DuplicateKey(Exception):
         self.key, self.line, self.first_line = key, line, first_line
 
 
+class _BadScalar(Exception):
+    def __init__(self, node: yaml.ScalarNode, error: Exception) -> None:
+        self.node, self.error = node, error
+
+
 _STR = "tag:yaml.org,2002:str"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
@@ -49,7 +54,14 @@ class _Builder:
     def build(self, node: yaml.Node) -> Any:
         tag = node.tag
         if isinstance(node, yaml.ScalarNode):
-            return node.value if tag == _STR else self._safe.construct_object(node, deep=True)
+            if tag == _STR:
+                return node.value
+            try:
+                return self._safe.construct_object(node, deep=True)
+            except yaml.YAMLError:
+                raise
+            except Exception as e:  # PyYAML lets ValueError & co. escape for bad scalars
+                raise _BadScalar(node, e) from None
         known = self._memo.get(id(node))
         if known is not None:
             return known
@@ -132,14 +144,22 @@ class YamlSource:
             line = key_line
         return line
 
+    def clamp_line(self, line: int) -> int:
+        """Parsers report problems at end of input one line past the last one; point at the last."""
+        return max(1, min(line, len(self.text.splitlines()) or 1))
+
     def path_at(self, line: int) -> str | None:
         """The dotted path of the mapping key written on ``line``, if any."""
         root = self._root_node()
         if root is None:
             return None
         stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        seen: set[int] = set()
         while stack:
             node, prefix = stack.pop()
+            if id(node) in seen:  # an alias may make the tree contain itself
+                continue
+            seen.add(id(node))
             if isinstance(node, yaml.MappingNode):
                 for key_node, value_node in node.value:
                     path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
@@ -176,6 +196,19 @@ def load_yaml(source: YamlSource) -> Any:
         return None if root is None else _Builder().build(root)
     except RecursionError:
         raise SpecError([Problem("YAML nested too deeply to be a spec", source=source.name)]) from None
+    except _BadScalar as e:
+        line = e.node.start_mark.line + 1
+        kind = e.node.tag.rsplit(":", 1)[-1]
+        raise SpecError(
+            [
+                Problem(
+                    f"cannot read {e.node.value!r} as a YAML {kind}: {e.error}",
+                    source=source.name,
+                    line=line,
+                    field=source.path_at(line),
+                )
+            ]
+        ) from None
     except _DuplicateKey as e:
         raise SpecError(
             [
@@ -196,7 +229,18 @@ def load_yaml(source: YamlSource) -> Any:
                 Problem(
                     f"invalid YAML: {what}",
                     source=source.name,
-                    line=None if mark is None else mark.line + 1,
+                    line=None if mark is None else source.clamp_line(mark.line + 1),
+                )
+            ]
+        ) from None
+    except yaml.reader.ReaderError as e:
+        raise SpecError(
+            [
+                Problem(
+                    f"invalid YAML: character {chr(e.character)!r} is not allowed in YAML"
+                    if isinstance(e.character, int) else f"invalid YAML: {e.reason}",
+                    source=source.name,
+                    line=source.clamp_line(source.text.count("\n", 0, e.position) + 1),
                 )
             ]
         ) from None

@@ -1,0 +1,1 @@
+"""Prefect flows of the toka runtime: compiled agents and the pipeline entrypoint."""

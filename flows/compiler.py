@@ -1,0 +1,186 @@
+"""The compiler: one agent spec becomes one async Prefect flow.
+
+Each spec task becomes a run of the generic :func:`tasks.llm_step.llm_step`,
+specialised with ``.with_options`` (name, retries, timeout). Tasks run in the
+listed order, each seeing the results before it and those of the agent's
+dependencies. A critical or high task that fails (after its retries) ends the
+agent Failed and the rest do not run; a medium or low failure is recorded and
+the agent goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import Flow, Task, flow
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.events import emit_event
+from prefect.states import State
+
+from tasks.llm_step import StepInput, is_retryable, llm_step
+from toka.config import RunConfig
+from toka.errors import AgentFailedError, TokaError
+from toka.model import Usage
+from toka.progress import ProgressEvent, notify
+from toka.providers import resolve_model
+from toka.report import agent_markdown
+from toka.results import AgentReport, TaskOutcome, TaskRecord
+from toka.spec import AgentSpec, Task as SpecTask
+
+__all__ = ["agent_tags", "announce", "compile_agent", "step_task", "task_title"]
+
+_STOPPING = ("critical", "high")
+
+
+def task_title(spec: AgentSpec, index: int, total: int, task: SpecTask, width: int = 48) -> str:
+    """``<agent> · 3/9 · <short description>``: unique within a run, readable in the UI."""
+    text = " ".join(task.description.split())
+    short = text if len(text) <= width else text[: width - 1].rstrip() + "…"
+    return f"{spec.name} · {index}/{total} · {short}"
+
+
+def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunConfig) -> Task[..., Any]:
+    """The generic step specialised for task ``index`` of ``spec`` under ``run``."""
+    title = task_title(spec, index, total, task)
+    agent_timeout = spec.security.resource_limits.timeout.seconds
+    options: dict[str, Any] = {}
+    if run.result_storage:
+        options["result_storage"] = run.result_storage
+    return llm_step.with_options(
+        name=title,
+        task_run_name=title,
+        retries=run.retries.get(task.priority, 1),
+        retry_delay_seconds=run.retry_delay_seconds,
+        retry_jitter_factor=0.5 if run.retry_delay_seconds else None,
+        retry_condition_fn=is_retryable,
+        timeout_seconds=min(agent_timeout, run.task_timeout or agent_timeout),
+        tags=[f"agent:{spec.name}", f"priority:{task.priority}"],
+        **options,
+    )
+
+
+def announce(event: ProgressEvent, *, run_key: str) -> None:
+    """Tell in-process listeners and Prefect's event stream."""
+    notify(event)
+    kind = event.kind if event.state is None else f"{event.kind.split('-')[0]}-{event.state}"
+    resource = {"prefect.resource.id": f"toka.agent.{event.agent}", "prefect.resource.name": event.agent}
+    if event.task is not None:
+        resource["prefect.resource.id"] += f".task.{event.task}"
+    emit_event(
+        event=f"toka.{kind.replace('-', '.')}",
+        resource=resource,
+        payload={
+            "run_key": run_key,
+            "task": event.task,
+            "total": event.total,
+            "description": event.description,
+            "reason": event.reason,
+        },
+    )
+
+
+async def _record(state: State[Any], index: int, task: SpecTask, retries: int) -> TaskRecord:
+    base = {"index": index, "description": task.description, "priority": task.priority}
+    if state.is_completed():
+        outcome: TaskOutcome = await state.aresult()
+        cached = state.name == "Cached"
+        return TaskRecord(
+            **base,
+            state="cached" if cached else "completed",
+            attempts=0 if cached else outcome.attempt,
+            duration_s=0.0 if cached else outcome.duration_s,
+            usage=Usage() if cached else outcome.usage,
+            files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
+            result=outcome.result,
+        )
+    exc = await state.aresult(raise_on_failure=False)
+    if isinstance(exc, BaseException):
+        error = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError) and not str(exc):
+            error = "timed out"
+        retryable = isinstance(exc, TimeoutError) or (isinstance(exc, TokaError) and exc.retryable)
+        attempts = getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1)
+    else:
+        error, attempts = state.message or state.name or "failed", 1
+    return TaskRecord(**base, state="failed", attempts=attempts, error=f"{type(exc).__name__}: {error}"
+                      if isinstance(exc, BaseException) else error)
+
+
+def agent_tags(spec: AgentSpec) -> list[str]:
+    """Prefect tags for the agent's runs (flows take tags at call time, via ``prefect.tags``)."""
+    tags = ["toka", f"domain:{spec.spec.domain}", f"priority:{spec.priority}"]
+    if spec.metadata.workstream:
+        tags.append(f"workstream:{spec.metadata.workstream}")
+    return tags
+
+
+def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
+    """One async Prefect flow for ``spec``, named after ``metadata.name``.
+
+    The flow takes the run settings and the results of the agent's
+    dependencies, returns an :class:`AgentReport`, and raises
+    :class:`AgentFailedError` (carrying the report) when it fails.
+    """
+    async def run_agent(run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None) -> AgentReport:
+        started = time.monotonic()
+        upstream = upstream or {}
+        tasks = spec.task_list(run.contexts)
+        total = len(tasks)
+        model = resolve_model(run.model)
+        fingerprint, digest = model.fingerprint(), spec.digest()
+        announce(ProgressEvent("agent-started", spec.name, total=total), run_key=run.run_key)
+        progress = await acreate_progress_artifact(
+            progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: tasks done"
+        )
+        records: list[TaskRecord] = []
+        prior: list[dict[str, Any]] = []
+        failure: str | None = None
+        for index, task in enumerate(tasks, 1):
+            if failure is not None:
+                records.append(TaskRecord(index=index, description=task.description,
+                                          priority=task.priority, state="not-run",
+                                          error=f"not run: {failure}"))
+                continue
+            announce(ProgressEvent("task-started", spec.name, task=index, total=total,
+                                   description=task.description), run_key=run.run_key)
+            step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
+                             upstream=upstream, run=run, model_fingerprint=fingerprint)
+            state = await step_task(spec, index, total, task, run)(step, return_state=True)
+            record = await _record(state, index, task, run.retries.get(task.priority, 1))
+            records.append(record)
+            if record.result is not None:
+                prior.append({"task": index, "description": task.description,
+                              **record.result.model_dump()})
+            elif task.priority in _STOPPING:
+                failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
+            announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index,
+                                   total=total, description=task.description,
+                                   reason=record.error), run_key=run.run_key)
+            await aupdate_progress_artifact(progress, progress=100.0 * index / total)
+        report = AgentReport(
+            agent=spec.name,
+            state="failed" if failure else "completed",
+            reason=failure,
+            tasks=records,
+            duration_s=time.monotonic() - started,
+        )
+        await acreate_markdown_artifact(
+            key=f"{spec.name}-report", markdown=agent_markdown(report, model=model.name),
+            description=f"{spec.name}: task report",
+        )
+        if failure is not None:
+            raise AgentFailedError(f"{spec.name}: {failure}", report=report)
+        return report
+
+    return flow(
+        run_agent,
+        name=spec.name,
+        description=spec.spec.description or spec.spec.name,
+        timeout_seconds=spec.security.resource_limits.timeout.seconds,
+        persist_result=True,
+    )

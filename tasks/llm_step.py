@@ -1,0 +1,143 @@
+"""The one generic Prefect task: an LLM-assisted step for one spec task.
+
+The compiler specialises it per spec task with ``.with_options(name=...,
+retries=..., timeout_seconds=...)``. Results are persisted under a cache key
+made from what determines the answer (spec content, task position, earlier
+and upstream results, model settings) plus the run key, so a retried or
+resumed run replays finished tasks instead of paying for them again, while a
+new run (new key) does the work afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+from pydantic import BaseModel, ConfigDict
+
+from toka.capabilities import grant_tools
+from toka.config import RunConfig
+from toka.errors import TokaError
+from toka.prompt import system_prompt, task_message
+from toka.providers import resolve_model
+from toka.results import TaskOutcome
+from toka.spec import AgentSpec
+from toka.step import StepLimits, run_step
+from toka.tools import Toolbox, ToolContext
+from toka.workspace import Workspace
+
+__all__ = ["StepCachePolicy", "StepInput", "is_retryable", "llm_step"]
+
+
+class StepInput(BaseModel):
+    """Everything one task needs; plain data, so it survives persistence and processes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: AgentSpec
+    spec_digest: str
+    index: int
+    """1-based position in the agent's task list."""
+    prior: list[dict[str, Any]] = []
+    """Results of the agent's earlier tasks in this run."""
+    upstream: dict[str, dict[str, Any]] = {}
+    """Dependency name -> {'kind': ..., 'results': [...]} for the agents this one depends on."""
+    run: RunConfig
+    model_fingerprint: dict[str, Any] = {}
+
+    def cache_key(self) -> str:
+        material = {
+            "spec": self.spec_digest,
+            "task": self.index,
+            "contexts": list(self.run.contexts),
+            "prior": self.prior,
+            "upstream": self.upstream,
+            "model": self.model_fingerprint,
+            "max_turns": self.run.max_turns,
+            "run": self.run.run_key,
+        }
+        blob = json.dumps(material, sort_keys=True, default=str).encode()
+        return f"toka-{self.spec.name}-{self.index}-{hashlib.sha256(blob).hexdigest()[:32]}"
+
+
+@dataclass
+class StepCachePolicy(CachePolicy):
+    """Cache key = :meth:`StepInput.cache_key` (what matters for the answer, and the run key)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        step = inputs.get("step")
+        return step.cache_key() if isinstance(step, StepInput) else None
+
+
+def is_retryable(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry timeouts and errors marked retryable, nothing else.
+
+    Permanent failures (invalid request, authentication, permission, budget,
+    spec errors) and programming errors are never retried.
+    """
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(exc, TokaError):
+        return exc.retryable
+    return isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+
+
+@task(
+    name="llm-step",
+    persist_result=True,
+    cache_policy=StepCachePolicy(),
+    retry_condition_fn=is_retryable,
+)
+async def llm_step(step: StepInput) -> TaskOutcome:
+    """Run the model loop for task ``step.index`` of ``step.spec`` and return its outcome."""
+    spec = step.spec
+    tasks = spec.task_list(step.run.contexts)
+    model = resolve_model(step.run.model)
+    granted, withheld = grant_tools(spec.security.capabilities_required)
+    ctx = ToolContext(workspace=Workspace(step.run.workspace), agent=spec.name, task=step.index)
+    toolbox = Toolbox(granted, ctx, withheld=withheld)
+    upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}
+    ctx_run = TaskRunContext.get()
+    attempt = ctx_run.task_run.run_count if ctx_run and ctx_run.task_run else 1
+    try:
+        run = await run_step(
+            model=model,
+            system=system_prompt(spec, tools=toolbox.names),
+            task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
+            toolbox=toolbox,
+            metric_names=[m.name for m in spec.reporting.metrics],
+            limits=StepLimits(
+                max_turns=step.run.max_turns, request_timeout=step.run.request_timeout
+            ),
+            metadata={"agent": spec.name, "task": str(step.index), "run": step.run.run_key},
+        )
+    except Exception as e:
+        e.toka_attempt = attempt  # type: ignore[attr-defined]  # survives pickling, for reports
+        raise
+    return TaskOutcome(
+        agent=spec.name,
+        index=step.index,
+        description=tasks[step.index - 1].description,
+        result=run.result,
+        usage=run.usage,
+        turns=run.turns,
+        tool_calls=run.tool_calls,
+        refused_calls=run.refused_calls,
+        files_read=run.files_read,
+        model=model.name,
+        duration_s=run.duration_s,
+        attempt=attempt,
+    )

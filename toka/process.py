@@ -1,0 +1,112 @@
+"""Running a tool's program so that a timeout really stops it.
+
+The program starts in a new session (its own process group); on timeout the
+whole group is killed, so grandchildren cannot outlive the task. Everything is
+awaited, never blocking, so Prefect's task timeout can interrupt it too, and
+cancellation kills the group as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ToolError, ToolTimeoutError
+
+__all__ = ["ProcessResult", "run_process"]
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    argv: tuple[str, ...]
+    exit_code: int | None
+    """None when the process was ended by a signal."""
+    signal: int | None
+    stdout: str
+    stderr: str
+    truncated: bool
+    duration_s: float
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: str | Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float,
+    output_limit: int = 64_000,
+) -> ProcessResult:
+    """Run ``argv`` (no shell) with stdin closed; kill its process group after ``timeout`` s.
+
+    Raises:
+        ToolTimeoutError: the program ran past ``timeout``; it has been killed.
+        ToolError: the program could not be started.
+    """
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=str(cwd),
+            env=dict(env) if env is not None else None,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except (FileNotFoundError, PermissionError) as e:
+        raise ToolError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+    try:
+        out, err, truncated = await asyncio.wait_for(_collect(proc, output_limit), timeout)
+    except asyncio.TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        raise ToolTimeoutError(
+            f"{' '.join(argv)!r} ran past its {timeout:g}s timeout; its process group was killed"
+        ) from None
+    except BaseException:
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.wait())
+        raise
+    code = proc.returncode
+    return ProcessResult(
+        argv=tuple(argv),
+        exit_code=code if code is not None and code >= 0 else None,
+        signal=-code if code is not None and code < 0 else None,
+        stdout=out,
+        stderr=err,
+        truncated=truncated,
+        duration_s=time.monotonic() - started,
+    )
+
+
+async def _collect(proc: asyncio.subprocess.Process, limit: int) -> tuple[str, str, bool]:
+    """Read both pipes to the end, keeping at most ``limit`` bytes of each."""
+
+    async def drain(stream: asyncio.StreamReader | None) -> tuple[bytes, bool]:
+        kept = bytearray()
+        cut = False
+        if stream is None:
+            return b"", False
+        while chunk := await stream.read(65536):
+            room = limit - len(kept)
+            if room > 0:
+                kept += chunk[:room]
+            cut = cut or len(chunk) > room
+        return bytes(kept), cut
+
+    (out, cut_out), (err, cut_err) = await asyncio.gather(drain(proc.stdout), drain(proc.stderr))
+    await proc.wait()
+    decode = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731
+    return decode(out), decode(err), cut_out or cut_err
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,177 @@
+"""What runs produce: the structured task result, per-task outcomes, agent and pipeline reports.
+
+:class:`TaskResult` is the input schema of the ``submit_result`` tool, so a
+task's success is decided by what the model submits, never by words in its
+free text. :meth:`PipelineSummary.to_dict` is the stable ``--json`` form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .model import Usage
+from .spec import Priority
+
+__all__ = [
+    "SUMMARY_FORMAT",
+    "AgentReport",
+    "AgentState",
+    "PipelineSummary",
+    "TaskOutcome",
+    "TaskRecord",
+    "TaskResult",
+    "TaskState",
+]
+
+SUMMARY_FORMAT = "toka-run/1"
+
+
+class TaskResult(BaseModel):
+    """The structured result a model submits for one task (the ``submit_result`` tool input)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: Literal["completed", "failed", "blocked"]
+    """completed: the task is done; failed: it could not be done; blocked: it needs something first."""
+    summary: str = Field(min_length=1)
+    """What was found or done, in a few sentences."""
+    deliverables: list[str] = []
+    """What the task produced (findings, documents, decisions)."""
+    files_changed: list[str] = []
+    """Workspace-relative paths of files this task wrote or edited."""
+    metrics: dict[str, float | int | str] = {}
+    """Values for the spec's reporting metrics, keyed by metric name."""
+    follow_ups: list[str] = []
+    """Work the next tasks or agents should pick up."""
+
+
+class TaskOutcome(BaseModel):
+    """What one finished Prefect task returns (and what is persisted for resume)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent: str
+    index: int
+    """1-based position in the agent's task list."""
+    description: str
+    result: TaskResult
+    usage: Usage = Usage()
+    turns: int = 0
+    tool_calls: int = 0
+    refused_calls: int = 0
+    files_read: list[str] = []
+    model: str = ""
+    duration_s: float = 0.0
+    attempt: int = 1
+
+
+TaskState = Literal["completed", "cached", "failed", "not-run"]
+AgentState = Literal["completed", "failed", "not-run"]
+
+
+class TaskRecord(BaseModel):
+    """One row of an agent's report."""
+
+    index: int
+    description: str
+    priority: Priority
+    state: TaskState
+    attempts: int = 0
+    duration_s: float = 0.0
+    usage: Usage = Usage()
+    """Tokens charged by this run (zero for a task replayed from the cache)."""
+    files_touched: list[str] = []
+    error: str | None = None
+    result: TaskResult | None = None
+
+
+class AgentReport(BaseModel):
+    """What one agent did in a run."""
+
+    agent: str
+    state: AgentState
+    reason: str | None = None
+    """Why the agent failed or did not run."""
+    tasks: list[TaskRecord] = []
+    duration_s: float = 0.0
+    flow_run_id: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return sum((t.usage for t in self.tasks), Usage())
+
+    def count(self, *states: TaskState) -> int:
+        return sum(1 for t in self.tasks if t.state in states)
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """The finished tasks' results, as passed to dependent agents."""
+        return [
+            {"task": t.index, "description": t.description, **t.result.model_dump()}
+            for t in self.tasks
+            if t.result is not None and t.state in ("completed", "cached")
+        ]
+
+
+class PipelineSummary(BaseModel):
+    """The outcome of one pipeline run; ``to_dict()`` is the documented ``--json`` form."""
+
+    run_key: str
+    model: str
+    offline: bool
+    state: Literal["completed", "failed"]
+    agents: list[AgentReport]
+    duration_s: float = 0.0
+    flow_run_id: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return sum((a.usage for a in self.agents), Usage())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SUMMARY_FORMAT,
+            "run_key": self.run_key,
+            "flow_run_id": self.flow_run_id,
+            "model": self.model,
+            "offline": self.offline,
+            "state": self.state,
+            "duration_s": round(self.duration_s, 3),
+            "usage": _usage_dict(self.usage),
+            "agents": [
+                {
+                    "name": a.agent,
+                    "state": a.state,
+                    "reason": a.reason,
+                    "duration_s": round(a.duration_s, 3),
+                    "tasks_total": len(a.tasks),
+                    "tasks_done": a.count("completed", "cached"),
+                    "tasks_cached": a.count("cached"),
+                    "tasks_failed": a.count("failed"),
+                    "tasks_not_run": a.count("not-run"),
+                    "usage": _usage_dict(a.usage),
+                    "tasks": [
+                        {
+                            "index": t.index,
+                            "description": t.description,
+                            "priority": t.priority,
+                            "state": t.state,
+                            "attempts": t.attempts,
+                            "duration_s": round(t.duration_s, 3),
+                            "usage": _usage_dict(t.usage),
+                            "files_touched": t.files_touched,
+                            "error": t.error,
+                            "result": None if t.result is None else t.result.model_dump(),
+                        }
+                        for t in a.tasks
+                    ],
+                }
+                for a in self.agents
+            ],
+        }
+
+
+def _usage_dict(usage: Usage) -> dict[str, int]:
+    return {**usage.model_dump(), "total_tokens": usage.total_tokens}

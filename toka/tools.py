@@ -1,0 +1,314 @@
+"""Tools the model may call, and the toolbox that offers and checks them.
+
+Tool names are stable: ``read_file``, ``list_dir``, ``search_files``,
+``write_file``, ``edit_file``, ``run_command``, ``submit_result``. Which ones
+an agent gets is decided by its declared capabilities
+(:mod:`toka.capabilities`); each call is checked again when it executes,
+because the model can ask for anything. A refused or failed call goes back
+to the model as a tool error it can adapt to; it does not fail the task.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pathspec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ToolError
+from .model import ToolDefinition
+from .workspace import Workspace
+
+__all__ = [
+    "ListDir",
+    "ReadFile",
+    "SearchFiles",
+    "Tool",
+    "ToolCall",
+    "ToolContext",
+    "ToolOutput",
+    "Toolbox",
+    "read_only_tools",
+]
+
+_READ_LIMIT = 64_000
+_BINARY_PROBE = 8192
+
+
+@dataclass
+class ToolContext:
+    """What a tool may touch: the workspace, and who is calling (for records)."""
+
+    workspace: Workspace
+    agent: str = ""
+    task: int = 0
+
+
+@dataclass
+class ToolOutput:
+    text: str
+    is_error: bool = False
+    files_read: list[str] = field(default_factory=list)
+    files_changed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One executed call, as counted in reports."""
+
+    name: str
+    refused: bool
+    is_error: bool
+
+
+class Tool(ABC):
+    """A named operation with a pydantic input model; ``run`` gets validated input."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Input: ClassVar[type[BaseModel]]
+
+    def definition(self) -> ToolDefinition:
+        schema = self.Input.model_json_schema()
+        schema.pop("title", None)
+        return ToolDefinition(name=self.name, description=self.description, input_schema=schema)
+
+    @abstractmethod
+    async def run(self, args: Any, ctx: ToolContext) -> ToolOutput: ...
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- read-only tools -----------------------------------------------------------
+
+
+class ReadFileArgs(_Args):
+    path: str = Field(description="File path relative to the workspace root.")
+    start_line: int = Field(default=1, ge=1, description="First line to return (1-based).")
+    end_line: int | None = Field(default=None, ge=1, description="Last line to return (inclusive).")
+
+
+class ReadFile(Tool):
+    name = "read_file"
+    description = (
+        "Read a text file in the workspace, optionally a range of lines. "
+        f"Returns at most {_READ_LIMIT} characters, each line prefixed with its number."
+    )
+    Input = ReadFileArgs
+
+    async def run(self, args: ReadFileArgs, ctx: ToolContext) -> ToolOutput:
+        path = ctx.workspace.resolve(args.path, kind="file")
+        rel = ctx.workspace.relative(path)
+        with path.open("rb") as f:
+            data = f.read(_READ_LIMIT * 4 + 1)
+        if b"\x00" in data[:_BINARY_PROBE]:
+            return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        end = min(args.end_line or len(lines), len(lines))
+        out: list[str] = []
+        size = 0
+        for number in range(args.start_line, end + 1):
+            line = f"{number:>5}  {lines[number - 1]}"
+            if size + len(line) > _READ_LIMIT:
+                out.append(f"[cut at {_READ_LIMIT} characters; read from line {number} on]")
+                break
+            out.append(line)
+            size += len(line) + 1
+        header = f"{rel}: lines {args.start_line}-{end} of {len(lines)}"
+        if args.start_line > len(lines):
+            header = f"{rel}: has {len(lines)} lines; nothing at line {args.start_line}"
+        return ToolOutput("\n".join([header, *out]), files_read=[rel])
+
+
+class ListDirArgs(_Args):
+    path: str = Field(default=".", description="Directory relative to the workspace root.")
+    depth: int = Field(default=1, ge=1, le=4, description="How many levels to descend.")
+
+
+class ListDir(Tool):
+    name = "list_dir"
+    description = (
+        "List a workspace directory (directories end with '/', files show their size), "
+        "skipping version-control and ignored files."
+    )
+    Input = ListDirArgs
+    limit: ClassVar[int] = 500
+
+    async def run(self, args: ListDirArgs, ctx: ToolContext) -> ToolOutput:
+        base = ctx.workspace.resolve(args.path, kind="dir")
+        entries: list[str] = []
+        for path, depth in _walk(ctx.workspace, base, max_depth=args.depth, include_dirs=True):
+            rel = ctx.workspace.relative(path)
+            indent = "  " * (depth - 1)
+            entries.append(
+                f"{indent}{rel}/" if path.is_dir() else f"{indent}{rel}  ({path.stat().st_size} bytes)"
+            )
+            if len(entries) >= self.limit:
+                entries.append(f"[stopped after {self.limit} entries]")
+                break
+        header = f"{ctx.workspace.relative(base)}/: {len(entries)} entries"
+        return ToolOutput("\n".join([header, *entries]))
+
+
+class SearchFilesArgs(_Args):
+    pattern: str = Field(description="Python regular expression to look for, line by line.")
+    path: str = Field(default=".", description="Directory to search, relative to the workspace root.")
+    glob: str | None = Field(default=None, description="Only files whose name matches, e.g. '*.py'.")
+    max_results: int = Field(default=100, ge=1, le=1000)
+
+
+class SearchFiles(Tool):
+    name = "search_files"
+    description = (
+        "Search text files under a workspace directory for a regular expression; "
+        "returns 'path:line: text' for each match, skipping .git and ignored files."
+    )
+    Input = SearchFilesArgs
+    file_size_limit: ClassVar[int] = 1_000_000
+
+    async def run(self, args: SearchFilesArgs, ctx: ToolContext) -> ToolOutput:
+        try:
+            regex = re.compile(args.pattern)
+        except re.error as e:
+            return ToolOutput(f"invalid regular expression {args.pattern!r}: {e}", is_error=True)
+        base = ctx.workspace.resolve(args.path, kind="dir")
+        matches: list[str] = []
+        searched = 0
+        for path, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
+            if args.glob and not path.match(args.glob):
+                continue
+            if path.stat().st_size > self.file_size_limit:
+                continue
+            data = path.read_bytes()
+            if b"\x00" in data[:_BINARY_PROBE]:
+                continue
+            searched += 1
+            rel = ctx.workspace.relative(path)
+            for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+                if regex.search(line):
+                    matches.append(f"{rel}:{number}: {line[:300]}")
+                    if len(matches) >= args.max_results:
+                        break
+            if len(matches) >= args.max_results:
+                matches.append(f"[stopped after {args.max_results} matches]")
+                break
+        header = f"{len(matches)} matches for {args.pattern!r} in {searched} files"
+        return ToolOutput("\n".join([header, *matches]))
+
+
+def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
+    lines = [".git/", f"{workspace.state_dir.name}/"]
+    gitignore = workspace.root / ".gitignore"
+    if gitignore.is_file():
+        lines += gitignore.read_text(encoding="utf-8", errors="replace").splitlines()
+    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+
+
+def _walk(
+    workspace: Workspace, base: Path, *, max_depth: int, include_dirs: bool
+) -> Iterator[tuple[Path, int]]:
+    """Entries under ``base`` depth-first in name order, with their depth (1 = in ``base``).
+
+    Skips .git, the state directory, ignored files and anything resolving
+    outside the workspace; symlinked directories are listed, never entered,
+    so a link loop cannot make a walk explode.
+    """
+    ignored = _ignore_spec(workspace)
+
+    def visit(directory: Path, depth: int) -> Iterator[tuple[Path, int]]:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            real = path.resolve()
+            if not real.is_relative_to(workspace.root) or real.is_relative_to(workspace.state_dir):
+                continue
+            is_dir = entry.is_dir()
+            rel = path.relative_to(workspace.root).as_posix()
+            if ignored.match_file(rel + "/" if is_dir else rel):
+                continue
+            if is_dir:
+                if include_dirs:
+                    yield path, depth
+                if depth < max_depth and not entry.is_symlink():
+                    yield from visit(path, depth + 1)
+            elif entry.is_file():
+                yield path, depth
+
+    yield from visit(base, 1)
+
+
+def read_only_tools() -> list[Tool]:
+    return [ReadFile(), ListDir(), SearchFiles()]
+
+
+# -- the toolbox -----------------------------------------------------------------
+
+
+class Toolbox:
+    """The tools one agent was granted, bound to its workspace.
+
+    Args:
+        tools: The tools the agent may use.
+        ctx: Workspace and caller identity.
+        withheld: Tool name -> why the agent may not use it (told to the model
+            when it asks anyway).
+    """
+
+    def __init__(
+        self, tools: Iterable[Tool], ctx: ToolContext, *, withheld: Mapping[str, str] | None = None
+    ) -> None:
+        self.tools: dict[str, Tool] = {t.name: t for t in tools}
+        self.ctx = ctx
+        self.withheld = dict(withheld or {})
+        self.calls: list[ToolCall] = []
+
+    def definitions(self) -> list[ToolDefinition]:
+        return [t.definition() for t in self.tools.values()]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tools)
+
+    async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
+        """Check and run one call; every refusal or failure becomes an error output."""
+        tool = self.tools.get(name)
+        if tool is None:
+            why = self.withheld.get(name) or (
+                f"there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}"
+            )
+            self.calls.append(ToolCall(name, refused=True, is_error=True))
+            return ToolOutput(f"refused: {why}", is_error=True)
+        try:
+            args = tool.Input.model_validate(dict(arguments))
+        except ValidationError as e:
+            self.calls.append(ToolCall(name, refused=False, is_error=True))
+            return ToolOutput(f"invalid input for {name}: {_brief(e)}", is_error=True)
+        try:
+            output = await tool.run(args, self.ctx)
+        except ToolError as e:
+            if getattr(e, "retryable", False):
+                raise  # timeouts are the task's business (retries follow the policy)
+            self.calls.append(ToolCall(name, refused=True, is_error=True))
+            return ToolOutput(f"refused: {e}", is_error=True)
+        except OSError as e:
+            self.calls.append(ToolCall(name, refused=False, is_error=True))
+            return ToolOutput(f"{name} failed: {e.strerror or e}", is_error=True)
+        self.calls.append(ToolCall(name, refused=False, is_error=output.is_error))
+        return output
+
+
+def _brief(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in error.errors()
+    )

@@ -1,0 +1,72 @@
+"""The directory an agent works in, and the rule that every path stays inside it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import ConfigError, ToolError
+
+__all__ = ["STATE_DIR_NAME", "PathRefused", "Workspace"]
+
+#: Where toka keeps run records, results and audit logs inside a workspace.
+STATE_DIR_NAME = ".toka"
+
+
+class PathRefused(ToolError):
+    """A tool was asked for a path outside what the workspace allows; the model is told why."""
+
+
+class Workspace:
+    """A root directory; :meth:`resolve` maps model-supplied paths into it or refuses them."""
+
+    def __init__(self, root: str | Path, *, state_dir: str | Path | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"workspace {str(root)!r} is not a directory")
+        self.root = root.resolve()
+        self.state_dir = (Path(state_dir) if state_dir else self.root / STATE_DIR_NAME).resolve()
+
+    def resolve(self, path: str, *, kind: str = "any") -> Path:
+        """The real path of workspace-relative ``path``.
+
+        Refused: absolute paths, ``..`` escapes, symlinks that resolve
+        outside, the state directory, and anything that is not a regular file
+        or directory (devices, sockets, FIFOs). ``kind`` may demand ``file``
+        or ``dir``; ``new`` allows a path that does not exist yet.
+
+        Raises:
+            PathRefused: with a reason the model can act on.
+        """
+        if not isinstance(path, str) or not path.strip():
+            raise PathRefused("a path must be a non-empty, workspace-relative string")
+        if "\x00" in path:
+            raise PathRefused("a path must not contain NUL bytes")
+        if os.path.isabs(path) or path.startswith("~"):
+            raise PathRefused(f"{path!r} is absolute; use a path relative to the workspace root")
+        real = (self.root / path).resolve()
+        if not real.is_relative_to(self.root):
+            raise PathRefused(f"{path!r} resolves outside the workspace")
+        if real.is_relative_to(self.state_dir):
+            raise PathRefused(f"{path!r} is inside toka's own state directory")
+        if not real.exists():
+            if kind == "new":
+                return real
+            raise PathRefused(f"{path!r} does not exist")
+        mode = real.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise PathRefused(f"{path!r} is not a regular file or directory")
+        if kind == "file" and not stat.S_ISREG(mode):
+            raise PathRefused(f"{path!r} is a directory, not a file")
+        if kind == "dir" and not stat.S_ISDIR(mode):
+            raise PathRefused(f"{path!r} is a file, not a directory")
+        return real
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the root, with forward slashes (``.`` for the root)."""
+        rel = path.relative_to(self.root).as_posix()
+        return rel or "."
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
