@@ -19,6 +19,7 @@ from prefect.artifacts import (
     acreate_progress_artifact,
     aupdate_progress_artifact,
 )
+from prefect.context import TagsContext
 from prefect.events import emit_event
 from prefect.states import State
 
@@ -59,7 +60,6 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
         retry_jitter_factor=0.5 if run.retry_delay_seconds else None,
         retry_condition_fn=is_retryable,
         timeout_seconds=min(agent_timeout, run.task_timeout or agent_timeout),
-        tags=[f"agent:{spec.name}", f"priority:{task.priority}"],
         **options,
     )
 
@@ -119,49 +119,62 @@ def agent_tags(spec: AgentSpec) -> list[str]:
     return tags
 
 
+async def _run_tasks(
+    spec: AgentSpec,
+    tasks: list[SpecTask],
+    run: RunConfig,
+    upstream: dict[str, dict[str, Any]],
+    progress: Any,
+) -> tuple[list[TaskRecord], str | None]:
+    """Run the agent's tasks in order; return their records and why the agent failed, if it did."""
+    total = len(tasks)
+    fingerprint, digest = resolve_model(run.model).fingerprint(), spec.digest()
+    records: list[TaskRecord] = []
+    prior: list[dict[str, Any]] = []
+    failure: str | None = None
+    for index, task in enumerate(tasks, 1):
+        if failure is not None:
+            records.append(TaskRecord(index=index, description=task.description, priority=task.priority,
+                                      state="not-run", error=f"not run: {failure}"))
+            continue
+        announce(ProgressEvent("task-started", spec.name, task=index, total=total,
+                               description=task.description), run_key=run.run_key)
+        step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
+                         upstream=upstream, run=run, model_fingerprint=fingerprint)
+        state = await step_task(spec, index, total, task, run)(step, return_state=True)
+        record = await _record(state, index, task, run.retries.get(task.priority, 1))
+        records.append(record)
+        if record.result is not None:
+            prior.append({"task": index, "description": task.description, **record.result.model_dump()})
+        elif task.priority in _STOPPING:
+            failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
+        announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
+                               description=task.description, reason=record.error), run_key=run.run_key)
+        await aupdate_progress_artifact(progress, progress=100.0 * index / total)
+    return records, failure
+
+
 def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     """One async Prefect flow for ``spec``, named after ``metadata.name``.
 
     The flow takes the run settings and the results of the agent's
     dependencies, returns an :class:`AgentReport`, and raises
-    :class:`AgentFailedError` (carrying the report) when it fails.
+    :class:`AgentFailedError` (carrying the report) when it fails. Call it
+    inside ``prefect.tags(*agent_tags(spec))`` to tag its runs.
     """
+
     async def run_agent(run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None) -> AgentReport:
         started = time.monotonic()
-        upstream = upstream or {}
         tasks = spec.task_list(run.contexts)
-        total = len(tasks)
-        model = resolve_model(run.model)
-        fingerprint, digest = model.fingerprint(), spec.digest()
-        announce(ProgressEvent("agent-started", spec.name, total=total), run_key=run.run_key)
+        announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
         progress = await acreate_progress_artifact(
             progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: tasks done"
         )
-        records: list[TaskRecord] = []
-        prior: list[dict[str, Any]] = []
-        failure: str | None = None
-        for index, task in enumerate(tasks, 1):
-            if failure is not None:
-                records.append(TaskRecord(index=index, description=task.description,
-                                          priority=task.priority, state="not-run",
-                                          error=f"not run: {failure}"))
-                continue
-            announce(ProgressEvent("task-started", spec.name, task=index, total=total,
-                                   description=task.description), run_key=run.run_key)
-            step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
-                             upstream=upstream, run=run, model_fingerprint=fingerprint)
-            state = await step_task(spec, index, total, task, run)(step, return_state=True)
-            record = await _record(state, index, task, run.retries.get(task.priority, 1))
-            records.append(record)
-            if record.result is not None:
-                prior.append({"task": index, "description": task.description,
-                              **record.result.model_dump()})
-            elif task.priority in _STOPPING:
-                failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
-            announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index,
-                                   total=total, description=task.description,
-                                   reason=record.error), run_key=run.run_key)
-            await aupdate_progress_artifact(progress, progress=100.0 * index / total)
+        # The flow run carries the agent's tags; its task runs must not inherit them:
+        # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
+        # and on a SQLite-backed server those writes stall runs for seconds.
+        with TagsContext(current_tags=set()):
+            records, failure = await _run_tasks(spec, tasks, run, upstream or {}, progress)
         report = AgentReport(
             agent=spec.name,
             state="failed" if failure else "completed",
@@ -170,7 +183,8 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
             duration_s=time.monotonic() - started,
         )
         await acreate_markdown_artifact(
-            key=f"{spec.name}-report", markdown=agent_markdown(report, model=model.name),
+            key=f"{spec.name}-report",
+            markdown=agent_markdown(report, model=resolve_model(run.model).name),
             description=f"{spec.name}: task report",
         )
         if failure is not None:
