@@ -6,7 +6,9 @@ messages and exits with code 2; it never shows a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,14 +18,21 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import Problem, TokaError
+from .errors import Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
+from .progress import ProgressEvent, listen
+from .providers import describe_choice, resolve_model
+from .results import PipelineSummary
+from .runs import RunRecord
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR
+from .workspace import Workspace
 
 __all__ = ["app", "main"]
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     name="toka",
@@ -168,6 +177,192 @@ def schema(
         out.print(f"wrote {output}")
     else:
         typer.echo(text, nl=False)
+
+
+@app.command()
+def run(
+    paths: PathsArg = None,
+    agent: AgentOpt = None,
+    model: Annotated[
+        str,
+        typer.Option(envvar="TOKA_MODEL", help="'auto' (Anthropic if ANTHROPIC_API_KEY is set, else offline), "
+                     "'offline', or a model id."),
+    ] = "auto",
+    workspace: Annotated[Path, typer.Option(help="Directory the agents work in.")] = Path("."),
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Most agents running at once.")] = 4,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the last run here: finished tasks are not redone.")
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the run summary as JSON (format 'toka-run/1').")
+    ] = None,
+    context: Annotated[
+        list[str] | None,
+        typer.Option("--context", help="Switch on a context: its conditional tasks run too (repeatable)."),
+    ] = None,
+    run_key: Annotated[
+        str | None, typer.Option(help="Run under this key (tasks finished under it are reused).")
+    ] = None,
+    max_turns: Annotated[int, typer.Option(min=1, help="Model requests per task attempt.")] = 20,
+    request_timeout: Annotated[float, typer.Option(help="Seconds one model request may take.")] = 600.0,
+    task_timeout: Annotated[
+        float | None, typer.Option(help="Seconds one task attempt may take (default: the agent's timeout).")
+    ] = None,
+    retry_delay: Annotated[float, typer.Option(help="Base seconds between task retries.")] = 10.0,
+    result_storage: Annotated[
+        str | None,
+        typer.Option(help="Prefect filesystem block slug for results (default: .toka/results in the workspace)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
+) -> None:
+    """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
+    spec_paths = [str(p) for p in _paths(paths)]
+    with _user_errors():
+        plan = make_plan(spec_paths, agents=agent or ())
+        space = Workspace(workspace)
+        chosen = resolve_model(model)
+        if resume:
+            record = RunRecord.load_last(space.state_dir)
+            if run_key and run_key != record.run_key:
+                raise TokaError(f"--run-key {run_key!r} contradicts --resume (last run: {record.run_key!r})")
+        else:
+            record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
+                                     contexts=list(context or ()), run_key=run_key)
+        record.save(space.state_dir)
+    err.print(describe_choice(chosen, model))
+    verb = "resuming run" if resume else "run"
+    err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
+              f"workspace {space.root}")
+    _prefect_environment(verbose=verbose)
+    options = dict(
+        specs=spec_paths, agents=list(agent or ()), model=model, workspace=str(space.root),
+        max_concurrency=max_concurrency, contexts=list(context or ()), run_key=record.run_key,
+        max_turns=max_turns, request_timeout=request_timeout, task_timeout=task_timeout,
+        retry_delay_seconds=retry_delay, result_storage=result_storage,
+    )
+    view = _LiveView(plan)
+    try:
+        with _user_errors(), listen(view.update), view:
+            summary = asyncio.run(_execute(options, results_dir=space.state_dir / "results"))
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/yellow]; continue with: toka run --resume (run {record.run_key})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    _print_summary(summary)
+    if json_file is not None:
+        json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)
+
+
+def _prefect_environment(*, verbose: bool) -> None:
+    """Settings for Prefect that must be in place before it is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        # Failures are reported by our own summary; Prefect's console copies (with
+        # tracebacks) only bury it. The API handler still ships every log to the UI.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+async def _execute(options: dict[str, Any], *, results_dir: Path) -> PipelineSummary:
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.pipeline import pipeline
+
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}):
+        state = await pipeline(**options, return_state=True)
+        outcome = await state.aresult(raise_on_failure=False)
+    if isinstance(outcome, RunFailedError) and isinstance(outcome.report, PipelineSummary):
+        return outcome.report
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
+
+
+_STATE_STYLE = {"completed": "green", "cached": "green", "failed": "red", "not-run": "yellow",
+                "running": "cyan", "waiting": "dim"}
+
+
+class _LiveView:
+    """Agents, their current task and done/total, live on a terminal; plain lines otherwise."""
+
+    def __init__(self, plan: Plan) -> None:
+        from rich.live import Live
+
+        self.order = plan.order
+        self.rows = {name: {"state": "waiting", "done": 0,
+                            "total": len(plan.graph.agents[name].tasks.default), "task": ""}
+                     for name in self.order}
+        self.live: Live | None = Live(self._table(), console=err, refresh_per_second=8,
+                                      transient=True) if err.is_terminal else None
+
+    def __enter__(self) -> _LiveView:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(None, None, None)
+
+    def update(self, event: ProgressEvent) -> None:
+        row = self.rows.get(event.agent)
+        if row is None:
+            return
+        if event.total is not None:
+            row["total"] = event.total
+        if event.kind == "agent-started":
+            row["state"] = "running"
+        elif event.kind == "task-started":
+            row["task"] = f"{event.task}/{event.total} {event.description}"
+        elif event.kind == "task-finished":
+            row["done"] += 1
+            if not self.live:
+                note = f" ({event.reason})" if event.state == "failed" and event.reason else ""
+                err.print(f"{event.agent}: task {event.task}/{event.total} {event.state}{escape(note)}")
+        elif event.kind == "agent-finished":
+            row["state"], row["task"] = event.state or "", escape(event.reason or "")
+            if not self.live:
+                why = f": {event.reason}" if event.reason else ""
+                err.print(f"{event.agent}: [{_STATE_STYLE.get(event.state or '', 'white')}]"
+                          f"{event.state}[/]{escape(why)}")
+        if self.live:
+            self.live.update(self._table())
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for column in ("agent", "state", "tasks", "current"):
+            table.add_column(column)
+        for name in self.order:
+            row = self.rows[name]
+            style = _STATE_STYLE.get(row["state"], "white")
+            table.add_row(name, f"[{style}]{row['state']}[/]", f"{row['done']}/{row['total']}",
+                          escape(str(row["task"]))[:70])
+        return table
+
+
+def _print_summary(summary: PipelineSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {summary.run_key}: {summary.state}", title_justify="left")
+    for column in ("agent", "state", "done", "failed", "not run", "duration", "tokens", "note"):
+        table.add_column(column)
+    for a in summary.agents:
+        style = _STATE_STYLE.get(a.state, "white")
+        table.add_row(
+            a.agent, f"[{style}]{a.state}[/]", str(a.count("completed", "cached")),
+            str(a.count("failed")), str(a.count("not-run")), f"{a.duration_s:.1f}s",
+            str(a.usage.total_tokens), escape(a.reason or ""),
+        )
+    out.print(table)
+    usage = summary.usage
+    cached = sum(a.count("cached") for a in summary.agents)
+    label = " (offline model: placeholder results)" if summary.offline else ""
+    out.print(
+        f"{sum(a.state == 'completed' for a in summary.agents)}/{len(summary.agents)} agents completed"
+        f"{label}; {usage.total_tokens} tokens in {usage.requests} model requests; "
+        f"{cached} tasks replayed from cache; {summary.duration_s:.1f}s"
+    )
 
 
 def schema_text() -> str:

@@ -138,8 +138,14 @@ def _pick_file(task: str, listing: str) -> str | None:
     return None
 
 
+def _headline(content: str) -> str:
+    """The first line of a tool's output, inside the runtime's delimiters."""
+    lines = [line for line in content.splitlines() if not line.startswith(("<tool_output", "</tool_output"))]
+    return lines[0] if lines else ""
+
+
 def _result(task: str, results: list[ToolResultBlock]) -> dict[str, Any]:
-    looked = [r.content.splitlines()[0] for r in results if r.content and not r.is_error]
+    looked = [_headline(r.content) for r in results if r.content and not r.is_error]
     title = re.sub(r"^# Task \d+ of \d+: ", "", task)
     summary = f"{OFFLINE_LABEL} Task: {title}."
     if looked:
