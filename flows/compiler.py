@@ -41,7 +41,10 @@ _STOPPING = ("critical", "high")
 def task_title(spec: AgentSpec, index: int, total: int, task: SpecTask, width: int = 48) -> str:
     """``<agent> · 3/9 · <short description>``: unique within a run, readable in the UI."""
     text = " ".join(task.description.split())
-    short = text if len(text) <= width else text[: width - 1].rstrip() + "…"
+    short = text
+    if len(text) > width:
+        cut = text[: width - 1]
+        short = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:-") + "…"
     return f"{spec.name} · {index}/{total} · {short}"
 
 

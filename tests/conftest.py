@@ -1,11 +1,24 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+# Prefect state (database, results) of this test session lives in a fresh
+# directory: the harness isolates the database but not result storage, and a
+# second session must not find cached results of the first. Set before any
+# test module imports prefect.
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="toka-tests-prefect-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(PREFECT_HOME / "results")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
+os.environ.pop("ANTHROPIC_API_KEY", None)  # tests never reach a real provider
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -47,3 +60,12 @@ def write_specs(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return write
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A temporary Prefect API for the whole session (about 10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -7,11 +7,13 @@ accepted and reported as "declared, not tool-backed".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from .tools import Tool, read_only_tools
 
-__all__ = ["CAPABILITY_TOOLS", "capability_status", "grant_tools"]
+__all__ = ["CAPABILITY_TOOLS", "capability_status", "grant_tools", "use_tools"]
 
 #: Capability name -> the tools it grants.
 CAPABILITY_TOOLS: dict[str, tuple[str, ...]] = {
@@ -19,8 +21,33 @@ CAPABILITY_TOOLS: dict[str, tuple[str, ...]] = {
 }
 
 
+_custom: ContextVar[tuple[Tool, ...]] = ContextVar("toka_custom_tools", default=())
+
+
+@contextmanager
+def use_tools(*tools: Tool) -> Iterator[None]:
+    """Offer extra tools to agents run in this context (in this process).
+
+    Each tool names the capability it needs in its ``capability`` attribute;
+    only agents that declare it get the tool, like the built-in ones.
+    """
+    for tool in tools:
+        if not getattr(tool, "capability", None):
+            raise TypeError(f"tool {tool.name!r} must name the capability it needs (capability = '...')")
+    token = _custom.set((*_custom.get(), *tools))
+    try:
+        yield
+    finally:
+        _custom.reset(token)
+
+
 def _all_tools() -> list[Tool]:
-    return read_only_tools()
+    return [*read_only_tools(), *_custom.get()]
+
+
+def _needs(tool: Tool) -> list[str]:
+    custom = getattr(tool, "capability", None)
+    return [custom] if custom else [c for c, tools in CAPABILITY_TOOLS.items() if tool.name in tools]
 
 
 def grant_tools(capabilities: Iterable[str]) -> tuple[list[Tool], dict[str, str]]:
@@ -29,7 +56,7 @@ def grant_tools(capabilities: Iterable[str]) -> tuple[list[Tool], dict[str, str]
     granted: list[Tool] = []
     withheld: dict[str, str] = {}
     for tool in _all_tools():
-        needs = [c for c, tools in CAPABILITY_TOOLS.items() if tool.name in tools]
+        needs = _needs(tool)
         if declared.intersection(needs):
             granted.append(tool)
         else:

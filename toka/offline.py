@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+from .errors import PermanentModelError
 from .model import ModelRequest, ModelResponse, TextBlock, ToolResultBlock, ToolUseBlock, Usage
 from .prompt import REMINDER
 
@@ -42,15 +44,26 @@ class OfflineModel:
     Args:
         latency: Seconds to wait per request (benchmarks, kill-and-resume tests).
         request_log: Append one JSON line per request (agent, task, turn,
-            digest), flushed at once, so a test can see exactly what was asked.
+            digest, the tool answered with), flushed at once, so a test can
+            see exactly what was asked.
+        faults_file: While this file exists, requests for the tasks it lists
+            (one ``agent:task`` per line) fail with a permanent model error:
+            fault injection for failure, retry and resume tests.
     """
 
     name = "offline"
     offline = True
 
-    def __init__(self, *, latency: float = 0.0, request_log: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        request_log: str | Path | None = None,
+        faults_file: str | Path | None = None,
+    ) -> None:
         self.latency = latency
         self.request_log = Path(request_log) if request_log else None
+        self.faults_file = Path(faults_file) if faults_file else None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": "offline", "version": 1}
@@ -58,8 +71,9 @@ class OfflineModel:
     async def request(self, request: ModelRequest) -> ModelResponse:
         if self.latency:
             await asyncio.sleep(self.latency)
-        self._log(request)
+        self._inject_fault(request)
         blocks = self._decide(request)
+        self._log(request, blocks)
         return ModelResponse(
             content=blocks,
             stop_reason="tool_use" if any(isinstance(b, ToolUseBlock) for b in blocks) else "end_turn",
@@ -105,13 +119,24 @@ class OfflineModel:
             ToolUseBlock(id=call_id, name="submit_result", input=_result(task, results)),
         ]
 
-    def _log(self, request: ModelRequest) -> None:
+    def _inject_fault(self, request: ModelRequest) -> None:
+        if self.faults_file is None or not self.faults_file.exists():
+            return
+        here = f"{request.metadata.get('agent')}:{request.metadata.get('task')}"
+        faults = {line.strip() for line in self.faults_file.read_text(encoding="utf-8").splitlines()}
+        if here in faults:
+            raise PermanentModelError(f"injected fault for {here} (listed in {self.faults_file})")
+
+    def _log(self, request: ModelRequest, blocks: list[TextBlock | ToolUseBlock]) -> None:
         if self.request_log is None:
             return
         digest = hashlib.sha256(
             json.dumps(request.model_dump(mode="json", exclude={"metadata"}), sort_keys=True).encode()
         ).hexdigest()[:16]
-        line = json.dumps({**request.metadata, "digest": digest}, sort_keys=True)
+        answer = next((b.name for b in blocks if isinstance(b, ToolUseBlock)), None)
+        line = json.dumps(
+            {**request.metadata, "digest": digest, "answer": answer, "pid": os.getpid()}, sort_keys=True
+        )
         with self.request_log.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()

@@ -18,8 +18,9 @@ def resolve_model(name: str = "auto", *, env: Mapping[str, str] | None = None) -
     - ``offline``: the deterministic offline model;
     - ``auto``: the offline model when ``ANTHROPIC_API_KEY`` is not set.
 
-    ``TOKA_OFFLINE_LATENCY`` (seconds) and ``TOKA_OFFLINE_REQUEST_LOG`` (a
-    file) configure the offline model for benchmarks and tests.
+    ``TOKA_OFFLINE_LATENCY`` (seconds), ``TOKA_OFFLINE_REQUEST_LOG`` (a file)
+    and ``TOKA_OFFLINE_FAULTS`` (a file of ``agent:task`` lines) configure the
+    offline model for benchmarks, tests and fault drills.
     """
     override = current_model_override()
     if override is not None:
@@ -32,7 +33,11 @@ def resolve_model(name: str = "auto", *, env: Mapping[str, str] | None = None) -
             raise ConfigError(
                 f"TOKA_OFFLINE_LATENCY={env['TOKA_OFFLINE_LATENCY']!r} is not a number of seconds"
             ) from None
-        return OfflineModel(latency=latency, request_log=env.get("TOKA_OFFLINE_REQUEST_LOG") or None)
+        return OfflineModel(
+            latency=latency,
+            request_log=env.get("TOKA_OFFLINE_REQUEST_LOG") or None,
+            faults_file=env.get("TOKA_OFFLINE_FAULTS") or None,
+        )
     raise ConfigError(
         f"model {name!r} needs the Anthropic provider, which this version does not include; "
         "use --model offline"

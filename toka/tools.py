@@ -73,6 +73,8 @@ class Tool(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Input: ClassVar[type[BaseModel]]
+    capability: ClassVar[str | None] = None
+    """For tools added with :func:`toka.capabilities.use_tools`: the capability that grants it."""
 
     def definition(self) -> ToolDefinition:
         schema = self.Input.model_json_schema()

@@ -1,0 +1,429 @@
+"""The compiled flows and the pipeline, run on a real (temporary) Prefect API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from pydantic import BaseModel
+
+from flows.compiler import compile_agent, step_task, task_title
+from flows.pipeline import pipeline
+from tasks.llm_step import is_retryable
+from toka import AgentSpec
+from toka.capabilities import use_tools
+from toka.config import RunConfig
+from toka.errors import PermanentModelError, PipelineFailedError, TransientModelError
+from toka.model import ModelRequest, ModelResponse, TextBlock, override_model
+from toka.process import run_process
+from toka.progress import ProgressEvent, listen
+from toka.results import PipelineSummary
+from toka.testing import FunctionModel, submit
+from toka.tools import Tool, ToolContext, ToolOutput
+
+from .conftest import minimal_spec
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+Behaviour = Callable[[ModelRequest], Any]
+
+
+def where(request: ModelRequest) -> tuple[str, int]:
+    return request.metadata["agent"], int(request.metadata["task"])
+
+
+def first_text(request: ModelRequest) -> str:
+    return "".join(b.text for b in request.messages[0].content if isinstance(b, TextBlock))
+
+
+class Recorder:
+    """A model that submits '<agent> task <n> done' unless told otherwise for a task."""
+
+    def __init__(self, **overrides: Behaviour) -> None:
+        self.overrides = {tuple(k.rsplit("_", 1)): v for k, v in overrides.items()}
+        self.model = FunctionModel(self._answer, name="recorder")
+
+    async def _answer(self, request: ModelRequest) -> ModelResponse:
+        agent, task = where(request)
+        special = self.overrides.get((agent.replace("-", "_"), str(task)))
+        if special is not None:
+            reply = special(request)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+            if isinstance(reply, BaseException):
+                raise reply
+            if reply is not None:
+                return reply
+        return submit(summary=f"{agent} task {task} done")
+
+    def calls(self, agent: str, task: int | None = None) -> list[ModelRequest]:
+        return [r for r in self.model.history
+                if where(r)[0] == agent and (task is None or where(r)[1] == task)]
+
+
+def run(
+    specs_dir: Path,
+    model: Any,
+    *,
+    run_key: str,
+    events: list[ProgressEvent] | None = None,
+    **options: Any,
+) -> tuple[Any, PipelineSummary]:
+    """Run the pipeline flow in-process; return its final state and summary."""
+
+    async def go() -> tuple[Any, PipelineSummary]:
+        with override_model(model), listen((events if events is not None else []).append):
+            state = await pipeline(specs=[str(specs_dir)], workspace=str(specs_dir), run_key=run_key,
+                                   retry_delay_seconds=0, return_state=True, **options)
+            outcome = await state.aresult(raise_on_failure=False)
+        summary = outcome.report if isinstance(outcome, PipelineFailedError) else outcome
+        assert isinstance(summary, PipelineSummary), outcome
+        return state, summary
+
+    return asyncio.run(go())
+
+
+def agent(summary: PipelineSummary, name: str) -> Any:
+    return next(a for a in summary.agents if a.agent == name)
+
+
+# -- the compiler ---------------------------------------------------------------
+
+
+class TestCompiler:
+    def test_flow_named_after_agent_with_spec_timeout(self) -> None:
+        spec = AgentSpec.from_dict(minimal_spec("build-system", tasks=3))
+        compiled = compile_agent(spec)
+        assert compiled.name == "build-system"
+        assert compiled.timeout_seconds == 600
+        assert compiled.isasync
+
+    def test_task_options_come_from_the_spec(self) -> None:
+        spec = AgentSpec.from_dict({
+            **minimal_spec("docs"),
+            "tasks": {"default": [
+                {"description": "Check the README commands against the real entry points of the project",
+                 "priority": "critical"},
+                {"description": "Summarise", "priority": "low"},
+            ]},
+        })
+        run_config = RunConfig(run_key="k", task_timeout=30, retry_delay_seconds=2)
+        tasks = spec.task_list()
+        first = step_task(spec, 1, 2, tasks[0], run_config)
+        second = step_task(spec, 2, 2, tasks[1], run_config)
+        assert first.name == "docs · 1/2 · Check the README commands against the real…"
+        assert first.task_run_name == first.name
+        assert second.name == "docs · 2/2 · Summarise"
+        assert (first.retries, second.retries) == (3, 1)
+        assert first.retry_delay_seconds == 2
+        assert first.timeout_seconds == 30
+        assert first.retry_condition_fn is is_retryable
+
+    def test_task_timeout_never_exceeds_agent_timeout(self) -> None:
+        spec = AgentSpec.from_dict(minimal_spec("a"))
+        task = spec.task_list()[0]
+        assert step_task(spec, 1, 2, task, RunConfig(run_key="k", task_timeout=10_000)).timeout_seconds == 600
+        assert step_task(spec, 1, 2, task, RunConfig(run_key="k")).timeout_seconds == 600
+
+    def test_titles_unique_within_agent(self) -> None:
+        spec = AgentSpec.from_dict({**minimal_spec("a"), "tasks": {"default": [
+            {"description": "Same words here"}, {"description": "Same words here"}]}})
+        titles = {task_title(spec, i, 2, t) for i, t in enumerate(spec.task_list(), 1)}
+        assert len(titles) == 2
+
+
+# -- ordering, results and failure policy ----------------------------------------------
+
+
+class TestPipeline:
+    def test_dependency_order_and_results_flow(self, write_specs) -> None:
+        folder = write_specs(
+            minimal_spec("base", priority="critical"),
+            minimal_spec("mid", required={"base": "needs base"}),
+            minimal_spec("top", required=[{"mid": ""}], optional={"side": ""}),
+            minimal_spec("side", priority="low"),
+        )
+        rec = Recorder()
+        events: list[ProgressEvent] = []
+        state, summary = run(folder, rec.model, run_key="order", events=events)
+        assert state.is_completed()
+        assert summary.state == "completed"
+        started = [e.agent for e in events if e.kind == "agent-started"]
+        finished = [e.agent for e in events if e.kind == "agent-finished"]
+        assert finished.index("base") < started.index("mid")
+        assert finished.index("mid") < started.index("top")
+        assert finished.index("side") < started.index("top")
+        # Each task sees the earlier tasks' results; each agent its dependencies' results.
+        assert "base task 1 done" in first_text(rec.calls("base", 2)[0])
+        mid_prompt = first_text(rec.calls("mid", 1)[0])
+        assert "### base" in mid_prompt and "base task 2 done" in mid_prompt
+        top_prompt = first_text(rec.calls("top", 1)[0])
+        assert "side task 1 done" in top_prompt and "mid task 2 done" in top_prompt
+        assert [a.agent for a in summary.agents] == ["base", "side", "mid", "top"]
+        assert all(a.count("completed") == 2 for a in summary.agents)
+        assert summary.usage.requests == 8
+
+    def test_high_failure_stops_agent_and_required_dependents(self, write_specs) -> None:
+        folder = write_specs(
+            {**minimal_spec("a", tasks=3)},
+            minimal_spec("b", required={"a": ""}),
+            minimal_spec("c", required={"b": ""}),
+            minimal_spec("d", optional={"a": ""}),
+        )
+        spec_a = folder / "a.yaml"
+        spec_a.write_text(spec_a.read_text().replace("a step 2", "a step 2\n    priority: high", 1))
+        rec = Recorder(a_2=lambda r: submit(status="failed", summary="cannot find the build file"))
+        state, summary = run(folder, rec.model, run_key="fail-high")
+        assert state.is_failed()
+        assert "did not complete" in state.message
+        a = agent(summary, "a")
+        assert a.state == "failed"
+        assert [t.state for t in a.tasks] == ["completed", "failed", "not-run"]
+        assert "cannot find the build file" in a.tasks[1].error
+        assert a.reason.startswith("task 2/3 (high) failed")
+        assert agent(summary, "b").state == "not-run"
+        assert agent(summary, "b").reason == "required dependency 'a' failed"
+        assert agent(summary, "c").reason == "required dependency 'b' did not run"
+        assert rec.calls("b") == [] and rec.calls("c") == []
+        # Optional dependency failed: d still runs, and sees what a managed to do.
+        d = agent(summary, "d")
+        assert d.state == "completed"
+        assert "a task 1 done" in first_text(rec.calls("d", 1)[0])
+
+    def test_medium_failure_is_recorded_and_agent_goes_on(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a", tasks=3))
+        rec = Recorder(a_2=lambda r: submit(status="blocked", summary="waiting on credentials"))
+        state, summary = run(folder, rec.model, run_key="fail-medium")
+        a = agent(summary, "a")
+        assert [t.state for t in a.tasks] == ["completed", "failed", "completed"]
+        assert a.state == "completed"
+        assert state.is_completed()
+
+    def test_transient_errors_retried_permanent_not(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("flaky", tasks=1), minimal_spec("broken", tasks=1))
+        attempts: dict[str, int] = {"flaky": 0}
+
+        def flaky(request: ModelRequest) -> Any:
+            attempts["flaky"] += 1
+            return TransientModelError("529 overloaded") if attempts["flaky"] == 1 else None
+
+        rec = Recorder(flaky_1=flaky, broken_1=lambda r: PermanentModelError("401 invalid x-api-key"))
+        state, summary = run(folder, rec.model, run_key="retries")
+        flaky_task = agent(summary, "flaky").tasks[0]
+        assert (flaky_task.state, flaky_task.attempts) == ("completed", 2)
+        broken_task = agent(summary, "broken").tasks[0]
+        assert broken_task.state == "failed"
+        assert broken_task.attempts == 1
+        assert len(rec.calls("broken")) == 1  # a permanent error is never retried
+        assert "PermanentModelError: 401 invalid x-api-key" in broken_task.error
+
+    def test_priority_breaks_ties_when_slots_are_short(self, write_specs) -> None:
+        folder = write_specs(
+            minimal_spec("low-one", priority="low", tasks=1),
+            minimal_spec("crit-one", priority="critical", tasks=1),
+            minimal_spec("high-one", priority="high", tasks=1),
+        )
+        rec = Recorder()
+        events: list[ProgressEvent] = []
+        run(folder, rec.model, run_key="slots", events=events, max_concurrency=1)
+        order = [e.agent for e in events if e.kind in ("agent-started", "agent-finished")]
+        assert order == ["crit-one", "crit-one", "high-one", "high-one", "low-one", "low-one"]
+
+    def test_conditional_tasks_run_when_context_switched_on(self, write_specs) -> None:
+        spec = minimal_spec("docs", tasks=1)
+        spec["tasks"]["conditional"] = {"publish": [{"description": "Regenerate the API pages"}]}
+        folder = write_specs(spec)
+        _, without = run(folder, Recorder().model, run_key="ctx-off")
+        _, with_ctx = run(folder, Recorder().model, run_key="ctx-on", contexts=["publish"])
+        assert len(agent(without, "docs").tasks) == 1
+        assert [t.description for t in agent(with_ctx, "docs").tasks] == [
+            "docs step 1", "Regenerate the API pages"]
+
+    def test_summary_json_form(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a", tasks=1))
+        _, summary = run(folder, Recorder().model, run_key="json")
+        data = summary.to_dict()
+        assert data["format"] == "toka-run/1"
+        assert list(data) == ["format", "run_key", "flow_run_id", "model", "offline", "state",
+                              "duration_s", "usage", "agents"]
+        (a,) = data["agents"]
+        assert (a["name"], a["state"], a["tasks_done"], a["tasks_total"]) == ("a", "completed", 1, 1)
+        assert a["tasks"][0]["result"]["summary"] == "a task 1 done"
+        assert data["usage"]["requests"] == 1
+
+
+# -- timeouts that really stop work -----------------------------------------------------
+
+
+class SleeperTool(Tool):
+    """Starts a process that hangs and writes its grandchild's pid."""
+
+    name = "hang"
+    description = "Run a command that never finishes."
+    capability = "script-execution"
+    pidfile: ClassVar[Path]
+    timeout: ClassVar[float] = 120.0
+
+    class Input(BaseModel):
+        pass
+
+    async def run(self, args: Any, ctx: ToolContext) -> ToolOutput:
+        await run_process(["sh", "-c", f"sleep 120 & echo $! > {self.pidfile}; wait"],
+                          cwd=ctx.workspace.root, timeout=self.timeout)
+        return ToolOutput("finished")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class TestTimeouts:
+    def test_hanging_model_call_stopped_by_task_timeout_and_retried(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("slow", tasks=1, priority="low"))
+
+        async def hang(request: ModelRequest) -> None:
+            await asyncio.sleep(120)
+
+        rec = Recorder(slow_1=hang)
+        started = time.monotonic()
+        state, summary = run(folder, rec.model, run_key="hang-model", task_timeout=1.0)
+        elapsed = time.monotonic() - started
+        task = agent(summary, "slow").tasks[0]
+        assert task.state == "failed"
+        assert "timed out" in task.error.lower()
+        assert task.attempts == 2  # medium/low tasks get one retry
+        assert len(rec.calls("slow")) == 2
+        assert elapsed < 2 * 1.0 + 8  # two attempts of 1 s, plus Prefect's own overhead
+
+    def test_hanging_tool_process_group_killed_on_task_timeout(self, write_specs, tmp_path: Path) -> None:
+        spec = minimal_spec("runner", tasks=1, priority="low")
+        spec["security"]["capabilities_required"] = ["script-execution"]
+        folder = write_specs(spec)
+        SleeperTool.pidfile = tmp_path / "grandchild.pid"
+        from toka.testing import tool_call
+
+        rec = Recorder(runner_1=lambda r: tool_call("hang"))
+        with use_tools(SleeperTool()):
+            started = time.monotonic()
+            _, summary = run(folder, rec.model, run_key="hang-tool", task_timeout=1.0)
+        task = agent(summary, "runner").tasks[0]
+        assert task.state == "failed" and "timed out" in task.error.lower()
+        assert task.attempts == 2
+        assert time.monotonic() - started < 2 * 1.0 + 8
+        pid = int(SleeperTool.pidfile.read_text())
+        deadline = time.monotonic() + 3
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the tool's grandchild outlived the task timeout"
+
+    def test_tool_process_timeout_is_a_clear_retryable_error(self, write_specs, tmp_path: Path) -> None:
+        spec = minimal_spec("runner", tasks=1, priority="low")
+        spec["security"]["capabilities_required"] = ["script-execution"]
+        folder = write_specs(spec)
+
+        class QuickTimeout(SleeperTool):
+            timeout = 0.5
+
+        QuickTimeout.pidfile = tmp_path / "pid"
+        from toka.testing import tool_call
+        rec = Recorder(runner_1=lambda r: tool_call("hang"))
+        with use_tools(QuickTimeout()):
+            _, summary = run(folder, rec.model, run_key="tool-timeout")
+        task = agent(summary, "runner").tasks[0]
+        assert task.state == "failed"
+        assert "ToolTimeoutError" in task.error and "0.5s timeout" in task.error
+        assert task.attempts == 2
+
+
+# -- resume ---------------------------------------------------------------------------
+
+
+class TestResume:
+    def test_same_run_key_replays_without_model_calls(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a"), minimal_spec("b", required={"a": ""}))
+        first = Recorder()
+        run(folder, first.model, run_key="resume-same")
+        assert len(first.model.history) == 4
+        again = Recorder()
+        state, summary = run(folder, again.model, run_key="resume-same")
+        assert again.model.history == []
+        assert state.is_completed()
+        assert all(t.state == "cached" and t.usage.total_tokens == 0
+                   for a in summary.agents for t in a.tasks)
+        assert agent(summary, "a").tasks[0].result.summary == "a task 1 done"
+
+    def test_new_run_key_does_the_work_again(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a"))
+        run(folder, Recorder().model, run_key="nightly-1")
+        fresh = Recorder()
+        _, summary = run(folder, fresh.model, run_key="nightly-2")
+        assert len(fresh.model.history) == 2
+        assert all(t.state == "completed" for t in agent(summary, "a").tasks)
+
+    def test_failed_run_resumes_only_unfinished_tasks(self, write_specs) -> None:
+        folder = write_specs(
+            minimal_spec("a", tasks=2),
+            minimal_spec("b", tasks=3, required={"a": ""}, priority="high"),
+        )
+        spec_b = folder / "b.yaml"
+        spec_b.write_text(spec_b.read_text().replace("b step 2", "b step 2\n    priority: critical", 1))
+        broken = Recorder(b_2=lambda r: PermanentModelError("injected"))
+        state, summary = run(folder, broken.model, run_key="resume-failed")
+        assert state.is_failed()
+        assert [t.state for t in agent(summary, "b").tasks] == ["completed", "failed", "not-run"]
+
+        healthy = Recorder()
+        state, summary = run(folder, healthy.model, run_key="resume-failed")
+        assert state.is_completed()
+        assert [where(r) for r in healthy.model.history] == [("b", 2), ("b", 3)]
+        assert [t.state for t in agent(summary, "a").tasks] == ["cached", "cached"]
+        assert [t.state for t in agent(summary, "b").tasks] == ["cached", "completed", "completed"]
+
+    def test_changed_spec_invalidates_its_tasks(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("a", tasks=1))
+        run(folder, Recorder().model, run_key="spec-change")
+        path = folder / "a.yaml"
+        path.write_text(path.read_text().replace("a step 1", "a step one, reworded"))
+        rec = Recorder()
+        run(folder, rec.model, run_key="spec-change")
+        assert len(rec.model.history) == 1
+
+
+# -- what the Prefect UI shows ------------------------------------------------------------
+
+
+def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
+    from prefect.client.orchestration import get_client
+
+    folder = write_specs(minimal_spec("alpha"), minimal_spec("beta", required={"alpha": ""}))
+    _, summary = run(folder, Recorder().model, run_key="artifacts")
+
+    async def newest(key: str) -> Any:
+        # The REST endpoint directly: this Prefect client's read_artifacts sends
+        # nulls that its own server rejects.
+        async with get_client() as client:
+            response = await client._client.post(
+                "/artifacts/filter",
+                json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
+            )
+            response.raise_for_status()
+            return response.json()[0]
+
+    text = asyncio.run(newest("toka-pipeline-report"))["data"]
+    assert "```mermaid" in text and "a0 --> a1" in text
+    assert "| alpha | ✅ completed |" in text
+    assert summary.run_key in text
+    report = asyncio.run(newest("beta-report"))["data"]
+    assert "| 1 | beta step 1 | medium | ✅ completed |" in report
+    progress = asyncio.run(newest("beta-progress"))
+    assert progress["type"] == "progress" and progress["data"] == 100.0
