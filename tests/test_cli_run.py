@@ -1,0 +1,165 @@
+"""`toka run` as users run it: a real process on Prefect's embedded server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import AGENT_SPECS, PREFECT_HOME
+
+pytestmark = pytest.mark.slow
+
+TOKA = str(Path(sys.executable).with_name("toka"))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A small Python repository with the project's own agent specs."""
+    shutil.copytree(AGENT_SPECS, tmp_path / "agent_specs")
+    (tmp_path / "README.md").write_text("# demo\n\nRun `pytest`.\n")
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "demo"\ndependencies = ["requests>=2"]\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_demo.py").write_text("def test_ok():\n    assert True\n")
+    return tmp_path
+
+
+def env(**extra: str) -> dict[str, str]:
+    # One Prefect home for every CLI run of the session: the embedded server
+    # starts faster with an existing database.
+    base = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    return {**base, "PREFECT_HOME": str(PREFECT_HOME / "cli"), "NO_COLOR": "1", "COLUMNS": "200", **extra}
+
+
+def toka_run(cwd: Path, *args: str, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TOKA, "run", *args], cwd=cwd, env=env(**extra_env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def summary(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def tasks_by_state(data: dict[str, Any], state: str) -> set[tuple[str, int]]:
+    return {(a["name"], t["index"]) for a in data["agents"] for t in a["tasks"] if t["state"] == state}
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_offline_run_then_resume_replays_everything(workspace: Path) -> None:
+    out = workspace / "summary.json"
+    first = toka_run(workspace, "--json", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "model: offline (no ANTHROPIC_API_KEY set)" in first.stderr
+    assert "5/5 agents completed (offline model: placeholder results)" in first.stdout
+    data = summary(out)
+    assert data["format"] == "toka-run/1" and data["state"] == "completed" and data["offline"]
+    assert [a["name"] for a in data["agents"]] == [
+        "repo-survey", "dependency-audit", "test-health", "docs-refresh", "release-notes"]
+    assert all(a["tasks_done"] == a["tasks_total"] == 4 for a in data["agents"])
+    # The offline model really used the read-only tools on the workspace.
+    survey = data["agents"][0]["tasks"]
+    assert any("pyproject.toml" in t["files_touched"] for a in data["agents"] for t in a["tasks"])
+    assert survey[0]["result"]["summary"].startswith("[offline model")
+    assert (workspace / ".toka" / "results").is_dir()
+
+    again = toka_run(workspace, "--resume", "--json", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "resuming run " + data["run_key"] in again.stderr
+    assert "20 tasks replayed from cache" in again.stdout
+    assert tasks_by_state(summary(out), "cached") == tasks_by_state(data, "completed")
+
+    fresh = toka_run(workspace, "--json", str(out))  # a new run (nightly) redoes the work
+    assert fresh.returncode == 0
+    assert summary(out)["run_key"] != data["run_key"]
+    assert tasks_by_state(summary(out), "cached") == set()
+
+
+def test_injected_fault_fails_the_run_and_resume_finishes_it(workspace: Path) -> None:
+    faults = workspace / "faults.txt"
+    faults.write_text("docs-refresh:1\n")
+    log = workspace / "requests.jsonl"
+    out = workspace / "summary.json"
+    failed = toka_run(workspace, "--json", str(out), TOKA_OFFLINE_FAULTS=str(faults),
+                      TOKA_OFFLINE_REQUEST_LOG=str(log))
+    assert failed.returncode == 1, failed.stderr
+    data = summary(out)
+    docs = next(a for a in data["agents"] if a["name"] == "docs-refresh")
+    assert docs["state"] == "failed" and "injected fault for docs-refresh:1" in docs["reason"]
+    notes = next(a for a in data["agents"] if a["name"] == "release-notes")
+    assert notes["state"] == "completed"  # docs-refresh is only an optional dependency of it
+    assert "Traceback" not in failed.stderr + failed.stdout
+    first_requests = len(log_lines(log))
+
+    faults.unlink()
+    resumed = toka_run(workspace, "--resume", "--json", str(out), TOKA_OFFLINE_REQUEST_LOG=str(log))
+    assert resumed.returncode == 0, resumed.stderr
+    later = log_lines(log)[first_requests:]
+    # Only docs-refresh had unfinished work... and release-notes, whose inputs
+    # (docs-refresh's results) changed, so its cached answers no longer apply.
+    assert {r["agent"] for r in later} == {"docs-refresh", "release-notes"}
+    data = summary(out)
+    assert data["state"] == "completed"
+    for name in ("repo-survey", "dependency-audit", "test-health"):
+        assert all(t["state"] == "cached" for t in next(a for a in data["agents"] if a["name"] == name)["tasks"])
+
+
+def test_kill_9_midway_then_resume_repeats_no_finished_task(workspace: Path) -> None:
+    log = workspace / "requests.jsonl"
+    proc = subprocess.Popen(
+        [TOKA, "run"], cwd=workspace, env=env(TOKA_OFFLINE_LATENCY="0.25", TOKA_OFFLINE_REQUEST_LOG=str(log)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    try:
+        # Kill once a few tasks have submitted results, well before the end (46 requests).
+        while sum(1 for r in log_lines(log) if r["answer"] == "submit_result") < 6:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_run = log_lines(log)
+    assert len(killed_run) < 40
+
+    out = workspace / "summary.json"
+    resumed = toka_run(workspace, "--resume", "--json", str(out), TOKA_OFFLINE_REQUEST_LOG=str(log))
+    assert resumed.returncode == 0, resumed.stderr
+    data = summary(out)
+    assert data["state"] == "completed"
+    assert all(a["tasks_done"] == a["tasks_total"] for a in data["agents"])
+
+    replayed = tasks_by_state(data, "cached")
+    assert replayed, "nothing finished before the kill was replayed"
+    after_kill = log_lines(log)[len(killed_run):]
+    asked_again = {(r["agent"], int(r["task"])) for r in after_kill}
+    assert not replayed & asked_again, "a finished task's model requests were repeated"
+    # Every task that submitted a result before the kill and was persisted is replayed, not redone.
+    submitted_before = {(r["agent"], int(r["task"])) for r in killed_run if r["answer"] == "submit_result"}
+    assert len(submitted_before - replayed) <= 1  # at most the one killed between submit and persist
+
+
+def test_bad_input_exits_2_without_starting_prefect(tmp_path: Path) -> None:
+    (tmp_path / "agent_specs").mkdir()
+    (tmp_path / "agent_specs" / "x.yaml").write_text("metadata: {name: x}\n")
+    started = time.monotonic()
+    result = toka_run(tmp_path)
+    assert result.returncode == 2
+    assert "x.yaml" in result.stderr and "spec: required field is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 15
+
+    nothing = toka_run(tmp_path / "agent_specs", "--resume", str(AGENT_SPECS))
+    assert nothing.returncode == 2
+    assert "nothing to resume" in nothing.stderr
