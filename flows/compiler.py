@@ -25,10 +25,11 @@ from prefect.states import State
 
 from tasks.llm_step import StepInput, is_retryable, llm_step
 from toka.config import RunConfig
-from toka.errors import AgentFailedError, TokaError
+from toka.errors import AgentFailedError, BudgetExceededError, TokaError
 from toka.model import Usage
 from toka.progress import ProgressEvent, notify
-from toka.providers import resolve_model
+from toka.budget import current_ledger
+from toka.providers import get_model
 from toka.report import agent_markdown
 from toka.results import AgentReport, TaskOutcome, TaskRecord
 from toka.spec import AgentSpec, Task as SpecTask
@@ -87,7 +88,9 @@ def announce(event: ProgressEvent, *, run_key: str) -> None:
     )
 
 
-async def _record(state: State[Any], index: int, task: SpecTask, retries: int) -> TaskRecord:
+async def _record(
+    state: State[Any], index: int, task: SpecTask, retries: int
+) -> tuple[TaskRecord, BaseException | None]:
     base = {"index": index, "description": task.description, "priority": task.priority}
     if state.is_completed():
         outcome: TaskOutcome = await state.aresult()
@@ -98,20 +101,23 @@ async def _record(state: State[Any], index: int, task: SpecTask, retries: int) -
             attempts=0 if cached else outcome.attempt,
             duration_s=0.0 if cached else outcome.duration_s,
             usage=Usage() if cached else outcome.usage,
+            carried_usage=outcome.usage if cached else Usage(),
             files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
             result=outcome.result,
-        )
+        ), None
     exc = await state.aresult(raise_on_failure=False)
-    if isinstance(exc, BaseException):
-        error = str(exc) or type(exc).__name__
-        if isinstance(exc, TimeoutError) and not str(exc):
-            error = "timed out"
-        retryable = isinstance(exc, TimeoutError) or (isinstance(exc, TokaError) and exc.retryable)
-        attempts = getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1)
-    else:
-        error, attempts = state.message or state.name or "failed", 1
-    return TaskRecord(**base, state="failed", attempts=attempts, error=f"{type(exc).__name__}: {error}"
-                      if isinstance(exc, BaseException) else error)
+    if not isinstance(exc, BaseException):
+        return TaskRecord(**base, state="failed", attempts=1,
+                          error=state.message or state.name or "failed"), None
+    text = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+    retryable = isinstance(exc, TimeoutError) or (isinstance(exc, TokaError) and exc.retryable)
+    return TaskRecord(
+        **base,
+        state="failed",
+        attempts=getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1),
+        usage=getattr(exc, "toka_usage", None) or Usage(),
+        error=f"{type(exc).__name__}: {text}",
+    ), exc
 
 
 def agent_tags(spec: AgentSpec) -> list[str]:
@@ -131,26 +137,33 @@ async def _run_tasks(
 ) -> tuple[list[TaskRecord], str | None]:
     """Run the agent's tasks in order; return their records and why the agent failed, if it did."""
     total = len(tasks)
-    fingerprint, digest = resolve_model(run.model).fingerprint(), spec.digest()
+    fingerprint, digest = (await get_model(run)).fingerprint(), spec.digest()
+    ledger = current_ledger()
     records: list[TaskRecord] = []
     prior: list[dict[str, Any]] = []
     failure: str | None = None
+    skipped: str | None = None  # a spent agent or pipeline budget: later tasks cannot start
     for index, task in enumerate(tasks, 1):
-        if failure is not None:
+        if failure is not None or skipped is not None:
             records.append(TaskRecord(index=index, description=task.description, priority=task.priority,
-                                      state="not-run", error=f"not run: {failure}"))
+                                      state="not-run", error=f"not run: {failure or skipped}"))
             continue
         announce(ProgressEvent("task-started", spec.name, task=index, total=total,
                                description=task.description), run_key=run.run_key)
         step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
-                         upstream=upstream, run=run, model_fingerprint=fingerprint)
+                         upstream=upstream, run=run, model_fingerprint=fingerprint,
+                         agent_spent=sum(r.usage.total_tokens + r.carried_usage.total_tokens for r in records))
         state = await step_task(spec, index, total, task, run)(step, return_state=True)
-        record = await _record(state, index, task, run.retries.get(task.priority, 1))
+        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1))
         records.append(record)
+        if ledger is not None:
+            ledger.carry(record.carried_usage)
         if record.result is not None:
             prior.append({"task": index, "description": task.description, **record.result.model_dump()})
         elif task.priority in _STOPPING:
             failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
+        elif isinstance(exc, BudgetExceededError) and exc.scope != "task":
+            skipped = f"budget spent: {exc}"
         announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
                                description=task.description, reason=record.error), run_key=run.run_key)
         await aupdate_progress_artifact(progress, progress=100.0 * index / total)
@@ -187,7 +200,7 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         )
         await acreate_markdown_artifact(
             key=f"{spec.name}-report",
-            markdown=agent_markdown(report, model=resolve_model(run.model).name),
+            markdown=agent_markdown(report, model=(await get_model(run)).name),
             description=f"{spec.name}: task report",
         )
         if failure is not None:

@@ -28,9 +28,11 @@ from flows.compiler import agent_tags, announce, compile_agent
 from toka.config import DEFAULT_RETRIES, RunConfig
 from toka.errors import ConfigError, PipelineFailedError, RunFailedError
 from toka.graph import AgentGraph
+from toka.limits import LimitSettings, check_limits
 from toka.plan import make_plan
 from toka.progress import ProgressEvent
-from toka.providers import resolve_model
+from toka.budget import Ledger, use_ledger
+from toka.providers import choose_model
 from toka.report import pipeline_markdown
 from toka.results import AgentReport, PipelineSummary, TaskRecord
 
@@ -55,6 +57,17 @@ async def pipeline(
     task_timeout: float | None = None,
     retry_delay_seconds: float = 10.0,
     result_storage: str | None = None,
+    max_tokens: int = 4096,
+    temperature: float | None = None,
+    max_attempts: int = 5,
+    max_retry_wait: float = 120.0,
+    api_key_secret: str | None = None,
+    requests_per_minute: int | None = None,
+    concurrent_requests: int | None = None,
+    in_process_requests: int | None = None,
+    task_token_budget: int | None = None,
+    agent_token_budget: int | None = None,
+    pipeline_token_budget: int | None = None,
 ) -> PipelineSummary:
     """Run the agents described by the spec files.
 
@@ -73,6 +86,17 @@ async def pipeline(
         retry_delay_seconds: Base delay between task retries.
         result_storage: A Prefect filesystem block slug for results shared between workers
             (empty: the local results directory).
+        max_tokens: Output tokens per model response.
+        temperature: Sampling temperature (empty: the provider's default).
+        max_attempts: HTTP attempts for one model request when failures are transient.
+        max_retry_wait: Seconds of waiting between those attempts, in all.
+        api_key_secret: Name of a Prefect Secret block holding the Anthropic API key.
+        requests_per_minute: Shared model request rate (needs `toka limits apply`).
+        concurrent_requests: Shared concurrent model requests (needs `toka limits apply`).
+        in_process_requests: Concurrent model requests from one process.
+        task_token_budget: Tokens one task may spend (overrides the specs' budget blocks).
+        agent_token_budget: Tokens one agent may spend (overrides the specs' budget blocks).
+        pipeline_token_budget: Tokens the whole run may spend.
     """
     if max_concurrency < 1:
         raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -90,15 +114,41 @@ async def pipeline(
         retries=dict(DEFAULT_RETRIES),
         retry_delay_seconds=retry_delay_seconds,
         result_storage=result_storage,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        max_attempts=max_attempts,
+        max_retry_wait=max_retry_wait,
+        api_key_secret=api_key_secret,
+        requests_per_minute=requests_per_minute,
+        concurrent_requests=concurrent_requests,
+        in_process_requests=in_process_requests,
+        task_token_budget=task_token_budget,
+        agent_token_budget=agent_token_budget,
+        pipeline_token_budget=pipeline_token_budget,
     )
     plan = make_plan(specs, agents=agents)
+    limits = LimitSettings(run.requests_per_minute, run.concurrent_requests)
+    if limits.uses_server and not choose_model(run).offline:
+        missing = await check_limits(limits)
+        if missing:
+            raise ConfigError(
+                f"model request limits are configured but missing on the Prefect server: "
+                f"{', '.join(missing)}; create them with: toka limits apply"
+                + (f" --requests-per-minute {run.requests_per_minute}" if run.requests_per_minute else "")
+                + (f" --concurrent-requests {run.concurrent_requests}" if run.concurrent_requests else "")
+            )
     return await run_agents(plan.graph, run, max_concurrency=max_concurrency)
 
 
 async def run_agents(graph: AgentGraph, run: RunConfig, *, max_concurrency: int) -> PipelineSummary:
     """Schedule the agents of ``graph`` as subflows; return the summary or raise PipelineFailedError."""
+    with use_ledger(Ledger("pipeline", run.pipeline_token_budget, scope="pipeline")) as ledger:
+        return await _schedule(graph, run, max_concurrency=max_concurrency, ledger=ledger)
+
+
+async def _schedule(graph: AgentGraph, run: RunConfig, *, max_concurrency: int, ledger: Ledger) -> PipelineSummary:
     started = time.monotonic()
-    chosen = resolve_model(run.model)
+    chosen = choose_model(run)
     flows = {name: compile_agent(spec) for name, spec in graph.agents.items()}
     reports: dict[str, AgentReport] = {}
     pending = set(graph.agents)
@@ -175,12 +225,14 @@ async def run_agents(graph: AgentGraph, run: RunConfig, *, max_concurrency: int)
 
     summary = PipelineSummary(
         run_key=run.run_key,
-        model=chosen.name,
+        model=chosen.model,
         offline=chosen.offline,
         state="completed" if all(r.state == "completed" for r in reports.values()) else "failed",
         agents=[reports[name] for name in graph.order()],
         duration_s=time.monotonic() - started,
         flow_run_id=_flow_run_id(),
+        charged=ledger.charged,
+        budget_tokens=ledger.limit,
     )
     await acreate_markdown_artifact(
         key="toka-pipeline-report", markdown=pipeline_markdown(summary, graph),

@@ -16,18 +16,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
+from toka.budget import Ledger, current_ledger
 from toka.capabilities import grant_tools
 from toka.config import RunConfig
 from toka.errors import TokaError
 from toka.prompt import system_prompt, task_message
-from toka.providers import resolve_model
+from toka.model import Usage
+from toka.providers import get_model
 from toka.results import TaskOutcome
 from toka.spec import AgentSpec
 from toka.step import StepLimits, run_step
@@ -52,6 +54,8 @@ class StepInput(BaseModel):
     """Dependency name -> {'kind': ..., 'results': [...]} for the agents this one depends on."""
     run: RunConfig
     model_fingerprint: dict[str, Any] = {}
+    agent_spent: int = 0
+    """Tokens the agent's earlier tasks spent (budget accounting; not part of the cache key)."""
 
     def cache_key(self) -> str:
         material = {
@@ -103,26 +107,52 @@ def is_retryable(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
 )
 async def llm_step(step: StepInput) -> TaskOutcome:
     """Run the model loop for task ``step.index`` of ``step.spec`` and return its outcome."""
-    spec = step.spec
-    tasks = spec.task_list(step.run.contexts)
-    model = resolve_model(step.run.model)
+    spec, run = step.spec, step.run
+    tasks = spec.task_list(run.contexts)
+    model = await get_model(run)
     granted, withheld = grant_tools(spec.security.capabilities_required)
-    ctx = ToolContext(workspace=Workspace(step.run.workspace), agent=spec.name, task=step.index)
+    ctx = ToolContext(workspace=Workspace(run.workspace), agent=spec.name, task=step.index)
     toolbox = Toolbox(granted, ctx, withheld=withheld)
     upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}
     ctx_run = TaskRunContext.get()
     attempt = ctx_run.task_run.run_count if ctx_run and ctx_run.task_run else 1
+    ledgers = [
+        Ledger(f"task ({spec.name} {step.index}/{len(tasks)})",
+               run.task_token_budget or spec.budget.task_tokens, scope="task"),
+        Ledger(f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens,
+               spent=step.agent_spent, scope="agent"),
+    ]
+    pipeline_ledger = current_ledger()
+    if pipeline_ledger is not None:
+        ledgers.append(pipeline_ledger)
+    logger = get_run_logger()
+
+    def before_request() -> None:
+        for ledger in ledgers:
+            ledger.check()
+
+    def after_request(usage: Usage) -> None:
+        for ledger in ledgers:
+            ledger.charge(usage)
+        logger.info(
+            "model request: %d input, %d output, %d cache-write, %d cache-read tokens",
+            usage.input_tokens, usage.output_tokens, usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens,
+        )
+
+    # The guard around one logical request must leave room for the provider's own retries.
+    guard = getattr(model, "worst_case_seconds", lambda: run.request_timeout)()
     try:
-        run = await run_step(
+        result = await run_step(
             model=model,
             system=system_prompt(spec, tools=toolbox.names),
             task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
             toolbox=toolbox,
             metric_names=[m.name for m in spec.reporting.metrics],
-            limits=StepLimits(
-                max_turns=step.run.max_turns, request_timeout=step.run.request_timeout
-            ),
-            metadata={"agent": spec.name, "task": str(step.index), "run": step.run.run_key},
+            limits=StepLimits(max_turns=run.max_turns, request_timeout=guard, max_tokens=run.max_tokens),
+            metadata={"agent": spec.name, "task": str(step.index), "run": run.run_key},
+            before_request=before_request,
+            after_request=after_request,
         )
     except Exception as e:
         e.toka_attempt = attempt  # type: ignore[attr-defined]  # survives pickling, for reports
@@ -131,13 +161,13 @@ async def llm_step(step: StepInput) -> TaskOutcome:
         agent=spec.name,
         index=step.index,
         description=tasks[step.index - 1].description,
-        result=run.result,
-        usage=run.usage,
-        turns=run.turns,
-        tool_calls=run.tool_calls,
-        refused_calls=run.refused_calls,
-        files_read=run.files_read,
+        result=result.result,
+        usage=result.usage,
+        turns=result.turns,
+        tool_calls=result.tool_calls,
+        refused_calls=result.refused_calls,
+        files_read=result.files_read,
         model=model.name,
-        duration_s=run.duration_s,
+        duration_s=result.duration_s,
         attempt=attempt,
     )

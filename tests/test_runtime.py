@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -251,7 +250,7 @@ class TestPipeline:
         data = summary.to_dict()
         assert data["format"] == "toka-run/1"
         assert list(data) == ["format", "run_key", "flow_run_id", "model", "offline", "state",
-                              "duration_s", "usage", "agents"]
+                              "duration_s", "usage", "spent_tokens", "budget_tokens", "agents"]
         (a,) = data["agents"]
         assert (a["name"], a["state"], a["tasks_done"], a["tasks_total"]) == ("a", "completed", 1, 1)
         assert a["tasks"][0]["result"]["summary"] == "a task 1 done"

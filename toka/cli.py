@@ -21,7 +21,9 @@ from rich.markup import escape
 from .errors import Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
 from .progress import ProgressEvent, listen
-from .providers import describe_choice, resolve_model
+from .config import RunConfig
+from .limits import LimitSettings
+from .providers import choose_model, describe_choice
 from .results import PipelineSummary
 from .runs import RunRecord
 from .spec import AgentSpec
@@ -213,6 +215,27 @@ def run(
         str | None,
         typer.Option(help="Prefect filesystem block slug for results (default: .toka/results in the workspace)."),
     ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per model response.")] = 4096,
+    temperature: Annotated[float | None, typer.Option(min=0, max=1, help="Sampling temperature.")] = None,
+    max_attempts: Annotated[
+        int, typer.Option(min=1, max=20, help="HTTP attempts per model request (transient failures).")
+    ] = 5,
+    max_retry_wait: Annotated[float, typer.Option(help="Seconds of waiting between attempts, in all.")] = 120.0,
+    api_key_secret: Annotated[
+        str | None, typer.Option(help="Prefect Secret block holding the Anthropic API key.")
+    ] = None,
+    requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Shared request rate (a Prefect global limit; see toka limits).")
+    ] = None,
+    concurrent_requests: Annotated[
+        int | None, typer.Option(min=1, help="Shared concurrent requests (a Prefect global limit).")
+    ] = None,
+    in_process_requests: Annotated[
+        int | None, typer.Option(min=1, help="Concurrent model requests from this process.")
+    ] = None,
+    task_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one task may spend.")] = None,
+    agent_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one agent may spend.")] = None,
+    pipeline_budget: Annotated[int | None, typer.Option(min=1, help="Tokens the whole run may spend.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
 ) -> None:
     """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
@@ -220,7 +243,7 @@ def run(
     with _user_errors():
         plan = make_plan(spec_paths, agents=agent or ())
         space = Workspace(workspace)
-        chosen = resolve_model(model)
+        chosen = choose_model(RunConfig(run_key="-", model=model, api_key_secret=api_key_secret))
         if resume:
             record = RunRecord.load_last(space.state_dir)
             if run_key and run_key != record.run_key:
@@ -229,7 +252,7 @@ def run(
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
                                      contexts=list(context or ()), run_key=run_key)
         record.save(space.state_dir)
-    err.print(describe_choice(chosen, model))
+    err.print(describe_choice(chosen))
     verb = "resuming run" if resume else "run"
     err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
               f"workspace {space.root}")
@@ -238,7 +261,11 @@ def run(
         specs=spec_paths, agents=list(agent or ()), model=model, workspace=str(space.root),
         max_concurrency=max_concurrency, contexts=list(context or ()), run_key=record.run_key,
         max_turns=max_turns, request_timeout=request_timeout, task_timeout=task_timeout,
-        retry_delay_seconds=retry_delay, result_storage=result_storage,
+        retry_delay_seconds=retry_delay, result_storage=result_storage, max_tokens=max_tokens,
+        temperature=temperature, max_attempts=max_attempts, max_retry_wait=max_retry_wait,
+        api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
+        concurrent_requests=concurrent_requests, in_process_requests=in_process_requests,
+        task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
     )
     view = _LiveView(plan)
     try:
@@ -251,6 +278,42 @@ def run(
     if json_file is not None:
         json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)
+
+
+limits_app = typer.Typer(help="Model request limits shared by every worker (Prefect global concurrency limits).",
+                         no_args_is_help=True)
+app.add_typer(limits_app, name="limits")
+
+RpmOpt = Annotated[int | None, typer.Option(min=1, help="Model requests per minute, across all workers.")]
+ConcOpt = Annotated[int | None, typer.Option(min=1, help="Model requests in flight at once, across all workers.")]
+
+
+@limits_app.command("apply")
+def limits_apply(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOpt = None) -> None:
+    """Create or update the limits on the Prefect server (PREFECT_API_URL)."""
+    settings = LimitSettings(requests_per_minute, concurrent_requests)
+    if not settings.uses_server:
+        err.print("nothing to apply: give --requests-per-minute and/or --concurrent-requests")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _prefect_environment(verbose=False)
+    from .limits import apply_limits
+
+    for line in asyncio.run(apply_limits(settings)):
+        out.print(line)
+
+
+@limits_app.command("check")
+def limits_check(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOpt = None) -> None:
+    """Exit 1 if limits a run would use are missing on the Prefect server."""
+    settings = LimitSettings(requests_per_minute, concurrent_requests)
+    _prefect_environment(verbose=False)
+    from .limits import check_limits
+
+    missing = asyncio.run(check_limits(settings))
+    if missing:
+        err.print(f"missing on the server: {', '.join(missing)}; create them with: toka limits apply ...")
+        raise typer.Exit(EXIT_FAILED)
+    out.print("all configured limits exist")
 
 
 def _prefect_environment(*, verbose: bool) -> None:
@@ -363,6 +426,9 @@ def _print_summary(summary: PipelineSummary) -> None:
         f"{label}; {usage.total_tokens} tokens in {usage.requests} model requests; "
         f"{cached} tasks replayed from cache; {summary.duration_s:.1f}s"
     )
+    if summary.budget_tokens or cached:
+        budget = f" of a {summary.budget_tokens:,}-token pipeline budget" if summary.budget_tokens else ""
+        out.print(f"tokens spent by this logical run, replayed tasks included: {summary.spent_tokens:,}{budget}")
 
 
 def schema_text() -> str:

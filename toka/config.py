@@ -40,3 +40,29 @@ class RunConfig(BaseModel):
     """Base delay between task retries (Prefect adds jitter)."""
     result_storage: str | None = None
     """A Prefect filesystem block slug (e.g. ``local-file-system/shared``); default: local path."""
+
+    # -- provider ----------------------------------------------------------
+    max_tokens: int = Field(default=4096, ge=1)
+    """Output tokens per model response."""
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    """Sampling temperature (default: the provider's)."""
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    """HTTP attempts for one model request (transient failures only)."""
+    max_retry_wait: float = Field(default=120.0, ge=0)
+    """Seconds of waiting between those attempts, in all."""
+    api_key_secret: str | None = None
+    """Name of a Prefect Secret block holding the Anthropic API key (instead of ANTHROPIC_API_KEY)."""
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Shared model request rate (a Prefect global concurrency limit; see ``toka limits``)."""
+    concurrent_requests: int | None = Field(default=None, ge=1)
+    """Shared concurrent model requests (a Prefect global concurrency limit)."""
+    in_process_requests: int | None = Field(default=None, ge=1)
+    """Concurrent model requests from one process."""
+
+    # -- budgets (tokens; None: the spec's budget block, else unlimited) -----
+    task_token_budget: int | None = Field(default=None, ge=1)
+    """Tokens one task may spend; overrides the spec's ``budget.task_tokens``."""
+    agent_token_budget: int | None = Field(default=None, ge=1)
+    """Tokens one agent may spend; overrides the spec's ``budget.agent_tokens``."""
+    pipeline_token_budget: int | None = Field(default=None, ge=1)
+    """Tokens the whole pipeline may spend."""

@@ -13,6 +13,7 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     ├── ModelError             the model provider failed
     │   ├── ModelTimeoutError      no answer within the request timeout (retryable)
     │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
+    │   ├── ModelRetriesExhausted  transient failures outlasted their retries (final)
     │   └── PermanentModelError    bad request, authentication, permission
     ├── StepError              the LLM-assisted loop could not finish a task
     │   ├── NoResultError          the model stopped without submitting a result
@@ -49,6 +50,7 @@ __all__ = [
     "GraphError",
     "InvalidToolInputError",
     "ModelError",
+    "ModelRetriesExhausted",
     "ModelTimeoutError",
     "NoResultError",
     "PermanentModelError",
@@ -151,6 +153,14 @@ class TransientModelError(ModelError):
     retryable = True
 
 
+class ModelRetriesExhausted(ModelError):
+    """Transient failures went on after every attempt the provider's retry policy allows.
+
+    Not retryable: the provider already owned those retries, and a Prefect
+    retry on top would multiply the attempts.
+    """
+
+
 class PermanentModelError(ModelError):
     """Invalid request, authentication or permission failure: fix the cause, do not retry."""
 
@@ -188,7 +198,15 @@ class ToolTimeoutError(ToolError):
 
 
 class BudgetExceededError(TokaError):
-    """A token budget is spent; no further model request may start."""
+    """A token budget is spent; no further model request may start.
+
+    ``scope`` is ``task``, ``agent`` or ``pipeline``.
+    """
+
+    def __init__(self, problems: Iterable[Problem] | str, scope: str = "") -> None:
+        super().__init__(problems)
+        self.args = (self.problems, scope)
+        self.scope = scope
 
 
 class RunFailedError(TokaError):

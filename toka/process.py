@@ -1,9 +1,10 @@
 """Running a tool's program so that a timeout really stops it.
 
 The program starts in a new session (its own process group); on timeout the
-whole group is killed, so grandchildren cannot outlive the task. Everything is
-awaited, never blocking, so Prefect's task timeout can interrupt it too, and
-cancellation kills the group as well.
+whole group is killed, so its children and grandchildren go with it. Everything
+is awaited, never blocking, so Prefect's task timeout can interrupt it too, and
+cancellation kills the group as well. A program that deliberately leaves the
+group (``setsid``) escapes this kill; only a cgroup can hold such processes.
 """
 
 from __future__ import annotations

@@ -64,12 +64,13 @@ def system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
     criteria = spec.success_criteria.model_dump()
     if any(criteria.values()):
         out += ["", "## Success criteria"]
-        for phase, items in criteria.items():
+        for phase, items in sorted(criteria.items(), key=_phase_order):
             if items:
                 out += [f"{phase.replace('_', ' ').capitalize()}:", *_bullets(items)]
     if spec.reporting.metrics:
         out += ["", "## Metrics to report (submit_result.metrics, keyed by name)"]
-        out += _bullets([f"{x.name}: {x.description or ''}".rstrip(": ") for x in spec.reporting.metrics])
+        out += _bullets([f"{x.name}: {x.description}" if x.description else x.name
+                         for x in spec.reporting.metrics])
     if spec.context_blocks:
         out += ["", "## Domain context (from the spec)", "```yaml",
                 yaml.safe_dump(spec.context_blocks, sort_keys=False, allow_unicode=True,
@@ -88,6 +89,15 @@ def system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
         "blocked, a short summary, deliverables, files changed, metrics and follow-ups.",
     ]
     return "\n".join(out) + "\n"
+
+
+def _phase_order(item: tuple[str, Any]) -> tuple[int, int, str]:
+    """phase_1, phase_2, ... phase_10 in number order, other names after, final_validation last."""
+    name = item[0]
+    if name == "final_validation":
+        return (2, 0, name)
+    number = name.removeprefix("phase_")
+    return (0, int(number), name) if number.isdigit() else (1, 0, name)
 
 
 def _json(value: Any) -> str:

@@ -1,55 +1,133 @@
-"""Choosing the model for a run from its name and the environment."""
+"""Choosing and building the model for a run from its settings and the environment."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
+from .config import RunConfig
 from .errors import ConfigError
+from .limits import LimitSettings, RequestLimiter
 from .model import Model, current_model_override
 from .offline import OfflineModel
 
-__all__ = ["describe_choice", "resolve_model"]
+__all__ = ["ModelChoice", "choose_model", "describe_choice", "get_model"]
 
 
-def resolve_model(name: str = "auto", *, env: Mapping[str, str] | None = None) -> Model:
-    """The model for ``name``: an override set in this context wins, then
+@dataclass(frozen=True)
+class ModelChoice:
+    provider: Literal["override", "offline", "anthropic"]
+    model: str
+    why: str
 
-    - ``offline``: the deterministic offline model;
-    - ``auto``: the offline model when ``ANTHROPIC_API_KEY`` is not set.
+    @property
+    def offline(self) -> bool:
+        return self.provider == "offline"
 
-    ``TOKA_OFFLINE_LATENCY`` (seconds), ``TOKA_OFFLINE_REQUEST_LOG`` (a file)
-    and ``TOKA_OFFLINE_FAULTS`` (a file of ``agent:task`` lines) configure the
-    offline model for benchmarks, tests and fault drills.
+
+def choose_model(run: RunConfig, *, env: Mapping[str, str] | None = None) -> ModelChoice:
+    """Which model ``run`` uses, without building it.
+
+    An override set in this context wins; ``offline`` is the offline model;
+    ``auto`` is Anthropic's default model when a key is available (the
+    ``ANTHROPIC_API_KEY`` variable or a Secret block named in the run), the
+    offline model otherwise; anything else is an Anthropic model id.
     """
+    override = current_model_override()
+    if override is not None:
+        return ModelChoice("override", override.name, "set by override_model()")
+    env = os.environ if env is None else env
+    has_key = bool(env.get("ANTHROPIC_API_KEY") or run.api_key_secret)
+    if run.model == "offline":
+        return ModelChoice("offline", "offline", "--model offline")
+    if run.model == "auto" and not has_key:
+        return ModelChoice("offline", "offline", "no ANTHROPIC_API_KEY set")
+    from .claude import default_model
+
+    name = default_model() if run.model == "auto" else run.model
+    if not has_key:
+        raise ConfigError(
+            f"model {name!r} needs an Anthropic API key: set ANTHROPIC_API_KEY, name a Prefect "
+            "Secret block with --api-key-secret, or use --model offline"
+        )
+    source = f"Secret block {run.api_key_secret!r}" if run.api_key_secret else "ANTHROPIC_API_KEY"
+    return ModelChoice("anthropic", name, f"key from {source}")
+
+
+def describe_choice(choice: ModelChoice) -> str:
+    """One line telling the user which model runs and why."""
+    if choice.offline:
+        return (
+            f"model: offline ({choice.why}): deterministic placeholder results, no network, "
+            "no language model involved"
+        )
+    return f"model: {choice.model} ({choice.provider}, {choice.why})"
+
+
+# One model per event loop and settings: the in-process request cap and the
+# HTTP connection pool must be shared by every task of the process, and async
+# clients cannot outlive the loop they were made on.
+_built: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[object, ...], Model]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def get_model(run: RunConfig, *, env: Mapping[str, str] | None = None) -> Model:
+    """The model instance for ``run`` (built once per event loop and settings)."""
     override = current_model_override()
     if override is not None:
         return override
     env = os.environ if env is None else env
-    if name == "offline" or (name == "auto" and not env.get("ANTHROPIC_API_KEY")):
-        try:
-            latency = float(env.get("TOKA_OFFLINE_LATENCY", "0") or 0)
-        except ValueError:
-            raise ConfigError(
-                f"TOKA_OFFLINE_LATENCY={env['TOKA_OFFLINE_LATENCY']!r} is not a number of seconds"
-            ) from None
-        return OfflineModel(
-            latency=latency,
-            request_log=env.get("TOKA_OFFLINE_REQUEST_LOG") or None,
-            faults_file=env.get("TOKA_OFFLINE_FAULTS") or None,
+    choice = choose_model(run, env=env)
+    if choice.offline:
+        return _offline(env)
+    key = (choice.model, run.api_key_secret, run.request_timeout, run.max_tokens, run.temperature,
+           run.max_attempts, run.max_retry_wait, run.requests_per_minute, run.concurrent_requests,
+           run.in_process_requests, env.get("ANTHROPIC_BASE_URL"))
+    per_loop = _built.setdefault(asyncio.get_running_loop(), {})
+    if key not in per_loop:
+        from .claude import AnthropicModel
+
+        limits = LimitSettings(run.requests_per_minute, run.concurrent_requests, run.in_process_requests)
+        per_loop[key] = AnthropicModel(
+            choice.model,
+            api_key=await _api_key(run, env),
+            base_url=env.get("ANTHROPIC_BASE_URL") or None,
+            max_tokens=run.max_tokens,
+            temperature=run.temperature,
+            request_timeout=run.request_timeout,
+            max_attempts=run.max_attempts,
+            max_retry_wait=run.max_retry_wait,
+            limiter=RequestLimiter(limits) if (limits.uses_server or limits.in_process) else None,
         )
-    raise ConfigError(
-        f"model {name!r} needs the Anthropic provider, which this version does not include; "
-        "use --model offline"
+    return per_loop[key]
+
+
+def _offline(env: Mapping[str, str]) -> OfflineModel:
+    try:
+        latency = float(env.get("TOKA_OFFLINE_LATENCY", "0") or 0)
+    except ValueError:
+        raise ConfigError(
+            f"TOKA_OFFLINE_LATENCY={env['TOKA_OFFLINE_LATENCY']!r} is not a number of seconds"
+        ) from None
+    return OfflineModel(
+        latency=latency,
+        request_log=env.get("TOKA_OFFLINE_REQUEST_LOG") or None,
+        faults_file=env.get("TOKA_OFFLINE_FAULTS") or None,
     )
 
 
-def describe_choice(model: Model, requested: str) -> str:
-    """One line telling the user which model runs and why."""
-    if model.offline and model.name == "offline":
-        why = "no ANTHROPIC_API_KEY set" if requested == "auto" else "--model offline"
-        return (
-            f"model: offline ({why}): deterministic placeholder results, no network, "
-            "no language model involved"
-        )
-    return f"model: {model.name}"
+async def _api_key(run: RunConfig, env: Mapping[str, str]) -> str:
+    if run.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            block = await Secret.aload(run.api_key_secret)
+        except ValueError:
+            raise ConfigError(f"no Prefect Secret block named {run.api_key_secret!r}") from None
+        return str(block.get())
+    return env["ANTHROPIC_API_KEY"]

@@ -82,6 +82,8 @@ class TaskRecord(BaseModel):
     duration_s: float = 0.0
     usage: Usage = Usage()
     """Tokens charged by this run (zero for a task replayed from the cache)."""
+    carried_usage: Usage = Usage()
+    """For a replayed task: what it cost when it ran (spent, not charged again)."""
     files_touched: list[str] = []
     error: str | None = None
     result: TaskResult | None = None
@@ -100,7 +102,13 @@ class AgentReport(BaseModel):
 
     @property
     def usage(self) -> Usage:
+        """Tokens charged by this run."""
         return sum((t.usage for t in self.tasks), Usage())
+
+    @property
+    def spent_tokens(self) -> int:
+        """Tokens spent on this agent's tasks, counting replayed ones at their original cost."""
+        return sum(t.usage.total_tokens + t.carried_usage.total_tokens for t in self.tasks)
 
     def count(self, *states: TaskState) -> int:
         return sum(1 for t in self.tasks if t.state in states)
@@ -125,10 +133,20 @@ class PipelineSummary(BaseModel):
     agents: list[AgentReport]
     duration_s: float = 0.0
     flow_run_id: str | None = None
+    charged: Usage | None = None
+    """Every model request of this run, failed attempts included (None: the agents' sum)."""
+    budget_tokens: int | None = None
+    """The pipeline token budget, if one was set."""
 
     @property
     def usage(self) -> Usage:
-        return sum((a.usage for a in self.agents), Usage())
+        return self.charged if self.charged is not None else sum((a.usage for a in self.agents), Usage())
+
+    @property
+    def spent_tokens(self) -> int:
+        """Tokens spent by the logical run: this run's charges plus replayed tasks' original cost."""
+        carried = sum(t.carried_usage.total_tokens for a in self.agents for t in a.tasks)
+        return self.usage.total_tokens + carried
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +158,8 @@ class PipelineSummary(BaseModel):
             "state": self.state,
             "duration_s": round(self.duration_s, 3),
             "usage": _usage_dict(self.usage),
+            "spent_tokens": self.spent_tokens,
+            "budget_tokens": self.budget_tokens,
             "agents": [
                 {
                     "name": a.agent,
@@ -152,6 +172,7 @@ class PipelineSummary(BaseModel):
                     "tasks_failed": a.count("failed"),
                     "tasks_not_run": a.count("not-run"),
                     "usage": _usage_dict(a.usage),
+                    "spent_tokens": a.spent_tokens,
                     "tasks": [
                         {
                             "index": t.index,
@@ -161,6 +182,7 @@ class PipelineSummary(BaseModel):
                             "attempts": t.attempts,
                             "duration_s": round(t.duration_s, 3),
                             "usage": _usage_dict(t.usage),
+                            "carried_usage": _usage_dict(t.carried_usage),
                             "files_touched": t.files_touched,
                             "error": t.error,
                             "result": None if t.result is None else t.result.model_dump(),

@@ -34,6 +34,7 @@ from .yaml_source import YamlSource, load_yaml
 __all__ = [
     "PRIORITIES",
     "AgentSpec",
+    "Budget",
     "Capabilities",
     "Dependencies",
     "Metadata",
@@ -286,6 +287,15 @@ class Security(_Block):
     """Limits enforced while the agent runs."""
 
 
+class Budget(_Block):
+    """Token budgets; a request that would start after one is spent is refused."""
+
+    task_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens (input, output and cache) one task may spend."""
+    agent_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens the whole agent may spend in one run (resumed runs included)."""
+
+
 class BehavioralDirectives(_Block):
     """Guidance for how the agent works, passed verbatim to the model."""
 
@@ -365,6 +375,8 @@ class AgentSpec(BaseModel):
     """Risks and their mitigations."""
     success_criteria: SuccessCriteria = SuccessCriteria()
     """Phased success criteria."""
+    budget: Budget = Budget()
+    """Token budgets for each task and for the agent (optional)."""
 
     _source_name: str | None = PrivateAttr(default=None)
     _yaml: YamlSource | None = PrivateAttr(default=None)
@@ -372,6 +384,7 @@ class AgentSpec(BaseModel):
     _KNOWN_BLOCKS: ClassVar[tuple[str, ...]] = (
         "metadata", "spec", "capabilities", "objectives", "tasks", "dependencies",
         "reporting", "security", "behavioral_directives", "risk_mitigation", "success_criteria",
+        "budget",
     )  # fmt: skip
 
     @property

@@ -105,6 +105,29 @@ async def run_step(
         InvalidToolInputError: too many malformed ``submit_result`` inputs.
         ModelTimeoutError: one request took longer than ``limits.request_timeout``.
     """
+    usage_box: list[Usage] = [Usage()]
+    try:
+        return await _loop(model=model, system=system, task_message=task_message, toolbox=toolbox,
+                           metric_names=metric_names, limits=limits, metadata=metadata,
+                           before_request=before_request, after_request=after_request, usage_box=usage_box)
+    except Exception as e:
+        e.toka_usage = usage_box[0]  # type: ignore[attr-defined]  # what the failed attempt spent
+        raise
+
+
+async def _loop(
+    *,
+    model: Model,
+    system: str,
+    task_message: str,
+    toolbox: Toolbox,
+    metric_names: Sequence[str],
+    limits: StepLimits,
+    metadata: dict[str, str] | None,
+    before_request: Callable[[], None] | None,
+    after_request: Callable[[Usage], None] | None,
+    usage_box: list[Usage],
+) -> StepRun:
     started = time.monotonic()
     tools = [*toolbox.definitions(), submit_result_definition(metric_names)]
     messages: list[Message] = [Message(role="user", content=[TextBlock(text=task_message)])]
@@ -132,6 +155,7 @@ async def run_step(
                 f"the model did not answer within {limits.request_timeout:g}s"
             ) from None
         usage = usage + response.usage
+        usage_box[0] = usage
         if after_request is not None:
             after_request(response.usage)
         messages.append(Message(role="assistant", content=list(response.content)))

@@ -10,15 +10,17 @@ to the model as a tool error it can adapt to; it does not fail the task.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import re
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pathspec
+import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ToolError
@@ -109,24 +111,33 @@ class ReadFile(Tool):
     async def run(self, args: ReadFileArgs, ctx: ToolContext) -> ToolOutput:
         path = ctx.workspace.resolve(args.path, kind="file")
         rel = ctx.workspace.relative(path)
-        with path.open("rb") as f:
-            data = f.read(_READ_LIMIT * 4 + 1)
-        if b"\x00" in data[:_BINARY_PROBE]:
-            return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
-        lines = data.decode("utf-8", errors="replace").splitlines()
-        end = min(args.end_line or len(lines), len(lines))
         out: list[str] = []
         size = 0
-        for number in range(args.start_line, end + 1):
-            line = f"{number:>5}  {lines[number - 1]}"
-            if size + len(line) > _READ_LIMIT:
-                out.append(f"[cut at {_READ_LIMIT} characters; read from line {number} on]")
-                break
-            out.append(line)
-            size += len(line) + 1
-        header = f"{rel}: lines {args.start_line}-{end} of {len(lines)}"
-        if args.start_line > len(lines):
-            header = f"{rel}: has {len(lines)} lines; nothing at line {args.start_line}"
+        total = 0
+        cut_at: int | None = None
+        last = args.end_line or float("inf")
+        # Lines end at '\n' only (as for grep and editors), whatever else the text holds;
+        # the whole file is streamed so the line count and far ranges stay right.
+        with path.open("rb") as f:
+            if b"\x00" in f.read(_BINARY_PROBE):
+                return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
+            f.seek(0)
+            for total, raw in enumerate(f, 1):
+                if total < args.start_line or total > last or cut_at is not None:
+                    continue
+                line = f"{total:>5}  {raw.decode('utf-8', errors='replace').rstrip(chr(10)).rstrip(chr(13))}"
+                if size + len(line) > _READ_LIMIT:
+                    cut_at = total
+                    continue
+                out.append(line)
+                size += len(line) + 1
+        end = min(args.end_line or total, total)
+        if args.start_line > total:
+            header = f"{rel}: has {total} lines; nothing at line {args.start_line}"
+        else:
+            header = f"{rel}: lines {args.start_line}-{end} of {total}"
+        if cut_at is not None:
+            out.append(f"[cut at {_READ_LIMIT} characters; read on from line {cut_at}]")
         return ToolOutput("\n".join([header, *out]), files_read=[rel])
 
 
@@ -147,17 +158,19 @@ class ListDir(Tool):
     async def run(self, args: ListDirArgs, ctx: ToolContext) -> ToolOutput:
         base = ctx.workspace.resolve(args.path, kind="dir")
         entries: list[str] = []
+        stopped = False
         for path, depth in _walk(ctx.workspace, base, max_depth=args.depth, include_dirs=True):
+            if len(entries) >= self.limit:
+                stopped = True
+                break
             rel = ctx.workspace.relative(path)
             indent = "  " * (depth - 1)
             entries.append(
                 f"{indent}{rel}/" if path.is_dir() else f"{indent}{rel}  ({path.stat().st_size} bytes)"
             )
-            if len(entries) >= self.limit:
-                entries.append(f"[stopped after {self.limit} entries]")
-                break
         header = f"{ctx.workspace.relative(base)}/: {len(entries)} entries"
-        return ToolOutput("\n".join([header, *entries]))
+        tail = [f"[stopped after {self.limit} entries]"] if stopped else []
+        return ToolOutput("\n".join([header, *entries, *tail]))
 
 
 class SearchFilesArgs(_Args):
@@ -175,35 +188,49 @@ class SearchFiles(Tool):
     )
     Input = SearchFilesArgs
     file_size_limit: ClassVar[int] = 1_000_000
+    time_limit: ClassVar[float] = 10.0
 
     async def run(self, args: SearchFilesArgs, ctx: ToolContext) -> ToolOutput:
         try:
-            regex = re.compile(args.pattern)
-        except re.error as e:
+            pattern = regex.compile(args.pattern)
+        except regex.error as e:
             return ToolOutput(f"invalid regular expression {args.pattern!r}: {e}", is_error=True)
         base = ctx.workspace.resolve(args.path, kind="dir")
         matches: list[str] = []
         searched = 0
-        for path, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
-            if args.glob and not path.match(args.glob):
-                continue
-            if path.stat().st_size > self.file_size_limit:
-                continue
-            data = path.read_bytes()
-            if b"\x00" in data[:_BINARY_PROBE]:
-                continue
-            searched += 1
-            rel = ctx.workspace.relative(path)
-            for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-                if regex.search(line):
-                    matches.append(f"{rel}:{number}: {line[:300]}")
-                    if len(matches) >= args.max_results:
-                        break
-            if len(matches) >= args.max_results:
-                matches.append(f"[stopped after {args.max_results} matches]")
-                break
+        stopped = False
+        deadline = time.monotonic() + self.time_limit
+        try:
+            for path, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
+                if args.glob and not path.match(args.glob):
+                    continue
+                if path.stat().st_size > self.file_size_limit:
+                    continue
+                data = path.read_bytes()
+                if b"\x00" in data[:_BINARY_PROBE]:
+                    continue
+                searched += 1
+                rel = ctx.workspace.relative(path)
+                for number, raw in enumerate(data.split(b"\n"), 1):
+                    line = raw.decode("utf-8", errors="replace").rstrip("\r")
+                    # A per-search time limit: a pathological pattern must not hang the loop.
+                    if pattern.search(line, timeout=max(0.001, deadline - time.monotonic())):
+                        if len(matches) >= args.max_results:
+                            stopped = True
+                            break
+                        matches.append(f"{rel}:{number}: {line[:300]}")
+                if stopped:
+                    break
+                await asyncio.sleep(0)  # let timeouts and cancellation in between files
+        except TimeoutError:
+            return ToolOutput(
+                f"search for {args.pattern!r} stopped after {self.time_limit:g}s "
+                f"({len(matches)} matches so far); use a simpler pattern or a narrower path",
+                is_error=True,
+            )
         header = f"{len(matches)} matches for {args.pattern!r} in {searched} files"
-        return ToolOutput("\n".join([header, *matches]))
+        tail = [f"[stopped after {args.max_results} matches]"] if stopped else []
+        return ToolOutput("\n".join([header, *matches, *tail]))
 
 
 def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
@@ -211,7 +238,7 @@ def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
     gitignore = workspace.root / ".gitignore"
     if gitignore.is_file():
         lines += gitignore.read_text(encoding="utf-8", errors="replace").splitlines()
-    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def _walk(
@@ -232,10 +259,13 @@ def _walk(
             return
         for entry in entries:
             path = Path(entry.path)
-            real = path.resolve()
+            try:
+                real = path.resolve()
+                is_dir = entry.is_dir()
+            except (RuntimeError, OSError):  # a symlink loop: nothing to list behind it
+                continue
             if not real.is_relative_to(workspace.root) or real.is_relative_to(workspace.state_dir):
                 continue
-            is_dir = entry.is_dir()
             rel = path.relative_to(workspace.root).as_posix()
             if ignored.match_file(rel + "/" if is_dir else rel):
                 continue

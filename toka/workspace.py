@@ -45,7 +45,10 @@ class Workspace:
             raise PathRefused("a path must not contain NUL bytes")
         if os.path.isabs(path) or path.startswith("~"):
             raise PathRefused(f"{path!r} is absolute; use a path relative to the workspace root")
-        real = (self.root / path).resolve()
+        try:
+            real = (self.root / path).resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise PathRefused(f"{path!r} cannot be resolved: {e}") from None
         if not real.is_relative_to(self.root):
             raise PathRefused(f"{path!r} resolves outside the workspace")
         if real.is_relative_to(self.state_dir):
@@ -54,7 +57,10 @@ class Workspace:
             if kind == "new":
                 return real
             raise PathRefused(f"{path!r} does not exist")
-        mode = real.stat().st_mode
+        try:
+            mode = real.stat().st_mode
+        except OSError as e:  # a symlink loop on Python 3.13+, where resolve() no longer raises
+            raise PathRefused(f"{path!r} cannot be resolved: {e.strerror}") from None
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise PathRefused(f"{path!r} is not a regular file or directory")
         if kind == "file" and not stat.S_ISREG(mode):
