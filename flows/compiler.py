@@ -134,10 +134,11 @@ async def _run_tasks(
     run: RunConfig,
     upstream: dict[str, dict[str, Any]],
     progress: Any,
-) -> tuple[list[TaskRecord], str | None]:
-    """Run the agent's tasks in order; return their records and why the agent failed, if it did."""
+) -> tuple[list[TaskRecord], str | None, str | None]:
+    """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error."""
     total = len(tasks)
     fingerprint, digest = (await get_model(run)).fingerprint(), spec.digest()
+    fatal: str | None = None
     ledger = current_ledger()
     records: list[TaskRecord] = []
     prior: list[dict[str, Any]] = []
@@ -160,6 +161,8 @@ async def _run_tasks(
             ledger.carry(record.carried_usage)
         if record.result is not None:
             prior.append({"task": index, "description": task.description, **record.result.model_dump()})
+        elif isinstance(exc, TokaError) and exc.fatal:
+            failure = fatal = str(exc)
         elif task.priority in _STOPPING:
             failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
         elif isinstance(exc, BudgetExceededError) and exc.scope != "task":
@@ -167,7 +170,7 @@ async def _run_tasks(
         announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
                                description=task.description, reason=record.error), run_key=run.run_key)
         await aupdate_progress_artifact(progress, progress=100.0 * index / total)
-    return records, failure
+    return records, failure or skipped, fatal
 
 
 def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
@@ -190,11 +193,12 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
         # and on a SQLite-backed server those writes stall runs for seconds.
         with TagsContext(current_tags=set()):
-            records, failure = await _run_tasks(spec, tasks, run, upstream or {}, progress)
+            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress)
         report = AgentReport(
             agent=spec.name,
             state="failed" if failure else "completed",
             reason=failure,
+            fatal=fatal,
             tasks=records,
             duration_s=time.monotonic() - started,
         )

@@ -191,7 +191,14 @@ async def _schedule(graph: AgentGraph, run: RunConfig, *, max_concurrency: int, 
             ],
         )
 
+    stop: str | None = None  # a fatal error: start nothing new
     while pending or running:
+        if stop is not None:
+            for name in sorted(pending):
+                reports[name] = not_run(name, f"not started: {stop}")
+                announce(ProgressEvent("agent-finished", name, state="not-run", reason=reports[name].reason),
+                         run_key=run.run_key)
+            pending.clear()
         changed = True
         while changed:  # a skipped agent may make its own dependents skippable
             changed = False
@@ -219,6 +226,7 @@ async def _schedule(graph: AgentGraph, run: RunConfig, *, max_concurrency: int, 
         for finished in done:
             name = running.pop(finished)
             reports[name] = finished.result()
+            stop = stop or reports[name].fatal
             announce(ProgressEvent("agent-finished", name, state=reports[name].state,
                                    reason=reports[name].reason), run_key=run.run_key)
         await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))

@@ -19,8 +19,10 @@ fault is checked like the real API would, roughly: unknown path → 404
 JSON object, no ``model`` / ``max_tokens`` / non-empty ``messages``, or
 ``"stream": true`` → 400 ``invalid_request_error``. Otherwise the *responder*
 is called with the parsed request body and returns the message object (a dict).
-A responder that raises yields 500 ``api_error`` (outcome ``"error:responder"``,
-the exception text in ``Recorded.error``).
+A responder that raises (or returns something that is not JSON) yields 500
+``api_error`` (outcome ``"error:responder"``, the exception text in
+``Recorded.error``). Each connection has its own thread, but the responder is
+called under a lock, one request at a time, so it may keep state.
 
 ``usage``: when the responder's message has no ``usage`` (what :func:`message`
 produces unless given one), the server fills it in, estimating about 4
@@ -67,16 +69,18 @@ What anthropic 2.12.0 makes of them (``max_retries=0``; pinned by
 timeout → ``APITimeoutError``. Malformed bodies do NOT become SDK errors:
 ``"json"`` raises a bare ``json.JSONDecodeError`` (not an ``AnthropicError``);
 ``"html"`` *returns* the page as a ``str`` instead of a ``Message``; ``"shape"``
-returns a ``Message`` built without validation (the SDK only validates with
-``_strict_response_validation=True``), whose missing fields raise
-``AttributeError`` when read.
+returns a ``Message`` built without validation (the SDK validates only with
+``_strict_response_validation=True``, then ``APIResponseValidationError``):
+missing fields read as None, ``content`` is whatever the JSON held (here a
+string), unknown keys land in ``model_extra``.
 
 Which request gets which fault: queued faults (``faults=`` at construction,
 then :meth:`AnthropicServer.enqueue_faults`) go to the next requests, one each,
 in order. A request with no queued fault draws from ``random.Random(seed)``:
 ``rng.random() < fault_rate``, and if so ``rng.choice(fault_mix)`` (default mix:
 429 with ``retry_after=0.05``, 529, 500, drop). No draw is made when
-``fault_rate`` is 0. Faults apply before any request checks, to any path.
+``fault_rate`` is 0. Faults apply to any path, before the request checks
+(a slow fault: after its wait, the checks and reply as usual).
 
 Recording and secrets
 ---------------------
@@ -90,6 +94,8 @@ the reply, so dropped requests are there too. Outcomes: ``"ok"``,
 
 The server writes nothing to stdout, stderr or logs, and echoes no header: the
 API key lives only in ``requests[i].headers`` (and ``repr(Recorded)`` masks it).
+Note that anthropic 2.12.0 sends ``api_key`` as ``authorization: Bearer <key>``,
+not ``x-api-key``.
 ``server.leaks(secret)`` lists every other place in the recorded requests where
 *secret* occurs (body, path, other headers), for key-hygiene tests.
 
@@ -112,11 +118,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
     "AnthropicServer",
+    "DEFAULT_FAULT_MIX",
     "Fault",
     "Recorded",
     "SUBMITTED",
@@ -323,9 +330,15 @@ class Recorded:
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = True  # server_close() joins the connection threads
     owner: AnthropicServer
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One daemon thread per connection, tracked by the owner so stop() can join it
+        # (socketserver itself does not track daemon threads).
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="anthropic-loopback-connection", daemon=True)
+        self.owner._track(thread)
+        thread.start()
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # never print tracebacks
         pass
@@ -340,6 +353,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # headers and body go out in two writes: without this, Nagle + delayed ACK cost ~40 ms a reply
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.owner._register(self.connection)
 
     def finish(self) -> None:
@@ -393,8 +408,10 @@ class AnthropicServer:
         self._queue: list[Fault] = list(faults)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._respond_lock = threading.Lock()
         self._cache: set[str] = set()
         self._connections: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -418,7 +435,7 @@ class AnthropicServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, cut open connections and waits short, join every thread."""
+        """Stop accepting, cut open connections and pending waits, join every thread."""
         httpd, thread = self._httpd, self._thread
         if httpd is None:
             return
@@ -428,10 +445,17 @@ class AnthropicServer:
             open_connections = list(self._connections)
         for conn in open_connections:
             _cut(conn)
-        httpd.server_close()  # joins the connection threads
+        httpd.server_close()
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for t in threads:
+            t.join(timeout=10)
         if thread is not None:
             thread.join()
         self._httpd = self._thread = None
+        stuck = [t for t in threads if t.is_alive()]
+        if stuck:
+            raise RuntimeError(f"{len(stuck)} loopback connection thread(s) did not stop")
 
     def __enter__(self) -> AnthropicServer:
         return self.start()
@@ -474,6 +498,11 @@ class AnthropicServer:
         if stopping:
             _cut(conn)
 
+    def _track(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+
     def _unregister(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.discard(conn)
@@ -487,7 +516,10 @@ class AnthropicServer:
         return None
 
     def _handle(self, h: _Handler) -> None:
-        length = int(h.headers.get("content-length") or 0)
+        try:
+            length = int(h.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
         raw = h.rfile.read(length) if length > 0 else b""
         try:
             body = json.loads(raw) if raw else None
@@ -497,34 +529,36 @@ class AnthropicServer:
         path = h.path.split("?", 1)[0]
         with self._lock:
             fault = self._next_fault()
-            problem = None if fault else _check(h.command, path, headers, body)
+            slow = fault is not None and fault.kind == "slow"
+            problem = _check(h.command, path, headers, body) if fault is None or slow else None
             outcome = fault.outcome if fault else (f"error:{problem[0]}" if problem else "ok")
             record = Recorded(time.monotonic(), h.command, h.path, headers, body, outcome)
             self.requests.append(record)
             self._ids += 1
             request_id = f"req_loopback_{self._ids:06d}"
 
-        if fault is not None and fault.kind != "slow":
+        if fault is not None and not slow:
             self._send_fault(h, fault, request_id)
+            return
+        if slow and self._stopping.wait(fault.seconds):  # type: ignore[union-attr]
+            _cut(h.connection)  # stopping: no reply
+            h.close_connection = True
             return
         if problem is not None:
             self._send_error(h, problem[0], problem[1], request_id)
             return
-        if fault is not None:  # slow
-            if self._stopping.wait(fault.seconds):
-                _cut(h.connection)
-                h.close_connection = True
-                return
         try:
-            reply = dict(self.responder(body))
+            with self._respond_lock:  # responders need not be thread-safe
+                reply = dict(self.responder(body))
             if reply.get("usage") is None:
                 reply["usage"] = self._usage(body, reply)
+            data = json.dumps(reply).encode()
         except Exception as e:  # a broken responder is a 500, like the real API's bugs
             record.outcome = "error:responder"
             record.error = f"{type(e).__name__}: {e}"
             self._send_error(h, 500, "the loopback responder failed", request_id)
             return
-        _send_json(h, 200, reply, request_id)
+        _send_raw(h, 200, data, "application/json", request_id)
 
     def _send_error(self, h: _Handler, code: int, text: str, request_id: str,
                     error_type: str | None = None, retry_after: float | None = None) -> None:

@@ -31,6 +31,7 @@ from .errors import (
     ModelRetriesExhausted,
     ModelTimeoutError,
     PermanentModelError,
+    ProviderAccessError,
     TransientModelError,
 )
 from .limits import RequestLimiter
@@ -99,6 +100,9 @@ class AnthropicModel:
             base_url=base_url,
             max_retries=0,  # tenacity below is the only retry owner
             timeout=request_timeout,
+            # Validate response bodies: without it a body of the wrong shape becomes a
+            # half-empty Message instead of an error.
+            _strict_response_validation=True,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -139,9 +143,13 @@ class AnthropicModel:
                     message = await self._client.messages.create(**params)
             else:
                 message = await self._client.messages.create(**params)
-        except anthropic.AnthropicError as e:
+        except (anthropic.AnthropicError, ValueError) as e:
+            # ValueError: the SDK lets a body that is not JSON escape as JSONDecodeError.
             raise translate_error(e, secrets=self._secrets) from None
-        return _to_response(message)
+        try:
+            return _to_response(message)
+        except (AttributeError, TypeError, ValueError):
+            raise TransientModelError("the Anthropic API sent a malformed response") from None
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
@@ -253,7 +261,10 @@ def translate_error(error: BaseException, *, secrets: Sequence[str] = ()) -> Mod
         if status == 400 and "prompt is too long" in detail.lower():
             return PermanentModelError(say(f"{where}: the prompt is too long for the model's context window"))
         hint = _PERMANENT_HINTS.get(status, "the request was refused")
-        return PermanentModelError(say(f"{where}: {hint}" + (f" ({detail})" if detail else "")))
+        kind_of = ProviderAccessError if status in (401, 403) else PermanentModelError
+        return kind_of(say(f"{where}: {hint}" + (f" ({detail})" if detail else "")))
+    if isinstance(error, ValueError):
+        return TransientModelError("the Anthropic API sent a body that is not JSON")
     if isinstance(error, anthropic.AnthropicError):
         # E.g. the SDK could not parse a body: transient, like a garbled proxy answer.
         return TransientModelError(say(f"Anthropic SDK error: {type(error).__name__}: {error}"))

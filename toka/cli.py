@@ -275,6 +275,9 @@ def run(
         err.print(f"[yellow]interrupted[/yellow]; continue with: toka run --resume (run {record.run_key})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _print_summary(summary)
+    fatal = next((a.fatal for a in summary.agents if a.fatal), None)
+    if fatal:
+        err.print(f"[red]error:[/red] {escape(fatal)}")
     if json_file is not None:
         json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)

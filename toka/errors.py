@@ -15,6 +15,7 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
     │   ├── ModelRetriesExhausted  transient failures outlasted their retries (final)
     │   └── PermanentModelError    bad request, authentication, permission
+    │       └── ProviderAccessError    the key is rejected or lacks permission (fatal)
     ├── StepError              the LLM-assisted loop could not finish a task
     │   ├── NoResultError          the model stopped without submitting a result
     │   ├── TurnLimitError         the task used all its turns
@@ -56,6 +57,7 @@ __all__ = [
     "PermanentModelError",
     "PipelineFailedError",
     "Problem",
+    "ProviderAccessError",
     "RunFailedError",
     "SpecError",
     "StepError",
@@ -101,6 +103,8 @@ class TokaError(Exception):
 
     #: Whether re-running the whole Prefect task may succeed.
     retryable: bool = False
+    #: Whether the whole run must stop: no other task could succeed either.
+    fatal: bool = False
 
     def __init__(self, problems: Iterable[Problem] | str) -> None:
         if isinstance(problems, str):
@@ -163,6 +167,12 @@ class ModelRetriesExhausted(ModelError):
 
 class PermanentModelError(ModelError):
     """Invalid request, authentication or permission failure: fix the cause, do not retry."""
+
+
+class ProviderAccessError(PermanentModelError):
+    """The provider rejected the credentials or refused access: every request would fail."""
+
+    fatal = True
 
 
 class StepError(TokaError):

@@ -25,7 +25,7 @@ _PATTERNS = re.compile(
             r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
             r"AKIA[0-9A-Z]{16}",  # AWS access key id
             r"glpat-[A-Za-z0-9_\-]{20,}",  # GitLab
-            r"(?i)bearer\s+[A-Za-z0-9._\-]{16,}",
+            r"(?i:bearer)\s+[A-Za-z0-9._\-]{16,}",
         ]
     )
 )

@@ -96,6 +96,8 @@ class AgentReport(BaseModel):
     state: AgentState
     reason: str | None = None
     """Why the agent failed or did not run."""
+    fatal: str | None = None
+    """An error that stops the whole run (e.g. the API key was rejected)."""
     tasks: list[TaskRecord] = []
     duration_s: float = 0.0
     flow_run_id: str | None = None
