@@ -68,6 +68,10 @@ async def pipeline(
     task_token_budget: int | None = None,
     agent_token_budget: int | None = None,
     pipeline_token_budget: int | None = None,
+    allow_unsandboxed: bool = False,
+    approve: list[str] = [],  # noqa: B006
+    deny: list[str] = [],  # noqa: B006
+    approval_timeout: float = 3600.0,
 ) -> PipelineSummary:
     """Run the agents described by the spec files.
 
@@ -97,6 +101,10 @@ async def pipeline(
         task_token_budget: Tokens one task may spend (overrides the specs' budget blocks).
         agent_token_budget: Tokens one agent may spend (overrides the specs' budget blocks).
         pipeline_token_budget: Tokens the whole run may spend.
+        allow_unsandboxed: Let agents whose spec says `sandbox: false` run commands unsandboxed.
+        approve: Capabilities approved in advance (no pause for approval).
+        deny: Capabilities denied in advance.
+        approval_timeout: Seconds to wait for a person to approve in the UI; then it is a denial.
     """
     if max_concurrency < 1:
         raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -125,6 +133,10 @@ async def pipeline(
         task_token_budget=task_token_budget,
         agent_token_budget=agent_token_budget,
         pipeline_token_budget=pipeline_token_budget,
+        allow_unsandboxed=allow_unsandboxed,
+        approve=tuple(approve),
+        deny=tuple(deny),
+        approval_timeout=approval_timeout,
     )
     plan = make_plan(specs, agents=agents)
     limits = LimitSettings(run.requests_per_minute, run.concurrent_requests)

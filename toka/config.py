@@ -66,3 +66,13 @@ class RunConfig(BaseModel):
     """Tokens one agent may spend; overrides the spec's ``budget.agent_tokens``."""
     pipeline_token_budget: int | None = Field(default=None, ge=1)
     """Tokens the whole pipeline may spend."""
+
+    # -- sandbox and approvals ----------------------------------------------
+    allow_unsandboxed: bool = False
+    """Let agents whose spec says ``sandbox: false`` run commands without the sandbox."""
+    approve: tuple[str, ...] = ()
+    """Capabilities approved in advance for this run (no pause, no question)."""
+    deny: tuple[str, ...] = ()
+    """Capabilities denied in advance for this run."""
+    approval_timeout: float = Field(default=3600.0, gt=0)
+    """Seconds a deployment run waits for a person to approve; then it counts as a denial."""
