@@ -274,13 +274,13 @@ class Bench:
 # -- the breakdown ----------------------------------------------------------------
 
 PHASES = (
-    ("start", "flow called -> first agent's body starts"),
-    ("handoff", "upstream agent done -> next agent's body starts"),
-    ("agent_in", "agent body starts -> its first task starts"),
+    ("start", "flow called -> first agent body starts"),
+    ("handoff", "upstream done -> next agent body starts"),
+    ("agent_in", "agent body starts -> first task starts"),
     ("latency", "model latency (the floor)"),
-    ("task", "task start -> done, minus the latency"),
-    ("between", "task done -> the agent's next task starts"),
-    ("agent_out", "last task done -> scheduler sees agent done"),
+    ("task", "task start -> done, minus latency"),
+    ("between", "task done -> agent's next task starts"),
+    ("agent_out", "last task done -> scheduler sees agent"),
     ("end", "last agent done -> flow call returns"),
 )
 

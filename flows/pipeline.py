@@ -6,6 +6,11 @@ once, up to ``max_concurrency`` at a time; when slots are short, priority
 (critical first) then name decides. An agent whose required dependency failed
 does not run, and its report says which one. The run is Failed when any agent
 failed or could not run.
+
+Two modes share everything but the step that runs one agent: ``in-process``
+(the default) calls the compiled agent flow as a subflow; ``distributed``
+starts it as a run of the agent-runner deployment (``run_deployment``), so
+agents spread over every worker of the pool, and reads its persisted result.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from prefect import flow, tags
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -23,6 +30,7 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 from prefect.states import State
+from pydantic import BaseModel
 
 from flows.compiler import agent_tags, announce, compile_agent
 from toka.config import DEFAULT_RETRIES, RunConfig
@@ -32,11 +40,17 @@ from toka.limits import LimitSettings, check_limits
 from toka.plan import make_plan
 from toka.progress import ProgressEvent
 from toka.budget import Ledger, use_ledger
+from toka.model import Usage
 from toka.providers import choose_model
 from toka.report import pipeline_markdown
 from toka.results import AgentReport, PipelineSummary, TaskRecord
 
-__all__ = ["pipeline", "run_agents"]
+__all__ = ["AGENT_RUNNER_DEPLOYMENT", "AgentRunOutcome", "Distributed", "Mode", "pipeline", "run_agents"]
+
+Mode = Literal["in-process", "distributed"]
+
+#: The deployment that runs one agent for a distributed pipeline (``flows/agent.py:agent_runner``).
+AGENT_RUNNER_DEPLOYMENT = "toka-agent-runner/distributed"
 
 
 @flow(
@@ -72,6 +86,8 @@ async def pipeline(
     approve: list[str] = [],  # noqa: B006
     deny: list[str] = [],  # noqa: B006
     approval_timeout: float = 3600.0,
+    mode: Mode = "in-process",
+    agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
 ) -> PipelineSummary:
     """Run the agents described by the spec files.
 
@@ -105,9 +121,15 @@ async def pipeline(
         approve: Capabilities approved in advance (no pause for approval).
         deny: Capabilities denied in advance.
         approval_timeout: Seconds to wait for a person to approve in the UI; then it is a denial.
+        mode: 'in-process': each agent is a subflow of this run. 'distributed': each agent is a run
+            of the agent-runner deployment, picked up by any worker of its pool (results must be on
+            storage every worker reaches: see result_storage).
+        agent_deployment: The agent-runner deployment ('flow/deployment') used in distributed mode.
     """
     if max_concurrency < 1:
         raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
+    if mode not in ("in-process", "distributed"):
+        raise ConfigError(f"mode must be 'in-process' or 'distributed', got {mode!r}")
     if not run_key:
         ctx = FlowRunContext.get()
         run_key = str(ctx.flow_run.id) if ctx and ctx.flow_run else uuid.uuid4().hex
@@ -149,19 +171,125 @@ async def pipeline(
                 + (f" --requests-per-minute {run.requests_per_minute}" if run.requests_per_minute else "")
                 + (f" --concurrent-requests {run.concurrent_requests}" if run.concurrent_requests else "")
             )
-    return await run_agents(plan.graph, run, max_concurrency=max_concurrency)
+    distributed = (
+        Distributed(specs=[str(s) for s in specs], deployment=agent_deployment) if mode == "distributed" else None
+    )
+    return await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
 
 
-async def run_agents(graph: AgentGraph, run: RunConfig, *, max_concurrency: int) -> PipelineSummary:
-    """Schedule the agents of ``graph`` as subflows; return the summary or raise PipelineFailedError."""
+@dataclass(frozen=True)
+class Distributed:
+    """Run each agent as a run of ``deployment`` (see ``flows/agent.py:agent_runner``)."""
+
+    specs: list[str]
+    """The spec paths, as the runner (in the deployment's working directory) finds them."""
+    deployment: str = AGENT_RUNNER_DEPLOYMENT
+    poll_interval: float = 1.0
+    """Seconds between reads of a running agent's state."""
+
+
+class AgentRunOutcome(BaseModel):
+    """What the agent-runner deployment returns: the agent's report and what it charged.
+
+    On failure the runner re-raises the agent's exception instead, with the same
+    two numbers attached as ``toka_charged`` and ``toka_spent`` (they pickle).
+    """
+
+    report: AgentReport
+    charged: Usage = Usage()
+    """Every model request of the agent, failed attempts included (for the pipeline ledger)."""
+    spent: int = 0
+    """Tokens the agent added to the pipeline budget's spending (replayed tasks included)."""
+
+
+#: Runs one agent with its upstream results; returns the run's result (an
+#: AgentReport or the exception it failed with) and its state message.
+AgentExecutor = Callable[[str, dict[str, dict[str, Any]]], Awaitable[tuple[Any, str]]]
+
+
+async def run_agents(
+    graph: AgentGraph, run: RunConfig, *, max_concurrency: int, distributed: Distributed | None = None
+) -> PipelineSummary:
+    """Schedule the agents of ``graph`` (subflows, or deployment runs when ``distributed``).
+
+    Returns the summary or raises PipelineFailedError.
+    """
     with use_ledger(Ledger("pipeline", run.pipeline_token_budget, scope="pipeline")) as ledger:
-        return await _schedule(graph, run, max_concurrency=max_concurrency, ledger=ledger)
+        if distributed is None:
+            execute = _in_process(graph, run)
+        else:
+            execute = _distributed(graph, run, distributed, ledger)
+        return await _schedule(graph, run, max_concurrency=max_concurrency, ledger=ledger, execute=execute)
 
 
-async def _schedule(graph: AgentGraph, run: RunConfig, *, max_concurrency: int, ledger: Ledger) -> PipelineSummary:
+def _in_process(graph: AgentGraph, run: RunConfig) -> AgentExecutor:
+    flows = {name: compile_agent(spec) for name, spec in graph.agents.items()}
+
+    async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+        with tags(*agent_tags(graph.agents[name])):
+            state: State[Any] = await flows[name](run=run, upstream=upstream, return_state=True)
+        return await state.aresult(raise_on_failure=False), state.message or state.name or ""
+
+    return execute
+
+
+def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledger: Ledger) -> AgentExecutor:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import arun_deployment
+    from prefect.states import Cancelling
+
+    chosen = choose_model(run)
+    if run.model == "auto" and chosen.provider != "override":
+        # Decide here, once: a worker without the key must fail, not quietly run offline.
+        run = run.model_copy(update={"model": chosen.model})
+
+    async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+        spec = graph.agents[name]
+        parameters = {
+            "agent": name,
+            "specs": settings.specs,
+            "spec_digest": spec.digest(),
+            "run": run.model_dump(mode="json"),
+            "upstream": upstream,
+            "pipeline_spent": ledger.spent,
+        }
+        job_variables = None
+        if run.result_storage:
+            # The runner's own result (the report read below) goes where the tasks' go.
+            job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": run.result_storage}}
+        async with get_client() as client:
+            child = await arun_deployment(
+                settings.deployment, client=client, parameters=parameters, timeout=0, as_subflow=True,
+                tags=agent_tags(spec), flow_run_name=name, job_variables=job_variables,
+            )
+            get_run_logger().info("agent %s: flow run %s of deployment %s", name, child.id, settings.deployment)
+            try:
+                while child.state is None or not child.state.is_final():
+                    await asyncio.sleep(settings.poll_interval)
+                    child = await client.read_flow_run(child.id)
+            except asyncio.CancelledError:
+                # The pipeline was cancelled or timed out: do not leave the agent running.
+                await asyncio.shield(client.set_flow_run_state(child.id, Cancelling(), force=True))
+                raise
+        state = child.state
+        outcome = await state.aresult(raise_on_failure=False)
+        if isinstance(outcome, AgentRunOutcome):
+            charged, spent, outcome = outcome.charged, outcome.spent, outcome.report
+        else:
+            charged, spent = getattr(outcome, "toka_charged", None), getattr(outcome, "toka_spent", 0)
+        if isinstance(charged, Usage):
+            ledger.charged = ledger.charged + charged
+        ledger.spent += spent if isinstance(spent, int) else 0
+        return outcome, state.message or state.name or ""
+
+    return execute
+
+
+async def _schedule(
+    graph: AgentGraph, run: RunConfig, *, max_concurrency: int, ledger: Ledger, execute: AgentExecutor
+) -> PipelineSummary:
     started = time.monotonic()
     chosen = choose_model(run)
-    flows = {name: compile_agent(spec) for name, spec in graph.agents.items()}
     reports: dict[str, AgentReport] = {}
     pending = set(graph.agents)
     running: dict[asyncio.Task[AgentReport], str] = {}
@@ -176,18 +304,15 @@ async def _schedule(graph: AgentGraph, run: RunConfig, *, max_concurrency: int, 
             for dep in graph.upstream(name, kind)  # type: ignore[arg-type]
             if dep in reports
         }
-        with tags(*agent_tags(graph.agents[name])):
-            state: State[Any] = await flows[name](run=run, upstream=upstream, return_state=True)
-        if state.is_completed():
-            report: AgentReport = await state.aresult()
-            return report
-        exc = await state.aresult(raise_on_failure=False)
-        if isinstance(exc, RunFailedError) and isinstance(exc.report, AgentReport):
-            return exc.report
-        reason = str(exc) if isinstance(exc, BaseException) and str(exc) else (state.message or state.name)
-        if isinstance(exc, TimeoutError):
+        outcome, message = await execute(name, upstream)
+        if isinstance(outcome, AgentReport):
+            return outcome
+        if isinstance(outcome, RunFailedError) and isinstance(outcome.report, AgentReport):
+            return outcome.report
+        reason = str(outcome) if isinstance(outcome, BaseException) and str(outcome) else message
+        if isinstance(outcome, TimeoutError):
             reason = f"timed out after {graph.agents[name].security.resource_limits.timeout}"
-        return AgentReport(agent=name, state="failed", reason=reason)
+        return AgentReport(agent=name, state="failed", reason=reason or "failed")
 
     def not_run(name: str, reason: str) -> AgentReport:
         spec = graph.agents[name]

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.events import emit_event
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
+from toka.audit import AuditLog
 from toka.budget import Ledger, current_ledger
+from toka.policy import AgentPolicy
 from toka.capabilities import grant_tools
 from toka.config import RunConfig
 from toka.errors import TokaError
@@ -99,6 +102,23 @@ def is_retryable(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
     return isinstance(exc, (TimeoutError, asyncio.TimeoutError))
 
 
+def _safe(run_key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)
+
+
+def _mirror_as_event(record: dict[str, Any]) -> None:
+    """Each audit record is also a Prefect event (already redacted)."""
+    emit_event(
+        event=f"toka.tool.{record.get('decision', 'called')}",
+        resource={
+            "prefect.resource.id": f"toka.agent.{record.get('agent')}.task.{record.get('task')}",
+            "prefect.resource.name": str(record.get("agent")),
+        },
+        related=[{"prefect.resource.id": f"toka.tool.{record.get('tool')}", "prefect.resource.role": "tool"}],
+        payload=record,
+    )
+
+
 @task(
     name="llm-step",
     persist_result=True,
@@ -111,7 +131,14 @@ async def llm_step(step: StepInput) -> TaskOutcome:
     tasks = spec.task_list(run.contexts)
     model = await get_model(run)
     granted, withheld = grant_tools(spec.security.capabilities_required)
-    ctx = ToolContext(workspace=Workspace(run.workspace), agent=spec.name, task=step.index)
+    workspace = Workspace(run.workspace)
+    policy = AgentPolicy.for_spec(
+        spec, allow_unsandboxed=run.allow_unsandboxed, needs_approval=frozenset(run.needs_approval),
+        approvals=frozenset(run.approve), denials=frozenset(run.deny),
+    )
+    audit = AuditLog(workspace.state_dir / "audit" / f"{_safe(run.run_key)}.jsonl", run=run.run_key,
+                     on_record=_mirror_as_event)
+    ctx = ToolContext(workspace=workspace, agent=spec.name, task=step.index, policy=policy, audit=audit)
     toolbox = Toolbox(granted, ctx, withheld=withheld)
     upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}
     ctx_run = TaskRunContext.get()

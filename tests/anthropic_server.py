@@ -24,6 +24,14 @@ A responder that raises (or returns something that is not JSON) yields 500
 ``Recorded.error``). Each connection has its own thread, but the responder is
 called under a lock, one request at a time, so it may keep state.
 
+``latency`` (seconds, default 0): every request waits that long, in its
+connection's own thread and outside the responder lock, before anything is
+sent back: the normal reply, an error (checks or faults), a malformed body,
+or the closed connection of a drop; a slow fault waits its own seconds on top.
+Concurrent requests therefore overlap, like on the real API (N concurrent
+requests take about ``latency``, not N times it). The wait happens after the
+request is recorded; stopping the server cuts it short (no reply).
+
 ``usage``: when the responder's message has no ``usage`` (what :func:`message`
 produces unless given one), the server fills it in, estimating about 4
 characters per token of the JSON of each tool definition, system block and
@@ -384,6 +392,8 @@ class AnthropicServer:
         fault_rate: Probability that a request without a queued fault gets a random one.
         fault_mix: The faults to draw from (default :data:`DEFAULT_FAULT_MIX`).
         seed: Seed of the ``random.Random`` that draws the random faults.
+        latency: Seconds every request waits before its reply (or fault); concurrent
+            requests wait in parallel (see the module docs).
     """
 
     def __init__(
@@ -394,15 +404,19 @@ class AnthropicServer:
         fault_rate: float = 0.0,
         fault_mix: Sequence[Fault] | None = None,
         seed: int = 0,
+        latency: float = 0.0,
     ) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError("fault_rate must be between 0 and 1")
+        if not latency >= 0.0:
+            raise ValueError("latency must be at least 0 seconds")
         mix = tuple(DEFAULT_FAULT_MIX if fault_mix is None else fault_mix)
         if fault_rate > 0 and not mix:
             raise ValueError("fault_rate > 0 needs a non-empty fault_mix")
         self.responder = responder or scripted_responder()
         self.fault_rate = fault_rate
         self.fault_mix = mix
+        self.latency = float(latency)
         self.requests: list[Recorded] = []
         self.base_url = ""
         self._queue: list[Fault] = list(faults)
@@ -537,6 +551,11 @@ class AnthropicServer:
             self._ids += 1
             request_id = f"req_loopback_{self._ids:06d}"
 
+        # The per-request latency: in this connection's thread, no lock held, so requests overlap.
+        if self.latency > 0 and self._stopping.wait(self.latency):
+            _cut(h.connection)  # stopping: no reply
+            h.close_connection = True
+            return
         if fault is not None and not slow:
             self._send_fault(h, fault, request_id)
             return

@@ -230,6 +230,33 @@ def test_slow_reply_within_the_timeout_arrives_and_does_not_block_others() -> No
     assert sorted(r.outcome for r in server.requests) == ["fault:slow", "ok"]
 
 
+def test_latency_delays_every_reply_and_concurrent_requests_overlap() -> None:
+    async def four(server: AnthropicServer) -> tuple[list[Any], float]:
+        async def one() -> Any:
+            try:
+                return await create(server)
+            except anthropic.APIStatusError as e:
+                return e
+
+        start = time.monotonic()
+        replies = await asyncio.gather(*(one() for _ in range(4)))
+        return list(replies), time.monotonic() - start
+
+    with AnthropicServer(latency=0.3, faults=[Fault.status(529)]) as server:
+        replies, elapsed = asyncio.run(four(server))
+        single_start = time.monotonic()
+        call(server)
+        single = time.monotonic() - single_start
+    assert 0.3 <= single < 0.55
+    # Four requests at once (one of them a fault, which waits too) take about one latency, not four.
+    assert 0.3 <= elapsed < 0.5, elapsed  # sequential: 1.2 s
+    assert sum(isinstance(r, Message) for r in replies) == 3
+    assert sum(isinstance(r, anthropic.OverloadedError) for r in replies) == 1
+    assert sorted(r.outcome for r in server.requests) == ["fault:529", "ok", "ok", "ok", "ok"]
+    with pytest.raises(ValueError):
+        AnthropicServer(latency=-1)
+
+
 def test_malformed_bodies_are_not_sdk_errors() -> None:
     """What anthropic 2.12.0 does with a 200 whose body is broken (no strict validation)."""
     faults = [Fault.malformed(), Fault.malformed("html"), Fault.malformed("shape")]

@@ -398,7 +398,7 @@ class TestToolbox:
         out = call(box, "read_file", path="README.md")
         assert out.is_error
         assert out.text == (
-            "refused: read_file needs the capability 'filesystem-read', which this agent's spec "
+            "refused: read_file needs one of the capabilities 'filesystem-read', which this agent's spec "
             "does not declare in security.capabilities_required"
         )
         assert "filesystem-read" in call(box, "search_files", pattern="x").text
@@ -483,16 +483,23 @@ def test_filesystem_read_grants_exactly_the_three_read_tools() -> None:
     granted, withheld = grant_tools(["filesystem-read"])
     assert [t.name for t in granted] == ["read_file", "list_dir", "search_files"]
     assert [type(t) for t in granted] == [ReadFile, ListDir, SearchFiles]
-    assert withheld == {}
+    assert set(withheld) == {"write_file", "edit_file", "run_command"}
     assert CAPABILITY_TOOLS["filesystem-read"] == ("read_file", "list_dir", "search_files")
 
 
-def test_other_capabilities_grant_no_tools() -> None:
-    granted, withheld = grant_tools(["filesystem-write", "cargo-execution", "git-access"])
-    assert granted == []
-    assert set(withheld) == {"read_file", "list_dir", "search_files"}
+def test_each_capability_grants_its_tools() -> None:
+    def names(*caps: str) -> list[str]:
+        return [t.name for t in grant_tools(caps)[0]]
+
+    assert names("filesystem-write") == names("file-system-write") == ["write_file", "edit_file"]
+    for cap in ("cargo-execution", "cargo-test-execution", "git-access", "script-execution",
+                "database-access", "python-test-execution"):
+        assert names(cap) == ["run_command"], cap
+    assert names("ci-integration", "kernel-modification") == []
 
 
 def test_capability_status() -> None:
-    assert capability_status("cargo-execution") == "declared, not tool-backed"
+    assert capability_status("ci-integration") == "declared, not tool-backed"
     assert capability_status("filesystem-read") == "tool-backed: read_file, list_dir, search_files"
+    assert capability_status("cargo-test-execution") == "tool-backed: run_command (cargo test)"
+    assert capability_status("network-access").startswith("tool-backed: run_command may reach the network")

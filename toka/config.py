@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .policy import DEFAULT_NEEDS_APPROVAL
+
 __all__ = ["DEFAULT_RETRIES", "RunConfig"]
 
 #: Prefect task retries by task priority: critical work is worth more attempts.
@@ -76,3 +78,7 @@ class RunConfig(BaseModel):
     """Capabilities denied in advance for this run."""
     approval_timeout: float = Field(default=3600.0, gt=0)
     """Seconds a deployment run waits for a person to approve; then it counts as a denial."""
+    needs_approval: tuple[str, ...] = DEFAULT_NEEDS_APPROVAL
+    """Uses that need a person's approval before the first one in a run."""
+    pause_for_approval: bool = False
+    """Pause the agent's flow run for undecided approvals (deployment runs); else they are denied."""

@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     timeout: float,
     output_limit: int = 64_000,
+    on_start: Callable[[int], None] | None = None,
+    label: Sequence[str] | None = None,
 ) -> ProcessResult:
     """Run ``argv`` (no shell) with stdin closed; kill its process group after ``timeout`` s.
 
@@ -62,13 +64,15 @@ async def run_process(
         )
     except (FileNotFoundError, PermissionError) as e:
         raise ToolError(f"cannot start {argv[0]!r}: {e.strerror}") from None
+    if on_start is not None:
+        on_start(proc.pid)  # also the process group id: the child leads a new session
     try:
         out, err, truncated = await asyncio.wait_for(_collect(proc, output_limit), timeout)
     except asyncio.TimeoutError:
         _kill_group(proc)
         await proc.wait()
         raise ToolTimeoutError(
-            f"{' '.join(argv)!r} ran past its {timeout:g}s timeout; its process group was killed"
+            f"{' '.join(label or argv)!r} ran past its {timeout:g}s timeout; its process group was killed"
         ) from None
     except BaseException:
         _kill_group(proc)

@@ -285,6 +285,8 @@ class Security(_Block):
     """Permission names, e.g. ``filesystem-read``; they decide which tools the agent gets."""
     resource_limits: ResourceLimits
     """Limits enforced while the agent runs."""
+    write_paths: list[NonEmptyText] = []
+    """Workspace globs the agent writes to; writes elsewhere need approval (empty: anywhere)."""
 
 
 class Budget(_Block):

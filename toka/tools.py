@@ -23,11 +23,14 @@ import pathspec
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .audit import AuditLog
 from .errors import ToolError
 from .model import ToolDefinition
+from .policy import AgentPolicy
 from .workspace import Workspace
 
 __all__ = [
+    "EditFile",
     "ListDir",
     "ReadFile",
     "SearchFiles",
@@ -36,7 +39,9 @@ __all__ = [
     "ToolContext",
     "ToolOutput",
     "Toolbox",
+    "WriteFile",
     "read_only_tools",
+    "writing_tools",
 ]
 
 _READ_LIMIT = 64_000
@@ -45,11 +50,13 @@ _BINARY_PROBE = 8192
 
 @dataclass
 class ToolContext:
-    """What a tool may touch: the workspace, and who is calling (for records)."""
+    """What a tool may touch: the workspace, the agent's policy, and who is calling (for records)."""
 
     workspace: Workspace
     agent: str = ""
     task: int = 0
+    policy: AgentPolicy | None = None
+    audit: AuditLog | None = None
 
 
 @dataclass
@@ -233,6 +240,70 @@ class SearchFiles(Tool):
         return ToolOutput("\n".join([header, *matches, *tail]))
 
 
+# -- writing tools --------------------------------------------------------------
+
+
+class WriteFileArgs(_Args):
+    path: str = Field(description="File path relative to the workspace root.")
+    content: str = Field(description="The whole new content of the file.")
+
+
+class WriteFile(Tool):
+    name = "write_file"
+    description = "Create or overwrite a text file in the workspace with the given content."
+    Input = WriteFileArgs
+    size_limit: ClassVar[int] = 2_000_000
+
+    async def run(self, args: WriteFileArgs, ctx: ToolContext) -> ToolOutput:
+        data = args.content.encode("utf-8")
+        if len(data) > self.size_limit:
+            return ToolOutput(f"refused: {len(data)} bytes is over the {self.size_limit}-byte limit",
+                              is_error=True)
+        path = ctx.workspace.resolve(args.path, kind="new")
+        if path.is_dir():
+            return ToolOutput(f"{args.path!r} is a directory", is_error=True)
+        rel = ctx.workspace.relative(path)
+        if ctx.policy is not None:
+            ctx.policy.check_write(rel)
+        existed = path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        verb = "overwrote" if existed else "created"
+        return ToolOutput(f"{verb} {rel} ({len(data)} bytes)", files_changed=[rel])
+
+
+class EditFileArgs(_Args):
+    path: str = Field(description="File path relative to the workspace root.")
+    old_text: str = Field(min_length=1, description="Exact text to replace; must occur exactly once.")
+    new_text: str = Field(description="Replacement text.")
+
+
+class EditFile(Tool):
+    name = "edit_file"
+    description = (
+        "Replace one exact occurrence of old_text with new_text in a workspace file. "
+        "Refused when old_text is missing or occurs more than once (add context to make it unique)."
+    )
+    Input = EditFileArgs
+
+    async def run(self, args: EditFileArgs, ctx: ToolContext) -> ToolOutput:
+        path = ctx.workspace.resolve(args.path, kind="file")
+        rel = ctx.workspace.relative(path)
+        if ctx.policy is not None:
+            ctx.policy.check_write(rel)
+        text = path.read_text(encoding="utf-8", errors="strict")
+        count = text.count(args.old_text)
+        if count == 0:
+            return ToolOutput(f"old_text does not occur in {rel}; nothing changed", is_error=True)
+        if count > 1:
+            return ToolOutput(
+                f"old_text occurs {count} times in {rel}; include more context so it occurs once",
+                is_error=True,
+            )
+        path.write_text(text.replace(args.old_text, args.new_text, 1), encoding="utf-8")
+        return ToolOutput(f"edited {rel}: replaced 1 occurrence", files_changed=[rel])
+
+
 def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
     lines = [".git/", f"{workspace.state_dir.name}/"]
     gitignore = workspace.root / ".gitignore"
@@ -284,6 +355,10 @@ def read_only_tools() -> list[Tool]:
     return [ReadFile(), ListDir(), SearchFiles()]
 
 
+def writing_tools() -> list[Tool]:
+    return [WriteFile(), EditFile()]
+
+
 # -- the toolbox -----------------------------------------------------------------
 
 
@@ -313,31 +388,62 @@ class Toolbox:
         return list(self.tools)
 
     async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
-        """Check and run one call; every refusal or failure becomes an error output."""
+        """Check, run and audit one call; every refusal or failure becomes an error output."""
+        started = time.monotonic()
+        output, decision, reason, extra = await self._call(name, arguments)
+        self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
+        if self.ctx.audit is not None:
+            usage = getattr(output, "command_usage", None)
+            self.ctx.audit.record(
+                agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
+                decision=decision, reason=reason, is_error=output.is_error,
+                exit_code=getattr(usage, "exit_code", None), signal=getattr(usage, "signal", None),
+                duration_s=round(time.monotonic() - started, 4),
+                bytes=getattr(output, "output_bytes", len(output.text)),
+                files_changed=output.files_changed,
+                usage=None if usage is None else {
+                    "wall_s": round(usage.wall_s, 4), "cpu_s": usage.cpu_s,
+                    "peak_memory_bytes": usage.peak_memory_bytes, "disk_growth_bytes": usage.disk_growth_bytes,
+                    "killed_for": usage.killed_for,
+                },
+                sandbox=getattr(output, "sandbox", None),
+                **extra,
+            )
+        return output
+
+    async def _call(
+        self, name: str, arguments: Mapping[str, Any]
+    ) -> tuple[ToolOutput, str, str | None, dict[str, Any]]:
         tool = self.tools.get(name)
         if tool is None:
             why = self.withheld.get(name) or (
                 f"there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}"
             )
-            self.calls.append(ToolCall(name, refused=True, is_error=True))
-            return ToolOutput(f"refused: {why}", is_error=True)
+            return ToolOutput(f"refused: {why}", is_error=True), "refused", why, {}
         try:
             args = tool.Input.model_validate(dict(arguments))
         except ValidationError as e:
-            self.calls.append(ToolCall(name, refused=False, is_error=True))
-            return ToolOutput(f"invalid input for {name}: {_brief(e)}", is_error=True)
+            why = f"invalid input for {name}: {_brief(e)}"
+            return ToolOutput(why, is_error=True), "invalid", why, {}
         try:
             output = await tool.run(args, self.ctx)
         except ToolError as e:
-            if getattr(e, "retryable", False):
-                raise  # timeouts are the task's business (retries follow the policy)
-            self.calls.append(ToolCall(name, refused=True, is_error=True))
-            return ToolOutput(f"refused: {e}", is_error=True)
-        except OSError as e:
-            self.calls.append(ToolCall(name, refused=False, is_error=True))
-            return ToolOutput(f"{name} failed: {e.strerror or e}", is_error=True)
-        self.calls.append(ToolCall(name, refused=False, is_error=output.is_error))
-        return output
+            if e.retryable:
+                # Timeouts are the task's business (retries follow the policy); audit them first.
+                usage = getattr(e, "toka_command_usage", None)
+                if self.ctx.audit is not None:
+                    self.ctx.audit.record(
+                        agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
+                        decision="allowed", reason=str(e), is_error=True,
+                        usage=None if usage is None else {"wall_s": round(usage.wall_s, 4),
+                                                          "killed_for": usage.killed_for},
+                    )
+                raise
+            return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e), {}
+        except (OSError, UnicodeDecodeError) as e:
+            why = f"{name} failed: {getattr(e, 'strerror', None) or e}"
+            return ToolOutput(why, is_error=True), "allowed", why, {}
+        return output, "allowed", None, {}
 
 
 def _brief(error: ValidationError) -> str:

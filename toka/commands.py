@@ -1,0 +1,244 @@
+"""``run_command``: which programs a capability allows, and running them in the sandbox.
+
+The command is an argv list, never a shell line. Its program must be granted
+by a declared capability (table below); arguments may not point outside the
+workspace, and options known to run other programs (``git -c``, ``cargo
+--config``, sqlite3 dot-commands...) are refused. The environment is scrubbed:
+no API keys or other secrets reach the command.
+
+=========================  ==============================================================
+capability                 programs
+=========================  ==============================================================
+``cargo-execution``        ``cargo`` (any subcommand)
+``cargo-test-execution``   ``cargo test`` only
+``git-access``             ``git`` without pushing and without rewriting its configuration
+``git-push``               ``git push`` (also needs approval)
+``script-execution``       scripts inside the workspace (``./x.sh``, ``python tools/x.py``)
+``python-test-execution``  ``pytest``, ``python -m pytest``
+``database-access``        ``sqlite3`` on databases inside the workspace
+``network-access``         commands may reach the network (needs approval)
+=========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from .errors import ToolError
+from .redact import redact, secret_values
+from .sandbox import SandboxRefused, run_sandboxed
+from .tools import Tool, ToolContext, ToolOutput, _Args
+
+__all__ = ["COMMAND_CAPABILITIES", "CommandRefused", "RunCommand", "check_command", "scrubbed_env"]
+
+#: Capability -> the programs it grants (see the module table for the rules).
+COMMAND_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "cargo-execution": ("cargo",),
+    "cargo-test-execution": ("cargo test",),
+    "git-access": ("git",),
+    "git-push": ("git push",),
+    "script-execution": ("workspace scripts",),
+    "python-test-execution": ("pytest", "python -m pytest"),
+    "database-access": ("sqlite3",),
+}
+
+_INTERPRETERS = {"python", "python3", "bash", "sh"}
+_GIT_GLOBAL_REFUSED = ("-c", "--exec-path", "-C", "--git-dir", "--work-tree", "--namespace", "--config-env",
+                       "--super-prefix", "--list-cmds")
+_GIT_ARGS_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "-u", "--config", "--template")
+_CARGO_REFUSED = ("--config", "-Z", "--manifest-path")
+
+
+class CommandRefused(ToolError):
+    """The command is not allowed for this agent; the model is told why."""
+
+
+@dataclass(frozen=True)
+class CommandGrant:
+    capability: str
+    """The capability that allows it."""
+    pushes: bool = False
+
+
+def _first_operand(args: Sequence[str]) -> tuple[int, str | None]:
+    for i, a in enumerate(args):
+        if not a.startswith("-"):
+            return i, a
+    return len(args), None
+
+
+def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Path) -> CommandGrant:
+    """Which capability allows ``argv``.
+
+    Raises:
+        CommandRefused: no declared capability allows it (the reason says what would).
+    """
+    if not argv or not argv[0]:
+        raise CommandRefused("argv must name a program")
+    program, args = argv[0], list(argv[1:])
+    _check_paths(args, workspace)
+
+    def need(capability: str, what: str) -> CommandGrant:
+        if capability not in capabilities:
+            raise CommandRefused(
+                f"{what} needs the capability {capability!r}, which this agent's spec does not declare"
+            )
+        return CommandGrant(capability)
+
+    if "/" in program:
+        _inside(program, workspace, "the script")
+        return need("script-execution", f"running the workspace script {program!r}")
+    if program in ("python", "python3") and args[:2] == ["-m", "pytest"]:
+        return need("python-test-execution", "python -m pytest")
+    if program == "pytest":
+        return need("python-test-execution", "pytest")
+    if program in _INTERPRETERS:
+        i, script = _first_operand(args)
+        if script is None or any(a in ("-c", "-m") for a in args[:i]):
+            raise CommandRefused(
+                f"{program} may only run a script file inside the workspace (no -c or -m code)"
+            )
+        _inside(script, workspace, "the script")
+        return need("script-execution", f"running the workspace script {script!r}")
+    if program == "cargo":
+        if any(a.startswith(_CARGO_REFUSED) for a in args):
+            raise CommandRefused("cargo options that change its configuration (--config, -Z, --manifest-path) "
+                                 "are not allowed")
+        _, sub = _first_operand(args)
+        if "cargo-execution" in capabilities:
+            return CommandGrant("cargo-execution")
+        if sub == "test":
+            return need("cargo-test-execution", "cargo test")
+        return need("cargo-execution", f"cargo {sub or ''}".strip())
+    if program == "git":
+        i, sub = _first_operand(args)
+        if any(a.split("=")[0] in _GIT_GLOBAL_REFUSED for a in args[:i]):
+            raise CommandRefused("git options before the subcommand (-c, -C, --git-dir, --exec-path...) "
+                                 "are not allowed")
+        rest = args[i + 1:]
+        if any(a.split("=")[0] in _GIT_ARGS_REFUSED for a in rest):
+            raise CommandRefused("git options that run other programs (--upload-pack, --exec, ...) are not allowed")
+        if sub == "config" and not any(a in ("--get", "--get-all", "--list", "-l", "--get-regexp") for a in rest):
+            raise CommandRefused("git config may only be read (--get, --list): writing it could make git run "
+                                 "other programs")
+        if sub in ("push", "send-email", "send-pack"):
+            grant = need("git-push", f"git {sub}")
+            return CommandGrant(grant.capability, pushes=True)
+        return need("git-access", f"git {sub or ''}".strip())
+    if program == "sqlite3":
+        if any(a.startswith(".") or a in ("-cmd", "-init") or "load_extension" in a.lower() for a in args):
+            raise CommandRefused("sqlite3 dot-commands, -cmd, -init and load_extension are not allowed "
+                                 "(they can run programs)")
+        _, database = _first_operand(args)
+        if database is not None:
+            _inside(database, workspace, "the database", must_exist=False)
+        return need("database-access", "sqlite3")
+    granted = sorted(p for c in capabilities for p in COMMAND_CAPABILITIES.get(c, ()))
+    raise CommandRefused(
+        f"the program {program!r} is not granted by any declared capability; "
+        f"this agent may run: {', '.join(granted) or 'nothing'}"
+    )
+
+
+def _inside(path: str, workspace: Path, what: str, *, must_exist: bool = True) -> None:
+    candidate = (workspace / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
+    if not candidate.is_relative_to(workspace):
+        raise CommandRefused(f"{what} {path!r} is outside the workspace")
+    if must_exist and not candidate.is_file():
+        raise CommandRefused(f"{what} {path!r} does not exist in the workspace")
+
+
+def _check_paths(args: Sequence[str], workspace: Path) -> None:
+    """No argument may name a place outside the workspace (also as ``--opt=/path``)."""
+    for arg in args:
+        for value in (arg, arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else None):
+            if not value:
+                continue
+            if value.startswith(("/", "~")) or value.startswith("..") or "/../" in value or value.endswith("/.."):
+                target = Path(os.path.expanduser(value))
+                resolved = (target if target.is_absolute() else workspace / target).resolve()
+                if not resolved.is_relative_to(workspace):
+                    raise CommandRefused(f"the argument {arg!r} points outside the workspace")
+
+
+_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV")
+
+
+def scrubbed_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment: a few harmless variables, a private HOME and TMPDIR, no secrets."""
+    env = os.environ if env is None else env
+    kept = {k: env[k] for k in _ENV_KEEP if k in env}
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "tmp").mkdir(exist_ok=True)
+    return {**kept, "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1",
+            "GIT_TERMINAL_PROMPT": "0", "PATH": kept.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+
+
+class RunCommandArgs(_Args):
+    argv: list[str] = Field(min_length=1, max_length=256,
+                            description="Program and arguments, e.g. ['git', 'log', '-5']. No shell.")
+    cwd: str = Field(default=".", description="Directory to run in, relative to the workspace root.")
+    timeout: float | None = Field(default=None, gt=0, description="Seconds before the command is killed.")
+
+
+class RunCommand(Tool):
+    name = "run_command"
+    description = (
+        "Run a program granted by the agent's capabilities, inside the workspace and the sandbox "
+        "(resource limits enforced; no network unless granted). Returns exit code, stdout and stderr."
+    )
+    Input = RunCommandArgs
+    default_timeout: ClassVar[float] = 600.0
+
+    async def run(self, args: RunCommandArgs, ctx: ToolContext) -> ToolOutput:
+        policy = ctx.policy
+        if policy is None:
+            raise CommandRefused("commands are not available in this context")
+        grant = check_command(args.argv, capabilities=set(policy.capabilities), workspace=ctx.workspace.root)
+        cwd = ctx.workspace.resolve(args.cwd, kind="dir")
+        if grant.pushes:
+            policy.require_approval("git-push", f"{' '.join(args.argv[:2])}")
+        if not policy.sandbox and not policy.allow_unsandboxed:
+            raise CommandRefused(
+                "this agent's spec sets sandbox: false; its commands run only when the run allows it "
+                "(toka run --allow-unsandboxed)"
+            )
+        network = "network-access" in policy.capabilities and policy.approved("network-access")
+        limit = policy.limits.timeout.seconds
+        timeout = min(args.timeout or self.default_timeout, limit)
+        home = ctx.workspace.state_dir / "home" / (ctx.agent or "agent")
+        try:
+            result, usage, plan = await run_sandboxed(
+                args.argv, cwd=cwd, workspace=ctx.workspace.root, state_dir=ctx.workspace.state_dir,
+                env=scrubbed_env(home), limits=policy.limits, timeout=timeout, network=network,
+                sandbox=policy.sandbox,
+            )
+        except SandboxRefused:
+            raise
+        except ToolError as e:
+            e.toka_command = {"argv": list(args.argv)}  # type: ignore[attr-defined]
+            raise
+        assert result is not None
+        secrets = secret_values()
+        text = [f"exit code: {result.exit_code}" if result.exit_code is not None
+                else f"killed by signal {result.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
+        if usage.killed_for == "disk":
+            text.append("the workspace grew past max_disk_usage; the command was killed")
+        if result.stdout:
+            text += ["--- stdout ---", redact(result.stdout, secrets)]
+        if result.stderr:
+            text += ["--- stderr ---", redact(result.stderr, secrets)]
+        if result.truncated:
+            text.append("[output cut at 64000 bytes per stream]")
+        output = ToolOutput("\n".join(text), is_error=result.exit_code != 0)
+        output.command_usage = usage  # type: ignore[attr-defined]
+        output.sandbox = plan.enforced  # type: ignore[attr-defined]
+        output.output_bytes = len(result.stdout) + len(result.stderr)  # type: ignore[attr-defined]
+        return output
+

@@ -1,0 +1,72 @@
+"""What one agent may do in one run: capabilities, limits, approvals and write paths."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from .errors import ToolError
+from .spec import AgentSpec, ResourceLimits
+
+__all__ = ["DEFAULT_NEEDS_APPROVAL", "AgentPolicy", "ApprovalDenied", "approval_keys"]
+
+#: Uses that pause for a person before the first one in a run (configurable per run).
+DEFAULT_NEEDS_APPROVAL: tuple[str, ...] = ("network-access", "git-push", "write-outside-paths")
+
+
+class ApprovalDenied(ToolError):
+    """A use that needs approval was denied, or nobody approved it; the model is told why."""
+
+
+@dataclass(frozen=True)
+class AgentPolicy:
+    capabilities: frozenset[str]
+    limits: ResourceLimits
+    sandbox: bool = True
+    allow_unsandboxed: bool = False
+    write_paths: tuple[str, ...] = ()
+    needs_approval: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_NEEDS_APPROVAL))
+    approvals: frozenset[str] = frozenset()
+    denials: frozenset[str] = frozenset()
+
+    @classmethod
+    def for_spec(cls, spec: AgentSpec, **options: object) -> AgentPolicy:
+        sec = spec.security
+        return cls(capabilities=frozenset(sec.capabilities_required), limits=sec.resource_limits,
+                   sandbox=sec.sandbox, write_paths=tuple(sec.write_paths), **options)  # type: ignore[arg-type]
+
+    def approved(self, key: str) -> bool:
+        if key not in self.needs_approval:
+            return True
+        return key in self.approvals and key not in self.denials
+
+    def require_approval(self, key: str, what: str) -> None:
+        if self.approved(key):
+            return
+        how = "it was denied" if key in self.denials else "nobody approved it for this run"
+        raise ApprovalDenied(
+            f"{what} needs approval ({key!r}) and {how}; a person can allow it with "
+            f"`toka run --approve {key}` or in the Prefect UI when the run pauses"
+        )
+
+    def check_write(self, relative_path: str) -> None:
+        """Writes outside the spec's declared ``write_paths`` need approval."""
+        if not self.write_paths or any(fnmatch.fnmatch(relative_path, g) for g in self.write_paths):
+            return
+        self.require_approval(
+            "write-outside-paths",
+            f"writing {relative_path!r} (outside the declared paths {', '.join(self.write_paths)})",
+        )
+
+
+def approval_keys(spec: AgentSpec, needs_approval: frozenset[str] | tuple[str, ...]) -> list[str]:
+    """The approvals ``spec`` might need in a run (asked for before it starts)."""
+    caps = set(spec.security.capabilities_required)
+    keys = []
+    if "network-access" in caps:
+        keys.append("network-access")
+    if "git-push" in caps:
+        keys.append("git-push")
+    if spec.security.write_paths and caps & {"filesystem-write", "file-system-write"}:
+        keys.append("write-outside-paths")
+    return [k for k in keys if k in needs_approval]

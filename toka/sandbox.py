@@ -1,0 +1,448 @@
+"""Running a tool's command under the spec's resource limits.
+
+Each limit is enforced by the strongest mechanism this host offers, and only
+limits the spec declares are enforced (no invented numbers):
+
+========================  ===========================================================
+limit                     mechanism, strongest first
+========================  ===========================================================
+wall-clock timeout        kill of the process group, and of every process in the cgroup
+``max_memory``            cgroup v2 ``memory.max`` / cgroup v1 ``memory.limit_in_bytes``
+                          / ``RLIMIT_AS`` (``prlimit``)
+``max_cpu``               cgroup v2 ``cpu.max`` / cgroup v1 ``cpu.cfs_quota_us``
+                          / a measured throttle (SIGSTOP/SIGCONT on the process group)
+``max_processes``         cgroup ``pids.max``
+``max_disk_usage``        ``RLIMIT_FSIZE`` plus a watch of the workspace's growth
+network (not granted)     a new, empty network namespace (``unshare -n``)
+========================  ===========================================================
+
+With ``sandbox: true`` a command runs only when every declared limit (and the
+network denial) has a mechanism; otherwise it is refused. The wrapper is made
+of real programs (``unshare``, ``sh``, ``prlimit``), not Python code run in the
+child between fork and exec, which is unsafe in a threaded process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ToolError, ToolTimeoutError
+from .process import ProcessResult, run_process
+from .spec import ResourceLimits
+
+__all__ = ["CommandUsage", "HostSupport", "SandboxPlan", "SandboxRefused", "detect_host", "run_sandboxed"]
+
+
+class SandboxRefused(ToolError):
+    """The host cannot enforce a limit the spec declares, so the command may not run."""
+
+
+@dataclass(frozen=True)
+class HostSupport:
+    """Which mechanisms work on this host (probed once per process)."""
+
+    cgroup: str | None = None
+    """``v2`` or ``v1`` when cgroups can be created and written here."""
+    cgroup_root: dict[str, Path] = field(default_factory=dict)
+    """Controller -> directory toka creates its cgroups in."""
+    netns: bool = False
+    prlimit: bool = False
+
+    def mechanism(self, limit: str) -> str | None:
+        c = self.cgroup_root
+        if limit == "timeout":
+            return "process-group kill" + (" + cgroup kill" if self.cgroup else "")
+        if limit == "memory":
+            if "memory" in c:
+                return f"cgroup {self.cgroup} memory limit"
+            return "RLIMIT_AS (prlimit)" if self.prlimit else None
+        if limit == "cpu":
+            return f"cgroup {self.cgroup} CPU quota" if "cpu" in c else "measured throttle (SIGSTOP/SIGCONT)"
+        if limit == "processes":
+            return f"cgroup {self.cgroup} pids.max" if "pids" in c else None
+        if limit == "disk":
+            return "RLIMIT_FSIZE (prlimit) + workspace growth watch" if self.prlimit else "workspace growth watch"
+        if limit == "network":
+            return "network namespace (unshare -n)" if self.netns else None
+        raise ValueError(limit)
+
+
+CGROUP_PARENT = "toka"
+
+
+@functools.cache
+def detect_host() -> HostSupport:
+    """Probe cgroups, network namespaces and prlimit by using them."""
+    cgroup, roots = _probe_cgroups()
+    return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_netns(), prlimit=shutil.which("prlimit") is not None)
+
+
+def _probe_cgroups() -> tuple[str | None, dict[str, Path]]:
+    mounts = Path("/proc/self/mounts").read_text().splitlines() if Path("/proc/self/mounts").exists() else []
+    v2 = [line.split()[1] for line in mounts if line.split()[2:3] == ["cgroup2"]]
+    for mount in v2:
+        root = Path(mount)
+        try:
+            controllers = set((root / "cgroup.controllers").read_text().split())
+        except OSError:
+            continue
+        wanted = {"memory", "cpu", "pids"} & controllers
+        if not wanted:
+            continue
+        parent = root / CGROUP_PARENT
+        try:
+            parent.mkdir(exist_ok=True)
+            (root / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+        except OSError:
+            continue
+        return "v2", {c: parent for c in sorted(wanted)}
+    roots: dict[str, Path] = {}
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 4 or parts[2] != "cgroup":
+            continue
+        options = set(parts[3].split(","))
+        for controller in ("memory", "cpu", "pids", "cpuacct"):
+            if controller in options and controller not in roots:
+                parent = Path(parts[1]) / CGROUP_PARENT
+                try:
+                    parent.mkdir(exist_ok=True)
+                    probe = parent / f"probe-{uuid.uuid4().hex[:8]}"
+                    probe.mkdir()
+                    probe.rmdir()
+                except OSError:
+                    continue
+                roots[controller] = parent
+    return ("v1", roots) if roots else (None, {})
+
+
+def _probe_netns() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """What will be enforced for one command, and how."""
+
+    enforced: dict[str, str]
+    """Limit -> mechanism."""
+    missing: list[str]
+    """Declared limits with no mechanism on this host."""
+    network: bool
+
+
+def plan_limits(limits: ResourceLimits, *, network: bool, host: HostSupport) -> SandboxPlan:
+    declared = {"timeout": True, "memory": limits.max_memory is not None, "cpu": limits.max_cpu is not None,
+                "processes": limits.max_processes is not None, "disk": limits.max_disk_usage is not None,
+                "network": not network}
+    enforced: dict[str, str] = {}
+    missing: list[str] = []
+    for name, wanted in declared.items():
+        if not wanted:
+            continue
+        how = host.mechanism(name)
+        if how is None:
+            missing.append(name)
+        else:
+            enforced[name] = how
+    return SandboxPlan(enforced=enforced, missing=missing, network=network)
+
+
+@dataclass(frozen=True)
+class CommandUsage:
+    """What one command used, as measured (goes into its audit record)."""
+
+    wall_s: float
+    cpu_s: float | None
+    peak_memory_bytes: int | None
+    disk_growth_bytes: int | None
+    exit_code: int | None
+    signal: int | None
+    killed_for: str | None = None
+    """timeout, disk, or None."""
+
+
+@dataclass
+class _Cgroups:
+    dirs: dict[str, Path]
+
+    @classmethod
+    def create(cls, host: HostSupport, limits: ResourceLimits) -> _Cgroups:
+        name = f"cmd-{uuid.uuid4().hex[:12]}"
+        dirs: dict[str, Path] = {}
+        for controller, parent in host.cgroup_root.items():
+            path = parent / name
+            if path not in dirs.values():
+                path.mkdir()
+            dirs[controller] = path
+        group = cls(dirs)
+        try:
+            group._configure(host, limits)
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def _configure(self, host: HostSupport, limits: ResourceLimits) -> None:
+        d = self.dirs
+        period = 100_000
+        if limits.max_memory is not None and "memory" in d:
+            if host.cgroup == "v2":
+                (d["memory"] / "memory.max").write_text(str(limits.max_memory.bytes))
+                with contextlib.suppress(OSError):
+                    (d["memory"] / "memory.swap.max").write_text("0")
+            else:
+                (d["memory"] / "memory.limit_in_bytes").write_text(str(limits.max_memory.bytes))
+                with contextlib.suppress(OSError):  # absent without swap accounting
+                    (d["memory"] / "memory.memsw.limit_in_bytes").write_text(str(limits.max_memory.bytes))
+        if limits.max_cpu is not None and "cpu" in d:
+            quota = max(1000, int(period * limits.max_cpu.fraction))
+            if host.cgroup == "v2":
+                (d["cpu"] / "cpu.max").write_text(f"{quota} {period}")
+            else:
+                (d["cpu"] / "cpu.cfs_period_us").write_text(str(period))
+                (d["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+        if limits.max_processes is not None and "pids" in d:
+            (d["pids"] / "pids.max").write_text(str(limits.max_processes))
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return sorted({p / "cgroup.procs" for p in self.dirs.values()})
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for f in self.procs_files:
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(x) for x in f.read_text().split())
+        return found
+
+    def kill_all(self) -> None:
+        """Kill every process in the group, including any that left the process group."""
+        for _ in range(20):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def cpu_seconds(self, host: HostSupport) -> float | None:
+        try:
+            if host.cgroup == "v2":
+                stat = dict(line.split() for line in (self.dirs["cpu"] / "cpu.stat").read_text().splitlines())
+                return int(stat["usage_usec"]) / 1e6
+            if "cpuacct" in self.dirs:
+                return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, KeyError, ValueError):
+            return None
+        return None
+
+    def peak_memory(self, host: HostSupport) -> int | None:
+        if "memory" not in self.dirs:
+            return None
+        name = "memory.peak" if host.cgroup == "v2" else "memory.max_usage_in_bytes"
+        try:
+            return int((self.dirs["memory"] / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        for path in set(self.dirs.values()):
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def _tree_size(root: Path, skip: Path) -> int:
+    total = 0
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if Path(entry.path) != skip:
+                        stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+async def _watch_disk(root: Path, skip: Path, start: int, limit: int, proc_pgid: list[int],
+                      tripped: list[str]) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        grown = await asyncio.to_thread(_tree_size, root, skip) - start
+        if grown > limit:
+            tripped.append("disk")
+            for pgid in proc_pgid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+            return
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after ')' start at state; pgrp is the 3rd
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+async def _throttle(pgid: int, fraction: float, window: float = 0.2) -> None:
+    """Hold a process group to ``fraction`` of one CPU by stopping it when it ran ahead."""
+    allowed = 0.0
+    used_before = _group_cpu_seconds(pgid)
+    while True:
+        await asyncio.sleep(window)
+        allowed += window * fraction
+        used = _group_cpu_seconds(pgid) - used_before
+        ahead = used - allowed
+        if ahead > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGSTOP)
+            await asyncio.sleep(ahead / fraction)
+            allowed += (ahead / fraction) * fraction  # time stopped also earns allowance
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGCONT)
+
+
+async def run_sandboxed(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    workspace: Path,
+    state_dir: Path,
+    env: Mapping[str, str],
+    limits: ResourceLimits,
+    timeout: float,
+    network: bool,
+    sandbox: bool,
+    host: HostSupport | None = None,
+    output_limit: int = 64_000,
+) -> tuple[ProcessResult | None, CommandUsage, SandboxPlan]:
+    """Run ``argv`` with every declared limit enforced; return its result and measured usage.
+
+    Raises:
+        SandboxRefused: ``sandbox`` is set and a declared limit cannot be enforced here.
+        ToolTimeoutError: the command outlived ``timeout`` (everything it started is killed).
+    """
+    host = host or detect_host()
+    plan = plan_limits(limits, network=network, host=host)
+    if sandbox and plan.missing:
+        raise SandboxRefused(
+            "this host cannot enforce " + ", ".join(plan.missing)
+            + " (the spec sets sandbox: true, so the command may not run unconfined); see `toka doctor`"
+        )
+    wrapped: list[str] = []
+    if sandbox and not network and host.netns:
+        wrapped += ["unshare", "-n", "--"]
+    groups: _Cgroups | None = None
+    if sandbox and host.cgroup:
+        try:
+            groups = _Cgroups.create(host, limits)
+        except OSError as e:
+            raise SandboxRefused(f"cannot set up the command's cgroup: {e}") from None
+    prlimits: list[str] = []
+    if sandbox and host.prlimit:
+        if limits.max_memory is not None and "memory" not in host.cgroup_root:
+            prlimits.append(f"--as={limits.max_memory.bytes}")
+        if limits.max_disk_usage is not None:
+            prlimits.append(f"--fsize={limits.max_disk_usage.bytes}")
+    if groups is not None or prlimits:
+        joins = "".join(f'echo $$ > "{f}" && ' for f in (groups.procs_files if groups else []))
+        inner = ["prlimit", *prlimits, "--"] if prlimits else []
+        wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *inner]
+    full = [*wrapped, *argv]
+
+    disk_start = _tree_size(workspace, state_dir) if limits.max_disk_usage is not None else None
+    tripped: list[str] = []
+    watchers: list[asyncio.Task[None]] = []
+    pgid_box: list[int] = []
+    started = time.monotonic()
+    rusage_before = os.times()
+    result: ProcessResult | None = None
+    timed_out: ToolTimeoutError | None = None
+    try:
+        proc_task = asyncio.create_task(
+            run_process(full, cwd=cwd, env=env, timeout=timeout, output_limit=output_limit,
+                        on_start=pgid_box.append, label=argv)
+        )
+        while not pgid_box and not proc_task.done():
+            await asyncio.sleep(0.005)
+        if pgid_box and sandbox:
+            if limits.max_disk_usage is not None and disk_start is not None:
+                watchers.append(asyncio.create_task(
+                    _watch_disk(workspace, state_dir, disk_start, limits.max_disk_usage.bytes, pgid_box, tripped)))
+            if limits.max_cpu is not None and "cpu" not in host.cgroup_root:
+                watchers.append(asyncio.create_task(_throttle(pgid_box[0], limits.max_cpu.fraction)))
+        try:
+            result = await proc_task
+        except ToolTimeoutError as e:
+            tripped.append("timeout")
+            timed_out = e
+    finally:
+        for w in watchers:
+            w.cancel()
+        for pgid in pgid_box:  # a throttled group must not stay stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGCONT)
+        usage_cpu = groups.cpu_seconds(host) if groups else None
+        peak = groups.peak_memory(host) if groups else None
+        if groups is not None:
+            groups.kill_all()  # whatever left the process group (setsid) dies here
+            groups.remove()
+        after = os.times()
+        if usage_cpu is None:  # approximate: every child this process reaped meanwhile
+            usage_cpu = (after.children_user - rusage_before.children_user) + (
+                after.children_system - rusage_before.children_system)
+        grown = (_tree_size(workspace, state_dir) - disk_start) if disk_start is not None else None
+        usage = CommandUsage(
+            wall_s=time.monotonic() - started,
+            cpu_s=usage_cpu,
+            peak_memory_bytes=peak,
+            disk_growth_bytes=grown,
+            exit_code=result.exit_code if result else None,
+            signal=result.signal if result else None,
+            killed_for=tripped[0] if tripped else None,
+        )
+    if timed_out is not None:
+        timed_out.toka_command_usage = usage  # type: ignore[attr-defined]  # for the audit record
+        raise timed_out
+    return result, usage, plan
