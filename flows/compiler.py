@@ -21,6 +21,9 @@ from prefect.artifacts import (
 )
 from prefect.context import TagsContext
 from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import apause_flow_run
+from prefect.input import RunInput
 from prefect.states import State
 
 from tasks.llm_step import StepInput, is_retryable, llm_step
@@ -29,6 +32,7 @@ from toka.errors import AgentFailedError, BudgetExceededError, TokaError
 from toka.model import Usage
 from toka.progress import ProgressEvent, notify
 from toka.budget import current_ledger
+from toka.policy import approval_keys
 from toka.providers import get_model
 from toka.report import agent_markdown
 from toka.results import AgentReport, TaskOutcome, TaskRecord
@@ -173,6 +177,40 @@ async def _run_tasks(
     return records, failure or skipped, fatal
 
 
+class ApprovalInput(RunInput):
+    """What a person answers when an agent pauses for approval in the Prefect UI."""
+
+    approve: bool = False
+    note: str = ""
+
+
+async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
+    """Before the agent's first task: settle the approvals its capabilities may need.
+
+    Decided in advance (--approve/--deny) they stand; in deployment runs a
+    person is asked through a paused flow run, and silence until the timeout
+    is a denial; otherwise (in-process runs) undecided means denied.
+    """
+    keys = [k for k in approval_keys(spec, run.needs_approval) if k not in run.approve and k not in run.deny]
+    if not keys:
+        return run
+    approved = False
+    if run.pause_for_approval:
+        # The pause counts against the agent's own timeout, so it must end well before it.
+        limit = max(1, int(min(run.approval_timeout, spec.security.resource_limits.timeout.seconds / 2)))
+        question = ApprovalInput.with_initial_data(
+            description=f"Agent **{spec.name}** may use: **{', '.join(keys)}**. Approve for this run? "
+                        f"(no answer within {limit} s counts as a denial)",
+        )
+        try:
+            answer = await apause_flow_run(wait_for_input=question, timeout=limit, key=f"approve-{spec.name}")
+            approved = bool(answer and answer.approve)
+        except FlowPauseTimeout:
+            approved = False
+    update = {"approve": (*run.approve, *keys)} if approved else {"deny": (*run.deny, *keys)}
+    return run.model_copy(update=update)
+
+
 def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     """One async Prefect flow for ``spec``, named after ``metadata.name``.
 
@@ -184,6 +222,7 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
 
     async def run_agent(run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None) -> AgentReport:
         started = time.monotonic()
+        run = await _ask_approvals(spec, run)
         tasks = spec.task_list(run.contexts)
         announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
         progress = await acreate_progress_artifact(

@@ -38,6 +38,7 @@ from toka.errors import ConfigError, PipelineFailedError, RunFailedError
 from toka.graph import AgentGraph
 from toka.limits import LimitSettings, check_limits
 from toka.plan import make_plan
+from toka.policy import check_unsandboxed
 from toka.progress import ProgressEvent
 from toka.budget import Ledger, use_ledger
 from toka.model import Usage
@@ -161,6 +162,10 @@ async def pipeline(
         approval_timeout=approval_timeout,
     )
     plan = make_plan(specs, agents=agents)
+    check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
+    ctx = FlowRunContext.get()
+    if ctx and ctx.flow_run and ctx.flow_run.deployment_id is not None:
+        run = run.model_copy(update={"pause_for_approval": True})  # a person can answer in the UI
     limits = LimitSettings(run.requests_per_minute, run.concurrent_requests)
     if limits.uses_server and not choose_model(run).offline:
         missing = await check_limits(limits)

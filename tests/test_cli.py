@@ -101,8 +101,10 @@ class TestPlan:
         first = plan["agents"][0]
         assert list(first) == [
             "name", "title", "source", "priority", "domain", "workstream", "wave", "tasks",
-            "conditional_tasks", "requires", "optional", "capabilities", "sandbox", "limits",
+            "conditional_tasks", "requires", "optional", "capabilities", "capability_status", "sandbox", "limits",
         ]
+        assert first["capability_status"]["ci-integration"] == "declared, not tool-backed"
+        assert first["capability_status"]["filesystem-read"] == "tool-backed: read_file, list_dir, search_files"
         assert first["limits"] == {
             "timeout_seconds": 7200.0,
             "max_memory_bytes": 512 * 1024**2,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.markup import escape
 
 from .errors import Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
+from .policy import DEFAULT_NEEDS_APPROVAL, approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
 from .config import RunConfig
 from .limits import LimitSettings
@@ -106,8 +108,14 @@ def validate(paths: PathsArg = None) -> None:
     """Check spec files and their dependencies; print one line per agent."""
     with _user_errors():
         plan = make_plan(_paths(paths))
-    for name in plan.graph.agents:
+    from .capabilities import capability_status
+
+    for name, spec in plan.graph.agents.items():
         out.print(f"[green]ok[/green] {_agent_line(plan, name)}")
+        untooled = [c for c in spec.security.capabilities_required
+                    if capability_status(c) == "declared, not tool-backed"]
+        if untooled:
+            out.print(f"   declared, not tool-backed: {escape(', '.join(untooled))}")
     for problem in plan.warnings:
         _print_problem(problem)
     n, w = len(plan.graph), len(plan.warnings)
@@ -128,6 +136,8 @@ def plan(
     if as_json:
         out.print_json(json.dumps(result.to_dict()), highlight=False)
         return
+    from .capabilities import capability_status
+
     graph = result.graph
     out.print(f"{len(graph)} agents in {len(result.waves)} waves")
     step = 0
@@ -144,7 +154,10 @@ def plan(
             )
             out.print(f"     requires: {_deps(graph.upstream(name, 'required'))}"
                       f"  optional: {_deps(graph.upstream(name, 'optional'))}")
-            caps = ", ".join(spec.security.capabilities_required) or "-"
+            caps = ", ".join(
+                c + ("" if capability_status(c).startswith("tool-backed") else " (declared, not tool-backed)")
+                for c in spec.security.capabilities_required
+            ) or "-"
             sandbox = "" if spec.security.sandbox else "  [yellow](sandbox: false)[/yellow]"
             out.print(f"     capabilities: {escape(caps)}{sandbox}")
     if graph.edges:
@@ -236,6 +249,14 @@ def run(
     task_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one task may spend.")] = None,
     agent_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one agent may spend.")] = None,
     pipeline_budget: Annotated[int | None, typer.Option(min=1, help="Tokens the whole run may spend.")] = None,
+    allow_unsandboxed: Annotated[
+        bool, typer.Option("--allow-unsandboxed", help="Let agents whose spec says sandbox: false run commands.")
+    ] = False,
+    approve: Annotated[
+        list[str] | None,
+        typer.Option("--approve", help="Approve a use in advance: network-access, git-push, write-outside-paths."),
+    ] = None,
+    deny: Annotated[list[str] | None, typer.Option("--deny", help="Deny a use in advance (repeatable).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
 ) -> None:
     """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
@@ -251,6 +272,8 @@ def run(
         else:
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
                                      contexts=list(context or ()), run_key=run_key)
+        check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
+        approve_list, deny_list = _settle_approvals(plan, list(approve or ()), list(deny or ()))
         record.save(space.state_dir)
     err.print(describe_choice(chosen))
     verb = "resuming run" if resume else "run"
@@ -266,6 +289,7 @@ def run(
         api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
         concurrent_requests=concurrent_requests, in_process_requests=in_process_requests,
         task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
+        allow_unsandboxed=allow_unsandboxed, approve=approve_list, deny=deny_list,
     )
     view = _LiveView(plan)
     try:
@@ -281,6 +305,72 @@ def run(
     if json_file is not None:
         json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
     raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)
+
+
+def _settle_approvals(plan: Plan, approve: list[str], deny: list[str]) -> tuple[list[str], list[str]]:
+    """Ask on a terminal about approvals the agents may need and nobody decided; else they are denied."""
+    unknown = sorted(set(approve + deny) - set(DEFAULT_NEEDS_APPROVAL))
+    if unknown:
+        raise TokaError(f"--approve/--deny take {', '.join(DEFAULT_NEEDS_APPROVAL)}; got {', '.join(unknown)}")
+    wanted: dict[str, list[str]] = {}
+    for name, spec in plan.graph.agents.items():
+        for key in approval_keys(spec, DEFAULT_NEEDS_APPROVAL):
+            wanted.setdefault(key, []).append(name)
+    for key, agents in sorted(wanted.items()):
+        if key in approve or key in deny:
+            continue
+        if sys.stdin.isatty() and err.is_terminal:
+            question = f"{', '.join(agents)} may use {key!r} in this run. Approve?"
+            (approve if typer.confirm(question, default=False, err=True) else deny).append(key)
+        else:
+            err.print(f"[yellow]not approved:[/yellow] {key} (needed by {', '.join(agents)}); "
+                      f"it is denied unless you pass --approve {key}")
+    return approve, deny
+
+
+@app.command()
+def doctor() -> None:
+    """Show which mechanism enforces each resource limit on this host."""
+    from .sandbox import detect_host
+
+    host = detect_host()
+    rows = [("wall-clock timeout", "timeout"), ("max_memory", "memory"), ("max_cpu", "cpu"),
+            ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network")]
+    out.print(f"cgroups: {host.cgroup or 'not available'}"
+              + (f" ({', '.join(sorted(host.cgroup_root))})" if host.cgroup_root else ""))
+    for label, key in rows:
+        how = host.mechanism(key)
+        shown = how or "[red]none: commands of agents with sandbox: true that declare it are refused[/red]"
+        out.print(f"  {label:<20} {shown}")
+
+
+@app.command()
+def audit(
+    run_id: Annotated[str | None, typer.Option("--run", help="Run key (default: the last run here).")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's tool calls.")] = None,
+    workspace: Annotated[Path, typer.Option(help="Workspace whose audit trail to read.")] = Path("."),
+    all_runs: Annotated[bool, typer.Option("--all", help="Every recorded run.")] = False,
+) -> None:
+    """Print the tool-call audit trail as a table."""
+    from rich.table import Table
+
+    from .audit import read_audit
+
+    with _user_errors():
+        space = Workspace(workspace)
+        key = None if all_runs else (run_id or RunRecord.load_last(space.state_dir).run_key)
+    rows = list(read_audit(space.state_dir, run=key, agent=agent))
+    table = Table(title=f"audit: run {key or 'all'}" + (f", agent {agent}" if agent else ""), title_justify="left")
+    for column in ("time", "agent", "task", "tool", "decision", "arguments", "exit", "duration", "note"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        args = json.dumps(r.get("arguments", {}), ensure_ascii=False)
+        table.add_row(r["ts"][11:23], str(r.get("agent", "")), str(r.get("task", "")), str(r.get("tool", "")),
+                      str(r.get("decision", "")), escape(args[:80]),
+                      "" if r.get("exit_code") is None else str(r["exit_code"]),
+                      f"{r.get('duration_s', 0):.2f}s", escape(str(r.get("reason") or ""))[:80])
+    out.print(table)
+    out.print(f"{len(rows)} tool calls, {sum(r.get('decision') == 'refused' for r in rows)} refused")
 
 
 limits_app = typer.Typer(help="Model request limits shared by every worker (Prefect global concurrency limits).",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .capabilities import capability_status
 from .errors import Problem
 from .graph import AgentGraph, Edge
 from .spec import AgentSpec
@@ -70,6 +71,7 @@ class Plan:
             "requires": self.graph.upstream(name, "required"),
             "optional": self.graph.upstream(name, "optional"),
             "capabilities": list(spec.security.capabilities_required),
+            "capability_status": {c: capability_status(c) for c in spec.security.capabilities_required},
             "sandbox": spec.security.sandbox,
             "limits": limits_dict(spec),
         }

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .errors import ToolError
 from .spec import AgentSpec, ResourceLimits
 
-__all__ = ["DEFAULT_NEEDS_APPROVAL", "AgentPolicy", "ApprovalDenied", "approval_keys"]
+__all__ = ["DEFAULT_NEEDS_APPROVAL", "AgentPolicy", "ApprovalDenied", "approval_keys", "check_unsandboxed"]
 
 #: Uses that pause for a person before the first one in a run (configurable per run).
 DEFAULT_NEEDS_APPROVAL: tuple[str, ...] = ("network-access", "git-push", "write-outside-paths")
@@ -70,3 +70,21 @@ def approval_keys(spec: AgentSpec, needs_approval: frozenset[str] | tuple[str, .
     if spec.security.write_paths and caps & {"filesystem-write", "file-system-write"}:
         keys.append("write-outside-paths")
     return [k for k in keys if k in needs_approval]
+
+
+def check_unsandboxed(specs: list[AgentSpec], *, allowed: bool) -> None:
+    """Agents that would run commands without the sandbox need the run's explicit consent.
+
+    Raises:
+        ConfigError: naming them, unless ``allowed``.
+    """
+    from .commands import COMMAND_CAPABILITIES
+    from .errors import ConfigError
+
+    risky = [s.name for s in specs
+             if not s.security.sandbox and set(s.security.capabilities_required) & set(COMMAND_CAPABILITIES)]
+    if risky and not allowed:
+        raise ConfigError(
+            f"{', '.join(risky)}: the spec sets sandbox: false and grants commands; "
+            "run with --allow-unsandboxed (deployment parameter allow_unsandboxed) to let them run unconfined"
+        )
