@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max attempts {args.max_attempts}")
     print(f"python {platform.python_version()}, prefect {prefect.__version__}, anthropic {anthropic.__version__}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs; model id {default_model()} (loopback); API: {api}")
-    print(f"import prefect + toka (once, not timed below): {IMPORT_SECONDS:.2f} s")
+    print(f"import prefect + toka (once, not timed below): {IMPORT_SECONDS:.2f} s; 1-minute load average "
+          f"{os.getloadavg()[0]:.2f}")
     print()
     print("runs (each: fresh run key, loopback server and workspace), alternating fault-free / faulty:", flush=True)
     uncached, clean, faulty = asyncio.run(all_runs(Bench(args), args))
@@ -349,8 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"faulty / fault-free: {ratio:.3f}x wall time, median of per-round ratios ({_fmt(ratios, '.3f')}), "
           f"{min(fw) / min(cw):.3f}x best/best; extra time {statistics.median(b - a for a, b in zip(cw, fw)):.2f} s "
           f"(median per round)")
+    task_ratio = statistics.median(ft) / statistics.median(ct)
     print(f"faulty / fault-free mean task time (TaskRecord.duration_s; less exposed to scheduling noise): "
-          f"{statistics.median(ft) / statistics.median(ct):.3f}x")
+          f"{task_ratio:.3f}x")
+    spread_c, spread_f = max(cw) / min(cw) - 1, max(fw) / min(fw) - 1
+    load = os.getloadavg()[0]
+    print(f"noise: wall times spread {spread_c:.0%} fault-free, {spread_f:.0%} faulty (max/min - 1); 1-minute load "
+          f"average now {load:.2f} on {os.cpu_count()} CPUs" + (
+              "; above 10%: the wall-time ratio is unreliable, try --repeat 4 on a quiet machine"
+              if max(spread_c, spread_f) > 0.1 else ""))
     print()
 
     # -- HTTP attempts
@@ -417,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     print("served from cache per agent: " + ", ".join(f"{n} ({k} tasks) {s:.0%}" for n, k, s in agents_share))
     print()
 
-    print(f"faults: {args.fault_rate:.0%} fault rate costs {ratio:.2f}x wall time; {att:.2f} HTTP attempts per "
-          f"logical call (most {worst}, bound {args.max_attempts})")
+    print(f"faults: {args.fault_rate:.0%} fault rate costs {ratio:.2f}x wall time (mean task time {task_ratio:.2f}x); "
+          f"{att:.2f} HTTP attempts per logical call (most {worst}, bound {args.max_attempts})")
     print(f"caching: {share:.0%} of input tokens served from cache; input-side cost {cost_ratio:.2f}x of uncached "
           f"(estimate)")
     return 0

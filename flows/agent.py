@@ -18,9 +18,10 @@ from typing import Any
 from prefect import flow, tags
 
 from flows.compiler import agent_tags, compile_agent
-from flows.pipeline import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome, Mode, pipeline
+from flows.pipeline import Mode, pipeline
 from toka.budget import Ledger, use_ledger
 from toka.config import RunConfig
+from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
 from toka.errors import AgentFailedError, ConfigError, UnknownAgentError
 from toka.plan import make_plan
 from toka.results import AgentReport, PipelineSummary

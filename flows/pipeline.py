@@ -30,7 +30,6 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 from prefect.states import State
-from pydantic import BaseModel
 
 from flows.compiler import agent_tags, announce, compile_agent
 from toka.config import DEFAULT_RETRIES, RunConfig
@@ -41,17 +40,17 @@ from toka.plan import make_plan
 from toka.policy import check_unsandboxed
 from toka.progress import ProgressEvent
 from toka.budget import Ledger, use_ledger
+# Not defined here: a deployment loads this file under another module name, and the
+# runner's pickled result must match the class the pipeline checks against.
+from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
 from toka.model import Usage
 from toka.providers import choose_model
 from toka.report import pipeline_markdown
 from toka.results import AgentReport, PipelineSummary, TaskRecord
 
-__all__ = ["AGENT_RUNNER_DEPLOYMENT", "AgentRunOutcome", "Distributed", "Mode", "pipeline", "run_agents"]
+__all__ = ["Distributed", "Mode", "pipeline", "run_agents"]
 
 Mode = Literal["in-process", "distributed"]
-
-#: The deployment that runs one agent for a distributed pipeline (``flows/agent.py:agent_runner``).
-AGENT_RUNNER_DEPLOYMENT = "toka-agent-runner/distributed"
 
 
 @flow(
@@ -193,20 +192,6 @@ class Distributed:
     """Seconds between reads of a running agent's state."""
 
 
-class AgentRunOutcome(BaseModel):
-    """What the agent-runner deployment returns: the agent's report and what it charged.
-
-    On failure the runner re-raises the agent's exception instead, with the same
-    two numbers attached as ``toka_charged`` and ``toka_spent`` (they pickle).
-    """
-
-    report: AgentReport
-    charged: Usage = Usage()
-    """Every model request of the agent, failed attempts included (for the pipeline ledger)."""
-    spent: int = 0
-    """Tokens the agent added to the pipeline budget's spending (replayed tasks included)."""
-
-
 #: Runs one agent with its upstream results; returns the run's result (an
 #: AgentReport or the exception it failed with) and its state message.
 AgentExecutor = Callable[[str, dict[str, dict[str, Any]]], Awaitable[tuple[Any, str]]]
@@ -240,6 +225,13 @@ def _in_process(graph: AgentGraph, run: RunConfig) -> AgentExecutor:
 
 def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledger: Ledger) -> AgentExecutor:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.deployments import arun_deployment
     from prefect.states import Cancelling
 
@@ -247,27 +239,60 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
     if run.model == "auto" and chosen.provider != "override":
         # Decide here, once: a worker without the key must fail, not quietly run offline.
         run = run.model_copy(update={"model": chosen.model})
+    earlier: dict[str, Any] | None = None
+    lookup = asyncio.Lock()
+
+    async def earlier_run(client: Any, name: str) -> Any:
+        """This agent's run from an earlier attempt of this pipeline run (a UI retry), if any."""
+        nonlocal earlier
+        ctx = FlowRunContext.get()
+        if not ctx or not ctx.flow_run or ctx.flow_run.run_count <= 1:
+            return None
+        async with lookup:
+            if earlier is None:
+                earlier = {}
+                deployment = await client.read_deployment_by_name(settings.deployment)
+                # limit and sort given explicitly: the server rejects nulls for them.
+                runs = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[ctx.flow_run.id])
+                    ),
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200, offset=0,
+                )
+                for r in sorted(runs, key=lambda r: r.created or r.expected_start_time):
+                    earlier[str(r.parameters.get("agent"))] = r  # the newest wins
+        return earlier.get(name)
 
     async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
         spec = graph.agents[name]
-        parameters = {
-            "agent": name,
-            "specs": settings.specs,
-            "spec_digest": spec.digest(),
-            "run": run.model_dump(mode="json"),
-            "upstream": upstream,
-            "pipeline_spent": ledger.spent,
-        }
-        job_variables = None
-        if run.result_storage:
-            # The runner's own result (the report read below) goes where the tasks' go.
-            job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": run.result_storage}}
         async with get_client() as client:
-            child = await arun_deployment(
-                settings.deployment, client=client, parameters=parameters, timeout=0, as_subflow=True,
-                tags=agent_tags(spec), flow_run_name=name, job_variables=job_variables,
+            # As Prefect does with subflows when a run is retried: an agent that completed in an
+            # earlier attempt is not run again, one still running is waited for, others start afresh.
+            child = await earlier_run(client, name)
+            paid = child is not None and child.state is not None and child.state.is_completed()
+            reused = paid or (child is not None and child.state is not None and not child.state.is_final())
+            if not reused:
+                parameters = {
+                    "agent": name,
+                    "specs": settings.specs,
+                    "spec_digest": spec.digest(),
+                    "run": run.model_dump(mode="json"),
+                    "upstream": upstream,
+                    "pipeline_spent": ledger.spent,
+                }
+                job_variables = None
+                if run.result_storage:
+                    # The runner's own result (the report read below) goes where the tasks' go.
+                    job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": run.result_storage}}
+                child = await arun_deployment(
+                    settings.deployment, client=client, parameters=parameters, timeout=0, as_subflow=True,
+                    tags=agent_tags(spec), flow_run_name=name, job_variables=job_variables,
+                )
+            get_run_logger().info(
+                "agent %s: %s flow run %s of deployment %s", name,
+                "reusing" if reused else "started", child.id, settings.deployment,
             )
-            get_run_logger().info("agent %s: flow run %s of deployment %s", name, child.id, settings.deployment)
             try:
                 while child.state is None or not child.state.is_final():
                     await asyncio.sleep(settings.poll_interval)
@@ -282,9 +307,10 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
             charged, spent, outcome = outcome.charged, outcome.spent, outcome.report
         else:
             charged, spent = getattr(outcome, "toka_charged", None), getattr(outcome, "toka_spent", 0)
-        if isinstance(charged, Usage):
-            ledger.charged = ledger.charged + charged
-        ledger.spent += spent if isinstance(spent, int) else 0
+        if not paid:  # a reused result was paid for by an earlier attempt
+            if isinstance(charged, Usage):
+                ledger.charged = ledger.charged + charged
+            ledger.spent += spent if isinstance(spent, int) else 0
         return outcome, state.message or state.name or ""
 
     return execute

@@ -335,7 +335,8 @@ def doctor() -> None:
 
     host = detect_host()
     rows = [("wall-clock timeout", "timeout"), ("max_memory", "memory"), ("max_cpu", "cpu"),
-            ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network")]
+            ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network"),
+            ("other processes", "processes-visible")]
     out.print(f"cgroups: {host.cgroup or 'not available'}"
               + (f" ({', '.join(sorted(host.cgroup_root))})" if host.cgroup_root else ""))
     for label, key in rows:

@@ -49,9 +49,15 @@ COMMAND_CAPABILITIES: dict[str, tuple[str, ...]] = {
 }
 
 _INTERPRETERS = {"python", "python3", "bash", "sh"}
+# Flags that take no value and carry no code; anything else before the script is refused.
+_PY_FLAGS = {"-u", "-B", "-E", "-s", "-S", "-I", "-O", "-OO", "-q", "-b", "-bb"}
+_SH_FLAGS = {"-e", "-u", "-x", "-v", "-n", "-eu", "-ue", "-ex", "-xe", "-eux", "-exu", "-ux", "-xu"}
+_HARMLESS_FLAGS = {"python": _PY_FLAGS, "python3": _PY_FLAGS, "bash": _SH_FLAGS, "sh": _SH_FLAGS}
 _GIT_GLOBAL_REFUSED = ("-c", "--exec-path", "-C", "--git-dir", "--work-tree", "--namespace", "--config-env",
                        "--super-prefix", "--list-cmds")
-_GIT_ARGS_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "-u", "--config", "--template")
+_GIT_ARGS_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "-u", "--config", "--template",
+                     "--open-files-in-pager", "-O", "--ext-diff", "--textconv", "--extcmd", "-x")
+_SQLITE_FUNCTIONS_REFUSED = ("readfile", "writefile", "edit(", "load_extension", "fts3_tokenizer")
 _CARGO_REFUSED = ("--config", "-Z", "--manifest-path")
 
 
@@ -99,10 +105,16 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
     if program == "pytest":
         return need("python-test-execution", "pytest")
     if program in _INTERPRETERS:
-        i, script = _first_operand(args)
-        if script is None or any(a in ("-c", "-m") for a in args[:i]):
+        # Only `interpreter script.ext [args...]`: options before the script could carry
+        # code (-c, -m, --rcfile, -W...), so the script must come first.
+        flags = 0
+        while flags < len(args) and args[flags] in _HARMLESS_FLAGS[program]:
+            flags += 1
+        script = args[flags] if flags < len(args) else None
+        if script is None or script.startswith("-"):
             raise CommandRefused(
-                f"{program} may only run a script file inside the workspace (no -c or -m code)"
+                f"{program} may only run a script file inside the workspace (`{program} path/to/script ...`); "
+                "no -c or -m code, and no options before the script other than plain flags like -u or -e"
             )
         _inside(script, workspace, "the script")
         return need("script-execution", f"running the workspace script {script!r}")
@@ -122,7 +134,8 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
             raise CommandRefused("git options before the subcommand (-c, -C, --git-dir, --exec-path...) "
                                  "are not allowed")
         rest = args[i + 1:]
-        if any(a.split("=")[0] in _GIT_ARGS_REFUSED for a in rest):
+        if any(a.split("=")[0] in _GIT_ARGS_REFUSED or a.startswith(("-O", "--open-files-in-pager"))
+               for a in rest):
             raise CommandRefused("git options that run other programs (--upload-pack, --exec, ...) are not allowed")
         if sub == "config" and not any(a in ("--get", "--get-all", "--list", "-l", "--get-regexp") for a in rest):
             raise CommandRefused("git config may only be read (--get, --list): writing it could make git run "
@@ -132,9 +145,10 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
             return CommandGrant(grant.capability, pushes=True)
         return need("git-access", f"git {sub or ''}".strip())
     if program == "sqlite3":
-        if any(a.startswith(".") or a in ("-cmd", "-init") or "load_extension" in a.lower() for a in args):
-            raise CommandRefused("sqlite3 dot-commands, -cmd, -init and load_extension are not allowed "
-                                 "(they can run programs)")
+        if any(a.startswith(".") or a in ("-cmd", "-init", "-unsafe-testing")
+               or any(f in a.lower() for f in _SQLITE_FUNCTIONS_REFUSED) for a in args):
+            raise CommandRefused("sqlite3 dot-commands, -cmd, -init and the file and program functions "
+                                 "(readfile, writefile, edit, load_extension) are not allowed")
         _, database = _first_operand(args)
         if database is not None:
             _inside(database, workspace, "the database", must_exist=False)
@@ -155,16 +169,32 @@ def _inside(path: str, workspace: Path, what: str, *, must_exist: bool = True) -
 
 
 def _check_paths(args: Sequence[str], workspace: Path) -> None:
-    """No argument may name a place outside the workspace (also as ``--opt=/path``)."""
+    """No argument may name a place outside the workspace.
+
+    Checked: the argument itself, ``--opt=value`` and ``-ovalue`` forms; a value
+    that looks like a path, or names something that exists, is resolved (so a
+    symlink inside the workspace that points out is caught too).
+    """
     for arg in args:
-        for value in (arg, arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else None):
-            if not value:
+        values = [arg]
+        if arg.startswith("-"):
+            if "=" in arg:
+                values.append(arg.split("=", 1)[1])
+            if not arg.startswith("--") and len(arg) > 2:
+                values.append(arg[2:])
+        for value in values:
+            if not value or value.startswith("-"):
                 continue
-            if value.startswith(("/", "~")) or value.startswith("..") or "/../" in value or value.endswith("/.."):
-                target = Path(os.path.expanduser(value))
-                resolved = (target if target.is_absolute() else workspace / target).resolve()
-                if not resolved.is_relative_to(workspace):
-                    raise CommandRefused(f"the argument {arg!r} points outside the workspace")
+            pathlike = value.startswith(("/", "~", "..")) or "/" in value or value == ".."
+            target = Path(os.path.expanduser(value))
+            candidate = target if target.is_absolute() else workspace / target
+            try:
+                exists = candidate.exists() or candidate.is_symlink()
+                resolved = candidate.resolve()
+            except (OSError, RuntimeError):
+                raise CommandRefused(f"the argument {arg!r} cannot be resolved") from None
+            if (pathlike or exists) and not resolved.is_relative_to(workspace):
+                raise CommandRefused(f"the argument {arg!r} points outside the workspace")
 
 
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV")
@@ -213,11 +243,14 @@ class RunCommand(Tool):
         limit = policy.limits.timeout.seconds
         timeout = min(args.timeout or self.default_timeout, limit)
         home = ctx.workspace.state_dir / "home" / (ctx.agent or "agent")
+        argv = list(args.argv)
+        if grant.capability == "database-access":
+            argv.insert(1, "-safe")  # sqlite3's own guard against file and program functions
         try:
             result, usage, plan = await run_sandboxed(
-                args.argv, cwd=cwd, workspace=ctx.workspace.root, state_dir=ctx.workspace.state_dir,
+                argv, cwd=cwd, workspace=ctx.workspace.root, state_dir=ctx.workspace.state_dir,
                 env=scrubbed_env(home), limits=policy.limits, timeout=timeout, network=network,
-                sandbox=policy.sandbox,
+                sandbox=policy.sandbox, extra_disk_dirs=[home],
             )
         except SandboxRefused:
             raise
@@ -226,17 +259,19 @@ class RunCommand(Tool):
             raise
         assert result is not None
         secrets = secret_values()
-        text = [f"exit code: {result.exit_code}" if result.exit_code is not None
-                else f"killed by signal {result.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
+        text = [f"exit code: {usage.exit_code}" if usage.exit_code is not None
+                else f"killed by signal {usage.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
         if usage.killed_for == "disk":
             text.append("the workspace grew past max_disk_usage; the command was killed")
+        if usage.killed_for == "memory":
+            text.append("the command used more than max_memory and was killed")
         if result.stdout:
             text += ["--- stdout ---", redact(result.stdout, secrets)]
         if result.stderr:
             text += ["--- stderr ---", redact(result.stderr, secrets)]
         if result.truncated:
             text.append("[output cut at 64000 bytes per stream]")
-        output = ToolOutput("\n".join(text), is_error=result.exit_code != 0)
+        output = ToolOutput("\n".join(text), is_error=usage.exit_code != 0)
         output.command_usage = usage  # type: ignore[attr-defined]
         output.sandbox = plan.enforced  # type: ignore[attr-defined]
         output.output_bytes = len(result.stdout) + len(result.stderr)  # type: ignore[attr-defined]

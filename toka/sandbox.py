@@ -14,6 +14,8 @@ wall-clock timeout        kill of the process group, and of every process in the
 ``max_processes``         cgroup ``pids.max``
 ``max_disk_usage``        ``RLIMIT_FSIZE`` plus a watch of the workspace's growth
 network (not granted)     a new, empty network namespace (``unshare -n``)
+other processes           a PID namespace with its own ``/proc`` (``unshare -p``): the
+                          runtime's environment (API keys) is out of sight
 ========================  ===========================================================
 
 With ``sandbox: true`` a command runs only when every declared limit (and the
@@ -57,6 +59,8 @@ class HostSupport:
     cgroup_root: dict[str, Path] = field(default_factory=dict)
     """Controller -> directory toka creates its cgroups in."""
     netns: bool = False
+    pidns: bool = False
+    """A PID namespace with its own /proc: commands cannot see (or read the environment of) the runtime."""
     prlimit: bool = False
 
     def mechanism(self, limit: str) -> str | None:
@@ -75,6 +79,8 @@ class HostSupport:
             return "RLIMIT_FSIZE (prlimit) + workspace growth watch" if self.prlimit else "workspace growth watch"
         if limit == "network":
             return "network namespace (unshare -n)" if self.netns else None
+        if limit == "processes-visible":
+            return "PID namespace with its own /proc (unshare -p --mount-proc)" if self.pidns else None
         raise ValueError(limit)
 
 
@@ -85,7 +91,8 @@ CGROUP_PARENT = "toka"
 def detect_host() -> HostSupport:
     """Probe cgroups, network namespaces and prlimit by using them."""
     cgroup, roots = _probe_cgroups()
-    return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_netns(), prlimit=shutil.which("prlimit") is not None)
+    return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"),
+                       pidns=_probe_unshare("-p", "-f", "--mount-proc"), prlimit=shutil.which("prlimit") is not None)
 
 
 def _probe_cgroups() -> tuple[str | None, dict[str, Path]]:
@@ -128,11 +135,11 @@ def _probe_cgroups() -> tuple[str | None, dict[str, Path]]:
     return ("v1", roots) if roots else (None, {})
 
 
-def _probe_netns() -> bool:
+def _probe_unshare(*flags: str) -> bool:
     if shutil.which("unshare") is None:
         return False
     try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -162,6 +169,8 @@ def plan_limits(limits: ResourceLimits, *, network: bool, host: HostSupport) -> 
             missing.append(name)
         else:
             enforced[name] = how
+    if host.pidns:  # hardening where available; no spec limit depends on it
+        enforced["processes-visible"] = host.mechanism("processes-visible") or ""
     return SandboxPlan(enforced=enforced, missing=missing, network=network)
 
 
@@ -176,7 +185,7 @@ class CommandUsage:
     exit_code: int | None
     signal: int | None
     killed_for: str | None = None
-    """timeout, disk, or None."""
+    """timeout, memory, disk, or None."""
 
 
 @dataclass
@@ -255,6 +264,17 @@ class _Cgroups:
             return None
         return None
 
+    def oom_killed(self, host: HostSupport) -> bool:
+        """Whether the memory limit killed a process of the group."""
+        if "memory" not in self.dirs:
+            return False
+        name = "memory.events" if host.cgroup == "v2" else "memory.oom_control"
+        try:
+            fields = dict(line.split() for line in (self.dirs["memory"] / name).read_text().splitlines())
+            return int(fields.get("oom_kill", "0")) > 0
+        except (OSError, ValueError):
+            return False
+
     def peak_memory(self, host: HostSupport) -> int | None:
         if "memory" not in self.dirs:
             return None
@@ -297,11 +317,11 @@ def _tree_size(root: Path, skip: Path) -> int:
     return total
 
 
-async def _watch_disk(root: Path, skip: Path, start: int, limit: int, proc_pgid: list[int],
+async def _watch_disk(measured: list[tuple[Path, Path]], start: int, limit: int, proc_pgid: list[int],
                       tripped: list[str]) -> None:
     while True:
         await asyncio.sleep(0.5)
-        grown = await asyncio.to_thread(_tree_size, root, skip) - start
+        grown = sum([await asyncio.to_thread(_tree_size, r, k) for r, k in measured]) - start
         if grown > limit:
             tripped.append("disk")
             for pgid in proc_pgid:
@@ -356,6 +376,7 @@ async def run_sandboxed(
     sandbox: bool,
     host: HostSupport | None = None,
     output_limit: int = 64_000,
+    extra_disk_dirs: Sequence[Path] = (),
 ) -> tuple[ProcessResult | None, CommandUsage, SandboxPlan]:
     """Run ``argv`` with every declared limit enforced; return its result and measured usage.
 
@@ -365,14 +386,23 @@ async def run_sandboxed(
     """
     host = host or detect_host()
     plan = plan_limits(limits, network=network, host=host)
+    if not sandbox:  # only the timeout applies: say so in the audit record, claim nothing else
+        plan = SandboxPlan(enforced={"timeout": "process-group kill"}, missing=[], network=True)
     if sandbox and plan.missing:
         raise SandboxRefused(
             "this host cannot enforce " + ", ".join(plan.missing)
             + " (the spec sets sandbox: true, so the command may not run unconfined); see `toka doctor`"
         )
     wrapped: list[str] = []
+    namespaces = []
     if sandbox and not network and host.netns:
-        wrapped += ["unshare", "-n", "--"]
+        namespaces.append("-n")
+    if sandbox and host.pidns:
+        # Own PID namespace and /proc: the command cannot read the runtime's environment
+        # through /proc/<ppid>/environ, and everything in it dies with its first process.
+        namespaces += ["-p", "-f", "--mount-proc"]
+    if namespaces:
+        wrapped += ["unshare", *namespaces, "--"]
     groups: _Cgroups | None = None
     if sandbox and host.cgroup:
         try:
@@ -391,7 +421,8 @@ async def run_sandboxed(
         wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *inner]
     full = [*wrapped, *argv]
 
-    disk_start = _tree_size(workspace, state_dir) if limits.max_disk_usage is not None else None
+    measured = [(workspace, state_dir), *((d, Path("/nonexistent")) for d in extra_disk_dirs)]
+    disk_start = sum(_tree_size(r, k) for r, k in measured) if limits.max_disk_usage is not None else None
     tripped: list[str] = []
     watchers: list[asyncio.Task[None]] = []
     pgid_box: list[int] = []
@@ -409,7 +440,7 @@ async def run_sandboxed(
         if pgid_box and sandbox:
             if limits.max_disk_usage is not None and disk_start is not None:
                 watchers.append(asyncio.create_task(
-                    _watch_disk(workspace, state_dir, disk_start, limits.max_disk_usage.bytes, pgid_box, tripped)))
+                    _watch_disk(measured, disk_start, limits.max_disk_usage.bytes, pgid_box, tripped)))
             if limits.max_cpu is not None and "cpu" not in host.cgroup_root:
                 watchers.append(asyncio.create_task(_throttle(pgid_box[0], limits.max_cpu.fraction)))
         try:
@@ -425,6 +456,8 @@ async def run_sandboxed(
                 os.killpg(pgid, signal.SIGCONT)
         usage_cpu = groups.cpu_seconds(host) if groups else None
         peak = groups.peak_memory(host) if groups else None
+        if groups is not None and groups.oom_killed(host):
+            tripped.append("memory")
         if groups is not None:
             groups.kill_all()  # whatever left the process group (setsid) dies here
             groups.remove()
@@ -432,14 +465,16 @@ async def run_sandboxed(
         if usage_cpu is None:  # approximate: every child this process reaped meanwhile
             usage_cpu = (after.children_user - rusage_before.children_user) + (
                 after.children_system - rusage_before.children_system)
-        grown = (_tree_size(workspace, state_dir) - disk_start) if disk_start is not None else None
+        grown = (sum(_tree_size(r, k) for r, k in measured) - disk_start) if disk_start is not None else None
         usage = CommandUsage(
             wall_s=time.monotonic() - started,
             cpu_s=usage_cpu,
             peak_memory_bytes=peak,
             disk_growth_bytes=grown,
-            exit_code=result.exit_code if result else None,
-            signal=result.signal if result else None,
+            # Under a PID namespace the kernel's kill shows up as unshare's own exit;
+            # the cgroup knows what really happened.
+            exit_code=None if "memory" in tripped else (result.exit_code if result else None),
+            signal=signal.SIGKILL if "memory" in tripped else (result.signal if result else None),
             killed_for=tripped[0] if tripped else None,
         )
     if timed_out is not None:

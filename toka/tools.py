@@ -259,7 +259,7 @@ class WriteFile(Tool):
         if len(data) > self.size_limit:
             return ToolOutput(f"refused: {len(data)} bytes is over the {self.size_limit}-byte limit",
                               is_error=True)
-        path = ctx.workspace.resolve(args.path, kind="new")
+        path = ctx.workspace.resolve_for_write(args.path)
         if path.is_dir():
             return ToolOutput(f"{args.path!r} is a directory", is_error=True)
         rel = ctx.workspace.relative(path)
@@ -287,7 +287,9 @@ class EditFile(Tool):
     Input = EditFileArgs
 
     async def run(self, args: EditFileArgs, ctx: ToolContext) -> ToolOutput:
-        path = ctx.workspace.resolve(args.path, kind="file")
+        path = ctx.workspace.resolve_for_write(args.path)
+        if not path.is_file():
+            return ToolOutput(f"{args.path!r} is not an existing file", is_error=True)
         rel = ctx.workspace.relative(path)
         if ctx.policy is not None:
             ctx.policy.check_write(rel)

@@ -69,6 +69,17 @@ class Workspace:
             raise PathRefused(f"{path!r} is a file, not a directory")
         return real
 
+    def resolve_for_write(self, path: str) -> Path:
+        """Like :meth:`resolve` for a file to write; version-control internals are refused too.
+
+        Writing ``.git/config`` or ``.git/hooks`` would make later git commands run
+        programs of the model's choosing.
+        """
+        real = self.resolve(path, kind="new")
+        if any(part == ".git" for part in real.relative_to(self.root).parts):
+            raise PathRefused(f"{path!r} is inside .git; version-control internals are not writable")
+        return real
+
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, with forward slashes (``.`` for the root)."""
         rel = path.relative_to(self.root).as_posix()

@@ -1,0 +1,633 @@
+"""Deployments as users run them: `prefect.yaml`, a real server, `prefect deploy --all`, workers.
+
+The fast tests check `prefect.yaml` and its generator. The slow ones start a real
+`prefect server start` on a loopback port with a fresh PREFECT_HOME, create the
+process work pool from `deployments/process-pool.json`, run `prefect --no-prompt
+deploy --all` from the repository root, and drive runs with the `prefect` CLI and
+workers, reading states, results and artifacts back through the REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from toka.deployments import (
+    AGENT_ENTRYPOINT,
+    AGENT_RUNNER_DEPLOYMENT,
+    BEGIN_MARKER,
+    END_MARKER,
+    render_deployments,
+    sync_deployments,
+)
+from toka.errors import ConfigError
+from toka.plan import make_plan
+
+from .conftest import AGENT_SPECS, ROOT, minimal_spec
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+PREFECT_YAML = ROOT / "prefect.yaml"
+AGENTS = ["repo-survey", "dependency-audit", "test-health", "docs-refresh", "release-notes"]
+
+
+# -- prefect.yaml and its generator (fast) ------------------------------------------------------
+
+
+def test_committed_prefect_yaml_is_current() -> None:
+    """`toka deployments --check` in CI: the per-agent deployments match agent_specs/."""
+    assert sync_deployments(PREFECT_YAML, [AGENT_SPECS], check=True) is False, (
+        "prefect.yaml is out of date with agent_specs/; regenerate it with: toka deployments"
+    )
+
+
+def test_prefect_yaml_declares_the_documented_deployments() -> None:
+    document = yaml.safe_load(PREFECT_YAML.read_text())
+    assert document["definitions"]["work_pools"]["toka"]["name"] == "toka-local"
+    nightly_schedule = document["definitions"]["schedules"]["nightly"]
+    assert nightly_schedule["cron"] == "0 2 * * *" and nightly_schedule["timezone"]
+    deployments = {d["name"]: d for d in document["deployments"]}
+    assert set(deployments) == {"toka-pipeline", "toka-nightly", "distributed", *AGENTS}
+    pipeline, nightly = deployments["toka-pipeline"], deployments["toka-nightly"]
+    assert pipeline["entrypoint"] == nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert nightly["schedules"] == [nightly_schedule] and not pipeline["schedules"]
+    for name in ("toka-pipeline", *AGENTS):  # a fresh clone runs with no API key
+        assert deployments[name]["parameters"]["model"] == "offline"
+    assert deployments["distributed"]["entrypoint"] == "flows/agent.py:agent_runner"
+    for agent in AGENTS:
+        d = deployments[agent]
+        assert d["entrypoint"] == AGENT_ENTRYPOINT and d["parameters"]["agent"] == agent
+        assert d["work_pool"] == pipeline["work_pool"]
+    # `{{ $PWD }}` is filled in by `prefect deploy`: the checkout it ran in.
+    assert document["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
+    ]
+
+
+def test_entrypoints_are_the_flows_the_deployments_name() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.agent import agent, agent_runner
+    from flows.pipeline import pipeline
+
+    assert (pipeline.name, agent.name, agent_runner.name) == ("toka-pipeline", "toka-agent", "toka-agent-runner")
+    assert AGENT_RUNNER_DEPLOYMENT == "toka-agent-runner/distributed"
+    # Prefect validates parameters against these schemas and shows them as a form in the UI.
+    for fl in (pipeline, agent, agent_runner):
+        schema = parameter_schema(fl.fn).model_dump_for_openapi()
+        missing = [name for name, prop in schema["properties"].items() if not prop.get("description")]
+        assert not missing, f"{fl.name}: parameters without a description: {missing}"
+    props = parameter_schema(pipeline.fn).model_dump_for_openapi()["properties"]
+    assert props["mode"]["enum"] == ["in-process", "distributed"]
+    assert props["max_concurrency"]["type"] == "integer"
+
+
+def test_process_pool_template_is_the_process_worker_template() -> None:
+    template = json.loads((ROOT / "deployments" / "process-pool.json").read_text())
+    assert template["job_configuration"]["command"] == "{{ command }}"
+    assert {"env", "working_dir", "command"} <= set(template["variables"]["properties"])
+
+
+def test_sync_rewrites_only_the_generated_block(tmp_path: Path, write_specs: Any) -> None:
+    specs = write_specs(minimal_spec("alpha", priority="high"), minimal_spec("beta", required=["alpha"]))
+    target = tmp_path / "prefect.yaml"
+    target.write_text(PREFECT_YAML.read_text())
+    before, after = PREFECT_YAML.read_text().split(BEGIN_MARKER)[0], PREFECT_YAML.read_text().split(END_MARKER)[1]
+
+    assert sync_deployments(target, [specs], check=True) is True
+    assert target.read_text() == PREFECT_YAML.read_text()  # --check writes nothing
+    assert sync_deployments(target, [specs]) is True
+    text = target.read_text()
+    assert text.startswith(before) and text.endswith(after)
+    deployments = {d["name"]: d for d in yaml.safe_load(text)["deployments"]}
+    assert {"alpha", "beta"} <= set(deployments) and not set(AGENTS) & set(deployments)
+    assert deployments["beta"]["parameters"]["specs"] == ["specs"]  # relative to prefect.yaml's directory
+    assert "requires" not in deployments["beta"]["parameters"]
+    assert "(alpha)" in deployments["beta"]["description"]
+    assert sync_deployments(target, [specs]) is False  # idempotent
+    assert sync_deployments(target, [specs], check=True) is False
+
+
+def test_sync_needs_the_markers(tmp_path: Path) -> None:
+    target = tmp_path / "prefect.yaml"
+    target.write_text("deployments: []\n")
+    with pytest.raises(ConfigError, match="expected one '# BEGIN toka deployments"):
+        sync_deployments(target, [AGENT_SPECS])
+    with pytest.raises(ConfigError, match="no such file"):
+        sync_deployments(tmp_path / "missing.yaml", [AGENT_SPECS])
+
+
+def test_render_is_deterministic_and_names_every_agent() -> None:
+    specs = list(make_plan([AGENT_SPECS]).graph.agents.values())
+    block = render_deployments(specs)
+    assert block == render_deployments(list(reversed(specs)))
+    assert [line.split('"')[1] for line in block.splitlines() if line.strip().startswith("- name:")] == sorted(AGENTS)
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kill(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process started with start_new_session, and everything it started."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _check_server_dependencies() -> None:
+    """Fail with the cause, not with a confusing 422 or a scheduler traceback."""
+    from importlib.metadata import version
+
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+    problems = []
+    if parts(version("fastapi")) >= (0, 151):
+        problems.append(f"fastapi {version('fastapi')} (>= 0.151 rejects the nulls Prefect 3.8's client sends: "
+                        "`prefect deploy` fails with 422)")
+    if parts(version("sqlalchemy")) >= (2, 1):
+        problems.append(f"sqlalchemy {version('sqlalchemy')} (2.1 breaks the Prefect 3.8 scheduler: "
+                        "no scheduled runs are created)")
+    if problems:
+        pytest.fail("the Prefect 3.8 server cannot run with " + "; ".join(problems))
+
+
+@dataclass
+class Server:
+    """A `prefect server start` on loopback, with the project deployed to it."""
+
+    url: str
+    home: Path
+    log: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("ANTHROPIC_API_KEY", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "TOKA_OFFLINE_FAULTS",
+                             "TOKA_OFFLINE_REQUEST_LOG", "TOKA_OFFLINE_LATENCY")}
+        return {**base, "PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_COLOR": "1", "COLUMNS": "200",
+                "PWD": str(ROOT), **extra}
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([PREFECT, *args], cwd=ROOT, env=self.env(**env), capture_output=True, text=True,
+                                timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = httpx.request(method, self.url + path, timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def run_deployment(self, name: str, job_variables: dict[str, Any] | None = None, **params: Any) -> str:
+        args = [f"--param={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items()]
+        args += [f"--job-variable={k}={json.dumps(v)}" for k, v in (job_variables or {}).items()]
+        out = self.cli("deployment", "run", name, *args).stdout
+        match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert match, out
+        return match.group(1)
+
+    def worker_once(self, log: Path, timeout: float = 240, **env: str) -> None:
+        """`prefect worker start --run-once`: run what is scheduled now, then exit."""
+        with log.open("a") as out:
+            result = subprocess.run([PREFECT, "worker", "start", "--pool", "toka-local", "--run-once"], cwd=ROOT,
+                                    env=self.env(**env), stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        assert result.returncode == 0, log.read_text()[-3000:]
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/flow_runs/{run_id}")  # type: ignore[no-any-return]
+
+    def wait_final(self, run_id: str, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.flow_run(run_id)
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            assert time.monotonic() < deadline, f"flow run {run_id} still {run['state']['name']}"
+            time.sleep(0.5)
+
+    def children(self, run_id: str) -> list[dict[str, Any]]:
+        """Flow runs started from ``run_id`` (subflows and deployment runs), recursively."""
+        found: list[dict[str, Any]] = []
+        frontier = [run_id]
+        while frontier:
+            runs = self.api("POST", "/flow_runs/filter", json={
+                "flow_runs": {"parent_flow_run_id": {"any_": frontier}},
+                "sort": "START_TIME_ASC", "limit": 200, "offset": 0})
+            found += runs
+            frontier = [r["id"] for r in runs]
+        return found
+
+    def artifacts(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        # Explicit sort and limit: this server rejects the nulls `client.read_artifacts` sends.
+        return self.api("POST", "/artifacts/filter", json={  # type: ignore[no-any-return]
+            "artifacts": {"flow_run_id": {"any_": run_ids}}, "sort": "CREATED_DESC", "limit": 200, "offset": 0})
+
+
+def _start_server(tmp: Path, **env: str) -> tuple[subprocess.Popen[bytes], Server]:
+    home = tmp / "home"
+    home.mkdir()
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    server = Server(url=url, home=home, log=tmp / "server.log")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    with server.log.open("w") as log:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
+                                env=server.env(**env), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=tmp)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill(proc)
+            pytest.fail(f"prefect server did not start:\n{server.log.read_text()[-3000:]}")
+        time.sleep(0.25)
+    return proc, server
+
+
+def _deploy(server: Server) -> None:
+    server.cli("work-pool", "create", "toka-local", "--type", "process",
+               "--base-job-template", str(ROOT / "deployments" / "process-pool.json"))
+    before = PREFECT_YAML.read_bytes()
+    out = server.cli("--no-prompt", "deploy", "--all", timeout=240).stdout
+    assert PREFECT_YAML.read_bytes() == before, "prefect deploy rewrote prefect.yaml"
+    for name in ("toka-pipeline/toka-pipeline", "toka-pipeline/toka-nightly", AGENT_RUNNER_DEPLOYMENT,
+                 *(f"toka-agent/{a}" for a in AGENTS)):
+        assert f"Deployment '{name}' successfully created" in out, out
+
+
+@pytest.fixture(scope="session")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A fresh server (SQLite) with the work pool created and `prefect deploy --all` done."""
+    _check_server_dependencies()
+    started = time.monotonic()
+    proc, server = _start_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        _deploy(server)
+        print(f"server up and deployed in {time.monotonic() - started:.1f}s")
+        yield server
+    finally:
+        _kill(proc)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A small Python repository with the project's own agent specs (absolute paths in parameters)."""
+    ws = tmp_path / "workspace"
+    shutil.copytree(AGENT_SPECS, ws / "agent_specs")
+    (ws / "README.md").write_text("# demo\n\nRun `pytest`.\n")
+    (ws / "pyproject.toml").write_text('[project]\nname = "demo"\ndependencies = ["requests>=2"]\n')
+    (ws / "tests").mkdir()
+    (ws / "tests" / "test_demo.py").write_text("def test_ok():\n    assert True\n")
+    return ws
+
+
+def _params(ws: Path, **extra: Any) -> dict[str, Any]:
+    return {"workspace": str(ws), "specs": [str(ws / "agent_specs")], **extra}
+
+
+def _result(run: dict[str, Any], storage: Path | None = None) -> Any:
+    """The persisted result of a flow run: a file path (local storage) or a key in ``storage`` (a block)."""
+    from prefect._internal.result_records import ResultRecord
+    from prefect.serializers import PickleSerializer
+
+    key = run["state"]["data"]["storage_key"]
+    data = (Path(key) if storage is None else storage / key).read_bytes()
+    return ResultRecord.deserialize(data, backup_serializer=PickleSerializer()).result
+
+
+def _summary(run: dict[str, Any], storage: Path | None = None) -> Any:
+    from toka.errors import PipelineFailedError
+    from toka.results import PipelineSummary
+
+    outcome = _result(run, storage)
+    if isinstance(outcome, PipelineFailedError):
+        outcome = outcome.report
+    assert isinstance(outcome, PipelineSummary), outcome
+    return outcome
+
+
+def _shared_storage_block(server: Server, basepath: Path) -> str:
+    """A LocalFileSystem block (on one machine, a directory stands in for a shared mount)."""
+    code = ("import sys; from prefect.filesystems import LocalFileSystem; "
+            "LocalFileSystem(basepath=sys.argv[1]).save('toka-results', overwrite=True)")
+    result = subprocess.run([sys.executable, "-c", code, str(basepath)], env=server.env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return "local-file-system/toka-results"
+
+
+def _requests(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _task_states(summary: Any) -> dict[tuple[str, int], str]:
+    return {(a.agent, t.index): t.state for a in summary.agents for t in a.tasks}
+
+
+def _artifact_keys(server: Server, run_id: str) -> set[str]:
+    ids = [run_id, *(r["id"] for r in server.children(run_id))]
+    return {a["key"] for a in server.artifacts(ids) if a.get("key")}
+
+
+def _expected_artifacts() -> set[str]:
+    return {"toka-pipeline-report", "toka-pipeline-progress",
+            *(f"{a}-report" for a in AGENTS), *(f"{a}-progress" for a in AGENTS)}
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
+    deployed: Server, workspace: Path, tmp_path: Path
+) -> None:
+    results, log, faults = tmp_path / "results", tmp_path / "requests.jsonl", tmp_path / "faults.txt"
+    worker_env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results), "TOKA_OFFLINE_REQUEST_LOG": str(log),
+                  "TOKA_OFFLINE_FAULTS": str(faults)}
+
+    # A plain run of the pipeline deployment, on the offline model, by one worker.
+    first = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace))
+    deployed.worker_once(tmp_path / "worker.log", **worker_env)
+    run = deployed.flow_run(first)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["model"] == "offline" and run["parameters"]["mode"] == "in-process"
+    summary = _summary(run)
+    assert summary.state == "completed" and summary.offline and summary.run_key == first
+    assert [a.agent for a in summary.agents] == AGENTS
+    assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4 for a in summary.agents)
+    assert _expected_artifacts() <= _artifact_keys(deployed, first)
+    assert any(results.iterdir())  # results went to the worker's storage, not into the checkout
+    assert len(_requests(log)) == summary.usage.requests
+
+    # Results on storage every worker reaches (a filesystem block), so that the retry
+    # below may land on another worker: here one with a different local results path.
+    shared = tmp_path / "shared-results"
+    slug = _shared_storage_block(deployed, shared)
+    on_block = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": slug}}
+
+    # A fault midway: test-health's second (high) task fails, so test-health fails.
+    faults.write_text("test-health:2\n")
+    second = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block, **_params(workspace))
+    deployed.worker_once(tmp_path / "worker.log", **{**worker_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(
+        tmp_path / "worker-1-results")})
+    run = deployed.flow_run(second)
+    assert run["state"]["type"] == "FAILED", run["state"]
+    assert "test-health" in run["state"]["message"]
+    assert run["state"]["data"]["storage_block_id"]
+    failed = _summary(run, shared)
+    health = next(a for a in failed.agents if a.agent == "test-health")
+    assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
+    assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
+    assert all(a.state == "completed" for a in failed.agents if a.agent != "test-health")
+    before_retry = len(_requests(log))
+
+    # Retried as from the UI: the same flow run again, picked up by another worker.
+    faults.unlink()
+    deployed.cli("flow-run", "retry", second)
+    assert deployed.flow_run(second)["state"]["type"] == "SCHEDULED"
+    deployed.worker_once(tmp_path / "worker.log", **{**worker_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(
+        tmp_path / "worker-2-results")})
+    run = deployed.flow_run(second)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["run_count"] == 2
+    assert not (tmp_path / "worker-1-results").exists() and not (tmp_path / "worker-2-results").exists()
+    summary = _summary(run, shared)
+    assert summary.state == "completed" and summary.run_key == second
+    # Only the unfinished tasks asked the model again; test-health's first task was replayed.
+    asked = {(r["agent"], int(r["task"])) for r in _requests(log)[before_retry:]}
+    assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}
+    states = _task_states(summary)
+    assert states[("test-health", 1)] == "cached"
+    assert all(states[("test-health", i)] == "completed" for i in (2, 3, 4))
+
+
+@pytest.mark.slow
+def test_nightly_deployment_is_scheduled(deployed: Server) -> None:
+    deployment = deployed.api("GET", "/deployments/name/toka-pipeline/toka-nightly")
+    [schedule] = deployment["schedules"]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert deployed.api("GET", "/deployments/name/toka-pipeline/toka-pipeline")["schedules"] == []
+    # The server's scheduler creates the upcoming runs (at deployment time, then every 60 s).
+    deadline = time.monotonic() + 90
+    while True:
+        runs = deployed.api("POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC", "limit": 10, "offset": 0})
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert runs, "no scheduled runs of toka-nightly"
+    now = datetime.now(timezone.utc)
+    for run in runs:
+        start = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
+        assert start > now and (start.hour, start.minute) == (2, 0)
+        assert run["parameters"]["model"] == "auto" and "auto-scheduled" in run["tags"]
+
+
+@pytest.mark.slow
+def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -> None:
+    deployment = deployed.api("GET", "/deployments/name/toka-pipeline/toka-pipeline")
+    assert deployment["enforce_parameter_schema"] is True
+    props = deployment["parameter_openapi_schema"]["properties"]
+    assert props["mode"]["enum"] == ["in-process", "distributed"] and props["max_concurrency"]["description"]
+    for bad in ("max_concurrency=lots", "mode=sideways"):
+        result = deployed.cli("deployment", "run", "toka-pipeline/toka-pipeline", f"--param={bad}", check=False)
+        assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
+        assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_distributed_mode_spreads_agents_over_two_workers(
+    deployed: Server, workspace: Path, tmp_path: Path
+) -> None:
+    results, faults = tmp_path / "results", tmp_path / "faults.txt"
+    logs = {"a": tmp_path / "requests-a.jsonl", "b": tmp_path / "requests-b.jsonl"}
+    workers = []
+    try:
+        # Worker a takes the pipeline run and one agent, worker b one agent: the two agents
+        # of wave 2 (dependency-audit, test-health) must then run one on each.
+        for name, limit in (("a", "2"), ("b", "1")):
+            env = deployed.env(PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), TOKA_OFFLINE_REQUEST_LOG=str(logs[name]),
+                               TOKA_OFFLINE_FAULTS=str(faults), TOKA_OFFLINE_LATENCY="0.2",
+                               PREFECT_WORKER_QUERY_SECONDS="1")
+            with (tmp_path / f"worker-{name}.log").open("w") as out:
+                workers.append(subprocess.Popen(
+                    [PREFECT, "worker", "start", "--pool", "toka-local", "--name", f"worker-{name}", "--limit", limit],
+                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+        first = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, mode="distributed"))
+        run = deployed.wait_final(first)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker-a.log").read_text()[-3000:])
+        summary = _summary(run)
+        assert summary.state == "completed" and summary.run_key == first and summary.offline
+        assert [a.agent for a in summary.agents] == AGENTS
+        assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4 for a in summary.agents)
+        assert summary.usage.requests == len(_requests(logs["a"])) + len(_requests(logs["b"]))
+
+        # Each agent was a run of the agent-runner deployment, on both workers.
+        ran_on = {name: {r["agent"] for r in _requests(log)} for name, log in logs.items()}
+        assert ran_on["a"] and ran_on["b"] and ran_on["a"] | ran_on["b"] == set(AGENTS), ran_on
+        runner = deployed.api("GET", f"/deployments/name/{AGENT_RUNNER_DEPLOYMENT}")
+        agent_runs = {r["parameters"]["agent"]: r for r in deployed.children(first)
+                      if r["deployment_id"] == runner["id"]}
+        assert set(agent_runs) == set(AGENTS)
+        # Dependency order: an agent starts after every agent it depends on has finished.
+        graph = make_plan([workspace / "agent_specs"]).graph
+        for edge in graph.edges:
+            assert agent_runs[edge.dependency]["end_time"] <= agent_runs[edge.dependent]["start_time"], edge
+        assert _expected_artifacts() <= _artifact_keys(deployed, first)
+
+        # A fault midway, then a retry: failure propagation and resume as in-process.
+        faults.write_text("test-health:2\n")
+        second = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, mode="distributed"))
+        run = deployed.wait_final(second)
+        assert run["state"]["type"] == "FAILED", run["state"]
+        failed = _summary(run)
+        health = next(a for a in failed.agents if a.agent == "test-health")
+        assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
+        assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
+        assert all(a.state == "completed" for a in failed.agents if a.agent != "test-health")
+        before_retry = {name: len(_requests(log)) for name, log in logs.items()}
+
+        faults.unlink()
+        deployed.cli("flow-run", "retry", second)
+        run = deployed.wait_final(second)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        summary = _summary(run)
+        assert summary.state == "completed"
+        asked = {(r["agent"], int(r["task"])) for name, log in logs.items()
+                 for r in _requests(log)[before_retry[name]:]}
+        assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}
+        assert _task_states(summary)[("test-health", 1)] == "cached"
+    finally:
+        for proc in workers:
+            _kill(proc)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+PG_BIN = shutil.which("pg_ctl") and Path(shutil.which("pg_ctl") or "").resolve().parent
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a loopback port; yields its SQLAlchemy URL."""
+    if not PG_BIN or not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="toka-pg-"))
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = root / "data"
+    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, timeout=120)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "pg.log"),
+                    "-w", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        subprocess.run([*as_user, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        "prefect"], check=True, capture_output=True, timeout=60)
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _concurrent_creations(server: Server, n: int) -> tuple[float, int]:
+    """Create ``n`` runs of a deployment at once; wall time and how often the server said busy."""
+    import asyncio
+
+    async def main() -> tuple[float, int]:
+        busy = 0
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            deployment = (await client.get("/deployments/name/toka-pipeline/toka-pipeline")).json()["id"]
+
+            async def create(i: int) -> None:
+                nonlocal busy
+                while True:  # what Prefect's client does: on 503, wait Retry-After and try again
+                    try:
+                        r = await client.post(f"/deployments/{deployment}/create_flow_run", json={
+                            "name": f"concurrent-{i}",
+                            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}},
+                        })
+                    except httpx.TransportError:
+                        busy += 1
+                        await asyncio.sleep(1)
+                        continue
+                    if r.status_code != 503:
+                        r.raise_for_status()
+                        return
+                    busy += 1
+                    await asyncio.sleep(float(r.headers.get("Retry-After", 2)))
+
+            started = time.monotonic()
+            await asyncio.gather(*(create(i) for i in range(n)))
+            return time.monotonic() - started, busy
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_postgresql_backed_server(
+    postgres: str, deployed: Server, workspace: Path, tmp_path: Path
+) -> None:
+    """The README's scale-out server: deploy, run on a worker, and concurrent run creation."""
+    (tmp_path / "pg-server").mkdir()
+    started = time.monotonic()
+    proc, server = _start_server(tmp_path / "pg-server", PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres)
+    print(f"PostgreSQL-backed server healthy after {time.monotonic() - started:.1f}s")
+    try:
+        _deploy(server)
+        results = tmp_path / "results"
+        run_id = server.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, agents=["repo-survey"]))
+        server.worker_once(tmp_path / "worker.log", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results))
+        run = server.flow_run(run_id)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert [a.agent for a in _summary(run).agents] == ["repo-survey"]
+
+        n = 20
+        pg_seconds, pg_busy = _concurrent_creations(server, n)
+        sqlite_seconds, sqlite_busy = _concurrent_creations(deployed, n)
+        print(f"{n} concurrent run creations: PostgreSQL {pg_seconds:.2f}s ({pg_busy} busy answers), "
+              f"SQLite {sqlite_seconds:.2f}s ({sqlite_busy} busy answers)")
+        assert pg_busy == 0, "a PostgreSQL-backed server should not answer 'busy' to concurrent writes"
+    finally:
+        _kill(proc)
