@@ -21,7 +21,7 @@ from toka.commands import COMMAND_CAPABILITIES, CommandRefused, RunCommand, chec
 from toka.tools import ToolContext, Toolbox
 from toka.workspace import Workspace
 
-from .test_sandbox import FILE_TOOLS, MakeAgent, _git_repo, make_agent, outside  # noqa: F401 (fixtures)  # noqa: F401 - pytest fixtures, shared
+from .test_sandbox import FILE_TOOLS, MakeAgent, _git_repo, make_agent, outside  # noqa: F401 (fixtures)
 
 ALL = frozenset(COMMAND_CAPABILITIES) | {"network-access"}
 
