@@ -10,6 +10,7 @@ the agent goes on.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -124,6 +125,40 @@ async def _record(
     ), exc
 
 
+class _Progress:
+    """The agent's progress artifact, updated after every task without waiting for the API.
+
+    Updates go out from a background task, newest value wins; ``close`` waits
+    for the last one. The artifact API call (a database write) stays off the
+    path from one task to the next.
+    """
+
+    def __init__(self, key: str, description: str) -> None:
+        self._value = 0.0
+        self._sent: float | None = None
+        self._created = asyncio.create_task(
+            acreate_progress_artifact(progress=0.0, key=key, description=description)
+        )
+        self._pushing: asyncio.Task[None] | None = None
+
+    def set(self, value: float) -> None:
+        self._value = value
+        if self._pushing is None or self._pushing.done():
+            self._pushing = asyncio.create_task(self._push())
+
+    async def _push(self) -> None:
+        artifact = await self._created
+        while self._sent != self._value:
+            value = self._value
+            await aupdate_progress_artifact(artifact, progress=value)
+            self._sent = value
+
+    async def close(self) -> None:
+        await self._created
+        if self._pushing is not None:
+            await self._pushing
+
+
 def agent_tags(spec: AgentSpec) -> list[str]:
     """Prefect tags for the agent's runs (flows take tags at call time, via ``prefect.tags``)."""
     tags = ["toka", f"domain:{spec.spec.domain}", f"priority:{spec.priority}"]
@@ -137,7 +172,7 @@ async def _run_tasks(
     tasks: list[SpecTask],
     run: RunConfig,
     upstream: dict[str, dict[str, Any]],
-    progress: Any,
+    progress: _Progress,
 ) -> tuple[list[TaskRecord], str | None, str | None]:
     """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error."""
     total = len(tasks)
@@ -173,7 +208,7 @@ async def _run_tasks(
             skipped = f"budget spent: {exc}"
         announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
                                description=task.description, reason=record.error), run_key=run.run_key)
-        await aupdate_progress_artifact(progress, progress=100.0 * index / total)
+        progress.set(100.0 * index / total)
     return records, failure or skipped, fatal
 
 
@@ -225,9 +260,7 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         run = await _ask_approvals(spec, run)
         tasks = spec.task_list(run.contexts)
         announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
-        progress = await acreate_progress_artifact(
-            progress=0.0, key=f"{spec.name}-progress", description=f"{spec.name}: tasks done"
-        )
+        progress = _Progress(key=f"{spec.name}-progress", description=f"{spec.name}: tasks done")
         # The flow run carries the agent's tags; its task runs must not inherit them:
         # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
         # and on a SQLite-backed server those writes stall runs for seconds.
@@ -241,10 +274,13 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
             tasks=records,
             duration_s=time.monotonic() - started,
         )
-        await acreate_markdown_artifact(
-            key=f"{spec.name}-report",
-            markdown=agent_markdown(report, model=(await get_model(run)).name),
-            description=f"{spec.name}: task report",
+        await asyncio.gather(
+            progress.close(),
+            acreate_markdown_artifact(
+                key=f"{spec.name}-report",
+                markdown=agent_markdown(report, model=(await get_model(run)).name),
+                description=f"{spec.name}: task report",
+            ),
         )
         if failure is not None:
             raise AgentFailedError(f"{spec.name}: {failure}", report=report)

@@ -27,8 +27,23 @@ def _bullets(items: Sequence[str]) -> list[str]:
     return [f"- {item}" for item in items]
 
 
+_PROMPTS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
 def system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
-    """Identity, objectives, directives, risks, success criteria, context and permissions."""
+    """Identity, objectives, directives, risks, success criteria, context and permissions.
+
+    The same for every task of an agent, so it is built once per spec content and tools.
+    """
+    key = (spec.digest(), tuple(tools))
+    if key not in _PROMPTS:
+        if len(_PROMPTS) > 256:
+            _PROMPTS.clear()
+        _PROMPTS[key] = _system_prompt(spec, tools=tools)
+    return _PROMPTS[key]
+
+
+def _system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
     s, m = spec.spec, spec.metadata
     out = [
         f"You are {s.name} (agent id: {m.name}), run by the toka runtime.",

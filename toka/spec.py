@@ -382,6 +382,7 @@ class AgentSpec(BaseModel):
 
     _source_name: str | None = PrivateAttr(default=None)
     _yaml: YamlSource | None = PrivateAttr(default=None)
+    _digest: str | None = PrivateAttr(default=None)
 
     _KNOWN_BLOCKS: ClassVar[tuple[str, ...]] = (
         "metadata", "spec", "capabilities", "objectives", "tasks", "dependencies",
@@ -410,8 +411,10 @@ class AgentSpec(BaseModel):
 
     def digest(self) -> str:
         """A hash of the spec's content (every block, in order); changes when the spec does."""
-        blob = self.model_dump_json(by_alias=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        if self._digest is None:  # the spec is frozen: its digest never changes
+            blob = self.model_dump_json(by_alias=True).encode()
+            self._digest = hashlib.sha256(blob).hexdigest()
+        return self._digest
 
     @property
     def context_blocks(self) -> dict[str, Any]:

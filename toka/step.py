@@ -9,6 +9,7 @@ malformed input or runs out of turns fails the task with a clear error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ __all__ = ["SUBMIT_RESULT", "StepLimits", "StepRun", "run_step", "submit_result_
 SUBMIT_RESULT = "submit_result"
 
 
-def submit_result_definition(metric_names: Sequence[str] = ()) -> ToolDefinition:
+@functools.lru_cache(maxsize=64)
+def _submit_result_definition(metric_names: tuple[str, ...]) -> ToolDefinition:
     schema = TaskResult.model_json_schema()
     schema.pop("title", None)
     description = (
@@ -50,6 +52,11 @@ def submit_result_definition(metric_names: Sequence[str] = ()) -> ToolDefinition
     if metric_names:
         description += f" Metric names: {', '.join(metric_names)}."
     return ToolDefinition(name=SUBMIT_RESULT, description=description, input_schema=schema)
+
+
+def submit_result_definition(metric_names: Sequence[str] = ()) -> ToolDefinition:
+    """The ``submit_result`` tool, its description naming the spec's metrics."""
+    return _submit_result_definition(tuple(metric_names))
 
 
 @dataclass(frozen=True)
