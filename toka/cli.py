@@ -374,6 +374,26 @@ def audit(
     out.print(f"{len(rows)} tool calls, {sum(r.get('decision') == 'refused' for r in rows)} refused")
 
 
+@app.command()
+def deployments(
+    paths: PathsArg = None,
+    prefect_yaml: Annotated[Path, typer.Option("--prefect-yaml", help="The file to update.")] = Path("prefect.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if prefect.yaml is out of date; write nothing.")] = False,
+) -> None:
+    """Regenerate the per-agent deployments of prefect.yaml from the specs (the one source of truth)."""
+    from .deployments import sync_deployments
+
+    with _user_errors():
+        changed = sync_deployments(prefect_yaml, [str(p) for p in _paths(paths)], check=check)
+    if check:
+        if changed:
+            err.print(f"{prefect_yaml} is out of date with the specs; regenerate it with: toka deployments")
+            raise typer.Exit(EXIT_FAILED)
+        out.print(f"{prefect_yaml} is current")
+    else:
+        out.print(f"{'updated' if changed else 'unchanged'}: {prefect_yaml}")
+
+
 limits_app = typer.Typer(help="Model request limits shared by every worker (Prefect global concurrency limits).",
                          no_args_is_help=True)
 app.add_typer(limits_app, name="limits")
