@@ -175,9 +175,10 @@ async def pipeline(
                 + (f" --requests-per-minute {run.requests_per_minute}" if run.requests_per_minute else "")
                 + (f" --concurrent-requests {run.concurrent_requests}" if run.concurrent_requests else "")
             )
-    distributed = (
-        Distributed(specs=[str(s) for s in specs], deployment=agent_deployment) if mode == "distributed" else None
-    )
+    distributed = None
+    if mode == "distributed":
+        distributed = Distributed(specs=[str(s) for s in specs], deployment=agent_deployment)
+        await _check_deployment(agent_deployment)
     return await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
 
 
@@ -233,7 +234,6 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
     )
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.deployments import arun_deployment
-    from prefect.states import Cancelling
 
     chosen = choose_model(run)
     if run.model == "auto" and chosen.provider != "override":
@@ -265,6 +265,12 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
         return earlier.get(name)
 
     async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+        try:
+            return await run_remote(name, upstream)
+        except Exception as e:  # the API failed us: this agent failed, the pipeline goes on and reports it
+            return e, f"{type(e).__name__}: {e}"
+
+    async def run_remote(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
         spec = graph.agents[name]
         async with get_client() as client:
             # As Prefect does with subflows when a run is retried: an agent that completed in an
@@ -299,7 +305,7 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
                     child = await client.read_flow_run(child.id)
             except asyncio.CancelledError:
                 # The pipeline was cancelled or timed out: do not leave the agent running.
-                await asyncio.shield(client.set_flow_run_state(child.id, Cancelling(), force=True))
+                await asyncio.shield(_cancel(client, child.id))
                 raise
         state = child.state
         outcome = await state.aresult(raise_on_failure=False)
@@ -314,6 +320,35 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
         return outcome, state.message or state.name or ""
 
     return execute
+
+
+async def _check_deployment(name: str) -> None:
+    """Distributed mode needs the agent-runner deployment on the server this run talks to."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        async with get_client() as client:
+            await client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ConfigError(
+            f"distributed mode needs the deployment {name!r}, which this Prefect server does not have; "
+            "create it with `prefect deploy --all` from the repository root"
+        ) from None
+    except ValueError as e:  # a name without '/'
+        raise ConfigError(f"agent_deployment must be 'flow-name/deployment-name', got {name!r}: {e}") from None
+
+
+async def _cancel(client: Any, flow_run_id: Any) -> None:
+    """Cancel a deployment run: directly if no worker runs it yet, else through its worker."""
+    from prefect.states import Cancelled, Cancelling
+
+    current = (await client.read_flow_run(flow_run_id)).state
+    if current is not None and current.is_final():
+        return
+    # A run no process executes yet would stay Cancelling for ever (measured): cancel it outright.
+    waiting = current is None or current.is_scheduled() or current.is_pending()
+    await client.set_flow_run_state(flow_run_id, Cancelled() if waiting else Cancelling(), force=True)
 
 
 async def _schedule(

@@ -470,6 +470,24 @@ def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -
 
 
 @pytest.mark.slow
+def test_per_agent_deployment_runs_the_agent_after_its_required_dependencies(
+    deployed: Server, workspace: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "requests.jsonl"
+    run_id = deployed.run_deployment("toka-agent/docs-refresh", **_params(workspace))
+    deployed.worker_once(tmp_path / "worker.log", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+                         TOKA_OFFLINE_REQUEST_LOG=str(log))
+    run = deployed.flow_run(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["agent"] == "docs-refresh"
+    summary = _summary(run)
+    # repo-survey is required; test-health and dependency-audit are optional, so not pulled in.
+    assert [a.agent for a in summary.agents] == ["repo-survey", "docs-refresh"]
+    assert summary.state == "completed" and summary.run_key == run_id
+    assert {r["agent"] for r in _requests(log)} == {"repo-survey", "docs-refresh"}
+
+
+@pytest.mark.slow
 def test_distributed_mode_spreads_agents_over_two_workers(
     deployed: Server, workspace: Path, tmp_path: Path
 ) -> None:
@@ -477,18 +495,25 @@ def test_distributed_mode_spreads_agents_over_two_workers(
     logs = {"a": tmp_path / "requests-a.jsonl", "b": tmp_path / "requests-b.jsonl"}
     workers = []
     try:
-        # Worker a takes the pipeline run and one agent, worker b one agent: the two agents
-        # of wave 2 (dependency-audit, test-health) must then run one on each.
-        for name, limit in (("a", "2"), ("b", "1")):
+        def start_worker(name: str, limit: int) -> None:
             env = deployed.env(PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), TOKA_OFFLINE_REQUEST_LOG=str(logs[name]),
                                TOKA_OFFLINE_FAULTS=str(faults), TOKA_OFFLINE_LATENCY="0.2",
-                               PREFECT_WORKER_QUERY_SECONDS="1")
+                               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
             with (tmp_path / f"worker-{name}.log").open("w") as out:
                 workers.append(subprocess.Popen(
-                    [PREFECT, "worker", "start", "--pool", "toka-local", "--name", f"worker-{name}", "--limit", limit],
+                    [PREFECT, "worker", "start", "--pool", "toka-local", "--name", f"worker-{name}",
+                     "--limit", str(limit)],
                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
+        # Worker a takes the pipeline run and has one slot left; worker b has one slot. The two
+        # agents of wave 2 (dependency-audit, test-health) are ready together: one runs on each.
+        start_worker("a", 2)
         first = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, mode="distributed"))
+        deadline = time.monotonic() + 60
+        while deployed.flow_run(first)["state"]["type"] == "SCHEDULED":
+            assert time.monotonic() < deadline, "worker a did not pick up the pipeline run"
+            time.sleep(0.2)
+        start_worker("b", 1)
         run = deployed.wait_final(first)
         assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker-a.log").read_text()[-3000:])
         summary = _summary(run)
@@ -510,16 +535,18 @@ def test_distributed_mode_spreads_agents_over_two_workers(
             assert agent_runs[edge.dependency]["end_time"] <= agent_runs[edge.dependent]["start_time"], edge
         assert _expected_artifacts() <= _artifact_keys(deployed, first)
 
-        # A fault midway, then a retry: failure propagation and resume as in-process.
+        # A fault midway, then a retry: failure and resume as in-process (test-health and the
+        # agent it requires, to keep it short).
         faults.write_text("test-health:2\n")
-        second = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, mode="distributed"))
+        second = deployed.run_deployment("toka-pipeline/toka-pipeline",
+                                         **_params(workspace, mode="distributed", agents=["test-health"]))
         run = deployed.wait_final(second)
         assert run["state"]["type"] == "FAILED", run["state"]
         failed = _summary(run)
-        health = next(a for a in failed.agents if a.agent == "test-health")
+        survey, health = failed.agents
+        assert survey.agent == "repo-survey" and survey.state == "completed"
         assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
         assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
-        assert all(a.state == "completed" for a in failed.agents if a.agent != "test-health")
         before_retry = {name: len(_requests(log)) for name, log in logs.items()}
 
         faults.unlink()
@@ -532,6 +559,9 @@ def test_distributed_mode_spreads_agents_over_two_workers(
                  for r in _requests(log)[before_retry[name]:]}
         assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}
         assert _task_states(summary)[("test-health", 1)] == "cached"
+        # As Prefect does with subflows: the completed agent run was reused, the failed one redone.
+        started = [r["parameters"]["agent"] for r in deployed.children(second) if r["deployment_id"] == runner["id"]]
+        assert sorted(started) == ["repo-survey", "test-health", "test-health"]
     finally:
         for proc in workers:
             # An idle Prefect 3.8 worker took over 20 s to act on SIGTERM/SIGINT here; its
@@ -633,3 +663,56 @@ def test_postgresql_backed_server(
         assert pg_busy == 0, "a PostgreSQL-backed server should not answer 'busy' to concurrent writes"
     finally:
         _kill(proc)
+
+
+# -- distributed mode without a server's deployment ----------------------------------------------
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_distributed_mode_needs_the_agent_runner_deployment(write_specs: Any) -> None:
+    import asyncio
+
+    from flows.pipeline import pipeline
+
+    specs = write_specs(minimal_spec("alpha"))
+
+    async def go() -> Any:
+        state = await pipeline(specs=[str(specs)], model="offline", mode="distributed", return_state=True)
+        return await state.aresult(raise_on_failure=False)
+
+    error = asyncio.run(go())
+    assert isinstance(error, ConfigError)
+    assert "needs the deployment 'toka-agent-runner/distributed'" in str(error) and "prefect deploy --all" in str(error)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_agent_runner_runs_exactly_one_agent_with_the_given_upstream(write_specs: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from flows.agent import agent_runner
+    from toka.config import RunConfig
+    from toka.deployments import AgentRunOutcome
+
+    specs = write_specs(minimal_spec("alpha", priority="high"), minimal_spec("beta", required=["alpha"]))
+    digest = make_plan([specs]).graph.agents["beta"].digest()
+    upstream = {"alpha": {"kind": "required", "state": "completed",
+                          "results": [{"task": 1, "summary": "alpha found things"}]}}
+
+    async def go(**kwargs: Any) -> tuple[str, Any]:
+        run = RunConfig(run_key=f"runner-{kwargs.pop('key')}", workspace=str(tmp_path), **kwargs.pop("run", {}))
+        state = await agent_runner(agent="beta", run=run, specs=[str(specs)], upstream=upstream, return_state=True,
+                                   **kwargs)
+        return state.name, await state.aresult(raise_on_failure=False)
+
+    name, outcome = asyncio.run(go(key=1, spec_digest=digest, run={"model": "offline"}))
+    assert name == "Completed" and isinstance(outcome, AgentRunOutcome)
+    assert outcome.report.agent == "beta" and outcome.report.state == "completed"  # alpha did not run again
+    assert outcome.charged.requests > 0 and outcome.spent == outcome.charged.total_tokens
+
+    name, error = asyncio.run(go(key=2, spec_digest="0" * 64, run={"model": "offline"}))
+    assert name == "Failed" and isinstance(error, ConfigError) and "every worker needs the same checkout" in str(error)
+
+    # A model id and no key: the agent fails (it does not fall back to offline), charging nothing.
+    name, error = asyncio.run(go(key=3, run={"model": "claude-sonnet-4-5"}))
+    assert name == "Failed" and "needs an Anthropic API key" in str(error)
+    assert error.toka_charged.requests == 0 and error.toka_spent == 0
