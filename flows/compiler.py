@@ -108,6 +108,8 @@ async def _record(
             usage=Usage() if cached else outcome.usage,
             carried_usage=outcome.usage if cached else Usage(),
             files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
+            tool_calls=0 if cached else outcome.tool_calls,
+            refused_calls=0 if cached else outcome.refused_calls,
             result=outcome.result,
         ), None
     exc = await state.aresult(raise_on_failure=False)

@@ -484,3 +484,17 @@ def test_offline_model_writes_a_request_log(toolbox: Toolbox, tmp_path: Path) ->
     assert all(e["agent"] == "repo-survey" and e["task"] == "1" for e in entries)
     assert [e["answer"] for e in entries] == ["list_dir", "read_file", "submit_result"]
     assert all(re.fullmatch(r"[0-9a-f]{16}", e["digest"]) for e in entries)
+
+
+def test_secrets_in_tool_output_are_redacted_before_the_model_sees_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEPLOY_TOKEN", "s3cr3t-value-from-env")
+    (tmp_path / "config.txt").write_text(
+        "github = ghp_abcdefghijklmnopqrstuvwxyz0123\ndeploy = s3cr3t-value-from-env\nname = demo\n")
+    model = ScriptedModel(tool_call("read_file", path="config.txt"), submit())
+    box = Toolbox(read_only_tools(), ToolContext(workspace=Workspace(tmp_path)))
+    asyncio.run(run_step(model=model, system="s", task_message="t", toolbox=box))
+    seen = model.history[1].messages[-1].content[0].content
+    assert "ghp_abcdefghijklmnopqrstuvwxyz0123" not in seen and "s3cr3t-value-from-env" not in seen
+    assert seen.count("[REDACTED]") == 2 and "name = demo" in seen

@@ -102,6 +102,7 @@ def test_forbidden_calls_go_back_to_the_model_and_the_audit_matches(
     assert all(r["agent"] == "worker" and r["task"] == 1 and r["run"] == "e2e-tools" for r in records)
     task = summary.agents[0].tasks[0]
     assert task.state == "completed"  # refusals are for the model to handle, not failures
+    assert (task.tool_calls, task.refused_calls) == (8, 4)  # counted in the report
 
     # And `toka audit` shows it as a table.
     shown = CliRunner().invoke(app, ["audit", "--workspace", str(folder), "--run", "e2e-tools", "--agent", "worker"],

@@ -19,8 +19,8 @@ def _task_row(t: TaskRecord) -> str:
     note = t.error or (t.result.summary if t.result else "")
     return (
         f"| {t.index} | {_cell(t.description)} | {t.priority} | {_ICONS[t.state]} {t.state} "
-        f"| {t.duration_s:.1f}s | {t.attempts} | {t.usage.total_tokens} | {_cell(files)} "
-        f"| {_cell(note[:200])} |"
+        f"| {t.duration_s:.1f}s | {t.attempts} | {t.usage.total_tokens} | {t.tool_calls} ({t.refused_calls}) "
+        f"| {_cell(files)} | {_cell(note[:200])} |"
     )
 
 
@@ -37,8 +37,9 @@ def agent_markdown(report: AgentReport, *, model: str) -> str:
         lines += ["", f"**Why:** {report.reason}"]
     lines += [
         "",
-        "| # | task | priority | state | duration | attempts | tokens | files | result / error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | task | priority | state | duration | attempts | tokens | tool calls (refused) | files "
+        "| result / error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(_task_row(t) for t in report.tasks),
     ]
     return "\n".join(lines) + "\n"

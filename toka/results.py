@@ -85,6 +85,9 @@ class TaskRecord(BaseModel):
     carried_usage: Usage = Usage()
     """For a replayed task: what it cost when it ran (spent, not charged again)."""
     files_touched: list[str] = []
+    tool_calls: int = 0
+    refused_calls: int = 0
+    """Tool calls refused by the capability, path or approval checks."""
     error: str | None = None
     result: TaskResult | None = None
 
@@ -186,6 +189,8 @@ class PipelineSummary(BaseModel):
                             "usage": _usage_dict(t.usage),
                             "carried_usage": _usage_dict(t.carried_usage),
                             "files_touched": t.files_touched,
+                            "tool_calls": t.tool_calls,
+                            "refused_calls": t.refused_calls,
                             "error": t.error,
                             "result": None if t.result is None else t.result.model_dump(),
                         }

@@ -33,6 +33,7 @@ from .model import (
     Usage,
 )
 from .prompt import REMINDER
+from .redact import redact, secret_values
 from .results import TaskResult
 from .tools import Toolbox
 
@@ -236,5 +237,8 @@ def _check_result(data: object, known_metrics: set[str]) -> tuple[str, TaskResul
 
 
 def _delimit(tool: str, text: str) -> str:
-    """Mark tool output as data, so it is not mistaken for instructions."""
-    return f'<tool_output tool="{tool}">\n{text}\n</tool_output>'
+    """Mark tool output as data, so it is not mistaken for instructions, with secrets redacted.
+
+    Every tool's output passes here: a file the model reads may hold a token too.
+    """
+    return f'<tool_output tool="{tool}">\n{redact(text, secret_values())}\n</tool_output>'
