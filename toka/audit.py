@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,7 +65,3 @@ def read_audit(state_dir: Path, *, run: str | None = None, agent: str | None = N
                 entry = json.loads(line)
                 if agent is None or entry.get("agent") == agent:
                     yield entry
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -392,60 +392,60 @@ class Toolbox:
     async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
         """Check, run and audit one call; every refusal or failure becomes an error output."""
         started = time.monotonic()
-        output, decision, reason, extra = await self._call(name, arguments)
+        try:
+            output, decision, reason = await self._call(name, arguments)
+        except ToolError as e:
+            # Retryable tool errors (timeouts) are the task's business; audit them first.
+            self._audit(name, arguments, "allowed", str(e), started=started, is_error=True,
+                        usage=getattr(e, "toka_command_usage", None))
+            raise
         self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
-        if self.ctx.audit is not None:
-            usage = getattr(output, "command_usage", None)
-            self.ctx.audit.record(
-                agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
-                decision=decision, reason=reason, is_error=output.is_error,
-                exit_code=getattr(usage, "exit_code", None), signal=getattr(usage, "signal", None),
-                duration_s=round(time.monotonic() - started, 4),
-                bytes=getattr(output, "output_bytes", len(output.text)),
-                files_changed=output.files_changed,
-                usage=None if usage is None else {
-                    "wall_s": round(usage.wall_s, 4), "cpu_s": usage.cpu_s,
-                    "peak_memory_bytes": usage.peak_memory_bytes, "disk_growth_bytes": usage.disk_growth_bytes,
-                    "killed_for": usage.killed_for,
-                },
-                sandbox=getattr(output, "sandbox", None),
-                **extra,
-            )
+        self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error,
+                    usage=getattr(output, "command_usage", None), output=output)
         return output
 
-    async def _call(
-        self, name: str, arguments: Mapping[str, Any]
-    ) -> tuple[ToolOutput, str, str | None, dict[str, Any]]:
+    def _audit(self, name: str, arguments: Mapping[str, Any], decision: str, reason: str | None, *,
+               started: float, is_error: bool, usage: Any = None, output: ToolOutput | None = None) -> None:
+        if self.ctx.audit is None:
+            return
+        self.ctx.audit.record(
+            agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
+            decision=decision, reason=reason, is_error=is_error,
+            exit_code=getattr(usage, "exit_code", None), signal=getattr(usage, "signal", None),
+            duration_s=round(time.monotonic() - started, 4),
+            bytes=None if output is None else getattr(output, "output_bytes", len(output.text)),
+            files_changed=[] if output is None else output.files_changed,
+            usage=None if usage is None else {
+                "wall_s": round(usage.wall_s, 4), "cpu_s": usage.cpu_s,
+                "peak_memory_bytes": usage.peak_memory_bytes, "disk_growth_bytes": usage.disk_growth_bytes,
+                "killed_for": usage.killed_for,
+            },
+            sandbox=None if output is None else getattr(output, "sandbox", None),
+        )
+
+    async def _call(self, name: str, arguments: Mapping[str, Any]) -> tuple[ToolOutput, str, str | None]:
+        """Run one call; return its output, the decision (allowed/refused/invalid) and why."""
         tool = self.tools.get(name)
         if tool is None:
             why = self.withheld.get(name) or (
                 f"there is no tool named {name!r}; available: {', '.join(self.tools) or 'none'}"
             )
-            return ToolOutput(f"refused: {why}", is_error=True), "refused", why, {}
+            return ToolOutput(f"refused: {why}", is_error=True), "refused", why
         try:
             args = tool.Input.model_validate(dict(arguments))
         except ValidationError as e:
             why = f"invalid input for {name}: {_brief(e)}"
-            return ToolOutput(why, is_error=True), "invalid", why, {}
+            return ToolOutput(why, is_error=True), "invalid", why
         try:
             output = await tool.run(args, self.ctx)
         except ToolError as e:
             if e.retryable:
-                # Timeouts are the task's business (retries follow the policy); audit them first.
-                usage = getattr(e, "toka_command_usage", None)
-                if self.ctx.audit is not None:
-                    self.ctx.audit.record(
-                        agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
-                        decision="allowed", reason=str(e), is_error=True,
-                        usage=None if usage is None else {"wall_s": round(usage.wall_s, 4),
-                                                          "killed_for": usage.killed_for},
-                    )
                 raise
-            return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e), {}
+            return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e)
         except (OSError, UnicodeDecodeError) as e:
             why = f"{name} failed: {getattr(e, 'strerror', None) or e}"
-            return ToolOutput(why, is_error=True), "allowed", why, {}
-        return output, "allowed", None, {}
+            return ToolOutput(why, is_error=True), "allowed", why
+        return output, "allowed", None
 
 
 def _brief(error: ValidationError) -> str:
