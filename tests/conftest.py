@@ -69,3 +69,21 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+async def run_pipeline(folder: Path, *, run_key: str, **options: Any) -> tuple[Any, Any]:
+    """Run the pipeline flow in-process on the specs in ``folder`` (also the workspace).
+
+    Returns its final state and summary, also when the run failed.
+    """
+    from flows.pipeline import pipeline
+    from toka.errors import PipelineFailedError
+    from toka.results import PipelineSummary
+
+    options = {"retry_delay_seconds": 0, **options}
+    state = await pipeline(specs=[str(folder)], workspace=str(folder), run_key=run_key, return_state=True,
+                           **options)
+    outcome = await state.aresult(raise_on_failure=False)
+    summary = outcome.report if isinstance(outcome, PipelineFailedError) else outcome
+    assert isinstance(summary, PipelineSummary), outcome
+    return state, summary

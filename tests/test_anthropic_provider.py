@@ -17,7 +17,6 @@ from toka.config import RunConfig
 from toka.errors import (
     ModelRetriesExhausted,
     PermanentModelError,
-    PipelineFailedError,
 )
 from toka.limits import LimitSettings, RequestLimiter
 from toka.model import Message, ModelRequest, TextBlock, ToolDefinition
@@ -25,7 +24,7 @@ from toka.providers import choose_model, describe_choice
 from toka.results import PipelineSummary
 
 from .anthropic_server import AnthropicServer, Fault, scripted_responder, text_block, tool_use_block
-from .conftest import PREFECT_HOME, minimal_spec
+from .conftest import PREFECT_HOME, minimal_spec, run_pipeline
 
 KEY = "sk-ant-test-0123456789abcdefSECRET"
 
@@ -211,15 +210,7 @@ def run_against(server: AnthropicServer, folder: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
 
-    async def go() -> tuple[Any, PipelineSummary]:
-        state = await pipeline(specs=[str(folder)], workspace=str(folder), run_key=run_key,
-                               retry_delay_seconds=0, return_state=True, **options)
-        outcome = await state.aresult(raise_on_failure=False)
-        summary = outcome.report if isinstance(outcome, PipelineFailedError) else outcome
-        assert isinstance(summary, PipelineSummary), outcome
-        return state, summary
-
-    return asyncio.run(go())
+    return asyncio.run(run_pipeline(folder, run_key=run_key, **options))
 
 
 def three_agents(write_specs: Any) -> Path:

@@ -13,12 +13,11 @@ import pytest
 from pydantic import BaseModel
 
 from flows.compiler import compile_agent, step_task, task_title
-from flows.pipeline import pipeline
 from tasks.llm_step import is_retryable
 from toka import AgentSpec
 from toka.capabilities import use_tools
 from toka.config import RunConfig
-from toka.errors import PermanentModelError, PipelineFailedError, TransientModelError
+from toka.errors import PermanentModelError, TransientModelError
 from toka.model import ModelRequest, ModelResponse, TextBlock, override_model
 from toka.process import run_process
 from toka.progress import ProgressEvent, listen
@@ -26,7 +25,7 @@ from toka.results import PipelineSummary
 from toka.testing import FunctionModel, submit
 from toka.tools import Tool, ToolContext, ToolOutput
 
-from .conftest import minimal_spec
+from .conftest import minimal_spec, run_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -78,12 +77,7 @@ def run(
 
     async def go() -> tuple[Any, PipelineSummary]:
         with override_model(model), listen((events if events is not None else []).append):
-            state = await pipeline(specs=[str(specs_dir)], workspace=str(specs_dir), run_key=run_key,
-                                   retry_delay_seconds=0, return_state=True, **options)
-            outcome = await state.aresult(raise_on_failure=False)
-        summary = outcome.report if isinstance(outcome, PipelineFailedError) else outcome
-        assert isinstance(summary, PipelineSummary), outcome
-        return state, summary
+            return await run_pipeline(specs_dir, run_key=run_key, **options)
 
     return asyncio.run(go())
 
