@@ -163,3 +163,18 @@ def test_bad_input_exits_2_without_starting_prefect(tmp_path: Path) -> None:
     nothing = toka_run(tmp_path / "agent_specs", "--resume", str(AGENT_SPECS))
     assert nothing.returncode == 2
     assert "nothing to resume" in nothing.stderr
+
+
+def test_a_prefect_api_that_never_answers_is_one_clear_line(workspace: Path) -> None:
+    # Nothing listens on the discard port: the run cannot start, and says why.
+    down = toka_run(workspace, "--agent", "repo-survey", PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert down.returncode == 1
+    assert "cannot reach the Prefect API at PREFECT_API_URL=http://127.0.0.1:9/api" in down.stderr
+    assert "toka run --resume" in down.stderr and "Traceback" not in down.stderr
+
+    # An embedded server that cannot start in time (1 s) is named, with the setting to raise.
+    slow = toka_run(workspace, "--agent", "repo-survey", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1",
+                    PREFECT_HOME=str(workspace / "fresh-prefect-home"))
+    assert slow.returncode == 1
+    assert "embedded server did not start within 1 s" in slow.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in slow.stderr and "Traceback" not in slow.stderr

@@ -37,6 +37,7 @@ __all__ = ["app", "main"]
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EMBEDDED_SERVER_TIMEOUT = 120
 
 app = typer.Typer(
     name="toka",
@@ -298,6 +299,13 @@ def run(
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/yellow]; continue with: toka run --resume (run {record.run_key})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        problem = _prefect_unreachable(e)
+        if problem is None:
+            raise
+        err.print(f"[red]error:[/red] {escape(problem)}")
+        err.print(f"once it is fixed, continue with: toka run --resume (run {record.run_key})")
+        raise typer.Exit(EXIT_FAILED) from None
     _print_summary(summary)
     fatal = next((a.fatal for a in summary.agents if a.fatal), None)
     if fatal:
@@ -433,10 +441,31 @@ def limits_check(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOp
 def _prefect_environment(*, verbose: bool) -> None:
     """Settings for Prefect that must be in place before it is imported."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its embedded server; its first start on a fresh machine
+    # (database migrations) took longer than that here when the machine was busy.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EMBEDDED_SERVER_TIMEOUT))
     if not verbose:
         # Failures are reported by our own summary; Prefect's console copies (with
         # tracebacks) only bury it. The API handler still ships every log to the UI.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+def _prefect_unreachable(error: BaseException) -> str | None:
+    """One line for a Prefect API that never answered, or None for any other error."""
+    import httpx
+
+    api_url = os.environ.get("PREFECT_API_URL")
+    # Prefect raises bare RuntimeErrors for these; their text is the only handle.
+    unreachable = isinstance(error, httpx.TransportError) or (
+        isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API"))
+    if unreachable and api_url:
+        return f"cannot reach the Prefect API at PREFECT_API_URL={api_url} (is the server running?)"
+    if isinstance(error, RuntimeError) and "ephemeral Prefect API server" in str(error):
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        return (f"Prefect's embedded server did not start within {timeout} s; raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start `prefect server start` and set "
+                "PREFECT_API_URL")
+    return None
 
 
 async def _execute(options: dict[str, Any], *, results_dir: Path) -> PipelineSummary:
