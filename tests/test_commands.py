@@ -263,17 +263,25 @@ def test_refused_commands_say_why(ws: Path, capabilities: set[str], argv: list[s
 
 def test_scrubbed_env_keeps_only_harmless_variables(tmp_path: Path) -> None:
     home = tmp_path / ".toka" / "home" / "agent"
+    user_home = tmp_path / "user"
+    (user_home / ".rustup").mkdir(parents=True)  # rustup's toolchains stay reachable
     source = {
         "PATH": "/opt/bin:/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "VIRTUAL_ENV": "/venv",
         "ANTHROPIC_API_KEY": "sk-ant-x", "GITHUB_TOKEN": "ghp_x", "AWS_SECRET_ACCESS_KEY": "aws",
         "SSH_AUTH_SOCK": "/run/ssh", "LD_PRELOAD": "/evil.so", "PYTHONPATH": "/evil", "GIT_CONFIG_GLOBAL": "/evil",
-        "GIT_SSH_COMMAND": "touch pwned", "HOME": "/root", "TMPDIR": "/tmp", "PROMPT_COMMAND": "id",
+        "GIT_SSH_COMMAND": "touch pwned", "HOME": str(user_home), "TMPDIR": "/tmp", "PROMPT_COMMAND": "id",
         "BASH_ENV": "/evil.sh", "PAGER": "sh", "EDITOR": "sh",
     }
     env = scrubbed_env(home, source)
     assert env == {
         "PATH": "/opt/bin:/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "VIRTUAL_ENV": "/venv",
         "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0",
+        "RUSTUP_HOME": str(user_home / ".rustup"),
+        # git reads no system configuration and runs no hook, bare repository or ext:: helper
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "3",
+        "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": "/dev/null",
+        "GIT_CONFIG_KEY_1": "safe.bareRepository", "GIT_CONFIG_VALUE_1": "explicit",
+        "GIT_CONFIG_KEY_2": "protocol.ext.allow", "GIT_CONFIG_VALUE_2": "never",
     }
     assert home.is_dir() and (home / "tmp").is_dir()
 

@@ -551,7 +551,7 @@ def test_memory_hog_is_killed_at_max_memory(make_agent: MakeAgent) -> None:
 
 @needs_prlimit
 def test_memory_hog_without_a_memory_cgroup_hits_rlimit_as(tmp_path: Path) -> None:
-    host = HostSupport(cgroup=None, cgroup_root={}, netns=HOST.netns, prlimit=True)
+    host = HostSupport(cgroup=None, cgroup_root={}, netns=HOST.netns, prlimit=True, mountns=HOST.mountns)
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "hog.py").write_text("data = 'x' * (300 * 1024 * 1024)\nprint('SURVIVED')\n")
@@ -586,7 +586,7 @@ def test_cpu_hog_is_held_to_max_cpu_by_the_cgroup_quota(make_agent: MakeAgent) -
 @pytest.mark.skipif("cpuacct" not in HOST.cgroup_root, reason="measures CPU time with the cpuacct cgroup")
 def test_cpu_hog_without_a_cpu_cgroup_is_held_by_the_measured_throttle(tmp_path: Path) -> None:
     host = HostSupport(cgroup=HOST.cgroup, cgroup_root={k: v for k, v in HOST.cgroup_root.items() if k != "cpu"},
-                       netns=HOST.netns, prlimit=HOST.prlimit)
+                       netns=HOST.netns, prlimit=HOST.prlimit, mountns=HOST.mountns)
     ws = tmp_path / "ws"
     ws.mkdir()
     _spin_script(ws)
@@ -771,12 +771,13 @@ class TestSandboxRefusals:
 
     def test_plan_names_each_limit_the_host_cannot_enforce(self) -> None:
         plan = plan_limits(self.LIMITS, network=False, host=self.WEAK)
-        assert plan.missing == ["memory", "processes", "network"]
+        assert plan.missing == ["memory", "processes", "network", "host confinement"]
         assert set(plan.enforced) == {"timeout"}
-        assert plan_limits(self.LIMITS, network=True, host=self.WEAK).missing == ["memory", "processes"]
+        assert plan_limits(self.LIMITS, network=True, host=self.WEAK).missing == [
+            "memory", "processes", "host confinement"]
 
     def test_run_sandboxed_refuses_before_starting_anything(self, tmp_path: Path) -> None:
-        refused = r"this host cannot enforce memory, processes, network .*sandbox: true"
+        refused = r"this host cannot enforce memory, processes, network, host confinement .*sandbox: true"
         with pytest.raises(SandboxRefused, match=refused):
             asyncio.run(run_sandboxed(
                 ["touch", "ran"], cwd=tmp_path, workspace=tmp_path, state_dir=tmp_path / ".toka",
@@ -788,7 +789,7 @@ class TestSandboxRefusals:
         self, make_agent: MakeAgent, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         weak = HostSupport(cgroup=HOST.cgroup, cgroup_root={k: v for k, v in HOST.cgroup_root.items() if k != "memory"},
-                           netns=HOST.netns, prlimit=False)
+                           netns=HOST.netns, prlimit=False, mountns=HOST.mountns)
         monkeypatch.setattr(sandbox_module, "detect_host", lambda: weak)
         agent = make_agent("script-execution", limits={"max_memory": "64MB"})
         touch = agent.script("touch.sh", "#!/bin/sh\ntouch ran\n")
@@ -912,3 +913,145 @@ def _git_repo(root: Path) -> None:
     subprocess.run([*git, "init", "-q"], cwd=root, check=True)
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+
+
+# -- a command runs as root: it must not be able to undo its own sandbox ------------------------------
+
+needs_confinement = pytest.mark.skipif(not HOST.mountns, reason="needs a mount namespace (unshare -m)")
+
+
+@needs_confinement
+class TestRootCannotUndoTheSandbox:
+    """A granted script is root here; each case is what root could do without the confinement."""
+
+    def test_it_cannot_move_itself_out_of_its_cgroup(self, make_agent: MakeAgent, cgroups: list[Any]) -> None:
+        if not HOST.cgroup_root:
+            pytest.skip("no cgroups to leave")
+        agent = make_agent("script-execution", limits={"max_processes": 8, "max_memory": "64MB"})
+        targets = sorted({str(Path(p).parent / "cgroup.procs") for p in HOST.cgroup_root.values()})
+        leave = agent.script("leave.sh", "#!/bin/sh\n" + "".join(
+            f'echo $$ > "{t}" 2>/dev/null && echo "MOVED {t}"\n' for t in targets) + "echo done\n")
+        out = agent.run(leave)
+        assert "done" in out.text and "MOVED" not in out.text, out.text
+        agent.audited("run_command", "allowed")
+        assert_groups_gone(cgroups)
+
+    @needs_netns
+    def test_it_cannot_unmount_its_proc_or_enter_the_hosts_network(
+        self, make_agent: MakeAgent, http_server: tuple[str, list[str]]
+    ) -> None:
+        url, hits = http_server
+        agent = make_agent("script-execution")
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        probe = agent.script("netns.sh", f"""\
+            #!/bin/sh
+            umount -l /proc 2>/dev/null && echo UNMOUNTED
+            for pid in 1 2 3 10 100; do
+                nsenter --net=/proc/$pid/ns/net -- python3 -c "import urllib.request; \\
+print(urllib.request.urlopen('http://127.0.0.1:{port}/x', timeout=2).read())" 2>/dev/null && echo ENTERED
+            done
+            echo done
+            """)
+        out = agent.run(probe)
+        assert "done" in out.text and "UNMOUNTED" not in out.text and "ENTERED" not in out.text, out.text
+        assert hits == []
+
+    def test_the_host_is_read_only_and_tmp_is_private(self, make_agent: MakeAgent, outside: Path) -> None:
+        agent = make_agent("script-execution")
+        mark = marker()
+        write = agent.script("write.sh", f"""\
+            #!/bin/sh
+            for target in "{outside}/pwned" /etc/{mark} /usr/{mark}; do
+                echo x > "$target" 2>/dev/null && echo "WROTE $target"
+            done
+            echo scratch > /tmp/{mark} && cat /tmp/{mark}
+            echo x > /var/tmp/{mark}-leak
+            echo kept > inside.txt && echo done
+            """)
+        out = agent.run(write)
+        assert "done" in out.text and "WROTE" not in out.text, out.text
+        assert "scratch" in out.text  # /tmp works, privately
+        assert not (outside / "pwned").exists() and not Path(f"/etc/{mark}").exists()
+        assert not Path(f"/tmp/{mark}").exists() and not Path(f"/var/tmp/{mark}-leak").exists()
+        assert (agent.root / "inside.txt").read_text() == "kept\n"
+
+    def test_secrets_on_the_host_and_the_audit_trail_are_out_of_reach(
+        self, make_agent: MakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        home = tmp_path / "runtime-home"
+        (home / ".prefect").mkdir(parents=True)
+        secret = f"PROFILE-SECRET-{uuid.uuid4().hex}"
+        (home / ".prefect" / "profiles.toml").write_text(f'PREFECT_API_KEY = "{secret}"\n')
+        monkeypatch.setenv("HOME", str(home))  # the runtime's home: credentials live there
+        agent = make_agent("script-execution")
+        agent.run(agent.script("first.sh", "#!/bin/sh\n"))  # the audit file exists from the first call on
+        snoop = agent.script("snoop.sh", f"""\
+            #!/bin/sh
+            head -c 200 /etc/shadow | grep -q . && echo SHADOW
+            cat "{home}/.prefect/profiles.toml"
+            ls /dev | tr '\\n' ' '; echo
+            echo '{{"forged": true}}' > "{agent.audit_file}" 2>/dev/null && echo FORGED
+            head -c 1 /dev/sda 2>/dev/null && echo RAW-DISK
+            echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo SYSCTL
+            grep CapEff /proc/self/status
+            """)
+        out = agent.run(snoop)
+        for leak in ("SHADOW", "FORGED", "RAW-DISK", "SYSCTL"):
+            assert leak not in out.text, out.text
+        assert secret not in out.text
+        assert "CapEff:\t0000000000000000" in out.text
+        assert "sda" not in out.text and "null" in out.text
+        assert all("forged" not in line for line in agent.audit_file.read_text().splitlines())
+        agent.audited("run_command", "allowed")
+
+    def test_doctor_and_the_audit_record_name_the_confinement(self, make_agent: MakeAgent) -> None:
+        agent = make_agent("script-execution")
+        agent.run(agent.script("ok.sh", "#!/bin/sh\necho ok\n"))
+        record = agent.audited("run_command", "allowed")
+        assert record["sandbox"]["host"].startswith("read-only host")
+
+
+class TestGitRunsNoOtherProgram:
+    """`git-access` is git without pushing: none of git's ways to run another program."""
+
+    @pytest.mark.parametrize(
+        ("argv", "why"),
+        [
+            (["git", "bisect", "run", "sh", "-c", "id"], "git bisect run is not allowed"),
+            (["git", "filter-branch", "--tree-filter", "id", "HEAD"], "git filter-branch is not allowed"),
+            (["git", "submodule", "foreach", "id"], "git submodule foreach is not allowed"),
+            (["git", "difftool", "-y", "HEAD"], "git difftool is not allowed"),
+            (["git", "clone", "file:///etc", "stolen"], "names a local or helper URL"),
+            (["git", "fetch", "ext::sh -c id", "main"], "names a local or helper URL"),
+        ],
+    )
+    def test_refused_before_anything_runs(self, make_agent: MakeAgent, argv: list[str], why: str) -> None:
+        agent = make_agent("git-access", files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        out = agent.run(*argv)
+        assert out.is_error and why in out.text, out.text
+        agent.audited("run_command", "refused", why)
+        assert not (agent.root / "stolen").exists()
+
+    def test_a_bare_repository_in_the_workspace_brings_no_alias_or_hook(self, make_agent: MakeAgent) -> None:
+        mark = marker()
+        agent = make_agent("git-access", files={"bare/config": f"[core]\n\tbare = true\n[alias]\n\tx = !touch {mark}\n",
+                                                "bare/HEAD": "ref: refs/heads/main\n"})
+        for d in ("objects", "refs"):
+            (agent.root / "bare" / d).mkdir()
+        out = agent.run("git", "x", cwd="bare")
+        assert out.is_error, out.text
+        assert not list(agent.root.rglob(mark))
+
+
+@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v cargo"], capture_output=True).returncode != 0,
+                    reason="needs cargo")
+def test_cargo_test_runs_in_the_sandbox(make_agent: MakeAgent) -> None:
+    agent = make_agent("cargo-test-execution", limits={"max_memory": "1GB", "max_processes": 64, "timeout": "120s"},
+                       files={"Cargo.toml": '[package]\nname = "demo"\nversion = "0.1.0"\nedition = "2021"\n',
+                              "src/lib.rs": "#[test]\nfn adds() { assert_eq!(1 + 1, 2); }\n"})
+    out = agent.run("cargo", "test", "-q", "--offline")
+    assert "exit code: 0" in out.text and "1 passed" in out.text, out.text
+    agent.audited("run_command", "allowed")
+    refused = agent.run("cargo", "build")
+    assert refused.is_error and "needs the capability 'cargo-execution'" in refused.text

@@ -57,6 +57,14 @@ _GIT_GLOBAL_REFUSED = ("-c", "--exec-path", "-C", "--git-dir", "--work-tree", "-
                        "--super-prefix", "--list-cmds")
 _GIT_ARGS_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "-u", "--config", "--template",
                      "--open-files-in-pager", "-O", "--ext-diff", "--textconv", "--extcmd", "-x")
+# Subcommands whose purpose is to run another program (or push where `git push` is not granted).
+_GIT_SUBCOMMANDS_REFUSED = {"filter-branch": "runs arbitrary commands",
+                            "filter-repo": "runs arbitrary commands",
+                            "difftool": "runs another program", "mergetool": "runs another program",
+                            "daemon": "serves the repository", "instaweb": "starts a web server",
+                            "upload-pack": "is the server side of a fetch",
+                            "receive-pack": "is the server side of a push"}
+_GIT_NESTED_REFUSED = {("bisect", "run"), ("submodule", "foreach")}
 _SQLITE_FUNCTIONS_REFUSED = ("readfile", "writefile", "edit(", "load_extension", "fts3_tokenizer")
 _CARGO_REFUSED = ("--config", "-Z", "--manifest-path")
 
@@ -137,6 +145,11 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
         if any(a.split("=")[0] in _GIT_ARGS_REFUSED or a.startswith(("-O", "--open-files-in-pager"))
                for a in rest):
             raise CommandRefused("git options that run other programs (--upload-pack, --exec, ...) are not allowed")
+        if sub in _GIT_SUBCOMMANDS_REFUSED:
+            raise CommandRefused(f"git {sub} is not allowed: it {_GIT_SUBCOMMANDS_REFUSED[sub]}")
+        operands = [a for a in rest if not a.startswith("-")]
+        if sub is not None and (sub, operands[0] if operands else None) in _GIT_NESTED_REFUSED:
+            raise CommandRefused(f"git {sub} {operands[0]} is not allowed: it runs arbitrary commands")
         if sub == "config" and not any(a in ("--get", "--get-all", "--list", "-l", "--get-regexp") for a in rest):
             raise CommandRefused("git config may only be read (--get, --list): writing it could make git run "
                                  "other programs")
@@ -185,6 +198,8 @@ def _check_paths(args: Sequence[str], workspace: Path) -> None:
         for value in values:
             if not value or value.startswith("-"):
                 continue
+            if value.startswith("file:") or "::" in value:  # git's file:// and transport::address forms
+                raise CommandRefused(f"the argument {arg!r} names a local or helper URL; use a path in the workspace")
             pathlike = value.startswith(("/", "~", "..")) or "/" in value or value == ".."
             target = Path(os.path.expanduser(value))
             candidate = target if target.is_absolute() else workspace / target
@@ -207,7 +222,28 @@ def scrubbed_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, 
     home.mkdir(parents=True, exist_ok=True)
     (home / "tmp").mkdir(exist_ok=True)
     return {**kept, "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1",
-            "GIT_TERMINAL_PROMPT": "0", "PATH": kept.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+            "GIT_TERMINAL_PROMPT": "0", "PATH": kept.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            **_GIT_GUARDS, **_rust_toolchain(env)}
+
+
+# Configuration git reads before any repository's own: a repository inside the workspace
+# (the model may write one) cannot bring hooks, and git never runs one found by accident.
+_GIT_GUARDS = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_COUNT": "3",
+    "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": "/dev/null",
+    "GIT_CONFIG_KEY_1": "safe.bareRepository", "GIT_CONFIG_VALUE_1": "explicit",
+    "GIT_CONFIG_KEY_2": "protocol.ext.allow", "GIT_CONFIG_VALUE_2": "never",
+}
+
+
+def _rust_toolchain(env: Mapping[str, str]) -> dict[str, str]:
+    """Where rustup keeps the toolchains: cargo cannot pick one under the private HOME otherwise."""
+    rustup = env.get("RUSTUP_HOME") or os.path.join(env.get("HOME", ""), ".rustup")
+    found = {"RUSTUP_HOME": rustup} if env.get("HOME") and os.path.isdir(rustup) else {}
+    if env.get("RUSTUP_TOOLCHAIN"):
+        found["RUSTUP_TOOLCHAIN"] = env["RUSTUP_TOOLCHAIN"]
+    return found
 
 
 class RunCommandArgs(_Args):

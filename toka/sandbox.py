@@ -16,23 +16,31 @@ wall-clock timeout        kill of the process group, and of every process in the
 network (not granted)     a new, empty network namespace (``unshare -n``)
 other processes           a PID namespace with its own ``/proc`` (``unshare -p``): the
                           runtime's environment (API keys) is out of sight
+the host                  a mount namespace where every mount but the workspace is
+                          read-only, ``/tmp`` and ``/dev`` are private, the runtime's
+                          home is hidden, and the command holds no capabilities
+                          (``confine.py``): root cannot leave its cgroup, unmount its
+                          ``/proc``, enter another namespace or write the host
 ========================  ===========================================================
 
 With ``sandbox: true`` a command runs only when every declared limit (and the
 network denial) has a mechanism; otherwise it is refused. The wrapper is made
-of real programs (``unshare``, ``sh``, ``prlimit``), not Python code run in the
-child between fork and exec, which is unsafe in a threaded process.
+of real programs (``unshare``, ``sh``, ``confine.py`` run by a fresh interpreter,
+``prlimit``), not Python code run in the child between fork and exec, which is
+unsafe in a threaded process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import functools
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -62,6 +70,8 @@ class HostSupport:
     pidns: bool = False
     """A PID namespace with its own /proc: commands cannot see (or read the environment of) the runtime."""
     prlimit: bool = False
+    mountns: bool = False
+    """A mount namespace in which commands are confined (read-only host, no capabilities)."""
 
     def mechanism(self, limit: str) -> str | None:
         c = self.cgroup_root
@@ -81,6 +91,9 @@ class HostSupport:
             return "network namespace (unshare -n)" if self.netns else None
         if limit == "processes-visible":
             return "PID namespace with its own /proc (unshare -p --mount-proc)" if self.pidns else None
+        if limit == "host":
+            return ("read-only host, private /tmp and /dev, no capabilities (mount namespace)"
+                    if self.mountns else None)
         raise ValueError(limit)
 
 
@@ -92,7 +105,8 @@ def detect_host() -> HostSupport:
     """Probe cgroups, network namespaces and prlimit by using them."""
     cgroup, roots = _probe_cgroups()
     return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"),
-                       pidns=_probe_unshare("-p", "-f", "--mount-proc"), prlimit=shutil.which("prlimit") is not None)
+                       pidns=_probe_unshare("-p", "-f", "--mount-proc"), prlimit=shutil.which("prlimit") is not None,
+                       mountns=_probe_confinement())
 
 
 def _probe_cgroups() -> tuple[str | None, dict[str, Path]]:
@@ -144,6 +158,40 @@ def _probe_unshare(*flags: str) -> bool:
         return False
 
 
+CONFINE = Path(__file__).with_name("confine.py")
+
+
+def _probe_confinement() -> bool:
+    """Confine a real ``true`` in a scratch workspace, exactly as commands are confined."""
+    if shutil.which("unshare") is None:
+        return False
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="toka-probe-") as scratch:
+        config = confinement(Path(scratch), Path(scratch), writable=[], readonly=[], env={}, tmpfs_size=None)
+        try:
+            done = subprocess.run(["unshare", "-m", "--", *config, "true"], capture_output=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+
+def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonly: Sequence[Path],
+                env: Mapping[str, str], tmpfs_size: int | None) -> list[str]:
+    """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace."""
+    home = Path.home()
+    # The runtime's home holds credentials (Prefect profiles, SSH and cloud keys) and so do the
+    # shadow files; the command's own programs stay reachable inside what is hidden.
+    path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
+    keep = sorted({*path_dirs, *(str(Path(d).parent) for d in path_dirs), sys.prefix, sys.base_prefix,
+                   *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))})
+    mask = [str(home), "/etc/shadow", "/etc/gshadow", os.environ.get("PREFECT_HOME") or ""]
+    config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
+              "readonly": [str(p) for p in readonly], "mask": [m for m in mask if m], "keep": keep,
+              "tmpfs_size": tmpfs_size}
+    return [sys.executable, "-I", "-S", str(CONFINE), json.dumps(config), "--"]
+
+
 @dataclass(frozen=True)
 class SandboxPlan:
     """What will be enforced for one command, and how."""
@@ -171,6 +219,12 @@ def plan_limits(limits: ResourceLimits, *, network: bool, host: HostSupport) -> 
             enforced[name] = how
     if host.pidns:  # hardening where available; no spec limit depends on it
         enforced["processes-visible"] = host.mechanism("processes-visible") or ""
+    # Without it the limits above are a suggestion to a command running as root.
+    host_how = host.mechanism("host")
+    if host_how is None:
+        missing.append("host confinement")
+    else:
+        enforced["host"] = host_how
     return SandboxPlan(enforced=enforced, missing=missing, network=network)
 
 
@@ -401,6 +455,8 @@ async def run_sandboxed(
         # Own PID namespace and /proc: the command cannot read the runtime's environment
         # through /proc/<ppid>/environ, and everything in it dies with its first process.
         namespaces += ["-p", "-f", "--mount-proc"]
+    if sandbox and not host.pidns:
+        namespaces.append("-m")  # --mount-proc brings a mount namespace; without it, ask for one
     if namespaces:
         wrapped += ["unshare", *namespaces, "--"]
     groups: _Cgroups | None = None
@@ -415,10 +471,17 @@ async def run_sandboxed(
             prlimits.append(f"--as={limits.max_memory.bytes}")
         if limits.max_disk_usage is not None:
             prlimits.append(f"--fsize={limits.max_disk_usage.bytes}")
-    if groups is not None or prlimits:
+    confine: list[str] = []
+    if sandbox:
+        # Writable: the workspace and the command's home; the rest of the state directory
+        # (audit trail, results, run records) is read-only to it.
+        writable = [d for d in extra_disk_dirs if d.is_relative_to(state_dir)]
+        confine = confinement(workspace, cwd, writable=writable, readonly=[state_dir], env=env,
+                              tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
+    if groups is not None or prlimits or confine:
         joins = "".join(f'echo $$ > "{f}" && ' for f in (groups.procs_files if groups else []))
         inner = ["prlimit", *prlimits, "--"] if prlimits else []
-        wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *inner]
+        wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *confine, *inner]
     full = [*wrapped, *argv]
 
     measured = [(workspace, state_dir), *((d, Path("/nonexistent")) for d in extra_disk_dirs)]
