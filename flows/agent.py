@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 from prefect import flow, tags
 
 from flows.compiler import agent_tags, compile_agent
-from flows.pipeline import Mode, pipeline
+from flows.pipeline import Mode, NeedsApproval, pipeline
 from toka.budget import Ledger, use_ledger
 from toka.config import RunConfig
 from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
@@ -39,13 +40,13 @@ async def agent(
     specs: list[str] = ["agent_specs"],  # noqa: B006 - Prefect shows defaults in the UI form
     model: str = "auto",
     workspace: str = ".",
-    max_concurrency: int = 4,
+    max_concurrency: Annotated[int, Field(ge=1)] = 4,
     contexts: list[str] = [],  # noqa: B006
     run_key: str | None = None,
-    max_turns: int = 20,
-    request_timeout: float = 600.0,
-    task_timeout: float | None = None,
-    retry_delay_seconds: float = 10.0,
+    max_turns: Annotated[int, Field(ge=1)] = 20,
+    request_timeout: Annotated[float, Field(gt=0)] = 600.0,
+    task_timeout: Annotated[float | None, Field(gt=0)] = None,
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10.0,
     result_storage: str | None = None,
     api_key_secret: str | None = None,
     requests_per_minute: int | None = None,
@@ -56,7 +57,8 @@ async def agent(
     allow_unsandboxed: bool = False,
     approve: list[str] = [],  # noqa: B006
     deny: list[str] = [],  # noqa: B006
-    approval_timeout: float = 3600.0,
+    approval_timeout: Annotated[float, Field(gt=0)] = 3600.0,
+    needs_approval: list[NeedsApproval] | None = None,
     mode: Mode = "in-process",
     agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
 ) -> PipelineSummary:
@@ -87,6 +89,8 @@ async def agent(
         approve: Capabilities approved in advance (no pause for approval).
         deny: Capabilities denied in advance.
         approval_timeout: Seconds to wait for a person to approve in the UI; then it is a denial.
+        needs_approval: Uses that pause for approval (empty: network-access, git-push and
+            write-outside-paths; [] for none).
         mode: 'in-process' (agents are subflows) or 'distributed' (agents are agent-runner runs).
         agent_deployment: The agent-runner deployment used in distributed mode.
     """
@@ -98,6 +102,7 @@ async def agent(
         concurrent_requests=concurrent_requests, task_token_budget=task_token_budget,
         agent_token_budget=agent_token_budget, pipeline_token_budget=pipeline_token_budget,
         allow_unsandboxed=allow_unsandboxed, approve=approve, deny=deny, approval_timeout=approval_timeout,
+        needs_approval=needs_approval,
         mode=mode, agent_deployment=agent_deployment,
     )
 

@@ -20,8 +20,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import (
     acreate_markdown_artifact,
@@ -29,6 +30,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import State
 
 from flows.compiler import agent_tags, announce, compile_agent
@@ -37,8 +39,8 @@ from toka.errors import ConfigError, PipelineFailedError, RunFailedError
 from toka.graph import AgentGraph
 from toka.limits import LimitSettings, check_limits
 from toka.plan import make_plan
-from toka.policy import check_unsandboxed
-from toka.progress import ProgressEvent
+from toka.policy import DEFAULT_NEEDS_APPROVAL, check_unsandboxed
+from toka.progress import ProgressEvent, listen
 from toka.budget import Ledger, use_ledger
 # Not defined here: a deployment loads this file under another module name, and the
 # runner's pickled result must match the class the pipeline checks against.
@@ -51,6 +53,7 @@ from toka.results import AgentReport, PipelineSummary, TaskRecord
 __all__ = ["Distributed", "Mode", "pipeline", "run_agents"]
 
 Mode = Literal["in-process", "distributed"]
+NeedsApproval = Literal["network-access", "git-push", "write-outside-paths"]
 
 
 @flow(
@@ -63,18 +66,18 @@ async def pipeline(
     agents: list[str] = [],  # noqa: B006
     model: str = "auto",
     workspace: str = ".",
-    max_concurrency: int = 4,
+    max_concurrency: Annotated[int, Field(ge=1)] = 4,
     contexts: list[str] = [],  # noqa: B006
     run_key: str | None = None,
-    max_turns: int = 20,
-    request_timeout: float = 600.0,
-    task_timeout: float | None = None,
-    retry_delay_seconds: float = 10.0,
+    max_turns: Annotated[int, Field(ge=1)] = 20,
+    request_timeout: Annotated[float, Field(gt=0)] = 600.0,
+    task_timeout: Annotated[float | None, Field(gt=0)] = None,
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10.0,
     result_storage: str | None = None,
-    max_tokens: int = 4096,
+    max_tokens: Annotated[int, Field(ge=1)] = 4096,
     temperature: float | None = None,
-    max_attempts: int = 5,
-    max_retry_wait: float = 120.0,
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5,
+    max_retry_wait: Annotated[float, Field(ge=0)] = 120.0,
     api_key_secret: str | None = None,
     requests_per_minute: int | None = None,
     concurrent_requests: int | None = None,
@@ -85,7 +88,8 @@ async def pipeline(
     allow_unsandboxed: bool = False,
     approve: list[str] = [],  # noqa: B006
     deny: list[str] = [],  # noqa: B006
-    approval_timeout: float = 3600.0,
+    approval_timeout: Annotated[float, Field(gt=0)] = 3600.0,
+    needs_approval: list[NeedsApproval] | None = None,
     mode: Mode = "in-process",
     agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
 ) -> PipelineSummary:
@@ -121,6 +125,8 @@ async def pipeline(
         approve: Capabilities approved in advance (no pause for approval).
         deny: Capabilities denied in advance.
         approval_timeout: Seconds to wait for a person to approve in the UI; then it is a denial.
+        needs_approval: Uses that pause for approval (empty: network-access, git-push and
+            write-outside-paths; [] for none).
         mode: 'in-process': each agent is a subflow of this run. 'distributed': each agent is a run
             of the agent-runner deployment, picked up by any worker of its pool (results must be on
             storage every worker reaches: see result_storage).
@@ -159,6 +165,7 @@ async def pipeline(
         approve=tuple(approve),
         deny=tuple(deny),
         approval_timeout=approval_timeout,
+        needs_approval=DEFAULT_NEEDS_APPROVAL if needs_approval is None else tuple(needs_approval),
     )
     plan = make_plan(specs, agents=agents)
     check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
@@ -288,9 +295,11 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
                     "pipeline_spent": ledger.spent,
                 }
                 job_variables = None
-                if run.result_storage:
-                    # The runner's own result (the report read below) goes where the tasks' go.
-                    job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": run.result_storage}}
+                # The runner's own result (the report read below) goes where the tasks' go, and
+                # where this run's goes when its storage came from a job variable of its own.
+                storage = run.result_storage or PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.value()
+                if storage:
+                    job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": storage}}
                 child = await arun_deployment(
                     settings.deployment, client=client, parameters=parameters, timeout=0, as_subflow=True,
                     tags=agent_tags(spec), flow_run_name=name, job_variables=job_variables,
@@ -378,22 +387,38 @@ async def _schedule(
         reason = str(outcome) if isinstance(outcome, BaseException) and str(outcome) else message
         if isinstance(outcome, TimeoutError):
             reason = f"timed out after {graph.agents[name].security.resource_limits.timeout}"
-        return AgentReport(agent=name, state="failed", reason=reason or "failed")
+        # The agent flow ended without its report (a timeout, a crash): its tasks as far as
+        # this process saw them finish, the rest not run.
+        return AgentReport(agent=name, state="failed", reason=reason or "failed",
+                           tasks=task_rows(name, reason or "failed", finished.get(name, {})))
+
+    def task_rows(name: str, reason: str, states: dict[int, str]) -> list[TaskRecord]:
+        tasks = graph.agents[name].task_list(run.contexts)
+        return [
+            TaskRecord(index=i, description=t.description, priority=t.priority,
+                       state=states.get(i, "not-run"),  # type: ignore[arg-type]
+                       error=None if i in states else f"not run: {reason}")
+            for i, t in enumerate(tasks, 1)
+        ]
 
     def not_run(name: str, reason: str) -> AgentReport:
-        spec = graph.agents[name]
-        tasks = spec.task_list(run.contexts)
-        return AgentReport(
-            agent=name,
-            state="not-run",
-            reason=reason,
-            tasks=[
-                TaskRecord(index=i, description=t.description, priority=t.priority,
-                           state="not-run", error=f"not run: {reason}")
-                for i, t in enumerate(tasks, 1)
-            ],
-        )
+        return AgentReport(agent=name, state="not-run", reason=reason, tasks=task_rows(name, reason, {}))
 
+    finished: dict[str, dict[int, str]] = {}
+
+    def remember(event: ProgressEvent) -> None:
+        if event.kind == "task-finished" and event.task is not None and event.state:
+            finished.setdefault(event.agent, {})[event.task] = event.state
+
+    with listen(remember):
+        await _drive(graph, run, pending, running, reports, run_one, not_run, max_concurrency, progress)
+    return await _summarise(graph, run, reports, chosen, ledger, started)
+
+
+async def _drive(graph: AgentGraph, run: RunConfig, pending: set[str], running: dict[asyncio.Task[AgentReport], str],
+                 reports: dict[str, AgentReport], run_one: Callable[[str], Awaitable[AgentReport]],
+                 not_run: Callable[[str, str], AgentReport], max_concurrency: int, progress: Any) -> None:
+    """Start agents as their dependencies finish, up to ``max_concurrency`` at once."""
     stop: str | None = None  # a fatal error: start nothing new
     while pending or running:
         if stop is not None:
@@ -434,6 +459,10 @@ async def _schedule(
                                    reason=reports[name].reason), run_key=run.run_key)
         await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))
 
+
+async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, AgentReport], chosen: Any,
+                     ledger: Ledger, started: float) -> PipelineSummary:
+    """The pipeline's summary and report artifact; raises PipelineFailedError when an agent failed."""
     summary = PipelineSummary(
         run_key=run.run_key,
         model=chosen.model,

@@ -173,3 +173,44 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path: Path) -> N
     assert proc.returncode == 2
     assert f"{tmp_path / 'x.yaml'}:" in proc.stderr and "invalid YAML" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class TestRunOptionsAreCheckedBeforeAnythingStarts:
+    """Bad `toka run` options exit 2 naming the option, before Prefect starts and before a run is recorded."""
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--request-timeout", "-5"], "--request-timeout: -5.0: input should be greater than 0"),
+            (["--task-timeout", "0"], "--task-timeout: 0.0: input should be greater than 0"),
+            (["--retry-delay", "-1"], "--retry-delay: -1.0: input should be greater than or equal to 0"),
+            (["--max-retry-wait", "-1"], "--max-retry-wait: -1.0: input should be greater than or equal to 0"),
+            (["--json", "missing-dir/summary.json"], "the directory 'missing-dir' does not exist"),
+            (["--json", "."], "is a directory; name a file"),
+            (["--needs-approval", "rm-rf"], "--needs-approval takes network-access, git-push, write-outside-paths"),
+        ],
+    )
+    def test_bad_option(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                        message: str) -> None:
+        monkeypatch.chdir(tmp_path)
+        code, out, err = toka("run", AGENT_SPECS, *args)
+        assert code == 2, out + err
+        assert message in err and "Traceback" not in out + err
+        assert not (tmp_path / ".toka" / "runs" / "last.json").exists()  # a later --resume is unaffected
+
+    def test_resume_refuses_a_selection_the_last_run_did_not_make(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from toka.runs import RunRecord
+
+        monkeypatch.chdir(tmp_path)
+        RunRecord.start(specs=[str(AGENT_SPECS)], agents=["repo-survey"], model="offline", contexts=[],
+                        run_key="k1").save(tmp_path / ".toka")
+        for args, message in [
+            (["--agent", "docs-refresh"], "--agent ['docs-refresh'] contradicts --resume"),
+            (["--model", "claude-x"], "--model 'claude-x' contradicts --resume"),
+            (["--run-key", "k2"], "--run-key 'k2' contradicts --resume"),
+            ([str(ROOT / "tests")], "contradicts --resume"),
+        ]:
+            code, out, err = toka("run", "--resume", *args)
+            assert code == 2 and message in err and "(k1) used" in err, err

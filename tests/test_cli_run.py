@@ -178,3 +178,15 @@ def test_a_prefect_api_that_never_answers_is_one_clear_line(workspace: Path) -> 
     assert slow.returncode == 1
     assert "embedded server did not start within 1 s" in slow.stderr
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in slow.stderr and "Traceback" not in slow.stderr
+
+
+def test_resume_runs_what_the_resumed_run_selected(workspace: Path) -> None:
+    out = workspace / "summary.json"
+    first = toka_run(workspace, "--agent", "repo-survey", "--model", "offline", "--json", str(out))
+    assert first.returncode == 0, first.stderr
+    # No selection repeated: the resume takes the recorded one (one agent, not all five).
+    again = toka_run(workspace, "--resume", "--json", str(out))
+    assert again.returncode == 0, again.stderr
+    data = summary(out)
+    assert [a["name"] for a in data["agents"]] == ["repo-survey"]
+    assert tasks_by_state(data, "cached") == {("repo-survey", i) for i in range(1, 5)}

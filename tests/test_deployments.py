@@ -95,7 +95,8 @@ def test_entrypoints_are_the_flows_the_deployments_name() -> None:
         assert not missing, f"{fl.name}: parameters without a description: {missing}"
     props = parameter_schema(pipeline.fn).model_dump_for_openapi()["properties"]
     assert props["mode"]["enum"] == ["in-process", "distributed"]
-    assert props["max_concurrency"]["type"] == "integer"
+    assert props["max_concurrency"]["type"] == "integer" and props["max_concurrency"]["minimum"] == 1
+    assert props["max_attempts"]["maximum"] == 20 and props["task_timeout"]["anyOf"][0]["exclusiveMinimum"] == 0
 
 
 def test_process_pool_template_is_the_process_worker_template() -> None:
@@ -476,7 +477,8 @@ def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -
     assert deployment["enforce_parameter_schema"] is True
     props = deployment["parameter_openapi_schema"]["properties"]
     assert props["mode"]["enum"] == ["in-process", "distributed"] and props["max_concurrency"]["description"]
-    for bad in ("max_concurrency=lots", "mode=sideways"):
+    assert props["max_concurrency"]["minimum"] == 1 and props["request_timeout"]["exclusiveMinimum"] == 0
+    for bad in ("max_concurrency=lots", "max_concurrency=0", "mode=sideways", "max_attempts=99"):
         result = deployed.cli("deployment", "run", "toka-pipeline/toka-pipeline", f"--param={bad}", check=False)
         assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
         assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
@@ -504,12 +506,17 @@ def test_per_agent_deployment_runs_the_agent_after_its_required_dependencies(
 def test_distributed_mode_spreads_agents_over_two_workers(
     deployed: Server, workspace: Path, tmp_path: Path
 ) -> None:
-    results, faults = tmp_path / "results", tmp_path / "faults.txt"
+    faults = tmp_path / "faults.txt"
     logs = {"a": tmp_path / "requests-a.jsonl", "b": tmp_path / "requests-b.jsonl"}
+    # As on two machines: each worker has its own local results directory; the run names
+    # shared storage (a block) as a job variable, and the pipeline hands it to its agent runs.
+    shared = tmp_path / "shared-results"
+    on_block = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": _shared_storage_block(deployed, shared)}}
     workers = []
     try:
         def start_worker(name: str, limit: int) -> None:
-            env = deployed.env(PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), TOKA_OFFLINE_REQUEST_LOG=str(logs[name]),
+            env = deployed.env(PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / f"local-results-{name}"),
+                               TOKA_OFFLINE_REQUEST_LOG=str(logs[name]),
                                TOKA_OFFLINE_FAULTS=str(faults), TOKA_OFFLINE_LATENCY="0.2",
                                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
             with (tmp_path / f"worker-{name}.log").open("w") as out:
@@ -521,7 +528,8 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         # Worker a takes the pipeline run and has one slot left; worker b has one slot. The two
         # agents of wave 2 (dependency-audit, test-health) are ready together: one runs on each.
         start_worker("a", 2)
-        first = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace, mode="distributed"))
+        first = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
+                                        **_params(workspace, mode="distributed"))
         deadline = time.monotonic() + 60
         while deployed.flow_run(first)["state"]["type"] == "SCHEDULED":
             assert time.monotonic() < deadline, "worker a did not pick up the pipeline run"
@@ -529,7 +537,7 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         start_worker("b", 1)
         run = deployed.wait_final(first)
         assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker-a.log").read_text()[-3000:])
-        summary = _summary(run)
+        summary = _summary(run, shared)
         assert summary.state == "completed" and summary.run_key == first and summary.offline
         assert [a.agent for a in summary.agents] == AGENTS
         assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4 for a in summary.agents)
@@ -551,11 +559,11 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         # A fault midway, then a retry: failure and resume as in-process (test-health and the
         # agent it requires, to keep it short).
         faults.write_text("test-health:2\n")
-        second = deployed.run_deployment("toka-pipeline/toka-pipeline",
+        second = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
                                          **_params(workspace, mode="distributed", agents=["test-health"]))
         run = deployed.wait_final(second)
         assert run["state"]["type"] == "FAILED", run["state"]
-        failed = _summary(run)
+        failed = _summary(run, shared)
         survey, health = failed.agents
         assert survey.agent == "repo-survey" and survey.state == "completed"
         assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
@@ -566,8 +574,10 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         deployed.cli("flow-run", "retry", second)
         run = deployed.wait_final(second)
         assert run["state"]["type"] == "COMPLETED", run["state"]
-        summary = _summary(run)
+        summary = _summary(run, shared)
         assert summary.state == "completed"
+        # Every agent run's result went to the shared block, none to a worker's own directory.
+        assert not any((tmp_path / f"local-results-{name}").exists() for name in logs)
         asked = {(r["agent"], int(r["task"])) for name, log in logs.items()
                  for r in _requests(log)[before_retry[name]:]}
         assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}

@@ -761,6 +761,39 @@ class TestDiskGrowth:
         assert record["usage"]["disk_growth_bytes"] > MB
         assert len(list(agent.root.glob("part*.bin"))) < 20
 
+    def test_growth_counts_over_the_whole_agent_run(self, make_agent: MakeAgent) -> None:
+        """max_disk_usage bounds the run's growth: commands and file writes add up."""
+        agent = make_agent("script-execution", "filesystem-write", limits={"max_disk_usage": "1MB"})
+        agent.script("grow.py", "import sys\nopen(sys.argv[1], 'wb').write(b'x' * (400 * 1024))\nprint('OK')\n")
+        assert "OK" in agent.run("python3", "grow.py", "a.bin").text  # 400 KB of 1 MB
+        assert "OK" in agent.run("python3", "grow.py", "b.bin").text  # 800 KB
+        big = agent.call("write_file", path="c.txt", content="y" * (400 * 1024))  # would make 1.2 MB
+        assert big.is_error and "may grow 1048576 (max_disk_usage)" in big.text
+        assert not (agent.root / "c.txt").exists()
+        small = agent.call("write_file", path="d.txt", content="z" * 1024)
+        assert not small.is_error
+        # One file bigger than what is left (about 220 KB): stopped by RLIMIT_FSIZE.
+        third = agent.run("python3", "grow.py", "e.bin")
+        assert third.is_error and "OK" not in third.text
+        (agent.root / "e.bin").unlink()
+        # Several files, each under what is left, written faster than the watch looks: the
+        # growth is found when the command ends, and said.
+        agent.script("burst.py", "for i in range(3):\n    open(f'burst{i}.bin', 'wb').write(b'x' * (200 * 1024))\n")
+        burst = agent.run("python3", "burst.py")
+        assert burst.is_error and "grew past max_disk_usage" in burst.text, burst.text
+        # Once over, no command starts at all.
+        refused = agent.run("python3", "grow.py", "f.bin")
+        assert refused.is_error and "already grown" in refused.text and not (agent.root / "f.bin").exists()
+        agent.audited("run_command", "refused", "max_disk_usage")
+
+    def test_files_a_command_changed_are_reported_and_audited(self, make_agent: MakeAgent) -> None:
+        agent = make_agent("script-execution", files={"old.txt": "old\n", "gone.txt": "bye\n"})
+        change = agent.script("change.sh", "#!/bin/sh\necho new > new.txt\necho more >> old.txt\nrm gone.txt\n")
+        out = agent.run(change)
+        assert "--- files changed in the workspace ---" in out.text
+        record = agent.audited("run_command", "allowed")
+        assert record["files_changed"] == ["gone.txt", "new.txt", "old.txt"]
+
 
 # -- 15, 16: what the host cannot enforce, and unsandboxed agents ------------------------------------
 

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import Problem, RunFailedError, TokaError
+from .errors import ConfigError, Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
 from .policy import DEFAULT_NEEDS_APPROVAL, approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
@@ -200,10 +200,11 @@ def run(
     paths: PathsArg = None,
     agent: AgentOpt = None,
     model: Annotated[
-        str,
+        str | None,
         typer.Option(envvar="TOKA_MODEL", help="'auto' (Anthropic if ANTHROPIC_API_KEY is set, else offline), "
-                     "'offline', or a model id."),
-    ] = "auto",
+                     "'offline', or a model id.  [default: auto; with --resume: the resumed run's]",
+                     show_default=False),
+    ] = None,
     workspace: Annotated[Path, typer.Option(help="Directory the agents work in.")] = Path("."),
     max_concurrency: Annotated[int, typer.Option(min=1, help="Most agents running at once.")] = 4,
     resume: Annotated[
@@ -258,40 +259,57 @@ def run(
         typer.Option("--approve", help="Approve a use in advance: network-access, git-push, write-outside-paths."),
     ] = None,
     deny: Annotated[list[str] | None, typer.Option("--deny", help="Deny a use in advance (repeatable).")] = None,
+    needs_approval: Annotated[
+        list[str] | None,
+        typer.Option("--needs-approval", help="Uses that need approval, replacing the default set "
+                     "(network-access, git-push, write-outside-paths); 'none' for none (repeatable)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
 ) -> None:
     """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
-    spec_paths = [str(p) for p in _paths(paths)]
     with _user_errors():
-        plan = make_plan(spec_paths, agents=agent or ())
         space = Workspace(workspace)
-        chosen = choose_model(RunConfig(run_key="-", model=model, api_key_secret=api_key_secret))
         if resume:
+            # The resumed run's own selection: anything else would make different cache keys
+            # (or a different set of agents) and redo, or newly do, work.
             record = RunRecord.load_last(space.state_dir)
-            if run_key and run_key != record.run_key:
-                raise TokaError(f"--run-key {run_key!r} contradicts --resume (last run: {record.run_key!r})")
+            given = {"--run-key": run_key, "specs": [str(p) for p in paths] if paths else None,
+                     "--agent": agent or None, "--context": context or None, "--model": model}
+            for option, value in given.items():
+                if value is not None and value != record.selection(option):
+                    raise ConfigError(f"{option} {value!r} contradicts --resume: the last run here "
+                                      f"({record.run_key}) used {record.selection(option)!r}")
+            spec_paths, agent, context, model = record.specs, record.agents, record.contexts, record.model
         else:
+            spec_paths = [str(p) for p in _paths(paths)]
+            model = model or "auto"
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
                                      contexts=list(context or ()), run_key=run_key)
+        plan = make_plan(spec_paths, agents=agent or ())
+        options = dict(
+            specs=spec_paths, agents=list(agent or ()), model=model, workspace=str(space.root),
+            max_concurrency=max_concurrency, contexts=list(context or ()), run_key=record.run_key,
+            max_turns=max_turns, request_timeout=request_timeout, task_timeout=task_timeout,
+            retry_delay_seconds=retry_delay, result_storage=result_storage, max_tokens=max_tokens,
+            temperature=temperature, max_attempts=max_attempts, max_retry_wait=max_retry_wait,
+            api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
+            concurrent_requests=concurrent_requests, in_process_requests=in_process_requests,
+            task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
+            allow_unsandboxed=allow_unsandboxed, needs_approval=_approval_set(needs_approval),
+        )
+        chosen = choose_model(_checked_config(options, api_key_secret=api_key_secret))
         check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
-        approve_list, deny_list = _settle_approvals(plan, list(approve or ()), list(deny or ()))
+        approve_list, deny_list = _settle_approvals(plan, list(approve or ()), list(deny or ()),
+                                                    options["needs_approval"])
+        options.update(approve=approve_list, deny=deny_list)
+        if json_file is not None:
+            _check_writable(json_file)
         record.save(space.state_dir)
     err.print(describe_choice(chosen))
     verb = "resuming run" if resume else "run"
     err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
               f"workspace {space.root}")
     _prefect_environment(verbose=verbose)
-    options = dict(
-        specs=spec_paths, agents=list(agent or ()), model=model, workspace=str(space.root),
-        max_concurrency=max_concurrency, contexts=list(context or ()), run_key=record.run_key,
-        max_turns=max_turns, request_timeout=request_timeout, task_timeout=task_timeout,
-        retry_delay_seconds=retry_delay, result_storage=result_storage, max_tokens=max_tokens,
-        temperature=temperature, max_attempts=max_attempts, max_retry_wait=max_retry_wait,
-        api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
-        concurrent_requests=concurrent_requests, in_process_requests=in_process_requests,
-        task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
-        allow_unsandboxed=allow_unsandboxed, approve=approve_list, deny=deny_list,
-    )
     view = _LiveView(plan)
     try:
         with _user_errors(), listen(view.update), view:
@@ -315,14 +333,60 @@ def run(
     raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)
 
 
-def _settle_approvals(plan: Plan, approve: list[str], deny: list[str]) -> tuple[list[str], list[str]]:
+# RunConfig fields whose command-line option is not simply --field-name.
+_OPTION_NAMES = {"retry_delay_seconds": "--retry-delay", "task_token_budget": "--task-budget",
+                 "agent_token_budget": "--agent-budget", "pipeline_token_budget": "--pipeline-budget"}
+
+
+def _checked_config(options: dict[str, Any], **extra: Any) -> RunConfig:
+    """The run's settings, validated before anything starts; a bad value names its option."""
+    from pydantic import ValidationError
+
+    fields = set(RunConfig.model_fields)
+    values = {k: v for k, v in {**options, **extra}.items() if k in fields}
+    values["contexts"] = tuple(values.get("contexts") or ())
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+            problems.append(Problem(f"{option}: {error.get('input')!r}: {error['msg'].lower()}"))
+        raise ConfigError(problems) from None
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the run, not after it, when the summary could not be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"--json {str(path)!r}: is a directory; name a file")
+    if not parent.is_dir():
+        raise ConfigError(f"--json {str(path)!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--json {str(path)!r}: not writable")
+
+
+def _approval_set(given: list[str] | None) -> list[str]:
+    if not given:
+        return list(DEFAULT_NEEDS_APPROVAL)
+    keys = [] if given == ["none"] else given
+    unknown = sorted(set(keys) - set(DEFAULT_NEEDS_APPROVAL))
+    if unknown:
+        raise ConfigError(f"--needs-approval takes {', '.join(DEFAULT_NEEDS_APPROVAL)} or 'none'; "
+                          f"got {', '.join(unknown)}")
+    return keys
+
+
+def _settle_approvals(plan: Plan, approve: list[str], deny: list[str],
+                      needs_approval: list[str]) -> tuple[list[str], list[str]]:
     """Ask on a terminal about approvals the agents may need and nobody decided; else they are denied."""
     unknown = sorted(set(approve + deny) - set(DEFAULT_NEEDS_APPROVAL))
     if unknown:
         raise TokaError(f"--approve/--deny take {', '.join(DEFAULT_NEEDS_APPROVAL)}; got {', '.join(unknown)}")
     wanted: dict[str, list[str]] = {}
     for name, spec in plan.graph.agents.items():
-        for key in approval_keys(spec, DEFAULT_NEEDS_APPROVAL):
+        for key in approval_keys(spec, needs_approval):
             wanted.setdefault(key, []).append(name)
     for key, agents in sorted(wanted.items()):
         if key in approve or key in deny:

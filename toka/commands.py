@@ -22,6 +22,7 @@ capability                 programs
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,14 @@ from pydantic import Field
 
 from .errors import ToolError
 from .redact import redact, secret_values
-from .sandbox import SandboxRefused, run_sandboxed
+from .sandbox import (
+    SandboxRefused,
+    changed_files,
+    disk_usage,
+    run_sandboxed,
+    snapshot,
+    workspace_growth_baseline,
+)
 from .tools import Tool, ToolContext, ToolOutput, _Args
 
 __all__ = ["COMMAND_CAPABILITIES", "CommandRefused", "RunCommand", "check_command", "scrubbed_env"]
@@ -246,6 +254,15 @@ def _rust_toolchain(env: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
+_CHANGES_SHOWN = 50  # in the tool result the model reads
+_CHANGES_KEPT = 1000  # in the audit record and the task report
+
+
+def disk_key(ctx: ToolContext) -> str:
+    """Names the agent run whose workspace growth ``max_disk_usage`` bounds."""
+    return f"{ctx.audit.run if ctx.audit else 'run'}-{ctx.agent or 'agent'}"
+
+
 class RunCommandArgs(_Args):
     argv: list[str] = Field(min_length=1, max_length=256,
                             description="Program and arguments, e.g. ['git', 'log', '-5']. No shell.")
@@ -282,11 +299,22 @@ class RunCommand(Tool):
         argv = list(args.argv)
         if grant.capability == "database-access":
             argv.insert(1, "-safe")  # sqlite3's own guard against file and program functions
+        env = scrubbed_env(home)
+        root, state = ctx.workspace.root, ctx.workspace.state_dir
+        baseline = (workspace_growth_baseline(root, state, disk_key(ctx), [home])
+                    if policy.sandbox and policy.limits.max_disk_usage is not None else None)
+        if baseline is not None and policy.limits.max_disk_usage is not None:
+            grown = disk_usage(root, state, [home]) - baseline
+            if grown >= policy.limits.max_disk_usage.bytes:
+                raise CommandRefused(f"the workspace has already grown {grown} bytes in this run, past its "
+                                     f"max_disk_usage of {policy.limits.max_disk_usage.bytes}; free space first")
+        skip = [root / ".git", state]
+        before = await asyncio.to_thread(snapshot, root, skip)
         try:
             result, usage, plan = await run_sandboxed(
-                argv, cwd=cwd, workspace=ctx.workspace.root, state_dir=ctx.workspace.state_dir,
-                env=scrubbed_env(home), limits=policy.limits, timeout=timeout, network=network,
-                sandbox=policy.sandbox, extra_disk_dirs=[home],
+                argv, cwd=cwd, workspace=root, state_dir=state, env=env, limits=policy.limits,
+                timeout=timeout, network=network, sandbox=policy.sandbox, extra_disk_dirs=[home],
+                disk_baseline=baseline,
             )
         except SandboxRefused:
             raise
@@ -294,11 +322,17 @@ class RunCommand(Tool):
             e.toka_command = {"argv": list(args.argv)}  # type: ignore[attr-defined]
             raise
         assert result is not None
+        changed = changed_files(before, await asyncio.to_thread(snapshot, root, skip))
         secrets = secret_values()
         text = [f"exit code: {usage.exit_code}" if usage.exit_code is not None
                 else f"killed by signal {usage.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
+        over = (policy.limits.max_disk_usage is not None and usage.disk_growth_bytes is not None
+                and usage.disk_growth_bytes > policy.limits.max_disk_usage.bytes)
         if usage.killed_for == "disk":
             text.append("the workspace grew past max_disk_usage; the command was killed")
+        elif over:  # it finished between two checks of the growth watch
+            text.append("the workspace grew past max_disk_usage during this command; "
+                        "further commands and writes are refused")
         if usage.killed_for == "memory":
             text.append("the command used more than max_memory and was killed")
         if result.stdout:
@@ -307,7 +341,12 @@ class RunCommand(Tool):
             text += ["--- stderr ---", redact(result.stderr, secrets)]
         if result.truncated:
             text.append("[output cut at 64000 bytes per stream]")
-        output = ToolOutput("\n".join(text), is_error=usage.exit_code != 0)
+        if changed:
+            shown = changed[:_CHANGES_SHOWN] + ([f"... and {len(changed) - _CHANGES_SHOWN} more"]
+                                                if len(changed) > _CHANGES_SHOWN else [])
+            text.append("--- files changed in the workspace ---\n" + "\n".join(shown))
+        output = ToolOutput("\n".join(text), is_error=usage.exit_code != 0 or over,
+                            files_changed=changed[:_CHANGES_KEPT])
         output.command_usage = usage  # type: ignore[attr-defined]
         output.sandbox = plan.enforced  # type: ignore[attr-defined]
         output.output_bytes = len(result.stdout) + len(result.stderr)  # type: ignore[attr-defined]

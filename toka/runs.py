@@ -40,6 +40,11 @@ class RunRecord(BaseModel):
             contexts=contexts,
         )
 
+    def selection(self, option: str) -> object:
+        """What this run used for a ``toka run`` option (to check a resume against it)."""
+        return {"--run-key": self.run_key, "specs": self.specs, "--agent": self.agents,
+                "--context": self.contexts, "--model": self.model}[option]
+
     @staticmethod
     def path(state_dir: Path) -> Path:
         return state_dir / "runs" / "last.json"

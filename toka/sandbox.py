@@ -51,7 +51,18 @@ from .errors import ToolError, ToolTimeoutError
 from .process import ProcessResult, run_process
 from .spec import ResourceLimits
 
-__all__ = ["CommandUsage", "HostSupport", "SandboxPlan", "SandboxRefused", "detect_host", "run_sandboxed"]
+__all__ = [
+    "CommandUsage",
+    "HostSupport",
+    "SandboxPlan",
+    "SandboxRefused",
+    "changed_files",
+    "detect_host",
+    "disk_usage",
+    "run_sandboxed",
+    "snapshot",
+    "workspace_growth_baseline",
+]
 
 
 class SandboxRefused(ToolError):
@@ -350,6 +361,63 @@ class _Cgroups:
                     time.sleep(0.02)
 
 
+def workspace_growth_baseline(workspace: Path, state_dir: Path, key: str, extra_dirs: Sequence[Path] = ()) -> int:
+    """The workspace's size when this agent's run first measured it (``max_disk_usage`` is growth per run).
+
+    Kept in the state directory under ``key`` (run key and agent), so every command and
+    file write of the run, a resumed run and other processes measure against one start.
+    """
+    path = state_dir / "disk" / f"{key}.json"
+    try:
+        return int(json.loads(path.read_text())["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    size = disk_usage(workspace, state_dir, extra_dirs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps({"bytes": size}))
+    try:
+        os.link(tmp, path)  # first writer wins: a concurrent measurement cannot move the start
+    except FileExistsError:
+        size = int(json.loads(path.read_text())["bytes"])
+    finally:
+        tmp.unlink()
+    return size
+
+
+def disk_usage(workspace: Path, state_dir: Path, extra_dirs: Sequence[Path] = ()) -> int:
+    """Bytes on disk under the workspace (its state directory aside) and ``extra_dirs``."""
+    return _tree_size(workspace, state_dir) + sum(_tree_size(d, Path("/nonexistent")) for d in extra_dirs)
+
+
+def snapshot(root: Path, skip: Sequence[Path]) -> dict[str, tuple[int, int]]:
+    """Relative path -> (mtime_ns, size) of the files under ``root``, outside ``skip``."""
+    found: dict[str, tuple[int, int]] = {}
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if Path(entry.path) not in skip:
+                        stack.append(Path(entry.path))
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    found[os.path.relpath(entry.path, root)] = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                continue
+    return found
+
+
+def changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Files created, modified or deleted between two snapshots, sorted."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
 def _tree_size(root: Path, skip: Path) -> int:
     total = 0
     stack = [root]
@@ -431,8 +499,12 @@ async def run_sandboxed(
     host: HostSupport | None = None,
     output_limit: int = 64_000,
     extra_disk_dirs: Sequence[Path] = (),
+    disk_baseline: int | None = None,
 ) -> tuple[ProcessResult | None, CommandUsage, SandboxPlan]:
     """Run ``argv`` with every declared limit enforced; return its result and measured usage.
+
+    ``disk_baseline`` is the size ``max_disk_usage`` counts growth from (the agent run's
+    start, see :func:`workspace_growth_baseline`); without it, this command's start.
 
     Raises:
         SandboxRefused: ``sandbox`` is set and a declared limit cannot be enforced here.
@@ -470,7 +542,11 @@ async def run_sandboxed(
         if limits.max_memory is not None and "memory" not in host.cgroup_root:
             prlimits.append(f"--as={limits.max_memory.bytes}")
         if limits.max_disk_usage is not None:
-            prlimits.append(f"--fsize={limits.max_disk_usage.bytes}")
+            # No single file may take the workspace past its limit: what this run has left.
+            room = limits.max_disk_usage.bytes
+            if disk_baseline is not None:
+                room -= disk_usage(workspace, state_dir, extra_disk_dirs) - disk_baseline
+            prlimits.append(f"--fsize={max(room, 1)}")
     confine: list[str] = []
     if sandbox:
         # Writable: the workspace and the command's home; the rest of the state directory
@@ -485,7 +561,9 @@ async def run_sandboxed(
     full = [*wrapped, *argv]
 
     measured = [(workspace, state_dir), *((d, Path("/nonexistent")) for d in extra_disk_dirs)]
-    disk_start = sum(_tree_size(r, k) for r, k in measured) if limits.max_disk_usage is not None else None
+    disk_start = None
+    if limits.max_disk_usage is not None:
+        disk_start = disk_baseline if disk_baseline is not None else disk_usage(workspace, state_dir, extra_disk_dirs)
     tripped: list[str] = []
     watchers: list[asyncio.Task[None]] = []
     pgid_box: list[int] = []

@@ -266,6 +266,9 @@ class WriteFile(Tool):
         if ctx.policy is not None:
             ctx.policy.check_write(rel)
         existed = path.exists()
+        refusal = _over_disk_limit(ctx, len(data) - (path.stat().st_size if existed else 0))
+        if refusal:
+            return ToolOutput(refusal, is_error=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         verb = "overwrote" if existed else "created"
@@ -302,8 +305,29 @@ class EditFile(Tool):
                 f"old_text occurs {count} times in {rel}; include more context so it occurs once",
                 is_error=True,
             )
+        refusal = _over_disk_limit(ctx, len(args.new_text.encode()) - len(args.old_text.encode()))
+        if refusal:
+            return ToolOutput(refusal, is_error=True)
         path.write_text(text.replace(args.old_text, args.new_text, 1), encoding="utf-8")
         return ToolOutput(f"edited {rel}: replaced 1 occurrence", files_changed=[rel])
+
+
+def _over_disk_limit(ctx: ToolContext, added: int) -> str | None:
+    """Why a write of ``added`` more bytes would take the workspace past ``max_disk_usage`` (or None)."""
+    policy = ctx.policy
+    if policy is None or policy.limits.max_disk_usage is None or added <= 0 or not policy.sandbox:
+        return None
+    from .commands import disk_key
+    from .sandbox import disk_usage, workspace_growth_baseline
+
+    root, state = ctx.workspace.root, ctx.workspace.state_dir
+    home = [state / "home" / (ctx.agent or "agent")]
+    grown = disk_usage(root, state, home) - workspace_growth_baseline(root, state, disk_key(ctx), home)
+    limit = policy.limits.max_disk_usage.bytes
+    if grown + added > limit:
+        return (f"refused: the workspace has grown {grown} bytes in this run and may grow {limit} "
+                f"(max_disk_usage); this write adds {added}")
+    return None
 
 
 def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
