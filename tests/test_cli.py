@@ -214,3 +214,14 @@ class TestRunOptionsAreCheckedBeforeAnythingStarts:
         ]:
             code, out, err = toka("run", "--resume", *args)
             assert code == 2 and message in err and "(k1) used" in err, err
+
+
+def test_doctor_names_a_mechanism_or_the_refusal_for_every_limit() -> None:
+    code, out, _ = toka("doctor")
+    assert code == 0
+    for label in ("wall-clock timeout", "max_memory", "max_cpu", "max_processes", "max_disk_usage",
+                  "network denied", "max_network_bandwidth", "other processes", "the host"):
+        line = next((l for l in out.splitlines() if l.strip().startswith(label)), None)
+        assert line is not None, f"toka doctor does not mention {label}:\n{out}"
+        assert line.strip() != label  # a mechanism, or what happens without one
+    assert "max_network_bandwidth" in out and "refused" in out.split("max_network_bandwidth", 1)[1].splitlines()[0]

@@ -809,6 +809,11 @@ class TestSandboxRefusals:
         assert plan_limits(self.LIMITS, network=True, host=self.WEAK).missing == [
             "memory", "processes", "host confinement"]
 
+    def test_bandwidth_cannot_be_shaped_so_a_networked_command_is_refused(self) -> None:
+        limits = ResourceLimits.model_validate({"timeout": "10s", "max_network_bandwidth": "10Mbps"})
+        assert "bandwidth" in plan_limits(limits, network=True, host=HOST).missing
+        assert "bandwidth" not in plan_limits(limits, network=False, host=HOST).missing  # no network at all
+
     def test_run_sandboxed_refuses_before_starting_anything(self, tmp_path: Path) -> None:
         refused = r"this host cannot enforce memory, processes, network, host confinement .*sandbox: true"
         with pytest.raises(SandboxRefused, match=refused):

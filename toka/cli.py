@@ -408,13 +408,14 @@ def doctor() -> None:
     host = detect_host()
     rows = [("wall-clock timeout", "timeout"), ("max_memory", "memory"), ("max_cpu", "cpu"),
             ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network"),
-            ("other processes", "processes-visible")]
+            ("max_network_bandwidth", "bandwidth"), ("other processes", "processes-visible"),
+            ("the host", "host")]
     out.print(f"cgroups: {host.cgroup or 'not available'}"
               + (f" ({', '.join(sorted(host.cgroup_root))})" if host.cgroup_root else ""))
     for label, key in rows:
         how = host.mechanism(key)
         shown = how or "[red]none: commands of agents with sandbox: true that declare it are refused[/red]"
-        out.print(f"  {label:<20} {shown}")
+        out.print(f"  {label:<22} {shown}")
 
 
 @app.command()

@@ -12,7 +12,10 @@ wall-clock timeout        kill of the process group, and of every process in the
 ``max_cpu``               cgroup v2 ``cpu.max`` / cgroup v1 ``cpu.cfs_quota_us``
                           / a measured throttle (SIGSTOP/SIGCONT on the process group)
 ``max_processes``         cgroup ``pids.max``
-``max_disk_usage``        ``RLIMIT_FSIZE`` plus a watch of the workspace's growth
+``max_disk_usage``        ``RLIMIT_FSIZE`` (what the run has left) plus a watch of the
+                          workspace's growth since the agent run started
+``max_network_bandwidth`` none: a command granted the network is refused under ``sandbox:
+                          true`` (without the network, there is nothing to shape)
 network (not granted)     a new, empty network namespace (``unshare -n``)
 other processes           a PID namespace with its own ``/proc`` (``unshare -p``): the
                           runtime's environment (API keys) is out of sight
@@ -100,6 +103,8 @@ class HostSupport:
             return "RLIMIT_FSIZE (prlimit) + workspace growth watch" if self.prlimit else "workspace growth watch"
         if limit == "network":
             return "network namespace (unshare -n)" if self.netns else None
+        if limit == "bandwidth":
+            return None  # no traffic shaping here: a command granted the network could not be held to it
         if limit == "processes-visible":
             return "PID namespace with its own /proc (unshare -p --mount-proc)" if self.pidns else None
         if limit == "host":
@@ -217,7 +222,7 @@ class SandboxPlan:
 def plan_limits(limits: ResourceLimits, *, network: bool, host: HostSupport) -> SandboxPlan:
     declared = {"timeout": True, "memory": limits.max_memory is not None, "cpu": limits.max_cpu is not None,
                 "processes": limits.max_processes is not None, "disk": limits.max_disk_usage is not None,
-                "network": not network}
+                "network": not network, "bandwidth": network and limits.max_network_bandwidth is not None}
     enforced: dict[str, str] = {}
     missing: list[str] = []
     for name, wanted in declared.items():
