@@ -272,7 +272,7 @@ class ResourceLimits(_Block):
     """How much the workspace may grow during the run."""
     max_network_bandwidth: Bandwidth | None = None
     """Network rate for agents granted network access, e.g. ``100Mbps``."""
-    max_processes: int | None = Field(default=None, ge=1, le=100_000)
+    max_processes: int | None = Field(default=None, ge=1, le=100_000, strict=True)
     """Most processes a command may have at once (stops fork bombs)."""
 
 
