@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.context import TagsContext
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
+from prefect.context import FlowRunContext
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
 from prefect.states import State
@@ -32,7 +33,7 @@ from toka.config import RunConfig
 from toka.errors import AgentFailedError, BudgetExceededError, TokaError
 from toka.model import Usage
 from toka.progress import ProgressEvent, notify
-from toka.budget import current_ledger
+from toka.budget import AgentBudget, Ledger, current_ledger, use_agent_budget
 from toka.policy import approval_keys
 from toka.providers import get_model
 from toka.report import agent_markdown
@@ -94,8 +95,13 @@ def announce(event: ProgressEvent, *, run_key: str) -> None:
 
 
 async def _record(
-    state: State[Any], index: int, task: SpecTask, retries: int
+    state: State[Any], index: int, task: SpecTask, retries: int, charged: Usage | None = None
 ) -> tuple[TaskRecord, BaseException | None]:
+    """The task's report row; ``charged`` is what all its attempts in this run cost (its ledger).
+
+    The ledger is the figure of record: it also counts attempts that Prefect
+    timed out, which leave no usage on their error.
+    """
     base = {"index": index, "description": task.description, "priority": task.priority}
     if state.is_completed():
         outcome: TaskOutcome = await state.aresult()
@@ -105,7 +111,7 @@ async def _record(
             state="cached" if cached else "completed",
             attempts=0 if cached else outcome.attempt,
             duration_s=0.0 if cached else outcome.duration_s,
-            usage=Usage() if cached else outcome.usage,
+            usage=Usage() if cached else charged if charged is not None else outcome.usage,
             carried_usage=outcome.usage if cached else Usage(),
             files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
             tool_calls=0 if cached else outcome.tool_calls,
@@ -122,7 +128,7 @@ async def _record(
         **base,
         state="failed",
         attempts=getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1),
-        usage=getattr(exc, "toka_usage", None) or Usage(),
+        usage=charged if charged is not None else getattr(exc, "toka_usage", None) or Usage(),
         error=f"{type(exc).__name__}: {text}",
     ), exc
 
@@ -175,8 +181,13 @@ async def _run_tasks(
     run: RunConfig,
     upstream: dict[str, dict[str, Any]],
     progress: _Progress,
+    budget: AgentBudget,
 ) -> tuple[list[TaskRecord], str | None, str | None]:
-    """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error."""
+    """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error.
+
+    ``budget`` must be the agent budget in effect (:func:`toka.budget.use_agent_budget`): the
+    tasks charge it, and each task's ledger there is what the task cost.
+    """
     total = len(tasks)
     fingerprint, digest = (await get_model(run)).fingerprint(), spec.digest()
     fatal: str | None = None
@@ -194,12 +205,14 @@ async def _run_tasks(
                                description=task.description), run_key=run.run_key)
         step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
                          upstream=upstream, run=run, model_fingerprint=fingerprint,
-                         agent_spent=sum(r.usage.total_tokens + r.carried_usage.total_tokens for r in records))
+                         agent_spent=budget.ledger.spent)
         state = await step_task(spec, index, total, task, run)(step, return_state=True)
-        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1))
+        charged = budget.tasks[index].charged if index in budget.tasks else None
+        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged)
         records.append(record)
-        if ledger is not None:
-            ledger.carry(record.carried_usage)
+        for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
+            if book is not None:
+                book.carry(record.carried_usage)
         if record.result is not None:
             prior.append({"task": index, "description": task.description, **record.result.model_dump()})
         elif isinstance(exc, TokaError) and exc.fatal:
@@ -221,6 +234,17 @@ class ApprovalInput(RunInput):
     note: str = ""
 
 
+async def _resume_after_timeout() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    async with get_client() as client:
+        await client.set_flow_run_state(ctx.flow_run.id, Running(message="approval timed out: denied"), force=True)
+
+
 async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
     """Before the agent's first task: settle the approvals its capabilities may need.
 
@@ -240,10 +264,14 @@ async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
                         f"(no answer within {limit} s counts as a denial)",
         )
         try:
-            answer = await apause_flow_run(wait_for_input=question, timeout=limit, key=f"approve-{spec.name}")
+            answer = await apause_flow_run(wait_for_input=question, timeout=limit, key=f"approve-{spec.name}",
+                                           poll_interval=max(1, min(5, limit // 4)))
             approved = bool(answer and answer.approve)
         except FlowPauseTimeout:
             approved = False
+            # Only a resume takes the run out of Paused on the server; left there, its final
+            # Completed would be refused ("completed and never resumed") and the agent failed.
+            await _resume_after_timeout()
     update = {"approve": (*run.approve, *keys)} if approved else {"deny": (*run.deny, *keys)}
     return run.model_copy(update=update)
 
@@ -266,8 +294,12 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         # The flow run carries the agent's tags; its task runs must not inherit them:
         # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
         # and on a SQLite-backed server those writes stall runs for seconds.
-        with TagsContext(current_tags=set()):
-            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress)
+        # The budgets of this agent run: a task's attempts (Prefect retries it here, in this
+        # process) share its ledger and the agent's, so a retry cannot refill them.
+        budget = AgentBudget(run.run_key, spec.name, Ledger(
+            f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens, scope="agent"))
+        with TagsContext(current_tags=set()), use_agent_budget(budget):
+            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget)
         report = AgentReport(
             agent=spec.name,
             state="failed" if failure else "completed",

@@ -31,12 +31,13 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
-from prefect.states import State
+from prefect.states import Cancelled, State
 
 from flows.compiler import agent_tags, announce, compile_agent
 from toka.config import DEFAULT_RETRIES, RunConfig
 from toka.errors import ConfigError, PipelineFailedError, RunFailedError
 from toka.graph import AgentGraph
+from toka.spec import AgentSpec
 from toka.limits import LimitSettings, check_limits
 from toka.plan import make_plan
 from toka.policy import DEFAULT_NEEDS_APPROVAL, check_unsandboxed
@@ -424,6 +425,7 @@ async def _drive(graph: AgentGraph, run: RunConfig, pending: set[str], running: 
         if stop is not None:
             for name in sorted(pending):
                 reports[name] = not_run(name, f"not started: {stop}")
+                await _show_not_run(graph.agents[name], reports[name].reason or "")
                 announce(ProgressEvent("agent-finished", name, state="not-run", reason=reports[name].reason),
                          run_key=run.run_key)
             pending.clear()
@@ -437,6 +439,7 @@ async def _drive(graph: AgentGraph, run: RunConfig, pending: set[str], running: 
                 if failed:
                     verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
                     reports[name] = not_run(name, f"required dependency {failed[0]!r} {verb}")
+                    await _show_not_run(graph.agents[name], reports[name].reason or "")
                     pending.discard(name)
                     announce(ProgressEvent("agent-finished", name, state="not-run",
                                            reason=reports[name].reason), run_key=run.run_key)
@@ -486,6 +489,18 @@ async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, Agent
             report=summary,
         )
     return summary
+
+
+async def _show_not_run(spec: AgentSpec, reason: str) -> None:
+    """A run of the agent's flow that ends at once, Cancelled with the reason: the UI shows why it did not run."""
+
+    async def not_run() -> State[None]:
+        return Cancelled(name="NotRun", message=reason)
+
+    marker = flow(not_run, name=spec.name, flow_run_name=f"{spec.name} (not run)", persist_result=False,
+                  description=f"{spec.name} did not run")
+    with tags(*agent_tags(spec)):
+        await marker(return_state=True)
 
 
 def _flow_run_id() -> str | None:

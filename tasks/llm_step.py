@@ -25,7 +25,7 @@ from prefect.states import State
 from pydantic import BaseModel, ConfigDict
 
 from toka.audit import AuditLog
-from toka.budget import Ledger, current_ledger
+from toka.budget import Ledger, current_agent_budget, current_ledger
 from toka.policy import AgentPolicy
 from toka.capabilities import grant_tools
 from toka.config import RunConfig
@@ -58,7 +58,8 @@ class StepInput(BaseModel):
     run: RunConfig
     model_fingerprint: dict[str, Any] = {}
     agent_spent: int = 0
-    """Tokens the agent's earlier tasks spent (budget accounting; not part of the cache key)."""
+    """Tokens the agent had spent when this task started (budget accounting when the task runs
+    outside an agent flow; not part of the cache key)."""
 
     def cache_key(self) -> str:
         material = {
@@ -119,6 +120,29 @@ def _mirror_as_event(record: dict[str, Any]) -> None:
     )
 
 
+def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
+    """The task's and the agent's ledgers for this attempt.
+
+    Inside an agent flow they are the agent run's (:class:`toka.budget.AgentBudget`),
+    so a Prefect retry, which runs in the same process and agent run, goes on
+    from what the earlier attempts spent. Run on its own, the task gets fresh
+    ledgers: its budget covers this attempt, the agent's starts from ``agent_spent``.
+    """
+    spec, run = step.spec, step.run
+    name = f"task ({spec.name} {step.index}/{total})"
+    limit = run.task_token_budget or spec.budget.task_tokens
+    budget = current_agent_budget()
+    if budget is not None:
+        task_ledger = budget.task_ledger(run.run_key, spec.name, step.index, name=name, limit=limit)
+        if task_ledger is not None:
+            return task_ledger, budget.ledger
+    return (
+        Ledger(name, limit, scope="task"),
+        Ledger(f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens,
+               spent=step.agent_spent, scope="agent"),
+    )
+
+
 @task(
     name="llm-step",
     persist_result=True,
@@ -143,12 +167,8 @@ async def llm_step(step: StepInput) -> TaskOutcome:
     upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}
     ctx_run = TaskRunContext.get()
     attempt = ctx_run.task_run.run_count if ctx_run and ctx_run.task_run else 1
-    ledgers = [
-        Ledger(f"task ({spec.name} {step.index}/{len(tasks)})",
-               run.task_token_budget or spec.budget.task_tokens, scope="task"),
-        Ledger(f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens,
-               spent=step.agent_spent, scope="agent"),
-    ]
+    task_ledger, agent_ledger = _budgets(step, len(tasks))
+    ledgers = [task_ledger, agent_ledger]
     pipeline_ledger = current_ledger()
     if pipeline_ledger is not None:
         ledgers.append(pipeline_ledger)
@@ -183,13 +203,16 @@ async def llm_step(step: StepInput) -> TaskOutcome:
         )
     except Exception as e:
         e.toka_attempt = attempt  # type: ignore[attr-defined]  # survives pickling, for reports
+        e.toka_usage = task_ledger.charged  # type: ignore[attr-defined]  # every attempt so far
         raise
     return TaskOutcome(
         agent=spec.name,
         index=step.index,
         description=tasks[step.index - 1].description,
         result=result.result,
-        usage=result.usage,
+        # Every attempt of the task, not just this one, so the task's figure (and, on a
+        # resume, what it carries forward) matches what the pipeline was charged.
+        usage=task_ledger.charged,
         turns=result.turns,
         tool_calls=result.tool_calls,
         refused_calls=result.refused_calls,

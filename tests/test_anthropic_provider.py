@@ -19,11 +19,18 @@ from toka.errors import (
     PermanentModelError,
 )
 from toka.limits import LimitSettings, RequestLimiter
-from toka.model import Message, ModelRequest, TextBlock, ToolDefinition
+from toka.model import Message, ModelRequest, TextBlock, ToolDefinition, ToolUseBlock
 from toka.providers import choose_model, describe_choice
 from toka.results import PipelineSummary
 
-from .anthropic_server import AnthropicServer, Fault, scripted_responder, text_block, tool_use_block
+from .anthropic_server import (
+    AnthropicServer,
+    Fault,
+    Recorded,
+    scripted_responder,
+    text_block,
+    tool_use_block,
+)
 from .conftest import PREFECT_HOME, minimal_spec, run_pipeline
 
 KEY = "sk-ant-test-0123456789abcdefSECRET"
@@ -105,7 +112,7 @@ class TestFaults:
             (400, None, "prompt is too long: 250000 tokens > 200000 maximum", "context window"),
             (401, None, "invalid x-api-key", "check ANTHROPIC_API_KEY"),
             (403, None, "no access", "may not use this model"),
-            (404, None, "model: claude-nope", "check the model id"),
+            (404, None, "model: claude-nope", "model 'claude-test' not found: check the model id"),
             (413, None, "too big", "too large"),
             (422, None, "unprocessable", "could not process"),
         ],
@@ -118,6 +125,8 @@ class TestFaults:
             result, elapsed = call(m)
             assert isinstance(result, PermanentModelError)
             assert not result.retryable
+            # These stop the run: every other request would fail the same way.
+            assert result.fatal is (status in (401, 403, 404))
             assert expected in str(result)
             assert f"Anthropic API {status}" in str(result)
             assert KEY not in str(result) and "SECRET" not in repr(result.args)
@@ -142,6 +151,22 @@ class TestFaults:
             assert len(server.requests) == 1
 
 
+def test_a_local_value_error_is_ours_and_not_retried() -> None:
+    """Only a body that is not JSON counts as the API's fault; our own ValueError is a bug."""
+    req = request()
+    nan = ModelRequest(system=req.system, tools=req.tools, metadata=req.metadata, messages=[
+        *req.messages,
+        Message(role="assistant", content=[ToolUseBlock(id="toolu_1", name="submit_result",
+                                                        input={"score": float("nan")})]),
+    ])
+    with AnthropicServer() as server:
+        m = model(server)
+        result, _ = call(m, nan)
+        assert type(result) is ValueError and "not JSON compliant" in str(result)
+        assert m.http_attempts == 1  # not retried as a malformed answer (it was 4 attempts)
+        assert server.requests == []  # the body could not even be encoded
+
+
 class TestRequests:
     def test_prompt_cache_breakpoints_on_the_stable_prefix(self) -> None:
         with AnthropicServer() as server:
@@ -155,6 +180,15 @@ class TestRequests:
             assert second.usage.cache_read_input_tokens > 0  # system + tools reused
             body = server.requests[0].body
             assert "cache_control" in json.dumps(body["system"])
+
+    def test_temperature_reaches_the_api(self) -> None:
+        # The SDK's messages.create no longer takes it as an argument: it travels in the body.
+        with AnthropicServer() as server:
+            result, _ = call(model(server, temperature=0.3))
+            assert not isinstance(result, BaseException), result
+            assert server.requests[0].body["temperature"] == 0.3
+            call(model(server))
+            assert "temperature" not in server.requests[1].body
 
     def test_tool_use_round_trip(self) -> None:
         replies = iter([[tool_use_block("list_dir", {"path": "."})], [text_block("ok")]])
@@ -213,6 +247,24 @@ def run_against(server: AnthropicServer, folder: Path, monkeypatch: pytest.Monke
     return asyncio.run(run_pipeline(folder, run_key=run_key, **options))
 
 
+def logical_calls(requests: list[Recorded]) -> list[list[Recorded]]:
+    """The server's requests grouped into logical calls (as bench/provider_faults.py does).
+
+    A retry resends the identical body, so a logical call is the run of
+    consecutive requests with one body up to and including its ``ok``. (The
+    test pipelines below run one request at a time: survey, then audit, then
+    notes, each task's turns in order.)
+    """
+    calls: list[list[Recorded]] = []
+    for r in requests:
+        last = calls[-1] if calls else None
+        if last is not None and last[-1].outcome != "ok" and last[-1].body == r.body:
+            last.append(r)
+        else:
+            calls.append([r])
+    return calls
+
+
 def three_agents(write_specs: Any) -> Path:
     specs = [
         minimal_spec("survey", priority="critical", tasks=3),
@@ -230,18 +282,22 @@ class TestPipelineOnTheLoopbackServer:
         self, write_specs: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         folder = three_agents(write_specs)
+        max_attempts = RunConfig(run_key="k").max_attempts  # toka's default (5): the documented bound
         with AnthropicServer(fault_rate=0.3, seed=7,
                              fault_mix=[Fault.status(429, retry_after=0.01), Fault.status(529),
                                         Fault.status(500), Fault.drop()]) as server:
-            state, summary = run_against(server, folder, monkeypatch, run_key="faulty", max_attempts=8,
-                                         max_retry_wait=30)
+            state, summary = run_against(server, folder, monkeypatch, run_key="faulty")
             assert state.is_completed(), [(a.agent, a.reason) for a in summary.agents]
-            assert all(t.result is not None for a in summary.agents for t in a.tasks)
-            faults = server.count("fault:")
-            assert faults > 0
-            logical_calls = server.count("ok")
-            assert logical_calls == summary.usage.requests == 18  # list_dir, then submit: 2 per task
-            assert len(server.requests) <= logical_calls * 8  # the documented bound (max_attempts)
+            assert all(t.state == "completed" and t.result is not None for a in summary.agents for t in a.tasks)
+            assert sum(len(a.tasks) for a in summary.agents) == 9
+            assert server.count("fault:") > 0
+            calls = logical_calls(server.requests)
+            assert len(calls) == server.count("ok") == summary.usage.requests == 18  # list_dir, submit per task
+            assert sum(len(c) for c in calls) == len(server.requests)
+            assert all(c[-1].outcome == "ok" for c in calls)  # no call gave up
+            attempts = [len(c) for c in calls]
+            assert max(attempts) <= max_attempts, attempts  # the bound holds for every logical call
+            assert max(attempts) > 1  # and retries did happen
             assert summary.model == default_model()
 
     def test_worst_case_attempts_for_one_call_is_max_attempts(
@@ -273,6 +329,24 @@ class TestPipelineOnTheLoopbackServer:
             assert [t.state for t in survey.tasks] == ["failed", "not-run", "not-run"]
             assert [a.reason for a in summary.agents[1:]] == [f"not started: {line}"] * 2
             assert len(server.requests) == 1  # no retry, no further request
+
+    def test_unknown_model_stops_the_run_naming_the_model(
+        self, write_specs: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        folder = three_agents(write_specs)  # medium tasks: a normal failure would not stop them
+        fault = Fault.status(404, message="model: claude-sonet-4-5")
+        with AnthropicServer(fault_rate=1.0, fault_mix=[fault]) as server:
+            state, summary = run_against(server, folder, monkeypatch, run_key="typo", model="claude-sonet-4-5")
+            assert state.is_failed()
+            line = ("Anthropic API 404 not_found_error: model 'claude-sonet-4-5' not found: check the model id "
+                    "(--model / TOKA_MODEL); if it is right, check ANTHROPIC_BASE_URL (model: claude-sonet-4-5)")
+            survey = summary.agents[0]
+            assert survey.fatal == line
+            assert survey.tasks[0].error == f"ProviderAccessError: {line}"
+            assert [t.state for t in survey.tasks] == ["failed", "not-run", "not-run"]
+            assert [a.reason for a in summary.agents[1:]] == [f"not started: {line}"] * 2
+            assert len(server.requests) == 1  # no retry, no further request
+            assert server.requests[0].body["model"] == "claude-sonet-4-5"
 
     def test_prompt_caching_across_tasks_of_an_agent(
         self, write_specs: Any, monkeypatch: pytest.MonkeyPatch

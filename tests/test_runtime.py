@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from toka.model import ModelRequest, ModelResponse, TextBlock, override_model
 from toka.process import run_process
 from toka.progress import ProgressEvent, listen
 from toka.results import PipelineSummary
-from toka.testing import FunctionModel, submit
+from toka.testing import FunctionModel, submit, tool_call
 from toka.tools import Tool, ToolContext, ToolOutput
 
 from .conftest import minimal_spec, run_pipeline
@@ -84,6 +85,28 @@ def run(
 
 def agent(summary: PipelineSummary, name: str) -> Any:
     return next(a for a in summary.agents if a.agent == name)
+
+
+async def _flow_runs_named(names: list[str]) -> list[Any]:
+    """The newest flow run of each name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)),
+                                           sort=FlowRunSort.START_TIME_DESC, limit=50, offset=0)
+    newest: dict[str, Any] = {}
+    for r in runs:
+        newest.setdefault(r.name, r)
+    return list(newest.values())
+
+
+async def _flow_ids(flow_name: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return [(await client.read_flow_by_name(flow_name)).id]
 
 
 # -- the compiler ---------------------------------------------------------------
@@ -184,6 +207,13 @@ class TestPipeline:
         assert agent(summary, "b").reason == "required dependency 'a' failed"
         assert agent(summary, "c").reason == "required dependency 'b' did not run"
         assert rec.calls("b") == [] and rec.calls("c") == []
+        # In the UI too: each of them has a run of its own flow, Cancelled, saying why.
+        shown = asyncio.run(_flow_runs_named(["b (not run)", "c (not run)"]))
+        assert {r.name: (r.state.type.value, r.state.message) for r in shown} == {
+            "b (not run)": ("CANCELLED", "required dependency 'a' failed"),
+            "c (not run)": ("CANCELLED", "required dependency 'b' did not run"),
+        }
+        assert {r.flow_id for r in shown if r.name.startswith("b ")} == set(asyncio.run(_flow_ids("b")))
         # Optional dependency failed: d still runs, and sees what a managed to do.
         d = agent(summary, "d")
         assert d.state == "completed"
@@ -251,6 +281,78 @@ class TestPipeline:
         assert data["usage"]["requests"] == 1
 
 
+# -- budgets and usage across Prefect retries ------------------------------------------------
+
+
+def malformed(request: ModelRequest) -> ModelResponse:
+    """A submit_result the loop refuses (15 tokens a response, like every fake reply)."""
+    return tool_call("submit_result", status="finished", summary="?")
+
+
+class TestRetriesAndBudgets:
+    @pytest.mark.parametrize(
+        ("budget", "refusal"),
+        [({"task_tokens": 40}, "the task (spender 1/2) token budget of 40 is spent (45 used)"),
+         ({"agent_tokens": 40}, "the agent (spender) token budget of 40 is spent (45 used)")],
+        ids=["task-budget", "agent-budget"],
+    )
+    def test_a_retry_spends_what_is_left_of_the_budgets(self, write_specs, budget, refusal) -> None:
+        spec = minimal_spec("spender", tasks=2, budget=budget)
+        spec["tasks"]["default"][0]["priority"] = "critical"  # 3 Prefect retries
+        folder = write_specs(spec)
+        rec = Recorder(spender_1=malformed)
+        state, summary = run(folder, rec.model, run_key=f"retry-budget-{next(iter(budget))}")
+        task = agent(summary, "spender").tasks[0]
+        # Attempt 1: three malformed results (45 tokens), retryable. Attempt 2 (a Prefect retry)
+        # finds the budget spent and is refused before its first request; without the shared
+        # ledgers each of the 4 attempts got a fresh allowance: 12 requests, 180 tokens.
+        assert len(rec.calls("spender", 1)) == 3
+        assert task.state == "failed" and task.attempts == 2
+        assert f"BudgetExceededError: {refusal}" in task.error
+        assert task.usage.total_tokens == summary.usage.total_tokens == 45
+        assert [t.state for t in agent(summary, "spender").tasks] == ["failed", "not-run"]
+        assert state.is_failed()
+
+    def test_a_tasks_usage_counts_every_attempt(self, write_specs) -> None:
+        folder = write_specs(minimal_spec("retried", tasks=1))
+        calls = {"n": 0}
+
+        def flaky(request: ModelRequest) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return malformed(request)  # charged: 15 tokens
+            if calls["n"] == 2:
+                return TransientModelError("529 overloaded")  # the attempt fails; Prefect retries
+            return None  # submits
+
+        _, summary = run(folder, Recorder(retried_1=flaky).model, run_key="usage-every-attempt")
+        task = agent(summary, "retried").tasks[0]
+        assert (task.state, task.attempts) == ("completed", 2)
+        assert (task.usage.requests, task.usage.total_tokens) == (2, 30)
+        assert agent(summary, "retried").usage == summary.usage == task.usage
+        assert summary.to_dict()["agents"][0]["tasks"][0]["usage"]["total_tokens"] == 30
+        # A resume carries the whole cost forward, not the last attempt's.
+        _, again = run(folder, Recorder().model, run_key="usage-every-attempt")
+        assert again.agents[0].tasks[0].carried_usage.total_tokens == 30 == again.spent_tokens
+
+    def test_a_request_past_the_step_guard_is_not_retried(self, write_specs) -> None:
+        spec = minimal_spec("stuck", tasks=1)
+        spec["tasks"]["default"][0]["priority"] = "critical"  # 3 Prefect retries
+        folder = write_specs(spec)
+
+        async def hang(request: ModelRequest) -> None:
+            await asyncio.sleep(120)
+
+        rec = Recorder(stuck_1=hang)
+        # The guard (request_timeout for a model without retries of its own) fires first;
+        # a critical task has 3 Prefect retries, none of which may run.
+        _, summary = run(folder, rec.model, run_key="step-guard", request_timeout=0.5)
+        task = agent(summary, "stuck").tasks[0]
+        assert task.state == "failed" and "ModelRetriesExhausted" in task.error
+        assert task.attempts == 1
+        assert len(rec.calls("stuck")) == 1
+
+
 # -- timeouts that really stop work -----------------------------------------------------
 
 
@@ -303,8 +405,6 @@ class TestTimeouts:
         spec["security"]["capabilities_required"] = ["script-execution"]
         folder = write_specs(spec)
         SleeperTool.pidfile = tmp_path / "grandchild.pid"
-        from toka.testing import tool_call
-
         rec = Recorder(runner_1=lambda r: tool_call("hang"))
         with use_tools(SleeperTool()):
             started = time.monotonic()
@@ -328,7 +428,6 @@ class TestTimeouts:
             timeout = 0.5
 
         QuickTimeout.pidfile = tmp_path / "pid"
-        from toka.testing import tool_call
         rec = Recorder(runner_1=lambda r: tool_call("hang"))
         with use_tools(QuickTimeout()):
             _, summary = run(folder, rec.model, run_key="tool-timeout")
@@ -416,7 +515,15 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
     assert "```mermaid" in text and "a0 --> a1" in text
     assert "| alpha | ✅ completed |" in text
     assert summary.run_key in text
+    # Tokens broken down: total | input | output | cache write | cache read (each fake reply: 10 in, 5 out).
+    assert "| duration | tokens | input | output | cache write | cache read | note |" in text
+    assert re.search(r"\| alpha \| ✅ completed \| 2 \| 0 \| 0 \| [\d.]+s \| 30 \| 20 \| 10 \| 0 \| 0 \|", text)
+    assert "60 tokens (input 40, output 20, cache write 0, cache read 0) in 4 requests" in text
     report = asyncio.run(newest("beta-report"))["data"]
     assert "| 1 | beta step 1 | medium | ✅ completed |" in report
+    assert "| attempts | tokens | input | output | cache write | cache read | tool calls (refused) |" in report
+    assert re.search(r"\| 1 \| beta step 1 \| medium \| ✅ completed \| [\d.]+s \| 1 \| 15 \| 10 \| 5 \| 0 \| 0 \|",
+                     report)
+    assert "Tokens: 30 (input 20, output 10, cache write 0, cache read 0)." in report
     progress = asyncio.run(newest("beta-progress"))
     assert progress["type"] == "progress" and progress["data"] == 100.0

@@ -10,7 +10,9 @@ Retry ownership (each failure class has exactly one owner):
 - when those attempts are spent, the error is final: Prefect does not retry it
   again (:class:`~toka.errors.ModelRetriesExhausted` is not retryable);
 - permanent failures (400, 401, 403, 404, 413, 422, a prompt too long for the
-  context window) are never retried by anyone.
+  context window) are never retried by anyone; 401, 403 and 404 (a rejected
+  key, no permission, an unknown model id or a wrong base URL) also stop the
+  run, since every other request would fail the same way.
 
 Provider errors become the project's own errors in exactly one place,
 :func:`translate_error`. The API key never appears in a message.
@@ -18,6 +20,7 @@ Provider errors become the project's own errors in exactly one place,
 
 from __future__ import annotations
 
+import json
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -143,9 +146,11 @@ class AnthropicModel:
                     message = await self._client.messages.create(**params)
             else:
                 message = await self._client.messages.create(**params)
-        except (anthropic.AnthropicError, ValueError) as e:
-            # ValueError: the SDK lets a body that is not JSON escape as JSONDecodeError.
-            raise translate_error(e, secrets=self._secrets) from None
+        except (anthropic.AnthropicError, json.JSONDecodeError) as e:
+            # JSONDecodeError: the SDK lets a 200 body that is not JSON escape undecorated
+            # (pinned by tests/test_anthropic_server.py). Any other ValueError is our own bug
+            # (e.g. a NaN in the request) and must not be retried as if the API had failed.
+            raise translate_error(e, secrets=self._secrets, model=self.name) from None
         try:
             return _to_response(message)
         except (AttributeError, TypeError, ValueError):
@@ -188,7 +193,9 @@ class AnthropicModel:
                 for t in request.tools
             ]
         if self.temperature is not None:
-            params["temperature"] = self.temperature
+            # Recent SDKs (2.x) dropped `temperature` from messages.create: send it in the body,
+            # where the API accepts it for the models that still take it.
+            params["extra_body"] = {"temperature": self.temperature}
         return params
 
 
@@ -238,8 +245,16 @@ _PERMANENT_HINTS = {
 }
 
 
-def translate_error(error: BaseException, *, secrets: Sequence[str] = ()) -> ModelError:
-    """The one boundary where SDK errors become this project's errors."""
+def translate_error(
+    error: BaseException, *, secrets: Sequence[str] = (), model: str | None = None
+) -> ModelError:
+    """The one boundary where SDK errors become this project's errors.
+
+    Args:
+        error: What the SDK raised.
+        secrets: Values to scrub from messages (the API key).
+        model: The model id requested, named in the message of a 404.
+    """
 
     def say(text: str) -> str:
         return redact(text, secrets)
@@ -261,9 +276,13 @@ def translate_error(error: BaseException, *, secrets: Sequence[str] = ()) -> Mod
         if status == 400 and "prompt is too long" in detail.lower():
             return PermanentModelError(say(f"{where}: the prompt is too long for the model's context window"))
         hint = _PERMANENT_HINTS.get(status, "the request was refused")
-        kind_of = ProviderAccessError if status in (401, 403) else PermanentModelError
+        if status == 404 and model:
+            hint = (f"model {model!r} not found: check the model id (--model / TOKA_MODEL); "
+                    "if it is right, check ANTHROPIC_BASE_URL")
+        # Fatal (the run stops): no other request could succeed with this key, model id or URL.
+        kind_of = ProviderAccessError if status in (401, 403, 404) else PermanentModelError
         return kind_of(say(f"{where}: {hint}" + (f" ({detail})" if detail else "")))
-    if isinstance(error, ValueError):
+    if isinstance(error, json.JSONDecodeError):
         return TransientModelError("the Anthropic API sent a body that is not JSON")
     if isinstance(error, anthropic.AnthropicError):
         # E.g. the SDK could not parse a body: transient, like a garbled proxy answer.

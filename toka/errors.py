@@ -15,7 +15,7 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
     │   ├── ModelRetriesExhausted  transient failures outlasted their retries (final)
     │   └── PermanentModelError    bad request, authentication, permission
-    │       └── ProviderAccessError    the key is rejected or lacks permission (fatal)
+    │       └── ProviderAccessError    key rejected, no permission, no such model (fatal)
     ├── StepError              the LLM-assisted loop could not finish a task
     │   ├── NoResultError          the model stopped without submitting a result
     │   ├── TurnLimitError         the task used all its turns
@@ -170,7 +170,7 @@ class PermanentModelError(ModelError):
 
 
 class ProviderAccessError(PermanentModelError):
-    """The provider rejected the credentials or refused access: every request would fail."""
+    """Every request would fail: the credentials were rejected, access refused, or the model does not exist."""
 
     fatal = True
 

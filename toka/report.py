@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .graph import AgentGraph
+from .model import Usage
 from .results import AgentReport, PipelineSummary, TaskRecord
 
 __all__ = ["agent_markdown", "pipeline_markdown"]
@@ -14,12 +15,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+_TOKEN_COLUMNS = "tokens | input | output | cache write | cache read"
+
+
+def _tokens(u: Usage) -> str:
+    """The cells of :data:`_TOKEN_COLUMNS`: the total, then what it is made of."""
+    return (f"{u.total_tokens} | {u.input_tokens} | {u.output_tokens} | {u.cache_creation_input_tokens} "
+            f"| {u.cache_read_input_tokens}")
+
+
+def _breakdown(u: Usage) -> str:
+    return (f"input {u.input_tokens}, output {u.output_tokens}, cache write {u.cache_creation_input_tokens}, "
+            f"cache read {u.cache_read_input_tokens}")
+
+
 def _task_row(t: TaskRecord) -> str:
     files = ", ".join(t.files_touched) or "-"
     note = t.error or (t.result.summary if t.result else "")
     return (
         f"| {t.index} | {_cell(t.description)} | {t.priority} | {_ICONS[t.state]} {t.state} "
-        f"| {t.duration_s:.1f}s | {t.attempts} | {t.usage.total_tokens} | {t.tool_calls} ({t.refused_calls}) "
+        f"| {t.duration_s:.1f}s | {t.attempts} | {_tokens(t.usage)} | {t.tool_calls} ({t.refused_calls}) "
         f"| {_cell(files)} | {_cell(note[:200])} |"
     )
 
@@ -31,15 +46,15 @@ def agent_markdown(report: AgentReport, *, model: str) -> str:
         f"Model: `{model}`. Duration: {report.duration_s:.1f}s. "
         f"Tasks: {report.count('completed', 'cached')} done "
         f"({report.count('cached')} replayed from cache), {report.count('failed')} failed, "
-        f"{report.count('not-run')} not run. Tokens: {report.usage.total_tokens}.",
+        f"{report.count('not-run')} not run. Tokens: {report.usage.total_tokens} ({_breakdown(report.usage)}).",
     ]
     if report.reason:
         lines += ["", f"**Why:** {report.reason}"]
     lines += [
         "",
-        "| # | task | priority | state | duration | attempts | tokens | tool calls (refused) | files "
-        "| result / error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| # | task | priority | state | duration | attempts | {_TOKEN_COLUMNS} | tool calls (refused) "
+        "| files | result / error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_task_row(t) for t in report.tasks),
     ]
     return "\n".join(lines) + "\n"
@@ -66,17 +81,18 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
         "",
         f"Run key `{summary.run_key}`, model `{summary.model}`"
         + (" (offline: placeholder results)" if summary.offline else "")
-        + f", {summary.duration_s:.1f}s, {usage.total_tokens} tokens in {usage.requests} requests.",
+        + f", {summary.duration_s:.1f}s, {usage.total_tokens} tokens ({_breakdown(usage)}) "
+        f"in {usage.requests} requests.",
         "",
         *mermaid,
         "",
-        "| agent | state | done | failed | not run | duration | tokens | note |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| agent | state | done | failed | not run | duration | {_TOKEN_COLUMNS} | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in summary.agents:
         lines.append(
             f"| {a.agent} | {_ICONS[a.state]} {a.state} | {a.count('completed', 'cached')}"
             f" | {a.count('failed')} | {a.count('not-run')} | {a.duration_s:.1f}s"
-            f" | {a.usage.total_tokens} | {_cell(a.reason or '')} |"
+            f" | {_tokens(a.usage)} | {_cell(a.reason or '')} |"
         )
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .errors import (
     InvalidToolInputError,
-    ModelTimeoutError,
+    ModelRetriesExhausted,
     NoResultError,
     TaskReportedFailure,
     TurnLimitError,
@@ -69,7 +69,8 @@ class StepLimits:
     max_invalid_inputs: int = 3
     """Malformed ``submit_result`` inputs tolerated before the attempt fails (retryable)."""
     request_timeout: float = 600.0
-    """Seconds one model request may take (a guard above the provider's own timeout)."""
+    """Seconds one model request may take, its retries included (a guard above the provider's
+    own timeouts and retries; exceeding it is final)."""
     max_tokens: int = 4096
 
 
@@ -111,7 +112,8 @@ async def run_step(
         NoResultError: the model stopped without submitting, even after a reminder.
         TurnLimitError: ``limits.max_turns`` requests without a result.
         InvalidToolInputError: too many malformed ``submit_result`` inputs.
-        ModelTimeoutError: one request took longer than ``limits.request_timeout``.
+        ModelRetriesExhausted: one request (with the model's own retries) took longer than
+            ``limits.request_timeout``; final, Prefect does not retry it.
     """
     usage_box: list[Usage] = [Usage()]
     try:
@@ -159,8 +161,13 @@ async def _loop(
         try:
             response = await asyncio.wait_for(model.request(request), limits.request_timeout)
         except asyncio.TimeoutError:
-            raise ModelTimeoutError(
-                f"the model did not answer within {limits.request_timeout:g}s"
+            # Final, not retryable: the guard is set above everything the model call may do
+            # (for Claude: every HTTP attempt timing out plus all the waiting between them), and
+            # the model call owns its retries. A Prefect retry on top would make more than
+            # max_attempts HTTP attempts for one logical request, past the documented bound.
+            raise ModelRetriesExhausted(
+                f"the model did not answer within {limits.request_timeout:g}s, the longest one request "
+                "may take with its retries; not retried again"
             ) from None
         usage = usage + response.usage
         usage_box[0] = usage
