@@ -314,39 +314,32 @@ class TestPipelineOnTheLoopbackServer:
             assert len(server.requests) == 3
             assert task.attempts == 1
 
-    def test_authentication_error_stops_the_run_with_one_clear_line(
-        self, write_specs: Any, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize(
+        ("fault", "model_id", "line"),
+        [
+            (Fault.status(401, message="invalid x-api-key"), "claude-test",
+             "Anthropic API 401 authentication_error: the API key was rejected: check ANTHROPIC_API_KEY "
+             "(or the Secret block named with --api-key-secret) (invalid x-api-key)"),
+            (Fault.status(404, message="model: claude-sonet-4-5"), "claude-sonet-4-5",
+             "Anthropic API 404 not_found_error: model 'claude-sonet-4-5' not found: check the model id "
+             "(--model / TOKA_MODEL); if it is right, check ANTHROPIC_BASE_URL (model: claude-sonet-4-5)"),
+        ],
+        ids=["bad-key", "unknown-model"],
+    )
+    def test_access_errors_stop_the_run_with_one_clear_line(
+        self, write_specs: Any, monkeypatch: pytest.MonkeyPatch, fault: Fault, model_id: str, line: str
     ) -> None:
         folder = three_agents(write_specs)  # medium tasks: a normal failure would not stop them
-        with AnthropicServer(fault_rate=1.0, fault_mix=[Fault.status(401, message="invalid x-api-key")]) as server:
-            state, summary = run_against(server, folder, monkeypatch, run_key="auth")
-            assert state.is_failed()
-            line = ("Anthropic API 401 authentication_error: the API key was rejected: check ANTHROPIC_API_KEY "
-                    "(or the Secret block named with --api-key-secret) (invalid x-api-key)")
-            survey = summary.agents[0]
-            assert survey.fatal == line
-            assert survey.tasks[0].error == f"ProviderAccessError: {line}"
-            assert [t.state for t in survey.tasks] == ["failed", "not-run", "not-run"]
-            assert [a.reason for a in summary.agents[1:]] == [f"not started: {line}"] * 2
-            assert len(server.requests) == 1  # no retry, no further request
-
-    def test_unknown_model_stops_the_run_naming_the_model(
-        self, write_specs: Any, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        folder = three_agents(write_specs)  # medium tasks: a normal failure would not stop them
-        fault = Fault.status(404, message="model: claude-sonet-4-5")
         with AnthropicServer(fault_rate=1.0, fault_mix=[fault]) as server:
-            state, summary = run_against(server, folder, monkeypatch, run_key="typo", model="claude-sonet-4-5")
+            state, summary = run_against(server, folder, monkeypatch, run_key=f"access-{model_id}", model=model_id)
             assert state.is_failed()
-            line = ("Anthropic API 404 not_found_error: model 'claude-sonet-4-5' not found: check the model id "
-                    "(--model / TOKA_MODEL); if it is right, check ANTHROPIC_BASE_URL (model: claude-sonet-4-5)")
             survey = summary.agents[0]
             assert survey.fatal == line
             assert survey.tasks[0].error == f"ProviderAccessError: {line}"
             assert [t.state for t in survey.tasks] == ["failed", "not-run", "not-run"]
             assert [a.reason for a in summary.agents[1:]] == [f"not started: {line}"] * 2
             assert len(server.requests) == 1  # no retry, no further request
-            assert server.requests[0].body["model"] == "claude-sonet-4-5"
+            assert server.requests[0].body["model"] == model_id
 
     def test_prompt_caching_across_tasks_of_an_agent(
         self, write_specs: Any, monkeypatch: pytest.MonkeyPatch

@@ -1093,3 +1093,18 @@ def test_cargo_test_runs_in_the_sandbox(make_agent: MakeAgent) -> None:
     agent.audited("run_command", "allowed")
     refused = agent.run("cargo", "build")
     assert refused.is_error and "needs the capability 'cargo-execution'" in refused.text
+
+
+@needs_confinement
+def test_programs_on_path_under_tmp_stay_reachable(make_agent: MakeAgent, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """/tmp is private to the command, but a checkout or virtualenv living there is still on its PATH."""
+    tools = tmp_path / "checkout" / ".venv" / "bin"
+    tools.mkdir(parents=True)
+    (tools / "mytool").write_text("#!/bin/sh\necho TOOL-RAN\n")
+    (tools / "mytool").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    agent = make_agent("script-execution")
+    out = agent.run(agent.script("call.sh", "#!/bin/sh\nmytool\nls /tmp | grep -c . \n"))
+    assert "TOOL-RAN" in out.text and "exit code: 0" in out.text, out.text
+    agent.audited("run_command", "allowed")

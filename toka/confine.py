@@ -154,6 +154,22 @@ def _private_dev():
     _readonly("/dev", required=True)
 
 
+def _private(path, size, keep):
+    """A fresh tmpfs on ``path``, with the ``keep`` paths inside it (and their mounts) put back."""
+    inner = sorted({k for k in keep if _inside(k, path) and k != path})
+    outermost = [k for k in inner if not any(_inside(k, o) and k != o for o in inner)]
+    handles = {k: os.open(k, os.O_PATH) for k in outermost}
+    _tmpfs(path, size)
+    for target, handle in handles.items():
+        if os.path.isdir(f"/proc/self/fd/{handle}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+        _bind(f"/proc/self/fd/{handle}", target)
+        os.close(handle)
+
+
 def _mask(path, keep):
     """Hide ``path`` behind an empty read-only tmpfs (or /dev/null), except the ``keep`` paths within it."""
     if os.path.islink(path) or not os.path.exists(path):
@@ -223,22 +239,13 @@ def confine(config):
         if os.path.exists(f"/proc/{name}"):
             _bind("/dev/null", f"/proc/{name}", readonly=True)
     _private_dev()
-    for path in ("/tmp", "/var/tmp", "/dev/shm"):
-        if not os.path.isdir(path):
-            continue
-        if _inside(workspace, path):
-            # The workspace lives in it: put the workspace (with its mounts) back into the new tmpfs.
-            handle = os.open(workspace, os.O_PATH)
-            _tmpfs(path, config.get("tmpfs_size"))
-            os.makedirs(workspace)
-            _bind(f"/proc/self/fd/{handle}", workspace)
-            os.close(handle)
-        else:
-            _tmpfs(path, config.get("tmpfs_size"))
-    # What the command needs to reach stays visible inside masked places: the workspace,
-    # its working directory and the programs on its PATH.
+    # What the command needs to reach stays visible inside masked and private places: the
+    # workspace, its working directory and the programs on its PATH (a checkout in /tmp...).
     keep = [workspace, os.path.realpath(config["cwd"]),
-            *(os.path.realpath(p) for p in config.get("keep", ()) if p)]
+            *(os.path.realpath(p) for p in [*config.get("keep", ()), *config.get("writable", ())] if p)]
+    for path in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(path):
+            _private(path, config.get("tmpfs_size"), [k for k in keep if os.path.exists(k)])
     for path in config.get("mask", ()):
         _mask(os.path.realpath(path), keep)
     _drop_capabilities()

@@ -42,11 +42,12 @@ import functools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,7 +398,20 @@ def disk_usage(workspace: Path, state_dir: Path, extra_dirs: Sequence[Path] = ()
 
 def snapshot(root: Path, skip: Sequence[Path]) -> dict[str, tuple[int, int]]:
     """Relative path -> (mtime_ns, size) of the files under ``root``, outside ``skip``."""
-    found: dict[str, tuple[int, int]] = {}
+    return {os.path.relpath(path, root): (st.st_mtime_ns, st.st_size) for path, st in _files(root, skip)}
+
+
+def changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Files created, modified or deleted between two snapshots, sorted."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def _tree_size(root: Path, skip: Path) -> int:
+    return sum(st.st_blocks * 512 for _, st in _files(root, [skip]) if stat.S_ISREG(st.st_mode))
+
+
+def _files(root: Path, skip: Sequence[Path]) -> Iterator[tuple[str, os.stat_result]]:
+    """Every non-directory under ``root`` (links not followed, ``skip`` directories left out)."""
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -411,37 +425,9 @@ def snapshot(root: Path, skip: Sequence[Path]) -> dict[str, tuple[int, int]]:
                     if Path(entry.path) not in skip:
                         stack.append(Path(entry.path))
                 else:
-                    st = entry.stat(follow_symlinks=False)
-                    found[os.path.relpath(entry.path, root)] = (st.st_mtime_ns, st.st_size)
+                    yield entry.path, entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-    return found
-
-
-def changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
-    """Files created, modified or deleted between two snapshots, sorted."""
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-
-
-def _tree_size(root: Path, skip: Path) -> int:
-    total = 0
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if Path(entry.path) != skip:
-                        stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_blocks * 512
-            except OSError:
-                continue
-    return total
 
 
 async def _watch_disk(measured: list[tuple[Path, Path]], start: int, limit: int, proc_pgid: list[int],
