@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from prefect.utilities.annotations import quote
 from prefect import get_run_logger, task
 from prefect.events import emit_event
 from prefect.cache_policies import CachePolicy
@@ -88,6 +89,8 @@ class StepCachePolicy(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         step = inputs.get("step")
+        if isinstance(step, quote):  # the compiler passes it quoted (not walked by Prefect)
+            step = step.unquote()
         return step.cache_key() if isinstance(step, StepInput) else None
 
 
