@@ -207,7 +207,8 @@ def _check_paths(args: Sequence[str], workspace: Path) -> None:
             if not value or value.startswith("-"):
                 continue
             if value.startswith("file:") or "::" in value:  # git's file:// and transport::address forms
-                raise CommandRefused(f"the argument {arg!r} names a local or helper URL; use a path in the workspace")
+                raise CommandRefused(
+                    f"the argument {arg!r} names a local or helper URL; use a path in the workspace")
             pathlike = value.startswith(("/", "~", "..")) or "/" in value or value == ".."
             target = Path(os.path.expanduser(value))
             candidate = target if target.is_absolute() else workspace / target
