@@ -20,14 +20,13 @@ from prefect.artifacts import (
     acreate_progress_artifact,
     aupdate_progress_artifact,
 )
-from prefect.context import TagsContext
+from prefect.context import FlowRunContext, TagsContext
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
-from prefect.context import FlowRunContext
 from prefect.flow_runs import apause_flow_run
-from prefect.utilities.annotations import quote
 from prefect.input import RunInput
 from prefect.states import State
+from prefect.utilities.annotations import quote
 
 from tasks.llm_step import StepInput, is_retryable, llm_step
 from toka.config import RunConfig

@@ -391,7 +391,7 @@ async def _schedule(
         # The agent flow ended without its report (a timeout, a crash): its tasks as far as
         # this process saw them finish, the rest not run.
         return AgentReport(agent=name, state="failed", reason=reason or "failed",
-                           tasks=task_rows(name, reason or "failed", finished.get(name, {})))
+                           tasks=task_rows(name, reason or "failed", seen_tasks.get(name, {})))
 
     def task_rows(name: str, reason: str, states: dict[int, str]) -> list[TaskRecord]:
         tasks = graph.agents[name].task_list(run.contexts)
@@ -402,65 +402,55 @@ async def _schedule(
             for i, t in enumerate(tasks, 1)
         ]
 
-    def not_run(name: str, reason: str) -> AgentReport:
-        return AgentReport(agent=name, state="not-run", reason=reason, tasks=task_rows(name, reason, {}))
+    async def skip(name: str, reason: str) -> None:
+        """``name`` will not run: its report, its marker run in the UI, and the event."""
+        reports[name] = AgentReport(agent=name, state="not-run", reason=reason, tasks=task_rows(name, reason, {}))
+        await _show_not_run(graph.agents[name], reason)
+        announce(ProgressEvent("agent-finished", name, state="not-run", reason=reason), run_key=run.run_key)
 
-    finished: dict[str, dict[int, str]] = {}
+    seen_tasks: dict[str, dict[int, str]] = {}  # agent -> task index -> state, from progress events
 
     def remember(event: ProgressEvent) -> None:
         if event.kind == "task-finished" and event.task is not None and event.state:
-            finished.setdefault(event.agent, {})[event.task] = event.state
+            seen_tasks.setdefault(event.agent, {})[event.task] = event.state
 
-    with listen(remember):
-        await _drive(graph, run, pending, running, reports, run_one, not_run, max_concurrency, progress)
-    return await _summarise(graph, run, reports, chosen, ledger, started)
-
-
-async def _drive(graph: AgentGraph, run: RunConfig, pending: set[str], running: dict[asyncio.Task[AgentReport], str],
-                 reports: dict[str, AgentReport], run_one: Callable[[str], Awaitable[AgentReport]],
-                 not_run: Callable[[str, str], AgentReport], max_concurrency: int, progress: Any) -> None:
-    """Start agents as their dependencies finish, up to ``max_concurrency`` at once."""
     stop: str | None = None  # a fatal error: start nothing new
-    while pending or running:
-        if stop is not None:
-            for name in sorted(pending):
-                reports[name] = not_run(name, f"not started: {stop}")
-                await _show_not_run(graph.agents[name], reports[name].reason or "")
-                announce(ProgressEvent("agent-finished", name, state="not-run", reason=reports[name].reason),
-                         run_key=run.run_key)
-            pending.clear()
-        changed = True
-        while changed:  # a skipped agent may make its own dependents skippable
-            changed = False
-            for name in sorted(pending):
-                if not all(dep in reports for dep in graph.upstream(name)):
-                    continue
-                failed = [d for d in graph.upstream(name, "required") if reports[d].state != "completed"]
-                if failed:
-                    verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
-                    reports[name] = not_run(name, f"required dependency {failed[0]!r} {verb}")
-                    await _show_not_run(graph.agents[name], reports[name].reason or "")
-                    pending.discard(name)
-                    announce(ProgressEvent("agent-finished", name, state="not-run",
-                                           reason=reports[name].reason), run_key=run.run_key)
-                    changed = True
-        ready = sorted(
-            (n for n in pending if all(dep in reports for dep in graph.upstream(n))),
-            key=graph.sort_key,
-        )
-        for name in ready[: max(0, max_concurrency - len(running))]:
-            pending.discard(name)
-            running[asyncio.create_task(run_one(name))] = name
-        if not running:
-            break
-        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done:
-            name = running.pop(finished)
-            reports[name] = finished.result()
-            stop = stop or reports[name].fatal
-            announce(ProgressEvent("agent-finished", name, state=reports[name].state,
-                                   reason=reports[name].reason), run_key=run.run_key)
-        await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))
+    with listen(remember):
+        while pending or running:
+            if stop is not None:
+                for name in sorted(pending):
+                    await skip(name, f"not started: {stop}")
+                pending.clear()
+            changed = True
+            while changed:  # a skipped agent may make its own dependents skippable
+                changed = False
+                for name in sorted(pending):
+                    if not all(dep in reports for dep in graph.upstream(name)):
+                        continue
+                    failed = [d for d in graph.upstream(name, "required") if reports[d].state != "completed"]
+                    if failed:
+                        verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
+                        pending.discard(name)
+                        await skip(name, f"required dependency {failed[0]!r} {verb}")
+                        changed = True
+            ready = sorted(
+                (n for n in pending if all(dep in reports for dep in graph.upstream(n))),
+                key=graph.sort_key,
+            )
+            for name in ready[: max(0, max_concurrency - len(running))]:
+                pending.discard(name)
+                running[asyncio.create_task(run_one(name))] = name
+            if not running:
+                break
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                name = running.pop(finished)
+                reports[name] = finished.result()
+                stop = stop or reports[name].fatal
+                announce(ProgressEvent("agent-finished", name, state=reports[name].state,
+                                       reason=reports[name].reason), run_key=run.run_key)
+            await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))
+    return await _summarise(graph, run, reports, chosen, ledger, started)
 
 
 async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, AgentReport], chosen: Any,

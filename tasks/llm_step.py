@@ -16,13 +16,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from prefect.utilities.annotations import quote
 from prefect import get_run_logger, task
 from prefect.events import emit_event
 from prefect.cache_policies import CachePolicy
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
 from toka.audit import AuditLog

@@ -18,12 +18,15 @@ run: a later run (a resume) starts from what its replayed tasks carry.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import BudgetExceededError
 from .model import Usage
+
+T = TypeVar("T")
 
 __all__ = ["AgentBudget", "Ledger", "current_agent_budget", "current_ledger", "use_agent_budget", "use_ledger"]
 
@@ -87,27 +90,26 @@ _agent: ContextVar[AgentBudget | None] = ContextVar("toka_agent_budget", default
 
 
 @contextmanager
-def use_ledger(ledger: Ledger) -> Iterator[Ledger]:
-    """Make ``ledger`` the pipeline budget for runs started in this context."""
-    token = _pipeline.set(ledger)
+def _bound(var: ContextVar[T | None], value: T) -> Iterator[T]:
+    token = var.set(value)
     try:
-        yield ledger
+        yield value
     finally:
-        _pipeline.reset(token)
+        var.reset(token)
+
+
+def use_ledger(ledger: Ledger) -> AbstractContextManager[Ledger]:
+    """Make ``ledger`` the pipeline budget for runs started in this context."""
+    return _bound(_pipeline, ledger)
 
 
 def current_ledger() -> Ledger | None:
     return _pipeline.get()
 
 
-@contextmanager
-def use_agent_budget(budget: AgentBudget) -> Iterator[AgentBudget]:
+def use_agent_budget(budget: AgentBudget) -> AbstractContextManager[AgentBudget]:
     """Make ``budget`` the agent and task budgets for the tasks run in this context."""
-    token = _agent.set(budget)
-    try:
-        yield budget
-    finally:
-        _agent.reset(token)
+    return _bound(_agent, budget)
 
 
 def current_agent_budget() -> AgentBudget | None:

@@ -297,7 +297,7 @@ def run(
             task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
             allow_unsandboxed=allow_unsandboxed, needs_approval=_approval_set(needs_approval),
         )
-        chosen = choose_model(_checked_config(options, api_key_secret=api_key_secret))
+        chosen = choose_model(_checked_config(options))
         check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
         approve_list, deny_list = _settle_approvals(plan, list(approve or ()), list(deny or ()),
                                                     options["needs_approval"])
@@ -338,12 +338,12 @@ _OPTION_NAMES = {"retry_delay_seconds": "--retry-delay", "task_token_budget": "-
                  "agent_token_budget": "--agent-budget", "pipeline_token_budget": "--pipeline-budget"}
 
 
-def _checked_config(options: dict[str, Any], **extra: Any) -> RunConfig:
+def _checked_config(options: dict[str, Any]) -> RunConfig:
     """The run's settings, validated before anything starts; a bad value names its option."""
     from pydantic import ValidationError
 
     fields = set(RunConfig.model_fields)
-    values = {k: v for k, v in {**options, **extra}.items() if k in fields}
+    values = {k: v for k, v in options.items() if k in fields}
     values["contexts"] = tuple(values.get("contexts") or ())
     try:
         return RunConfig(**values)

@@ -36,7 +36,6 @@ from .redact import redact, secret_values
 from .sandbox import (
     SandboxRefused,
     changed_files,
-    disk_usage,
     run_sandboxed,
     snapshot,
     workspace_growth_baseline,
@@ -259,6 +258,11 @@ _CHANGES_SHOWN = 50  # in the tool result the model reads
 _CHANGES_KEPT = 1000  # in the audit record and the task report
 
 
+def command_home(ctx: ToolContext) -> Path:
+    """The private HOME of the agent's commands (inside the state directory)."""
+    return ctx.workspace.state_dir / "home" / (ctx.agent or "agent")
+
+
 def disk_key(ctx: ToolContext) -> str:
     """Names the agent run whose workspace growth ``max_disk_usage`` bounds."""
     return f"{ctx.audit.run if ctx.audit else 'run'}-{ctx.agent or 'agent'}"
@@ -296,7 +300,7 @@ class RunCommand(Tool):
         network = "network-access" in policy.capabilities and policy.approved("network-access")
         limit = policy.limits.timeout.seconds
         timeout = min(args.timeout or self.default_timeout, limit)
-        home = ctx.workspace.state_dir / "home" / (ctx.agent or "agent")
+        home = command_home(ctx)
         argv = list(args.argv)
         if grant.capability == "database-access":
             argv.insert(1, "-safe")  # sqlite3's own guard against file and program functions
@@ -304,11 +308,6 @@ class RunCommand(Tool):
         root, state = ctx.workspace.root, ctx.workspace.state_dir
         baseline = (workspace_growth_baseline(root, state, disk_key(ctx), [home])
                     if policy.sandbox and policy.limits.max_disk_usage is not None else None)
-        if baseline is not None and policy.limits.max_disk_usage is not None:
-            grown = disk_usage(root, state, [home]) - baseline
-            if grown >= policy.limits.max_disk_usage.bytes:
-                raise CommandRefused(f"the workspace has already grown {grown} bytes in this run, past its "
-                                     f"max_disk_usage of {policy.limits.max_disk_usage.bytes}; free space first")
         skip = [root / ".git", state]
         before = await asyncio.to_thread(snapshot, root, skip)
         try:

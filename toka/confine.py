@@ -53,7 +53,6 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
 
 # statvfs f_flag bits -> the per-mount flags a read-only remount must keep (the
 # kernel refuses, or silently clears, flags that a bind remount leaves out).

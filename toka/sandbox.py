@@ -510,6 +510,12 @@ async def run_sandboxed(
             "this host cannot enforce " + ", ".join(plan.missing)
             + " (the spec sets sandbox: true, so the command may not run unconfined); see `toka doctor`"
         )
+    grown = 0  # what the workspace has grown in this agent run, before this command
+    if sandbox and limits.max_disk_usage is not None and disk_baseline is not None:
+        grown = disk_usage(workspace, state_dir, extra_disk_dirs) - disk_baseline
+        if grown >= limits.max_disk_usage.bytes:
+            raise SandboxRefused(f"the workspace has already grown {grown} bytes in this run, past its "
+                                 f"max_disk_usage of {limits.max_disk_usage.bytes}; free space first")
     wrapped: list[str] = []
     namespaces = []
     if sandbox and not network and host.netns:
@@ -534,10 +540,7 @@ async def run_sandboxed(
             prlimits.append(f"--as={limits.max_memory.bytes}")
         if limits.max_disk_usage is not None:
             # No single file may take the workspace past its limit: what this run has left.
-            room = limits.max_disk_usage.bytes
-            if disk_baseline is not None:
-                room -= disk_usage(workspace, state_dir, extra_disk_dirs) - disk_baseline
-            prlimits.append(f"--fsize={max(room, 1)}")
+            prlimits.append(f"--fsize={limits.max_disk_usage.bytes - grown}")
     confine: list[str] = []
     if sandbox:
         # Writable: the workspace and the command's home; the rest of the state directory

@@ -317,11 +317,11 @@ def _over_disk_limit(ctx: ToolContext, added: int) -> str | None:
     policy = ctx.policy
     if policy is None or policy.limits.max_disk_usage is None or added <= 0 or not policy.sandbox:
         return None
-    from .commands import disk_key
+    from .commands import command_home, disk_key
     from .sandbox import disk_usage, workspace_growth_baseline
 
     root, state = ctx.workspace.root, ctx.workspace.state_dir
-    home = [state / "home" / (ctx.agent or "agent")]
+    home = [command_home(ctx)]
     grown = disk_usage(root, state, home) - workspace_growth_baseline(root, state, disk_key(ctx), home)
     limit = policy.limits.max_disk_usage.bytes
     if grown + added > limit:
