@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -525,16 +525,33 @@ def test_distributed_mode_spreads_agents_over_two_workers(
                      "--limit", str(limit)],
                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
-        # Worker a takes the pipeline run and has one slot left; worker b has one slot. The two
-        # agents of wave 2 (dependency-audit, test-health) are ready together: one runs on each.
+        def worker_logs() -> str:
+            return "\n".join(f"{path.name}: {line[:160]}" for path in sorted(tmp_path.glob("worker-*.log"))
+                             for line in path.read_text().splitlines()
+                             if "submitting flow run" in line or "Aborted submission" in line)
+
+        def wait_for(what: str, ready: Callable[[], bool], timeout: float = 90) -> None:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert time.monotonic() < deadline, f"{what}\n{worker_logs()}"
+                time.sleep(0.2)
+
+        runner = deployed.api("GET", f"/deployments/name/{AGENT_RUNNER_DEPLOYMENT}")
+
+        def agent_run_taken() -> bool:
+            return any(r["deployment_id"] == runner["id"] and r["state"]["type"] != "SCHEDULED"
+                       for r in deployed.children(first))
+
+        # Worker a alone takes the pipeline run and, in its one other slot, the first agent
+        # (repo-survey). Worker b (one slot) starts while that agent runs; the two agents of
+        # wave 2 (dependency-audit, test-health) are then ready together and a has room for one.
         start_worker("a", 2)
         first = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
                                         **_params(workspace, mode="distributed"))
-        deadline = time.monotonic() + 60
-        while deployed.flow_run(first)["state"]["type"] == "SCHEDULED":
-            assert time.monotonic() < deadline, "worker a did not pick up the pipeline run"
-            time.sleep(0.2)
+        wait_for("worker a did not pick up the first agent run", agent_run_taken)
         start_worker("b", 1)
+        wait_for("worker b did not start",
+                 lambda: "Worker 'worker-b' started" in (tmp_path / "worker-b.log").read_text())
         run = deployed.wait_final(first)
         assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker-a.log").read_text()[-3000:])
         summary = _summary(run, shared)
@@ -545,8 +562,8 @@ def test_distributed_mode_spreads_agents_over_two_workers(
 
         # Each agent was a run of the agent-runner deployment, on both workers.
         ran_on = {name: {r["agent"] for r in _requests(log)} for name, log in logs.items()}
-        assert ran_on["a"] and ran_on["b"] and ran_on["a"] | ran_on["b"] == set(AGENTS), ran_on
-        runner = deployed.api("GET", f"/deployments/name/{AGENT_RUNNER_DEPLOYMENT}")
+        assert "repo-survey" in ran_on["a"] and ran_on["b"], (ran_on, worker_logs())
+        assert ran_on["a"] | ran_on["b"] == set(AGENTS), ran_on
         agent_runs = {r["parameters"]["agent"]: r for r in deployed.children(first)
                       if r["deployment_id"] == runner["id"]}
         assert set(agent_runs) == set(AGENTS)
