@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -29,7 +31,7 @@ from pydantic_core import ErrorDetails
 
 from .errors import Problem, SpecError
 from .units import Bandwidth, ByteSize, CpuShare, Duration
-from .yaml_source import YamlSource, load_yaml
+from .yaml_source import YamlSource, load_yaml_many
 
 __all__ = [
     "PRIORITIES",
@@ -49,6 +51,8 @@ __all__ = [
     "SpecInfo",
     "Task",
     "Tasks",
+    "forget_loaded_specs",
+    "read_spec_text",
 ]
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -440,23 +444,42 @@ class AgentSpec(BaseModel):
             SpecError: the file cannot be read, is not YAML, or is not a valid
                 spec; every problem found is listed with its line.
         """
-        name = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SpecError([Problem("no such file", source=name)]) from None
-        except IsADirectoryError:
-            raise SpecError([Problem("is a directory, not a spec file", source=name)]) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SpecError([Problem(f"cannot read: {e}", source=name)]) from None
-        return cls.from_text(text, source=name)
+        return cls.from_text(read_spec_text(path), source=str(path))
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<string>") -> AgentSpec:
         """Validate a spec given as YAML text; ``source`` names it in errors."""
-        yaml_source = YamlSource(source, text)
-        data = load_yaml(yaml_source)
-        return cls._validate_located(data, yaml_source)
+        return cls.from_texts([(source, text)])[0]
+
+    @classmethod
+    def from_texts(cls, named_texts: Sequence[tuple[str, str]]) -> list[AgentSpec]:
+        """Validate several specs given as ``(source, text)``; all problems are reported together.
+
+        A spec is a pure function of its source name and text, and one process
+        often loads the same files more than once (``toka run`` plans, then its
+        pipeline flow plans again), so valid specs are remembered by exactly
+        that pair: an edited file is a different text, read afresh. A large set
+        not seen before is parsed on several cores.
+
+        Raises:
+            SpecError: with every problem of every bad text, each located.
+        """
+        found: list[AgentSpec | None] = [_remembered.get((source, text)) for source, text in named_texts]
+        missing = [i for i, spec in enumerate(found) if spec is None]
+        sources = [YamlSource(*named_texts[i]) for i in missing]
+        problems: list[Problem] = []
+        for i, yaml_source, data in zip(missing, sources, load_yaml_many(sources)):
+            try:
+                if isinstance(data, SpecError):
+                    raise data
+                found[i] = spec = cls._validate_located(data, yaml_source)
+            except SpecError as e:
+                problems.extend(e.problems)
+            else:
+                _remembered.put((yaml_source.name, yaml_source.text), spec)
+        if problems:
+            raise SpecError(problems)
+        return [spec for spec in found if spec is not None]
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str | None = None) -> AgentSpec:
@@ -595,3 +618,55 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
         line=yaml_source.line_of(loc) if yaml_source else None,
         field=_field_path(loc),
     )
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file.
+
+    Raises:
+        SpecError: the file is missing, a directory, unreadable or not UTF-8.
+    """
+    name = str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem("no such file", source=name)]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem("is a directory, not a spec file", source=name)]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([Problem(f"cannot read: {e}", source=name)]) from None
+
+
+class _RecentSpecs:
+    """The most recently loaded valid specs, by ``(source, text)``; bounded and thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._specs: OrderedDict[tuple[str, str], AgentSpec] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> AgentSpec | None:
+        with self._lock:
+            spec = self._specs.get(key)
+            if spec is not None:
+                self._specs.move_to_end(key)
+            return spec
+
+    def put(self, key: tuple[str, str], spec: AgentSpec) -> None:
+        with self._lock:
+            self._specs[key] = spec
+            self._specs.move_to_end(key)
+            while len(self._specs) > self._size:
+                self._specs.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._specs.clear()
+
+
+_remembered = _RecentSpecs(2048)
+
+
+def forget_loaded_specs() -> None:
+    """Drop the remembered specs, so the next load parses and validates every file again."""
+    _remembered.clear()

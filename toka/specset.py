@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import Problem, SpecError
-from .spec import AgentSpec
+from .spec import AgentSpec, read_spec_text
 
 __all__ = ["DEFAULT_SPEC_DIR", "find_spec_files", "load_specs"]
 
@@ -49,13 +49,17 @@ def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentS
     Raises:
         SpecError: with every problem of every bad file, each located.
     """
-    specs: list[AgentSpec] = []
+    named_texts: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for file in find_spec_files(paths):
         try:
-            specs.append(AgentSpec.from_file(file))
+            named_texts.append((str(file), read_spec_text(file)))
         except SpecError as e:
             problems.extend(e.problems)
+    try:
+        specs = AgentSpec.from_texts(named_texts)
+    except SpecError as e:
+        problems.extend(e.problems)
     if problems:
         raise SpecError(problems)
     return specs
