@@ -28,12 +28,12 @@ from prefect.input import RunInput
 from prefect.states import State
 from prefect.utilities.annotations import quote
 
-from tasks.llm_step import StepInput, is_retryable, llm_step
+from tasks.llm_step import StepInput, agent_ledger, is_retryable, llm_step
 from toka.config import RunConfig
 from toka.errors import AgentFailedError, BudgetExceededError, TokaError
 from toka.model import Usage
 from toka.progress import ProgressEvent, notify
-from toka.budget import AgentBudget, Ledger, current_ledger, use_agent_budget
+from toka.budget import AgentBudget, current_ledger, use_agent_budget
 from toka.policy import approval_keys
 from toka.providers import get_model
 from toka.report import agent_markdown
@@ -298,8 +298,7 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         # and on a SQLite-backed server those writes stall runs for seconds.
         # The budgets of this agent run: a task's attempts (Prefect retries it here, in this
         # process) share its ledger and the agent's, so a retry cannot refill them.
-        budget = AgentBudget(run.run_key, spec.name, Ledger(
-            f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens, scope="agent"))
+        budget = AgentBudget(run.run_key, spec.name, agent_ledger(spec, run))
         with TagsContext(current_tags=set()), use_agent_budget(budget):
             records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget)
         report = AgentReport(

@@ -139,11 +139,13 @@ def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
         task_ledger = budget.task_ledger(run.run_key, spec.name, step.index, name=name, limit=limit)
         if task_ledger is not None:
             return task_ledger, budget.ledger
-    return (
-        Ledger(name, limit, scope="task"),
-        Ledger(f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens,
-               spent=step.agent_spent, scope="agent"),
-    )
+    return Ledger(name, limit, scope="task"), agent_ledger(spec, run, spent=step.agent_spent)
+
+
+def agent_ledger(spec: AgentSpec, run: RunConfig, *, spent: int = 0) -> Ledger:
+    """The agent budget of ``spec`` in ``run``: the run's override, else the spec's own."""
+    return Ledger(f"agent ({spec.name})", run.agent_token_budget or spec.budget.agent_tokens,
+                  spent=spent, scope="agent")
 
 
 @task(

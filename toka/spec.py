@@ -469,14 +469,15 @@ class AgentSpec(BaseModel):
         sources = [YamlSource(*named_texts[i]) for i in missing]
         problems: list[Problem] = []
         for i, yaml_source, data in zip(missing, sources, load_yaml_many(sources)):
+            if isinstance(data, SpecError):  # not YAML, or duplicate keys
+                problems.extend(data.problems)
+                continue
             try:
-                if isinstance(data, SpecError):
-                    raise data
                 found[i] = spec = cls._validate_located(data, yaml_source)
             except SpecError as e:
                 problems.extend(e.problems)
             else:
-                _remembered.put((yaml_source.name, yaml_source.text), spec)
+                _remembered.put(named_texts[i], spec)
         if problems:
             raise SpecError(problems)
         return [spec for spec in found if spec is not None]
