@@ -31,10 +31,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from .errors import ToolError
+from .errors import SandboxViolation, ToolError
+from .gitguard import GitGuard
 from .redact import redact, secret_values
 from .sandbox import (
-    SandboxRefused,
     changed_files,
     run_sandboxed,
     snapshot,
@@ -245,6 +245,13 @@ _GIT_GUARDS = {
 }
 
 
+def git_identity(agent: str) -> dict[str, str]:
+    """Who an agent's commits are by: its own name (its commands cannot write git's configuration)."""
+    name, email = f"toka {agent}", f"{agent}@toka.invalid"
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email}
+
+
 def _rust_toolchain(env: Mapping[str, str]) -> dict[str, str]:
     """Where rustup keeps the toolchains: cargo cannot pick one under the private HOME otherwise."""
     rustup = env.get("RUSTUP_HOME") or os.path.join(env.get("HOME", ""), ".rustup")
@@ -304,28 +311,39 @@ class RunCommand(Tool):
         argv = list(args.argv)
         if grant.capability == "database-access":
             argv.insert(1, "-safe")  # sqlite3's own guard against file and program functions
-        env = scrubbed_env(home)
+        env = {**scrubbed_env(home), **git_identity(ctx.agent or "agent")}
         root, state = ctx.workspace.root, ctx.workspace.state_dir
         baseline = (workspace_growth_baseline(root, state, disk_key(ctx), [home])
                     if policy.sandbox and policy.limits.max_disk_usage is not None else None)
-        skip = [root / ".git", state]
+        skip = [state]  # .git included: a change there is reported like any other
         before = await asyncio.to_thread(snapshot, root, skip)
+        guard = await asyncio.to_thread(GitGuard.capture, root)
         try:
             result, usage, plan = await run_sandboxed(
                 argv, cwd=cwd, workspace=root, state_dir=state, env=env, limits=policy.limits,
                 timeout=timeout, network=network, sandbox=policy.sandbox, extra_disk_dirs=[home],
                 disk_baseline=baseline,
             )
-        except SandboxRefused:
-            raise
-        except ToolError as e:
-            e.toka_command = {"argv": list(args.argv)}  # type: ignore[attr-defined]
+        except BaseException as e:
+            # Cut short (the task's own timeout, a cancellation): what the command planted in
+            # git is still undone, here and now (no await: a cancelled task may not get another).
+            undone = guard.check(changed_files(before, snapshot(root, skip)))
+            if undone:
+                raise SandboxViolation(_violation(args.argv, undone), paths=undone) from e
             raise
         assert result is not None
         changed = changed_files(before, await asyncio.to_thread(snapshot, root, skip))
+        violations = await asyncio.to_thread(guard.check, changed)
+        if violations:
+            raise SandboxViolation(_violation(args.argv, violations), paths=violations)
         secrets = secret_values()
         text = [f"exit code: {usage.exit_code}" if usage.exit_code is not None
                 else f"killed by signal {usage.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
+        if usage.killed_for == "timeout":  # the command's own timeout: the model's to act on
+            longer = (f"{limit:g} s is the longest this agent's commands may run"
+                      if timeout >= limit else f"a timeout of up to {limit:g} s may be asked for")
+            text = [f"killed after {timeout:g} s (timeout): the command ran past its timeout and was killed "
+                    f"with everything it started; its output is lost; {longer}"]
         over = (policy.limits.max_disk_usage is not None and usage.disk_growth_bytes is not None
                 and usage.disk_growth_bytes > policy.limits.max_disk_usage.bytes)
         if usage.killed_for == "disk":
@@ -352,3 +370,8 @@ class RunCommand(Tool):
         output.output_bytes = len(result.stdout) + len(result.stderr)  # type: ignore[attr-defined]
         return output
 
+
+def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:
+    return (f"the command {' '.join(argv)!r} changed git control files, which no command may change: "
+            f"{', '.join(paths)}; the change was undone and the run stops (git would run what they "
+            "name as whoever uses the repository next)")

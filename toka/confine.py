@@ -14,11 +14,14 @@ write anywhere on the host. So, in this order:
 1. every mount becomes private (nothing propagates back to the host);
 2. the workspace is bind-mounted onto itself and stays writable; the state
    directory inside it is read-only (the audit trail cannot be rewritten) except
-   the command's private home;
+   the command's private home; the workspace's git directory is pinned and its
+   control files (config, hooks, info...) are read-only (see ``gitguard.py``);
 3. every other mount is remounted read-only (keeping nosuid/nodev/noexec);
 4. ``/tmp``, ``/var/tmp`` and ``/dev/shm`` become private tmpfs scratch space;
    ``/dev`` holds only null, zero, full, random, urandom and tty; the kernel
-   knobs under ``/proc`` are read-only; configured secret paths are masked;
+   knobs under ``/proc`` are read-only; configured secret paths are masked
+   (credential files, homes, ``/run``), and so is every listening Unix socket
+   outside the workspace (a network namespace does not cover path sockets);
 5. every capability is dropped (bounding, inheritable, ambient) and
    ``no_new_privs`` is set, so neither the command nor a set-uid program it
    starts can undo the above (mounting, unmounting and ``setns`` need
@@ -33,13 +36,16 @@ CONFIG_JSON keys: ``workspace``, ``cwd``, ``writable`` (directories inside the
 state directory that stay writable), ``readonly`` (directories inside the
 workspace made read-only), ``mask`` (paths hidden behind an empty tmpfs or
 /dev/null), ``keep`` (paths that stay visible inside masked ones, e.g. the
-PATH), ``tmpfs_size`` (bytes, or null for the kernel's default).
+PATH), ``pin`` (git directories bound onto themselves), ``protect`` (paths inside the
+workspace made read-only), ``sockets`` (Unix socket paths to mask), ``tmpfs_size``
+(bytes, or null for the kernel's default).
 """
 
 import ctypes
 import ctypes.util
 import json
 import os
+import stat
 import sys
 
 MS_RDONLY = 1
@@ -169,21 +175,35 @@ def _private(path, size, keep):
         os.close(handle)
 
 
-def _mask(path, keep):
-    """Hide ``path`` behind an empty read-only tmpfs (or /dev/null), except the ``keep`` paths within it."""
+def _mask(path, keep, writable):
+    """Hide ``path`` behind an empty read-only tmpfs (or /dev/null), except the ``keep`` paths within it.
+
+    With kept paths inside, a fresh read-only tmpfs holds just those (read-only too, unless
+    writable): not even the names of the rest show.
+    """
     if os.path.islink(path) or not os.path.exists(path):
         return
     inner = [k for k in keep if _inside(k, path)]
     if path in inner:
         return
     if inner and os.path.isdir(path):
-        for entry in sorted(os.listdir(path)):
-            _mask(os.path.join(path, entry), keep)
+        _private(path, 1 << 20, inner)
+        _readonly(path, required=True)
+        for k in inner:
+            if os.path.exists(k) and not any(_inside(k, w) for w in writable):
+                _readonly(k, required=False)
     elif os.path.isdir(path):
         _tmpfs(path, 4096, mode="700")
         _readonly(path, required=True)
     else:
         _bind("/dev/null", path, readonly=True)
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _drop_capabilities():
@@ -224,6 +244,14 @@ def confine(config):
             # flag, so it is remounted writable.
             _bind(path, path)
             _mount(None, path, None, MS_REMOUNT | MS_BIND | (_kept_flags(path) or 0))
+    for path in config.get("pin", ()):
+        # The git directory becomes a mount point: it cannot be renamed, removed or replaced
+        # by one holding other hooks; its control files inside turn read-only.
+        if os.path.isdir(path):
+            _bind(path, path)
+    for path in config.get("protect", ()):
+        if os.path.lexists(path) and not os.path.islink(path):
+            _bind(path, path, readonly=True)
     writable = [workspace, *(os.path.realpath(p) for p in config.get("writable", ()))]
     for point in _mount_points():
         if _inside(point, "/proc") or any(_inside(point, w) for w in writable):
@@ -245,8 +273,12 @@ def confine(config):
     for path in ("/tmp", "/var/tmp", "/dev/shm"):
         if os.path.isdir(path):
             _private(path, config.get("tmpfs_size"), [k for k in keep if os.path.exists(k)])
-    for path in config.get("mask", ()):
-        _mask(os.path.realpath(path), keep)
+    for path in dict.fromkeys(os.path.realpath(p) for p in config.get("mask", ())):
+        _mask(path, keep, writable)
+    for path in config.get("sockets", ()):
+        # Host services listening on Unix sockets: a read-only mount does not stop connect().
+        if not _inside(path, workspace) and _is_socket(path):
+            _bind("/dev/null", path, readonly=True)
     _drop_capabilities()
     os.chdir(config["cwd"])  # through the new mounts, not the read-only one underneath
 

@@ -22,7 +22,8 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     │   ├── InvalidToolInputError  the model kept sending malformed input (retryable)
     │   └── TaskReportedFailure    the model submitted status failed/blocked
     ├── ToolError              a tool could not run (refusals go back to the model)
-    │   └── ToolTimeoutError       a tool process outlived its timeout and was killed
+    │   ├── ToolTimeoutError       a tool process outlived its timeout and was killed
+    │   └── SandboxViolation       a command changed what it may never change (fatal)
     ├── BudgetExceededError    a token budget is spent
     └── RunFailedError         a run ended Failed; carries its report
         ├── AgentFailedError       one agent
@@ -59,6 +60,7 @@ __all__ = [
     "Problem",
     "ProviderAccessError",
     "RunFailedError",
+    "SandboxViolation",
     "SpecError",
     "StepError",
     "TaskReportedFailure",
@@ -205,6 +207,21 @@ class ToolTimeoutError(ToolError):
     """A tool's process outlived its timeout; its whole process group was killed."""
 
     retryable = True
+
+
+class SandboxViolation(ToolError):
+    """A command changed what no command may change (the workspace's git hooks or configuration).
+
+    The change is undone before this is raised, and the whole run stops: whatever made the
+    agent try (a prompt injection in a file it read) may still be in its context.
+    """
+
+    fatal = True
+
+    def __init__(self, problems: Iterable[Problem] | str, paths: Iterable[str] = ()) -> None:
+        super().__init__(problems)
+        self.paths: list[str] = list(paths)
+        self.args = (self.problems, self.paths)
 
 
 class BudgetExceededError(TokaError):

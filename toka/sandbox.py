@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ToolError, ToolTimeoutError
+from .gitguard import protected_paths
 from .process import ProcessResult, run_process
 from .spec import ResourceLimits
 
@@ -111,10 +112,38 @@ class HostSupport:
         if limit == "host":
             return ("read-only host, private /tmp and /dev, no capabilities (mount namespace)"
                     if self.mountns else None)
+        if limit == "unix-sockets":
+            if not self.mountns:
+                return None
+            abi = landlock_abi()
+            return ("without network-access: /run hidden and every listening path socket outside the workspace masked (from "
+                    "/proc/net/unix, per command); abstract sockets stay in the network namespace"
+                    + (f"; Landlock ABI {abi} present, but it has no rule for connecting to path sockets"
+                       if abi else "; no Landlock"))
+        if limit == "credentials":
+            return (f"hidden: homes, /run, account and key files, and {len(hidden_host_paths())} paths in all "
+                    "(everything under /etc and /var only root may read)" if self.mountns else None)
+        if limit == "git":
+            return ("git directory pinned, its config, hooks and info read-only (mount namespace); "
+                    "checked and restored after every command" if self.mountns
+                    else "checked and restored after every command")
         raise ValueError(limit)
 
 
 CGROUP_PARENT = "toka"
+
+
+@functools.cache
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: none), from ``landlock_create_ruleset(NULL, 0, VERSION)``."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        version = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    except (OSError, AttributeError):
+        return 0
+    return max(0, int(version))
 
 
 @functools.cache
@@ -194,19 +223,79 @@ def _probe_confinement() -> bool:
 
 
 def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonly: Sequence[Path],
-                env: Mapping[str, str], tmpfs_size: int | None) -> list[str]:
+                env: Mapping[str, str], tmpfs_size: int | None, network: bool = False) -> list[str]:
     """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace."""
-    home = Path.home()
-    # The runtime's home holds credentials (Prefect profiles, SSH and cloud keys) and so do the
-    # shadow files; the command's own programs stay reachable inside what is hidden.
+    # The command's own programs stay reachable inside what is hidden.
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
     keep = sorted({*path_dirs, *(str(Path(d).parent) for d in path_dirs), sys.prefix, sys.base_prefix,
                    *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))})
-    mask = [str(home), "/etc/shadow", "/etc/gshadow", os.environ.get("PREFECT_HOME") or ""]
+    if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
+        keep.append(os.path.realpath("/etc/resolv.conf"))
+    pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
-              "readonly": [str(p) for p in readonly], "mask": [m for m in mask if m], "keep": keep,
-              "tmpfs_size": tmpfs_size}
+              "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths()], "keep": keep,
+              "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
+              "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
     return [sys.executable, "-I", "-S", str(CONFINE), json.dumps(config), "--"]
+
+
+# Places that hold credentials or host services whatever their modes say: the homes (Prefect
+# profiles, SSH and cloud keys), /run (daemon sockets), backups of the account databases.
+_HIDDEN = ("/root", "/run", "/var/run", "/var/backups", "/var/mail", "/var/spool", "/srv", "/mnt", "/media",
+           "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
+           "/etc/ssl/private", "/etc/security/opasswd")
+# Walked for anything only its owner (root) may read: that is a secret by its own account.
+_WALKED = ("/etc", "/var")
+
+
+@functools.cache
+def hidden_host_paths() -> tuple[str, ...]:
+    """What of the host a sandboxed command may not see (computed once per process)."""
+    hidden = [p for p in (*_HIDDEN, str(Path.home()), os.environ.get("PREFECT_HOME") or "") if p]
+    with contextlib.suppress(OSError):
+        hidden += sorted(str(p) for p in Path("/home").iterdir())
+    with contextlib.suppress(OSError):
+        hidden += sorted(str(p) for p in Path("/etc/ssh").glob("ssh_host_*key"))
+    for root in _WALKED:
+        hidden += _private_entries(Path(root))
+    return tuple(dict.fromkeys(hidden))
+
+
+def _private_entries(root: Path) -> list[str]:
+    """Files not readable by others, directories not searchable by others, and sockets, under ``root``."""
+    found: list[str] = []
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            if stat.S_ISLNK(mode):
+                continue
+            if stat.S_ISDIR(mode):
+                if mode & 0o005 != 0o005:
+                    found.append(entry.path)
+                else:
+                    stack.append(Path(entry.path))
+            elif not mode & 0o004 or stat.S_ISSOCK(mode):
+                found.append(entry.path)
+    return found
+
+
+def host_unix_sockets() -> list[str]:
+    """Paths of the Unix sockets bound on this host (``/proc/net/unix``; abstract ones need no mask)."""
+    try:
+        lines = Path("/proc/net/unix").read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        return []
+    paths = {fields[7] for fields in (line.split(maxsplit=7) for line in lines)
+             if len(fields) == 8 and fields[7].startswith("/")}
+    return sorted(paths)
 
 
 @dataclass(frozen=True)
@@ -497,9 +586,11 @@ async def run_sandboxed(
     ``disk_baseline`` is the size ``max_disk_usage`` counts growth from (the agent run's
     start, see :func:`workspace_growth_baseline`); without it, this command's start.
 
+    A command that outlives ``timeout`` is killed with everything it started; that is a
+    result (no output, ``usage.killed_for == "timeout"``), not an error.
+
     Raises:
         SandboxRefused: ``sandbox`` is set and a declared limit cannot be enforced here.
-        ToolTimeoutError: the command outlived ``timeout`` (everything it started is killed).
     """
     host = host or detect_host()
     plan = plan_limits(limits, network=network, host=host)
@@ -546,7 +637,7 @@ async def run_sandboxed(
         # Writable: the workspace and the command's home; the rest of the state directory
         # (audit trail, results, run records) is read-only to it.
         writable = [d for d in extra_disk_dirs if d.is_relative_to(state_dir)]
-        confine = confinement(workspace, cwd, writable=writable, readonly=[state_dir], env=env,
+        confine = confinement(workspace, cwd, writable=writable, readonly=[state_dir], env=env, network=network,
                               tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
     if groups is not None or prlimits or confine:
         joins = "".join(f'echo $$ > "{f}" && ' for f in (groups.procs_files if groups else []))
@@ -613,6 +704,8 @@ async def run_sandboxed(
             killed_for=tripped[0] if tripped else None,
         )
     if timed_out is not None:
-        timed_out.toka_command_usage = usage  # type: ignore[attr-defined]  # for the audit record
-        raise timed_out
+        # The command's own timeout is a result the caller hands back to the model, not an error
+        # that fails the task (``usage.killed_for`` says "timeout"); what it printed died with it.
+        return ProcessResult(argv=tuple(full), exit_code=None, signal=signal.SIGKILL, stdout="", stderr="",
+                             truncated=False, duration_s=usage.wall_s), usage, plan
     return result, usage, plan

@@ -24,7 +24,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .audit import AuditLog
-from .errors import ToolError
+from .errors import SandboxViolation, ToolError
 from .model import ToolDefinition
 from .policy import AgentPolicy
 from .workspace import Workspace
@@ -420,8 +420,12 @@ class Toolbox:
             output, decision, reason = await self._call(name, arguments)
         except ToolError as e:
             # Retryable tool errors (timeouts) are the task's business; audit them first.
-            self._audit(name, arguments, "allowed", str(e), started=started, is_error=True,
-                        usage=getattr(e, "toka_command_usage", None))
+            violation = isinstance(e, SandboxViolation)
+            # Counted like every other call, so the report's figures match the audit trail.
+            self.calls.append(ToolCall(name, refused=violation, is_error=True))
+            self._audit(name, arguments, "refused" if violation else "allowed", str(e), started=started,
+                        is_error=True, usage=getattr(e, "toka_command_usage", None),
+                        files_changed=e.paths if violation else None)
             raise
         self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
         self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error,
@@ -429,7 +433,8 @@ class Toolbox:
         return output
 
     def _audit(self, name: str, arguments: Mapping[str, Any], decision: str, reason: str | None, *,
-               started: float, is_error: bool, usage: Any = None, output: ToolOutput | None = None) -> None:
+               started: float, is_error: bool, usage: Any = None, output: ToolOutput | None = None,
+               files_changed: list[str] | None = None) -> None:
         if self.ctx.audit is None:
             return
         self.ctx.audit.record(
@@ -438,7 +443,7 @@ class Toolbox:
             exit_code=getattr(usage, "exit_code", None), signal=getattr(usage, "signal", None),
             duration_s=round(time.monotonic() - started, 4),
             bytes=None if output is None else getattr(output, "output_bytes", len(output.text)),
-            files_changed=[] if output is None else output.files_changed,
+            files_changed=files_changed or ([] if output is None else output.files_changed),
             usage=None if usage is None else {
                 "wall_s": round(usage.wall_s, 4), "cpu_s": usage.cpu_s,
                 "peak_memory_bytes": usage.peak_memory_bytes, "disk_growth_bytes": usage.disk_growth_bytes,
@@ -463,7 +468,7 @@ class Toolbox:
         try:
             output = await tool.run(args, self.ctx)
         except ToolError as e:
-            if e.retryable:
+            if e.retryable or e.fatal:  # the task's (or the run's) business, not the model's
                 raise
             return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e)
         except (OSError, UnicodeDecodeError) as e:

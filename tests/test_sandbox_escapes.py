@@ -1,0 +1,355 @@
+"""Escapes an attack on the sandbox found, each attempted as root through ``Toolbox.call``.
+
+A command an agent runs must not leave anything behind that runs on the host later
+(git hooks and configuration), reach host services through Unix sockets, or read the
+host's credentials. Each test makes the attempt the way an injected prompt would have a
+model make it, then checks from the host that nothing got out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from toka.commands import scrubbed_env
+from toka.errors import SandboxViolation
+from toka.gitguard import git_argv, run_git
+from toka.sandbox import detect_host
+
+from .conftest import ROOT
+from .test_sandbox import Agent, MakeAgent, _git_repo, make_agent, marker  # noqa: F401  (fixture)
+
+HOST = detect_host()
+needs_confinement = pytest.mark.skipif(not HOST.mountns, reason="needs a mount namespace (unshare -m)")
+GIT_SCRIPT = ("script-execution", "git-access")
+
+
+def person_uses_git(repo: Path, mark: Path) -> None:
+    """What a person does the next morning: plain git, with the repository's own configuration."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    for argv in (["git", "status"], ["git", "diff"], ["git", "x"], ["git", "checkout", "-q", "-b", "morning"],
+                 ["git", "add", "-A"], ["git", "log", "-1"]):
+        subprocess.run(argv, cwd=repo, env=env, capture_output=True, timeout=30)
+    assert not mark.exists(), f"git ran a program an agent planted: {mark.read_text()}"
+
+
+PLANT = """\
+#!/bin/sh
+# Everything a command could do to make the person's next git run a program.
+M="{mark}"
+printf '[core]\\n\\tfsmonitor = "echo fsmonitor >> $M; false"\\n\\tpager = "echo pager >> $M; cat"\\n[alias]\\n\\tx = "!echo alias >> $M"\\n[filter "e"]\\n\\tclean = "echo filter >> $M; cat"\\n' >> .git/config && echo CONFIG
+git config core.sshCommand "echo ssh >> $M" 2>/dev/null && echo GITCONFIG
+printf '#!/bin/sh\\necho hook >> "$M"\\n' > .git/hooks/post-checkout && chmod +x .git/hooks/post-checkout && echo HOOK
+mkdir -p .git/hooks/x 2>/dev/null && echo HOOKDIR
+echo '* filter=e' > .git/info/attributes && echo ATTRIBUTES
+mv .git .git-old 2>/dev/null && echo RENAMED-GIT
+rmdir .git/hooks .git/info 2>/dev/null && echo RMDIR
+echo '* filter=e' > .gitattributes
+echo done
+"""
+
+
+@needs_confinement
+class TestGitControlFilesInTheSandbox:
+    def test_a_script_cannot_plant_hooks_or_configuration(self, make_agent: MakeAgent, tmp_path: Path) -> None:
+        agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        config_before = (agent.root / ".git" / "config").read_bytes()
+        mark = tmp_path / "host-ran-it"
+        out = agent.run(agent.script("plant.sh", PLANT.format(mark=mark)))
+        assert "done" in out.text, out.text
+        for planted in ("CONFIG", "GITCONFIG", "HOOK\n", "HOOKDIR", "ATTRIBUTES", "RENAMED-GIT", "RMDIR"):
+            assert planted not in out.text, out.text
+        assert (agent.root / ".git" / "config").read_bytes() == config_before
+        assert not (agent.root / ".git" / "hooks" / "post-checkout").exists()
+        agent.audited("run_command", "allowed")
+        person_uses_git(agent.root, mark)
+
+    def test_git_add_and_commit_still_work_and_git_changes_are_reported(self, make_agent: MakeAgent) -> None:
+        agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        (agent.root / "new.txt").write_text("x\n")
+        assert not agent.run("git", "add", "new.txt").is_error
+        out = agent.run("git", "commit", "-qm", "agent commit", "--author", "a <a@b.c>")
+        assert not out.is_error, out.text
+        log = subprocess.run(["git", "log", "--format=%s"], cwd=agent.root, capture_output=True, text=True)
+        assert log.stdout.splitlines()[0] == "agent commit"
+        record = agent.audited("run_command", "allowed")
+        assert any(f.startswith(".git/") for f in record["files_changed"]), record["files_changed"]
+        assert ".git/index" in record["files_changed"]
+
+    def test_a_new_commondir_is_undone_and_stops_the_run(self, make_agent: MakeAgent, tmp_path: Path) -> None:
+        agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        mark = tmp_path / "host-ran-it"
+        redirect = agent.script("redirect.sh", f"""\
+            #!/bin/sh
+            mkdir -p evil/hooks && cp -r .git/objects .git/refs .git/HEAD evil/
+            printf '[core]\\n\\tfsmonitor = "echo x >> {mark}; false"\\n' > evil/config
+            echo ../evil > .git/commondir && echo REDIRECTED
+            """)
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run(redirect)
+        assert ".git/commondir" in str(caught.value) and caught.value.fatal
+        assert not (agent.root / ".git" / "commondir").exists()
+        record = agent.audited("run_command", "refused", "git control files")
+        assert ".git/commondir" in record["files_changed"]
+        person_uses_git(agent.root, mark)
+
+    def test_pytest_conftest_cannot_plant_a_hook(self, make_agent: MakeAgent, tmp_path: Path) -> None:
+        mark = tmp_path / "host-ran-it"
+        conftest = (f"import pathlib\np = pathlib.Path('.git/hooks/post-checkout')\n"
+                    f"try:\n    p.write_text('#!/bin/sh\\necho x >> {mark}\\n'); p.chmod(0o755); print('PLANTED')\n"
+                    f"except OSError as e:\n    print('refused', e)\n")
+        agent = make_agent("python-test-execution", "git-access",
+                           files={"conftest.py": conftest, "test_x.py": "def test_x():\n    pass\n"})
+        _git_repo(agent.root)
+        out = agent.run("python3", "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider")
+        assert "PLANTED" not in out.text and "1 passed" in out.text, out.text
+        person_uses_git(agent.root, mark)
+
+
+class TestGitControlFilesWithoutTheSandbox:
+    """``sandbox: false`` (allowed by the run): the check after the command is the only layer."""
+
+    def test_planted_hooks_and_config_are_undone_and_the_run_stops(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        config_before = (agent.root / ".git" / "config").read_bytes()
+        mark = tmp_path / "host-ran-it"
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run(agent.script("plant.sh", PLANT.replace("mv .git", "true")
+                                   .format(mark=mark)))
+        for path in (".git/config", ".git/hooks/post-checkout", ".git/info/attributes"):
+            assert path in caught.value.paths
+        assert (agent.root / ".git" / "config").read_bytes() == config_before
+        assert not (agent.root / ".git" / "hooks" / "post-checkout").exists()
+        assert not (agent.root / ".git" / "info" / "attributes").exists()
+        record = agent.audited("run_command", "refused", "the change was undone")
+        assert ".git/config" in record["files_changed"]
+        person_uses_git(agent.root, mark)
+
+    def test_a_command_cut_short_by_the_task_timeout_is_still_checked(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        mark = tmp_path / "host-ran-it"
+        slow = agent.script("slow.sh", f"#!/bin/sh\nprintf '#!/bin/sh\\necho x >> {mark}\\n' > .git/hooks/post-checkout\n"
+                                       "chmod +x .git/hooks/post-checkout\nsleep 30\n")
+
+        async def cut_short() -> None:  # what the task's own timeout does to a running tool call
+            await asyncio.wait_for(agent.toolbox.call("run_command", {"argv": [slow]}), timeout=1.5)
+
+        with pytest.raises(SandboxViolation):
+            asyncio.run(cut_short())
+        assert not (agent.root / ".git" / "hooks" / "post-checkout").exists()
+        person_uses_git(agent.root, mark)
+
+    def test_a_nested_repository_may_hold_only_what_git_init_writes(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        fine = agent.script("fine.sh", "#!/bin/sh\nmkdir -p sub && cd sub && git init -q && echo ok\n")
+        assert "ok" in agent.run(fine).text
+        mark = tmp_path / "host-ran-it"
+        evil = agent.script("evil.sh", f"#!/bin/sh\nprintf '[alias]\\n\\tx = !echo x >> {mark}\\n' >> sub/.git/config\n")
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run(evil)
+        assert "sub/.git/config" in caught.value.paths
+        person_uses_git(agent.root / "sub", mark)
+
+    def test_a_rebase_todo_with_exec_lines_is_removed(self, make_agent: MakeAgent, tmp_path: Path) -> None:
+        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+        _git_repo(agent.root)
+        mark = tmp_path / "host-ran-it"
+        todo = agent.script("todo.sh", f"#!/bin/sh\nmkdir -p .git/rebase-merge\n"
+                                       f"echo 'exec echo x >> {mark}' > .git/rebase-merge/git-rebase-todo\n")
+        with pytest.raises(SandboxViolation):
+            agent.run(todo)
+        assert not (agent.root / ".git" / "rebase-merge" / "git-rebase-todo").exists()
+
+
+def test_the_runtimes_own_git_runs_nothing_the_repository_configures(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "f.txt").write_text("a\n")
+    _git_repo(repo)
+    mark = tmp_path / "ran"
+    with (repo / ".git" / "config").open("a") as f:
+        f.write(f'[core]\n\tfsmonitor = "echo fsmonitor >> {mark}; false"\n\tpager = "echo pager >> {mark}; cat"\n'
+                f'[filter "e"]\n\tclean = "echo clean >> {mark}; cat"\n\tsmudge = "echo smudge >> {mark}; cat"\n'
+                f'[diff "e"]\n\ttextconv = "echo textconv >> {mark}; cat"\n'
+                f'[diff]\n\texternal = "sh -c \'echo external >> {mark}\'"\n')
+    for hook in ("post-checkout", "pre-commit", "post-commit", "reference-transaction"):
+        path = repo / ".git" / "hooks" / hook
+        path.write_text(f"#!/bin/sh\necho {hook} >> {mark}\n")
+        path.chmod(0o755)
+    (repo / ".gitattributes").write_text("* filter=e diff=e\n")
+    (repo / "f.txt").write_text("b\n")
+    for args in (("status",), ("diff",), ("add", "-A"), ("diff", "--cached"),
+                 ("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"),
+                 ("checkout", "-q", "-b", "other"), ("log", "-p", "-1")):
+        done = run_git(repo, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    assert not mark.exists(), mark.read_text()
+    argv = git_argv(repo, "status")
+    assert "core.hooksPath=/dev/null" in argv and "filter.e.clean=" in argv and "diff.e.textconv=" in argv
+
+
+# -- host services through Unix sockets ----------------------------------------------------------
+
+
+@pytest.fixture
+def host_socket() -> Iterator[tuple[Path, list[bytes]]]:
+    """A host service listening on a Unix socket at a path visible read-only in the sandbox."""
+    # Not under /tmp (private in the sandbox anyway): where services keep sockets, world-readable.
+    parent = next((Path(p) for p in ("/var/lib", "/opt", "/usr/local") if os.access(p, os.W_OK)), ROOT)
+    directory = parent / f"toka-test-socket-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    directory.chmod(0o755)
+    path = directory / "service.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    hits: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    hits.append(conn.recv(100) or b"connected")
+                    conn.sendall(b"SERVICE-ANSWERED")
+                except OSError:
+                    hits.append(b"connected")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path, hits
+    server.close()
+    path.unlink(missing_ok=True)
+    directory.rmdir()
+
+
+CONNECT = """\
+import socket
+for path in {paths!r}:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        s.sendall(b"hello")
+        print("CONNECTED", path, s.recv(100))
+    except OSError as e:
+        print("refused", path, e)
+print("done")
+"""
+
+
+@needs_confinement
+def test_host_unix_sockets_are_unreachable_without_network_access(
+    make_agent: MakeAgent, host_socket: tuple[Path, list[bytes]]
+) -> None:
+    path, hits = host_socket
+    known = [str(p) for p in (Path("/run/dbus/system_bus_socket"), Path("/var/run/postgresql/.s.PGSQL.5432"),
+                              Path("/var/run/docker.sock")) if p.exists()]
+    agent = make_agent("script-execution", files={"connect.py": CONNECT.format(paths=[str(path), *known])})
+    out = agent.run("python3", "connect.py")
+    assert "done" in out.text and "CONNECTED" not in out.text, out.text
+    assert hits == []
+    # A socket the command makes in its own workspace still works.
+    own = agent.script("own.py", """\
+        import os, socket
+        s = socket.socket(socket.AF_UNIX); s.bind("own.sock"); s.listen(1)
+        c = socket.socket(socket.AF_UNIX); c.connect("own.sock"); print("OWN-OK")
+        os.unlink("own.sock")
+        """)
+    assert "OWN-OK" in agent.run("python3", own.removeprefix("./")).text
+
+
+@needs_confinement
+def test_run_is_hidden_and_no_credential_file_is_readable(make_agent: MakeAgent) -> None:
+    candidates = ["/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+                  "/etc/security/opasswd", *map(str, Path("/etc/ssh").glob("ssh_host_*key"))]
+    present = [c for c in candidates if Path(c).exists()]
+    assert present, "no credential file on this host to try"
+    agent = make_agent("script-execution")
+    snoop = agent.script("snoop.sh", "#!/bin/sh\n" + "".join(
+        f'head -c 64 "{c}" 2>/dev/null | grep -q . && echo "READ {c}"\n' for c in present) + """\
+for d in /run /var/run /root; do echo "$d: $(ls -A $d 2>/dev/null | tr '\\n' ' ')"; done
+ls -A /etc/ssl/private 2>/dev/null | grep -q . && echo "LISTED /etc/ssl/private"
+echo done
+""")
+    out = agent.run(snoop)
+    assert "done" in out.text and "READ" not in out.text and "LISTED" not in out.text, out.text
+    listed = dict(line.split(":", 1) for line in out.text.splitlines() if line.startswith("/"))
+    assert listed["/run"].split() == listed["/var/run"].split() == [], out.text
+    # Only what holds the command's own programs (a Python under ~/.pyenv) stays in a home.
+    env = scrubbed_env(agent.state_dir / "probe-home")
+    kept = {Path(k).parts[2] for k in (*env["PATH"].split(os.pathsep), env.get("RUSTUP_HOME", ""), sys.prefix,
+                                        sys.base_prefix) if k.startswith("/root/") and len(Path(k).parts) > 2}
+    assert set(listed["/root"].split()) <= kept, out.text
+
+
+def test_doctor_says_which_mechanism_holds_for_sockets_and_git() -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "toka"), "doctor"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr
+    sockets = next(line for line in done.stdout.splitlines() if "unix sockets" in line)
+    git = next(line for line in done.stdout.splitlines() if "git control files" in line)
+    if HOST.mountns:
+        assert "masked" in sockets and "Landlock" in sockets
+        assert "read-only" in git
+    assert "checked and restored after every command" in git
+
+
+# -- through a whole run --------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_violation_in_a_run_stops_it_and_the_planted_hook_is_gone(write_specs, tmp_path: Path) -> None:
+    from toka.model import override_model
+    from toka.testing import ScriptedModel, submit, tool_call
+
+    from .conftest import minimal_spec, run_pipeline
+
+    planter = minimal_spec("planter", tasks=2, priority="low")
+    planter["security"].update(capabilities_required=["script-execution", "git-access"], sandbox=False)
+    later = minimal_spec("later", tasks=1, required={"planter": ""})
+    folder = write_specs(planter, later)
+    mark = tmp_path / "host-ran-it"
+    (folder / "plant.sh").write_text(f"#!/bin/sh\nprintf '#!/bin/sh\\necho x >> {mark}\\n' > .git/hooks/post-checkout\n"
+                                     "chmod +x .git/hooks/post-checkout\necho planted\n")
+    (folder / "plant.sh").chmod(0o755)
+    _git_repo(folder)
+    model = ScriptedModel(tool_call("run_command", argv=["./plant.sh"]), default=submit())
+
+    async def go() -> tuple[object, object]:
+        with override_model(model):
+            return await run_pipeline(folder, run_key="violation", allow_unsandboxed=True)
+
+    _, summary = asyncio.run(go())
+    reports = {a.agent: a for a in summary.agents}
+    assert reports["planter"].state == "failed"
+    assert "git control files" in (reports["planter"].fatal or "") and ".git/hooks/post-checkout" in reports["planter"].fatal
+    assert reports["planter"].tasks[0].attempts == 1  # a violation is never retried
+    assert reports["later"].state != "completed"
+    assert len(model.history) == 1  # nothing asked the model again after the violation
+    assert not (folder / ".git" / "hooks" / "post-checkout").exists()
+    person_uses_git(folder, mark)

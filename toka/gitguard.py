@@ -1,0 +1,373 @@
+"""The workspace's git control files, which code an agent runs may never change.
+
+Git runs programs named in its configuration (``core.fsmonitor``, aliases, filters,
+``core.sshCommand``, pagers...) and in hooks, as whoever runs git next: a person
+typing ``git status`` in the workspace after the run, as root. A command an agent
+runs (a workspace script, a ``conftest.py`` under pytest) could plant them. So:
+
+1. inside the sandbox the workspace's git directory is pinned (bind-mounted onto
+   itself: it cannot be moved or replaced) and its control files are read-only
+   (``confine.py``); objects, refs, the index and logs stay writable, so ``git add``
+   and ``git commit`` work;
+2. after every command, sandboxed or not, the control files are compared with a
+   snapshot taken before it (:class:`GitGuard`); a change is undone and stops the
+   run (:class:`~toka.errors.SandboxViolation`). Without the sandbox this is the
+   only layer;
+3. a git directory a command created elsewhere in the workspace (a nested
+   repository, or ``.git`` where there was none) may hold only what ``git init``
+   writes: sample hooks and plain configuration keys (:data:`INIT_CONFIG_KEYS`).
+   Otherwise its control files are removed and the run stops. A rebase or
+   cherry-pick left in progress may not carry ``exec`` lines either.
+
+The runtime's own git calls go through :func:`git_argv`, which switches hooks,
+fsmonitor, pagers, editors, external diff, filters, textconv and merge drivers off
+on the command line, whatever the repository's configuration says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["CONTROL_DIRS", "CONTROL_FILES", "GitGuard", "git_argv", "git_dirs", "git_env", "run_git"]
+
+#: Files of a git directory that name programs git runs, or where it finds them.
+CONTROL_FILES = ("config", "config.worktree", "commondir", "gitdir")
+#: Directories of a git directory whose every file is a control file.
+CONTROL_DIRS = ("hooks", "info", "modules", "worktrees", "branches", "remotes")
+# Todo lists of an operation in progress: `git rebase --continue` runs their exec lines.
+_TODO_FILES = ("rebase-merge/git-rebase-todo", "rebase-merge/done", "sequencer/todo")
+_EXEC_LINE = re.compile(rb"^\s*(x|exec)\s", re.MULTILINE)
+
+#: Configuration keys ``git init`` (and harmless everyday use) writes; a git directory
+#: a command creates may hold only these. ``*`` stands for one subsection name.
+INIT_CONFIG_KEYS = (
+    "core.repositoryformatversion", "core.filemode", "core.bare", "core.logallrefupdates",
+    "core.ignorecase", "core.precomposeunicode", "core.symlinks", "core.autocrlf", "core.eol",
+    "core.quotepath", "extensions.objectformat", "init.defaultbranch", "user.name", "user.email",
+    "branch.*.remote", "branch.*.merge", "branch.*.rebase", "remote.*.url", "remote.*.fetch",
+)
+_INIT_KEY = re.compile("^(" + "|".join(re.escape(k).replace(r"\*", r"[^\n]+") for k in INIT_CONFIG_KEYS) + ")$")
+
+# Settings that make git run another program, switched off for the runtime's own calls.
+_SAFE_CONFIG = (
+    "core.hooksPath=/dev/null", "core.fsmonitor=false", "core.pager=cat", "core.editor=false",
+    "sequence.editor=false", "core.askPass=", "credential.helper=",
+    "core.sshCommand=ssh", "safe.bareRepository=explicit", "protocol.ext.allow=never",
+    "protocol.file.allow=user", "uploadpack.packObjectsHook=", "gpg.program=gpg",
+)
+# Per-driver settings that name programs; each driver the repository defines is neutralised.
+_DRIVER_KEY = re.compile(r"^(filter\.[^\n]+\.(clean|smudge|process)|diff\.[^\n]+\.(textconv|command)"
+                         r"|merge\.[^\n]+\.driver)$")
+
+
+def git_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for the runtime's git: no system config, no pager, editor, prompt or helper."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith("GIT_") and k not in ("PAGER", "EDITOR", "VISUAL")}
+    return {**env, "GIT_CONFIG_NOSYSTEM": "1", "GIT_PAGER": "cat", "PAGER": "cat", "GIT_EDITOR": "false",
+            "GIT_TERMINAL_PROMPT": "0", "GIT_ATTR_NOSYSTEM": "1"}
+
+
+# Commands that would run diff.external or textconv programs; an empty diff.external is an error,
+# so these get --no-ext-diff --no-textconv after the subcommand instead.
+_DIFFING = {"diff", "log", "show", "whatchanged", "format-patch", "diff-tree", "diff-index", "diff-files"}
+
+
+def git_argv(repo: Path, *args: str) -> list[str]:
+    """``git -C repo <safe -c options> args...``: nothing the repository configures can run."""
+    options = [*_SAFE_CONFIG]
+    for key in _config_keys(repo):
+        if _DRIVER_KEY.match(key):
+            options.append(f"{key}=")
+    rest = list(args)
+    i = 0
+    while i < len(rest) and rest[i].startswith("-"):
+        i += 2 if rest[i] in ("-c", "-C") else 1
+    if i < len(rest) and rest[i] in _DIFFING:
+        rest[i + 1:i + 1] = ["--no-ext-diff", "--no-textconv"]
+    return ["git", "-C", str(repo), *(x for o in options for x in ("-c", o)), *rest]
+
+
+def run_git(repo: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes."""
+    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, env=git_env(),
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def _config_keys(repo: Path) -> list[str]:
+    """Every key of the repository's own configuration files (read as files: nothing is run)."""
+    keys: list[str] = []
+    for gitdir in git_dirs(repo):
+        for name in ("config", "config.worktree"):
+            keys += [k for k, _ in _read_config(gitdir / name) or []]
+    return keys
+
+
+def _read_config(path: Path) -> list[tuple[str, str]] | None:
+    """(key, value) pairs of one config file, includes not followed; None when it cannot be parsed."""
+    if not path.is_file():
+        return []
+    try:
+        done = subprocess.run(["git", "config", "--file", str(path), "--no-includes", "--list", "-z"],
+                              capture_output=True, env=git_env(), timeout=30, stdin=subprocess.DEVNULL,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    pairs = []
+    for item in done.stdout.split(b"\0"):
+        if item:
+            key, _, value = item.partition(b"\n")
+            pairs.append((key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+    return pairs
+
+
+def git_dirs(workspace: Path) -> list[Path]:
+    """The git directories of the repository the workspace is the top of: its git dir and common dir."""
+    dot = workspace / ".git"
+    if dot.is_symlink():
+        return [dot.resolve()] if dot.resolve().is_dir() else []
+    if dot.is_dir():
+        gitdir = dot
+    elif dot.is_file():
+        try:
+            text = dot.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return []
+        if not text.startswith("gitdir:"):
+            return []
+        gitdir = (workspace / text.removeprefix("gitdir:").strip()).resolve()
+        if not gitdir.is_dir():
+            return []
+    else:
+        return []
+    found = [gitdir]
+    commondir = gitdir / "commondir"
+    if commondir.is_file():
+        common = (gitdir / commondir.read_text(errors="replace").strip()).resolve()
+        if common.is_dir() and common != gitdir:
+            found.append(common)
+    return found
+
+
+@dataclass(frozen=True)
+class _Entry:
+    mode: int
+    content: bytes | None
+    """None for a directory."""
+
+
+def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
+    found: dict[Path, _Entry] = {}
+    for name in CONTROL_FILES:
+        _add(found, gitdir / name)
+    for name in CONTROL_DIRS:
+        root = gitdir / name
+        if name == "modules":  # submodules' own git directories: only their control files
+            if root.is_dir():
+                for sub in _nested_gitdirs(root):
+                    found.update(_control_snapshot(sub))
+            continue
+        if name == "worktrees":  # linked worktrees' git directories: their index and refs move
+            _add(found, root)
+            if root.is_dir():
+                for sub in sorted(root.iterdir()):
+                    for control in CONTROL_FILES:
+                        _add(found, sub / control)
+            continue
+        _add(found, root)
+        if root.is_dir() and not root.is_symlink():
+            for dirpath, dirnames, filenames in os.walk(root):
+                for n in (*dirnames, *filenames):
+                    _add(found, Path(dirpath, n))
+    return found
+
+
+def _nested_gitdirs(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, _ in os.walk(root):
+        if "HEAD" in os.listdir(dirpath) and "objects" in dirnames:
+            yield Path(dirpath)
+            dirnames[:] = [d for d in dirnames if d == "modules"]
+
+
+def _add(found: dict[Path, _Entry], path: Path) -> None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        found[path] = _Entry(stat.S_IMODE(st.st_mode), None)
+    elif stat.S_ISLNK(st.st_mode):
+        found[path] = _Entry(st.st_mode, os.readlink(path).encode())
+    else:
+        try:
+            found[path] = _Entry(st.st_mode, path.read_bytes() if stat.S_ISREG(st.st_mode) else b"")
+        except OSError:
+            found[path] = _Entry(st.st_mode, b"")
+
+
+@dataclass
+class GitGuard:
+    """The workspace's git control files before a command, to check (and restore) after it."""
+
+    workspace: Path
+    dirs: list[Path]
+    before: dict[Path, _Entry] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, workspace: Path) -> GitGuard:
+        dirs = git_dirs(workspace)
+        before: dict[Path, _Entry] = {}
+        for d in dirs:
+            before.update(_control_snapshot(d))
+        return cls(workspace, dirs, before)
+
+    def check(self, changed: Sequence[str]) -> list[str]:
+        """Undo what the command changed in git control files; return those paths (empty: nothing).
+
+        ``changed`` lists the workspace files the command changed (relative paths): new git
+        directories among them are held to what ``git init`` writes.
+        """
+        violations: list[str] = []
+        after: dict[Path, _Entry] = {}
+        for d in self.dirs:
+            after.update(_control_snapshot(d))
+        for path in sorted(self.before.keys() | after.keys(), key=lambda p: (len(p.parts), str(p))):
+            if self.before.get(path) != after.get(path):
+                violations.append(self._shown(path))
+        if violations:
+            self._restore(after)
+        for gitdir in self._todo_dirs(changed):
+            for name in _TODO_FILES:
+                todo = gitdir / name
+                try:
+                    if todo.is_file() and _EXEC_LINE.search(todo.read_bytes()):
+                        violations.append(self._shown(todo))
+                        todo.unlink()
+                except OSError:
+                    continue
+        for gitdir in self._new_gitdirs(changed):
+            violations += self._untrusted(gitdir)
+        return sorted(set(violations))
+
+    def _shown(self, path: Path) -> str:
+        return os.path.relpath(path, self.workspace) if path.is_relative_to(self.workspace) else str(path)
+
+    def _restore(self, after: dict[Path, _Entry]) -> None:
+        for path in sorted(after.keys() - self.before.keys(), key=lambda p: -len(p.parts)):
+            _remove(path)
+        for path, entry in sorted(self.before.items(), key=lambda kv: len(kv[0].parts)):
+            if after.get(path) == entry:
+                continue
+            if entry.content is None:
+                if not path.is_dir() or path.is_symlink():
+                    _remove(path)
+                path.mkdir(parents=True, exist_ok=True)
+                os.chmod(path, entry.mode)
+            elif stat.S_ISLNK(entry.mode):
+                _remove(path)
+                os.symlink(entry.content.decode(), path)
+            else:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.is_symlink():
+                    path.unlink()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(entry.content)
+                os.chmod(path, stat.S_IMODE(entry.mode))
+
+    def _todo_dirs(self, changed: Sequence[str]) -> list[Path]:
+        found = {*self.dirs}
+        for rel in changed:
+            parts = Path(rel).parts
+            for i, part in enumerate(parts):
+                if part in ("rebase-merge", "sequencer") and i > 0:
+                    found.add(self.workspace.joinpath(*parts[:i]))
+        return sorted(found)
+
+    def _new_gitdirs(self, changed: Sequence[str]) -> list[Path]:
+        """Git directories (``.git`` anywhere, or what a new ``.git`` file points to) the command touched."""
+        own = {d.resolve() for d in self.dirs}
+        found: set[Path] = set()
+        for rel in changed:
+            parts = Path(rel).parts
+            for i, part in enumerate(parts):
+                if part != ".git":
+                    continue
+                dot = self.workspace.joinpath(*parts[:i + 1])
+                target = dot
+                if dot.is_file() and not dot.is_symlink():
+                    try:
+                        text = dot.read_text(errors="replace").strip()
+                    except OSError:
+                        text = ""
+                    target = (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
+                if target.resolve() not in own and target.is_dir():
+                    found.add(target)
+                break
+        return sorted(found)
+
+    def _untrusted(self, gitdir: Path) -> list[str]:
+        """What in a command-made git directory goes beyond ``git init``; removed as it is found."""
+        bad: list[str] = []
+        hooks = gitdir / "hooks"
+        if hooks.is_dir():
+            for dirpath, _, filenames in os.walk(hooks):
+                for n in filenames:
+                    if not n.endswith(".sample"):
+                        bad.append(self._shown(Path(dirpath, n)))
+                        _remove(Path(dirpath, n))
+        for name in ("config", "config.worktree"):
+            path = gitdir / name
+            pairs = _read_config(path)
+            if pairs is None or any(not _INIT_KEY.match(k) for k, _ in pairs):
+                bad.append(self._shown(path))
+                _remove(path)
+        for name in ("commondir", "info/attributes"):
+            if (gitdir / name).exists():
+                bad.append(self._shown(gitdir / name))
+                _remove(gitdir / name)
+        for sub in (gitdir / "modules", gitdir / "worktrees"):
+            if sub.exists():
+                bad.append(self._shown(sub))
+                _remove(sub)
+        return bad
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def protected_paths(workspace: Path) -> tuple[list[Path], list[Path]]:
+    """For the sandbox: (git directories to pin, control paths to make read-only) inside the workspace.
+
+    Missing ``hooks`` and ``info`` directories are created first (``git init`` makes them
+    too): a missing one could otherwise be created by the command.
+    """
+    pinned: list[Path] = []
+    readonly: list[Path] = []
+    for gitdir in git_dirs(workspace):
+        if not gitdir.resolve().is_relative_to(workspace.resolve()):
+            continue  # outside the workspace the whole host is read-only already
+        pinned.append(gitdir)
+        for name in ("hooks", "info"):
+            try:
+                (gitdir / name).mkdir(exist_ok=True)
+            except OSError:
+                pass
+        readonly += [gitdir / n for n in (*CONTROL_FILES, *CONTROL_DIRS) if (gitdir / n).exists()]
+    return pinned, readonly
