@@ -17,8 +17,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 from prefect import flow, tags
+from prefect.states import State
 
-from flows.compiler import agent_tags, compile_agent
+from flows.compiler import agent_tags, compile_agent, finished
 from flows.pipeline import Mode, NeedsApproval, pipeline
 from toka.budget import Ledger, use_ledger
 from toka.config import RunConfig
@@ -61,7 +62,7 @@ async def agent(
     needs_approval: list[NeedsApproval] | None = None,
     mode: Mode = "in-process",
     agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
-) -> PipelineSummary:
+) -> PipelineSummary | State[PipelineSummary]:
     """Run one agent and the agents it requires, in dependency order.
 
     Args:
@@ -119,7 +120,7 @@ async def agent_runner(
     spec_digest: str | None = None,
     upstream: dict[str, dict[str, Any]] = {},  # noqa: B006
     pipeline_spent: int = 0,
-) -> AgentRunOutcome:
+) -> AgentRunOutcome | State[AgentRunOutcome]:
     """Run one agent (not its dependencies) and return its report.
 
     Args:
@@ -145,7 +146,9 @@ async def agent_runner(
         outcome = await state.aresult(raise_on_failure=False)
     charged, spent = ledger.charged, ledger.spent - pipeline_spent
     if state.is_completed() and isinstance(outcome, AgentReport):
-        return AgentRunOutcome(report=outcome, charged=charged, spent=spent)
+        # Named like the agent's own flow run when some of its tasks failed.
+        failures = outcome.reason if outcome.state == "completed-with-failures" else None
+        return finished(AgentRunOutcome(report=outcome, charged=charged, spent=spent), failures=failures)
     if not isinstance(outcome, BaseException):
         outcome = AgentFailedError(f"{agent}: {state.message or state.name}")
     # The pipeline reads this run's result: the agent's own exception (its report, a timeout, ...)

@@ -5,12 +5,18 @@ specialised with ``.with_options`` (name, retries, timeout). Tasks run in the
 listed order, each seeing the results before it and those of the agent's
 dependencies. A critical or high task that fails (after its retries) ends the
 agent Failed and the rest do not run; a medium or low failure is recorded and
-the agent goes on.
+the agent goes on, and ends ``completed-with-failures`` (a Completed flow run
+named ``CompletedWithFailures`` in the UI).
+
+Task records are redacted when they are made (:func:`_record`): results and
+errors hold text the model chose, and everything the agent writes (its report
+artifact, events, its result, the pipeline's summary) is made from them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -25,7 +31,7 @@ from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
-from prefect.states import State
+from prefect.states import Completed, State
 from prefect.utilities.annotations import quote
 
 from tasks.llm_step import StepInput, agent_ledger, is_retryable, llm_step
@@ -33,14 +39,15 @@ from toka.config import RunConfig
 from toka.errors import AgentFailedError, BudgetExceededError, TokaError
 from toka.model import Usage
 from toka.progress import ProgressEvent, notify
+from toka.redact import redact, redact_data, secret_values
 from toka.budget import AgentBudget, current_ledger, use_agent_budget
 from toka.policy import approval_keys
 from toka.providers import get_model
 from toka.report import agent_markdown
-from toka.results import AgentReport, TaskOutcome, TaskRecord
+from toka.results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
 from toka.spec import AgentSpec, Task as SpecTask
 
-__all__ = ["agent_tags", "announce", "compile_agent", "step_task", "task_title"]
+__all__ = ["WITH_FAILURES", "agent_tags", "announce", "compile_agent", "finished", "step_task", "task_title"]
 
 _STOPPING = ("critical", "high")
 
@@ -75,7 +82,9 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
 
 
 def announce(event: ProgressEvent, *, run_key: str) -> None:
-    """Tell in-process listeners and Prefect's event stream."""
+    """Tell in-process listeners and Prefect's event stream (the reason redacted)."""
+    if event.reason:
+        event = dataclasses.replace(event, reason=redact(event.reason, secret_values()))
     notify(event)
     kind = event.kind if event.state is None else f"{event.kind.split('-')[0]}-{event.state}"
     resource = {"prefect.resource.id": f"toka.agent.{event.agent}", "prefect.resource.name": event.agent}
@@ -84,25 +93,47 @@ def announce(event: ProgressEvent, *, run_key: str) -> None:
     emit_event(
         event=f"toka.{kind.replace('-', '.')}",
         resource=resource,
-        payload={
+        payload=redact_data({
             "run_key": run_key,
             "task": event.task,
             "total": event.total,
             "description": event.description,
             "reason": event.reason,
-        },
+        }, secret_values()),
     )
 
 
+#: The name of a Completed agent (or pipeline) flow run whose medium or low tasks failed.
+WITH_FAILURES = "CompletedWithFailures"
+
+
+def finished(data: Any, *, failures: str | None) -> Any:
+    """What a flow returns: ``data``, or when some tasks failed (``failures`` says which) a
+    Completed state named :data:`WITH_FAILURES` holding it.
+
+    Prefect makes a flow run Completed whatever tasks of it failed (its return
+    value decides); the state's name shows the failures in the UI's run lists,
+    and ``state.result()`` is ``data`` all the same.
+    """
+    if failures is None:
+        return data
+    return Completed(name=WITH_FAILURES, message=failures, data=data)
+
+
 async def _record(
-    state: State[Any], index: int, task: SpecTask, retries: int, charged: Usage | None = None
+    state: State[Any], index: int, task: SpecTask, retries: int, charged: Usage | None = None,
+    calls: TaskCalls | None = None,
 ) -> tuple[TaskRecord, BaseException | None]:
-    """The task's report row; ``charged`` is what all its attempts in this run cost (its ledger).
+    """The task's report row, redacted; ``charged`` is what all its attempts in this run cost (its
+    ledger), ``calls`` the tool calls all its attempts made.
 
     The ledger is the figure of record: it also counts attempts that Prefect
-    timed out, which leave no usage on their error.
+    timed out, which leave no usage on their error. So are ``calls``: a failed
+    attempt's calls leave no trace on the task's final state.
     """
+    secrets = secret_values()
     base = {"index": index, "description": task.description, "priority": task.priority}
+    counts = {} if calls is None else {"tool_calls": calls.calls, "refused_calls": calls.refused}
     if state.is_completed():
         outcome: TaskOutcome = await state.aresult()
         cached = state.name == "Cached"
@@ -116,12 +147,13 @@ async def _record(
             files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
             tool_calls=0 if cached else outcome.tool_calls,
             refused_calls=0 if cached else outcome.refused_calls,
-            result=outcome.result,
+            # Redacted when submitted; again here for results persisted before that was so.
+            result=outcome.result.redacted(secrets),
         ), None
     exc = await state.aresult(raise_on_failure=False)
     if not isinstance(exc, BaseException):
         return TaskRecord(**base, state="failed", attempts=1,
-                          error=state.message or state.name or "failed"), None
+                          error=redact(state.message or state.name or "failed", secrets), **counts), None
     text = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
     retryable = isinstance(exc, TimeoutError) or (isinstance(exc, TokaError) and exc.retryable)
     return TaskRecord(
@@ -129,7 +161,8 @@ async def _record(
         state="failed",
         attempts=getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1),
         usage=charged if charged is not None else getattr(exc, "toka_usage", None) or Usage(),
-        error=f"{type(exc).__name__}: {text}",
+        error=redact(f"{type(exc).__name__}: {text}", secrets),
+        **counts,
     ), exc
 
 
@@ -182,11 +215,13 @@ async def _run_tasks(
     upstream: dict[str, dict[str, Any]],
     progress: _Progress,
     budget: AgentBudget,
+    calls: AgentCalls,
 ) -> tuple[list[TaskRecord], str | None, str | None]:
     """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error.
 
     ``budget`` must be the agent budget in effect (:func:`toka.budget.use_agent_budget`): the
-    tasks charge it, and each task's ledger there is what the task cost.
+    tasks charge it, and each task's ledger there is what the task cost. ``calls`` must be the
+    tool-call counts in effect (:func:`toka.results.use_agent_calls`), likewise.
     """
     total = len(tasks)
     fingerprint, digest = (await get_model(run)).fingerprint(), spec.digest()
@@ -210,7 +245,8 @@ async def _run_tasks(
         # futures, about 40 ms a task (measured by bench/overhead.py); it holds none.
         state = await step_task(spec, index, total, task, run)(quote(step), return_state=True)
         charged = budget.tasks[index].charged if index in budget.tasks else None
-        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged)
+        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
+                                    calls.tasks.get(index))
         records.append(record)
         for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
             if book is not None:
@@ -282,12 +318,15 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     """One async Prefect flow for ``spec``, named after ``metadata.name``.
 
     The flow takes the run settings and the results of the agent's
-    dependencies, returns an :class:`AgentReport`, and raises
+    dependencies, returns an :class:`AgentReport` (inside a Completed state
+    named :data:`WITH_FAILURES` when some tasks failed), and raises
     :class:`AgentFailedError` (carrying the report) when it fails. Call it
     inside ``prefect.tags(*agent_tags(spec))`` to tag its runs.
     """
 
-    async def run_agent(run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None) -> AgentReport:
+    async def run_agent(
+        run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None
+    ) -> AgentReport | State[AgentReport]:
         started = time.monotonic()
         run = await _ask_approvals(spec, run)
         tasks = spec.task_list(run.contexts)
@@ -299,12 +338,21 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         # The budgets of this agent run: a task's attempts (Prefect retries it here, in this
         # process) share its ledger and the agent's, so a retry cannot refill them.
         budget = AgentBudget(run.run_key, spec.name, agent_ledger(spec, run))
-        with TagsContext(current_tags=set()), use_agent_budget(budget):
-            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget)
+        calls = AgentCalls(run.run_key, spec.name)
+        with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
+            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
+        failed = [r for r in records if r.state == "failed"]
+        if failure is None and failed:
+            total = len(records)
+            which = ", ".join(f"{r.index}/{total} ({r.priority})" for r in failed)
+            failure_note: str | None = (f"task{'s' if len(failed) > 1 else ''} {which} failed; the agent "
+                                        "went on (medium and low failures do not stop it)")
+        else:
+            failure_note = None
         report = AgentReport(
             agent=spec.name,
-            state="failed" if failure else "completed",
-            reason=failure,
+            state="failed" if failure else "completed-with-failures" if failed else "completed",
+            reason=failure or failure_note,
             fatal=fatal,
             tasks=records,
             duration_s=time.monotonic() - started,
@@ -319,7 +367,7 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         )
         if failure is not None:
             raise AgentFailedError(f"{spec.name}: {failure}", report=report)
-        return report
+        return finished(report, failures=failure_note)
 
     return flow(
         run_agent,

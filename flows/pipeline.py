@@ -5,7 +5,9 @@ This module's ``pipeline`` is the deployment entrypoint
 once, up to ``max_concurrency`` at a time; when slots are short, priority
 (critical first) then name decides. An agent whose required dependency failed
 does not run, and its report says which one. The run is Failed when any agent
-failed or could not run.
+failed or could not run; when agents completed but some of their (medium or
+low) tasks failed, it is ``completed-with-failures``, a Completed flow run
+named ``CompletedWithFailures``.
 
 Two modes share everything but the step that runs one agent: ``in-process``
 (the default) calls the compiled agent flow as a subflow; ``distributed``
@@ -33,7 +35,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from flows.compiler import agent_tags, announce, compile_agent
+from flows.compiler import agent_tags, announce, compile_agent, finished
 from toka.config import DEFAULT_RETRIES, RunConfig
 from toka.errors import ConfigError, PipelineFailedError, RunFailedError
 from toka.graph import AgentGraph
@@ -48,6 +50,7 @@ from toka.budget import Ledger, use_ledger
 from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
 from toka.model import Usage
 from toka.providers import choose_model
+from toka.redact import redact, secret_values
 from toka.report import pipeline_markdown
 from toka.results import AgentReport, PipelineSummary, TaskRecord
 
@@ -93,8 +96,11 @@ async def pipeline(
     needs_approval: list[NeedsApproval] | None = None,
     mode: Mode = "in-process",
     agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
-) -> PipelineSummary:
+) -> PipelineSummary | State[PipelineSummary]:
     """Run the agents described by the spec files.
+
+    Returns the summary (in a Completed state named ``CompletedWithFailures`` when some agent's
+    medium or low tasks failed); raises PipelineFailedError when an agent failed or did not run.
 
     Args:
         specs: Spec files or directories, relative to the working directory.
@@ -187,7 +193,8 @@ async def pipeline(
     if mode == "distributed":
         distributed = Distributed(specs=[str(s) for s in specs], deployment=agent_deployment)
         await _check_deployment(agent_deployment)
-    return await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
+    summary = await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
+    return finished(summary, failures=_failures(summary))
 
 
 @dataclass(frozen=True)
@@ -390,6 +397,7 @@ async def _schedule(
             reason = f"timed out after {graph.agents[name].security.resource_limits.timeout}"
         # The agent flow ended without its report (a timeout, a crash): its tasks as far as
         # this process saw them finish, the rest not run.
+        reason = redact(reason, secret_values()) if reason else reason
         return AgentReport(agent=name, state="failed", reason=reason or "failed",
                            tasks=task_rows(name, reason or "failed", seen_tasks.get(name, {})))
 
@@ -427,7 +435,7 @@ async def _schedule(
                 for name in sorted(pending):
                     if not all(dep in reports for dep in graph.upstream(name)):
                         continue
-                    failed = [d for d in graph.upstream(name, "required") if reports[d].state != "completed"]
+                    failed = [d for d in graph.upstream(name, "required") if not reports[d].is_completed()]
                     if failed:
                         verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
                         pending.discard(name)
@@ -456,11 +464,17 @@ async def _schedule(
 async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, AgentReport], chosen: Any,
                      ledger: Ledger, started: float) -> PipelineSummary:
     """The pipeline's summary and report artifact; raises PipelineFailedError when an agent failed."""
+    if not all(r.is_completed() for r in reports.values()):
+        state = "failed"
+    elif any(r.state == "completed-with-failures" for r in reports.values()):
+        state = "completed-with-failures"
+    else:
+        state = "completed"
     summary = PipelineSummary(
         run_key=run.run_key,
         model=chosen.model,
         offline=chosen.offline,
-        state="completed" if all(r.state == "completed" for r in reports.values()) else "failed",
+        state=state,
         agents=[reports[name] for name in graph.order()],
         duration_s=time.monotonic() - started,
         flow_run_id=_flow_run_id(),
@@ -472,13 +486,21 @@ async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, Agent
         description="Pipeline summary",
     )
     if summary.state == "failed":
-        bad = [a for a in summary.agents if a.state != "completed"]
+        bad = [a for a in summary.agents if not a.is_completed()]
         raise PipelineFailedError(
-            f"{len(bad)} of {len(summary.agents)} agents did not complete: "
-            + "; ".join(f"{a.agent} ({a.state}: {a.reason})" for a in bad),
+            redact(f"{len(bad)} of {len(summary.agents)} agents did not complete: "
+                   + "; ".join(f"{a.agent} ({a.state}: {a.reason})" for a in bad), secret_values()),
             report=summary,
         )
     return summary
+
+
+def _failures(summary: PipelineSummary) -> str | None:
+    """For a pipeline completed with failures: which agents had failed tasks (its state's message)."""
+    if summary.state != "completed-with-failures":
+        return None
+    return "failed tasks in: " + "; ".join(
+        f"{a.agent} ({a.reason})" for a in summary.agents if a.state == "completed-with-failures")
 
 
 async def _show_not_run(spec: AgentSpec, reason: str) -> None:

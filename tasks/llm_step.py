@@ -34,7 +34,7 @@ from toka.errors import TokaError
 from toka.prompt import system_prompt, task_message
 from toka.model import Usage
 from toka.providers import get_model
-from toka.results import TaskOutcome
+from toka.results import TaskOutcome, current_agent_calls
 from toka.spec import AgentSpec
 from toka.step import StepLimits, run_step
 from toka.tools import Toolbox, ToolContext
@@ -179,6 +179,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     ctx_run = TaskRunContext.get()
     attempt = ctx_run.task_run.run_count if ctx_run and ctx_run.task_run else 1
     task_ledger, agent_ledger = _budgets(step, len(tasks))
+    agent_calls = current_agent_calls()  # the agent run's tool-call counts, across this task's attempts
+    calls = agent_calls.task(run.run_key, spec.name, step.index) if agent_calls is not None else None
     ledgers = [task_ledger, agent_ledger]
     pipeline_ledger = current_ledger()
     if pipeline_ledger is not None:
@@ -216,6 +218,13 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         e.toka_attempt = attempt  # type: ignore[attr-defined]  # survives pickling, for reports
         e.toka_usage = task_ledger.charged  # type: ignore[attr-defined]  # every attempt so far
         raise
+    finally:
+        # Every attempt's calls count: failed ones, and timed-out ones (Prefect's timeout cancels
+        # this coroutine, and the cancellation passes here too).
+        if calls is not None:
+            calls.add(len(toolbox.calls), sum(1 for c in toolbox.calls if c.refused))
+    tool_calls, refused_calls = (calls.calls, calls.refused) if calls is not None else (
+        result.tool_calls, result.refused_calls)
     return TaskOutcome(
         agent=spec.name,
         index=step.index,
@@ -225,8 +234,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         # resume, what it carries forward) matches what the pipeline was charged.
         usage=task_ledger.charged,
         turns=result.turns,
-        tool_calls=result.tool_calls,
-        refused_calls=result.refused_calls,
+        tool_calls=tool_calls,
+        refused_calls=refused_calls,
         files_read=result.files_read,
         model=model.name,
         duration_s=result.duration_s,

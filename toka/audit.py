@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .redact import redact, secret_values
+from .redact import redact, redact_data, secret_values
 
 __all__ = ["AuditLog", "read_audit"]
 
@@ -38,6 +38,9 @@ class AuditLog:
 
     def record(self, **fields: Any) -> dict[str, Any]:
         entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self.run, **fields}
+        # Each value first (a secret JSON would escape, e.g. one holding a quote, is still found),
+        # then the line (values that only became text through ``default=str``).
+        entry = redact_data(entry, self.secrets)
         line = redact(json.dumps(entry, ensure_ascii=False, default=str, sort_keys=False), self.secrets)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

@@ -2,7 +2,10 @@
 
 Known secret values (the API key, values of secret-looking environment
 variables) are replaced wherever they appear; tokens of common formats are
-replaced even when their value is unknown.
+replaced even when their value is unknown. :func:`redact` takes one text;
+:func:`redact_data` takes structured data (a result, a report, an event
+payload) and redacts every string in it, so a writer can pass what it is
+about to write through one call.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
-__all__ = ["REDACTED", "redact", "secret_values"]
+__all__ = ["REDACTED", "redact", "redact_data", "secret_values"]
 
 REDACTED = "[REDACTED]"
+
+T = TypeVar("T")
 
 _PATTERNS = re.compile(
     "|".join(
@@ -38,8 +44,39 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     return [v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8]
 
 
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with known ``secrets`` and token-shaped strings replaced by ``[REDACTED]``."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+def _known(secrets: Iterable[str]) -> list[str]:
+    # Longest first: a secret that contains another is replaced whole.
+    return sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
+def _redact(text: str, known: list[str]) -> str:
+    for secret in known:
         text = text.replace(secret, REDACTED)
     return _PATTERNS.sub(REDACTED, text)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with known ``secrets`` and token-shaped strings replaced by ``[REDACTED]``."""
+    return _redact(text, _known(secrets))
+
+
+def redact_data(value: T, secrets: Iterable[str] = ()) -> T:
+    """``value`` with every string in it redacted as by :func:`redact`.
+
+    Walks dicts (keys too), lists and tuples; other values are returned as
+    they are. Use it on what a writer is about to write (a dumped result,
+    a summary, an event payload).
+    """
+    return _walk(value, _known(secrets))  # type: ignore[no-any-return]
+
+
+def _walk(value: Any, known: list[str]) -> Any:
+    if isinstance(value, str):
+        return _redact(value, known)
+    if isinstance(value, Mapping):
+        return {_walk(k, known): _walk(v, known) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_walk(v, known) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_walk(v, known) for v in value)
+    return value

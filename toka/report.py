@@ -1,14 +1,19 @@
-"""Markdown reports for the Prefect UI: one per agent, one for the pipeline."""
+"""Markdown reports for the Prefect UI: one per agent, one for the pipeline.
+
+Reports quote results and errors, text the model chose: each report is redacted
+as a whole before it is returned (:func:`toka.redact.redact`).
+"""
 
 from __future__ import annotations
 
 from .graph import AgentGraph
 from .model import Usage
+from .redact import redact, secret_values
 from .results import AgentReport, PipelineSummary, TaskRecord
 
 __all__ = ["agent_markdown", "pipeline_markdown"]
 
-_ICONS = {"completed": "✅", "cached": "♻️", "failed": "❌", "not-run": "⏭️"}
+_ICONS = {"completed": "✅", "completed-with-failures": "⚠️", "cached": "♻️", "failed": "❌", "not-run": "⏭️"}
 
 
 def _cell(text: str) -> str:
@@ -31,7 +36,8 @@ def _breakdown(u: Usage) -> str:
 
 def _task_row(t: TaskRecord) -> str:
     files = ", ".join(t.files_touched) or "-"
-    note = t.error or (t.result.summary if t.result else "")
+    # Redacted before it is cut: a secret cut in half would no longer be recognised.
+    note = redact(t.error or (t.result.summary if t.result else ""), secret_values())
     return (
         f"| {t.index} | {_cell(t.description)} | {t.priority} | {_ICONS[t.state]} {t.state} "
         f"| {t.duration_s:.1f}s | {t.attempts} | {_tokens(t.usage)} | {t.tool_calls} ({t.refused_calls}) "
@@ -40,6 +46,7 @@ def _task_row(t: TaskRecord) -> str:
 
 
 def agent_markdown(report: AgentReport, *, model: str) -> str:
+    """The agent's task report (redacted)."""
     lines = [
         f"# {report.agent}: {report.state}",
         "",
@@ -57,10 +64,11 @@ def agent_markdown(report: AgentReport, *, model: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_task_row(t) for t in report.tasks),
     ]
-    return "\n".join(lines) + "\n"
+    return redact("\n".join(lines) + "\n", secret_values())
 
 
 def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
+    """The pipeline's report: the DAG and a table of agents (redacted)."""
     ids = {name: f"a{i}" for i, name in enumerate(graph.agents)}
     states = {a.agent: a.state for a in summary.agents}
     mermaid = ["```mermaid", "graph LR"]
@@ -71,6 +79,7 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
         mermaid.append(f"  {ids[e.dependency]} {arrow} {ids[e.dependent]}")
     mermaid += [
         "  classDef completed fill:#d1fadf,stroke:#12b76a",
+        "  classDef completedwithfailures fill:#fef0c7,stroke:#f79009",
         "  classDef failed fill:#fee4e2,stroke:#f04438",
         "  classDef notrun fill:#f2f4f7,stroke:#98a2b3",
         "```",
@@ -95,4 +104,4 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
             f" | {a.count('failed')} | {a.count('not-run')} | {a.duration_s:.1f}s"
             f" | {_tokens(a.usage)} | {_cell(a.reason or '')} |"
         )
-    return "\n".join(lines) + "\n"
+    return redact("\n".join(lines) + "\n", secret_values())

@@ -3,26 +3,42 @@
 :class:`TaskResult` is the input schema of the ``submit_result`` tool, so a
 task's success is decided by what the model submits, never by words in its
 free text. :meth:`PipelineSummary.to_dict` is the stable ``--json`` form.
+
+What the model submits is text it chose, so it may hold a secret it read:
+the step loop redacts a result once, when the model submits it
+(:meth:`TaskResult.redacted`), and the writers of the ``--json`` summary,
+reports and events redact what they write again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .model import Usage
+from .redact import redact_data, secret_values
 from .spec import Priority
 
 __all__ = [
+    "COMPLETED_STATES",
     "SUMMARY_FORMAT",
+    "AgentCalls",
     "AgentReport",
     "AgentState",
+    "PipelineState",
     "PipelineSummary",
+    "TaskCalls",
     "TaskOutcome",
     "TaskRecord",
     "TaskResult",
     "TaskState",
+    "current_agent_calls",
+    "use_agent_calls",
 ]
 
 SUMMARY_FORMAT = "toka-run/1"
@@ -46,6 +62,10 @@ class TaskResult(BaseModel):
     follow_ups: list[str] = []
     """Work the next tasks or agents should pick up."""
 
+    def redacted(self, secrets: Iterable[str]) -> TaskResult:
+        """This result with ``secrets`` and token-shaped strings replaced in every field."""
+        return TaskResult.model_validate(redact_data(self.model_dump(), secrets))
+
 
 class TaskOutcome(BaseModel):
     """What one finished Prefect task returns (and what is persisted for resume)."""
@@ -60,6 +80,7 @@ class TaskOutcome(BaseModel):
     usage: Usage = Usage()
     turns: int = 0
     tool_calls: int = 0
+    """Every attempt's tool calls, when the task ran in an agent flow (else this attempt's)."""
     refused_calls: int = 0
     files_read: list[str] = []
     model: str = ""
@@ -68,7 +89,11 @@ class TaskOutcome(BaseModel):
 
 
 TaskState = Literal["completed", "cached", "failed", "not-run"]
-AgentState = Literal["completed", "failed", "not-run"]
+AgentState = Literal["completed", "completed-with-failures", "failed", "not-run"]
+"""``completed-with-failures``: every task ran, and some medium or low ones failed (the failure
+policy lets the agent go on from those); it counts as completed for the agents that depend on it."""
+PipelineState = Literal["completed", "completed-with-failures", "failed"]
+COMPLETED_STATES = ("completed", "completed-with-failures")
 
 
 class TaskRecord(BaseModel):
@@ -86,6 +111,7 @@ class TaskRecord(BaseModel):
     """For a replayed task: what it cost when it ran (spent, not charged again)."""
     files_touched: list[str] = []
     tool_calls: int = 0
+    """Tool calls of every attempt of the task in this run, failed and retried ones included."""
     refused_calls: int = 0
     """Tool calls refused by the capability, path or approval checks."""
     error: str | None = None
@@ -98,7 +124,7 @@ class AgentReport(BaseModel):
     agent: str
     state: AgentState
     reason: str | None = None
-    """Why the agent failed or did not run."""
+    """Why the agent failed or did not run; for ``completed-with-failures``, which tasks failed."""
     fatal: str | None = None
     """An error that stops the whole run (e.g. the API key was rejected)."""
     tasks: list[TaskRecord] = []
@@ -118,6 +144,10 @@ class AgentReport(BaseModel):
     def count(self, *states: TaskState) -> int:
         return sum(1 for t in self.tasks if t.state in states)
 
+    def is_completed(self) -> bool:
+        """The agent ran to its end (failed medium or low tasks included): dependents may start."""
+        return self.state in COMPLETED_STATES
+
     @property
     def results(self) -> list[dict[str, Any]]:
         """The finished tasks' results, as passed to dependent agents."""
@@ -134,7 +164,8 @@ class PipelineSummary(BaseModel):
     run_key: str
     model: str
     offline: bool
-    state: Literal["completed", "failed"]
+    state: PipelineState
+    """``completed-with-failures`` when no agent failed but some have failed tasks."""
     agents: list[AgentReport]
     duration_s: float = 0.0
     flow_run_id: str | None = None
@@ -154,6 +185,10 @@ class PipelineSummary(BaseModel):
         return self.usage.total_tokens + carried
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` form, redacted (results and errors hold text the model chose)."""
+        return redact_data(self._dict(), secret_values())
+
+    def _dict(self) -> dict[str, Any]:
         return {
             "format": SUMMARY_FORMAT,
             "run_key": self.run_key,
@@ -204,3 +239,56 @@ class PipelineSummary(BaseModel):
 
 def _usage_dict(usage: Usage) -> dict[str, int]:
     return {**usage.model_dump(), "total_tokens": usage.total_tokens}
+
+
+# -- tool calls across a task's attempts -------------------------------------------------
+
+
+@dataclass
+class TaskCalls:
+    """Tool calls of one task, over every attempt of it in this agent run."""
+
+    calls: int = 0
+    refused: int = 0
+
+    def add(self, calls: int, refused: int) -> None:
+        self.calls += calls
+        self.refused += refused
+
+
+@dataclass
+class AgentCalls:
+    """Tool-call counts of one agent run, per task index, kept across Prefect retries.
+
+    A failed attempt's calls are otherwise lost with it (Prefect keeps only the
+    last attempt's exception), so reports counted none. The agent flow makes one
+    (:func:`use_agent_calls`); each attempt of a task adds its calls to its entry,
+    also when it fails or is timed out.
+    """
+
+    run_key: str
+    agent: str
+    tasks: dict[int, TaskCalls] = field(default_factory=dict)
+
+    def task(self, run_key: str, agent: str, index: int) -> TaskCalls | None:
+        """The entry of task ``index``, the same for every attempt; None if the key is not this run's."""
+        if (run_key, agent) != (self.run_key, self.agent):
+            return None
+        return self.tasks.setdefault(index, TaskCalls())
+
+
+_agent_calls: ContextVar[AgentCalls | None] = ContextVar("toka_agent_calls", default=None)
+
+
+@contextmanager
+def use_agent_calls(calls: AgentCalls) -> Iterator[AgentCalls]:
+    """Count the tool calls of the tasks run in this context into ``calls``."""
+    token = _agent_calls.set(calls)
+    try:
+        yield calls
+    finally:
+        _agent_calls.reset(token)
+
+
+def current_agent_calls() -> AgentCalls | None:
+    return _agent_calls.get()

@@ -4,6 +4,11 @@ Success is what the model submits through ``submit_result`` (validated
 against :class:`~toka.results.TaskResult`), never words in its text. A model
 that stops without submitting gets one reminder; a model that keeps sending
 malformed input or runs out of turns fails the task with a clear error.
+
+What the model submits is redacted here, once, before anything keeps it
+(the task's persisted outcome, the next tasks' prompts, reports, the error
+of a reported failure): it is text the model chose, after reading files and
+command output that may hold a secret.
 """
 
 from __future__ import annotations
@@ -190,6 +195,7 @@ async def _loop(
             if call.name == SUBMIT_RESULT:
                 problem, result = _check_result(call.input, known_metrics)
                 if result is not None:
+                    result = result.redacted(secret_values())
                     run = StepRun(
                         result=result,
                         usage=usage,
@@ -206,6 +212,7 @@ async def _loop(
                         )
                     return run
                 invalid += 1
+                problem = redact(problem, secret_values())  # it may quote what the model sent
                 if invalid >= limits.max_invalid_inputs:
                     raise InvalidToolInputError(
                         f"the model sent {invalid} malformed submit_result inputs; last: {problem}"
