@@ -228,3 +228,19 @@ def test_a_secret_in_submitted_results_is_written_nowhere(write_specs: Any, key:
     for path in [*database.parent.iterdir(), *PREFECT_HOME.rglob("*"), *folder.rglob("*")]:
         if path.is_file():
             assert key.encode() not in path.read_bytes(), f"the key leaked into {path}"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_key_from_a_prefect_secret_block_is_redacted_too() -> None:
+    # Such a key is not in the environment: only the provider, which loads it, can name it.
+    from prefect.blocks.system import Secret
+
+    from toka.config import RunConfig
+    from toka.providers import _api_key
+    from toka.redact import secret_values
+
+    block_key = "block-held-key-0d3f9a81c27e"  # not token-shaped
+    Secret(value=block_key).save("toka-test-key", overwrite=True)
+    assert asyncio.run(_api_key(RunConfig(run_key="r", api_key_secret="toka-test-key"), {})) == block_key
+    written = redact_data({"summary": f"the key is {block_key}"}, secret_values())
+    assert block_key not in json.dumps(written) and REDACTED in written["summary"]

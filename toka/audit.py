@@ -32,7 +32,7 @@ class AuditLog:
     ) -> None:
         self.path = path
         self.run = run
-        self.secrets = [*secrets, *secret_values()]
+        self.secrets = list(secrets)
         self.on_record = on_record
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -40,8 +40,9 @@ class AuditLog:
         entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self.run, **fields}
         # Each value first (a secret JSON would escape, e.g. one holding a quote, is still found),
         # then the line (values that only became text through ``default=str``).
-        entry = redact_data(entry, self.secrets)
-        line = redact(json.dumps(entry, ensure_ascii=False, default=str, sort_keys=False), self.secrets)
+        secrets = [*self.secrets, *secret_values()]  # read now: a key loaded later counts too
+        entry = redact_data(entry, secrets)
+        line = redact(json.dumps(entry, ensure_ascii=False, default=str, sort_keys=False), secrets)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, (line + "\n").encode("utf-8"))

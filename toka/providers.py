@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .limits import LimitSettings, RequestLimiter
 from .model import Model, current_model_override
 from .offline import OfflineModel
+from .redact import remember_secret
 
 __all__ = ["ModelChoice", "choose_model", "describe_choice", "get_model"]
 
@@ -129,5 +130,7 @@ async def _api_key(run: RunConfig, env: Mapping[str, str]) -> str:
             block = await Secret.aload(run.api_key_secret)
         except ValueError:
             raise ConfigError(f"no Prefect Secret block named {run.api_key_secret!r}") from None
-        return str(block.get())
+        key = str(block.get())
+        remember_secret(key)  # not in the environment, so redaction must be told
+        return key
     return env["ANTHROPIC_API_KEY"]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["REDACTED", "redact", "redact_data", "secret_values"]
+__all__ = ["REDACTED", "redact", "redact_data", "remember_secret", "secret_values"]
 
 REDACTED = "[REDACTED]"
 
@@ -38,10 +38,21 @@ _PATTERNS = re.compile(
 _SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|passwd|credential|auth)")
 
 
+# Secrets the process learnt elsewhere than its environment (a Prefect Secret block).
+_REMEMBERED: set[str] = set()
+
+
+def remember_secret(value: str) -> None:
+    """Redact ``value`` from now on in this process, wherever it appears."""
+    if len(value) >= 8:
+        _REMEMBERED.add(value)
+
+
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names look secret (long enough to be worth hiding)."""
+    """Values of environment variables whose names look secret (long enough to be worth hiding),
+    and the secrets remembered with :func:`remember_secret`."""
     env = os.environ if env is None else env
-    return [v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+    return [*(v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8), *sorted(_REMEMBERED)]
 
 
 def _known(secrets: Iterable[str]) -> list[str]:
