@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -67,6 +68,9 @@ def test_offline_run_then_resume_replays_everything(workspace: Path) -> None:
     assert [a["name"] for a in data["agents"]] == [
         "repo-survey", "dependency-audit", "test-health", "docs-refresh", "release-notes"]
     assert all(a["tasks_done"] == a["tasks_total"] == 4 for a in data["agents"])
+    # No language model ran: requests are counted, tokens are not made up.
+    assert re.search(r"\b0 tokens in [1-9]\d* model requests", first.stdout), first.stdout
+    assert all(a["usage"]["total_tokens"] == 0 < a["usage"]["requests"] for a in data["agents"])
     # The offline model really used the read-only tools on the workspace.
     survey = data["agents"][0]["tasks"]
     assert any("pyproject.toml" in t["files_touched"] for a in data["agents"] for t in a["tasks"])

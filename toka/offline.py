@@ -34,10 +34,6 @@ _HINTS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 )  # fmt: skip
 
 
-def _estimate_tokens(value: Any) -> int:
-    return max(1, len(json.dumps(value, sort_keys=True, default=str)) // 4)
-
-
 class OfflineModel:
     """Deterministic stand-in for a provider; the default when no API key is set.
 
@@ -77,11 +73,8 @@ class OfflineModel:
         return ModelResponse(
             content=blocks,
             stop_reason="tool_use" if any(isinstance(b, ToolUseBlock) for b in blocks) else "end_turn",
-            usage=Usage(
-                input_tokens=_estimate_tokens(request.model_dump(mode="json")),
-                output_tokens=_estimate_tokens([b.model_dump() for b in blocks]),
-                requests=1,
-            ),
+            # No language model ran: no tokens were spent, and none count against a budget.
+            usage=Usage(input_tokens=0, output_tokens=0, requests=1),
             model=self.name,
         )
 
