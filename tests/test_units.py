@@ -122,11 +122,10 @@ INVALID: list[tuple[type, Any, str]] = [
     (Duration, "0s", r"^'0s' is not a positive duration; it must be longer than zero$"),
     (Duration, "0h0m", r"^'0h0m' is not a positive duration"),
     (Duration, "forever", rf"^'forever' {_DURATION_SYNTAX}"),
-    (Duration, "10", rf"^'10' {_DURATION_SYNTAX}"),
-    (Duration, 10, rf"^'10' {_DURATION_SYNTAX}"),
-    (Duration, 1.5, rf"^'1.5' {_DURATION_SYNTAX}"),
     (Duration, "", rf"^'' {_DURATION_SYNTAX}"),
-    (Duration, "-5m", rf"^'-5m' {_DURATION_SYNTAX}"),
+    (Duration, "-5m", r"^'-5m' must be positive"),
+    (Duration, -5, r"^'-5' is not a duration"),
+    (Duration, "0", r"^'0' must be positive"),
     (Duration, "5 minutes", rf"^'5 minutes' {_DURATION_SYNTAX}"),
     (Duration, "1y", rf"^'1y' {_DURATION_SYNTAX}"),
     (Duration, "h", rf"^'h' {_DURATION_SYNTAX}"),
@@ -137,7 +136,7 @@ INVALID: list[tuple[type, Any, str]] = [
     (ByteSize, "lots", rf"^'lots' {_SIZE_SYNTAX}"),
     (ByteSize, "0MB", r"^'0MB' is not a positive size; it must be larger than zero$"),
     (ByteSize, "0.0001KB", r"^'0.0001KB' is not a positive size"),  # rounds down to 0 bytes
-    (ByteSize, "-1GB", rf"^'-1GB' {_SIZE_SYNTAX}"),
+    (ByteSize, "-1GB", r"^'-1GB' must be positive"),
     (ByteSize, "1XB", rf"^'1XB' {_SIZE_SYNTAX}"),
     (ByteSize, "1PB", rf"^'1PB' {_SIZE_SYNTAX}"),
     (ByteSize, "MB", rf"^'MB' {_SIZE_SYNTAX}"),
@@ -152,9 +151,7 @@ INVALID: list[tuple[type, Any, str]] = [
     (CpuShare, "100.1%", rf"^'100.1%' {_CPU}"),
     (CpuShare, "-5%", rf"^'-5%' {_CPU}"),
     (CpuShare, "fast", rf"^'fast' {_CPU}"),
-    (CpuShare, 75, rf"^'75' {_CPU}"),
     (CpuShare, 0.75, rf"^'0.75' {_CPU}"),
-    (CpuShare, "75", rf"^'75' {_CPU}"),
     (CpuShare, "%", rf"^'%' {_CPU}"),
     (CpuShare, True, r"^True is not a percentage between 1% and 100% \(write it like '75%'\)$"),
     (CpuShare, None, r"^None is not a percentage between 1% and 100% \(write it like '75%'\)$"),
@@ -178,6 +175,19 @@ INVALID: list[tuple[type, Any, str]] = [
 def test_invalid_value_message(kind: type, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         kind.parse(value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "text", "number"),
+    [(Duration, 1200, "1200s", 1200.0), (Duration, "90", "90s", 90.0), (Duration, 1.5, "1.5s", 1.5),
+     (CpuShare, 50, "50%", 50.0), (CpuShare, "75", "75%", 75.0)],
+)
+def test_a_bare_number_is_read_in_the_usual_unit_with_a_note(kind: type, value: Any, text: str,
+                                                               number: float) -> None:
+    parsed = kind.parse(value)
+    assert str(parsed) == text and (parsed.seconds if kind is Duration else parsed.percent) == number
+    assert parsed.guessed is not None and "has no unit" in parsed.guessed
+    assert parsed == kind.parse(text) and kind.parse(text).guessed is None
 
 
 class _Limits(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -73,6 +73,7 @@ def _text(value: object, kind: str, example: str) -> str:
     return str(value).strip()
 
 
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
 _DURATION_WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w)\s*)+$", re.IGNORECASE)
@@ -84,14 +85,27 @@ class Duration(_UnitValue):
 
     seconds: float
     text: str
+    guessed: str | None = field(default=None, compare=False)
+    """Why the value's meaning is a guess (a bare number), for a warning; None when it is not."""
 
-    _json_pattern: ClassVar[str] = r"^\s*(\d+(\.\d+)?\s*(ms|s|m|h|d|w|MS|S|M|H|D|W)\s*)+$"
+    _json_pattern: ClassVar[str] = r"^\s*((\d+(\.\d+)?\s*(ms|s|m|h|d|w|MS|S|M|H|D|W)\s*)+|\d+(\.\d+)?)$"
     _examples: ClassVar[list[str]] = ["30s", "45m", "2h", "1d"]
-    _description: ClassVar[str] = "A duration: a number and a unit (ms, s, m, h, d, w), e.g. '2h' or '1h30m'."
+    _description: ClassVar[str] = ("A duration: a number and a unit (ms, s, m, h, d, w), e.g. '2h' or '1h30m'; "
+                                   "a bare number is seconds.")
 
     @classmethod
     def parse(cls, value: object) -> Duration:
         text = _text(value, "a duration", "2h")
+        if _NUMBER.match(text):
+            seconds = float(text)
+            if not math.isfinite(seconds):
+                raise ValueError(f"{text!r} is too large to be a duration")
+            if seconds <= 0:
+                raise ValueError(f"{text!r} must be positive: a duration longer than zero, e.g. '30s'")
+            return cls(seconds=seconds, text=f"{text}s",
+                       guessed=f"{text!r} has no unit; read as {text} seconds (write '{text}s' to say so)")
+        if text.startswith("-") and _DURATION_WHOLE.match(text[1:].strip()):
+            raise ValueError(f"{text!r} must be positive: a duration longer than zero, e.g. '30s'")
         if not _DURATION_WHOLE.match(text):
             raise ValueError(
                 f"{text!r} is not a duration; expected a number and a unit "
@@ -131,6 +145,8 @@ class ByteSize(_UnitValue):
     @classmethod
     def parse(cls, value: object) -> ByteSize:
         text = _text(value, "a size", "256MB")
+        if text.startswith("-") and _SIZE.match(text[1:].strip()):
+            raise ValueError(f"{text!r} must be positive: a size larger than zero, e.g. '256MB'")
         m = _SIZE.match(text)
         if m is None or m.group(2).lower() not in _SIZE_UNITS:
             raise ValueError(
@@ -155,18 +171,24 @@ class CpuShare(_UnitValue):
 
     percent: float
     text: str
+    guessed: str | None = field(default=None, compare=False)
+    """Why the value's meaning is a guess (a bare number), for a warning; None when it is not."""
 
-    _json_pattern: ClassVar[str] = r"^\s*\d+(\.\d+)?\s*%\s*$"
+    _json_pattern: ClassVar[str] = r"^\s*\d+(\.\d+)?\s*%?\s*$"
     _examples: ClassVar[list[str]] = ["25%", "75%"]
     _description: ClassVar[str] = "A share of one CPU, between 1% and 100%."
 
     @classmethod
     def parse(cls, value: object) -> CpuShare:
         text = _text(value, "a percentage between 1% and 100%", "75%")
-        m = _PERCENT.match(text)
+        bare = _NUMBER.match(text) is not None
+        m = _PERCENT.match(f"{text}%" if bare else text)
         percent = float(m.group(1)) if m else None
         if percent is None or not 1 <= percent <= 100:
             raise ValueError(f"{text!r} is not a percentage between 1% and 100%")
+        if bare:
+            return cls(percent=percent, text=f"{text}%",
+                       guessed=f"{text!r} has no unit; read as {text}% of one CPU (write '{text}%' to say so)")
         return cls(percent=percent, text=text)
 
     @property
