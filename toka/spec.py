@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import reprlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,7 @@ from pydantic_core import ErrorDetails
 
 from .errors import Problem, SpecError
 from .units import Bandwidth, ByteSize, CpuShare, Duration
-from .yaml_source import YamlSource, load_yaml_many
+from .yaml_source import MAX_PROBLEMS, MAX_TASKS, YamlSource, load_yaml_many, read_spec_text
 
 __all__ = [
     "PRIORITIES",
@@ -203,6 +204,21 @@ class Tasks(_Block):
     def _none_is_empty(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("conditional", {}) is None:
             data = {**data, "conditional": {}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _at_most_max_tasks(cls, data: Any) -> Any:
+        # Counted before any task is validated: a list over the limit costs nothing more.
+        if isinstance(data, dict):
+            lists = [data.get("default")]
+            if isinstance(data.get("conditional"), dict):
+                lists += data["conditional"].values()
+            n = sum(len(tasks) for tasks in lists if isinstance(tasks, list))
+            if n > MAX_TASKS:
+                raise ValueError(
+                    f"{n:,} tasks (default and conditional together); the limit for an agent is {MAX_TASKS:,}"
+                )
         return data
 
 
@@ -501,7 +517,11 @@ class AgentSpec(BaseModel):
         try:
             spec = cls.model_validate(data)
         except ValidationError as e:
-            problems += [_problem(err, yaml_source, name) for err in e.errors()]
+            errors = e.errors()
+            problems += [_problem(err, yaml_source, name) for err in errors[:MAX_PROBLEMS]]
+            if len(errors) > MAX_PROBLEMS:  # each costs a line lookup, and nobody reads 40,000 lines
+                problems.append(Problem(f"{len(errors) - MAX_PROBLEMS:,} more problems not listed "
+                                        f"(the first {MAX_PROBLEMS} of a file are)", source=name))
             spec = None
         if problems:
             raise SpecError(problems)
@@ -549,7 +569,17 @@ def _describe(value: Any) -> str:
     kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing",
              int: "a number", float: "a number", date: "a date"}
     kind = kinds.get(type(value), f"a {type(value).__name__}")
-    return kind if value is None else f"{kind} ({value!r})"
+    return kind if value is None else f"{kind} ({_shown(value)})"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 120, 120
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, abridged when long: a whole block or a 60,000-character value in one message helps nobody."""
+    shown = repr(value)
+    return shown if len(shown) <= 200 else _SHORT.repr(value)
 
 
 def _message(err: ErrorDetails, model_fields: list[str]) -> str:
@@ -564,9 +594,9 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown field {key!r}; {hint}expected one of: {', '.join(model_fields)}"
     if kind == "literal_error":
-        return f"{value!r} is not one of {ctx.get('expected', '')}"
+        return f"{_shown(value)} is not one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch" and err["loc"][-1] == "name":
-        return f"{value!r} is not a kebab-case name (lowercase letters, digits and single hyphens, e.g. 'build-system')"
+        return f"{_shown(value)} is not a kebab-case name (lowercase letters, digits and single hyphens, e.g. 'build-system')"
     if kind in ("string_type", "string_sub_type"):
         return f"expected text, got {_describe(value)}"
     if kind == "string_too_short":
@@ -580,7 +610,7 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
     if kind in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {_describe(value)}"
     if kind in ("date_type", "date_parsing", "date_from_datetime_parsing", "date_from_datetime_inexact"):
-        return f"{value!r} is not a date (write YYYY-MM-DD)"
+        return f"{_shown(value)} is not a date (write YYYY-MM-DD)"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
     if kind == "unit":
@@ -619,23 +649,6 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
         line=yaml_source.line_of(loc) if yaml_source else None,
         field=_field_path(loc),
     )
-
-
-def read_spec_text(path: str | Path) -> str:
-    """The text of a spec file.
-
-    Raises:
-        SpecError: the file is missing, a directory, unreadable or not UTF-8.
-    """
-    name = str(path)
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([Problem("no such file", source=name)]) from None
-    except IsADirectoryError:
-        raise SpecError([Problem("is a directory, not a spec file", source=name)]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError([Problem(f"cannot read: {e}", source=name)]) from None
 
 
 class _RecentSpecs:

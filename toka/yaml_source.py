@@ -1,4 +1,4 @@
-"""Reading spec YAML: safe loading, duplicate keys as errors, and line lookup.
+"""Reading spec YAML: safe loading, duplicate keys as errors, limits, and line lookup.
 
 Loading uses libyaml when present (it is, with the PyYAML wheels) because
 ``toka plan`` over a thousand specs must stay fast. Line numbers are only
@@ -6,6 +6,18 @@ needed when something is wrong, so the node tree that holds them is composed
 lazily, on the first lookup, instead of on every load. libyaml holds the
 GIL, so a large set of files is parsed in forked worker processes, one per
 core.
+
+A spec must not be able to hang the loader or exhaust its memory, so what one
+file may hold is bounded (the ``MAX_*`` constants below, the one place they are
+defined). Each bound is checked as early as it can be: the file's size before
+it is read, the rest while the node tree is composed, node by node, so that a
+file over a bound costs at most about one bound's worth of work. Aliases are
+counted as the copies they stand for: a "billion laughs" file is small as text
+but its aliases expand to billions of nodes in anything that walks the data
+(validation, error messages, hashing, the prompt). The bounds are two orders of
+magnitude above what real specs use: the nine Toka specs and the five in
+``agent_specs/`` are at most 8.5 kB, 400 nodes, 5 levels of nesting, 137
+characters in a value and 9 tasks.
 """
 
 from __future__ import annotations
@@ -17,13 +29,48 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.events import AliasEvent, MappingEndEvent, ScalarEvent, SequenceEndEvent, SequenceStartEvent, StreamEndEvent
 
 from .errors import Problem, SpecError
 
-__all__ = ["YamlSource", "load_yaml", "load_yaml_many"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "MAX_PROBLEMS",
+    "MAX_SPEC_BYTES",
+    "MAX_TASKS",
+    "MAX_VALUE_CHARS",
+    "YamlSource",
+    "load_yaml",
+    "load_yaml_many",
+    "read_spec_text",
+]
+
+# -- limits: what one spec file may hold -------------------------------------------
+
+#: Size of one spec file, checked before it is read (the largest real spec: 8.5 kB).
+MAX_SPEC_BYTES = 1024 * 1024
+#: Nodes in one spec: every mapping, list, key and scalar, an alias counting as a copy
+#: of what it names (real specs: at most 400). Composing this many takes 0.1-0.2 s.
+MAX_NODES = 20_000
+#: Levels of mappings and lists inside one another, through aliases too (real specs: 5).
+#: Well below Python's recursion limit, for everything that walks the data afterwards.
+MAX_DEPTH = 64
+#: Characters in one scalar, key or value (real specs: at most 137; the prompt shows
+#: every value to the model, and this is already about 16,000 tokens).
+MAX_VALUE_CHARS = 65_536
+#: Tasks of one agent, ``tasks.default`` and every ``tasks.conditional`` list together
+#: (real specs: at most 9); each is a Prefect task and at least one model request.
+#: Checked by the spec model (``toka.spec.Tasks``).
+MAX_TASKS = 1_000
+#: Problems listed for one file; the rest are counted in one more line. A file of
+#: 12,000 malformed objectives has 48,000 problems, which took 23 s to print.
+MAX_PROBLEMS = 100
 
 _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -106,10 +153,154 @@ class _Builder:
         return self._safe.construct_object(node, deep=True)
 
 
-def _compose(text: str) -> yaml.Node | None:
-    loader = _BaseLoader(text)
+class _OverLimit(Exception):
+    """A bound was exceeded while composing, at ``mark``; ``path`` is filled in on the way out."""
+
+    def __init__(self, message: str, mark: yaml.Mark) -> None:
+        super().__init__(message)
+        self.message, self.mark = message, mark
+        self.path: list[Any] = []
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """libyaml's parser and PyYAML's resolver; the node tree composed here, every bound checked.
+
+    libyaml's own composer (in C) cannot count as it goes: it took 3.5 s and 150 MB
+    to compose a 1 MiB file of ``[1,1,1,...]``, and what the aliases of a file expand
+    to is never known before something walks them. This one builds the same nodes
+    from libyaml's events, in Python, stopping at the first node over a bound.
+    Measured here, parsing and building the data of a spec took 1.4 ms against 1.2 ms
+    with libyaml's composer (bench/plan_scale.py's specs, best of ten runs).
+    Anchors and aliases keep their meaning: an alias is the very node it names.
+    """
+
+    def get_single_node(self) -> yaml.Node | None:
+        # anchor -> (node, nodes it expands to, levels it spans); None while it is composed
+        self._anchors: dict[str, tuple[yaml.Node, int | None, int]] = {}
+        self._nodes = 0
+        #: Aliases met inside the collection they name, ``(anchor, mark)``: the data would
+        #: contain itself. Refused once the data is built, so that a defect earlier in
+        #: the file (a duplicate key) is still reported first, where it is.
+        self.recursive_aliases: list[tuple[str, yaml.Mark]] = []
+        self.get_event()  # stream start
+        root = None
+        if not self.check_event(StreamEndEvent):
+            self.get_event()  # document start
+            root, _ = self._node(self.get_event(), 0)
+            self.get_event()  # document end
+            if not self.check_event(StreamEndEvent):
+                raise ComposerError(
+                    "expected a single document in the stream", root.start_mark,
+                    "but found another document", self.get_event().start_mark,
+                )
+        self.get_event()  # stream end
+        return root
+
+    def _node(self, event: yaml.Event, level: int) -> tuple[yaml.Node, int]:
+        """The node ``event`` starts, inside ``level`` collections, and how many levels of collections it spans."""
+        if type(event) is AliasEvent:
+            return self._alias(event, level)
+        anchor = event.anchor
+        if anchor is not None and anchor in self._anchors:
+            first = self._anchors[anchor][0].start_mark.line + 1
+            raise ComposerError(None, None, f"anchor &{anchor} is defined twice (first on line {first})", event.start_mark)
+        start = self._nodes
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _OverLimit(
+                f"more than {MAX_NODES:,} nodes (keys, values and list items); "
+                f"the limit for a spec is {MAX_NODES:,}", event.start_mark,
+            )
+        tag = event.tag
+        if type(event) is ScalarEvent:
+            if len(event.value) > MAX_VALUE_CHARS:
+                raise _OverLimit(
+                    f"a value of {len(event.value):,} characters; the limit for one value "
+                    f"is {MAX_VALUE_CHARS:,}", event.start_mark,
+                )
+            if tag is None or tag == "!":
+                tag = self.resolve(yaml.ScalarNode, event.value, event.implicit)
+            scalar = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+            if anchor is not None:
+                self._anchors[anchor] = (scalar, 1, 0)
+            return scalar, 0
+        if level >= MAX_DEPTH:
+            raise _OverLimit(
+                f"mappings and lists nested more than {MAX_DEPTH} levels deep; "
+                f"the limit for a spec is {MAX_DEPTH}", event.start_mark,
+            )
+        # One call into the parser per event: this loop is most of the time spent loading.
+        next_event = self.get_event
+        node: yaml.SequenceNode | yaml.MappingNode
+        height = 0
+        if type(event) is SequenceStartEvent:
+            if tag is None or tag == "!":
+                tag = self.resolve(yaml.SequenceNode, None, event.implicit)
+            node = yaml.SequenceNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            if anchor is not None:
+                self._anchors[anchor] = (node, None, 0)
+            items = node.value
+            while type(event := next_event()) is not SequenceEndEvent:
+                try:
+                    item, spans = self._node(event, level + 1)
+                except _OverLimit as e:
+                    e.path.insert(0, len(items))
+                    raise
+                items.append(item)
+                if spans > height:
+                    height = spans
+        else:
+            if tag is None or tag == "!":
+                tag = self.resolve(yaml.MappingNode, None, event.implicit)
+            node = yaml.MappingNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            if anchor is not None:
+                self._anchors[anchor] = (node, None, 0)
+            pairs = node.value
+            while type(event := next_event()) is not MappingEndEvent:
+                key, spans = self._node(event, level + 1)
+                if spans > height:
+                    height = spans
+                try:
+                    value, spans = self._node(next_event(), level + 1)
+                except _OverLimit as e:
+                    e.path.insert(0, key.value if isinstance(key, yaml.ScalarNode) else "?")
+                    raise
+                pairs.append((key, value))
+                if spans > height:
+                    height = spans
+        node.end_mark = event.end_mark
+        if anchor is not None:
+            self._anchors[anchor] = (node, self._nodes - start, height + 1)
+        return node, height + 1
+
+    def _alias(self, event: AliasEvent, level: int) -> tuple[yaml.Node, int]:
+        anchor = event.anchor
+        if anchor not in self._anchors:
+            raise ComposerError(None, None, f"found undefined alias {anchor!r}", event.start_mark)
+        node, size, height = self._anchors[anchor]
+        if size is None:  # inside the collection it names
+            self.recursive_aliases.append((anchor, event.start_mark))
+            return node, 0
+        self._nodes += size
+        if self._nodes > MAX_NODES:
+            raise _OverLimit(
+                f"alias *{anchor} stands for {size:,} nodes, which makes more than {MAX_NODES:,} "
+                f"in all (an alias counts as a copy of what it names); the limit for a spec is {MAX_NODES:,}",
+                event.start_mark,
+            )
+        if level + height > MAX_DEPTH:
+            raise _OverLimit(
+                f"alias *{anchor} nests mappings and lists {level + height} levels deep here; "
+                f"the limit for a spec is {MAX_DEPTH}", event.start_mark,
+            )
+        return node, height
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, list[tuple[str, yaml.Mark]]]:
+    """The node tree of ``text`` and its recursive aliases; raises :class:`_OverLimit` past a bound."""
+    loader = _Loader(text)
     try:
-        return loader.get_single_node()
+        return loader.get_single_node(), loader.recursive_aliases
     finally:
         loader.dispose()
 
@@ -127,8 +318,8 @@ class YamlSource:
         if not self._composed:
             self._composed = True
             try:
-                self._root = _compose(self.text)
-            except yaml.YAMLError:
+                self._root, _ = _compose(self.text)
+            except (yaml.YAMLError, _OverLimit):
                 self._root = None
         return self._root
 
@@ -197,12 +388,26 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
 
 
 def load_yaml(source: YamlSource) -> Any:
-    """Parse ``source`` safely; malformed YAML and duplicate keys raise :class:`SpecError`."""
+    """Parse ``source`` safely; malformed YAML, duplicate keys and specs over a limit raise :class:`SpecError`."""
+    size = _utf8_size_over_limit(source.text)
+    if size is not None:
+        raise SpecError([Problem(f"spec is {size:,} bytes; {_SIZE_LIMIT}", source=source.name)])
     try:
-        root = _compose(source.text)
-        return None if root is None else _Builder().build(root)
+        root, recursive = _compose(source.text)
+        data = None if root is None else _Builder().build(root)
     except RecursionError:
         raise SpecError([Problem("YAML nested too deeply to be a spec", source=source.name)]) from None
+    except _OverLimit as e:
+        raise SpecError(
+            [
+                Problem(
+                    e.message,
+                    source=source.name,
+                    line=source.clamp_line(e.mark.line + 1),
+                    field=_dotted(e.path[:8]) + ("..." if len(e.path) > 8 else "") or None,
+                )
+            ]
+        ) from None
     except _BadScalar as e:
         line = e.node.start_mark.line + 1
         kind = e.node.tag.rsplit(":", 1)[-1]
@@ -253,6 +458,87 @@ def load_yaml(source: YamlSource) -> Any:
         ) from None
     except yaml.YAMLError as e:
         raise SpecError([Problem(f"invalid YAML: {e}", source=source.name)]) from None
+    if recursive:
+        # Built data with a cycle is harmless; walking it (validation, hashing) is not.
+        anchor, mark = recursive[0]
+        line = mark.line + 1
+        raise SpecError(
+            [
+                Problem(
+                    f"alias *{anchor} is inside the collection it names, so the data would contain itself",
+                    source=source.name,
+                    line=line,
+                    field=source.path_at(line),
+                )
+            ]
+        )
+    return data
+
+
+_SIZE_LIMIT = f"the limit for a spec file is {MAX_SPEC_BYTES // 1024 // 1024} MiB"
+
+
+def _utf8_size_over_limit(text: str) -> int | None:
+    """The size of ``text`` in UTF-8 when it is over :data:`MAX_SPEC_BYTES`, else None."""
+    if len(text) * 4 <= MAX_SPEC_BYTES:  # no character takes more than 4 bytes
+        return None
+    if text.isascii():  # known without a look at the characters
+        size = len(text)
+    else:  # counted in slices: a 10 MB text is not copied whole to be measured
+        step = 1 << 16
+        size = sum(len(text[i : i + step].encode("utf-8", "surrogatepass")) for i in range(0, len(text), step))
+    return size if size > MAX_SPEC_BYTES else None
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    """``["tasks", "default", 3]`` -> ``tasks.default[3]``, as problems name fields."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file, read only when it is within :data:`MAX_SPEC_BYTES`.
+
+    Raises:
+        SpecError: the file is missing, a directory, unreadable, too large or
+            not UTF-8 (located by line and column).
+    """
+    name = str(path)
+    data = b""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= MAX_SPEC_BYTES:
+                data = f.read(MAX_SPEC_BYTES + 1)  # bounded even if the file grows meanwhile
+                size = len(data)
+    except FileNotFoundError:
+        raise SpecError([Problem("no such file", source=name)]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem("is a directory, not a spec file", source=name)]) from None
+    except OSError as e:
+        raise SpecError([Problem(f"cannot read: {e}", source=name)]) from None
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([Problem(f"file is {size:,} bytes; {_SIZE_LIMIT}", source=name)])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([_not_utf8(data, e, name)]) from None
+    # As text mode reads it: YAML ends lines at \r too, line numbers here count \n.
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _not_utf8(data: bytes, e: UnicodeDecodeError, name: str) -> Problem:
+    """Where the first undecodable byte is, as an editor shows it: line, and column in characters."""
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    column = len(data[line_start : e.start].decode("utf-8", "replace")) + 1
+    bad = " ".join(f"0x{b:02x}" for b in data[e.start : e.end])
+    return Problem(
+        f"cannot read: byte {bad} at column {column} is not UTF-8 ({e.reason}); save the file as UTF-8",
+        source=name,
+        line=data.count(b"\n", 0, e.start) + 1,
+    )
 
 
 #: Below this many files, starting worker processes costs more than it saves: a spec
