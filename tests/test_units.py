@@ -124,7 +124,7 @@ INVALID: list[tuple[type, Any, str]] = [
     (Duration, "forever", rf"^'forever' {_DURATION_SYNTAX}"),
     (Duration, "", rf"^'' {_DURATION_SYNTAX}"),
     (Duration, "-5m", r"^'-5m' must be positive"),
-    (Duration, -5, r"^'-5' is not a duration"),
+    (Duration, -5, r"^'-5' must be positive"),
     (Duration, "0", r"^'0' must be positive"),
     (Duration, "5 minutes", rf"^'5 minutes' {_DURATION_SYNTAX}"),
     (Duration, "1y", rf"^'1y' {_DURATION_SYNTAX}"),

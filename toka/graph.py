@@ -70,8 +70,11 @@ class AgentGraph:
     # -- building -----------------------------------------------------------
 
     @classmethod
-    def build(cls, specs: Iterable[AgentSpec]) -> AgentGraph:
+    def build(cls, specs: Iterable[AgentSpec], *, partial: bool = False) -> AgentGraph:
         """Check names and dependencies of ``specs`` and order them.
+
+        ``partial`` says the specs are only some files of a set (``toka validate a.yaml``):
+        a required dependency on an agent not among them is then a warning, not an error.
 
         Raises:
             DuplicateAgentError: two files declare one name.
@@ -97,7 +100,7 @@ class AgentGraph:
             raise DuplicateAgentError(duplicates)
 
         unknown: list[Problem] = []
-        warnings: list[Problem] = []
+        warnings: list[Problem] = [w for spec in agents.values() for w in spec.warnings]
         required: list[Edge] = []
         optional: list[Edge] = []
         for name, spec in sorted(agents.items()):
@@ -123,15 +126,18 @@ class AgentGraph:
                             Edge(dep, name, kind, reason)  # type: ignore[arg-type]
                         )
                         continue
+                    fatal = kind == "required" and not partial
                     problem = Problem(
                         _unknown_message(dep, agents, f"{kind} dependency")
-                        + ("" if kind == "required" else " (ignored)"),
+                        + ("" if kind == "required" else " (ignored)")
+                        + (" (not among the files named; check the whole set with `toka validate "
+                           "DIRECTORY`)" if kind == "required" and partial else ""),
                         source=spec.source,
                         line=spec.line_of("dependencies", kind, dep),
                         field=f"dependencies.{kind}",
-                        level="error" if kind == "required" else "warning",
+                        level="error" if fatal else "warning",
                     )
-                    (unknown if kind == "required" else warnings).append(problem)
+                    (unknown if fatal else warnings).append(problem)
         if unknown:
             raise UnknownAgentError(unknown)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .capabilities import capability_status
-from .errors import Problem
+from .errors import GraphError, Problem, SpecError
 from .graph import AgentGraph, Edge
 from .spec import AgentSpec
-from .specset import DEFAULT_SPEC_DIR, load_specs
+from .specset import DEFAULT_SPEC_DIR, load_spec_set
 
 __all__ = ["PLAN_FORMAT", "Plan", "make_plan"]
 
@@ -126,15 +126,30 @@ def make_plan(
     *,
     agents: Sequence[str] = (),
     specs: Iterable[AgentSpec] | None = None,
+    partial: bool = False,
 ) -> Plan:
     """Load specs (or take ``specs``), build the graph, select ``agents`` and order them.
 
+    Every problem comes out in one pass: when some files do not load, the graph of the
+    ones that do is still checked and its problems are reported with theirs.
+    ``partial``: the files are some of a set (see :meth:`AgentGraph.build`).
+
     Raises:
-        SpecError: a spec file is malformed.
+        SpecError: a spec file is malformed (with the graph's problems, if any).
         GraphError: the specs do not form a runnable graph, or a selected
             agent is unknown.
     """
-    graph = AgentGraph.build(load_specs(paths) if specs is None else specs)
-    if agents:
-        graph = graph.select(agents)
+    problems: list[Problem] = []
+    if specs is None:
+        specs, problems = load_spec_set(paths)
+    try:
+        graph = AgentGraph.build(specs, partial=partial)
+        if agents:
+            graph = graph.select(agents)
+    except GraphError as e:
+        if not problems:
+            raise
+        problems += e.problems
+    if problems:
+        raise SpecError(problems)
     return Plan(graph=graph, waves=graph.waves())

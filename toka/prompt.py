@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .spec import AgentSpec, Task
+from .spec import AgentSpec, Task, plain_data as _plain
 
 __all__ = ["REMINDER", "system_prompt", "task_message"]
 
@@ -134,6 +134,10 @@ def task_message(
         out.append(f"The spec expects these tools to help: {', '.join(task.tools_required)}.")
     if task.dependencies:
         out.append(f"Prerequisites named in the spec: {'; '.join(task.dependencies)}.")
+    if task.model_extra:
+        out += ["Other fields of this task in the spec:", "```yaml",
+                yaml.safe_dump(_plain(task.model_extra), sort_keys=False, allow_unicode=True,
+                               default_flow_style=False).rstrip(), "```"]
     out += ["", "## Results of this agent's earlier tasks"]
     out += ["```json", _json(list(prior)), "```"] if prior else ["None: this is the first task."]
     out += ["", "## Results of the agents this one depends on"]

@@ -15,7 +15,7 @@ import reprlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -24,11 +24,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import Problem, SpecError
 from .units import Bandwidth, ByteSize, CpuShare, Duration
@@ -60,6 +63,37 @@ Priority = Literal["critical", "high", "medium", "low"]
 #: Priorities from most to least urgent; the index is the sort key.
 PRIORITIES: tuple[Priority, ...] = ("critical", "high", "medium", "low")
 
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+#: A priority as written: ``Critical`` and ``HIGH`` mean what they say.
+PriorityText = Annotated[Priority, BeforeValidator(_lower, json_schema_input_type=str)]
+
+
+def _when(value: Any) -> date | datetime:
+    # A YAML timestamp arrives as a date or datetime, a quoted one as text: both say when.
+    if isinstance(value, (date, datetime)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        for parse in (date.fromisoformat, datetime.fromisoformat):
+            try:
+                return parse(text)
+            except ValueError:
+                continue
+    raise PydanticCustomError("date_parsing", "not a date")
+
+
+#: A date, or an ISO 8601 date-time (``2025-07-06T03:24:55+00:00``, ``2026-03-02T10:15:00Z``).
+When = Annotated[
+    date | datetime,
+    PlainValidator(_when),
+    PlainSerializer(lambda v: v.isoformat(), return_type=str),
+    WithJsonSchema({"type": "string", "description": "A date (YYYY-MM-DD) or an ISO 8601 date-time."}),
+]
+
 Frequency = Literal[
     "real-time", "hourly", "daily", "weekly", "on-milestone", "on-completion", "continuous"
 ]
@@ -74,6 +108,16 @@ class _Block(BaseModel):
         use_attribute_docstrings=True,
         coerce_numbers_to_str=True,
     )
+
+
+class _Open(_Block):
+    """A block that keeps fields the runtime does not read: shown to the agent, listed as warnings.
+
+    A field that looks like a misspelling of a missing one is still an error
+    (:meth:`AgentSpec._misspelt_fields`): its value would otherwise be lost quietly.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
 
 def _single_key_maps_to_dict(value: Any, what: str) -> Any:
@@ -118,17 +162,17 @@ DependencyMap = Annotated[
 ]
 
 
-class Metadata(_Block):
+class Metadata(_Open):
     """Identity and provenance of the agent."""
 
     name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=63)
     """Kebab-case id, unique across a set of specs; names the Prefect flow."""
     version: str | None = None
     """Spec version, e.g. ``v0.3.0``."""
-    created: date | None = None
-    """Date the spec was written."""
-    modified: date | None = None
-    """Date the spec was last changed."""
+    created: When | None = None
+    """Date (or date-time) the spec was written."""
+    modified: When | None = None
+    """Date (or date-time) the spec was last changed."""
     workstream: str | None = None
     """Human title of the workstream; a Prefect tag."""
     branch: str | None = None
@@ -146,7 +190,7 @@ class SpecInfo(_Block):
     """Human title, e.g. ``Build System Stabilization Agent``."""
     domain: NonEmptyText
     """Free-text domain; a Prefect tag."""
-    priority: Priority
+    priority: PriorityText
     """Agent priority; breaks ties when concurrency slots are short."""
     description: str | None = None
     """Optional longer description."""
@@ -170,16 +214,16 @@ class Objective(_Block):
     """What is produced."""
     validation: NonEmptyText
     """How success is checked."""
-    priority: Priority | None = None
+    priority: PriorityText | None = None
     """Optional urgency of this objective."""
 
 
-class Task(_Block):
+class Task(_Open):
     """One step of the agent; becomes one Prefect task."""
 
     description: NonEmptyText
     """What to do; the short form names the task in the Prefect UI."""
-    priority: Priority = "medium"
+    priority: PriorityText = "medium"
     """critical/high failures stop the agent; medium/low failures are recorded and the agent goes on."""
     estimated_duration: Duration | None = None
     """Rough effort, e.g. ``4h``."""
@@ -232,6 +276,11 @@ class Dependencies(_Block):
 
 
 def _normalise_metrics(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        value = [{k: v} if isinstance(v, str) or v is None else {"name": k, **v} if isinstance(v, dict) else {k: v}
+                 for k, v in value.items()]
     if not isinstance(value, list):
         return value
     out: list[Any] = []
@@ -263,7 +312,7 @@ MetricList = Annotated[
     list[Metric],
     BeforeValidator(
         _normalise_metrics,
-        json_schema_input_type=list[dict[str, str] | Metric | str],
+        json_schema_input_type=list[dict[str, str] | Metric | str] | dict[str, str | None] | None,
     ),
 ]
 
@@ -296,7 +345,7 @@ class ResourceLimits(_Block):
     """Most processes a command may have at once (stops fork bombs)."""
 
 
-class Security(_Block):
+class Security(_Open):
     """Permissions and resource limits."""
 
     sandbox: bool = True
@@ -438,8 +487,46 @@ class AgentSpec(BaseModel):
 
     @property
     def context_blocks(self) -> dict[str, Any]:
-        """Domain-specific top-level blocks, in file order, shown to the agent as context."""
-        return dict(self.model_extra or {})
+        """Domain-specific blocks, in file order, shown to the agent as context: unknown top-level
+        blocks, then fields of ``metadata`` and ``security`` the runtime does not read."""
+        blocks = dict(self.model_extra or {})
+        for name in ("metadata", "security"):
+            extra = getattr(self, name).model_extra
+            if extra:
+                blocks[name] = plain_data(extra)
+        return blocks
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """What loads but deserves a look: values whose meaning is a guess, fields the runtime does not read."""
+        found: list[Problem] = []
+
+        def warn(message: str, *path: str | int) -> None:
+            found.append(Problem(message, source=self.source, line=self.line_of(*path),
+                                 field=_field_path(path), level="warning"))
+
+        limits = self.security.resource_limits
+        for field_name in ("timeout", "max_cpu"):
+            value = getattr(limits, field_name)
+            if value is not None and value.guessed:
+                warn(value.guessed, "security", "resource_limits", field_name)
+        for block in ("metadata", "security"):
+            for key in getattr(self, block).model_extra or {}:
+                warn("not understood by the runtime; kept and shown to the agent as context", block, key)
+        lists = [("default", self.tasks.default), *(("conditional", c) for c in self.tasks.conditional.items())]
+        for kind, tasks in lists:
+            prefix: tuple[str | int, ...] = ("tasks", "default") if kind == "default" else ("tasks", "conditional",
+                                                                                          tasks[0])  # type: ignore[index]
+            items = tasks if kind == "default" else tasks[1]  # type: ignore[index]
+            for i, task in enumerate(items):
+                for key in task.model_extra or {}:
+                    warn("not understood by the runtime; kept and shown to the agent with the task",
+                         *prefix, i, key)
+                for key in ("estimated_duration", "estimated_time"):
+                    value = getattr(task, key)
+                    if value is not None and value.guessed:
+                        warn(value.guessed, *prefix, i, key)
+        return found
 
     @property
     def source(self) -> str | None:
@@ -480,6 +567,14 @@ class AgentSpec(BaseModel):
         Raises:
             SpecError: with every problem of every bad text, each located.
         """
+        specs, problems = cls.load_texts(named_texts)
+        if problems:
+            raise SpecError(problems)
+        return specs
+
+    @classmethod
+    def load_texts(cls, named_texts: Sequence[tuple[str, str]]) -> tuple[list[AgentSpec], list[Problem]]:
+        """Like :meth:`from_texts`, but returns the specs that are valid and the problems of the rest."""
         found: list[AgentSpec | None] = [_remembered.get((source, text)) for source, text in named_texts]
         missing = [i for i, spec in enumerate(found) if spec is None]
         sources = [YamlSource(*named_texts[i]) for i in missing]
@@ -494,9 +589,7 @@ class AgentSpec(BaseModel):
                 problems.extend(e.problems)
             else:
                 _remembered.put(named_texts[i], spec)
-        if problems:
-            raise SpecError(problems)
-        return [spec for spec in found if spec is not None]
+        return [spec for spec in found if spec is not None], problems
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str | None = None) -> AgentSpec:
@@ -513,7 +606,7 @@ class AgentSpec(BaseModel):
             raise SpecError(
                 [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
             )
-        problems = cls._misspelt_blocks(data, yaml_source, name)
+        problems = cls._misspelt_blocks(data, yaml_source, name) + _misspelt_fields(data, yaml_source, name)
         try:
             spec = cls.model_validate(data)
         except ValidationError as e:
@@ -552,6 +645,43 @@ class AgentSpec(BaseModel):
         return problems
 
 
+def plain_data(value: Any) -> Any:
+    """YAML-safe plain data (dates and other scalars as text)."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
+    """In blocks that keep unknown fields: the ones that look like a misspelt missing field."""
+    places: list[tuple[tuple[str | int, ...], Any, type[BaseModel]]] = [
+        (("metadata",), data.get("metadata"), Metadata), (("security",), data.get("security"), Security)]
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict):
+        if isinstance(tasks.get("default"), list):
+            places += [(("tasks", "default", i), t, Task) for i, t in enumerate(tasks["default"])]
+        if isinstance(tasks.get("conditional"), dict):
+            places += [(("tasks", "conditional", c, i), t, Task) for c, ts in tasks["conditional"].items()
+                       if isinstance(ts, list) for i, t in enumerate(ts)]
+    problems = []
+    for path, block, model in places:
+        if not isinstance(block, dict):
+            continue
+        fields = list(model.model_fields)
+        for key in block:
+            if not isinstance(key, str) or key in model.model_fields:
+                continue
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            if close and close[0] not in block:
+                problems.append(Problem(
+                    f"unknown field {key!r}; did you mean {close[0]!r}? expected one of: {', '.join(fields)}",
+                    source=name, line=yaml_source.line_of([*path, key]) if yaml_source else None,
+                    field=_field_path((*path, key))))
+    return problems
+
+
 # -- turning pydantic errors into located, readable problems -----------------
 
 
@@ -567,7 +697,7 @@ def _field_path(loc: tuple[str | int, ...]) -> str:
 
 def _describe(value: Any) -> str:
     kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing",
-             int: "a number", float: "a number", date: "a date"}
+             int: "a number", float: "a number", date: "a date", datetime: "a date-time"}
     kind = kinds.get(type(value), f"a {type(value).__name__}")
     return kind if value is None else f"{kind} ({_shown(value)})"
 
@@ -610,7 +740,7 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
     if kind in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {_describe(value)}"
     if kind in ("date_type", "date_parsing", "date_from_datetime_parsing", "date_from_datetime_inexact"):
-        return f"{_shown(value)} is not a date (write YYYY-MM-DD)"
+        return f"{_shown(str(value) if isinstance(value, date) else value)} is not a date (write YYYY-MM-DD, or an ISO 8601 date-time such as 2026-03-02T10:15:00Z)"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
     if kind == "unit":

@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import Problem, SpecError
 from .spec import AgentSpec, read_spec_text
 
-__all__ = ["DEFAULT_SPEC_DIR", "find_spec_files", "load_specs"]
+__all__ = ["DEFAULT_SPEC_DIR", "find_spec_files", "load_spec_set", "load_specs"]
 
 #: Where ``toka`` looks when no path is given.
 DEFAULT_SPEC_DIR = Path("agent_specs")
@@ -49,6 +49,18 @@ def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentS
     Raises:
         SpecError: with every problem of every bad file, each located.
     """
+    specs, problems = load_spec_set(paths)
+    if problems:
+        raise SpecError(problems)
+    return specs
+
+
+def load_spec_set(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> tuple[list[AgentSpec], list[Problem]]:
+    """The specs under ``paths`` that load, and the problems of those that do not.
+
+    Raises:
+        SpecError: a path does not exist, or a directory holds no spec file.
+    """
     named_texts: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for file in find_spec_files(paths):
@@ -56,10 +68,5 @@ def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentS
             named_texts.append((str(file), read_spec_text(file)))
         except SpecError as e:
             problems.extend(e.problems)
-    try:
-        specs = AgentSpec.from_texts(named_texts)
-    except SpecError as e:
-        problems.extend(e.problems)
-    if problems:
-        raise SpecError(problems)
-    return specs
+    specs, bad = AgentSpec.load_texts(named_texts)
+    return specs, [*problems, *bad]

@@ -104,7 +104,7 @@ class Duration(_UnitValue):
                 raise ValueError(f"{text!r} must be positive: a duration longer than zero, e.g. '30s'")
             return cls(seconds=seconds, text=f"{text}s",
                        guessed=f"{text!r} has no unit; read as {text} seconds (write '{text}s' to say so)")
-        if text.startswith("-") and _DURATION_WHOLE.match(text[1:].strip()):
+        if text.startswith("-") and (_DURATION_WHOLE.match(text[1:].strip()) or _NUMBER.match(text[1:].strip())):
             raise ValueError(f"{text!r} must be positive: a duration longer than zero, e.g. '30s'")
         if not _DURATION_WHOLE.match(text):
             raise ValueError(

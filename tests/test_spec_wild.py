@@ -1,0 +1,134 @@
+"""Specs as they are written in the wild: sensible values load (normalised, warned where a guess),
+and every problem of a set comes out in one pass."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toka.errors import SpecError
+from toka.plan import make_plan
+from toka.prompt import system_prompt, task_message
+from toka.spec import AgentSpec
+
+from .conftest import AGENT_SPECS
+
+TOKA = str(Path(sys.executable).parent / "toka")
+
+
+def survey_text() -> str:
+    return (AGENT_SPECS / "repo-survey.yaml").read_text()
+
+
+def edited(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["2025-07-06T03:24:55+00:00", "'2025-07-06T03:24:55+00:00'", "'2026-03-02T10:15:00Z'", "2026-03-02T10:15:00Z",
+     "2026-03-02", "'2026-03-02'"],
+)
+def test_metadata_dates_accept_dates_and_iso_date_times_quoted_or_not(written: str) -> None:
+    spec = AgentSpec.from_text(edited(survey_text(), '  created: "2026-11-24"', f"  created: {written}"))
+    assert spec.metadata.created is not None
+    assert spec.metadata.created.isoformat().startswith(written.strip("'")[:10])
+    spec.digest()  # serialises
+
+
+def test_a_bad_date_names_both_accepted_forms_without_a_python_repr() -> None:
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(edited(survey_text(), '  created: "2026-11-24"', "  created: last tuesday"),
+                            source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "metadata.created" and "datetime" not in problem.message
+    assert "is not a date (write YYYY-MM-DD, or an ISO 8601 date-time" in problem.message
+
+
+def wild_spec() -> str:
+    text = survey_text()
+    text = edited(text, '  created: "2026-11-24"', "  created: 2025-07-06T03:24:55+00:00\n  owner: platform-team")
+    text = re.sub(r'priority: "critical"', 'priority: "Critical"', text, count=1)
+    text = re.sub(r"timeout: \S+", "timeout: 1200", text, count=1)
+    text = re.sub(r"max_cpu: \S+", "max_cpu: 50", text, count=1)
+    text = edited(text, "  capabilities_required:", "  audit_level: full\n  capabilities_required:")
+    text = edited(text, "    - description:", "    - ticket: OPS-12\n      description:")
+    return re.sub(r"(?ms)^  metrics:\n.*?(?=^security:)", "  metrics: {}\n", text)
+
+
+def test_sensible_values_load_normalised_with_warnings_where_guessed() -> None:
+    spec = AgentSpec.from_text(wild_spec(), source="wild.yaml")
+    limits = spec.security.resource_limits
+    assert limits.timeout.seconds == 1200 and limits.max_cpu is not None and limits.max_cpu.percent == 50
+    assert spec.priority == "critical" and spec.reporting.metrics == []
+    warnings = {w.field: w for w in spec.warnings}
+    assert "read as 1200 seconds" in warnings["security.resource_limits.timeout"].message
+    assert "read as 50% of one CPU" in warnings["security.resource_limits.max_cpu"].message
+    for field in ("metadata.owner", "security.audit_level", "tasks.default[0].ticket"):
+        assert "not understood by the runtime" in warnings[field].message
+        assert warnings[field].line is not None and warnings[field].level == "warning"
+    # Kept and shown to the agent, like unknown top-level blocks.
+    prompt = system_prompt(spec, tools=["read_file"])
+    assert "owner: platform-team" in prompt and "audit_level: full" in prompt
+    assert "ticket: OPS-12" in task_message(spec, spec.tasks.default, 1)
+
+
+def test_a_misspelt_field_in_an_open_block_is_still_an_error() -> None:
+    text = edited(survey_text(), "  sandbox: true", "  sandbx: false")
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "security.sandbx" and "did you mean 'sandbox'?" in problem.message
+
+
+def test_metrics_written_as_a_map_are_a_list() -> None:
+    text = re.sub(r"(?ms)^  metrics:\n.*?(?=^security:)", "  metrics:\n    coverage: share of lines run\n", survey_text())
+    spec = AgentSpec.from_text(text)
+    assert [(m.name, m.description) for m in spec.reporting.metrics] == [("coverage", "share of lines run")]
+
+
+@pytest.fixture
+def spec_set(tmp_path: Path) -> Path:
+    folder = tmp_path / "specs"
+    shutil.copytree(AGENT_SPECS, folder, ignore=shutil.ignore_patterns("*.json"))
+    return folder
+
+
+def test_field_errors_do_not_hide_the_dependency_errors_of_the_rest(spec_set: Path) -> None:
+    health = spec_set / "test-health.yaml"
+    health.write_text(health.read_text().replace('priority: "high"', 'priority: "urgent"', 1))
+    docs = spec_set / "docs-refresh.yaml"
+    docs.write_text(edited(docs.read_text(), "  required:\n", '  required:\n    - "ghost-agent": "needed"\n'))
+    with pytest.raises(SpecError) as caught:
+        make_plan([spec_set])
+    messages = [str(p) for p in caught.value.problems]
+    assert any("'urgent' is not one of" in m for m in messages), messages
+    assert any("unknown required dependency 'ghost-agent'" in m for m in messages), messages
+    done = subprocess.run([TOKA, "validate", str(spec_set)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "urgent" in done.stderr and "ghost-agent" in done.stderr, done.stderr
+
+
+def test_validating_some_files_of_a_set_warns_about_dependencies_in_the_others(spec_set: Path) -> None:
+    one = spec_set / "docs-refresh.yaml"
+    done = subprocess.run([TOKA, "validate", str(one)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "unknown required dependency 'repo-survey'" in done.stderr
+    assert "toka validate DIRECTORY" in done.stderr
+    # A whole directory: the same missing dependency is an error.
+    (spec_set / "repo-survey.yaml").unlink()
+    done = subprocess.run([TOKA, "validate", str(spec_set)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown required dependency 'repo-survey'" in done.stderr
+
+
+def test_validate_lists_what_the_runtime_does_not_understand(spec_set: Path) -> None:
+    (spec_set / "repo-survey.yaml").write_text(wild_spec())
+    done = subprocess.run([TOKA, "validate", str(spec_set)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"repo-survey\.yaml:\d+: metadata\.owner: not understood by the runtime", done.stderr)
+    assert "tasks.default[0].ticket: not understood by the runtime" in done.stderr
