@@ -47,8 +47,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 PathsArg = Annotated[
     list[Path] | None,
@@ -107,8 +107,10 @@ def _agent_line(plan: Plan, name: str) -> str:
 @app.command()
 def validate(paths: PathsArg = None) -> None:
     """Check spec files and their dependencies; print one line per agent."""
+    named = _paths(paths)
     with _user_errors():
-        plan = make_plan(_paths(paths))
+        # Only some files of a set: their dependencies may live in the others.
+        plan = make_plan(named, partial=all(Path(p).is_file() for p in named))
     from .capabilities import capability_status
 
     for name, spec in plan.graph.agents.items():
@@ -310,10 +312,17 @@ def run(
     err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
               f"workspace {space.root}")
     _prefect_environment(verbose=verbose)
+    from .lifecycle import RunGuard, Stopped
+
     view = _LiveView(plan)
+    guard = RunGuard(hint=f"continue with: toka run --resume (run {record.run_key})",
+                     write=lambda line: _say_last(view, line))
     try:
-        with _user_errors(), listen(view.update), view:
-            summary = asyncio.run(_execute(options, results_dir=space.state_dir / "results"))
+        with _user_errors(), guard, listen(view.update), view:
+            summary = guard.run(_execute(options, results_dir=space.state_dir / "results"))
+    except Stopped as stop:  # SIGTERM, Ctrl-C, or the Prefect API died under the run
+        guard.announce(stop)
+        raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/yellow]; continue with: toka run --resume (run {record.run_key})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -330,7 +339,9 @@ def run(
         err.print(f"[red]error:[/red] {escape(fatal)}")
     if json_file is not None:
         json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
-    raise typer.Exit(0 if summary.state == "completed" else EXIT_FAILED)
+    # completed-with-failures exits 0 as Prefect's Completed does: the failure policy let the agents
+    # go on from their medium and low failures; the summary names them.
+    raise typer.Exit(EXIT_FAILED if summary.state == "failed" else 0)
 
 
 # RunConfig fields whose command-line option is not simply --field-name.
@@ -409,7 +420,8 @@ def doctor() -> None:
     rows = [("wall-clock timeout", "timeout"), ("max_memory", "memory"), ("max_cpu", "cpu"),
             ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network"),
             ("max_network_bandwidth", "bandwidth"), ("other processes", "processes-visible"),
-            ("the host", "host")]
+            ("the host", "host"), ("unix sockets", "unix-sockets"), ("credential files", "credentials"),
+            ("git control files", "git")]
     out.print(f"cgroups: {host.cgroup or 'not available'}"
               + (f" ({', '.join(sorted(host.cgroup_root))})" if host.cgroup_root else ""))
     for label, key in rows:
@@ -515,6 +527,13 @@ def _prefect_environment(*, verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 
+def _say_last(view: _LiveView, line: str) -> None:
+    """The line that says why a run stopped; the process may end right after it."""
+    if view.live:  # else the table is drawn again below the line, and a hard exit leaves it there
+        view.live.stop()
+    err.print(escape(line))
+
+
 def _prefect_unreachable(error: BaseException) -> str | None:
     """One line for a Prefect API that never answered, or None for any other error."""
     import httpx
@@ -548,8 +567,8 @@ async def _execute(options: dict[str, Any], *, results_dir: Path) -> PipelineSum
     return outcome  # type: ignore[no-any-return]
 
 
-_STATE_STYLE = {"completed": "green", "cached": "green", "failed": "red", "not-run": "yellow",
-                "running": "cyan", "waiting": "dim"}
+_STATE_STYLE = {"completed": "green", "completed-with-failures": "yellow", "cached": "green", "failed": "red",
+                "not-run": "yellow", "running": "cyan", "waiting": "dim"}
 
 
 class _LiveView:
@@ -615,6 +634,9 @@ class _LiveView:
 def _print_summary(summary: PipelineSummary) -> None:
     from rich.table import Table
 
+    from .redact import redact, secret_values
+
+    secrets = secret_values()
     table = Table(title=f"run {summary.run_key}: {summary.state}", title_justify="left")
     for column in ("agent", "state", "done", "failed", "not run", "duration", "tokens", "note"):
         table.add_column(column)
@@ -623,15 +645,19 @@ def _print_summary(summary: PipelineSummary) -> None:
         table.add_row(
             a.agent, f"[{style}]{a.state}[/]", str(a.count("completed", "cached")),
             str(a.count("failed")), str(a.count("not-run")), f"{a.duration_s:.1f}s",
-            str(a.usage.total_tokens), escape(a.reason or ""),
+            str(a.usage.total_tokens), escape(redact(a.reason or "", secrets)),
         )
     out.print(table)
     usage = summary.usage
     cached = sum(a.count("cached") for a in summary.agents)
     label = " (offline model: placeholder results)" if summary.offline else ""
+    with_failures = [a for a in summary.agents if a.state == "completed-with-failures"]
+    partly = (f", {len(with_failures)} completed with failed tasks ("
+              + ", ".join(f"{a.agent}: {a.count('failed')} failed" for a in with_failures) + ")"
+              if with_failures else "")
     out.print(
         f"{sum(a.state == 'completed' for a in summary.agents)}/{len(summary.agents)} agents completed"
-        f"{label}; {usage.total_tokens} tokens in {usage.requests} model requests; "
+        f"{partly}{label}; {usage.total_tokens} tokens in {usage.requests} model requests; "
         f"{cached} tasks replayed from cache; {summary.duration_s:.1f}s"
     )
     if summary.budget_tokens or cached:

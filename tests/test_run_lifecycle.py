@@ -1,0 +1,189 @@
+"""How a real `toka run` process ends: SIGTERM, a dead Prefect API, kill -9, a stray SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from .test_cli_run import TOKA, env, log_lines, summary, tasks_by_state, toka_run
+from .test_cli_run import workspace  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.slow
+
+SERVER_APP = "prefect.server.api.server:create_app"
+
+
+class Run:
+    """`toka run` in its own process group, slowed down so it can be hit midway; its stderr in err.txt."""
+
+    def __init__(self, workspace: Path, *args: str, ignore_sigint: bool) -> None:
+        self.workspace = workspace
+        with open(workspace / "err.txt", "w") as stderr:
+            self.proc = subprocess.Popen(
+                [TOKA, "run", *args], cwd=workspace, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                env=env(TOKA_OFFLINE_LATENCY="0.3", TOKA_OFFLINE_REQUEST_LOG=str(workspace / "requests.jsonl")),
+                start_new_session=True,
+                # What `cmd &` in a shell script does to its commands.
+                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+            )
+        self._server: int | None = None
+
+    def server(self) -> int:
+        """The pid of the Prefect server toka started (its child)."""
+        if self._server is None:
+            self._server = embedded_server(self.proc.pid)
+        assert self._server is not None, "toka has no embedded server"
+        return self._server
+
+    def wait_for_results(self, count: int) -> None:
+        deadline = time.monotonic() + 180
+        while sum(1 for r in log_lines(self.workspace / "requests.jsonl") if r["answer"] == "submit_result") < count:
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float) -> float:
+        started = time.monotonic()
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - started
+
+    def stderr(self) -> str:
+        return (self.workspace / "err.txt").read_text()
+
+    def last_line(self) -> str:
+        return self.stderr().strip().splitlines()[-1]
+
+
+@contextmanager
+def started_run(workspace: Path, *args: str, ignore_sigint: bool = False) -> Iterator[Run]:
+    run = Run(workspace, *args, ignore_sigint=ignore_sigint)
+    try:
+        yield run
+    finally:
+        if run.proc.poll() is None:
+            run._server = run._server or embedded_server(run.proc.pid)
+            os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        if run._server is not None and alive(run._server):
+            os.kill(run._server, signal.SIGKILL)
+
+
+def embedded_server(parent: int) -> int | None:
+    """The pid of the Prefect server `parent` started, if it is still its child."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and SERVER_APP.encode() in argv:
+            return int(entry.name)
+    return None
+
+
+def server_port(pid: int) -> int:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return int(argv[argv.index("--port") + 1])
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped; a zombie is dead (this container's init may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def assert_resume_finishes(workspace: Path) -> None:
+    out = workspace / "summary.json"
+    resumed = toka_run(workspace, "--resume", "--json", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    data = summary(out)
+    assert all(a["tasks_done"] == a["tasks_total"] for a in data["agents"])
+    assert tasks_by_state(data, "cached"), "nothing finished before the stop was replayed"
+
+
+def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path) -> None:
+    with started_run(workspace) as run:
+        run.wait_for_results(3)
+        server = run.server()
+        run.proc.send_signal(signal.SIGTERM)
+        took = run.wait_exit(60)
+    err = run.stderr()
+    assert run.proc.returncode == 143, err
+    assert "Traceback" not in err and "TerminationSignal" not in err
+    key = re.search(r"^run (\w+): ", err, re.M)
+    assert key, err
+    assert run.last_line() == f"terminated; continue with: toka run --resume (run {key[1]})"
+    assert took < 30
+    assert not alive(server)
+    assert_resume_finishes(workspace)
+
+
+def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path) -> None:
+    with started_run(workspace) as run:
+        run.wait_for_results(3)
+        url = f"http://127.0.0.1:{server_port(run.server())}/api"
+        os.kill(run.server(), signal.SIGKILL)
+        took = run.wait_exit(60)
+    err = run.stderr()
+    assert run.proc.returncode == 1, err
+    assert "Traceback" not in err and err.count("stopped answering") == 1
+    assert run.last_line().startswith(f"error: the Prefect API at {url} stopped answering: its embedded server "
+                                      "was killed by SIGKILL; continue with: toka run --resume (run ")
+    assert took < 15
+    assert_resume_finishes(workspace)
+
+
+def test_a_hung_embedded_server_stops_the_run_and_is_killed(workspace: Path) -> None:
+    with started_run(workspace) as run:
+        run.wait_for_results(3)
+        os.kill(run.server(), signal.SIGSTOP)  # alive, but answers nothing
+        took = run.wait_exit(90)
+        assert run.proc.returncode == 1, run.stderr()
+        assert "stopped answering: its health check failed for 15 s; continue with" in run.last_line()
+        assert took < 35
+        deadline = time.monotonic() + 5
+        while alive(run.server()):
+            assert time.monotonic() < deadline, "the hung server was left behind"
+            time.sleep(0.1)
+
+
+def test_kill_9_takes_the_embedded_server_with_it(workspace: Path) -> None:
+    with started_run(workspace) as run:
+        run.wait_for_results(1)
+        port = server_port(run.server())
+        assert listening(port)
+        os.kill(run.proc.pid, signal.SIGKILL)  # toka alone, not its process group
+        run.proc.wait()
+        deadline = time.monotonic() + 5
+        while alive(run.server()) or listening(port):
+            assert time.monotonic() < deadline, f"the embedded server (pid {run.server()}) outlived toka"
+            time.sleep(0.1)
+
+
+def test_sigint_to_a_background_runs_group_leaves_its_server_alone(workspace: Path) -> None:
+    # `toka run &` in a script ignores SIGINT; a Ctrl-C at the script's terminal reached the
+    # whole process group and killed the embedded server under a run that went on.
+    with started_run(workspace, "--agent", "repo-survey", ignore_sigint=True) as run:
+        run.wait_for_results(1)
+        os.killpg(run.proc.pid, signal.SIGINT)
+        run.wait_exit(120)
+    assert run.proc.returncode == 0, run.stderr()
