@@ -19,20 +19,27 @@ from pydantic import Field
 from prefect import flow, tags
 from prefect.states import State
 
-from flows.compiler import agent_tags, compile_agent, finished
+from flows.compiler import agent_tags, compile_agent, failed, finished, run_name
 from flows.pipeline import Mode, NeedsApproval, pipeline
 from toka.budget import Ledger, use_ledger
 from toka.config import RunConfig
 from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
-from toka.errors import AgentFailedError, ConfigError, UnknownAgentError
+from toka.errors import AgentFailedError, ConfigError, TokaError, UnknownAgentError
 from toka.plan import make_plan
 from toka.results import AgentReport, PipelineSummary
 
 __all__ = ["agent", "agent_runner"]
 
 
+def _agent_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return run_name(f"toka-agent {flow_run.parameters.get('agent', '')}".rstrip())
+
+
 @flow(
     name="toka-agent",
+    flow_run_name=_agent_run_name,
     description="Run one Toka agent together with its required dependencies.",
     persist_result=True,
 )
@@ -131,15 +138,18 @@ async def agent_runner(
         upstream: Results of the agent's dependencies, as the pipeline passes them.
         pipeline_spent: Tokens the pipeline had spent when this agent started (for its budget).
     """
-    graph = make_plan(specs).graph
-    spec = graph.agents.get(agent)
-    if spec is None:
-        raise UnknownAgentError(f"no agent named {agent!r} in {', '.join(specs)}")
-    if spec_digest and spec.digest() != spec_digest:
-        raise ConfigError(
-            f"the spec of {agent!r} differs from the one the pipeline started with (digest "
-            f"{spec.digest()} here, {spec_digest} there): every worker needs the same checkout"
-        )
+    try:
+        graph = make_plan(specs).graph
+        spec = graph.agents.get(agent)
+        if spec is None:
+            raise UnknownAgentError(f"no agent named {agent!r} in {', '.join(specs)}")
+        if spec_digest and spec.digest() != spec_digest:
+            raise ConfigError(
+                f"the spec of {agent!r} differs from the one the pipeline started with (digest "
+                f"{spec.digest()} here, {spec_digest} there): every worker needs the same checkout"
+            )
+    except TokaError as e:  # one line in the UI, not a traceback
+        return failed(e)
     with use_ledger(Ledger("pipeline", run.pipeline_token_budget, scope="pipeline", spent=pipeline_spent)) as ledger:
         with tags(*agent_tags(spec)):
             state = await compile_agent(spec)(run=run, upstream=upstream, return_state=True)
@@ -155,4 +165,6 @@ async def agent_runner(
     # with what the agent charged attached (exception attributes survive pickling).
     outcome.toka_charged = charged  # type: ignore[attr-defined]
     outcome.toka_spent = spent  # type: ignore[attr-defined]
+    if isinstance(outcome, TokaError):
+        return failed(outcome)  # raised, Prefect would log its repr: an AgentFailedError's holds the report
     raise outcome

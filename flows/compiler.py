@@ -10,7 +10,12 @@ named ``CompletedWithFailures`` in the UI).
 
 Task records are redacted when they are made (:func:`_record`): results and
 errors hold text the model chose, and everything the agent writes (its report
-artifact, events, its result, the pipeline's summary) is made from them.
+and results artifacts, events, its result, the pipeline's summary) is made from them.
+
+What the Prefect UI shows: flow runs named ``<agent> <date>`` (:func:`run_name`),
+task runs named ``<agent> - 3/9 - <description>`` (:func:`task_title`: ASCII only,
+the UI's run graph draws no other characters), and a failed run's state message
+is one line (:func:`failed`), not a traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from datetime import datetime, timezone
 from typing import Any
 
-from prefect import Flow, Task, flow
+from prefect import Flow, Task, flow, get_run_logger
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
+    acreate_table_artifact,
     aupdate_progress_artifact,
 )
 from prefect.context import FlowRunContext, TagsContext
@@ -31,7 +38,7 @@ from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from tasks.llm_step import StepInput, agent_ledger, is_retryable, llm_step
@@ -43,23 +50,65 @@ from toka.redact import redact, redact_data, secret_values
 from toka.budget import AgentBudget, current_ledger, use_agent_budget
 from toka.policy import approval_keys
 from toka.providers import get_model
-from toka.report import agent_markdown
+from toka.report import agent_markdown, agent_results_table
 from toka.results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
 from toka.spec import AgentSpec, Task as SpecTask
 
-__all__ = ["WITH_FAILURES", "agent_tags", "announce", "compile_agent", "finished", "step_task", "task_title"]
+__all__ = [
+    "WITH_FAILURES",
+    "agent_tags",
+    "announce",
+    "compile_agent",
+    "failed",
+    "finished",
+    "run_name",
+    "step_task",
+    "task_title",
+]
 
 _STOPPING = ("critical", "high")
 
 
 def task_title(spec: AgentSpec, index: int, total: int, task: SpecTask, width: int = 48) -> str:
-    """``<agent> · 3/9 · <short description>``: unique within a run, readable in the UI."""
+    """``<agent> - 3/9 - <short description>``: unique within a run, readable in the UI.
+
+    Plain ASCII: the UI's run graph draws task names with a font that has no
+    ``·`` or ``…`` (they showed as nothing, or as boxes), so the cut is ``...``.
+    """
     text = " ".join(task.description.split())
     short = text
     if len(text) > width:
-        cut = text[: width - 1]
-        short = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:-") + "…"
-    return f"{spec.name} · {index}/{total} · {short}"
+        cut = text[: width - 3]
+        short = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:-") + "..."
+    return f"{spec.name} - {index}/{total} - {short}"
+
+
+def run_name(prefix: str) -> str:
+    """A flow run's name: ``<prefix> <date>`` in UTC, e.g. ``repo-survey 2026-12-01 03:04``.
+
+    Prefect names runs at random (``archetypal-markhor``) unless the flow sets
+    ``flow_run_name``; this says what ran and when, in the UI's run lists.
+    """
+    return f"{prefix} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+
+
+def failed(error: TokaError) -> State[Any]:
+    """What a flow returns instead of raising ``error``: a Failed state whose message is one line.
+
+    Raised, ``error`` would reach the UI as a traceback logged with its ``repr``
+    (a RunFailedError's holds its whole report) and a state message prefixed
+    "Flow run encountered an exception". Returned, the message is the error's
+    own line (Prefect logs it once: "Finished in state Failed(...)"), and
+    ``state.result()`` raises ``error`` all the same: it is the state's data.
+    An error of several lines (several problems) keeps the first in the
+    message and logs them all.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    if len(lines) > 1:
+        message += f" (and {len(lines) - 1} more: see the log)"
+        get_run_logger().error("%s", "\n".join(lines))
+    return Failed(message=message, data=error)
 
 
 def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunConfig) -> Task[..., Any]:
@@ -319,60 +368,78 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
 
     The flow takes the run settings and the results of the agent's
     dependencies, returns an :class:`AgentReport` (inside a Completed state
-    named :data:`WITH_FAILURES` when some tasks failed), and raises
-    :class:`AgentFailedError` (carrying the report) when it fails. Call it
-    inside ``prefect.tags(*agent_tags(spec))`` to tag its runs.
+    named :data:`WITH_FAILURES` when some tasks failed), and when it fails a
+    Failed state (:func:`failed`) whose result is an :class:`AgentFailedError`
+    carrying the report, or the error that stopped it before its tasks (a
+    missing API key). Its runs are named ``<agent> <date>``. Call it inside
+    ``prefect.tags(*agent_tags(spec))`` to tag its runs.
     """
 
     async def run_agent(
         run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None
     ) -> AgentReport | State[AgentReport]:
-        started = time.monotonic()
-        run = await _ask_approvals(spec, run)
-        tasks = spec.task_list(run.contexts)
-        announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
-        progress = _Progress(key=f"{spec.name}-progress", description=f"{spec.name}: tasks done")
-        # The flow run carries the agent's tags; its task runs must not inherit them:
-        # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
-        # and on a SQLite-backed server those writes stall runs for seconds.
-        # The budgets of this agent run: a task's attempts (Prefect retries it here, in this
-        # process) share its ledger and the agent's, so a retry cannot refill them.
-        budget = AgentBudget(run.run_key, spec.name, agent_ledger(spec, run))
-        calls = AgentCalls(run.run_key, spec.name)
-        with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
-            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
-        failed = [r for r in records if r.state == "failed"]
-        if failure is None and failed:
-            total = len(records)
-            which = ", ".join(f"{r.index}/{total} ({r.priority})" for r in failed)
-            failure_note: str | None = (f"task{'s' if len(failed) > 1 else ''} {which} failed; the agent "
-                                        "went on (medium and low failures do not stop it)")
-        else:
-            failure_note = None
-        report = AgentReport(
-            agent=spec.name,
-            state="failed" if failure else "completed-with-failures" if failed else "completed",
-            reason=failure or failure_note,
-            fatal=fatal,
-            tasks=records,
-            duration_s=time.monotonic() - started,
-        )
-        await asyncio.gather(
-            progress.close(),
-            acreate_markdown_artifact(
-                key=f"{spec.name}-report",
-                markdown=agent_markdown(report, model=(await get_model(run)).name),
-                description=f"{spec.name}: task report",
-            ),
-        )
-        if failure is not None:
-            raise AgentFailedError(f"{spec.name}: {failure}", report=report)
-        return finished(report, failures=failure_note)
+        try:
+            return await _run_agent(spec, run, upstream)
+        except TokaError as e:  # one line in the UI, not a traceback with the report's repr
+            return failed(e)
 
     return flow(
         run_agent,
         name=spec.name,
+        flow_run_name=lambda: run_name(spec.name),
         description=spec.spec.description or spec.spec.name,
         timeout_seconds=spec.security.resource_limits.timeout.seconds,
         persist_result=True,
     )
+
+
+async def _run_agent(
+    spec: AgentSpec, run: RunConfig, upstream: dict[str, dict[str, Any]] | None
+) -> AgentReport | State[AgentReport]:
+    """The body of the agent's flow; raises AgentFailedError (with the report) when the agent fails."""
+    started = time.monotonic()
+    run = await _ask_approvals(spec, run)
+    tasks = spec.task_list(run.contexts)
+    announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
+    progress = _Progress(key=f"{spec.name}-progress", description=f"{spec.name}: tasks done")
+    # The flow run carries the agent's tags; its task runs must not inherit them:
+    # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
+    # and on a SQLite-backed server those writes stall runs for seconds.
+    # The budgets of this agent run: a task's attempts (Prefect retries it here, in this
+    # process) share its ledger and the agent's, so a retry cannot refill them.
+    budget = AgentBudget(run.run_key, spec.name, agent_ledger(spec, run))
+    calls = AgentCalls(run.run_key, spec.name)
+    with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
+        records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
+    failed_tasks = [r for r in records if r.state == "failed"]
+    if failure is None and failed_tasks:
+        total = len(records)
+        which = ", ".join(f"{r.index}/{total} ({r.priority})" for r in failed_tasks)
+        failure_note: str | None = (f"task{'s' if len(failed_tasks) > 1 else ''} {which} failed; the agent "
+                                    "went on (medium and low failures do not stop it)")
+    else:
+        failure_note = None
+    report = AgentReport(
+        agent=spec.name,
+        state="failed" if failure else "completed-with-failures" if failed_tasks else "completed",
+        reason=failure or failure_note,
+        fatal=fatal,
+        tasks=records,
+        duration_s=time.monotonic() - started,
+    )
+    await asyncio.gather(
+        progress.close(),
+        acreate_markdown_artifact(
+            key=f"{spec.name}-report",
+            markdown=agent_markdown(report, model=(await get_model(run)).name),
+            description=f"{spec.name}: task report",
+        ),
+        acreate_table_artifact(
+            key=f"{spec.name}-results",
+            table=agent_results_table(report),
+            description=f"{spec.name}: what each task produced",
+        ),
+    )
+    if failure is not None:
+        raise AgentFailedError(f"{spec.name}: {failure}", report=report)
+    return finished(report, failures=failure_note)

@@ -35,9 +35,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from flows.compiler import agent_tags, announce, compile_agent, finished
+from flows.compiler import agent_tags, announce, compile_agent, failed, finished, run_name
 from toka.config import DEFAULT_RETRIES, RunConfig
-from toka.errors import ConfigError, PipelineFailedError, RunFailedError
+from toka.errors import ConfigError, PipelineFailedError, RunFailedError, TokaError
 from toka.graph import AgentGraph
 from toka.spec import AgentSpec
 from toka.limits import LimitSettings, check_limits
@@ -49,7 +49,7 @@ from toka.budget import Ledger, use_ledger
 # runner's pickled result must match the class the pipeline checks against.
 from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
 from toka.model import Usage
-from toka.providers import choose_model
+from toka.providers import choose_model, get_model
 from toka.redact import redact, secret_values
 from toka.report import pipeline_markdown
 from toka.results import AgentReport, PipelineSummary, TaskRecord
@@ -60,8 +60,13 @@ Mode = Literal["in-process", "distributed"]
 NeedsApproval = Literal["network-access", "git-push", "write-outside-paths"]
 
 
+def _pipeline_run_name() -> str:
+    return run_name("toka-pipeline")
+
+
 @flow(
     name="toka-pipeline",
+    flow_run_name=_pipeline_run_name,
     description="Run Toka agent specs in dependency order, each agent as a subflow.",
     persist_result=True,
 )
@@ -100,7 +105,10 @@ async def pipeline(
     """Run the agents described by the spec files.
 
     Returns the summary (in a Completed state named ``CompletedWithFailures`` when some agent's
-    medium or low tasks failed); raises PipelineFailedError when an agent failed or did not run.
+    medium or low tasks failed). When an agent failed or did not run, or a setting is unusable (a
+    model without an API key), returns a Failed state whose message is one line and whose result is
+    the error (PipelineFailedError, with the summary; ConfigError, ...). Runs are named
+    ``toka-pipeline <date>``.
 
     Args:
         specs: Spec files or directories, relative to the working directory.
@@ -139,62 +147,68 @@ async def pipeline(
             storage every worker reaches: see result_storage).
         agent_deployment: The agent-runner deployment ('flow/deployment') used in distributed mode.
     """
-    if max_concurrency < 1:
-        raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
-    if mode not in ("in-process", "distributed"):
-        raise ConfigError(f"mode must be 'in-process' or 'distributed', got {mode!r}")
-    if not run_key:
+    try:
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if mode not in ("in-process", "distributed"):
+            raise ConfigError(f"mode must be 'in-process' or 'distributed', got {mode!r}")
+        if not run_key:
+            ctx = FlowRunContext.get()
+            run_key = str(ctx.flow_run.id) if ctx and ctx.flow_run else uuid.uuid4().hex
+        run = RunConfig(
+            run_key=run_key,
+            model=model,
+            workspace=workspace,
+            contexts=tuple(contexts),
+            max_turns=max_turns,
+            request_timeout=request_timeout,
+            task_timeout=task_timeout,
+            retries=dict(DEFAULT_RETRIES),
+            retry_delay_seconds=retry_delay_seconds,
+            result_storage=result_storage,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            max_attempts=max_attempts,
+            max_retry_wait=max_retry_wait,
+            api_key_secret=api_key_secret,
+            requests_per_minute=requests_per_minute,
+            concurrent_requests=concurrent_requests,
+            in_process_requests=in_process_requests,
+            task_token_budget=task_token_budget,
+            agent_token_budget=agent_token_budget,
+            pipeline_token_budget=pipeline_token_budget,
+            allow_unsandboxed=allow_unsandboxed,
+            approve=tuple(approve),
+            deny=tuple(deny),
+            approval_timeout=approval_timeout,
+            needs_approval=DEFAULT_NEEDS_APPROVAL if needs_approval is None else tuple(needs_approval),
+        )
+        plan = make_plan(specs, agents=agents)
+        check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
+        # A model id without an API key, a Secret block that does not exist: said here, once,
+        # before any agent starts (each would fail the same way).
+        await get_model(run)
         ctx = FlowRunContext.get()
-        run_key = str(ctx.flow_run.id) if ctx and ctx.flow_run else uuid.uuid4().hex
-    run = RunConfig(
-        run_key=run_key,
-        model=model,
-        workspace=workspace,
-        contexts=tuple(contexts),
-        max_turns=max_turns,
-        request_timeout=request_timeout,
-        task_timeout=task_timeout,
-        retries=dict(DEFAULT_RETRIES),
-        retry_delay_seconds=retry_delay_seconds,
-        result_storage=result_storage,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        max_attempts=max_attempts,
-        max_retry_wait=max_retry_wait,
-        api_key_secret=api_key_secret,
-        requests_per_minute=requests_per_minute,
-        concurrent_requests=concurrent_requests,
-        in_process_requests=in_process_requests,
-        task_token_budget=task_token_budget,
-        agent_token_budget=agent_token_budget,
-        pipeline_token_budget=pipeline_token_budget,
-        allow_unsandboxed=allow_unsandboxed,
-        approve=tuple(approve),
-        deny=tuple(deny),
-        approval_timeout=approval_timeout,
-        needs_approval=DEFAULT_NEEDS_APPROVAL if needs_approval is None else tuple(needs_approval),
-    )
-    plan = make_plan(specs, agents=agents)
-    check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
-    ctx = FlowRunContext.get()
-    if ctx and ctx.flow_run and ctx.flow_run.deployment_id is not None:
-        run = run.model_copy(update={"pause_for_approval": True})  # a person can answer in the UI
-    limits = LimitSettings(run.requests_per_minute, run.concurrent_requests)
-    if limits.uses_server and not choose_model(run).offline:
-        missing = await check_limits(limits)
-        if missing:
-            raise ConfigError(
-                f"model request limits are configured but missing on the Prefect server: "
-                f"{', '.join(missing)}; create them with: toka limits apply"
-                + (f" --requests-per-minute {run.requests_per_minute}" if run.requests_per_minute else "")
-                + (f" --concurrent-requests {run.concurrent_requests}" if run.concurrent_requests else "")
-            )
-    distributed = None
-    if mode == "distributed":
-        distributed = Distributed(specs=[str(s) for s in specs], deployment=agent_deployment)
-        await _check_deployment(agent_deployment)
-    summary = await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
-    return finished(summary, failures=_failures(summary))
+        if ctx and ctx.flow_run and ctx.flow_run.deployment_id is not None:
+            run = run.model_copy(update={"pause_for_approval": True})  # a person can answer in the UI
+        limits = LimitSettings(run.requests_per_minute, run.concurrent_requests)
+        if limits.uses_server and not choose_model(run).offline:
+            missing = await check_limits(limits)
+            if missing:
+                raise ConfigError(
+                    f"model request limits are configured but missing on the Prefect server: "
+                    f"{', '.join(missing)}; create them with: toka limits apply"
+                    + (f" --requests-per-minute {run.requests_per_minute}" if run.requests_per_minute else "")
+                    + (f" --concurrent-requests {run.concurrent_requests}" if run.concurrent_requests else "")
+                )
+        distributed = None
+        if mode == "distributed":
+            distributed = Distributed(specs=[str(s) for s in specs], deployment=agent_deployment)
+            await _check_deployment(agent_deployment)
+        summary = await run_agents(plan.graph, run, max_concurrency=max_concurrency, distributed=distributed)
+        return finished(summary, failures=_failures(summary))
+    except TokaError as e:  # a bad setting, a missing API key, failed agents: one line in the UI
+        return failed(e)
 
 
 @dataclass(frozen=True)
@@ -310,7 +324,7 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
                     job_variables = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": storage}}
                 child = await arun_deployment(
                     settings.deployment, client=client, parameters=parameters, timeout=0, as_subflow=True,
-                    tags=agent_tags(spec), flow_run_name=name, job_variables=job_variables,
+                    tags=agent_tags(spec), flow_run_name=run_name(name), job_variables=job_variables,
                 )
             get_run_logger().info(
                 "agent %s: %s flow run %s of deployment %s", name,
@@ -486,13 +500,26 @@ async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, Agent
         description="Pipeline summary",
     )
     if summary.state == "failed":
-        bad = [a for a in summary.agents if not a.is_completed()]
-        raise PipelineFailedError(
-            redact(f"{len(bad)} of {len(summary.agents)} agents did not complete: "
-                   + "; ".join(f"{a.agent} ({a.state}: {a.reason})" for a in bad), secret_values()),
-            report=summary,
-        )
+        raise PipelineFailedError(redact(_failure_line(summary), secret_values()), report=summary)
     return summary
+
+
+def _failure_line(summary: PipelineSummary) -> str:
+    """Why the pipeline failed, in one line (its run's state message): what stopped the run, which
+    agents failed and which did not run, then the first failure's reason (the part cut when long)."""
+    bad = [a for a in summary.agents if not a.is_completed()]
+    failed_agents = [a for a in bad if a.state == "failed"]
+    fatal = next((a for a in summary.agents if a.fatal), None)
+    parts = [f"{len(bad)} of {len(summary.agents)} agents did not complete"]
+    if failed_agents:
+        parts.append(f"failed: {', '.join(a.agent for a in failed_agents)}")
+    if len(failed_agents) < len(bad):
+        parts.append(f"not run: {', '.join(a.agent for a in bad if a.state != 'failed')}")
+    line = "; ".join(parts)
+    if fatal is not None:  # e.g. the API key was rejected, or no such model: the one thing to fix
+        return f"stopped by {fatal.agent}: {fatal.fatal}. {line}"
+    first = failed_agents[0] if failed_agents else bad[0]
+    return f"{line}. {first.agent}: {first.reason or first.state}"
 
 
 def _failures(summary: PipelineSummary) -> str | None:

@@ -133,9 +133,9 @@ class TestCompiler:
         tasks = spec.task_list()
         first = step_task(spec, 1, 2, tasks[0], run_config)
         second = step_task(spec, 2, 2, tasks[1], run_config)
-        assert first.name == "docs · 1/2 · Check the README commands against the real…"
+        assert first.name == "docs - 1/2 - Check the README commands against the real..."
         assert first.task_run_name == first.name
-        assert second.name == "docs · 2/2 · Summarise"
+        assert second.name == "docs - 2/2 - Summarise"
         assert (first.retries, second.retries) == (3, 1)
         assert first.retry_delay_seconds == 2
         assert first.timeout_seconds == 30
@@ -512,7 +512,7 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
             return response.json()[0]
 
     text = asyncio.run(newest("toka-pipeline-report"))["data"]
-    assert "```mermaid" in text and "a0 --> a1" in text
+    assert "](data:image/svg+xml;base64," in text and "| 2 | beta | ✅ completed | alpha | - |" in text
     assert "| alpha | ✅ completed |" in text
     assert summary.run_key in text
     # Tokens broken down: total | input | output | cache write | cache read (each fake reply: 10 in, 5 out).

@@ -243,10 +243,18 @@ class RunFailedError(TokaError):
     still reaches the caller (the exception is the run's persisted result).
     """
 
+    #: The most characters ``str()`` gives: it is a run's state message in the Prefect UI.
+    MAX_LINE = 300
+
     def __init__(self, problems: Iterable[Problem] | str, report: object = None) -> None:
         super().__init__(problems)
         self.args = (self.problems, report)
         self.report = report
+
+    def __str__(self) -> str:
+        """One short line (whitespace collapsed, cut at :attr:`MAX_LINE`); the report holds the detail."""
+        line = " ".join(super().__str__().split())
+        return line if len(line) <= self.MAX_LINE else line[: self.MAX_LINE - 3].rstrip() + "..."
 
 
 class AgentFailedError(RunFailedError):
