@@ -76,6 +76,20 @@ def test_offline_run_then_resume_replays_everything(workspace: Path) -> None:
     assert any("pyproject.toml" in t["files_touched"] for a in data["agents"] for t in a["tasks"])
     assert survey[0]["result"]["summary"].startswith("[offline model")
     assert (workspace / ".toka" / "results").is_dir()
+    # It said what it waited for, and says where everything is; the reports are Markdown files.
+    assert "starting Prefect's embedded server (10-30 s the first time)..." in first.stderr
+    key = data["run_key"]
+    reports = workspace / ".toka" / "reports" / key
+    assert f"reports:     .toka/reports/{key}/ (pipeline.md, and <agent>.md for each agent)" in first.stdout
+    assert sorted(p.name for p in reports.iterdir()) == sorted(
+        ["pipeline.md", *(f"{a['name']}.md" for a in data["agents"])])
+    assert (reports / "pipeline.md").read_text().startswith("# Pipeline: completed")
+    assert (reports / "repo-survey.md").read_text().startswith("# repo-survey: completed")
+    assert f"audit trail: .toka/audit/{key}.jsonl (toka audit --run {key})" in first.stdout
+    assert (workspace / ".toka" / "audit" / f"{key}.jsonl").is_file()
+    assert f"summary:     {out}" in first.stdout
+    assert "Prefect UI:" not in first.stdout  # the embedded server is gone with the run
+    assert (workspace / ".toka" / ".gitignore").read_text().splitlines()[-1] == "*"
 
     again = toka_run(workspace, "--resume", "--json", str(out))
     assert again.returncode == 0, again.stderr

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -377,15 +376,14 @@ ADDRESS_SPACE = 1 << 30
 def toka(*args: str | Path, cwd: Path, timeout: float = 60) -> tuple[int, str, float, float]:
     """Run the real ``toka`` under RLIMIT_AS; its exit code, stderr, wall seconds and peak RSS in MB."""
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
     err = cwd / "stderr.txt"
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TOKA_MODEL": "offline"}
     start = time.monotonic()
     with err.open("w") as stderr:
-        proc = subprocess.Popen([TOKA, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=stderr, preexec_fn=limit)
+        # prlimit, not a preexec_fn: a forked child keeps the test process's resident size as
+        # its peak across exec (a busy pytest is 300 MB); a spawned one starts from nothing.
+        proc = subprocess.Popen(["prlimit", f"--as={ADDRESS_SPACE}", "--", TOKA, *map(str, args)], cwd=cwd,
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     killer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
     killer.start()
     try:

@@ -7,6 +7,7 @@ prints them; a hook (set by the Prefect task) mirrors each as a Prefect event.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -14,9 +15,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .redact import redact, redact_data, secret_values
 
-__all__ = ["AuditLog", "read_audit"]
+__all__ = ["AuditLog", "audit_path", "audit_records", "read_audit", "run_file_name"]
+
+
+def run_file_name(run: str) -> str:
+    """``run`` as a file name: characters unfit for one become ``_`` (as tasks/llm_step.py names the log)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
+
+
+def audit_path(state_dir: Path, run: str) -> Path:
+    """The audit trail file of run ``run``."""
+    return state_dir / "audit" / f"{run_file_name(run)}.jsonl"
 
 
 class AuditLog:
@@ -60,7 +72,7 @@ class AuditLog:
 def read_audit(state_dir: Path, *, run: str | None = None, agent: str | None = None) -> Iterator[dict[str, Any]]:
     """Records of one run (default: every run), optionally of one agent, in write order."""
     folder = state_dir / "audit"
-    files = [folder / f"{run}.jsonl"] if run else sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    files = [audit_path(state_dir, run)] if run else sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
     for file in files:
         if not file.exists():
             continue
@@ -69,3 +81,34 @@ def read_audit(state_dir: Path, *, run: str | None = None, agent: str | None = N
                 entry = json.loads(line)
                 if agent is None or entry.get("agent") == agent:
                     yield entry
+
+
+def audit_records(state_dir: Path, *, run: str | None = None, agent: str | None = None,
+                  check_run: bool = True) -> list[dict[str, Any]]:
+    """Like :func:`read_audit`, but a run or agent the trail does not know is an error, as in ``toka plan``.
+
+    ``check_run=False`` accepts a run without a trail (the last run may have made no tool calls).
+
+    Raises:
+        ConfigError: naming the unknown run or agent, with the close matches and the known ones.
+    """
+    if run is not None and check_run and not audit_path(state_dir, run).is_file():
+        runs = sorted(p.stem for p in (state_dir / "audit").glob("*.jsonl"))
+        raise ConfigError(f"--run: unknown run {run!r}; {_known(run, runs, 'runs with an audit trail here')}")
+    records = list(read_audit(state_dir, run=run))
+    if agent is None:
+        return records
+    chosen = [r for r in records if r.get("agent") == agent]
+    if not chosen:
+        agents = sorted({str(r["agent"]) for r in records if r.get("agent")})
+        where = f"run {run}" if run is not None else "any run"
+        raise ConfigError(f"--agent: unknown agent {agent!r} in the audit trail of {where}; "
+                          f"{_known(agent, agents, 'agents with tool calls there')}")
+    return chosen
+
+
+def _known(name: str, known: list[str], what: str) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(known[:12]) + (f", ... ({len(known) - 12} more)" if len(known) > 12 else "")
+    return f"{hint}{what}: {shown or 'none'}"

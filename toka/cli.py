@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .errors import ConfigError, Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
@@ -39,12 +41,39 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EMBEDDED_SERVER_TIMEOUT = 120
 
+
+def _help_types(params: list[Any]) -> list[Any]:
+    """Show an option's metavar in help (``NAME``, ``SECONDS``), nothing for a flag or an argument.
+
+    Typer otherwise prints raw annotations (``<list[Path]>``, ``<bool>``, ``<int range>``), and
+    it has no setting for arguments: their name column shows the metavar already.
+    """
+    for param in params:
+        if isinstance(param, TyperArgument) or getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        else:
+            param.display_type_rich = lambda ctx, metavar=param.metavar: metavar  # type: ignore[method-assign]
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _help_types(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _help_types(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="toka",
     help="Run declarative Toka agent specs as Prefect flows.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
 
 out = Console(highlight=False, soft_wrap=True, emoji=False)
@@ -55,6 +84,7 @@ PathsArg = Annotated[
     typer.Argument(
         help="Spec files or directories (searched recursively). Default: agent_specs/.",
         show_default=False,
+        metavar="PATH",
     ),
 ]
 AgentOpt = Annotated[
@@ -64,8 +94,36 @@ AgentOpt = Annotated[
         "-a",
         help="Run only this agent and its required dependencies (repeatable).",
         show_default=False,
+        metavar="NAME",
     ),
 ]
+PlanAgentOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--agent",
+        "-a",
+        help="Plan only this agent and its required dependencies (repeatable).",
+        show_default=False,
+        metavar="NAME",
+    ),
+]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"toka-runtime {version('toka-runtime')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _toka(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_show_version)
+    ] = False,
+) -> None:
+    """Run declarative Toka agent specs as Prefect flows."""
 
 
 @contextmanager
@@ -104,7 +162,7 @@ def _agent_line(plan: Plan, name: str) -> str:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(paths: PathsArg = None) -> None:
     """Check spec files and their dependencies; print one line per agent."""
     named = _paths(paths)
@@ -125,10 +183,10 @@ def validate(paths: PathsArg = None) -> None:
     out.print(f"{n} agent{'s' if n != 1 else ''} valid, {w} warning{'s' if w != 1 else ''}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
     paths: PathsArg = None,
-    agent: AgentOpt = None,
+    agent: PlanAgentOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the plan as JSON (format 'toka-plan/1').")
     ] = False,
@@ -171,14 +229,14 @@ def plan(
         _print_problem(problem)
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.", metavar="FILE")
     ] = None,
     check: Annotated[
         Path | None,
-        typer.Option("--check", help="Exit 1 if this file differs from the current schema."),
+        typer.Option("--check", help="Exit 1 if this file differs from the current schema.", metavar="FILE"),
     ] = None,
 ) -> None:
     """Print the JSON Schema of agent specs (for editor validation)."""
@@ -197,7 +255,7 @@ def schema(
         typer.echo(text, nl=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     paths: PathsArg = None,
     agent: AgentOpt = None,
@@ -205,66 +263,85 @@ def run(
         str | None,
         typer.Option(envvar="TOKA_MODEL", help="'auto' (Anthropic if ANTHROPIC_API_KEY is set, else offline), "
                      "'offline', or a model id.  [default: auto; with --resume: the resumed run's]",
-                     show_default=False),
+                     show_default=False, metavar="MODEL"),
     ] = None,
-    workspace: Annotated[Path, typer.Option(help="Directory the agents work in.")] = Path("."),
-    max_concurrency: Annotated[int, typer.Option(min=1, help="Most agents running at once.")] = 4,
+    workspace: Annotated[Path, typer.Option(help="Directory the agents work in.", metavar="DIR")] = Path("."),
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Most agents running at once.", metavar="N")] = 4,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the last run here: finished tasks are not redone.")
     ] = False,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the run summary as JSON (format 'toka-run/1').")
+        Path | None,
+        typer.Option("--json", help="Write the run summary as JSON (format 'toka-run/1').", metavar="FILE"),
     ] = None,
     context: Annotated[
         list[str] | None,
-        typer.Option("--context", help="Switch on a context: its conditional tasks run too (repeatable)."),
+        typer.Option("--context", help="Switch on a context: its conditional tasks run too (repeatable).",
+                     metavar="NAME"),
     ] = None,
     run_key: Annotated[
-        str | None, typer.Option(help="Run under this key (tasks finished under it are reused).")
+        str | None, typer.Option(help="Run under this key (tasks finished under it are reused).", metavar="KEY")
     ] = None,
-    max_turns: Annotated[int, typer.Option(min=1, help="Model requests per task attempt.")] = 20,
-    request_timeout: Annotated[float, typer.Option(help="Seconds one model request may take.")] = 600.0,
+    max_turns: Annotated[int, typer.Option(min=1, help="Model requests per task attempt.", metavar="N")] = 20,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds one model request may take.", metavar="SECONDS")
+    ] = 600.0,
     task_timeout: Annotated[
-        float | None, typer.Option(help="Seconds one task attempt may take (default: the agent's timeout).")
+        float | None,
+        typer.Option(help="Seconds one task attempt may take (default: the agent's timeout).", metavar="SECONDS"),
     ] = None,
-    retry_delay: Annotated[float, typer.Option(help="Base seconds between task retries.")] = 10.0,
+    retry_delay: Annotated[float, typer.Option(help="Base seconds between task retries.", metavar="SECONDS")] = 10.0,
     result_storage: Annotated[
         str | None,
-        typer.Option(help="Prefect filesystem block slug for results (default: .toka/results in the workspace)."),
+        typer.Option(help="Prefect filesystem block slug for results (default: .toka/results in the workspace).",
+                     metavar="SLUG"),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per model response.")] = 4096,
-    temperature: Annotated[float | None, typer.Option(min=0, max=1, help="Sampling temperature.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per model response.", metavar="N")] = 4096,
+    temperature: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Sampling temperature.", metavar="NUMBER")
+    ] = None,
     max_attempts: Annotated[
-        int, typer.Option(min=1, max=20, help="HTTP attempts per model request (transient failures).")
+        int, typer.Option(min=1, max=20, help="HTTP attempts per model request (transient failures).", metavar="N")
     ] = 5,
-    max_retry_wait: Annotated[float, typer.Option(help="Seconds of waiting between attempts, in all.")] = 120.0,
+    max_retry_wait: Annotated[
+        float, typer.Option(help="Seconds of waiting between attempts, in all.", metavar="SECONDS")
+    ] = 120.0,
     api_key_secret: Annotated[
-        str | None, typer.Option(help="Prefect Secret block holding the Anthropic API key.")
+        str | None, typer.Option(help="Prefect Secret block holding the Anthropic API key.", metavar="SLUG")
     ] = None,
     requests_per_minute: Annotated[
-        int | None, typer.Option(min=1, help="Shared request rate (a Prefect global limit; see toka limits).")
+        int | None,
+        typer.Option(min=1, help="Shared request rate (a Prefect global limit; see toka limits).", metavar="N"),
     ] = None,
     concurrent_requests: Annotated[
-        int | None, typer.Option(min=1, help="Shared concurrent requests (a Prefect global limit).")
+        int | None, typer.Option(min=1, help="Shared concurrent requests (a Prefect global limit).", metavar="N")
     ] = None,
     in_process_requests: Annotated[
-        int | None, typer.Option(min=1, help="Concurrent model requests from this process.")
+        int | None, typer.Option(min=1, help="Concurrent model requests from this process.", metavar="N")
     ] = None,
-    task_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one task may spend.")] = None,
-    agent_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one agent may spend.")] = None,
-    pipeline_budget: Annotated[int | None, typer.Option(min=1, help="Tokens the whole run may spend.")] = None,
+    task_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one task may spend.", metavar="TOKENS")] = None,
+    agent_budget: Annotated[
+        int | None, typer.Option(min=1, help="Tokens one agent may spend.", metavar="TOKENS")
+    ] = None,
+    pipeline_budget: Annotated[
+        int | None, typer.Option(min=1, help="Tokens the whole run may spend.", metavar="TOKENS")
+    ] = None,
     allow_unsandboxed: Annotated[
         bool, typer.Option("--allow-unsandboxed", help="Let agents whose spec says sandbox: false run commands.")
     ] = False,
     approve: Annotated[
         list[str] | None,
-        typer.Option("--approve", help="Approve a use in advance: network-access, git-push, write-outside-paths."),
+        typer.Option("--approve", help="Approve a use in advance: network-access, git-push, write-outside-paths.",
+                     metavar="KEY"),
     ] = None,
-    deny: Annotated[list[str] | None, typer.Option("--deny", help="Deny a use in advance (repeatable).")] = None,
+    deny: Annotated[
+        list[str] | None, typer.Option("--deny", help="Deny a use in advance (repeatable).", metavar="KEY")
+    ] = None,
     needs_approval: Annotated[
         list[str] | None,
         typer.Option("--needs-approval", help="Uses that need approval, replacing the default set "
-                     "(network-access, git-push, write-outside-paths); 'none' for none (repeatable)."),
+                     "(network-access, git-push, write-outside-paths); 'none' for none (repeatable).",
+                     metavar="KEY"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
 ) -> None:
@@ -306,6 +383,7 @@ def run(
         options.update(approve=approve_list, deny=deny_list)
         if json_file is not None:
             _check_writable(json_file)
+        space.make_state_dir()
         record.save(space.state_dir)
     err.print(describe_choice(chosen))
     verb = "resuming run" if resume else "run"
@@ -314,9 +392,10 @@ def run(
     _prefect_environment(verbose=verbose)
     from .lifecycle import RunGuard, Stopped
 
-    view = _LiveView(plan)
+    # Prefect's log lines (--verbose) go straight to the terminal and would break a live table.
+    view = _LiveView(plan, live=err.is_terminal and not verbose)
     guard = RunGuard(hint=f"continue with: toka run --resume (run {record.run_key})",
-                     write=lambda line: _say_last(view, line))
+                     write=lambda line: _say_last(view, line), notice=lambda line: err.print(escape(line)))
     try:
         with _user_errors(), guard, listen(view.update), view:
             summary = guard.run(_execute(options, results_dir=space.state_dir / "results"))
@@ -339,6 +418,7 @@ def run(
         err.print(f"[red]error:[/red] {escape(fatal)}")
     if json_file is not None:
         json_file.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    _print_locations(summary, plan, space.state_dir, json_file)
     # completed-with-failures exits 0 as Prefect's Completed does: the failure policy let the agents
     # go on from their medium and low failures; the summary names them.
     raise typer.Exit(EXIT_FAILED if summary.state == "failed" else 0)
@@ -365,6 +445,56 @@ def _checked_config(options: dict[str, Any]) -> RunConfig:
             option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
             problems.append(Problem(f"{option}: {error.get('input')!r}: {error['msg'].lower()}"))
         raise ConfigError(problems) from None
+
+
+def _print_locations(summary: PipelineSummary, plan: Plan, state_dir: Path, json_file: Path | None) -> None:
+    """Where the run's outputs are: its reports (written here, as Markdown), its audit trail, the
+    ``--json`` summary, and the run in the Prefect UI when the server outlives the run."""
+    from .audit import audit_path, run_file_name
+    from .report import agent_markdown, pipeline_markdown
+
+    name = run_file_name(summary.run_key)
+    folder = state_dir / "reports" / (name if name.strip(".") else name.replace(".", "_"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pipeline.md").write_text(pipeline_markdown(summary, plan.graph), encoding="utf-8")
+        for report in summary.agents:
+            (folder / f"{report.agent}.md").write_text(agent_markdown(report, model=summary.model),
+                                                       encoding="utf-8")
+        out.print(f"reports:     {escape(_shown(folder))}/ (pipeline.md, and <agent>.md for each agent)")
+    except OSError as e:
+        err.print(f"[yellow]warning:[/yellow] the reports could not be written to {escape(_shown(folder))}: "
+                  f"{escape(e.strerror or str(e))}")
+    trail = audit_path(state_dir, summary.run_key)
+    if trail.is_file():
+        out.print(f"audit trail: {escape(_shown(trail))} (toka audit --run {escape(summary.run_key)})")
+    else:
+        out.print("audit trail: none (no tool calls)")
+    if json_file is not None:
+        out.print(f"summary:     {escape(str(json_file))}")
+    url = _ui_url(summary.flow_run_id)
+    if url:
+        out.print(f"Prefect UI:  {escape(url)}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _ui_url(flow_run_id: str | None) -> str | None:
+    """The run's page in the Prefect UI, when a server that outlives ``toka run`` holds it."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    api_url = settings.api.url  # None: the embedded server, gone with the run
+    if not api_url or not flow_run_id:
+        return None
+    base = settings.ui_url or api_url.rstrip("/").removesuffix("/api")
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _check_writable(path: Path) -> None:
@@ -411,7 +541,7 @@ def _settle_approvals(plan: Plan, approve: list[str], deny: list[str],
     return approve, deny
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor() -> None:
     """Show which mechanism enforces each resource limit on this host."""
     from .sandbox import detect_host
@@ -430,39 +560,54 @@ def doctor() -> None:
         out.print(f"  {label:<22} {shown}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def audit(
-    run_id: Annotated[str | None, typer.Option("--run", help="Run key (default: the last run here).")] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's tool calls.")] = None,
-    workspace: Annotated[Path, typer.Option(help="Workspace whose audit trail to read.")] = Path("."),
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Run key (default: the last run here).", metavar="KEY")
+    ] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's tool calls.", metavar="NAME")] = None,
+    workspace: Annotated[Path, typer.Option(help="Workspace whose audit trail to read.", metavar="DIR")] = Path("."),
     all_runs: Annotated[bool, typer.Option("--all", help="Every recorded run.")] = False,
 ) -> None:
     """Print the tool-call audit trail as a table."""
-    from rich.table import Table
-
-    from .audit import read_audit
+    from .audit import audit_records
 
     with _user_errors():
         space = Workspace(workspace)
-        key = None if all_runs else (run_id or RunRecord.load_last(space.state_dir).run_key)
-    rows = list(read_audit(space.state_dir, run=key, agent=agent))
-    table = Table(title=f"audit: run {key or 'all'}" + (f", agent {agent}" if agent else ""), title_justify="left")
+        try:
+            last: str | None = RunRecord.load_last(space.state_dir).run_key
+        except ConfigError:
+            if not (all_runs or run_id) and RunRecord.path(space.state_dir).exists():
+                raise  # the record is unreadable: say so
+            last = None
+        if all_runs or run_id:
+            key = None if all_runs else run_id
+        elif last is not None:
+            key = last
+        else:
+            raise ConfigError(f"no run is recorded in {space.state_dir}: name one with --run KEY, or use --all")
+        # The last run may have made no tool calls; another run must have a trail to be known.
+        rows = audit_records(space.state_dir, run=key, agent=agent, check_run=key != last)
+    title = f"audit: run {key or 'all'}" + (f", agent {agent}" if agent else "")
+    table = Table(title=escape(title), title_justify="left")
     for column in ("time", "agent", "task", "tool", "decision", "arguments", "exit", "duration", "note"):
         table.add_column(column, overflow="fold")
     for r in rows:
         args = json.dumps(r.get("arguments", {}), ensure_ascii=False)
-        table.add_row(r["ts"][11:23], str(r.get("agent", "")), str(r.get("task", "")), str(r.get("tool", "")),
-                      str(r.get("decision", "")), escape(args[:80]),
+        table.add_row(r["ts"][11:23], escape(str(r.get("agent", ""))), str(r.get("task", "")),
+                      escape(str(r.get("tool", ""))), str(r.get("decision", "")), escape(args[:80]),
                       "" if r.get("exit_code") is None else str(r["exit_code"]),
-                      f"{r.get('duration_s', 0):.2f}s", escape(str(r.get("reason") or ""))[:80])
-    out.print(table)
+                      f"{r.get('duration_s', 0):.2f}s", escape(_one_line(str(r.get("reason") or ""))[:80]))
+    _print_table(table)
     out.print(f"{len(rows)} tool calls, {sum(r.get('decision') == 'refused' for r in rows)} refused")
 
 
-@app.command()
+@app.command(cls=_Command)
 def deployments(
     paths: PathsArg = None,
-    prefect_yaml: Annotated[Path, typer.Option("--prefect-yaml", help="The file to update.")] = Path("prefect.yaml"),
+    prefect_yaml: Annotated[
+        Path, typer.Option("--prefect-yaml", help="The file to update.", metavar="FILE")
+    ] = Path("prefect.yaml"),
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if prefect.yaml is out of date; write nothing.")] = False,
 ) -> None:
     """Regenerate the per-agent deployments of prefect.yaml from the specs (the one source of truth)."""
@@ -480,14 +625,16 @@ def deployments(
 
 
 limits_app = typer.Typer(help="Model request limits shared by every worker (Prefect global concurrency limits).",
-                         no_args_is_help=True)
+                         no_args_is_help=True, cls=_Group)
 app.add_typer(limits_app, name="limits")
 
-RpmOpt = Annotated[int | None, typer.Option(min=1, help="Model requests per minute, across all workers.")]
-ConcOpt = Annotated[int | None, typer.Option(min=1, help="Model requests in flight at once, across all workers.")]
+RpmOpt = Annotated[int | None, typer.Option(min=1, help="Model requests per minute, across all workers.", metavar="N")]
+ConcOpt = Annotated[
+    int | None, typer.Option(min=1, help="Model requests in flight at once, across all workers.", metavar="N")
+]
 
 
-@limits_app.command("apply")
+@limits_app.command("apply", cls=_Command)
 def limits_apply(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOpt = None) -> None:
     """Create or update the limits on the Prefect server (PREFECT_API_URL)."""
     settings = LimitSettings(requests_per_minute, concurrent_requests)
@@ -501,7 +648,7 @@ def limits_apply(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOp
         out.print(line)
 
 
-@limits_app.command("check")
+@limits_app.command("check", cls=_Command)
 def limits_check(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOpt = None) -> None:
     """Exit 1 if limits a run would use are missing on the Prefect server."""
     settings = LimitSettings(requests_per_minute, concurrent_requests)
@@ -525,6 +672,9 @@ def _prefect_environment(*, verbose: bool) -> None:
         # Failures are reported by our own summary; Prefect's console copies (with
         # tracebacks) only bury it. The API handler still ships every log to the UI.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    # Prefect's client prints a telemetry notice on a first run in a terminal (possibly over the
+    # live table) that asks for PREFECT_SERVER_ANALYTICS_ENABLED=false, which is set above.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def _say_last(view: _LiveView, line: str) -> None:
@@ -574,7 +724,7 @@ _STATE_STYLE = {"completed": "green", "completed-with-failures": "yellow", "cach
 class _LiveView:
     """Agents, their current task and done/total, live on a terminal; plain lines otherwise."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, *, live: bool) -> None:
         from rich.live import Live
 
         self.order = plan.order
@@ -582,7 +732,7 @@ class _LiveView:
                             "total": len(plan.graph.agents[name].tasks.default), "task": ""}
                      for name in self.order}
         self.live: Live | None = Live(self._table(), console=err, refresh_per_second=8,
-                                      transient=True) if err.is_terminal else None
+                                      transient=True) if live else None
 
     def __enter__(self) -> _LiveView:
         if self.live:
@@ -618,8 +768,6 @@ class _LiveView:
             self.live.update(self._table())
 
     def _table(self) -> Any:
-        from rich.table import Table
-
         table = Table(box=None, pad_edge=False)
         for column in ("agent", "state", "tasks", "current"):
             table.add_column(column)
@@ -631,13 +779,30 @@ class _LiveView:
         return table
 
 
-def _print_summary(summary: PipelineSummary) -> None:
-    from rich.table import Table
+def _print_table(table: Table) -> None:
+    """A table on stdout: fitted to a terminal; elsewhere (a pipe, a file, cron) one line per row
+    with every cell whole, where rich would wrap or cut cells at 80 columns."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    title, table.title = table.title, None  # a title wraps at the table's width
+    if title:
+        out.print(title)
+    for column in table.columns:
+        column.no_wrap = True
+    width = out.measure(table, options=out.options.update_width(1_000_000)).maximum
+    Console(file=out.file, width=width, color_system=out.color_system, highlight=False, emoji=False).print(table)
 
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _print_summary(summary: PipelineSummary) -> None:
     from .redact import redact, secret_values
 
     secrets = secret_values()
-    table = Table(title=f"run {summary.run_key}: {summary.state}", title_justify="left")
+    table = Table(title=escape(f"run {summary.run_key}: {summary.state}"), title_justify="left")
     for column in ("agent", "state", "done", "failed", "not run", "duration", "tokens", "note"):
         table.add_column(column)
     for a in summary.agents:
@@ -645,9 +810,9 @@ def _print_summary(summary: PipelineSummary) -> None:
         table.add_row(
             a.agent, f"[{style}]{a.state}[/]", str(a.count("completed", "cached")),
             str(a.count("failed")), str(a.count("not-run")), f"{a.duration_s:.1f}s",
-            str(a.usage.total_tokens), escape(redact(a.reason or "", secrets)),
+            str(a.usage.total_tokens), escape(_one_line(redact(a.reason or "", secrets))),
         )
-    out.print(table)
+    _print_table(table)
     usage = summary.usage
     cached = sum(a.count("cached") for a in summary.agents)
     label = " (offline model: placeholder results)" if summary.offline else ""

@@ -55,6 +55,9 @@ GRACE_SECONDS = 20.0
 """How long a stopped run may take to wind down (Prefect records its states) and exit."""
 API_GONE_GRACE_SECONDS = 5.0
 """The same once the API is dead: winding down then only retries that API."""
+SERVER_START_HINT = "10-30 s the first time"
+"""How long the embedded server takes to start: 6-12 s measured here, up to 30 s on a first
+start (database migrations) on a busy machine."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -118,11 +121,14 @@ class RunGuard:
         hint: what the user does next, appended to the one line that says why the run stopped.
         write: prints that line (called at most once, possibly from another thread just
             before the process ends).
+        notice: prints what the person waits for before the run starts (the embedded server).
     """
 
-    def __init__(self, *, hint: str, write: Callable[[str], None]) -> None:
+    def __init__(self, *, hint: str, write: Callable[[str], None],
+                 notice: Callable[[str], None] | None = None) -> None:
         self._hint = hint
         self._write = write
+        self._notice = notice
         self._lock = threading.Lock()
         self._closed = False
         self._announced = False
@@ -141,6 +147,8 @@ class RunGuard:
         api_url = settings.api.url
         if not api_url and settings.server.ephemeral.enabled:  # as Prefect's get_client() decides
             self._server = _EmbeddedServer()
+            if self._notice is not None:  # else 10-30 s of silence look like a hang
+                self._notice(f"starting Prefect's embedded server ({SERVER_START_HINT})...")
             try:
                 self._server.start()
             except BaseException:

@@ -13,13 +13,22 @@ __all__ = ["STATE_DIR_NAME", "PathRefused", "Workspace"]
 #: Where toka keeps run records, results and audit logs inside a workspace.
 STATE_DIR_NAME = ".toka"
 
+# "*" matches the .gitignore itself too: git shows nothing of the state directory, and the
+# person's own .gitignore is never edited.
+_GITIGNORE = "# written by toka: its run state is not part of the repository\n*\n"
+
 
 class PathRefused(ToolError):
     """A tool was asked for a path outside what the workspace allows; the model is told why."""
 
 
 class Workspace:
-    """A root directory; :meth:`resolve` maps model-supplied paths into it or refuses them."""
+    """A root directory; :meth:`resolve` maps model-supplied paths into it or refuses them.
+
+    The state directory (``.toka``) holds a ``.gitignore`` of ``*``, so it never shows up as
+    untracked in the workspace's repository: :meth:`make_state_dir` writes it, and a ``.toka``
+    found without one (made by an older toka, or by a Prefect worker's first task) gets it here.
+    """
 
     def __init__(self, root: str | Path, *, state_dir: str | Path | None = None) -> None:
         root = Path(root)
@@ -27,6 +36,25 @@ class Workspace:
             raise ConfigError(f"workspace {str(root)!r} is not a directory")
         self.root = root.resolve()
         self.state_dir = (Path(state_dir) if state_dir else self.root / STATE_DIR_NAME).resolve()
+        if self.state_dir.name == STATE_DIR_NAME and self.state_dir.is_dir():
+            self._keep_out_of_git()
+
+    def make_state_dir(self) -> Path:
+        """Create the state directory (if needed), kept out of git; return it."""
+        created = not self.state_dir.exists()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # A state directory named by the caller may be a folder of theirs: only ours is ignored.
+        if created or self.state_dir.name == STATE_DIR_NAME:
+            self._keep_out_of_git()
+        return self.state_dir
+
+    def _keep_out_of_git(self) -> None:
+        ignore = self.state_dir / ".gitignore"
+        try:
+            if not ignore.exists():
+                ignore.write_text(_GITIGNORE, encoding="utf-8")
+        except OSError:  # read-only here (another user's workspace, inside a sandbox): nothing to fix
+            pass
 
     def resolve(self, path: str, *, kind: str = "any") -> Path:
         """The real path of workspace-relative ``path``.
