@@ -25,7 +25,7 @@ from prefect.states import State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
-from toka.audit import AuditLog
+from toka.audit import AuditLog, audit_path
 from toka.budget import Ledger, current_agent_budget, current_ledger
 from toka.policy import AgentPolicy
 from toka.capabilities import grant_tools
@@ -106,10 +106,6 @@ def is_retryable(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
     return isinstance(exc, (TimeoutError, asyncio.TimeoutError))
 
 
-def _safe(run_key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)
-
-
 def _mirror_as_event(record: dict[str, Any]) -> None:
     """Each audit record is also a Prefect event (already redacted)."""
     emit_event(
@@ -171,8 +167,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         spec, allow_unsandboxed=run.allow_unsandboxed, needs_approval=frozenset(run.needs_approval),
         approvals=frozenset(run.approve), denials=frozenset(run.deny),
     )
-    audit = AuditLog(workspace.state_dir / "audit" / f"{_safe(run.run_key)}.jsonl", run=run.run_key,
-                     on_record=_mirror_as_event)
+    workspace.make_state_dir()  # on a worker too: .toka ignores itself before anything is written
+    audit = AuditLog(audit_path(workspace.state_dir, run.run_key), run=run.run_key, on_record=_mirror_as_event)
     ctx = ToolContext(workspace=workspace, agent=spec.name, task=step.index, policy=policy, audit=audit)
     toolbox = Toolbox(granted, ctx, withheld=withheld)
     upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}

@@ -22,7 +22,7 @@ __all__ = ["AuditLog", "audit_path", "audit_records", "read_audit", "run_file_na
 
 
 def run_file_name(run: str) -> str:
-    """``run`` as a file name: characters unfit for one become ``_`` (as tasks/llm_step.py names the log)."""
+    """``run`` as a file name: characters unfit for one become ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
 
 
