@@ -118,14 +118,20 @@ class TestGitControlFilesInTheSandbox:
         person_uses_git(agent.root, mark)
 
 
+def unsandboxed_repo(make_agent: MakeAgent) -> Agent:
+    """An agent whose spec says ``sandbox: false`` (allowed by the run), in a git repository."""
+    agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    return agent
+
+
 class TestGitControlFilesWithoutTheSandbox:
     """``sandbox: false`` (allowed by the run): the check after the command is the only layer."""
 
     def test_planted_hooks_and_config_are_undone_and_the_run_stops(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:
-        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
-        _git_repo(agent.root)
+        agent = unsandboxed_repo(make_agent)
         config_before = (agent.root / ".git" / "config").read_bytes()
         mark = tmp_path / "host-ran-it"
         with pytest.raises(SandboxViolation) as caught:
@@ -143,8 +149,7 @@ class TestGitControlFilesWithoutTheSandbox:
     def test_a_command_cut_short_by_the_task_timeout_is_still_checked(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:
-        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
-        _git_repo(agent.root)
+        agent = unsandboxed_repo(make_agent)
         mark = tmp_path / "host-ran-it"
         slow = agent.script("slow.sh", f"#!/bin/sh\nprintf '#!/bin/sh\\necho x >> {mark}\\n' > .git/hooks/post-checkout\n"
                                        "chmod +x .git/hooks/post-checkout\nsleep 30\n")
@@ -160,8 +165,7 @@ class TestGitControlFilesWithoutTheSandbox:
     def test_a_nested_repository_may_hold_only_what_git_init_writes(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:
-        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
-        _git_repo(agent.root)
+        agent = unsandboxed_repo(make_agent)
         fine = agent.script("fine.sh", "#!/bin/sh\nmkdir -p sub && cd sub && git init -q && echo ok\n")
         assert "ok" in agent.run(fine).text
         mark = tmp_path / "host-ran-it"
@@ -172,8 +176,7 @@ class TestGitControlFilesWithoutTheSandbox:
         person_uses_git(agent.root / "sub", mark)
 
     def test_a_rebase_todo_with_exec_lines_is_removed(self, make_agent: MakeAgent, tmp_path: Path) -> None:
-        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
-        _git_repo(agent.root)
+        agent = unsandboxed_repo(make_agent)
         mark = tmp_path / "host-ran-it"
         todo = agent.script("todo.sh", f"#!/bin/sh\nmkdir -p .git/rebase-merge\n"
                                        f"echo 'exec echo x >> {mark}' > .git/rebase-merge/git-rebase-todo\n")
