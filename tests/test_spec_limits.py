@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -373,27 +371,34 @@ def test_a_remembered_spec_does_not_let_an_edited_bad_file_through(tmp_path: Pat
 ADDRESS_SPACE = 1 << 30
 
 
+# Linux keeps a process's peak resident size across exec, starting from its parent's at fork:
+# a child of a busy pytest (300 MB) would report that. A small fresh interpreter starts the
+# command instead, applies the address-space cap, and reports the command's own peak.
+_MEASURE = """
+import os, resource, signal, subprocess, sys, threading
+limit, timeout, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+proc = subprocess.Popen(sys.argv[4:], preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+killer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
+killer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+killer.cancel()
+open(out, "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def toka(*args: str | Path, cwd: Path, timeout: float = 60) -> tuple[int, str, float, float]:
     """Run the real ``toka`` under RLIMIT_AS; its exit code, stderr, wall seconds and peak RSS in MB."""
-
-    err = cwd / "stderr.txt"
+    err, peak = cwd / "stderr.txt", cwd / "peak.txt"
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "TOKA_MODEL": "offline"}
     start = time.monotonic()
     with err.open("w") as stderr:
-        # prlimit, not a preexec_fn: a forked child keeps the test process's resident size as
-        # its peak across exec (a busy pytest is 300 MB); a spawned one starts from nothing.
-        proc = subprocess.Popen(["prlimit", f"--as={ADDRESS_SPACE}", "--", TOKA, *map(str, args)], cwd=cwd,
-                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-    killer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
-    killer.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MEASURE, str(ADDRESS_SPACE), str(timeout),
+                               str(peak), TOKA, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=stderr, timeout=timeout + 30)
     text = err.read_text()
     assert "\U0001f4af" not in text  # ':100:' once rendered as an emoji: 'x.yaml💯 field: ...'
-    return proc.returncode, text, time.monotonic() - start, usage.ru_maxrss / 1024
+    return done.returncode, text, time.monotonic() - start, int(peak.read_text()) / 1024
 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "run"])
