@@ -192,8 +192,8 @@ def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, _ in os.walk(root):
-        if "HEAD" in os.listdir(dirpath) and "objects" in dirnames:
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "HEAD" in filenames and "objects" in dirnames:
             yield Path(dirpath)
             dirnames[:] = [d for d in dirnames if d == "modules"]
 
