@@ -5,7 +5,7 @@ Runs the nine Toka specs (``tests/data/toka-specs``) with a fake model of
 fixed latency (``--latency`` seconds per request, one request per task: the
 model sleeps, then submits a completed result), in one process, two ways:
 
-(a) toka: ``flows.pipeline.pipeline`` (what ``toka run`` runs), the fake model
+(a) toka: ``toka.pipeline.pipeline_flow`` (what ``toka run`` runs), the fake model
     installed with ``toka.model.override_model``, a fresh run key per round
     (nothing cached), ``retry_delay_seconds=0``;
 (b) hand-written: the floor, a minimal Prefect 3 equivalent of the same DAG:
@@ -113,7 +113,8 @@ import prefect  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.pipeline import pipeline  # noqa: E402
+from toka.config import grouped  # noqa: E402
+from toka.pipeline import pipeline_flow  # noqa: E402
 from toka.graph import AgentGraph  # noqa: E402
 from toka.model import ModelRequest, ModelResponse, override_model  # noqa: E402
 from toka.plan import make_plan  # noqa: E402
@@ -250,10 +251,10 @@ class Bench:
         RETRIES.take()
         t0 = time.perf_counter()
         with override_model(self.model), listen(_on_progress):
-            state = await pipeline(
-                specs=[str(SPECS_DIR)], model="offline", workspace=str(self.workspace),
-                max_concurrency=self.args.max_concurrency, run_key=run_key,
-                retry_delay_seconds=0, return_state=True,
+            state = await pipeline_flow(
+                specs=[str(SPECS_DIR)], return_state=True, **grouped({
+                    "model": "offline", "workspace": str(self.workspace), "run_key": run_key,
+                    "max_concurrency": self.args.max_concurrency, "retry_delay_seconds": 0}),
             )
         wall = time.perf_counter() - t0
         run = Run(wall, [(t - t0, *rest) for t, *rest in _marks], *RETRIES.take())

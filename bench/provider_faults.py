@@ -2,7 +2,7 @@
 """What provider faults and prompt caching do to a real-SDK run of the nine Toka specs.
 
 Runs the nine Toka specs (``tests/data/toka-specs``) through
-``flows.pipeline.pipeline`` (what ``toka run`` runs) with the real Anthropic
+``toka.pipeline.pipeline_flow`` (what ``toka run`` runs) with the real Anthropic
 provider (``toka.claude.AnthropicModel``, the official SDK) against the
 loopback Messages API server of the test suite (``tests/anthropic_server.py``:
 a real HTTP socket on 127.0.0.1, its default scripted agent answering
@@ -106,7 +106,8 @@ _t0 = time.perf_counter()
 import anthropic  # noqa: E402
 import prefect  # noqa: E402
 
-from flows.pipeline import pipeline  # noqa: E402
+from toka.config import grouped  # noqa: E402
+from toka.pipeline import pipeline_flow  # noqa: E402
 from tests.anthropic_server import AnthropicServer, Fault, Recorded  # noqa: E402
 from toka.claude import AnthropicModel, default_model  # noqa: E402
 from toka.graph import AgentGraph  # noqa: E402
@@ -220,11 +221,11 @@ class Bench:
             )
             t0 = time.perf_counter()
             with override_model(model) if model is not None else nullcontext():
-                state = await pipeline(
-                    specs=[str(SPECS_DIR)], workspace=str(workspace), run_key=f"bench-faults-{uuid.uuid4().hex}",
-                    max_concurrency=args.max_concurrency, max_attempts=args.max_attempts,
-                    max_retry_wait=args.max_retry_wait, retry_delay_seconds=0, return_state=True,
-                )
+                state = await pipeline_flow(specs=[str(SPECS_DIR)], return_state=True, **grouped({
+                    "workspace": str(workspace), "run_key": f"bench-faults-{uuid.uuid4().hex}",
+                    "max_concurrency": args.max_concurrency, "max_attempts": args.max_attempts,
+                    "max_retry_wait": args.max_retry_wait, "retry_delay_seconds": 0,
+                }))
             wall = time.perf_counter() - t0
             outcome = await state.aresult(raise_on_failure=False)
             requests = list(server.requests)

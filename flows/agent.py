@@ -7,26 +7,23 @@
 * ``agent_runner`` (flow ``toka-agent-runner``): exactly ONE agent, given the
   results of its dependencies. A pipeline in distributed mode starts one run of
   this deployment per agent (``run_deployment``) instead of a subflow, so agents
-  spread over every worker of the pool; the run returns the agent's report,
-  which the pipeline reads from result storage.
+  spread over every worker of the pool; the run's result is an
+  ``AgentRunOutcome``, which the pipeline reads from result storage.
+
+Both are thin flows over :mod:`toka.pipeline`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field
-from prefect import flow, tags
+from prefect import flow
 from prefect.states import State
 
-from flows.compiler import agent_tags, compile_agent, failed, finished, run_name
-from flows.pipeline import Mode, NeedsApproval, pipeline
-from toka.budget import Ledger, use_ledger
-from toka.config import RunConfig
-from toka.deployments import AGENT_RUNNER_DEPLOYMENT, AgentRunOutcome
-from toka.errors import AgentFailedError, ConfigError, TokaError, UnknownAgentError
-from toka.plan import make_plan
-from toka.results import AgentReport, PipelineSummary
+from toka.compiler import run_name
+from toka.config import Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
+from toka.pipeline import DEFAULT_SPECS, run_one_agent, run_pipeline
+from toka.results import AgentRunOutcome, PipelineSummary
 
 __all__ = ["agent", "agent_runner"]
 
@@ -45,74 +42,26 @@ def _agent_run_name() -> str:
 )
 async def agent(
     agent: str,
-    specs: list[str] = ["agent_specs"],  # noqa: B006 - Prefect shows defaults in the UI form
-    model: str = "auto",
-    workspace: str = ".",
-    max_concurrency: Annotated[int, Field(ge=1)] = 4,
-    contexts: list[str] = [],  # noqa: B006
-    run_key: str | None = None,
-    max_turns: Annotated[int, Field(ge=1)] = 20,
-    request_timeout: Annotated[float, Field(gt=0)] = 600.0,
-    task_timeout: Annotated[float | None, Field(gt=0)] = None,
-    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10.0,
-    result_storage: str | None = None,
-    api_key_secret: str | None = None,
-    requests_per_minute: int | None = None,
-    concurrent_requests: int | None = None,
-    task_token_budget: int | None = None,
-    agent_token_budget: int | None = None,
-    pipeline_token_budget: int | None = None,
-    allow_unsandboxed: bool = False,
-    approve: list[str] = [],  # noqa: B006
-    deny: list[str] = [],  # noqa: B006
-    approval_timeout: Annotated[float, Field(gt=0)] = 3600.0,
-    needs_approval: list[NeedsApproval] | None = None,
-    mode: Mode = "in-process",
-    agent_deployment: str = AGENT_RUNNER_DEPLOYMENT,
+    specs: list[str] = DEFAULT_SPECS,
+    run: RunOptions = RunOptions(),
+    provider: ProviderSettings = ProviderSettings(),
+    limits: Limits = Limits(),
+    budgets: Budgets = Budgets(),
+    approvals: Approvals = Approvals(),
 ) -> PipelineSummary | State[PipelineSummary]:
     """Run one agent and the agents it requires, in dependency order.
 
     Args:
         agent: The agent to run (its `metadata.name`); its required dependencies run first.
         specs: Spec files or directories, relative to the working directory.
-        model: 'auto' (Anthropic when ANTHROPIC_API_KEY is set, else offline), 'offline', or a model id.
-        workspace: Directory the agents work in.
-        max_concurrency: Most agents running at once.
-        contexts: Switch on these contexts: their conditional tasks run too.
-        run_key: Tasks finished under this key are not redone. Empty: this flow run's id, so a retry
-            of this run resumes it while a new run starts fresh.
-        max_turns: Model requests per task attempt.
-        request_timeout: Seconds one model request may take.
-        task_timeout: Seconds one task attempt may take (empty: the agent's timeout).
-        retry_delay_seconds: Base delay between task retries.
-        result_storage: A Prefect filesystem block slug for results shared between workers
-            (empty: the local results directory).
-        api_key_secret: Name of a Prefect Secret block holding the Anthropic API key.
-        requests_per_minute: Shared model request rate (needs `toka limits apply`).
-        concurrent_requests: Shared concurrent model requests (needs `toka limits apply`).
-        task_token_budget: Tokens one task may spend (overrides the specs' budget blocks).
-        agent_token_budget: Tokens one agent may spend (overrides the specs' budget blocks).
-        pipeline_token_budget: Tokens the whole run may spend.
-        allow_unsandboxed: Let agents whose spec says `sandbox: false` run commands unsandboxed.
-        approve: Capabilities approved in advance (no pause for approval).
-        deny: Capabilities denied in advance.
-        approval_timeout: Seconds to wait for a person to approve in the UI; then it is a denial.
-        needs_approval: Uses that pause for approval (empty: network-access, git-push and
-            write-outside-paths; [] for none).
-        mode: 'in-process' (agents are subflows) or 'distributed' (agents are agent-runner runs).
-        agent_deployment: The agent-runner deployment used in distributed mode.
+        run: Which run (its key), the workspace, contexts, how many agents at once, result storage
+            and the mode (in-process or distributed).
+        provider: The model ('auto', 'offline' or a model id) and how it is called.
+        limits: Turns, timeouts and retry delays of one task.
+        budgets: Token budgets per task, agent and run.
+        approvals: Uses that need approval, approved or denied in advance, and the sandbox.
     """
-    return await pipeline.fn(
-        specs=specs, agents=[agent], model=model, workspace=workspace, max_concurrency=max_concurrency,
-        contexts=contexts, run_key=run_key, max_turns=max_turns, request_timeout=request_timeout,
-        task_timeout=task_timeout, retry_delay_seconds=retry_delay_seconds, result_storage=result_storage,
-        api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
-        concurrent_requests=concurrent_requests, task_token_budget=task_token_budget,
-        agent_token_budget=agent_token_budget, pipeline_token_budget=pipeline_token_budget,
-        allow_unsandboxed=allow_unsandboxed, approve=approve, deny=deny, approval_timeout=approval_timeout,
-        needs_approval=needs_approval,
-        mode=mode, agent_deployment=agent_deployment,
-    )
+    return await run_pipeline(specs, [agent], run, provider, limits, budgets, approvals)
 
 
 @flow(
@@ -123,7 +72,7 @@ async def agent(
 async def agent_runner(
     agent: str,
     run: RunConfig,
-    specs: list[str] = ["agent_specs"],  # noqa: B006
+    specs: list[str] = DEFAULT_SPECS,
     spec_digest: str | None = None,
     upstream: dict[str, dict[str, Any]] = {},  # noqa: B006
     pipeline_spent: int = 0,
@@ -132,39 +81,10 @@ async def agent_runner(
 
     Args:
         agent: The agent to run (its `metadata.name`).
-        run: The pipeline's run settings (run key, model, workspace, limits, budgets).
+        run: The pipeline's resolved run settings (run key, model, workspace, limits, budgets).
         specs: Spec files or directories, relative to the working directory.
         spec_digest: The agent spec's digest as the pipeline saw it; a different spec here is an error.
         upstream: Results of the agent's dependencies, as the pipeline passes them.
         pipeline_spent: Tokens the pipeline had spent when this agent started (for its budget).
     """
-    try:
-        graph = make_plan(specs).graph
-        spec = graph.agents.get(agent)
-        if spec is None:
-            raise UnknownAgentError(f"no agent named {agent!r} in {', '.join(specs)}")
-        if spec_digest and spec.digest() != spec_digest:
-            raise ConfigError(
-                f"the spec of {agent!r} differs from the one the pipeline started with (digest "
-                f"{spec.digest()} here, {spec_digest} there): every worker needs the same checkout"
-            )
-    except TokaError as e:  # one line in the UI, not a traceback
-        return failed(e)
-    with use_ledger(Ledger("pipeline", run.pipeline_token_budget, scope="pipeline", spent=pipeline_spent)) as ledger:
-        with tags(*agent_tags(spec)):
-            state = await compile_agent(spec)(run=run, upstream=upstream, return_state=True)
-        outcome = await state.aresult(raise_on_failure=False)
-    charged, spent = ledger.charged, ledger.spent - pipeline_spent
-    if state.is_completed() and isinstance(outcome, AgentReport):
-        # Named like the agent's own flow run when some of its tasks failed.
-        failures = outcome.reason if outcome.state == "completed-with-failures" else None
-        return finished(AgentRunOutcome(report=outcome, charged=charged, spent=spent), failures=failures)
-    if not isinstance(outcome, BaseException):
-        outcome = AgentFailedError(f"{agent}: {state.message or state.name}")
-    # The pipeline reads this run's result: the agent's own exception (its report, a timeout, ...)
-    # with what the agent charged attached (exception attributes survive pickling).
-    outcome.toka_charged = charged  # type: ignore[attr-defined]
-    outcome.toka_spent = spent  # type: ignore[attr-defined]
-    if isinstance(outcome, TokaError):
-        return failed(outcome)  # raised, Prefect would log its repr: an AgentFailedError's holds the report
-    raise outcome
+    return await run_one_agent(agent, run, specs, spec_digest, upstream, pipeline_spent)

@@ -77,12 +77,14 @@ async def run_pipeline(folder: Path, *, run_key: str, **options: Any) -> tuple[A
     Returns its final state and summary, also when the run failed.
     """
     from flows.pipeline import pipeline
+    from toka.config import grouped
     from toka.errors import PipelineFailedError
     from toka.results import PipelineSummary
 
-    options = {"retry_delay_seconds": 0, **options}
-    state = await pipeline(specs=[str(folder)], workspace=str(folder), run_key=run_key, return_state=True,
-                           **options)
+    options = {"retry_delay_seconds": 0, "workspace": str(folder), "run_key": run_key, **options}
+    specs = options.pop("specs", [str(folder)])
+    agents = options.pop("agents", [])
+    state = await pipeline(specs=specs, agents=agents, return_state=True, **grouped(options))
     outcome = await state.aresult(raise_on_failure=False)
     summary = outcome.report if isinstance(outcome, PipelineFailedError) else outcome
     assert isinstance(summary, PipelineSummary), outcome

@@ -13,7 +13,7 @@ import pytest
 
 from flows.pipeline import pipeline
 from toka.claude import AnthropicModel, default_model
-from toka.config import RunConfig
+from toka.config import ProviderSettings, RunOptions
 from toka.errors import (
     ModelRetriesExhausted,
     PermanentModelError,
@@ -227,10 +227,10 @@ def test_in_process_cap_limits_concurrency() -> None:
 
 def test_choice_is_announced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    offline = choose_model(RunConfig(run_key="k"))
+    offline = choose_model(ProviderSettings())
     assert describe_choice(offline).startswith("model: offline (no ANTHROPIC_API_KEY set)")
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    online = choose_model(RunConfig(run_key="k"))
+    online = choose_model(ProviderSettings())
     assert online.provider == "anthropic" and online.model == default_model()
     assert describe_choice(online) == f"model: {default_model()} (anthropic, key from ANTHROPIC_API_KEY)"
     assert KEY not in describe_choice(online)
@@ -282,7 +282,7 @@ class TestPipelineOnTheLoopbackServer:
         self, write_specs: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         folder = three_agents(write_specs)
-        max_attempts = RunConfig(run_key="k").max_attempts  # toka's default (5): the documented bound
+        max_attempts = ProviderSettings().max_attempts  # toka's default (5): the documented bound
         with AnthropicServer(fault_rate=0.3, seed=7,
                              fault_mix=[Fault.status(429, retry_after=0.01), Fault.status(529),
                                         Fault.status(500), Fault.drop()]) as server:
@@ -405,8 +405,8 @@ def test_configured_limits_missing_on_the_server_say_so(write_specs: Any, monkey
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
 
         async def go() -> Any:
-            state = await pipeline(specs=[str(folder)], workspace=str(folder), run_key="limits-missing",
-                                   concurrent_requests=2, return_state=True)
+            state = await pipeline(specs=[str(folder)], run=RunOptions(workspace=str(folder), run_key="limits-missing"),
+                                   provider=ProviderSettings(concurrent_requests=2), return_state=True)
             return await state.aresult(raise_on_failure=False)
 
         outcome = asyncio.run(go())
@@ -420,8 +420,9 @@ def test_configured_limits_missing_on_the_server_say_so(write_specs: Any, monkey
         assert any("toka-model-concurrent-requests = 2" in line for line in done)
 
         async def again() -> Any:
-            state = await pipeline(specs=[str(folder)], workspace=str(folder), run_key="limits-there",
-                                   concurrent_requests=2, requests_per_minute=600, return_state=True)
+            state = await pipeline(specs=[str(folder)], run=RunOptions(workspace=str(folder), run_key="limits-there"),
+                                   provider=ProviderSettings(concurrent_requests=2, requests_per_minute=600),
+                                   return_state=True)
             return state
 
         assert asyncio.run(again()).is_completed()

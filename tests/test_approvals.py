@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.flow_runs import aresume_flow_run
 from prefect.states import State
 
-from flows.compiler import compile_agent
+from toka.compiler import compile_agent
 from toka import AgentSpec
 from toka.audit import read_audit
 from toka.config import RunConfig
@@ -100,8 +100,8 @@ async def run_agent(
     run, so a flow that never leaves Paused fails the test instead of hanging it.
     """
     model = writer_model()
-    run = RunConfig(run_key=f"k-{spec.name}", workspace=str(workspace), retry_delay_seconds=0,
-                    pause_for_approval=True, **options)
+    run = RunConfig.from_flat({"run_key": f"k-{spec.name}", "workspace": str(workspace), "retry_delay_seconds": 0,
+                               **options}).model_copy(update={"pause_for_approval": True})
     agent_flow = compile_agent(spec)
 
     async def agent() -> State:

@@ -68,7 +68,7 @@ def test_prefect_yaml_declares_the_documented_deployments() -> None:
     assert pipeline["entrypoint"] == nightly["entrypoint"] == "flows/pipeline.py:pipeline"
     assert nightly["schedules"] == [nightly_schedule] and not pipeline["schedules"]
     for name in ("toka-pipeline", *AGENTS):  # a fresh clone runs with no API key
-        assert deployments[name]["parameters"]["model"] == "offline"
+        assert deployments[name]["parameters"]["provider"]["model"] == "offline"
     assert deployments["distributed"]["entrypoint"] == "flows/agent.py:agent_runner"
     for agent in AGENTS:
         d = deployments[agent]
@@ -87,16 +87,19 @@ def test_entrypoints_are_the_flows_the_deployments_name() -> None:
     from flows.pipeline import pipeline
 
     assert (pipeline.name, agent.name, agent_runner.name) == ("toka-pipeline", "toka-agent", "toka-agent-runner")
-    assert AGENT_RUNNER_DEPLOYMENT == "toka-agent-runner/distributed"
     # Prefect validates parameters against these schemas and shows them as a form in the UI.
     for fl in (pipeline, agent, agent_runner):
         schema = parameter_schema(fl.fn).model_dump_for_openapi()
         missing = [name for name, prop in schema["properties"].items() if not prop.get("description")]
         assert not missing, f"{fl.name}: parameters without a description: {missing}"
-    props = parameter_schema(pipeline.fn).model_dump_for_openapi()["properties"]
-    assert props["mode"]["enum"] == ["in-process", "distributed"]
-    assert props["max_concurrency"]["type"] == "integer" and props["max_concurrency"]["minimum"] == 1
-    assert props["max_attempts"]["maximum"] == 20 and props["task_timeout"]["anyOf"][0]["exclusiveMinimum"] == 0
+    # The run settings are one section (object) each, with their constraints and descriptions.
+    schema = parameter_schema(pipeline.fn).model_dump_for_openapi()
+    groups = {name: schema["definitions"][name] for name in ("RunOptions", "ProviderSettings", "Limits")}
+    run, provider, limits = (g["properties"] for g in groups.values())
+    assert run["mode"]["enum"] == ["in-process", "distributed"]
+    assert run["max_concurrency"]["type"] == "integer" and run["max_concurrency"]["minimum"] == 1
+    assert provider["max_attempts"]["maximum"] == 20 and limits["task_timeout"]["anyOf"][0]["exclusiveMinimum"] == 0
+    assert provider["model"]["description"].startswith("'auto'")
 
 
 def test_process_pool_template_is_the_process_worker_template() -> None:
@@ -329,8 +332,8 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
-def _params(ws: Path, **extra: Any) -> dict[str, Any]:
-    return {"workspace": str(ws), "specs": [str(ws / "agent_specs")], **extra}
+def _params(ws: Path, *, mode: str = "in-process", **extra: Any) -> dict[str, Any]:
+    return {"run": {"workspace": str(ws), "mode": mode}, "specs": [str(ws / "agent_specs")], **extra}
 
 
 def _result(run: dict[str, Any], storage: Path | None = None) -> Any:
@@ -395,7 +398,7 @@ def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
     deployed.worker_once(tmp_path / "worker.log", **worker_env)
     run = deployed.flow_run(first)
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert run["parameters"]["model"] == "offline" and run["parameters"]["mode"] == "in-process"
+    assert run["parameters"]["provider"]["model"] == "offline" and run["parameters"]["run"]["mode"] == "in-process"
     summary = _summary(run)
     assert summary.state == "completed" and summary.offline and summary.run_key == first
     assert [a.agent for a in summary.agents] == AGENTS
@@ -468,17 +471,19 @@ def test_nightly_deployment_is_scheduled(deployed: Server) -> None:
     for run in runs:
         start = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
         assert start > now and (start.hour, start.minute) == (2, 0)
-        assert run["parameters"]["model"] == "auto" and "auto-scheduled" in run["tags"]
+        assert run["parameters"]["provider"]["model"] == "auto" and "auto-scheduled" in run["tags"]
 
 
 @pytest.mark.slow
 def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -> None:
     deployment = deployed.api("GET", "/deployments/name/toka-pipeline/toka-pipeline")
     assert deployment["enforce_parameter_schema"] is True
-    props = deployment["parameter_openapi_schema"]["properties"]
-    assert props["mode"]["enum"] == ["in-process", "distributed"] and props["max_concurrency"]["description"]
-    assert props["max_concurrency"]["minimum"] == 1 and props["request_timeout"]["exclusiveMinimum"] == 0
-    for bad in ("max_concurrency=lots", "max_concurrency=0", "mode=sideways", "max_attempts=99"):
+    sections = deployment["parameter_openapi_schema"]["definitions"]
+    run, provider = sections["RunOptions"]["properties"], sections["ProviderSettings"]["properties"]
+    assert run["mode"]["enum"] == ["in-process", "distributed"] and run["max_concurrency"]["description"]
+    assert run["max_concurrency"]["minimum"] == 1 and provider["request_timeout"]["exclusiveMinimum"] == 0
+    for bad in ('run={"max_concurrency": "lots"}', 'run={"max_concurrency": 0}', 'run={"mode": "sideways"}',
+                'provider={"max_attempts": 99}'):
         result = deployed.cli("deployment", "run", "toka-pipeline/toka-pipeline", f"--param={bad}", check=False)
         assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
         assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
@@ -713,11 +718,13 @@ def test_distributed_mode_needs_the_agent_runner_deployment(write_specs: Any) ->
     import asyncio
 
     from flows.pipeline import pipeline
+    from toka.config import ProviderSettings, RunOptions
 
     specs = write_specs(minimal_spec("alpha"))
 
     async def go() -> Any:
-        state = await pipeline(specs=[str(specs)], model="offline", mode="distributed", return_state=True)
+        state = await pipeline(specs=[str(specs)], provider=ProviderSettings(model="offline"),
+                               run=RunOptions(mode="distributed"), return_state=True)
         return await state.aresult(raise_on_failure=False)
 
     error = asyncio.run(go())
@@ -731,7 +738,7 @@ def test_agent_runner_runs_exactly_one_agent_with_the_given_upstream(write_specs
 
     from flows.agent import agent_runner
     from toka.config import RunConfig
-    from toka.deployments import AgentRunOutcome
+    from toka.results import AgentRunOutcome
 
     specs = write_specs(minimal_spec("alpha", priority="high"), minimal_spec("beta", required=["alpha"]))
     digest = make_plan([specs]).graph.agents["beta"].digest()
@@ -739,7 +746,8 @@ def test_agent_runner_runs_exactly_one_agent_with_the_given_upstream(write_specs
                           "results": [{"task": 1, "summary": "alpha found things"}]}}
 
     async def go(**kwargs: Any) -> tuple[str, Any]:
-        run = RunConfig(run_key=f"runner-{kwargs.pop('key')}", workspace=str(tmp_path), **kwargs.pop("run", {}))
+        run = RunConfig.from_flat({"run_key": f"runner-{kwargs.pop('key')}", "workspace": str(tmp_path),
+                                   **kwargs.pop("run", {})})
         state = await agent_runner(agent="beta", run=run, specs=[str(specs)], upstream=upstream, return_state=True,
                                    **kwargs)
         return state.name, await state.aresult(raise_on_failure=False)
@@ -753,6 +761,7 @@ def test_agent_runner_runs_exactly_one_agent_with_the_given_upstream(write_specs
     assert name == "Failed" and isinstance(error, ConfigError) and "every worker needs the same checkout" in str(error)
 
     # A model id and no key: the agent fails (it does not fall back to offline), charging nothing.
-    name, error = asyncio.run(go(key=3, run={"model": "claude-sonnet-4-5"}))
-    assert name == "Failed" and "needs an Anthropic API key" in str(error)
-    assert error.toka_charged.requests == 0 and error.toka_spent == 0
+    name, outcome = asyncio.run(go(key=3, run={"model": "claude-sonnet-4-5"}))
+    assert name == "Failed" and isinstance(outcome, AgentRunOutcome) and outcome.report is None
+    assert "needs an Anthropic API key" in str(outcome.error)
+    assert outcome.charged.requests == 0 and outcome.spent == 0

@@ -235,12 +235,12 @@ def test_a_key_from_a_prefect_secret_block_is_redacted_too() -> None:
     # Such a key is not in the environment: only the provider, which loads it, can name it.
     from prefect.blocks.system import Secret
 
-    from toka.config import RunConfig
+    from toka.config import ProviderSettings
     from toka.providers import _api_key
     from toka.redact import secret_values
 
     block_key = "block-held-key-0d3f9a81c27e"  # not token-shaped
     Secret(value=block_key).save("toka-test-key", overwrite=True)
-    assert asyncio.run(_api_key(RunConfig(run_key="r", api_key_secret="toka-test-key"), {})) == block_key
+    assert asyncio.run(_api_key(ProviderSettings(api_key_secret="toka-test-key"), {})) == block_key
     written = redact_data({"summary": f"the key is {block_key}"}, secret_values())
     assert block_key not in json.dumps(written) and REDACTED in written["summary"]

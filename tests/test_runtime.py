@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel
 
-from flows.compiler import compile_agent, step_task, task_title
-from tasks.llm_step import is_retryable
+from toka.compiler import compile_agent, step_task, task_title
+from toka.llm_step import is_retryable
 from toka import AgentSpec
 from toka.capabilities import use_tools
 from toka.config import RunConfig
@@ -129,7 +129,7 @@ class TestCompiler:
                 {"description": "Summarise", "priority": "low"},
             ]},
         })
-        run_config = RunConfig(run_key="k", task_timeout=30, retry_delay_seconds=2)
+        run_config = RunConfig.from_flat({"run_key": "k", "task_timeout": 30, "retry_delay_seconds": 2})
         tasks = spec.task_list()
         first = step_task(spec, 1, 2, tasks[0], run_config)
         second = step_task(spec, 2, 2, tasks[1], run_config)
@@ -144,7 +144,7 @@ class TestCompiler:
     def test_task_timeout_never_exceeds_agent_timeout(self) -> None:
         spec = AgentSpec.from_dict(minimal_spec("a"))
         task = spec.task_list()[0]
-        assert step_task(spec, 1, 2, task, RunConfig(run_key="k", task_timeout=10_000)).timeout_seconds == 600
+        assert step_task(spec, 1, 2, task, RunConfig.from_flat({"run_key": "k", "task_timeout": 10_000})).timeout_seconds == 600
         assert step_task(spec, 1, 2, task, RunConfig(run_key="k")).timeout_seconds == 600
 
     def test_titles_unique_within_agent(self) -> None:

@@ -34,7 +34,7 @@ from toka.capabilities import grant_tools
 from toka.commands import scrubbed_env
 from toka.errors import ConfigError
 from toka.policy import AgentPolicy, check_unsandboxed
-from toka.sandbox import HostSupport, SandboxRefused, detect_host, plan_limits, run_sandboxed
+from toka.sandbox import HostSupport, SandboxRefused, detect_host, plan_limits, run_sandboxed, sandbox_argv
 from toka.spec import AgentSpec, ResourceLimits
 from toka.tools import ToolContext, ToolOutput, Toolbox
 from toka.workspace import Workspace
@@ -1106,3 +1106,106 @@ def test_programs_on_path_under_tmp_stay_reachable(make_agent: MakeAgent, tmp_pa
     out = agent.run(agent.script("call.sh", "#!/bin/sh\nmytool\nls /tmp | grep -c . \n"))
     assert "TOOL-RAN" in out.text and "exit code: 0" in out.text, out.text
     agent.audited("run_command", "allowed")
+
+
+# -- the pieces of run_sandboxed: the wrapped argv, the probe, the cgroup -----------------------------
+
+
+class TestSandboxArgv:
+    LIMITS = ResourceLimits.model_validate({"timeout": "10s", "max_memory": "64MB", "max_disk_usage": "1MB"})
+    FULL = HostSupport(cgroup="v2", cgroup_root={"memory": Path("/cg/toka"), "pids": Path("/cg/toka")},
+                       netns=True, pidns=True, prlimit=True, mountns=True)
+    CONFINE = ["python", "confine.py", "{}", "--"]
+    PROCS = [Path("/cg/toka/cmd-1/cgroup.procs")]
+
+    def test_every_layer_outermost_first(self) -> None:
+        argv = sandbox_argv(["make", "test"], limits=self.LIMITS, host=self.FULL, network=False, sandbox=True,
+                            confine=self.CONFINE, cgroup_procs=self.PROCS, disk_grown=1000)
+        assert argv == ["unshare", "-n", "-p", "-f", "--mount-proc", "--",
+                        "sh", "-c", 'echo $$ > "/cg/toka/cmd-1/cgroup.procs" && exec "$@"', "toka-sandbox",
+                        *self.CONFINE, "prlimit", f"--fsize={1024 * 1024 - 1000}", "--", "make", "test"]
+
+    def test_without_a_memory_cgroup_the_address_space_is_limited_and_the_network_kept_if_granted(self) -> None:
+        host = HostSupport(cgroup=None, cgroup_root={}, netns=True, pidns=False, prlimit=True, mountns=True)
+        argv = sandbox_argv(["make"], limits=self.LIMITS, host=host, network=True, sandbox=True, confine=self.CONFINE)
+        assert argv == ["unshare", "-m", "--", "sh", "-c", 'exec "$@"', "toka-sandbox", *self.CONFINE,
+                        "prlimit", f"--as={64 * 1024 * 1024}", f"--fsize={1024 * 1024}", "--", "make"]
+
+    def test_unsandboxed_the_command_runs_as_given(self) -> None:
+        assert sandbox_argv(["make"], limits=self.LIMITS, host=self.FULL, network=False, sandbox=False,
+                            confine=self.CONFINE, cgroup_procs=self.PROCS) == ["make"]
+
+
+def _fake_cgroup2(tmp_path: Path, enabled: str) -> tuple[Path, Path]:
+    """A cgroup v2 root (plain files) whose root hands ``enabled`` to its children, and a mounts file naming it."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text(enabled)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"proc /proc proc rw 0 0\ncgroup2 {root} cgroup2 rw,nosuid 0 0\n")
+    return root, mounts
+
+
+class TestCgroupProbe:
+    def test_probing_only_reads_and_the_controllers_are_handed_on_in_tokas_own_directory(self, tmp_path: Path) -> None:
+        root, mounts = _fake_cgroup2(tmp_path, "cpu memory\n")
+        cgroup, roots = sandbox_module._probe_cgroups(mounts)
+        assert (cgroup, roots) == ("v2", {"cpu": root / "toka", "memory": root / "toka"})
+        assert (root / "cgroup.subtree_control").read_text() == "cpu memory\n"
+        assert not (root / "toka").exists()
+        # When a command needs its cgroup: toka's directory (here from an earlier run) hands its
+        # children the controllers; the root's configuration stays as the host set it.
+        (root / "toka").mkdir()
+        (root / "toka" / "cgroup.subtree_control").write_text("memory\n")
+        sandbox_module._prepare_parents(HostSupport(cgroup=cgroup, cgroup_root=roots))
+        assert (root / "toka" / "cgroup.subtree_control").read_text() == "+cpu"
+        assert (root / "cgroup.subtree_control").read_text() == "cpu memory\n"
+
+    def test_controllers_the_root_does_not_hand_on_are_not_enabled(self, tmp_path: Path) -> None:
+        root, mounts = _fake_cgroup2(tmp_path, "")
+        assert sandbox_module._probe_cgroups(mounts) == (None, {})
+        assert (root / "cgroup.subtree_control").read_text() == ""
+
+    def test_cgroup_v1_hierarchies_are_probed_without_making_a_directory(self, tmp_path: Path) -> None:
+        (tmp_path / "memory").mkdir()
+        mounts = tmp_path / "mounts"
+        mounts.write_text(f"cgroup {tmp_path / 'memory'} cgroup rw,nosuid,memory 0 0\n")
+        assert sandbox_module._probe_cgroups(mounts) == ("v1", {"memory": tmp_path / "memory" / "toka"})
+        assert not (tmp_path / "memory" / "toka").exists()
+
+    def test_probing_this_host_leaves_the_roots_subtree_control_unchanged(self) -> None:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        controls = [Path(line.split()[1], "cgroup.subtree_control") for line in mounts
+                    if line.split()[2:3] == ["cgroup2"]]
+        controls = [c for c in controls if c.is_file() and os.access(c, os.W_OK)]
+        if not controls:
+            pytest.skip("no writable cgroup v2 root here")
+        before = {c: c.read_text() for c in controls}
+        sandbox_module._probe_cgroups()
+        detect_host.__wrapped__()  # the whole probe, as `toka doctor` runs it (uncached)
+        assert {c: c.read_text() for c in controls} == before
+
+
+@needs_cgroups
+def test_a_cancelled_command_leaves_no_process_and_no_cgroup(tmp_path: Path, cgroups: list[Any]) -> None:
+    """Prefect's timeouts cancel again at every await (anyio): the cleanup still runs to its end."""
+    import anyio
+
+    mark = marker()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    limits = ResourceLimits.model_validate({"timeout": "30s", "max_memory": "64MB", "max_processes": 10})
+
+    async def go() -> None:
+        with anyio.move_on_after(1.0) as scope:
+            await run_sandboxed(
+                ["sh", "-c", f"sleep 30 & sleep 30 # {mark}"], cwd=ws, workspace=ws, state_dir=ws / ".toka",
+                env=scrubbed_env(ws / ".toka" / "home"), limits=limits, timeout=30, network=False, sandbox=True)
+        assert scope.cancelled_caught
+
+    started = time.monotonic()
+    asyncio.run(go())
+    assert time.monotonic() - started < 10
+    assert processes_matching(mark) == []
+    assert_groups_gone(cgroups)

@@ -292,6 +292,19 @@ def test_model_errors_propagate(toolbox: Toolbox) -> None:
         step(model, toolbox)
 
 
+def test_a_failed_attempt_carries_what_it_spent_in_a_declared_field(toolbox: Toolbox) -> None:
+    model = ScriptedModel(tool_call("list_dir"), tool_call("list_dir"), TransientModelError("529 overloaded"))
+    with pytest.raises(TransientModelError) as info:
+        step(model, toolbox)
+    assert info.value.usage == Usage(input_tokens=20, output_tokens=10, requests=2)
+    assert not hasattr(info.value, "toka_usage")
+
+
+def test_models_without_retries_of_their_own_leave_the_guard_to_the_run() -> None:
+    for model in (ScriptedModel(), FunctionModel(lambda r: text("hi")), OfflineModel()):
+        assert model.worst_case_seconds() is None
+
+
 # -- refused tool calls ---------------------------------------------------------------------------
 
 

@@ -161,10 +161,11 @@ def _run(folder: Path, fake: Any, **options: Any) -> tuple[Any, PipelineSummary 
 
     async def go() -> tuple[Any, Any]:
         from flows.pipeline import pipeline
+        from toka.config import grouped
 
         with override_model(fake) if fake is not None else nullcontext():
-            state = await pipeline(specs=[str(folder)], workspace=str(folder), retry_delay_seconds=0,
-                                   return_state=True, **options)
+            state = await pipeline(specs=[str(folder)], return_state=True,
+                                   **grouped({"workspace": str(folder), "retry_delay_seconds": 0, **options}))
         return state, await state.aresult(raise_on_failure=False)
 
     state, outcome = asyncio.run(go())
@@ -231,12 +232,13 @@ def test_results_table_per_agent_and_readable_names(write_specs: Any) -> None:
 
 def test_a_per_agent_deployment_run_is_named_for_its_agent(write_specs: Any) -> None:
     from flows.agent import agent
+    from toka.config import ProviderSettings, RunOptions
 
     folder = write_specs(minimal_spec("alpha", tasks=1), minimal_spec("beta", required=["alpha"], tasks=1))
 
     async def go() -> Any:
-        state = await agent(agent="beta", specs=[str(folder)], workspace=str(folder), model="offline",
-                            return_state=True)
+        state = await agent(agent="beta", specs=[str(folder)], run=RunOptions(workspace=str(folder)),
+                            provider=ProviderSettings(model="offline"), return_state=True)
         return await _api("GET", f"/flow_runs/{state.state_details.flow_run_id}")
 
     run = asyncio.run(go())

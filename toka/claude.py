@@ -158,9 +158,8 @@ class AnthropicModel:
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            return float(retry_after)
+        if isinstance(error, TransientModelError) and error.retry_after is not None:
+            return error.retry_after
         return float(wait_random_exponential(multiplier=0.5, max=30)(state))
 
     def _stop(self, state: RetryCallState) -> bool:
@@ -270,9 +269,8 @@ def translate_error(
         kind, detail = _error_body(error)
         where = f"Anthropic API {status}" + (f" {kind}" if kind else "")
         if status == 429 or status == 408 or status == 409 or status >= 500:
-            out = TransientModelError(say(f"{where}: {detail or 'temporarily unavailable'}"))
-            out.retry_after = _retry_after(error)  # type: ignore[attr-defined]
-            return out
+            return TransientModelError(say(f"{where}: {detail or 'temporarily unavailable'}"),
+                                       retry_after=_retry_after(error))
         if status == 400 and "prompt is too long" in detail.lower():
             return PermanentModelError(say(f"{where}: the prompt is too long for the model's context window"))
         hint = _PERMANENT_HINTS.get(status, "the request was refused")

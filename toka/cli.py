@@ -7,10 +7,12 @@ messages and exits with code 2; it never shows a traceback.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,9 +25,10 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .errors import ConfigError, Problem, RunFailedError, TokaError
 from .plan import Plan, limits_text, make_plan
-from .policy import DEFAULT_NEEDS_APPROVAL, approval_keys, check_unsandboxed
+from .policy import approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
-from .config import RunConfig
+from .config import APPROVAL_KEYS, DEFAULT_NEEDS_APPROVAL, GROUPS, RunConfig, RunOptions
+from .config import settings as run_settings
 from .limits import LimitSettings
 from .providers import choose_model, describe_choice
 from .results import PipelineSummary
@@ -128,7 +131,8 @@ def _toka(
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Print every problem of a TokaError, one per line, and exit 2."""
+    """Print every problem of a TokaError, one per line, and exit with its code: 2 for bad input
+    (a spec, the graph, a setting), 1 for a run that failed (see :mod:`toka.errors`)."""
     try:
         yield
     except TokaError as e:
@@ -136,7 +140,7 @@ def _user_errors() -> Iterator[None]:
             _print_problem(problem)
         n = len(e.problems)
         err.print(f"[red]{n} error{'s' if n != 1 else ''}[/red]")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise typer.Exit(e.exit_code) from None
 
 
 def _print_problem(problem: Problem) -> None:
@@ -255,18 +259,53 @@ def schema(
         typer.echo(text, nl=False)
 
 
+def _setting_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` (which takes ``**settings``) one option per run setting of :mod:`toka.config`.
+
+    The options are derived from the declarations: name (:class:`~toka.config.Cli` or
+    ``--field-name``), help (the field's description), metavar, and the default shown. Each
+    option's value is None unless given, so that only given values reach
+    :meth:`RunConfig.from_flat`, which checks them with the same models the flows use.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    last = [p for p in fixed if p.name == "verbose"]
+    params = [p for p in fixed if p.name != "verbose"]
+    annotations = {p.name: p.annotation for p in fixed}
+    for setting in run_settings():
+        if setting.cli.skip:
+            continue
+        default = setting.field.default
+        flag = setting.field.annotation is bool
+        many = typing.get_origin(setting.field.annotation) is tuple
+        shown = ", ".join(default) if many and default else "" if many or default is None else str(default)
+        text = setting.cli.help or " ".join((setting.field.description or "").split())
+        if shown and not flag and "default" not in text:
+            text += escape(f"  [default: {shown}]")
+        option = typer.Option(setting.flag, help=text, metavar=setting.cli.metavar or None,
+                              envvar=setting.cli.envvar, show_default=False)
+        kind: Any = bool if flag else list[str] | None if many else _scalar(setting.field.annotation) | None
+        annotation = Annotated[kind, option]
+        params.append(inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=False if flag else None, annotation=annotation))
+        annotations[setting.name] = annotation
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params + last])
+    command.__annotations__ = {**annotations, "return": None}
+    return command
+
+
+def _scalar(annotation: Any) -> type:
+    """The command-line type of a setting: int or float where the setting is a number, else str."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    return next((k for k in (int, float) if k in kinds), str)
+
+
 @app.command(cls=_Command)
+@_setting_options
 def run(
     paths: PathsArg = None,
     agent: AgentOpt = None,
-    model: Annotated[
-        str | None,
-        typer.Option(envvar="TOKA_MODEL", help="'auto' (Anthropic if ANTHROPIC_API_KEY is set, else offline), "
-                     "'offline', or a model id.  [default: auto; with --resume: the resumed run's]",
-                     show_default=False, metavar="MODEL"),
-    ] = None,
-    workspace: Annotated[Path, typer.Option(help="Directory the agents work in.", metavar="DIR")] = Path("."),
-    max_concurrency: Annotated[int, typer.Option(min=1, help="Most agents running at once.", metavar="N")] = 4,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the last run here: finished tasks are not redone.")
     ] = False,
@@ -274,113 +313,37 @@ def run(
         Path | None,
         typer.Option("--json", help="Write the run summary as JSON (format 'toka-run/1').", metavar="FILE"),
     ] = None,
-    context: Annotated[
-        list[str] | None,
-        typer.Option("--context", help="Switch on a context: its conditional tasks run too (repeatable).",
-                     metavar="NAME"),
-    ] = None,
-    run_key: Annotated[
-        str | None, typer.Option(help="Run under this key (tasks finished under it are reused).", metavar="KEY")
-    ] = None,
-    max_turns: Annotated[int, typer.Option(min=1, help="Model requests per task attempt.", metavar="N")] = 20,
-    request_timeout: Annotated[
-        float, typer.Option(help="Seconds one model request may take.", metavar="SECONDS")
-    ] = 600.0,
-    task_timeout: Annotated[
-        float | None,
-        typer.Option(help="Seconds one task attempt may take (default: the agent's timeout).", metavar="SECONDS"),
-    ] = None,
-    retry_delay: Annotated[float, typer.Option(help="Base seconds between task retries.", metavar="SECONDS")] = 10.0,
-    result_storage: Annotated[
-        str | None,
-        typer.Option(help="Prefect filesystem block slug for results (default: .toka/results in the workspace).",
-                     metavar="SLUG"),
-    ] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per model response.", metavar="N")] = 4096,
-    temperature: Annotated[
-        float | None, typer.Option(min=0, max=1, help="Sampling temperature.", metavar="NUMBER")
-    ] = None,
-    max_attempts: Annotated[
-        int, typer.Option(min=1, max=20, help="HTTP attempts per model request (transient failures).", metavar="N")
-    ] = 5,
-    max_retry_wait: Annotated[
-        float, typer.Option(help="Seconds of waiting between attempts, in all.", metavar="SECONDS")
-    ] = 120.0,
-    api_key_secret: Annotated[
-        str | None, typer.Option(help="Prefect Secret block holding the Anthropic API key.", metavar="SLUG")
-    ] = None,
-    requests_per_minute: Annotated[
-        int | None,
-        typer.Option(min=1, help="Shared request rate (a Prefect global limit; see toka limits).", metavar="N"),
-    ] = None,
-    concurrent_requests: Annotated[
-        int | None, typer.Option(min=1, help="Shared concurrent requests (a Prefect global limit).", metavar="N")
-    ] = None,
-    in_process_requests: Annotated[
-        int | None, typer.Option(min=1, help="Concurrent model requests from this process.", metavar="N")
-    ] = None,
-    task_budget: Annotated[int | None, typer.Option(min=1, help="Tokens one task may spend.", metavar="TOKENS")] = None,
-    agent_budget: Annotated[
-        int | None, typer.Option(min=1, help="Tokens one agent may spend.", metavar="TOKENS")
-    ] = None,
-    pipeline_budget: Annotated[
-        int | None, typer.Option(min=1, help="Tokens the whole run may spend.", metavar="TOKENS")
-    ] = None,
-    allow_unsandboxed: Annotated[
-        bool, typer.Option("--allow-unsandboxed", help="Let agents whose spec says sandbox: false run commands.")
-    ] = False,
-    approve: Annotated[
-        list[str] | None,
-        typer.Option("--approve", help="Approve a use in advance: network-access, git-push, write-outside-paths.",
-                     metavar="KEY"),
-    ] = None,
-    deny: Annotated[
-        list[str] | None, typer.Option("--deny", help="Deny a use in advance (repeatable).", metavar="KEY")
-    ] = None,
-    needs_approval: Annotated[
-        list[str] | None,
-        typer.Option("--needs-approval", help="Uses that need approval, replacing the default set "
-                     "(network-access, git-push, write-outside-paths); 'none' for none (repeatable).",
-                     metavar="KEY"),
-    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines.")] = False,
+    **options: Any,
 ) -> None:
     """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
+    given = {name: value for name, value in options.items() if value is not None and value is not False}
     with _user_errors():
-        space = Workspace(workspace)
+        space = Workspace(Path(given.pop("workspace", ".")))
+        run_key, model, contexts = given.pop("run_key", None), given.pop("model", None), given.pop("contexts", None)
         if resume:
             # The resumed run's own selection: anything else would make different cache keys
             # (or a different set of agents) and redo, or newly do, work.
             record = RunRecord.load_last(space.state_dir)
-            given = {"--run-key": run_key, "specs": [str(p) for p in paths] if paths else None,
-                     "--agent": agent or None, "--context": context or None, "--model": model}
-            for option, value in given.items():
+            selection = {"--run-key": run_key, "specs": [str(p) for p in paths] if paths else None,
+                         "--agent": agent or None, "--context": contexts or None, "--model": model}
+            for option, value in selection.items():
                 if value is not None and value != record.selection(option):
                     raise ConfigError(f"{option} {value!r} contradicts --resume: the last run here "
                                       f"({record.run_key}) used {record.selection(option)!r}")
-            spec_paths, agent, context, model = record.specs, record.agents, record.contexts, record.model
+            spec_paths, agent, contexts, model = record.specs, record.agents, record.contexts, record.model
         else:
             spec_paths = [str(p) for p in _paths(paths)]
             model = model or "auto"
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
-                                     contexts=list(context or ()), run_key=run_key)
+                                     contexts=list(contexts or ()), run_key=run_key)
         plan = make_plan(spec_paths, agents=agent or ())
-        options = dict(
-            specs=spec_paths, agents=list(agent or ()), model=model, workspace=str(space.root),
-            max_concurrency=max_concurrency, contexts=list(context or ()), run_key=record.run_key,
-            max_turns=max_turns, request_timeout=request_timeout, task_timeout=task_timeout,
-            retry_delay_seconds=retry_delay, result_storage=result_storage, max_tokens=max_tokens,
-            temperature=temperature, max_attempts=max_attempts, max_retry_wait=max_retry_wait,
-            api_key_secret=api_key_secret, requests_per_minute=requests_per_minute,
-            concurrent_requests=concurrent_requests, in_process_requests=in_process_requests,
-            task_token_budget=task_budget, agent_token_budget=agent_budget, pipeline_token_budget=pipeline_budget,
-            allow_unsandboxed=allow_unsandboxed, needs_approval=_approval_set(needs_approval),
-        )
-        chosen = choose_model(_checked_config(options))
-        check_unsandboxed(list(plan.graph.agents.values()), allowed=allow_unsandboxed)
-        approve_list, deny_list = _settle_approvals(plan, list(approve or ()), list(deny or ()),
-                                                    options["needs_approval"])
-        options.update(approve=approve_list, deny=deny_list)
+        given["needs_approval"] = _approval_set(given.get("needs_approval"))
+        config = RunConfig.from_flat({**given, "run_key": record.run_key, "workspace": str(space.root),
+                                      "contexts": tuple(contexts or ()), "model": model}, flags=True)
+        chosen = choose_model(config.provider)
+        check_unsandboxed(list(plan.graph.agents.values()), allowed=config.approvals.allow_unsandboxed)
+        config = _settle_approvals(plan, config)
         if json_file is not None:
             _check_writable(json_file)
         space.make_state_dir()
@@ -398,7 +361,8 @@ def run(
                      write=lambda line: _say_last(view, line), notice=lambda line: err.print(escape(line)))
     try:
         with _user_errors(), guard, listen(view.update), view:
-            summary = guard.run(_execute(options, results_dir=space.state_dir / "results"))
+            summary = guard.run(_execute(plan, spec_paths, list(agent or ()), config,
+                                         results_dir=space.state_dir / "results"))
     except Stopped as stop:  # SIGTERM, Ctrl-C, or the Prefect API died under the run
         guard.announce(stop)
         raise typer.Exit(stop.exit_code) from None
@@ -422,29 +386,6 @@ def run(
     # completed-with-failures exits 0 as Prefect's Completed does: the failure policy let the agents
     # go on from their medium and low failures; the summary names them.
     raise typer.Exit(EXIT_FAILED if summary.state == "failed" else 0)
-
-
-# RunConfig fields whose command-line option is not simply --field-name.
-_OPTION_NAMES = {"retry_delay_seconds": "--retry-delay", "task_token_budget": "--task-budget",
-                 "agent_token_budget": "--agent-budget", "pipeline_token_budget": "--pipeline-budget"}
-
-
-def _checked_config(options: dict[str, Any]) -> RunConfig:
-    """The run's settings, validated before anything starts; a bad value names its option."""
-    from pydantic import ValidationError
-
-    fields = set(RunConfig.model_fields)
-    values = {k: v for k, v in options.items() if k in fields}
-    values["contexts"] = tuple(values.get("contexts") or ())
-    try:
-        return RunConfig(**values)
-    except ValidationError as e:
-        problems = []
-        for error in e.errors():
-            name = str(error["loc"][0]) if error["loc"] else "?"
-            option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
-            problems.append(Problem(f"{option}: {error.get('input')!r}: {error['msg'].lower()}"))
-        raise ConfigError(problems) from None
 
 
 def _print_locations(summary: PipelineSummary, plan: Plan, state_dir: Path, json_file: Path | None) -> None:
@@ -512,22 +453,20 @@ def _approval_set(given: list[str] | None) -> list[str]:
     if not given:
         return list(DEFAULT_NEEDS_APPROVAL)
     keys = [] if given == ["none"] else given
-    unknown = sorted(set(keys) - set(DEFAULT_NEEDS_APPROVAL))
+    unknown = sorted(set(keys) - set(APPROVAL_KEYS))
     if unknown:
-        raise ConfigError(f"--needs-approval takes {', '.join(DEFAULT_NEEDS_APPROVAL)} or 'none'; "
+        raise ConfigError(f"--needs-approval takes {', '.join(APPROVAL_KEYS)} or 'none'; "
                           f"got {', '.join(unknown)}")
     return keys
 
 
-def _settle_approvals(plan: Plan, approve: list[str], deny: list[str],
-                      needs_approval: list[str]) -> tuple[list[str], list[str]]:
+def _settle_approvals(plan: Plan, config: RunConfig) -> RunConfig:
     """Ask on a terminal about approvals the agents may need and nobody decided; else they are denied."""
-    unknown = sorted(set(approve + deny) - set(DEFAULT_NEEDS_APPROVAL))
-    if unknown:
-        raise TokaError(f"--approve/--deny take {', '.join(DEFAULT_NEEDS_APPROVAL)}; got {', '.join(unknown)}")
+    approvals = config.approvals
+    approve, deny = list(approvals.approve), list(approvals.deny)
     wanted: dict[str, list[str]] = {}
     for name, spec in plan.graph.agents.items():
-        for key in approval_keys(spec, needs_approval):
+        for key in approval_keys(spec, approvals.needs_approval):
             wanted.setdefault(key, []).append(name)
     for key, agents in sorted(wanted.items()):
         if key in approve or key in deny:
@@ -538,7 +477,8 @@ def _settle_approvals(plan: Plan, approve: list[str], deny: list[str],
         else:
             err.print(f"[yellow]not approved:[/yellow] {key} (needed by {', '.join(agents)}); "
                       f"it is denied unless you pass --approve {key}")
-    return approve, deny
+    update = {"approve": tuple(approve), "deny": tuple(deny)}
+    return config.model_copy(update={"approvals": approvals.model_copy(update=update)})
 
 
 @app.command(cls=_Command)
@@ -702,13 +642,17 @@ def _prefect_unreachable(error: BaseException) -> str | None:
     return None
 
 
-async def _execute(options: dict[str, Any], *, results_dir: Path) -> PipelineSummary:
+async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunConfig, *,
+                   results_dir: Path) -> PipelineSummary:
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.pipeline import pipeline
+    from .pipeline import pipeline_flow, use_plan
 
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}):
-        state = await pipeline(**options, return_state=True)
+    groups = {name: getattr(config, name) for name in GROUPS if name != "run"}
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}), \
+            use_plan(plan, specs, agents):  # the specs are loaded and checked already
+        state = await pipeline_flow(specs=specs, agents=agents, run=RunOptions(**config.model_dump(
+            include=set(RunOptions.model_fields))), return_state=True, **groups)
         outcome = await state.aresult(raise_on_failure=False)
     if isinstance(outcome, RunFailedError) and isinstance(outcome.report, PipelineSummary):
         return outcome.report

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from .errors import SandboxViolation, ToolError
+from .errors import CommandRefused, SandboxViolation
 from .gitguard import GitGuard
 from .redact import redact, secret_values
 from .sandbox import (
@@ -40,7 +40,7 @@ from .sandbox import (
     snapshot,
     workspace_growth_baseline,
 )
-from .tools import Tool, ToolContext, ToolOutput, _Args
+from .tools import CommandOutput, Tool, ToolContext, _Args
 
 __all__ = ["COMMAND_CAPABILITIES", "CommandRefused", "RunCommand", "check_command", "scrubbed_env"]
 
@@ -74,10 +74,6 @@ _GIT_SUBCOMMANDS_REFUSED = {"filter-branch": "runs arbitrary commands",
 _GIT_NESTED_REFUSED = {("bisect", "run"), ("submodule", "foreach")}
 _SQLITE_FUNCTIONS_REFUSED = ("readfile", "writefile", "edit(", "load_extension", "fts3_tokenizer")
 _CARGO_REFUSED = ("--config", "-Z", "--manifest-path")
-
-
-class CommandRefused(ToolError):
-    """The command is not allowed for this agent; the model is told why."""
 
 
 @dataclass(frozen=True)
@@ -291,7 +287,7 @@ class RunCommand(Tool):
     Input = RunCommandArgs
     default_timeout: ClassVar[float] = 600.0
 
-    async def run(self, args: RunCommandArgs, ctx: ToolContext) -> ToolOutput:
+    async def run(self, args: RunCommandArgs, ctx: ToolContext) -> CommandOutput:
         policy = ctx.policy
         if policy is None:
             raise CommandRefused("commands are not available in this context")
@@ -313,7 +309,7 @@ class RunCommand(Tool):
             argv.insert(1, "-safe")  # sqlite3's own guard against file and program functions
         env = {**scrubbed_env(home), **git_identity(ctx.agent or "agent")}
         root, state = ctx.workspace.root, ctx.workspace.state_dir
-        baseline = (workspace_growth_baseline(root, state, disk_key(ctx), [home])
+        baseline = (await asyncio.to_thread(workspace_growth_baseline, root, state, disk_key(ctx), [home])
                     if policy.sandbox and policy.limits.max_disk_usage is not None else None)
         skip = [state]  # .git included: a change there is reported like any other
         before = await asyncio.to_thread(snapshot, root, skip)
@@ -325,9 +321,13 @@ class RunCommand(Tool):
                 disk_baseline=baseline,
             )
         except BaseException as e:
-            # Cut short (the task's own timeout, a cancellation): what the command planted in
-            # git is still undone, here and now (no await: a cancelled task may not get another).
-            undone = guard.check(changed_files(before, snapshot(root, skip)))
+            # Cut short (refused, failed, or cancelled by the task's own timeout): what the command
+            # planted in git is still undone. A cancelled task is cancelled again at every await
+            # (Prefect's timeouts), so after a cancellation that happens here and now, blocking.
+            if isinstance(e, Exception):
+                undone = await asyncio.to_thread(_undo_git_changes, guard, before, root, skip)
+            else:
+                undone = _undo_git_changes(guard, before, root, skip)
             if undone:
                 raise SandboxViolation(_violation(args.argv, undone), paths=undone) from e
             raise
@@ -363,12 +363,15 @@ class RunCommand(Tool):
             shown = changed[:_CHANGES_SHOWN] + ([f"... and {len(changed) - _CHANGES_SHOWN} more"]
                                                 if len(changed) > _CHANGES_SHOWN else [])
             text.append("--- files changed in the workspace ---\n" + "\n".join(shown))
-        output = ToolOutput("\n".join(text), is_error=usage.exit_code != 0 or over,
-                            files_changed=changed[:_CHANGES_KEPT])
-        output.command_usage = usage  # type: ignore[attr-defined]
-        output.sandbox = plan.enforced  # type: ignore[attr-defined]
-        output.output_bytes = len(result.stdout) + len(result.stderr)  # type: ignore[attr-defined]
-        return output
+        return CommandOutput("\n".join(text), is_error=usage.exit_code != 0 or over,
+                             files_changed=changed[:_CHANGES_KEPT], usage=usage, sandbox=plan.enforced,
+                             output_bytes=len(result.stdout) + len(result.stderr))
+
+
+def _undo_git_changes(guard: GitGuard, before: dict[str, tuple[int, int]], root: Path,
+                      skip: Sequence[Path]) -> list[str]:
+    """Undo what a command changed in git control files; return those paths (blocking: walks the workspace)."""
+    return guard.check(changed_files(before, snapshot(root, skip)))
 
 
 def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:

@@ -22,12 +22,9 @@ from typing import Any
 
 import yaml
 
-from pydantic import BaseModel
-
+from .config import AGENT_RUNNER_DEPLOYMENT
 from .errors import ConfigError
-from .model import Usage
 from .plan import make_plan
-from .results import AgentReport
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR
 
@@ -35,7 +32,6 @@ __all__ = [
     "AGENT_ENTRYPOINT",
     "AGENT_FLOW",
     "AGENT_RUNNER_DEPLOYMENT",
-    "AgentRunOutcome",
     "BEGIN_MARKER",
     "END_MARKER",
     "render_deployments",
@@ -51,25 +47,6 @@ END_MARKER = "# END toka deployments"
 _BEGIN_PREFIX = "# BEGIN toka deployments"
 _INDENT = "  "
 
-#: The deployment that runs one agent for a pipeline in distributed mode (``flows/agent.py:agent_runner``).
-AGENT_RUNNER_DEPLOYMENT = "toka-agent-runner/distributed"
-
-
-class AgentRunOutcome(BaseModel):
-    """What the agent-runner deployment returns: the agent's report and what it charged.
-
-    On failure the runner re-raises the agent's exception instead, with the same
-    two numbers attached as ``toka_charged`` and ``toka_spent`` (they pickle).
-    Defined here, in a module always imported by its package name: deployments
-    load ``flows/*.py`` under other module names, and the pipeline must
-    recognise the class of the runner's unpickled result.
-    """
-
-    report: AgentReport
-    charged: Usage = Usage()
-    """Every model request of the agent, failed attempts included (for the pipeline ledger)."""
-    spent: int = 0
-    """Tokens the agent added to the pipeline budget's spending (replayed tasks included)."""
 
 
 def _q(value: str) -> str:

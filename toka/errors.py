@@ -1,15 +1,16 @@
 """The one exception tree of the project.
 
-Every error a user can cause with bad input derives from :class:`TokaError`;
-the CLI turns it into readable lines and exit code 2, never a traceback::
+Every error raised on purpose derives from :class:`TokaError`; the CLI turns
+it into readable lines, never a traceback, and exits with the class's
+``exit_code``::
 
-    TokaError
-    ├── SpecError              a spec file (or several) is malformed
-    ├── GraphError             the set of specs does not form a runnable graph
+    TokaError                  exit 1 unless marked "exit 2"
+    ├── SpecError              a spec file (or several) is malformed (exit 2)
+    ├── GraphError             the set of specs does not form a runnable graph (exit 2)
     │   ├── DuplicateAgentError
     │   ├── UnknownAgentError
     │   └── DependencyCycleError
-    ├── ConfigError            a run option or setting is unusable
+    ├── ConfigError            a run option or setting is unusable (exit 2)
     ├── ModelError             the model provider failed
     │   ├── ModelTimeoutError      no answer within the request timeout (retryable)
     │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
@@ -21,7 +22,12 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
     │   ├── TurnLimitError         the task used all its turns
     │   ├── InvalidToolInputError  the model kept sending malformed input (retryable)
     │   └── TaskReportedFailure    the model submitted status failed/blocked
-    ├── ToolError              a tool could not run (refusals go back to the model)
+    ├── ToolError              a tool could not run
+    │   ├── Refusal                a decision, not a failure: goes back to the model
+    │   │   ├── CommandRefused         no declared capability allows the command
+    │   │   ├── ApprovalDenied         a use needing approval was denied or not approved
+    │   │   ├── SandboxRefused         the host cannot enforce a declared limit
+    │   │   └── PathRefused            a path outside what the workspace allows
     │   ├── ToolTimeoutError       a tool process outlived its timeout and was killed
     │   └── SandboxViolation       a command changed what it may never change (fatal)
     ├── BudgetExceededError    a token budget is spent
@@ -29,23 +35,41 @@ the CLI turns it into readable lines and exit code 2, never a traceback::
         ├── AgentFailedError       one agent
         └── PipelineFailedError    the pipeline (some agent failed)
 
+``exit_code`` says whose fault it is: 2 for bad input only (:class:`SpecError`,
+:class:`GraphError` and its subclasses, :class:`ConfigError`: fix the specs or
+the options), 1 for everything else (a run that started and failed).
+
 ``retryable`` on each class tells Prefect's ``retry_condition_fn`` whether
 re-running the whole task can help; permanent errors are never retried.
+``fatal`` says the whole run must stop.
+
+:class:`SandboxViolation` is not a :class:`Refusal`: a refusal stops a call
+before it runs and the model is told why; a violation is found after a command
+ran, is undone, and stops the run (the model is not asked to carry on).
 
 Errors carry a list of :class:`Problem` so that several defects found in one
 pass are reported together. They pickle (Prefect ships exceptions between
-processes), because ``args`` holds exactly what ``__init__`` takes.
+processes): ``args`` holds exactly what ``__init__`` takes positionally, and
+the declared keyword fields (``usage``, ``attempt``, ``command_usage``) are
+plain instance attributes, which pickle restores with the instance's
+``__dict__``. Set them at construction or by assignment on an existing error
+(``e.usage = ...``); never attach undeclared attributes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # the model module imports pydantic; errors stay importable without it
+    from .model import Usage
 
 __all__ = [
     "AgentFailedError",
+    "ApprovalDenied",
     "BudgetExceededError",
+    "CommandRefused",
     "ConfigError",
     "DependencyCycleError",
     "DuplicateAgentError",
@@ -55,11 +79,14 @@ __all__ = [
     "ModelRetriesExhausted",
     "ModelTimeoutError",
     "NoResultError",
+    "PathRefused",
     "PermanentModelError",
     "PipelineFailedError",
     "Problem",
     "ProviderAccessError",
+    "Refusal",
     "RunFailedError",
+    "SandboxRefused",
     "SandboxViolation",
     "SpecError",
     "StepError",
@@ -107,13 +134,21 @@ class TokaError(Exception):
     retryable: bool = False
     #: Whether the whole run must stop: no other task could succeed either.
     fatal: bool = False
+    #: The CLI's exit status: 2 for bad input (specs, graph, options), 1 for a run that failed.
+    exit_code: int = 1
 
-    def __init__(self, problems: Iterable[Problem] | str) -> None:
+    def __init__(
+        self, problems: Iterable[Problem] | str, *, usage: Usage | None = None, attempt: int | None = None
+    ) -> None:
         if isinstance(problems, str):
             problems = [Problem(problems)]
         problems = tuple(problems)
         super().__init__(problems)
         self.problems: tuple[Problem, ...] = problems
+        #: Tokens the failed attempt (or every attempt so far) spent, for reports; None if unknown.
+        self.usage: Usage | None = usage
+        #: Which attempt of the Prefect task raised it (1-based), for reports; None if unknown.
+        self.attempt: int | None = attempt
 
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
@@ -122,9 +157,13 @@ class TokaError(Exception):
 class SpecError(TokaError):
     """One or more spec files are malformed (syntax, fields, values)."""
 
+    exit_code = 2
+
 
 class GraphError(TokaError):
     """The specs are individually valid but do not form a runnable graph."""
+
+    exit_code = 2
 
 
 class DuplicateAgentError(GraphError):
@@ -142,6 +181,8 @@ class DependencyCycleError(GraphError):
 class ConfigError(TokaError):
     """A run option, environment variable or setting is unusable."""
 
+    exit_code = 2
+
 
 class ModelError(TokaError):
     """The model provider failed; subclasses say whether trying again can help."""
@@ -154,9 +195,24 @@ class ModelTimeoutError(ModelError):
 
 
 class TransientModelError(ModelError):
-    """Rate limited, overloaded, a server error or a dropped connection."""
+    """Rate limited, overloaded, a server error or a dropped connection.
+
+    ``retry_after`` is the seconds the provider asked to wait (its ``retry-after``
+    header), or None; the provider's retry loop honours it.
+    """
 
     retryable = True
+
+    def __init__(
+        self,
+        problems: Iterable[Problem] | str,
+        *,
+        retry_after: float | None = None,
+        usage: Usage | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(problems, usage=usage, attempt=attempt)
+        self.retry_after: float | None = retry_after
 
 
 class ModelRetriesExhausted(ModelError):
@@ -200,26 +256,79 @@ class TaskReportedFailure(StepError):
 
 
 class ToolError(TokaError):
-    """A tool could not run at all (refusals are returned to the model instead)."""
+    """A tool could not run at all (a :class:`Refusal` is returned to the model instead)."""
+
+
+class Refusal(ToolError):
+    """A refusal is a decision, not a failure.
+
+    A check (capability, approval, sandbox, path) decided that a call may not run. The
+    Toolbox returns the reason to the model as the call's tool result, audits the call
+    with decision ``refused``, and nobody retries it: the same call would be refused again.
+    """
+
+    retryable = False
+    fatal = False
+
+
+class CommandRefused(Refusal):
+    """The command is not allowed for this agent; the model is told why."""
+
+
+class ApprovalDenied(Refusal):
+    """A use that needs approval was denied, or nobody approved it; the model is told why."""
+
+
+class SandboxRefused(Refusal):
+    """The host cannot enforce a limit the spec declares, so the command may not run."""
+
+
+class PathRefused(Refusal):
+    """A tool was asked for a path outside what the workspace allows; the model is told why."""
 
 
 class ToolTimeoutError(ToolError):
-    """A tool's process outlived its timeout; its whole process group was killed."""
+    """A tool's process outlived its timeout; its whole process group was killed.
+
+    ``command_usage`` is what the command used before it was killed (the sandbox's
+    ``CommandUsage``), for the audit trail; None when nothing measured it.
+    """
 
     retryable = True
+
+    def __init__(
+        self,
+        problems: Iterable[Problem] | str,
+        *,
+        command_usage: object | None = None,
+        usage: Usage | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(problems, usage=usage, attempt=attempt)
+        #: The sandbox's ``CommandUsage`` (typed loosely: the sandbox imports this module).
+        self.command_usage: object | None = command_usage
 
 
 class SandboxViolation(ToolError):
     """A command changed what no command may change (the workspace's git hooks or configuration).
 
     The change is undone before this is raised, and the whole run stops: whatever made the
-    agent try (a prompt injection in a file it read) may still be in its context.
+    agent try (a prompt injection in a file it read) may still be in its context. Not a
+    :class:`Refusal`: the command already ran, and the Toolbox re-raises this instead of
+    handing it to the model.
     """
 
     fatal = True
 
-    def __init__(self, problems: Iterable[Problem] | str, paths: Iterable[str] = ()) -> None:
-        super().__init__(problems)
+    def __init__(
+        self,
+        problems: Iterable[Problem] | str,
+        paths: Iterable[str] = (),
+        *,
+        usage: Usage | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(problems, usage=usage, attempt=attempt)
         self.paths: list[str] = list(paths)
         self.args = (self.problems, self.paths)
 
@@ -230,8 +339,15 @@ class BudgetExceededError(TokaError):
     ``scope`` is ``task``, ``agent`` or ``pipeline``.
     """
 
-    def __init__(self, problems: Iterable[Problem] | str, scope: str = "") -> None:
-        super().__init__(problems)
+    def __init__(
+        self,
+        problems: Iterable[Problem] | str,
+        scope: str = "",
+        *,
+        usage: Usage | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(problems, usage=usage, attempt=attempt)
         self.args = (self.problems, scope)
         self.scope = scope
 
@@ -246,8 +362,15 @@ class RunFailedError(TokaError):
     #: The most characters ``str()`` gives: it is a run's state message in the Prefect UI.
     MAX_LINE = 300
 
-    def __init__(self, problems: Iterable[Problem] | str, report: object = None) -> None:
-        super().__init__(problems)
+    def __init__(
+        self,
+        problems: Iterable[Problem] | str,
+        report: object = None,
+        *,
+        usage: Usage | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(problems, usage=usage, attempt=attempt)
         self.args = (self.problems, report)
         self.report = report
 

@@ -142,6 +142,15 @@ class Model(Protocol):
         """Settings that change answers (model id, temperature...); part of task cache keys."""
         ...
 
+    def worst_case_seconds(self) -> float | None:
+        """Longest one :meth:`request` can take, its own retries and waits included.
+
+        The step loop's guard around one request is set to it, so that the guard never cuts
+        short retries the model owns. None: the model has no timeout or retries of its own,
+        and the run's request timeout alone bounds a request.
+        """
+        ...
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Send one request and return the response, or raise a ModelError."""
         ...

@@ -64,6 +64,9 @@ class OfflineModel:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": "offline", "version": 1}
 
+    def worst_case_seconds(self) -> float | None:
+        return None  # no retries of its own: the run's request timeout bounds each request
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         if self.latency:
             await asyncio.sleep(self.latency)

@@ -5,17 +5,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-from .errors import ToolError
+from .config import DEFAULT_NEEDS_APPROVAL
+from .errors import ApprovalDenied
 from .spec import AgentSpec, ResourceLimits
 
 __all__ = ["DEFAULT_NEEDS_APPROVAL", "AgentPolicy", "ApprovalDenied", "approval_keys", "check_unsandboxed"]
-
-#: Uses that pause for a person before the first one in a run (configurable per run).
-DEFAULT_NEEDS_APPROVAL: tuple[str, ...] = ("network-access", "git-push", "write-outside-paths")
-
-
-class ApprovalDenied(ToolError):
-    """A use that needs approval was denied, or nobody approved it; the model is told why."""
 
 
 @dataclass(frozen=True)

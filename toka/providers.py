@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import RunConfig
+from .config import ProviderSettings
 from .errors import ConfigError
 from .limits import LimitSettings, RequestLimiter
 from .model import Model, current_model_override
@@ -30,32 +30,32 @@ class ModelChoice:
         return self.provider == "offline"
 
 
-def choose_model(run: RunConfig, *, env: Mapping[str, str] | None = None) -> ModelChoice:
-    """Which model ``run`` uses, without building it.
+def choose_model(settings: ProviderSettings, *, env: Mapping[str, str] | None = None) -> ModelChoice:
+    """Which model ``settings`` choose, without building it.
 
     An override set in this context wins; ``offline`` is the offline model;
     ``auto`` is Anthropic's default model when a key is available (the
-    ``ANTHROPIC_API_KEY`` variable or a Secret block named in the run), the
+    ``ANTHROPIC_API_KEY`` variable or a Secret block named in the settings), the
     offline model otherwise; anything else is an Anthropic model id.
     """
     override = current_model_override()
     if override is not None:
         return ModelChoice("override", override.name, "set by override_model()")
     env = os.environ if env is None else env
-    has_key = bool(env.get("ANTHROPIC_API_KEY") or run.api_key_secret)
-    if run.model == "offline":
+    has_key = bool(env.get("ANTHROPIC_API_KEY") or settings.api_key_secret)
+    if settings.model == "offline":
         return ModelChoice("offline", "offline", "--model offline")
-    if run.model == "auto" and not has_key:
+    if settings.model == "auto" and not has_key:
         return ModelChoice("offline", "offline", "no ANTHROPIC_API_KEY set")
     from .claude import default_model
 
-    name = default_model() if run.model == "auto" else run.model
+    name = default_model() if settings.model == "auto" else settings.model
     if not has_key:
         raise ConfigError(
             f"model {name!r} needs an Anthropic API key: set ANTHROPIC_API_KEY, name a Prefect "
             "Secret block with --api-key-secret, or use --model offline"
         )
-    source = f"Secret block {run.api_key_secret!r}" if run.api_key_secret else "ANTHROPIC_API_KEY"
+    source = f"Secret block {settings.api_key_secret!r}" if settings.api_key_secret else "ANTHROPIC_API_KEY"
     return ModelChoice("anthropic", name, f"key from {source}")
 
 
@@ -77,32 +77,32 @@ _built: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[object, 
 )
 
 
-async def get_model(run: RunConfig, *, env: Mapping[str, str] | None = None) -> Model:
-    """The model instance for ``run`` (built once per event loop and settings)."""
+async def get_model(settings: ProviderSettings, *, env: Mapping[str, str] | None = None) -> Model:
+    """The model instance for ``settings`` (built once per event loop and settings)."""
     override = current_model_override()
     if override is not None:
         return override
     env = os.environ if env is None else env
-    choice = choose_model(run, env=env)
+    choice = choose_model(settings, env=env)
     if choice.offline:
         return _offline(env)
-    key = (choice.model, run.api_key_secret, run.request_timeout, run.max_tokens, run.temperature,
-           run.max_attempts, run.max_retry_wait, run.requests_per_minute, run.concurrent_requests,
-           run.in_process_requests, env.get("ANTHROPIC_BASE_URL"))
+    key = (choice.model, settings.api_key_secret, settings.request_timeout, settings.max_tokens, settings.temperature,
+           settings.max_attempts, settings.max_retry_wait, settings.requests_per_minute, settings.concurrent_requests,
+           settings.in_process_requests, env.get("ANTHROPIC_BASE_URL"))
     per_loop = _built.setdefault(asyncio.get_running_loop(), {})
     if key not in per_loop:
         from .claude import AnthropicModel
 
-        limits = LimitSettings(run.requests_per_minute, run.concurrent_requests, run.in_process_requests)
+        limits = LimitSettings(settings.requests_per_minute, settings.concurrent_requests, settings.in_process_requests)
         per_loop[key] = AnthropicModel(
             choice.model,
-            api_key=await _api_key(run, env),
+            api_key=await _api_key(settings, env),
             base_url=env.get("ANTHROPIC_BASE_URL") or None,
-            max_tokens=run.max_tokens,
-            temperature=run.temperature,
-            request_timeout=run.request_timeout,
-            max_attempts=run.max_attempts,
-            max_retry_wait=run.max_retry_wait,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            request_timeout=settings.request_timeout,
+            max_attempts=settings.max_attempts,
+            max_retry_wait=settings.max_retry_wait,
             limiter=RequestLimiter(limits) if (limits.uses_server or limits.in_process) else None,
         )
     return per_loop[key]
@@ -122,14 +122,14 @@ def _offline(env: Mapping[str, str]) -> OfflineModel:
     )
 
 
-async def _api_key(run: RunConfig, env: Mapping[str, str]) -> str:
-    if run.api_key_secret:
+async def _api_key(settings: ProviderSettings, env: Mapping[str, str]) -> str:
+    if settings.api_key_secret:
         from prefect.blocks.system import Secret
 
         try:
-            block = await Secret.aload(run.api_key_secret)
+            block = await Secret.aload(settings.api_key_secret)
         except ValueError:
-            raise ConfigError(f"no Prefect Secret block named {run.api_key_secret!r}") from None
+            raise ConfigError(f"no Prefect Secret block named {settings.api_key_secret!r}") from None
         key = str(block.get())
         remember_secret(key)  # not in the environment, so redaction must be told
         return key

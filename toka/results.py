@@ -29,6 +29,7 @@ __all__ = [
     "SUMMARY_FORMAT",
     "AgentCalls",
     "AgentReport",
+    "AgentRunOutcome",
     "AgentState",
     "PipelineState",
     "PipelineSummary",
@@ -292,3 +293,20 @@ def use_agent_calls(calls: AgentCalls) -> Iterator[AgentCalls]:
 
 def current_agent_calls() -> AgentCalls | None:
     return _agent_calls.get()
+
+
+@dataclass(frozen=True)
+class AgentRunOutcome:
+    """What a run of the agent-runner deployment leaves for the distributed pipeline that started it.
+
+    ``report`` when the agent completed, else ``error`` (the agent's own exception, which holds
+    its report when it has one); in both cases what the agent charged, so the pipeline's ledger
+    stays exact across processes. It pickles (Prefect persists it as the run's result).
+    """
+
+    report: AgentReport | None = None
+    error: BaseException | None = None
+    charged: Usage = field(default_factory=Usage)
+    """Every model request of the agent, failed attempts included."""
+    spent: int = 0
+    """Tokens the agent added to the pipeline budget's spending (replayed tasks included)."""

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import functools
+import json
 import os
 import shutil
 import signal
@@ -47,11 +47,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ToolError, ToolTimeoutError
+from .errors import SandboxRefused, ToolTimeoutError
 from .gitguard import protected_paths
 from .process import ProcessResult, run_process
 from .spec import ResourceLimits
@@ -62,16 +62,14 @@ __all__ = [
     "SandboxPlan",
     "SandboxRefused",
     "changed_files",
+    "command_cgroup",
     "detect_host",
     "disk_usage",
     "run_sandboxed",
+    "sandbox_argv",
     "snapshot",
     "workspace_growth_baseline",
 ]
-
-
-class SandboxRefused(ToolError):
-    """The host cannot enforce a limit the spec declares, so the command may not run."""
 
 
 @dataclass(frozen=True)
@@ -148,51 +146,71 @@ def landlock_abi() -> int:
 
 @functools.cache
 def detect_host() -> HostSupport:
-    """Probe cgroups, network namespaces and prlimit by using them."""
+    """Probe namespaces, prlimit and the confinement by using them, and cgroups by reading (no side effect)."""
     cgroup, roots = _probe_cgroups()
     return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"),
                        pidns=_probe_unshare("-p", "-f", "--mount-proc"), prlimit=shutil.which("prlimit") is not None,
                        mountns=_probe_confinement())
 
 
-def _probe_cgroups() -> tuple[str | None, dict[str, Path]]:
-    mounts = Path("/proc/self/mounts").read_text().splitlines() if Path("/proc/self/mounts").exists() else []
-    v2 = [line.split()[1] for line in mounts if line.split()[2:3] == ["cgroup2"]]
-    for mount in v2:
-        root = Path(mount)
-        try:
-            controllers = set((root / "cgroup.controllers").read_text().split())
-        except OSError:
+def _probe_cgroups(mounts_file: Path = Path("/proc/self/mounts")) -> tuple[str | None, dict[str, Path]]:
+    """Where toka can make cgroups, and with which controllers, found by reading only.
+
+    Nothing is created or enabled here (``toka doctor`` probes too): toka's own directory
+    is made, and handed its controllers, when a command first needs it
+    (:func:`_prepare_parents`). Under cgroup v2 only the controllers the root already hands
+    to its children count: enabling one in the root's ``cgroup.subtree_control`` would change
+    every other cgroup of the host, so toka leaves that to the host (systemd does it).
+    """
+    try:
+        mounts = [line.split() for line in mounts_file.read_text().splitlines()]
+    except OSError:
+        mounts = []
+    for parts in mounts:
+        if parts[2:3] != ["cgroup2"]:
             continue
-        wanted = {"memory", "cpu", "pids"} & controllers
-        if not wanted:
+        root = Path(parts[1])
+        try:
+            enabled = set((root / "cgroup.subtree_control").read_text().split()) & {"memory", "cpu", "pids"}
+        except OSError:
             continue
         parent = root / CGROUP_PARENT
-        try:
-            parent.mkdir(exist_ok=True)
-            (root / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
-            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
-        except OSError:
-            continue
-        return "v2", {c: parent for c in sorted(wanted)}
+        if enabled and _may_create(root, parent):
+            return "v2", {c: parent for c in sorted(enabled)}
     roots: dict[str, Path] = {}
-    for line in mounts:
-        parts = line.split()
+    for parts in mounts:
         if len(parts) < 4 or parts[2] != "cgroup":
             continue
         options = set(parts[3].split(","))
+        parent = Path(parts[1]) / CGROUP_PARENT
         for controller in ("memory", "cpu", "pids", "cpuacct"):
-            if controller in options and controller not in roots:
-                parent = Path(parts[1]) / CGROUP_PARENT
-                try:
-                    parent.mkdir(exist_ok=True)
-                    probe = parent / f"probe-{uuid.uuid4().hex[:8]}"
-                    probe.mkdir()
-                    probe.rmdir()
-                except OSError:
-                    continue
+            if controller in options and controller not in roots and _may_create(Path(parts[1]), parent):
                 roots[controller] = parent
     return ("v1", roots) if roots else (None, {})
+
+
+def _may_create(root: Path, parent: Path) -> bool:
+    """Whether toka may make cgroups in ``parent`` (made in ``root`` when missing), as far as modes tell."""
+    where = parent if parent.is_dir() else root
+    return os.access(where, os.W_OK | os.X_OK)  # EROFS too: a read-only cgroup mount says no
+
+
+def _prepare_parents(host: HostSupport) -> None:
+    """Make toka's own cgroup directories and, under v2, hand their children the controllers.
+
+    Runs when a command needs its cgroup, never while probing; only toka's own directories
+    are written (see :func:`_probe_cgroups`).
+    """
+    controllers: dict[Path, set[str]] = {}
+    for controller, parent in host.cgroup_root.items():
+        controllers.setdefault(parent, set()).add(controller)
+    for parent, wanted in controllers.items():
+        parent.mkdir(exist_ok=True)
+        if host.cgroup == "v2":
+            control = parent / "cgroup.subtree_control"
+            missing = sorted(wanted - set(control.read_text().split()))
+            if missing:
+                control.write_text(" ".join(f"+{c}" for c in missing))
 
 
 def _probe_unshare(*flags: str) -> bool:
@@ -350,10 +368,13 @@ class CommandUsage:
 
 @dataclass
 class _Cgroups:
+    """One command's cgroup: a directory per controller hierarchy (one under v2)."""
+
     dirs: dict[str, Path]
 
     @classmethod
     def create(cls, host: HostSupport, limits: ResourceLimits) -> _Cgroups:
+        _prepare_parents(host)
         name = f"cmd-{uuid.uuid4().hex[:12]}"
         dirs: dict[str, Path] = {}
         for controller, parent in host.cgroup_root.items():
@@ -444,6 +465,11 @@ class _Cgroups:
         except (OSError, ValueError):
             return None
 
+    def close(self) -> None:
+        """Kill what is left in the group, then remove it (blocking: waits for the kernel)."""
+        self.kill_all()
+        self.remove()
+
     def remove(self) -> None:
         for path in set(self.dirs.values()):
             for _ in range(50):
@@ -482,7 +508,17 @@ def workspace_growth_baseline(workspace: Path, state_dir: Path, key: str, extra_
 
 def disk_usage(workspace: Path, state_dir: Path, extra_dirs: Sequence[Path] = ()) -> int:
     """Bytes on disk under the workspace (its state directory aside) and ``extra_dirs``."""
-    return _tree_size(workspace, state_dir) + sum(_tree_size(d, Path("/nonexistent")) for d in extra_dirs)
+    return _measured_size(_measured_dirs(workspace, state_dir, extra_dirs))
+
+
+def _measured_dirs(workspace: Path, state_dir: Path, extra_dirs: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """What :func:`disk_usage` counts: (root, directory left out) pairs."""
+    return [(workspace, state_dir), *((d, Path("/nonexistent")) for d in extra_dirs)]
+
+
+def _measured_size(measured: Sequence[tuple[Path, Path]]) -> int:
+    """Bytes on disk under each (root, directory left out) pair (blocking: a walk)."""
+    return sum(_tree_size(root, skip) for root, skip in measured)
 
 
 def snapshot(root: Path, skip: Sequence[Path]) -> dict[str, tuple[int, int]]:
@@ -519,20 +555,105 @@ def _files(root: Path, skip: Sequence[Path]) -> Iterator[tuple[str, os.stat_resu
                 continue
 
 
-async def _watch_disk(measured: list[tuple[Path, Path]], start: int, limit: int, proc_pgid: list[int],
+# -- the cgroup of one command --------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def command_cgroup(host: HostSupport, limits: ResourceLimits) -> AsyncIterator[_Cgroups]:
+    """A new cgroup for one command, with the spec's limits set.
+
+    The command joins it itself (:func:`sandbox_argv` writes its pid to the group's
+    ``cgroup.procs`` files); read the group's usage inside the block. On leaving, whatever
+    is still in the group (also a process that left the process group with ``setsid``) is
+    killed and the group removed, in a worker thread that runs to its end even when the
+    block was cancelled.
+
+    Raises:
+        SandboxRefused: the group cannot be made or limited here.
+    """
+    try:
+        # Not in a thread: cgroupfs lives in memory (a few mkdir and writes, no disk), and a
+        # cancellation can then not come between making the group and owning it.
+        group = _Cgroups.create(host, limits)
+    except OSError as e:
+        raise SandboxRefused(f"cannot set up the command's cgroup: {e}") from None
+    try:
+        yield group
+    finally:
+        # The thread starts before this await can be cancelled, and runs to its end even when it
+        # is: Prefect's timeouts cancel again at every await, which must not leave a group behind.
+        await asyncio.to_thread(group.close)
+
+
+# -- the argv that is executed ----------------------------------------------------------------
+
+
+def sandbox_argv(
+    argv: Sequence[str],
+    *,
+    limits: ResourceLimits,
+    host: HostSupport,
+    network: bool,
+    sandbox: bool,
+    confine: Sequence[str] = (),
+    cgroup_procs: Sequence[Path] = (),
+    disk_grown: int = 0,
+) -> list[str]:
+    """The argv that runs ``argv`` under the limits (the environment is passed on unchanged).
+
+    Pure: it reads and starts nothing. What the host supports comes in ``host``, the
+    confinement prefix from :func:`confinement`, the ``cgroup.procs`` files from
+    :func:`command_cgroup`, and ``disk_grown`` is what the workspace has grown in this agent
+    run already (no single file may take it past ``max_disk_usage``).
+
+    The layers, outermost first: ``unshare`` (network, PID and mount namespaces), ``sh``
+    moving itself into the cgroup, the confinement, ``prlimit``, the command.
+    """
+    if not sandbox:
+        return list(argv)
+    namespaces = []
+    if not network and host.netns:
+        namespaces.append("-n")
+    if host.pidns:
+        # Own PID namespace and /proc: the command cannot read the runtime's environment
+        # through /proc/<ppid>/environ, and everything in it dies with its first process.
+        namespaces += ["-p", "-f", "--mount-proc"]
+    else:
+        namespaces.append("-m")  # --mount-proc brings a mount namespace; without it, ask for one
+    wrapped = ["unshare", *namespaces, "--"]
+    prlimits: list[str] = []
+    if host.prlimit:
+        if limits.max_memory is not None and "memory" not in host.cgroup_root:
+            prlimits.append(f"--as={limits.max_memory.bytes}")
+        if limits.max_disk_usage is not None:
+            prlimits.append(f"--fsize={limits.max_disk_usage.bytes - disk_grown}")
+    if cgroup_procs or prlimits or confine:
+        joins = "".join(f'echo $$ > "{f}" && ' for f in cgroup_procs)
+        inner = ["prlimit", *prlimits, "--"] if prlimits else []
+        wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *confine, *inner]
+    return [*wrapped, *argv]
+
+
+# -- the watchers -----------------------------------------------------------------------------
+
+#: Started on a command's process group as soon as it exists; appends the limit it enforced
+#: by killing the group to the list (the second argument).
+Watcher = Callable[[int, list[str]], Awaitable[None]]
+
+
+async def _watch_disk(measured: Sequence[tuple[Path, Path]], start: int, limit: int, pgid: int,
                       tripped: list[str]) -> None:
     while True:
         await asyncio.sleep(0.5)
-        grown = sum([await asyncio.to_thread(_tree_size, r, k) for r, k in measured]) - start
-        if grown > limit:
+        if await asyncio.to_thread(_measured_size, measured) - start > limit:
             tripped.append("disk")
-            for pgid in proc_pgid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
             return
 
 
 def _group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds of the processes in group ``pgid`` (blocking: reads every process's stat)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for entry in os.scandir("/proc"):
@@ -547,14 +668,14 @@ def _group_cpu_seconds(pgid: int) -> float:
     return total / ticks
 
 
-async def _throttle(pgid: int, fraction: float, window: float = 0.2) -> None:
+async def _throttle(pgid: int, tripped: list[str], *, fraction: float, window: float = 0.2) -> None:
     """Hold a process group to ``fraction`` of one CPU by stopping it when it ran ahead."""
     allowed = 0.0
-    used_before = _group_cpu_seconds(pgid)
+    used_before = await asyncio.to_thread(_group_cpu_seconds, pgid)
     while True:
         await asyncio.sleep(window)
         allowed += window * fraction
-        used = _group_cpu_seconds(pgid) - used_before
+        used = await asyncio.to_thread(_group_cpu_seconds, pgid) - used_before
         ahead = used - allowed
         if ahead > 0:
             with contextlib.suppress(ProcessLookupError):
@@ -563,6 +684,69 @@ async def _throttle(pgid: int, fraction: float, window: float = 0.2) -> None:
             allowed += (ahead / fraction) * fraction  # time stopped also earns allowance
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGCONT)
+
+
+def _watchers(limits: ResourceLimits, host: HostSupport, *, measured: Sequence[tuple[Path, Path]],
+              disk_start: int | None) -> list[Watcher]:
+    """The watchers a sandboxed command needs: disk growth, and the CPU throttle without a cpu cgroup."""
+    found: list[Watcher] = []
+    if limits.max_disk_usage is not None and disk_start is not None:
+        found.append(functools.partial(_watch_disk, measured, disk_start, limits.max_disk_usage.bytes))
+    if limits.max_cpu is not None and "cpu" not in host.cgroup_root:
+        found.append(functools.partial(_throttle, fraction=limits.max_cpu.fraction))
+    return found
+
+
+async def _run_watched(
+    full: Sequence[str], *, label: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float,
+    output_limit: int, watchers: Sequence[Watcher],
+) -> tuple[ProcessResult | None, list[str]]:
+    """Run ``full`` with ``watchers`` on its process group; return its result and the limits that stopped it.
+
+    The timeout and the output cap are :func:`run_process`'s; after the timeout the result
+    is None and the limits name ``timeout``.
+    """
+    tripped: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    groups: list[int] = []
+
+    def started(pgid: int) -> None:  # called the moment the process exists: nothing polls for it
+        groups.append(pgid)
+        tasks.extend(asyncio.create_task(watch(pgid, tripped)) for watch in watchers)
+
+    try:
+        result = await run_process(full, cwd=cwd, env=env, timeout=timeout, output_limit=output_limit,
+                                   on_start=started, label=label)
+    except ToolTimeoutError:
+        tripped.append("timeout")
+        return None, tripped
+    finally:
+        for task in tasks:
+            task.cancel()
+        for pgid in groups:  # a throttled group must not stay stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGCONT)
+    return result, tripped
+
+
+# -- one command ------------------------------------------------------------------------------
+
+
+def _checked_plan(limits: ResourceLimits, *, network: bool, sandbox: bool, host: HostSupport) -> SandboxPlan:
+    """What will be enforced.
+
+    Raises:
+        SandboxRefused: ``sandbox`` is set and a declared limit has no mechanism here.
+    """
+    if not sandbox:  # only the timeout applies: say so in the audit record, claim nothing else
+        return SandboxPlan(enforced={"timeout": "process-group kill"}, missing=[], network=True)
+    plan = plan_limits(limits, network=network, host=host)
+    if plan.missing:
+        raise SandboxRefused(
+            "this host cannot enforce " + ", ".join(plan.missing)
+            + " (the spec sets sandbox: true, so the command may not run unconfined); see `toka doctor`"
+        )
+    return plan
 
 
 async def run_sandboxed(
@@ -592,120 +776,59 @@ async def run_sandboxed(
     Raises:
         SandboxRefused: ``sandbox`` is set and a declared limit cannot be enforced here.
     """
-    host = host or detect_host()
-    plan = plan_limits(limits, network=network, host=host)
-    if not sandbox:  # only the timeout applies: say so in the audit record, claim nothing else
-        plan = SandboxPlan(enforced={"timeout": "process-group kill"}, missing=[], network=True)
-    if sandbox and plan.missing:
-        raise SandboxRefused(
-            "this host cannot enforce " + ", ".join(plan.missing)
-            + " (the spec sets sandbox: true, so the command may not run unconfined); see `toka doctor`"
-        )
+    host = host or await asyncio.to_thread(detect_host)
+    plan = _checked_plan(limits, network=network, sandbox=sandbox, host=host)
+    measured = _measured_dirs(workspace, state_dir, extra_disk_dirs)
     grown = 0  # what the workspace has grown in this agent run, before this command
     if sandbox and limits.max_disk_usage is not None and disk_baseline is not None:
-        grown = disk_usage(workspace, state_dir, extra_disk_dirs) - disk_baseline
+        grown = await asyncio.to_thread(_measured_size, measured) - disk_baseline
         if grown >= limits.max_disk_usage.bytes:
             raise SandboxRefused(f"the workspace has already grown {grown} bytes in this run, past its "
                                  f"max_disk_usage of {limits.max_disk_usage.bytes}; free space first")
-    wrapped: list[str] = []
-    namespaces = []
-    if sandbox and not network and host.netns:
-        namespaces.append("-n")
-    if sandbox and host.pidns:
-        # Own PID namespace and /proc: the command cannot read the runtime's environment
-        # through /proc/<ppid>/environ, and everything in it dies with its first process.
-        namespaces += ["-p", "-f", "--mount-proc"]
-    if sandbox and not host.pidns:
-        namespaces.append("-m")  # --mount-proc brings a mount namespace; without it, ask for one
-    if namespaces:
-        wrapped += ["unshare", *namespaces, "--"]
-    groups: _Cgroups | None = None
-    if sandbox and host.cgroup:
-        try:
-            groups = _Cgroups.create(host, limits)
-        except OSError as e:
-            raise SandboxRefused(f"cannot set up the command's cgroup: {e}") from None
-    prlimits: list[str] = []
-    if sandbox and host.prlimit:
-        if limits.max_memory is not None and "memory" not in host.cgroup_root:
-            prlimits.append(f"--as={limits.max_memory.bytes}")
-        if limits.max_disk_usage is not None:
-            # No single file may take the workspace past its limit: what this run has left.
-            prlimits.append(f"--fsize={limits.max_disk_usage.bytes - grown}")
-    confine: list[str] = []
-    if sandbox:
-        # Writable: the workspace and the command's home; the rest of the state directory
-        # (audit trail, results, run records) is read-only to it.
-        writable = [d for d in extra_disk_dirs if d.is_relative_to(state_dir)]
-        confine = confinement(workspace, cwd, writable=writable, readonly=[state_dir], env=env, network=network,
-                              tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
-    if groups is not None or prlimits or confine:
-        joins = "".join(f'echo $$ > "{f}" && ' for f in (groups.procs_files if groups else []))
-        inner = ["prlimit", *prlimits, "--"] if prlimits else []
-        wrapped += ["sh", "-c", f'{joins}exec "$@"', "toka-sandbox", *confine, *inner]
-    full = [*wrapped, *argv]
-
-    measured = [(workspace, state_dir), *((d, Path("/nonexistent")) for d in extra_disk_dirs)]
     disk_start = None
     if limits.max_disk_usage is not None:
-        disk_start = disk_baseline if disk_baseline is not None else disk_usage(workspace, state_dir, extra_disk_dirs)
-    tripped: list[str] = []
-    watchers: list[asyncio.Task[None]] = []
-    pgid_box: list[int] = []
-    started = time.monotonic()
-    rusage_before = os.times()
-    result: ProcessResult | None = None
-    timed_out: ToolTimeoutError | None = None
-    try:
-        proc_task = asyncio.create_task(
-            run_process(full, cwd=cwd, env=env, timeout=timeout, output_limit=output_limit,
-                        on_start=pgid_box.append, label=argv)
-        )
-        while not pgid_box and not proc_task.done():
-            await asyncio.sleep(0.005)
-        if pgid_box and sandbox:
-            if limits.max_disk_usage is not None and disk_start is not None:
-                watchers.append(asyncio.create_task(
-                    _watch_disk(measured, disk_start, limits.max_disk_usage.bytes, pgid_box, tripped)))
-            if limits.max_cpu is not None and "cpu" not in host.cgroup_root:
-                watchers.append(asyncio.create_task(_throttle(pgid_box[0], limits.max_cpu.fraction)))
-        try:
-            result = await proc_task
-        except ToolTimeoutError as e:
-            tripped.append("timeout")
-            timed_out = e
-    finally:
-        for w in watchers:
-            w.cancel()
-        for pgid in pgid_box:  # a throttled group must not stay stopped
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGCONT)
-        usage_cpu = groups.cpu_seconds(host) if groups else None
-        peak = groups.peak_memory(host) if groups else None
-        if groups is not None and groups.oom_killed(host):
+        disk_start = disk_baseline if disk_baseline is not None else await asyncio.to_thread(_measured_size, measured)
+    cgroup: contextlib.AbstractAsyncContextManager[_Cgroups | None] = (
+        command_cgroup(host, limits) if sandbox and host.cgroup else contextlib.nullcontext())
+    async with cgroup as group:
+        confine: list[str] = []
+        if sandbox:
+            # Writable: the workspace and the command's home; the rest of the state directory
+            # (audit trail, results, run records) is read-only to it.
+            confine = await asyncio.to_thread(
+                confinement, workspace, cwd, writable=[d for d in extra_disk_dirs if d.is_relative_to(state_dir)],
+                readonly=[state_dir], env=env, network=network,
+                tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
+        full = sandbox_argv(argv, limits=limits, host=host, network=network, sandbox=sandbox, confine=confine,
+                            cgroup_procs=group.procs_files if group else (), disk_grown=grown)
+        started, times_before = time.monotonic(), os.times()
+        result, tripped = await _run_watched(
+            full, label=argv, cwd=cwd, env=env, timeout=timeout, output_limit=output_limit,
+            watchers=_watchers(limits, host, measured=measured, disk_start=disk_start) if sandbox else [])
+        cpu = group.cpu_seconds(host) if group else None  # cgroupfs: read from memory, no disk
+        peak = group.peak_memory(host) if group else None
+        if group is not None and group.oom_killed(host):
             tripped.append("memory")
-        if groups is not None:
-            groups.kill_all()  # whatever left the process group (setsid) dies here
-            groups.remove()
-        after = os.times()
-        if usage_cpu is None:  # approximate: every child this process reaped meanwhile
-            usage_cpu = (after.children_user - rusage_before.children_user) + (
-                after.children_system - rusage_before.children_system)
-        grown = (sum(_tree_size(r, k) for r, k in measured) - disk_start) if disk_start is not None else None
-        usage = CommandUsage(
-            wall_s=time.monotonic() - started,
-            cpu_s=usage_cpu,
-            peak_memory_bytes=peak,
-            disk_growth_bytes=grown,
-            # Under a PID namespace the kernel's kill shows up as unshare's own exit;
-            # the cgroup knows what really happened.
-            exit_code=None if "memory" in tripped else (result.exit_code if result else None),
-            signal=signal.SIGKILL if "memory" in tripped else (result.signal if result else None),
-            killed_for=tripped[0] if tripped else None,
-        )
-    if timed_out is not None:
+    wall = time.monotonic() - started
+    if cpu is None:  # approximate: every child this process reaped meanwhile
+        times_after = os.times()
+        cpu = (times_after.children_user - times_before.children_user) + (
+            times_after.children_system - times_before.children_system)
+    usage = CommandUsage(
+        wall_s=wall,
+        cpu_s=cpu,
+        peak_memory_bytes=peak,
+        disk_growth_bytes=(await asyncio.to_thread(_measured_size, measured) - disk_start
+                           if disk_start is not None else None),
+        # Under a PID namespace the kernel's kill shows up as unshare's own exit;
+        # the cgroup knows what really happened.
+        exit_code=None if "memory" in tripped else (result.exit_code if result else None),
+        signal=signal.SIGKILL if "memory" in tripped else (result.signal if result else None),
+        killed_for=tripped[0] if tripped else None,
+    )
+    if result is None:
         # The command's own timeout is a result the caller hands back to the model, not an error
         # that fails the task (``usage.killed_for`` says "timeout"); what it printed died with it.
         return ProcessResult(argv=tuple(full), exit_code=None, signal=signal.SIGKILL, stdout="", stderr="",
-                             truncated=False, duration_s=usage.wall_s), usage, plan
+                             truncated=False, duration_s=wall), usage, plan
     return result, usage, plan

@@ -26,15 +26,18 @@ from .errors import (
     ModelRetriesExhausted,
     NoResultError,
     TaskReportedFailure,
+    TokaError,
     TurnLimitError,
 )
 from .model import (
     Message,
     Model,
     ModelRequest,
+    ModelResponse,
     TextBlock,
     ToolDefinition,
     ToolResultBlock,
+    ToolUseBlock,
     Usage,
 )
 from .prompt import REMINDER
@@ -119,121 +122,156 @@ async def run_step(
         InvalidToolInputError: too many malformed ``submit_result`` inputs.
         ModelRetriesExhausted: one request (with the model's own retries) took longer than
             ``limits.request_timeout``; final, Prefect does not retry it.
+
+    Every :class:`~toka.errors.TokaError` it raises carries in ``usage`` what this attempt spent.
     """
-    usage_box: list[Usage] = [Usage()]
+    conversation = _Conversation(
+        model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
+        limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
+    )
     try:
-        return await _loop(model=model, system=system, task_message=task_message, toolbox=toolbox,
-                           metric_names=metric_names, limits=limits, metadata=metadata,
-                           before_request=before_request, after_request=after_request, usage_box=usage_box)
-    except Exception as e:
-        e.toka_usage = usage_box[0]  # type: ignore[attr-defined]  # what the failed attempt spent
+        return await conversation.run()
+    except TokaError as e:
+        e.usage = conversation.usage  # what the failed attempt spent, for its report
         raise
 
 
-async def _loop(
-    *,
-    model: Model,
-    system: str,
-    task_message: str,
-    toolbox: Toolbox,
-    metric_names: Sequence[str],
-    limits: StepLimits,
-    metadata: dict[str, str] | None,
-    before_request: Callable[[], None] | None,
-    after_request: Callable[[Usage], None] | None,
-    usage_box: list[Usage],
-) -> StepRun:
-    started = time.monotonic()
-    tools = [*toolbox.definitions(), submit_result_definition(metric_names)]
-    messages: list[Message] = [Message(role="user", content=[TextBlock(text=task_message)])]
-    usage = Usage()
-    files_read: list[str] = []
-    files_changed: list[str] = []
-    reminded = False
-    invalid = 0
-    known_metrics = set(metric_names)
+class _Conversation:
+    """One task attempt's conversation: the messages so far and what they cost.
 
-    for turn in range(1, limits.max_turns + 1):
-        if before_request is not None:
-            before_request()
+    :meth:`run` asks the model, answers the tools it calls, and repeats until it
+    submits a result or a limit ends the attempt. The running totals live here so
+    that :func:`run_step` can tell a failed attempt's usage.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Model,
+        system: str,
+        task_message: str,
+        toolbox: Toolbox,
+        metric_names: Sequence[str],
+        limits: StepLimits,
+        metadata: dict[str, str] | None,
+        before_request: Callable[[], None] | None,
+        after_request: Callable[[Usage], None] | None,
+    ) -> None:
+        self.model = model
+        self.system = system
+        self.toolbox = toolbox
+        self.limits = limits
+        self.metadata = metadata or {}
+        self.before_request = before_request
+        self.after_request = after_request
+        self.tools = [*toolbox.definitions(), submit_result_definition(metric_names)]
+        self.known_metrics = set(metric_names)
+        self.messages: list[Message] = [Message(role="user", content=[TextBlock(text=task_message)])]
+        self.started = time.monotonic()
+        self.usage = Usage()
+        self.turn = 0
+        self.files_read: list[str] = []
+        self.files_changed: list[str] = []
+        self.reminded = False
+        self.invalid = 0
+
+    async def run(self) -> StepRun:
+        for turn in range(1, self.limits.max_turns + 1):
+            self.turn = turn
+            response = await self._request()
+            self.messages.append(Message(role="assistant", content=list(response.content)))
+            if not response.tool_uses:
+                self._remind()
+                continue
+            done = await self._answer(response.tool_uses)
+            if done is not None:
+                return done
+        raise TurnLimitError(f"no result after {self.limits.max_turns} model requests (the turn limit)")
+
+    async def _request(self) -> ModelResponse:
+        """One model request under the guard; its usage is added and reported."""
+        if self.before_request is not None:
+            self.before_request()
         request = ModelRequest(
-            system=system,
-            messages=messages,
-            tools=tools,
-            max_tokens=limits.max_tokens,
-            metadata={**(metadata or {}), "turn": str(turn)},
+            system=self.system,
+            messages=self.messages,
+            tools=self.tools,
+            max_tokens=self.limits.max_tokens,
+            metadata={**self.metadata, "turn": str(self.turn)},
         )
         try:
-            response = await asyncio.wait_for(model.request(request), limits.request_timeout)
+            response = await asyncio.wait_for(self.model.request(request), self.limits.request_timeout)
         except asyncio.TimeoutError:
             # Final, not retryable: the guard is set above everything the model call may do
             # (for Claude: every HTTP attempt timing out plus all the waiting between them), and
             # the model call owns its retries. A Prefect retry on top would make more than
             # max_attempts HTTP attempts for one logical request, past the documented bound.
             raise ModelRetriesExhausted(
-                f"the model did not answer within {limits.request_timeout:g}s, the longest one request "
+                f"the model did not answer within {self.limits.request_timeout:g}s, the longest one request "
                 "may take with its retries; not retried again"
             ) from None
-        usage = usage + response.usage
-        usage_box[0] = usage
-        if after_request is not None:
-            after_request(response.usage)
-        messages.append(Message(role="assistant", content=list(response.content)))
+        self.usage = self.usage + response.usage
+        if self.after_request is not None:
+            self.after_request(response.usage)
+        return response
 
-        calls = response.tool_uses
-        if not calls:
-            if reminded:
-                raise NoResultError(
-                    "the model stopped without calling submit_result, even after a reminder"
-                )
-            reminded = True
-            messages.append(Message(role="user", content=[TextBlock(text=REMINDER)]))
-            continue
+    def _remind(self) -> None:
+        """The model stopped without submitting: remind it once, then give up."""
+        if self.reminded:
+            raise NoResultError("the model stopped without calling submit_result, even after a reminder")
+        self.reminded = True
+        self.messages.append(Message(role="user", content=[TextBlock(text=REMINDER)]))
 
+    async def _answer(self, calls: Sequence[ToolUseBlock]) -> StepRun | None:
+        """Answer each tool call in order; a valid submitted result ends the attempt at once."""
         replies: list[ToolResultBlock] = []
         for call in calls:
-            if call.name == SUBMIT_RESULT:
-                problem, result = _check_result(call.input, known_metrics)
-                if result is not None:
-                    result = result.redacted(secret_values())
-                    run = StepRun(
-                        result=result,
-                        usage=usage,
-                        turns=turn,
-                        files_read=sorted(set(files_read)),
-                        files_changed=sorted(set(files_changed) | set(result.files_changed)),
-                        tool_calls=len(toolbox.calls),
-                        refused_calls=sum(1 for c in toolbox.calls if c.refused),
-                        duration_s=time.monotonic() - started,
-                    )
-                    if result.status != "completed":
-                        raise TaskReportedFailure(
-                            f"the model reported the task {result.status}: {result.summary}",
-                        )
-                    return run
-                invalid += 1
-                problem = redact(problem, secret_values())  # it may quote what the model sent
-                if invalid >= limits.max_invalid_inputs:
-                    raise InvalidToolInputError(
-                        f"the model sent {invalid} malformed submit_result inputs; last: {problem}"
-                    )
-                replies.append(
-                    ToolResultBlock(tool_use_id=call.id, content=f"invalid result: {problem}", is_error=True)
-                )
+            if call.name != SUBMIT_RESULT:
+                replies.append(await self._run_tool(call))
                 continue
-            output = await toolbox.call(call.name, call.input)
-            files_read += output.files_read
-            files_changed += output.files_changed
-            replies.append(
-                ToolResultBlock(
-                    tool_use_id=call.id,
-                    content=_delimit(call.name, output.text),
-                    is_error=output.is_error,
-                )
-            )
-        messages.append(Message(role="user", content=list(replies)))
+            outcome = self._submit(call)
+            if isinstance(outcome, StepRun):
+                return outcome
+            replies.append(outcome)
+        self.messages.append(Message(role="user", content=replies))
+        return None
 
-    raise TurnLimitError(f"no result after {limits.max_turns} model requests (the turn limit)")
+    async def _run_tool(self, call: ToolUseBlock) -> ToolResultBlock:
+        output = await self.toolbox.call(call.name, call.input)
+        self.files_read += output.files_read
+        self.files_changed += output.files_changed
+        return ToolResultBlock(tool_use_id=call.id, content=_delimit(call.name, output.text),
+                               is_error=output.is_error)
+
+    def _submit(self, call: ToolUseBlock) -> StepRun | ToolResultBlock:
+        """The finished attempt for a valid result, or the reply that tells the model what is wrong.
+
+        Raises:
+            TaskReportedFailure: the result's status is not ``completed``.
+            InvalidToolInputError: ``limits.max_invalid_inputs`` malformed results.
+        """
+        problem, result = _check_result(call.input, self.known_metrics)
+        if result is None:
+            self.invalid += 1
+            problem = redact(problem, secret_values())  # it may quote what the model sent
+            if self.invalid >= self.limits.max_invalid_inputs:
+                raise InvalidToolInputError(
+                    f"the model sent {self.invalid} malformed submit_result inputs; last: {problem}"
+                )
+            return ToolResultBlock(tool_use_id=call.id, content=f"invalid result: {problem}", is_error=True)
+        result = result.redacted(secret_values())
+        if result.status != "completed":
+            raise TaskReportedFailure(f"the model reported the task {result.status}: {result.summary}")
+        return StepRun(
+            result=result,
+            usage=self.usage,
+            turns=self.turn,
+            files_read=sorted(set(self.files_read)),
+            files_changed=sorted(set(self.files_changed) | set(result.files_changed)),
+            tool_calls=len(self.toolbox.calls),
+            refused_calls=sum(1 for c in self.toolbox.calls if c.refused),
+            duration_s=time.monotonic() - self.started,
+        )
 
 
 def _check_result(data: object, known_metrics: set[str]) -> tuple[str, TaskResult | None]:

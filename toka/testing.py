@@ -67,6 +67,9 @@ class ScriptedModel:
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.name}
 
+    def worst_case_seconds(self) -> float | None:
+        return None  # no retries of its own: the run's request timeout bounds each request
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         self.history.append(request)
         if self.queue:
@@ -99,6 +102,9 @@ class FunctionModel:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.name}
+
+    def worst_case_seconds(self) -> float | None:
+        return None  # no retries of its own: the run's request timeout bounds each request
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         self.history.append(request)

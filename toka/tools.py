@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -24,12 +25,15 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .audit import AuditLog
-from .errors import SandboxViolation, ToolError
+from .errors import SandboxViolation, ToolError, ToolTimeoutError
 from .model import ToolDefinition
 from .policy import AgentPolicy
+from .sandbox import CommandUsage
 from .workspace import Workspace
 
 __all__ = [
+    "BlockingTool",
+    "CommandOutput",
     "EditFile",
     "ListDir",
     "ReadFile",
@@ -67,6 +71,18 @@ class ToolOutput:
     files_changed: list[str] = field(default_factory=list)
 
 
+@dataclass(kw_only=True)
+class CommandOutput(ToolOutput):
+    """What ``run_command`` returns: the text for the model, and the command's record for the audit trail."""
+
+    usage: CommandUsage
+    """What the command used, as measured."""
+    sandbox: dict[str, str]
+    """Limit -> the mechanism that enforced it."""
+    output_bytes: int
+    """What the command printed (stdout and stderr as kept), in characters."""
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One executed call, as counted in reports."""
@@ -94,6 +110,25 @@ class Tool(ABC):
     async def run(self, args: Any, ctx: ToolContext) -> ToolOutput: ...
 
 
+class BlockingTool(Tool):
+    """A tool whose work is blocking file-system I/O: it runs in a worker thread, off the event loop.
+
+    Reading, walking and searching a big workspace takes long enough to delay every other
+    agent's model requests and tool calls if done on the loop.
+    """
+
+    async def run(self, args: Any, ctx: ToolContext) -> ToolOutput:
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self.run_blocking, args, ctx, cancelled)
+        finally:
+            cancelled.set()  # a thread cannot be cancelled: a long loop checks this to stop early
+
+    @abstractmethod
+    def run_blocking(self, args: Any, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
+        """The tool's work; ``cancelled`` is set once nobody waits for the result any more."""
+
+
 class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,7 +142,7 @@ class ReadFileArgs(_Args):
     end_line: int | None = Field(default=None, ge=1, description="Last line to return (inclusive).")
 
 
-class ReadFile(Tool):
+class ReadFile(BlockingTool):
     name = "read_file"
     description = (
         "Read a text file in the workspace, optionally a range of lines. "
@@ -115,7 +150,7 @@ class ReadFile(Tool):
     )
     Input = ReadFileArgs
 
-    async def run(self, args: ReadFileArgs, ctx: ToolContext) -> ToolOutput:
+    def run_blocking(self, args: ReadFileArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         path = ctx.workspace.resolve(args.path, kind="file")
         rel = ctx.workspace.relative(path)
         out: list[str] = []
@@ -153,7 +188,7 @@ class ListDirArgs(_Args):
     depth: int = Field(default=1, ge=1, le=4, description="How many levels to descend.")
 
 
-class ListDir(Tool):
+class ListDir(BlockingTool):
     name = "list_dir"
     description = (
         "List a workspace directory (directories end with '/', files show their size), "
@@ -162,7 +197,7 @@ class ListDir(Tool):
     Input = ListDirArgs
     limit: ClassVar[int] = 500
 
-    async def run(self, args: ListDirArgs, ctx: ToolContext) -> ToolOutput:
+    def run_blocking(self, args: ListDirArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         base = ctx.workspace.resolve(args.path, kind="dir")
         entries: list[str] = []
         stopped = False
@@ -187,7 +222,7 @@ class SearchFilesArgs(_Args):
     max_results: int = Field(default=100, ge=1, le=1000)
 
 
-class SearchFiles(Tool):
+class SearchFiles(BlockingTool):
     name = "search_files"
     description = (
         "Search text files under a workspace directory for a regular expression; "
@@ -197,7 +232,7 @@ class SearchFiles(Tool):
     file_size_limit: ClassVar[int] = 1_000_000
     time_limit: ClassVar[float] = 10.0
 
-    async def run(self, args: SearchFilesArgs, ctx: ToolContext) -> ToolOutput:
+    def run_blocking(self, args: SearchFilesArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         try:
             pattern = regex.compile(args.pattern)
         except regex.error as e:
@@ -209,6 +244,8 @@ class SearchFiles(Tool):
         deadline = time.monotonic() + self.time_limit
         try:
             for path, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
+                if cancelled.is_set():  # the call was cancelled (a task timeout): nobody reads on
+                    break
                 if args.glob and not path.match(args.glob):
                     continue
                 if path.stat().st_size > self.file_size_limit:
@@ -220,15 +257,15 @@ class SearchFiles(Tool):
                 rel = ctx.workspace.relative(path)
                 for number, raw in enumerate(data.split(b"\n"), 1):
                     line = raw.decode("utf-8", errors="replace").rstrip("\r")
-                    # A per-search time limit: a pathological pattern must not hang the loop.
-                    if pattern.search(line, timeout=max(0.001, deadline - time.monotonic())):
+                    # A per-search time limit: a pathological pattern must not hang the search.
+                    # `concurrent`: the GIL is released while matching, so the loop runs meanwhile.
+                    if pattern.search(line, concurrent=True, timeout=max(0.001, deadline - time.monotonic())):
                         if len(matches) >= args.max_results:
                             stopped = True
                             break
                         matches.append(f"{rel}:{number}: {line[:300]}")
                 if stopped:
                     break
-                await asyncio.sleep(0)  # let timeouts and cancellation in between files
         except TimeoutError:
             return ToolOutput(
                 f"search for {args.pattern!r} stopped after {self.time_limit:g}s "
@@ -248,13 +285,13 @@ class WriteFileArgs(_Args):
     content: str = Field(description="The whole new content of the file.")
 
 
-class WriteFile(Tool):
+class WriteFile(BlockingTool):
     name = "write_file"
     description = "Create or overwrite a text file in the workspace with the given content."
     Input = WriteFileArgs
     size_limit: ClassVar[int] = 2_000_000
 
-    async def run(self, args: WriteFileArgs, ctx: ToolContext) -> ToolOutput:
+    def run_blocking(self, args: WriteFileArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         data = args.content.encode("utf-8")
         if len(data) > self.size_limit:
             return ToolOutput(f"refused: {len(data)} bytes is over the {self.size_limit}-byte limit",
@@ -281,7 +318,7 @@ class EditFileArgs(_Args):
     new_text: str = Field(description="Replacement text.")
 
 
-class EditFile(Tool):
+class EditFile(BlockingTool):
     name = "edit_file"
     description = (
         "Replace one exact occurrence of old_text with new_text in a workspace file. "
@@ -289,7 +326,7 @@ class EditFile(Tool):
     )
     Input = EditFileArgs
 
-    async def run(self, args: EditFileArgs, ctx: ToolContext) -> ToolOutput:
+    def run_blocking(self, args: EditFileArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         path = ctx.workspace.resolve_for_write(args.path)
         if not path.is_file():
             return ToolOutput(f"{args.path!r} is not an existing file", is_error=True)
@@ -313,7 +350,10 @@ class EditFile(Tool):
 
 
 def _over_disk_limit(ctx: ToolContext, added: int) -> str | None:
-    """Why a write of ``added`` more bytes would take the workspace past ``max_disk_usage`` (or None)."""
+    """Why a write of ``added`` more bytes would take the workspace past ``max_disk_usage`` (or None).
+
+    Blocking: it measures the workspace.
+    """
     policy = ctx.policy
     if policy is None or policy.limits.max_disk_usage is None or added <= 0 or not policy.sandbox:
         return None
@@ -423,33 +463,37 @@ class Toolbox:
             violation = isinstance(e, SandboxViolation)
             # Counted like every other call, so the report's figures match the audit trail.
             self.calls.append(ToolCall(name, refused=violation, is_error=True))
+            usage = e.command_usage if isinstance(e, ToolTimeoutError) else None
             self._audit(name, arguments, "refused" if violation else "allowed", str(e), started=started,
-                        is_error=True, usage=getattr(e, "toka_command_usage", None),
-                        files_changed=e.paths if violation else None)
+                        is_error=True, usage=usage if isinstance(usage, CommandUsage) else None,
+                        files_changed=e.paths if isinstance(e, SandboxViolation) else None)
             raise
         self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
-        self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error,
-                    usage=getattr(output, "command_usage", None), output=output)
+        self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error, output=output)
         return output
 
     def _audit(self, name: str, arguments: Mapping[str, Any], decision: str, reason: str | None, *,
-               started: float, is_error: bool, usage: Any = None, output: ToolOutput | None = None,
-               files_changed: list[str] | None = None) -> None:
+               started: float, is_error: bool, usage: CommandUsage | None = None,
+               output: ToolOutput | None = None, files_changed: list[str] | None = None) -> None:
+        """One audit record; a command's usage comes from its :class:`CommandOutput` (or ``usage``)."""
         if self.ctx.audit is None:
             return
+        command = output if isinstance(output, CommandOutput) else None
+        if command is not None:
+            usage = command.usage
         self.ctx.audit.record(
             agent=self.ctx.agent, task=self.ctx.task, tool=name, arguments=dict(arguments),
             decision=decision, reason=reason, is_error=is_error,
-            exit_code=getattr(usage, "exit_code", None), signal=getattr(usage, "signal", None),
+            exit_code=None if usage is None else usage.exit_code, signal=None if usage is None else usage.signal,
             duration_s=round(time.monotonic() - started, 4),
-            bytes=None if output is None else getattr(output, "output_bytes", len(output.text)),
+            bytes=None if output is None else command.output_bytes if command else len(output.text),
             files_changed=files_changed or ([] if output is None else output.files_changed),
             usage=None if usage is None else {
                 "wall_s": round(usage.wall_s, 4), "cpu_s": usage.cpu_s,
                 "peak_memory_bytes": usage.peak_memory_bytes, "disk_growth_bytes": usage.disk_growth_bytes,
                 "killed_for": usage.killed_for,
             },
-            sandbox=None if output is None else getattr(output, "sandbox", None),
+            sandbox=None if command is None else command.sandbox,
         )
 
     async def _call(self, name: str, arguments: Mapping[str, Any]) -> tuple[ToolOutput, str, str | None]:
@@ -472,7 +516,7 @@ class Toolbox:
                 raise
             return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e)
         except (OSError, UnicodeDecodeError) as e:
-            why = f"{name} failed: {getattr(e, 'strerror', None) or e}"
+            why = f"{name} failed: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
             return ToolOutput(why, is_error=True), "allowed", why
         return output, "allowed", None
 

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import ConfigError, ToolError
+from .errors import ConfigError, PathRefused
 
 __all__ = ["STATE_DIR_NAME", "PathRefused", "Workspace"]
 
@@ -16,10 +16,6 @@ STATE_DIR_NAME = ".toka"
 # "*" matches the .gitignore itself too: git shows nothing of the state directory, and the
 # person's own .gitignore is never edited.
 _GITIGNORE = "# written by toka: its run state is not part of the repository\n*\n"
-
-
-class PathRefused(ToolError):
-    """A tool was asked for a path outside what the workspace allows; the model is told why."""
 
 
 class Workspace:

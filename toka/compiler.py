@@ -1,6 +1,6 @@
 """The compiler: one agent spec becomes one async Prefect flow.
 
-Each spec task becomes a run of the generic :func:`tasks.llm_step.llm_step`,
+Each spec task becomes a run of the generic :func:`toka.llm_step.llm_step`,
 specialised with ``.with_options`` (name, retries, timeout). Tasks run in the
 listed order, each seeing the results before it and those of the agent's
 dependencies. A critical or high task that fails (after its retries) ends the
@@ -41,18 +41,18 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
-from tasks.llm_step import StepInput, agent_ledger, is_retryable, llm_step
-from toka.config import RunConfig
-from toka.errors import AgentFailedError, BudgetExceededError, TokaError
-from toka.model import Usage
-from toka.progress import ProgressEvent, notify
-from toka.redact import redact, redact_data, secret_values
-from toka.budget import AgentBudget, current_ledger, use_agent_budget
-from toka.policy import approval_keys
-from toka.providers import get_model
-from toka.report import agent_markdown, agent_results_table
-from toka.results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
-from toka.spec import AgentSpec, Task as SpecTask
+from .budget import AgentBudget, current_ledger, use_agent_budget
+from .config import RunConfig
+from .errors import AgentFailedError, BudgetExceededError, TokaError
+from .llm_step import StepInput, agent_ledger, is_retryable, llm_step
+from .model import Usage
+from .policy import approval_keys
+from .progress import ProgressEvent, notify
+from .providers import get_model
+from .redact import redact, redact_data, secret_values
+from .report import agent_markdown, agent_results_table
+from .results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
+from .spec import AgentSpec, Task as SpecTask
 
 __all__ = [
     "WITH_FAILURES",
@@ -92,7 +92,7 @@ def run_name(prefix: str) -> str:
     return f"{prefix} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
 
 
-def failed(error: TokaError) -> State[Any]:
+def failed(error: TokaError, *, data: Any = None) -> State[Any]:
     """What a flow returns instead of raising ``error``: a Failed state whose message is one line.
 
     Raised, ``error`` would reach the UI as a traceback logged with its ``repr``
@@ -101,14 +101,14 @@ def failed(error: TokaError) -> State[Any]:
     own line (Prefect logs it once: "Finished in state Failed(...)"), and
     ``state.result()`` raises ``error`` all the same: it is the state's data.
     An error of several lines (several problems) keeps the first in the
-    message and logs them all.
+    message and logs them all. ``data``: the state's result instead of ``error``.
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     message = lines[0] if lines else type(error).__name__
     if len(lines) > 1:
         message += f" (and {len(lines) - 1} more: see the log)"
         get_run_logger().error("%s", "\n".join(lines))
-    return Failed(message=message, data=error)
+    return Failed(message=message, data=error if data is None else data)
 
 
 def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunConfig) -> Task[..., Any]:
@@ -122,10 +122,10 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
         name=title,
         task_run_name=title,
         retries=run.retries.get(task.priority, 1),
-        retry_delay_seconds=run.retry_delay_seconds,
-        retry_jitter_factor=0.5 if run.retry_delay_seconds else None,
+        retry_delay_seconds=run.limits.retry_delay_seconds,
+        retry_jitter_factor=0.5 if run.limits.retry_delay_seconds else None,
         retry_condition_fn=is_retryable,
-        timeout_seconds=min(agent_timeout, run.task_timeout or agent_timeout),
+        timeout_seconds=min(agent_timeout, run.limits.task_timeout or agent_timeout),
         **options,
     )
 
@@ -208,8 +208,8 @@ async def _record(
     return TaskRecord(
         **base,
         state="failed",
-        attempts=getattr(exc, "toka_attempt", None) or (retries + 1 if retryable else 1),
-        usage=charged if charged is not None else getattr(exc, "toka_usage", None) or Usage(),
+        attempts=(exc.attempt if isinstance(exc, TokaError) else None) or (retries + 1 if retryable else 1),
+        usage=charged if charged is not None else (exc.usage if isinstance(exc, TokaError) else None) or Usage(),
         error=redact(f"{type(exc).__name__}: {text}", secrets),
         **counts,
     ), exc
@@ -273,7 +273,7 @@ async def _run_tasks(
     tool-call counts in effect (:func:`toka.results.use_agent_calls`), likewise.
     """
     total = len(tasks)
-    fingerprint, digest = (await get_model(run)).fingerprint(), spec.digest()
+    fingerprint, digest = (await get_model(run.provider)).fingerprint(), spec.digest()
     fatal: str | None = None
     ledger = current_ledger()
     records: list[TaskRecord] = []
@@ -339,13 +339,15 @@ async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
     person is asked through a paused flow run, and silence until the timeout
     is a denial; otherwise (in-process runs) undecided means denied.
     """
-    keys = [k for k in approval_keys(spec, run.needs_approval) if k not in run.approve and k not in run.deny]
+    approvals = run.approvals
+    keys = [k for k in approval_keys(spec, approvals.needs_approval)
+            if k not in approvals.approve and k not in approvals.deny]
     if not keys:
         return run
     approved = False
     if run.pause_for_approval:
         # The pause counts against the agent's own timeout, so it must end well before it.
-        limit = max(1, int(min(run.approval_timeout, spec.security.resource_limits.timeout.seconds / 2)))
+        limit = max(1, int(min(approvals.approval_timeout, spec.security.resource_limits.timeout.seconds / 2)))
         question = ApprovalInput.with_initial_data(
             description=f"Agent **{spec.name}** may use: **{', '.join(keys)}**. Approve for this run? "
                         f"(no answer within {limit} s counts as a denial)",
@@ -359,8 +361,8 @@ async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
             # Only a resume takes the run out of Paused on the server; left there, its final
             # Completed would be refused ("completed and never resumed") and the agent failed.
             await _resume_after_timeout()
-    update = {"approve": (*run.approve, *keys)} if approved else {"deny": (*run.deny, *keys)}
-    return run.model_copy(update=update)
+    update = {"approve": (*approvals.approve, *keys)} if approved else {"deny": (*approvals.deny, *keys)}
+    return run.model_copy(update={"approvals": approvals.model_copy(update=update)})
 
 
 def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
@@ -431,7 +433,7 @@ async def _run_agent(
         progress.close(),
         acreate_markdown_artifact(
             key=f"{spec.name}-report",
-            markdown=agent_markdown(report, model=(await get_model(run)).name),
+            markdown=agent_markdown(report, model=(await get_model(run.provider)).name),
             description=f"{spec.name}: task report",
         ),
         acreate_table_artifact(

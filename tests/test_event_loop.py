@@ -1,0 +1,85 @@
+"""A slow tool in one agent does not hold up another: blocking work stays off the event loop.
+
+Two agents share one event loop (the pipeline runs agents as concurrent async tasks), so
+a tool that reads, walks or searches files on the loop stops every other agent's model
+requests and tool calls until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from toka.audit import AuditLog
+from toka.capabilities import grant_tools
+from toka.tools import ToolContext, Toolbox
+from toka.workspace import Workspace
+
+# 960 kB of 3-byte lines (the search reads files up to 1 MB): one file takes the search
+# about 2 s here, and on the loop it would block for all of that at once.
+BIG_FILE = "ab\n" * 320_000
+
+
+def agent(root: Path, name: str) -> Toolbox:
+    """The toolbox of an agent granted the file-reading tools, with its audit trail."""
+    root.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace(root)
+    tools, withheld = grant_tools(["filesystem-read"])
+    audit = AuditLog(workspace.state_dir / "audit" / "loop.jsonl", run="loop")
+    return Toolbox(tools, ToolContext(workspace=workspace, agent=name, task=1, audit=audit), withheld=withheld)
+
+
+def test_a_slow_search_does_not_delay_another_agents_tool_calls(tmp_path: Path) -> None:
+    searcher = agent(tmp_path / "big", "searcher")
+    (tmp_path / "big" / "haystack.txt").write_text(BIG_FILE)
+    other = agent(tmp_path / "small", "other")
+    (tmp_path / "small" / "notes.txt").write_text("one line\n")
+
+    async def go() -> tuple[float, list[float]]:
+        done = asyncio.Event()
+
+        async def search() -> float:
+            started = time.monotonic()
+            out = await searcher.call("search_files", {"pattern": "needle"})
+            assert out.text.startswith("0 matches for 'needle' in 1 files"), out.text
+            done.set()
+            return time.monotonic() - started
+
+        async def keep_reading(since: float) -> list[float]:
+            finished = [since]
+            while not done.is_set():
+                out = await other.call("read_file", {"path": "notes.txt"})
+                assert not out.is_error, out.text
+                finished.append(time.monotonic())
+                await asyncio.sleep(0.005)
+            return finished
+
+        took, finished = await asyncio.gather(search(), keep_reading(time.monotonic()))
+        return took, [b - a for a, b in zip(finished, finished[1:])]
+
+    took, gaps = asyncio.run(go())
+    assert took >= 0.5, f"the search took {took:.2f} s: too fast to show anything"
+    # On the loop, the other agent would wait for the whole search (one file) at once.
+    assert max(gaps) < took / 3, f"another agent's call waited {max(gaps):.2f} s during a {took:.2f} s search"
+    assert len(gaps) > 10
+
+
+def test_a_cancelled_search_stops_reading(tmp_path: Path) -> None:
+    searcher = agent(tmp_path / "big", "searcher")
+    for i in range(8):  # about 0.5 s each
+        (tmp_path / "big" / f"haystack{i}.txt").write_text(BIG_FILE[: len(BIG_FILE) // 4])
+
+    async def go() -> float:
+        try:
+            await asyncio.wait_for(searcher.call("search_files", {"pattern": "needle"}), 0.2)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the search finished before it could be cancelled")
+        stopped = time.monotonic()
+        await asyncio.get_running_loop().shutdown_default_executor()  # waits for the worker thread
+        return time.monotonic() - stopped
+
+    # The thread stops at the next file instead of reading the other seven.
+    assert asyncio.run(go()) < 1.5

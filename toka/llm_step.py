@@ -1,0 +1,241 @@
+"""The one generic Prefect task: an LLM-assisted step for one spec task.
+
+The compiler (:mod:`toka.compiler`) specialises it per spec task with ``.with_options(name=...,
+retries=..., timeout_seconds=...)``. Results are persisted under a cache key
+made from what determines the answer (spec content, task position, earlier
+and upstream results, model settings) plus the run key, so a retried or
+resumed run replays finished tasks instead of paying for them again, while a
+new run (new key) does the work afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.events import emit_event
+from prefect.cache_policies import CachePolicy
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.utilities.annotations import quote
+from pydantic import BaseModel, ConfigDict
+
+from toka.audit import AuditLog, audit_path
+from toka.budget import Ledger, current_agent_budget, current_ledger
+from toka.policy import AgentPolicy
+from toka.capabilities import grant_tools
+from toka.config import RunConfig
+from toka.errors import TokaError
+from toka.prompt import system_prompt, task_message
+from toka.model import Usage
+from toka.providers import get_model
+from toka.results import TaskOutcome, current_agent_calls
+from toka.spec import AgentSpec
+from toka.step import StepLimits, run_step
+from toka.tools import Toolbox, ToolContext
+from toka.workspace import Workspace
+
+__all__ = ["StepCachePolicy", "StepInput", "is_retryable", "llm_step"]
+
+
+class StepInput(BaseModel):
+    """Everything one task needs; plain data, so it survives persistence and processes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: AgentSpec
+    spec_digest: str
+    index: int
+    """1-based position in the agent's task list."""
+    prior: list[dict[str, Any]] = []
+    """Results of the agent's earlier tasks in this run."""
+    upstream: dict[str, dict[str, Any]] = {}
+    """Dependency name -> {'kind': ..., 'results': [...]} for the agents this one depends on."""
+    run: RunConfig
+    model_fingerprint: dict[str, Any] = {}
+    agent_spent: int = 0
+    """Tokens the agent had spent when this task started (budget accounting when the task runs
+    outside an agent flow; not part of the cache key)."""
+
+    def cache_key(self) -> str:
+        material = {
+            "spec": self.spec_digest,
+            "task": self.index,
+            "contexts": list(self.run.contexts),
+            "prior": self.prior,
+            "upstream": self.upstream,
+            "model": self.model_fingerprint,
+            "max_turns": self.run.limits.max_turns,
+            "run": self.run.run_key,
+        }
+        blob = json.dumps(material, sort_keys=True, default=str).encode()
+        return f"toka-{self.spec.name}-{self.index}-{hashlib.sha256(blob).hexdigest()[:32]}"
+
+
+@dataclass
+class StepCachePolicy(CachePolicy):
+    """Cache key = :meth:`StepInput.cache_key` (what matters for the answer, and the run key)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        step = inputs.get("step")
+        if isinstance(step, quote):  # the compiler passes it quoted (not walked by Prefect)
+            step = step.unquote()
+        return step.cache_key() if isinstance(step, StepInput) else None
+
+
+def is_retryable(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry timeouts and errors marked retryable, nothing else.
+
+    Permanent failures (invalid request, authentication, permission, budget,
+    spec errors) and programming errors are never retried.
+    """
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(exc, TokaError):
+        return exc.retryable
+    return isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+
+
+def _mirror_as_event(record: dict[str, Any]) -> None:
+    """Each audit record is also a Prefect event (already redacted)."""
+    emit_event(
+        event=f"toka.tool.{record.get('decision', 'called')}",
+        resource={
+            "prefect.resource.id": f"toka.agent.{record.get('agent')}.task.{record.get('task')}",
+            "prefect.resource.name": str(record.get("agent")),
+        },
+        related=[{"prefect.resource.id": f"toka.tool.{record.get('tool')}", "prefect.resource.role": "tool"}],
+        payload=record,
+    )
+
+
+def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
+    """The task's and the agent's ledgers for this attempt.
+
+    Inside an agent flow they are the agent run's (:class:`toka.budget.AgentBudget`),
+    so a Prefect retry, which runs in the same process and agent run, goes on
+    from what the earlier attempts spent. Run on its own, the task gets fresh
+    ledgers: its budget covers this attempt, the agent's starts from ``agent_spent``.
+    """
+    spec, run = step.spec, step.run
+    name = f"task ({spec.name} {step.index}/{total})"
+    limit = run.budgets.task_token_budget or spec.budget.task_tokens
+    budget = current_agent_budget()
+    if budget is not None:
+        task_ledger = budget.task_ledger(run.run_key, spec.name, step.index, name=name, limit=limit)
+        if task_ledger is not None:
+            return task_ledger, budget.ledger
+    return Ledger(name, limit, scope="task"), agent_ledger(spec, run, spent=step.agent_spent)
+
+
+def agent_ledger(spec: AgentSpec, run: RunConfig, *, spent: int = 0) -> Ledger:
+    """The agent budget of ``spec`` in ``run``: the run's override, else the spec's own."""
+    return Ledger(f"agent ({spec.name})", run.budgets.agent_token_budget or spec.budget.agent_tokens,
+                  spent=spent, scope="agent")
+
+
+@task(
+    name="llm-step",
+    persist_result=True,
+    cache_policy=StepCachePolicy(),
+    retry_condition_fn=is_retryable,
+)
+async def llm_step(step: StepInput) -> TaskOutcome:
+    """Run the model loop for task ``step.index`` of ``step.spec`` and return its outcome."""
+    # The body lives in a plain function: Prefect reads this function's source every time
+    # the compiler specialises it (.with_options), about 8 ms for the whole body.
+    return await _run_llm_step(step)
+
+
+async def _run_llm_step(step: StepInput) -> TaskOutcome:
+    spec, run = step.spec, step.run
+    tasks = spec.task_list(run.contexts)
+    model = await get_model(run.provider)
+    granted, withheld = grant_tools(spec.security.capabilities_required)
+    workspace = Workspace(run.workspace)
+    approvals = run.approvals
+    policy = AgentPolicy.for_spec(
+        spec, allow_unsandboxed=approvals.allow_unsandboxed, needs_approval=frozenset(approvals.needs_approval),
+        approvals=frozenset(approvals.approve), denials=frozenset(approvals.deny),
+    )
+    workspace.make_state_dir()  # on a worker too: .toka ignores itself before anything is written
+    audit = AuditLog(audit_path(workspace.state_dir, run.run_key), run=run.run_key, on_record=_mirror_as_event)
+    ctx = ToolContext(workspace=workspace, agent=spec.name, task=step.index, policy=policy, audit=audit)
+    toolbox = Toolbox(granted, ctx, withheld=withheld)
+    upstream_results = {name: dep["results"] for name, dep in step.upstream.items()}
+    ctx_run = TaskRunContext.get()
+    attempt = ctx_run.task_run.run_count if ctx_run and ctx_run.task_run else 1
+    task_ledger, agent_ledger = _budgets(step, len(tasks))
+    agent_calls = current_agent_calls()  # the agent run's tool-call counts, across this task's attempts
+    calls = agent_calls.task(run.run_key, spec.name, step.index) if agent_calls is not None else None
+    ledgers = [task_ledger, agent_ledger]
+    pipeline_ledger = current_ledger()
+    if pipeline_ledger is not None:
+        ledgers.append(pipeline_ledger)
+    logger = get_run_logger()
+
+    def before_request() -> None:
+        for ledger in ledgers:
+            ledger.check()
+
+    def after_request(usage: Usage) -> None:
+        for ledger in ledgers:
+            ledger.charge(usage)
+        logger.info(
+            "model request: %d input, %d output, %d cache-write, %d cache-read tokens",
+            usage.input_tokens, usage.output_tokens, usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens,
+        )
+
+    # The guard around one logical request must leave room for the provider's own retries.
+    guard = model.worst_case_seconds() or run.provider.request_timeout
+    try:
+        result = await run_step(
+            model=model,
+            system=system_prompt(spec, tools=toolbox.names),
+            task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
+            toolbox=toolbox,
+            metric_names=[m.name for m in spec.reporting.metrics],
+            limits=StepLimits(max_turns=run.limits.max_turns, request_timeout=guard,
+                              max_tokens=run.provider.max_tokens),
+            metadata={"agent": spec.name, "task": str(step.index), "run": run.run_key},
+            before_request=before_request,
+            after_request=after_request,
+        )
+    except TokaError as e:
+        e.attempt = attempt  # for reports: a retried task's failure says how many attempts it took
+        e.usage = task_ledger.charged  # every attempt so far
+        raise
+    finally:
+        # Every attempt's calls count: failed ones, and timed-out ones (Prefect's timeout cancels
+        # this coroutine, and the cancellation passes here too).
+        if calls is not None:
+            calls.add(len(toolbox.calls), sum(1 for c in toolbox.calls if c.refused))
+    tool_calls, refused_calls = (calls.calls, calls.refused) if calls is not None else (
+        result.tool_calls, result.refused_calls)
+    return TaskOutcome(
+        agent=spec.name,
+        index=step.index,
+        description=tasks[step.index - 1].description,
+        result=result.result,
+        # Every attempt of the task, not just this one, so the task's figure (and, on a
+        # resume, what it carries forward) matches what the pipeline was charged.
+        usage=task_ledger.charged,
+        turns=result.turns,
+        tool_calls=tool_calls,
+        refused_calls=refused_calls,
+        files_read=result.files_read,
+        model=model.name,
+        duration_s=result.duration_s,
+        attempt=attempt,
+    )
