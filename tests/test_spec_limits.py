@@ -2,9 +2,9 @@
 
 Hostile files (an alias bomb, a 12 MB file, 100,000 tasks, a list nested a
 thousand deep) are refused quickly, in little memory, with a located message,
-on every path a spec is loaded by: one file, a large set parsed by forked
-workers, specs remembered from an earlier load, and the ``validate``, ``plan``
-and ``run`` commands as real processes (under an address-space limit, so that a
+on every path a spec is loaded by: one file, a set of files, a file edited
+between two loads, and the ``validate``, ``plan`` and ``run`` commands as real
+processes (under an address-space limit, so that a
 regression fails the test instead of filling the machine's memory).
 """
 
@@ -24,7 +24,7 @@ import yaml
 
 import toka.yaml_source as ys
 from toka.errors import SpecError
-from toka.spec import AgentSpec, forget_loaded_specs
+from toka.spec import AgentSpec
 from toka.specset import load_specs
 from toka.yaml_source import (
     MAX_DEPTH,
@@ -33,11 +33,10 @@ from toka.yaml_source import (
     MAX_SPEC_BYTES,
     MAX_TASKS,
     MAX_VALUE_CHARS,
-    PARALLEL_MIN_FILES,
 )
 
 from .conftest import AGENT_SPECS, TOKA_SPECS
-from .test_specset import CORES, load_twice, named, write_set
+from .test_specset import named, problems_of, write_set
 
 BASE = (AGENT_SPECS / "repo-survey.yaml").read_text(encoding="utf-8")
 TOKA = str(Path(sys.executable).with_name("toka"))
@@ -332,32 +331,26 @@ def test_line_endings_are_read_as_text_mode_reads_them(tmp_path: Path) -> None:
     assert spec.name == "repo-survey" and spec.line_of("security") == line_of(BASE, "security:")
 
 
-# -- every path: forked workers, remembered specs ------------------------------------
+# -- every path: a set of files, a file edited between loads -------------------------
 
 
-@pytest.mark.skipif(CORES < 2, reason="needs two cores to parse on two")
-def test_limits_hold_in_the_forked_parsing_workers(tmp_path: Path) -> None:
+def test_limits_hold_in_a_set_of_files(tmp_path: Path) -> None:
     bad = {
-        5: named("agent-0005") + "\nlaughs:\n" + "\n".join(bomb()) + "\n",
-        150: named("agent-0150") + "\ndeep: " + "[" * 100 + "]" * 100 + "\n",
-        230: named("agent-0230") + "\nloop: &l [*l]\n",
+        2: named("agent-0002") + "\nlaughs:\n" + "\n".join(bomb()) + "\n",
+        5: named("agent-0005") + "\ndeep: " + "[" * 100 + "]" * 100 + "\n",
+        9: named("agent-0009") + "\nloop: &l [*l]\n",
     }
-    folder = write_set(tmp_path / "specs", PARALLEL_MIN_FILES + 40, bad=bad)
-    parallel, serial, pids, main = load_twice(folder, tmp_path)
-    assert len(pids - {main}) >= 2, "the parsing was not spread over worker processes"
-    assert parallel == serial
-    problems = parallel["problems"]
-    assert [Path(p[0]).name for p in problems] == ["agent-0005.yaml", "agent-0150.yaml", "agent-0230.yaml"]
+    problems = problems_of(write_set(tmp_path / "specs", 10, bad=bad))
+    assert [p[0] for p in problems] == ["agent-0002.yaml", "agent-0005.yaml", "agent-0009.yaml"]
     assert "alias *a" in problems[0][3] and f"the limit for a spec is {MAX_NODES:,}" in problems[0][3]
     assert f"nested more than {MAX_DEPTH} levels" in problems[1][3]
     assert "alias *l is inside the collection it names" in problems[2][3]
     assert all(isinstance(p[1], int) for p in problems)
 
 
-def test_a_remembered_spec_does_not_let_an_edited_bad_file_through(tmp_path: Path) -> None:
+def test_a_file_edited_into_a_bomb_is_refused_on_the_next_load(tmp_path: Path) -> None:
     folder = write_set(tmp_path / "specs", 1)
-    forget_loaded_specs()
-    load_specs([folder])  # remembered now
+    load_specs([folder])
     path = folder / "agent-0000.yaml"
     path.write_text(named("agent-0000") + "\nlaughs:\n" + "\n".join(bomb()) + "\n", encoding="utf-8")
     for _ in range(2):

@@ -12,11 +12,15 @@ capability                                     grants
 ``filesystem-read``                            ``read_file``, ``list_dir``, ``search_files``
 ``filesystem-write``, ``file-system-write``    ``write_file``, ``edit_file``
 ``cargo-execution``, ``cargo-test-execution``,  ``run_command`` for the programs in
-``git-access``, ``git-push``,                  :data:`toka.commands.COMMAND_CAPABILITIES`
+``git-access``, ``git-push``,                  :data:`CAPABILITIES` lists (rules: :mod:`toka.commands`)
 ``script-execution``,
 ``python-test-execution``, ``database-access``
 ``network-access``                             commands may reach the network (approval)
 =============================================  ===========================================
+
+The table (:data:`CAPABILITIES`) is plain data, so that planning and the CLI
+can describe capabilities without importing the tools or the sandbox; only
+:func:`grant_tools` needs the tools themselves.
 """
 
 from __future__ import annotations
@@ -24,19 +28,72 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .commands import COMMAND_CAPABILITIES, RunCommand
-from .tools import Tool, read_only_tools, writing_tools
+if TYPE_CHECKING:
+    from .tools import Tool
 
-__all__ = ["CAPABILITY_TOOLS", "capability_status", "grant_tools", "use_tools"]
+__all__ = [
+    "CAPABILITIES",
+    "CAPABILITY_TOOLS",
+    "NOT_TOOL_BACKED",
+    "Capability",
+    "capability_status",
+    "grant_tools",
+    "use_tools",
+]
 
-#: Capability name -> the tools it grants.
-CAPABILITY_TOOLS: dict[str, tuple[str, ...]] = {
-    "filesystem-read": ("read_file", "list_dir", "search_files"),
-    "filesystem-write": ("write_file", "edit_file"),
-    "file-system-write": ("write_file", "edit_file"),
-    **{capability: ("run_command",) for capability in COMMAND_CAPABILITIES},
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    """What one capability name grants."""
+
+    description: str
+    """What it grants, in words: ``read_file, list_dir, search_files``, ``run_command (cargo test)``."""
+    tools: tuple[str, ...] = ()
+    """The tools it grants."""
+    programs: tuple[str, ...] = ()
+    """The programs ``run_command`` may start with it (the rules are in :mod:`toka.commands`)."""
+    needs_sandbox: bool = False
+    """It runs commands, confined by the sandbox: with ``sandbox: false`` the run must allow unsandboxed agents."""
+
+    @property
+    def label(self) -> str:
+        """How ``toka plan`` shows it: ``tool-backed: ...``."""
+        return f"tool-backed: {self.description}"
+
+
+def _tools(*tools: str) -> Capability:
+    return Capability(", ".join(tools), tools=tools)
+
+
+def _command(*programs: str) -> Capability:
+    return Capability(f"run_command ({', '.join(programs)})", tools=("run_command",), programs=programs,
+                      needs_sandbox=True)
+
+
+#: Capability name -> what it grants; a name not here is accepted and grants nothing.
+CAPABILITIES: dict[str, Capability] = {
+    "filesystem-read": _tools("read_file", "list_dir", "search_files"),
+    "filesystem-write": _tools("write_file", "edit_file"),
+    "file-system-write": _tools("write_file", "edit_file"),
+    "cargo-execution": _command("cargo"),
+    "cargo-test-execution": _command("cargo test"),
+    "git-access": _command("git"),
+    "git-push": _command("git push"),
+    "script-execution": _command("workspace scripts"),
+    "python-test-execution": _command("pytest", "python -m pytest"),
+    "database-access": _command("sqlite3"),
+    # No tool of its own: it lets the commands another capability grants reach the network.
+    "network-access": Capability("run_command may reach the network (needs approval)"),
 }
+
+#: Capability name -> the tools it grants (the capabilities that grant any).
+CAPABILITY_TOOLS: dict[str, tuple[str, ...]] = {name: c.tools for name, c in CAPABILITIES.items() if c.tools}
+
+#: The status of a capability that grants nothing.
+NOT_TOOL_BACKED = "declared, not tool-backed"
 
 _custom: ContextVar[tuple[Tool, ...]] = ContextVar("toka_custom_tools", default=())
 
@@ -49,7 +106,7 @@ def use_tools(*tools: Tool) -> Iterator[None]:
     only agents that declare it get the tool, like the built-in ones.
     """
     for tool in tools:
-        if not getattr(tool, "capability", None):
+        if not tool.capability:
             raise TypeError(f"tool {tool.name!r} must name the capability it needs (capability = '...')")
     token = _custom.set((*_custom.get(), *tools))
     try:
@@ -59,11 +116,15 @@ def use_tools(*tools: Tool) -> Iterator[None]:
 
 
 def _all_tools() -> list[Tool]:
+    # Imported here, not above: they bring in the sandbox, which describing a capability does not need.
+    from .commands import RunCommand
+    from .tools import read_only_tools, writing_tools
+
     return [*read_only_tools(), *writing_tools(), RunCommand(), *_custom.get()]
 
 
 def _needs(tool: Tool) -> list[str]:
-    custom = getattr(tool, "capability", None)
+    custom = tool.capability
     return [custom] if custom else [c for c, tools in CAPABILITY_TOOLS.items() if tool.name in tools]
 
 
@@ -85,11 +146,6 @@ def grant_tools(capabilities: Iterable[str]) -> tuple[list[Tool], dict[str, str]
 
 
 def capability_status(capability: str) -> str:
-    """``tool-backed: read_file, ...`` or ``declared, not tool-backed``."""
-    if capability == "network-access":
-        return "tool-backed: run_command may reach the network (needs approval)"
-    tools = CAPABILITY_TOOLS.get(capability)
-    if not tools:
-        return "declared, not tool-backed"
-    programs = COMMAND_CAPABILITIES.get(capability)
-    return f"tool-backed: {', '.join(tools)}" + (f" ({', '.join(programs)})" if programs else "")
+    """``tool-backed: read_file, ...`` or :data:`NOT_TOOL_BACKED`."""
+    known = CAPABILITIES.get(capability)
+    return NOT_TOOL_BACKED if known is None else known.label

@@ -30,6 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.wait import wait_random_exponential
 
 from .errors import (
+    ContextOverflowError,
     ModelError,
     ModelRetriesExhausted,
     ModelTimeoutError,
@@ -272,7 +273,7 @@ def translate_error(
             return TransientModelError(say(f"{where}: {detail or 'temporarily unavailable'}"),
                                        retry_after=_retry_after(error))
         if status == 400 and "prompt is too long" in detail.lower():
-            return PermanentModelError(say(f"{where}: the prompt is too long for the model's context window"))
+            return ContextOverflowError(say(f"{where}: the prompt is too long for the model's context window"))
         hint = _PERMANENT_HINTS.get(status, "the request was refused")
         if status == 404 and model:
             hint = (f"model {model!r} not found: check the model id (--model / TOKA_MODEL); "

@@ -173,12 +173,12 @@ def validate(paths: PathsArg = None) -> None:
     with _user_errors():
         # Only some files of a set: their dependencies may live in the others.
         plan = make_plan(named, partial=all(Path(p).is_file() for p in named))
-    from .capabilities import capability_status
+    from .capabilities import NOT_TOOL_BACKED, capability_status
 
     for name, spec in plan.graph.agents.items():
         out.print(f"[green]ok[/green] {_agent_line(plan, name)}")
         untooled = [c for c in spec.security.capabilities_required
-                    if capability_status(c) == "declared, not tool-backed"]
+                    if capability_status(c) == NOT_TOOL_BACKED]
         if untooled:
             out.print(f"   declared, not tool-backed: {escape(', '.join(untooled))}")
     for problem in plan.warnings:

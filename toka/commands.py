@@ -31,6 +31,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from .capabilities import CAPABILITIES
 from .errors import CommandRefused, SandboxViolation
 from .gitguard import GitGuard
 from .redact import redact, secret_values
@@ -44,16 +45,8 @@ from .tools import CommandOutput, Tool, ToolContext, _Args
 
 __all__ = ["COMMAND_CAPABILITIES", "CommandRefused", "RunCommand", "check_command", "scrubbed_env"]
 
-#: Capability -> the programs it grants (see the module table for the rules).
-COMMAND_CAPABILITIES: dict[str, tuple[str, ...]] = {
-    "cargo-execution": ("cargo",),
-    "cargo-test-execution": ("cargo test",),
-    "git-access": ("git",),
-    "git-push": ("git push",),
-    "script-execution": ("workspace scripts",),
-    "python-test-execution": ("pytest", "python -m pytest"),
-    "database-access": ("sqlite3",),
-}
+#: Capability -> the programs it grants (declared in the capability table; the rules are below).
+COMMAND_CAPABILITIES: dict[str, tuple[str, ...]] = {n: c.programs for n, c in CAPABILITIES.items() if c.programs}
 
 _INTERPRETERS = {"python", "python3", "bash", "sh"}
 # Flags that take no value and carry no code; anything else before the script is refused.

@@ -115,6 +115,8 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
     """The generic step specialised for task ``index`` of ``spec`` under ``run``."""
     title = task_title(spec, index, total, task)
     agent_timeout = spec.security.resource_limits.timeout.seconds
+    estimate = task.estimated_duration or task.estimated_time
+    default = estimate.seconds if estimate is not None else agent_timeout
     options: dict[str, Any] = {}
     if run.result_storage:
         options["result_storage"] = run.result_storage
@@ -125,7 +127,7 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
         retry_delay_seconds=run.limits.retry_delay_seconds,
         retry_jitter_factor=0.5 if run.limits.retry_delay_seconds else None,
         retry_condition_fn=is_retryable,
-        timeout_seconds=min(agent_timeout, run.limits.task_timeout or agent_timeout),
+        timeout_seconds=min(agent_timeout, run.limits.task_timeout or default),
         **options,
     )
 
@@ -192,10 +194,13 @@ async def _record(
             attempts=0 if cached else outcome.attempt,
             duration_s=0.0 if cached else outcome.duration_s,
             usage=Usage() if cached else charged if charged is not None else outcome.usage,
-            carried_usage=outcome.usage if cached else Usage(),
+            carried_usage=outcome.usage if cached else outcome.carried,
             files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
             tool_calls=0 if cached else outcome.tool_calls,
             refused_calls=0 if cached else outcome.refused_calls,
+            compactions=0 if cached else outcome.compactions,
+            tokens_cleared=0 if cached else outcome.tokens_cleared,
+            replayed=0 if cached else outcome.replayed,
             # Redacted when submitted; again here for results persisted before that was so.
             result=outcome.result.redacted(secrets),
         ), None

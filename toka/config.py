@@ -131,15 +131,29 @@ class ProviderSettings(_Group):
     """Shared concurrent model requests, across workers (a Prefect global concurrency limit)."""
     in_process_requests: Annotated[int | None, Field(ge=1), Cli(metavar="N")] = None
     """Concurrent model requests from one process."""
+    context_window: Annotated[int | None, Field(ge=1000), Cli(metavar="TOKENS", envvar="TOKA_CONTEXT_WINDOW")] = None
+    """The model's context window in tokens (empty: known for Claude models; set it for proxies and
+    compatible servers)."""
+    context_management: Annotated[Literal["client", "server", "off"], Cli(metavar="WHERE")] = "client"
+    """How long conversations are kept inside the context window: 'client' (toka clears old tool
+    output and compacts, against any Messages API server), 'server' (the Anthropic API's own context
+    editing), or 'off'."""
 
 
 class Limits(_Group):
     """How long and how far one task may go."""
 
-    max_turns: Annotated[int, Field(ge=1), Cli(metavar="N")] = 20
-    """Model requests per task attempt."""
+    max_turns: Annotated[int, Field(ge=1), Cli(metavar="N")] = 100
+    """Model requests per task (a spec task's own max_turns wins); the token budgets bound the cost."""
     task_timeout: Annotated[float | None, Field(gt=0), Cli(metavar="SECONDS")] = None
-    """Seconds one task attempt may take (empty: the agent's timeout)."""
+    """Seconds one task attempt may take (empty: the task's estimated_duration, else the agent's
+    timeout; never more than the agent's timeout)."""
+    context_threshold: Annotated[float, Field(gt=0.1, le=1), Cli(metavar="FRACTION")] = 0.7
+    """Share of the context window a request may fill before old tool output is cleared and, if
+    still too big, the conversation is compacted into a summary."""
+    tool_output_limit: Annotated[int, Field(ge=1024), Cli(metavar="BYTES")] = 16_384
+    """Bytes of one tool output the model gets; the rest is saved under .toka/outputs and the model
+    gets its head and tail, with how to read the whole."""
     retry_delay_seconds: Annotated[float, Field(ge=0), Cli(metavar="SECONDS", flag="--retry-delay")] = 10.0
     """Base seconds between task retries (Prefect adds jitter)."""
 

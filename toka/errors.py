@@ -16,7 +16,8 @@ it into readable lines, never a traceback, and exits with the class's
     │   ├── TransientModelError    429, 529, 5xx, dropped connection (retryable)
     │   ├── ModelRetriesExhausted  transient failures outlasted their retries (final)
     │   └── PermanentModelError    bad request, authentication, permission
-    │       └── ProviderAccessError    key rejected, no permission, no such model (fatal)
+    │       ├── ProviderAccessError    key rejected, no permission, no such model (fatal)
+    │       └── ContextOverflowError   the prompt is longer than the context window
     ├── StepError              the LLM-assisted loop could not finish a task
     │   ├── NoResultError          the model stopped without submitting a result
     │   ├── TurnLimitError         the task used all its turns
@@ -71,6 +72,7 @@ __all__ = [
     "BudgetExceededError",
     "CommandRefused",
     "ConfigError",
+    "ContextOverflowError",
     "DependencyCycleError",
     "DuplicateAgentError",
     "GraphError",
@@ -225,6 +227,14 @@ class ModelRetriesExhausted(ModelError):
 
 class PermanentModelError(ModelError):
     """Invalid request, authentication or permission failure: fix the cause, do not retry."""
+
+
+class ContextOverflowError(PermanentModelError):
+    """The prompt is longer than the model's context window (400 "prompt is too long").
+
+    The step loop compacts the conversation once and sends the request again; only a
+    compacted request that is still too long fails the task.
+    """
 
 
 class ProviderAccessError(PermanentModelError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
 from typing import Literal
 
 from .errors import DependencyCycleError, DuplicateAgentError, Problem, UnknownAgentError
@@ -212,22 +213,13 @@ class AgentGraph:
         Each agent is in the first wave after all its (kept) dependencies;
         within a wave, agents are sorted by priority, then name.
         """
-        waiting = {name: len(edges) for name, edges in self._upstream.items()}
-        downstream: dict[str, list[str]] = {name: [] for name in self.agents}
-        for edge in self.edges:
-            downstream[edge.dependency].append(edge.dependent)
-        wave = [name for name, n in waiting.items() if n == 0]
+        sorter = TopologicalSorter({name: [e.dependency for e in edges] for name, edges in self._upstream.items()})
+        sorter.prepare()  # no CycleError: build() refuses required cycles and drops optional edges closing one
         waves: list[list[str]] = []
-        while wave:
-            wave.sort(key=self.sort_key)
+        while sorter.is_active():
+            wave = sorted(sorter.get_ready(), key=self.sort_key)
+            sorter.done(*wave)  # all of a wave at once: what is ready next is the next wave
             waves.append(wave)
-            following = []
-            for name in wave:
-                for child in downstream[name]:
-                    waiting[child] -= 1
-                    if waiting[child] == 0:
-                        following.append(child)
-            wave = following
         return waves
 
     def order(self) -> list[str]:
@@ -289,7 +281,7 @@ def _add_optional_edges(
     trial = {name: [*deps] for name, deps in deps_of.items()}
     for edge in ordered:
         trial[edge.dependent].append(edge.dependency)
-    if len(_positions(trial)) == len(trial):
+    if _acyclic(trial):
         deps_of.update(trial)
         return ordered, []
     kept: list[Edge] = []
@@ -303,23 +295,12 @@ def _add_optional_edges(
     return kept, dropped
 
 
-def _positions(deps_of: Mapping[str, list[str]]) -> dict[str, int]:
-    """Kahn's algorithm; nodes on a cycle get no position."""
-    waiting = {name: len(deps) for name, deps in deps_of.items()}
-    downstream: dict[str, list[str]] = {name: [] for name in deps_of}
-    for name, deps in deps_of.items():
-        for dep in deps:
-            downstream[dep].append(name)
-    ready = sorted(name for name, n in waiting.items() if n == 0)
-    position: dict[str, int] = {}
-    while ready:
-        name = ready.pop()
-        position[name] = len(position)
-        for child in downstream[name]:
-            waiting[child] -= 1
-            if waiting[child] == 0:
-                ready.append(child)
-    return position
+def _acyclic(deps_of: Mapping[str, list[str]]) -> bool:
+    try:
+        TopologicalSorter(deps_of).prepare()
+    except CycleError:
+        return False
+    return True
 
 
 def _depends_on(deps_of: Mapping[str, list[str]], start: str, target: str) -> bool:

@@ -25,20 +25,22 @@ from prefect.states import State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
-from toka.audit import AuditLog, audit_path
-from toka.budget import Ledger, current_agent_budget, current_ledger
-from toka.policy import AgentPolicy
-from toka.capabilities import grant_tools
-from toka.config import RunConfig
-from toka.errors import TokaError
-from toka.prompt import system_prompt, task_message
-from toka.model import Usage
-from toka.providers import get_model
-from toka.results import TaskOutcome, current_agent_calls
-from toka.spec import AgentSpec
-from toka.step import StepLimits, run_step
-from toka.tools import Toolbox, ToolContext
-from toka.workspace import Workspace
+from .audit import AuditLog, audit_path, run_file_name
+from .budget import Ledger, current_agent_budget, current_ledger
+from .capabilities import grant_tools
+from .config import RunConfig
+from .context import context_window
+from .errors import TokaError
+from .journal import Journal, journal_path
+from .model import Usage
+from .policy import AgentPolicy
+from .prompt import system_prompt, task_message
+from .providers import get_model
+from .results import TaskOutcome, current_agent_calls
+from .spec import AgentSpec
+from .step import StepLimits, run_step
+from .tools import Toolbox, ToolContext
+from .workspace import Workspace
 
 __all__ = ["StepCachePolicy", "StepInput", "is_retryable", "llm_step"]
 
@@ -62,6 +64,12 @@ class StepInput(BaseModel):
     """Tokens the agent had spent when this task started (budget accounting when the task runs
     outside an agent flow; not part of the cache key)."""
 
+    @property
+    def max_turns(self) -> int:
+        """The task's own turn limit, else the run's."""
+        own = self.spec.task_list(self.run.contexts)[self.index - 1].max_turns
+        return own or self.run.limits.max_turns
+
     def cache_key(self) -> str:
         material = {
             "spec": self.spec_digest,
@@ -70,7 +78,7 @@ class StepInput(BaseModel):
             "prior": self.prior,
             "upstream": self.upstream,
             "model": self.model_fingerprint,
-            "max_turns": self.run.limits.max_turns,
+            "max_turns": self.max_turns,
             "run": self.run.run_key,
         }
         blob = json.dumps(material, sort_keys=True, default=str).encode()
@@ -197,8 +205,23 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             usage.cache_read_input_tokens,
         )
 
+    def on_replayed(usage: Usage) -> None:
+        for ledger in ledgers:
+            ledger.carry(usage)
+
     # The guard around one logical request must leave room for the provider's own retries.
     guard = model.worst_case_seconds() or run.provider.request_timeout
+    window = None
+    if run.provider.context_management == "client":
+        window = context_window(model.name, run.provider.context_window)
+    outputs = workspace.state_dir / "outputs" / run_file_name(run.run_key) / spec.name / str(step.index)
+
+    def save_output(text: str) -> str:
+        outputs.mkdir(parents=True, exist_ok=True)
+        path = outputs / f"{len(list(outputs.iterdir())) + 1:04d}.txt"
+        path.write_text(text, encoding="utf-8")
+        return workspace.relative(path)
+
     try:
         result = await run_step(
             model=model,
@@ -206,11 +229,16 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
             toolbox=toolbox,
             metric_names=[m.name for m in spec.reporting.metrics],
-            limits=StepLimits(max_turns=run.limits.max_turns, request_timeout=guard,
-                              max_tokens=run.provider.max_tokens),
+            limits=StepLimits(max_turns=step.max_turns, request_timeout=guard, max_tokens=run.provider.max_tokens,
+                              context_window=window, context_threshold=run.limits.context_threshold,
+                              tool_output_limit=run.limits.tool_output_limit),
             metadata={"agent": spec.name, "task": str(step.index), "run": run.run_key},
             before_request=before_request,
             after_request=after_request,
+            on_replayed=on_replayed,
+            journal=Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index)),
+            save_output=save_output,
+            log=lambda line: logger.info("%s", line),
         )
     except TokaError as e:
         e.attempt = attempt  # for reports: a retried task's failure says how many attempts it took
@@ -238,4 +266,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         model=model.name,
         duration_s=result.duration_s,
         attempt=attempt,
+        compactions=result.context.compactions,
+        tokens_cleared=result.context.tokens_cleared,
+        replayed=result.replayed,
+        carried=result.carried,
     )

@@ -148,19 +148,21 @@ async def run_pipeline(
 
 def _flow_parameters(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with the deployment entrypoint's parameters and defaults: specs, agents, one per group."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature(
+        [inspect.Parameter("specs", kind, default=DEFAULT_SPECS, annotation=list[str]),
+         inspect.Parameter("agents", kind, default=[], annotation=list[str]),
+         *(inspect.Parameter(name, kind, default=model(), annotation=model) for name, model in GROUPS.items())],
+        return_annotation=inspect.signature(fn).return_annotation,
+    )
 
     @functools.wraps(fn)
-    async def with_defaults(specs: list[str] = DEFAULT_SPECS, agents: list[str] = (), **groups: Any) -> Any:
-        settings = {name: groups.get(name) or model() for name, model in GROUPS.items()}
-        return await fn(list(specs), list(agents), **settings)
+    async def with_defaults(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return await fn(**bound.arguments)
 
-    fixed = [inspect.Parameter("specs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_SPECS,
-                               annotation=list[str]),
-             inspect.Parameter("agents", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=[], annotation=list[str])]
-    groups = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=model(), annotation=model)
-              for name, model in GROUPS.items()]
-    with_defaults.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        fixed + groups, return_annotation=inspect.signature(fn).return_annotation)
+    with_defaults.__signature__ = signature  # type: ignore[attr-defined]
     return with_defaults
 
 

@@ -72,11 +72,11 @@ def check_unsandboxed(specs: list[AgentSpec], *, allowed: bool) -> None:
     Raises:
         ConfigError: naming them, unless ``allowed``.
     """
-    from .commands import COMMAND_CAPABILITIES
+    from .capabilities import CAPABILITIES
     from .errors import ConfigError
 
-    risky = [s.name for s in specs
-             if not s.security.sandbox and set(s.security.capabilities_required) & set(COMMAND_CAPABILITIES)]
+    risky = [s.name for s in specs if not s.security.sandbox and any(
+        c in CAPABILITIES and CAPABILITIES[c].needs_sandbox for c in s.security.capabilities_required)]
     if risky and not allowed:
         raise ConfigError(
             f"{', '.join(risky)}: the spec sets sandbox: false and grants commands; "

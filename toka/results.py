@@ -87,6 +87,14 @@ class TaskOutcome(BaseModel):
     model: str = ""
     duration_s: float = 0.0
     attempt: int = 1
+    compactions: int = 0
+    """Times the conversation was compacted into a summary to stay within the context window."""
+    tokens_cleared: int = 0
+    """Tokens of old tool output cleared from the conversation (estimated)."""
+    replayed: int = 0
+    """Recorded responses and tool results replayed from the task's journal (a resumed task)."""
+    carried: Usage = Usage()
+    """What the replayed responses cost when an earlier run asked for them (spent, not charged)."""
 
 
 TaskState = Literal["completed", "cached", "failed", "not-run"]
@@ -115,6 +123,12 @@ class TaskRecord(BaseModel):
     """Tool calls of every attempt of the task in this run, failed and retried ones included."""
     refused_calls: int = 0
     """Tool calls refused by the capability, path or approval checks."""
+    compactions: int = 0
+    """Times the conversation was compacted into a summary (context window)."""
+    tokens_cleared: int = 0
+    """Tokens of old tool output cleared from the conversation (estimated)."""
+    replayed: int = 0
+    """Steps replayed from the task's journal instead of asked for or run again."""
     error: str | None = None
     result: TaskResult | None = None
 
@@ -227,6 +241,9 @@ class PipelineSummary(BaseModel):
                             "files_touched": t.files_touched,
                             "tool_calls": t.tool_calls,
                             "refused_calls": t.refused_calls,
+                            "compactions": t.compactions,
+                            "tokens_cleared": t.tokens_cleared,
+                            "replayed": t.replayed,
                             "error": t.error,
                             "result": None if t.result is None else t.result.model_dump(),
                         }

@@ -12,8 +12,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import reprlib
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import Problem, SpecError
 from .units import Bandwidth, ByteSize, CpuShare, Duration
-from .yaml_source import MAX_PROBLEMS, MAX_TASKS, YamlSource, load_yaml_many, read_spec_text
+from .yaml_source import MAX_PROBLEMS, MAX_TASKS, YamlSource, load_yaml, read_spec_text
 
 __all__ = [
     "PRIORITIES",
@@ -55,7 +53,6 @@ __all__ = [
     "SpecInfo",
     "Task",
     "Tasks",
-    "forget_loaded_specs",
     "read_spec_text",
 ]
 
@@ -229,6 +226,8 @@ class Task(_Open):
     """Rough effort, e.g. ``4h``."""
     estimated_time: Duration | None = None
     """Synonym of ``estimated_duration`` seen in some files."""
+    max_turns: int | None = Field(default=None, ge=1, le=10_000)
+    """Model requests this task may make (default: the run's ``max_turns``, 100)."""
     tools_required: list[str] = []
     """Tools the author expects the task to need (informational)."""
     dependencies: list[str] = []
@@ -558,11 +557,12 @@ class AgentSpec(BaseModel):
     def from_texts(cls, named_texts: Sequence[tuple[str, str]]) -> list[AgentSpec]:
         """Validate several specs given as ``(source, text)``; all problems are reported together.
 
-        A spec is a pure function of its source name and text, and one process
-        often loads the same files more than once (``toka run`` plans, then its
-        pipeline flow plans again), so valid specs are remembered by exactly
-        that pair: an edited file is a different text, read afresh. A large set
-        not seen before is parsed on several cores.
+        Every call parses and validates every text. A process-wide cache of valid
+        specs by ``(source, text)`` was removed: side by side (bench/plan_scale.py,
+        median of 7 rounds) it gained nothing on one load (0.89-1.10x, noise) and
+        halved a second load of the same files (0.50-0.56x), which only ``toka run``
+        did; loading once and passing the plan on is as fast (0.91-1.01x of two
+        loads with the cache) and holds nothing between calls.
 
         Raises:
             SpecError: with every problem of every bad text, each located.
@@ -575,21 +575,15 @@ class AgentSpec(BaseModel):
     @classmethod
     def load_texts(cls, named_texts: Sequence[tuple[str, str]]) -> tuple[list[AgentSpec], list[Problem]]:
         """Like :meth:`from_texts`, but returns the specs that are valid and the problems of the rest."""
-        found: list[AgentSpec | None] = [_remembered.get((source, text)) for source, text in named_texts]
-        missing = [i for i, spec in enumerate(found) if spec is None]
-        sources = [YamlSource(*named_texts[i]) for i in missing]
+        specs: list[AgentSpec] = []
         problems: list[Problem] = []
-        for i, yaml_source, data in zip(missing, sources, load_yaml_many(sources)):
-            if isinstance(data, SpecError):  # not YAML, or duplicate keys
-                problems.extend(data.problems)
-                continue
+        for source, text in named_texts:
+            yaml_source = YamlSource(source, text)
             try:
-                found[i] = spec = cls._validate_located(data, yaml_source)
-            except SpecError as e:
+                specs.append(cls._validate_located(load_yaml(yaml_source), yaml_source))
+            except SpecError as e:  # not YAML, duplicate keys, over a limit, or not a valid spec
                 problems.extend(e.problems)
-            else:
-                _remembered.put(named_texts[i], spec)
-        return [spec for spec in found if spec is not None], problems
+        return specs, problems
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str | None = None) -> AgentSpec:
@@ -780,37 +774,3 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
         field=_field_path(loc),
     )
 
-
-class _RecentSpecs:
-    """The most recently loaded valid specs, by ``(source, text)``; bounded and thread-safe."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._specs: OrderedDict[tuple[str, str], AgentSpec] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> AgentSpec | None:
-        with self._lock:
-            spec = self._specs.get(key)
-            if spec is not None:
-                self._specs.move_to_end(key)
-            return spec
-
-    def put(self, key: tuple[str, str], spec: AgentSpec) -> None:
-        with self._lock:
-            self._specs[key] = spec
-            self._specs.move_to_end(key)
-            while len(self._specs) > self._size:
-                self._specs.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._specs.clear()
-
-
-_remembered = _RecentSpecs(2048)
-
-
-def forget_loaded_specs() -> None:
-    """Drop the remembered specs, so the next load parses and validates every file again."""
-    _remembered.clear()

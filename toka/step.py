@@ -9,6 +9,11 @@ What the model submits is redacted here, once, before anything keeps it
 (the task's persisted outcome, the next tasks' prompts, reports, the error
 of a reported failure): it is text the model chose, after reading files and
 command output that may hold a secret.
+
+Long tasks: every response and tool result is recorded in the task's journal
+as it arrives and replayed when the task runs again (:mod:`toka.journal`), and
+a conversation about to outgrow the context window has its old tool output
+cleared, then is compacted into a summary (:mod:`toka.context`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,18 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from .context import (
+    ContextBudget,
+    ContextStats,
+    clear_old_tool_results,
+    compacted,
+    compaction_request,
+    head_and_tail,
+)
 from .errors import (
+    ContextOverflowError,
     InvalidToolInputError,
+    StepError,
     ModelRetriesExhausted,
     NoResultError,
     TaskReportedFailure,
@@ -40,6 +55,7 @@ from .model import (
     ToolUseBlock,
     Usage,
 )
+from .journal import Journal, Replay, request_fingerprint, tool_fingerprint
 from .prompt import REMINDER
 from .redact import redact, secret_values
 from .results import TaskResult
@@ -72,14 +88,22 @@ def submit_result_definition(metric_names: Sequence[str] = ()) -> ToolDefinition
 class StepLimits:
     """Bounds of one task's conversation."""
 
-    max_turns: int = 20
-    """Model requests per task attempt."""
+    max_turns: int = 100
+    """Model requests per task attempt, replayed ones included."""
     max_invalid_inputs: int = 3
     """Malformed ``submit_result`` inputs tolerated before the attempt fails (retryable)."""
     request_timeout: float = 600.0
     """Seconds one model request may take, its retries included (a guard above the provider's
     own timeouts and retries; exceeding it is final)."""
     max_tokens: int = 4096
+    context_window: int | None = None
+    """Tokens the model's context holds; None: no client-side context management."""
+    context_threshold: float = 0.7
+    """Share of the window a request may fill before the conversation is shrunk."""
+    keep_turns: int = 4
+    """The last turns that clearing and compaction never touch."""
+    tool_output_limit: int | None = None
+    """Bytes of one tool output the model gets (the rest saved, see ``save_output``); None: all."""
 
 
 @dataclass
@@ -94,6 +118,11 @@ class StepRun:
     tool_calls: int = 0
     refused_calls: int = 0
     duration_s: float = 0.0
+    context: ContextStats = field(default_factory=ContextStats)
+    replayed: int = 0
+    """Journal entries replayed (responses and tool results not asked for or run again)."""
+    carried: Usage = field(default_factory=Usage)
+    """What the replayed responses cost when an earlier process asked for them."""
 
 
 async def run_step(
@@ -107,6 +136,10 @@ async def run_step(
     metadata: dict[str, str] | None = None,
     before_request: Callable[[], None] | None = None,
     after_request: Callable[[Usage], None] | None = None,
+    on_replayed: Callable[[Usage], None] | None = None,
+    journal: Journal | None = None,
+    save_output: Callable[[str], str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> StepRun:
     """Run the loop for one task attempt.
 
@@ -114,6 +147,12 @@ async def run_step(
         before_request: Called before each model request; raise to refuse it
             (budgets).
         after_request: Called with each response's usage (accounting).
+        on_replayed: Called with the usage of each response replayed from the journal
+            (paid for before: carried, not charged again).
+        journal: Where the task's turns are recorded and replayed from.
+        save_output: Keeps a tool output too long for the model; returns the workspace path
+            the model can read it from.
+        log: Where one-line notices go (replay, clearing, compaction).
 
     Raises:
         TaskReportedFailure: the model submitted ``failed`` or ``blocked``.
@@ -128,11 +167,16 @@ async def run_step(
     conversation = _Conversation(
         model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
         limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
+        on_replayed=on_replayed, journal=journal, save_output=save_output, log=log,
     )
     try:
         return await conversation.run()
     except TokaError as e:
         e.usage = conversation.usage  # what the failed attempt spent, for its report
+        if isinstance(e, StepError) and journal is not None:
+            # The model's own doing (no result, turn limit, malformed results): replaying the
+            # same conversation would end the same way, so a retry starts afresh.
+            journal.discard()
         raise
 
 
@@ -156,6 +200,10 @@ class _Conversation:
         metadata: dict[str, str] | None,
         before_request: Callable[[], None] | None,
         after_request: Callable[[Usage], None] | None,
+        on_replayed: Callable[[Usage], None] | None = None,
+        journal: Journal | None = None,
+        save_output: Callable[[str], str] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.system = system
@@ -174,6 +222,19 @@ class _Conversation:
         self.files_changed: list[str] = []
         self.reminded = False
         self.invalid = 0
+        self.on_replayed = on_replayed
+        self.save_output = save_output
+        self.log = log or (lambda line: None)
+        self.model_fingerprint = model.fingerprint()
+        self.replay = Replay(journal, on_mismatch=self._mismatch)
+        if self.replay.entries:
+            self.log(f"resuming the task from its journal: {len(self.replay.entries)} recorded steps "
+                     "(model responses and tool results) are replayed, not asked for or run again")
+        self.context = ContextStats()
+        self.budget = (ContextBudget(limits.context_window, limits.context_threshold, limits.keep_turns)
+                       if limits.context_window else None)
+        self.response_fingerprint = ""
+        self.carried = Usage()
 
     async def run(self) -> StepRun:
         for turn in range(1, self.limits.max_turns + 1):
@@ -188,17 +249,50 @@ class _Conversation:
                 return done
         raise TurnLimitError(f"no result after {self.limits.max_turns} model requests (the turn limit)")
 
-    async def _request(self) -> ModelResponse:
-        """One model request under the guard; its usage is added and reported."""
-        if self.before_request is not None:
-            self.before_request()
-        request = ModelRequest(
+    def _mismatch(self, index: int, kind: str) -> None:
+        self.log(f"replay stopped at recorded step {index + 1}: the {kind} differs from the recorded one "
+                 "(the spec, the prompt or the tools changed); the task goes on live from here")
+
+    def _build(self, messages: list[Message] | None = None) -> ModelRequest:
+        return ModelRequest(
             system=self.system,
-            messages=self.messages,
+            messages=self.messages if messages is None else messages,
             tools=self.tools,
             max_tokens=self.limits.max_tokens,
             metadata={**self.metadata, "turn": str(self.turn)},
         )
+
+    async def _request(self) -> ModelResponse:
+        """The next response: replayed from the journal, or asked for (and recorded)."""
+        request = await self._fit(self._build())
+        try:
+            return await self._answered(request)
+        except ContextOverflowError:
+            # The server counts differently from our estimate: compact once, then it must fit.
+            self.log("the model's server says the prompt is too long: compacting the conversation")
+            return await self._answered(await self._compact())
+
+    async def _answered(self, request: ModelRequest) -> ModelResponse:
+        fingerprint = request_fingerprint(request, self.model_fingerprint)
+        self.response_fingerprint = fingerprint
+        recorded = self.replay.response(fingerprint)
+        if recorded is not None:
+            response, paid_here = recorded
+            if not paid_here:  # paid for by the process that asked first: spent, not charged again
+                self.carried = self.carried + response.usage
+                if self.on_replayed is not None:
+                    self.on_replayed(response.usage)
+        else:
+            response = await self._send(request)
+            self.replay.record_response(fingerprint, response)
+        if self.budget is not None:
+            self.budget.calibrate(request, response.usage)
+        return response
+
+    async def _send(self, request: ModelRequest) -> ModelResponse:
+        """One model request under the guard; its usage is added and reported."""
+        if self.before_request is not None:
+            self.before_request()
         try:
             response = await asyncio.wait_for(self.model.request(request), self.limits.request_timeout)
         except asyncio.TimeoutError:
@@ -214,6 +308,36 @@ class _Conversation:
         if self.after_request is not None:
             self.after_request(response.usage)
         return response
+
+    async def _fit(self, request: ModelRequest) -> ModelRequest:
+        """``request``, or a smaller one when it would fill too much of the context window:
+        old tool output cleared first, then, if still too big, the conversation compacted."""
+        if self.budget is None or not self.budget.too_big(request):
+            return request
+        messages, cleared = clear_old_tool_results(self.messages, self.limits.keep_turns)
+        if cleared:
+            self.messages = messages
+            self.context.tokens_cleared += cleared
+            self.log(f"turn {self.turn}: cleared old tool output (about {cleared} tokens) to stay within "
+                     f"{self.limits.context_threshold:.0%} of the {self.budget.window}-token context window")
+            request = self._build()
+            if not self.budget.too_big(request):
+                return request
+        return await self._compact()
+
+    async def _compact(self) -> ModelRequest:
+        """Ask the model to summarise the work so far, and go on from the task and that summary."""
+        summary_request = compaction_request(self._build())
+        response = await self._answered(summary_request)
+        summary = "\n".join(b.text for b in response.content if isinstance(b, TextBlock)).strip()
+        if not summary:
+            summary = "(the model gave no summary)"
+        before = len(self.messages)
+        self.messages = compacted(self.messages[0], summary, self.messages, self.limits.keep_turns)
+        self.context.compactions += 1
+        self.log(f"turn {self.turn}: compacted the conversation ({before} messages) into a summary; "
+                 f"the task and the last turns are kept")
+        return self._build()
 
     def _remind(self) -> None:
         """The model stopped without submitting: remind it once, then give up."""
@@ -237,11 +361,26 @@ class _Conversation:
         return None
 
     async def _run_tool(self, call: ToolUseBlock) -> ToolResultBlock:
-        output = await self.toolbox.call(call.name, call.input)
-        self.files_read += output.files_read
-        self.files_changed += output.files_changed
-        return ToolResultBlock(tool_use_id=call.id, content=_delimit(call.name, output.text),
-                               is_error=output.is_error)
+        """The tool's result: replayed from the journal (the workspace already holds its effects),
+        or the tool run now, its output cut to the limit, and recorded."""
+        fingerprint = tool_fingerprint(self.response_fingerprint, call.id, call.name, call.input)
+        recorded = self.replay.tool(fingerprint)
+        if recorded is not None:
+            block, files_read, files_changed = recorded
+        else:
+            output = await self.toolbox.call(call.name, call.input)
+            text = output.text
+            limit = self.limits.tool_output_limit
+            if limit and self.save_output is not None and len(text.encode()) > limit:
+                text = head_and_tail(text, limit, self.save_output(text))
+                self.context.outputs_saved += 1
+            block = ToolResultBlock(tool_use_id=call.id, content=_delimit(call.name, text),
+                                    is_error=output.is_error)
+            files_read, files_changed = list(output.files_read), list(output.files_changed)
+            self.replay.record_tool(fingerprint, block, files_read, files_changed)
+        self.files_read += files_read
+        self.files_changed += files_changed
+        return block
 
     def _submit(self, call: ToolUseBlock) -> StepRun | ToolResultBlock:
         """The finished attempt for a valid result, or the reply that tells the model what is wrong.
@@ -271,6 +410,9 @@ class _Conversation:
             tool_calls=len(self.toolbox.calls),
             refused_calls=sum(1 for c in self.toolbox.calls if c.refused),
             duration_s=time.monotonic() - self.started,
+            context=self.context,
+            replayed=self.replay.replayed,
+            carried=self.carried,
         )
 
 

@@ -75,7 +75,9 @@ class Workspace:
             raise PathRefused(f"{path!r} cannot be resolved: {e}") from None
         if not real.is_relative_to(self.root):
             raise PathRefused(f"{path!r} resolves outside the workspace")
-        if real.is_relative_to(self.state_dir):
+        # Saved tool outputs (too long for the model at once) may be read back as files, nothing more.
+        readable = kind == "file" and real.is_relative_to(self.state_dir / "outputs")
+        if real.is_relative_to(self.state_dir) and not readable:
             raise PathRefused(f"{path!r} is inside toka's own state directory")
         if not real.exists():
             if kind == "new":

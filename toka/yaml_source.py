@@ -3,9 +3,12 @@
 Loading uses libyaml when present (it is, with the PyYAML wheels) because
 ``toka plan`` over a thousand specs must stay fast. Line numbers are only
 needed when something is wrong, so the node tree that holds them is composed
-lazily, on the first lookup, instead of on every load. libyaml holds the
-GIL, so a large set of files is parsed in forked worker processes, one per
-core.
+lazily, on the first lookup, instead of on every load. Files are parsed one
+after another, in this process. Parsing them in forked workers, one per core,
+was removed: side by side with this (bench/plan_scale.py, two shared cores,
+median of 7 rounds), a cold ``make_plan`` of 1,000 files took 0.92x as long
+with the original forked code and 1.19x with its re-creation in the bench,
+and the real sets (9 and 5 files) never reached the 200 files it started at.
 
 A spec must not be able to hang the loader or exhaust its memory, so what one
 file may hold is bounded (the ``MAX_*`` constants below, the one place they are
@@ -22,12 +25,8 @@ characters in a value and 9 tasks.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ __all__ = [
     "MAX_VALUE_CHARS",
     "YamlSource",
     "load_yaml",
-    "load_yaml_many",
     "read_spec_text",
 ]
 
@@ -540,61 +538,3 @@ def _not_utf8(data: bytes, e: UnicodeDecodeError, name: str) -> Problem:
         line=data.count(b"\n", 0, e.start) + 1,
     )
 
-
-#: Below this many files, starting worker processes costs more than it saves: a spec
-#: file takes about 1 ms to parse (bench/plan_scale.py), and a pool of two about 20 ms to start.
-PARALLEL_MIN_FILES = 200
-_CHUNK = 50
-
-
-def load_yaml_many(sources: Sequence[YamlSource]) -> Iterator[Any]:
-    """Parse each of ``sources`` in order, yielding its data or the :class:`SpecError` it raised.
-
-    Results come as they are ready, so the caller can validate one chunk while
-    the workers parse the next.
-    """
-    workers = _parse_workers(len(sources))
-    done = 0
-    if workers > 1:
-        chunks = [sources[i : i + _CHUNK] for i in range(0, len(sources), _CHUNK)]
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                for results in pool.map(_parse_chunk, [[(s.name, s.text) for s in c] for c in chunks]):
-                    for parsed in results:
-                        yield parsed[1] if parsed[0] else SpecError(parsed[1])
-                        done += 1
-        except (BrokenProcessPool, OSError):
-            pass  # a worker died or could not start: parse the rest here
-    for source in sources[done:]:
-        yield _load_or_error(source)
-
-
-def _load_or_error(source: YamlSource) -> Any:
-    try:
-        return load_yaml(source)
-    except SpecError as e:
-        return e
-
-
-def _parse_chunk(named_texts: list[tuple[str, str]]) -> list[tuple[bool, Any]]:
-    """In a worker: data, or the problems (a SpecError does not survive pickling whole)."""
-    out: list[tuple[bool, Any]] = []
-    for name, text in named_texts:
-        result = _load_or_error(YamlSource(name, text))
-        out.append((False, result.problems) if isinstance(result, SpecError) else (True, result))
-    return out
-
-
-def _parse_workers(n_files: int) -> int:
-    """How many processes to parse ``n_files`` with; 1 means here, in this one."""
-    if n_files < PARALLEL_MIN_FILES or not hasattr(os, "fork"):
-        return 1
-    # Forking copies only the calling thread: with other threads running (a Prefect
-    # flow's event loop, say) a lock one of them held would stay held in the child.
-    if threading.active_count() > 1 or multiprocessing.current_process().daemon:
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, n_files // (PARALLEL_MIN_FILES // 2), 8))

@@ -1,0 +1,185 @@
+"""Durable turns: what a task's conversation received, recorded as it happens, replayed on resume.
+
+Every model response and every tool result of a task is appended to the task's
+journal (one JSON line each, flushed and fsynced before the loop goes on), under
+the run key, agent and task: ``.toka/journal/<run>/<agent>/<task>.jsonl``. When
+the task runs again under the same run key (``toka run --resume`` after a kill,
+a Prefect retry of the task, a retry of the pipeline run from the UI), the loop
+replays the journal instead of asking the model and running the tools again:
+recorded responses are not requested, recorded tool calls are not executed
+(the workspace already holds their effects). Only what was in flight when the
+task stopped is done again.
+
+Each entry carries a fingerprint of what produced it: for a response, the whole
+request it answered (system prompt, tools, messages, output limit, model); for a
+tool result, the response that asked for it and the call itself. Replay goes on
+while the fingerprints match; at the first mismatch (the spec, the prompt or the
+tools changed) the rest of the journal is dropped and the task goes on live. A
+recorded answer is never given to a different question.
+
+A journal, not a Prefect task per turn: a line appended to a local file costs
+well under a millisecond, a Prefect task run several API writes (measured by
+``bench/long_task.py``), and 150 turns of a long task would add them all to the
+critical path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .model import ModelRequest, ModelResponse, ToolResultBlock
+
+__all__ = ["Journal", "Replay", "journal_path", "request_fingerprint", "tool_fingerprint"]
+
+Kind = Literal["response", "tool"]
+
+#: Marks the entries this process recorded: a response replayed after a Prefect retry in the
+#: same process was charged here already, one recorded by an earlier (killed) process was not.
+PROCESS = uuid.uuid4().hex
+
+
+def _digest(material: Any) -> str:
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def request_fingerprint(request: ModelRequest, model: dict[str, Any]) -> str:
+    """What a response answered: the request as sent (metadata aside) and the model's settings."""
+    return _digest({"request": request.model_dump(mode="json", exclude={"metadata"}), "model": model})
+
+
+def tool_fingerprint(response_fingerprint: str, tool_use_id: str, name: str, arguments: dict[str, Any]) -> str:
+    """What a tool result answered: the call, and the response (so the whole conversation) it came from."""
+    return _digest({"after": response_fingerprint, "id": tool_use_id, "tool": name, "input": arguments})
+
+
+def journal_path(state_dir: Path, run_key: str, agent: str, task: int) -> Path:
+    """Where task ``task`` of ``agent`` keeps its journal in run ``run_key``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key).strip(".") or "_"
+    return state_dir / "journal" / safe / agent / f"{task}.jsonl"
+
+
+@dataclass
+class Entry:
+    kind: Kind
+    fingerprint: str
+    data: dict[str, Any]
+    by: str = PROCESS
+
+    def line(self) -> str:
+        return json.dumps({"kind": self.kind, "fingerprint": self.fingerprint, "by": self.by, "data": self.data},
+                          separators=(",", ":")) + "\n"
+
+
+class Journal:
+    """One task's recorded entries in a JSON-lines file; appends are durable when they return."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[Entry]:
+        """The entries recorded so far; a torn last line (the process died writing it) is dropped."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        entries: list[Entry] = []
+        for line in text.splitlines():
+            try:
+                raw = json.loads(line)
+                entries.append(Entry(raw["kind"], raw["fingerprint"], raw["data"], raw.get("by", "")))
+            except (ValueError, KeyError, TypeError):
+                break  # everything after a bad line is unusable: replay stops there
+        return entries
+
+    def append(self, entry: Entry) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(entry.line())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, entries: list[Entry]) -> None:
+        """Keep only ``entries`` (atomically: a kill leaves the old journal or the new one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(e.line() for e in entries), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def discard(self) -> None:
+        """Forget the recorded turns: the next attempt starts afresh."""
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Replay:
+    """Hands out a journal's entries in order while they match; records everything after.
+
+    ``on_mismatch`` is called once, with the entry number, when replay stops before the
+    end of the journal (the request or call differs from the recorded one).
+    """
+
+    journal: Journal | None
+    on_mismatch: Callable[[int, Kind], None] = lambda index, kind: None
+    entries: list[Entry] = field(default_factory=list)
+    position: int = 0
+    replayed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.journal is not None and not self.entries:
+            self.entries = self.journal.load()
+
+    @property
+    def live(self) -> bool:
+        return self.position >= len(self.entries)
+
+    def take(self, kind: Kind, fingerprint: str) -> Entry | None:
+        """The recorded step, or None: then the step is done live (and recorded)."""
+        if self.live:
+            return None
+        entry = self.entries[self.position]
+        if entry.kind == kind and entry.fingerprint == fingerprint:
+            self.position += 1
+            self.replayed += 1
+            return entry
+        self.on_mismatch(self.position, kind)
+        del self.entries[self.position:]
+        if self.journal is not None:
+            self.journal.rewrite(self.entries)
+        return None
+
+    def record(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
+        entry = Entry(kind, fingerprint, data)
+        self.entries.append(entry)
+        self.position = len(self.entries)
+        if self.journal is not None:
+            self.journal.append(entry)
+
+    # -- what is recorded ---------------------------------------------------------
+
+    def response(self, fingerprint: str) -> tuple[ModelResponse, bool] | None:
+        """The recorded response, and whether this process paid for it (else it was paid before)."""
+        entry = self.take("response", fingerprint)
+        return None if entry is None else (ModelResponse.model_validate(entry.data), entry.by == PROCESS)
+
+    def record_response(self, fingerprint: str, response: ModelResponse) -> None:
+        self.record("response", fingerprint, response.model_dump(mode="json"))
+
+    def tool(self, fingerprint: str) -> tuple[ToolResultBlock, list[str], list[str]] | None:
+        entry = self.take("tool", fingerprint)
+        if entry is None:
+            return None
+        data = entry.data
+        return ToolResultBlock.model_validate(data["block"]), data["files_read"], data["files_changed"]
+
+    def record_tool(self, fingerprint: str, block: ToolResultBlock, files_read: list[str],
+                    files_changed: list[str]) -> None:
+        self.record("tool", fingerprint, {"block": block.model_dump(mode="json"), "files_read": files_read,
+                                          "files_changed": files_changed})
