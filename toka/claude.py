@@ -71,6 +71,8 @@ class AnthropicModel:
         max_attempts: HTTP attempts for one logical request (1 = no retry).
         max_retry_wait: Seconds of waiting between attempts, in all.
         limiter: Shared request limits (concurrency, rate), if any.
+        context_edit_trigger: Switch on the API's own context editing (clearing old tool results
+            once a prompt passes this many tokens); its report comes back in each response.
     """
 
     offline = False
@@ -87,6 +89,7 @@ class AnthropicModel:
         max_attempts: int = 5,
         max_retry_wait: float = 120.0,
         limiter: RequestLimiter | None = None,
+        context_edit_trigger: int | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -97,6 +100,7 @@ class AnthropicModel:
         self.max_attempts = max_attempts
         self.max_retry_wait = max_retry_wait
         self.limiter = limiter
+        self.context_edit_trigger = context_edit_trigger
         self._secrets = (api_key,)
         self.http_attempts = 0
         self._client = anthropic.AsyncAnthropic(
@@ -192,10 +196,20 @@ class AnthropicModel:
                 {"name": t.name, "description": t.description, "input_schema": t.input_schema}
                 for t in request.tools
             ]
+        extra: dict[str, Any] = {}
         if self.temperature is not None:
             # Recent SDKs (2.x) dropped `temperature` from messages.create: send it in the body,
             # where the API accepts it for the models that still take it.
-            params["extra_body"] = {"temperature": self.temperature}
+            extra["temperature"] = self.temperature
+        if self.context_edit_trigger is not None:
+            extra["context_management"] = {"edits": [{
+                "type": "clear_tool_uses_20250919",
+                "trigger": {"type": "input_tokens", "value": self.context_edit_trigger},
+                "keep": {"type": "tool_uses", "value": 4},
+            }]}
+            params["extra_headers"] = {"anthropic-beta": CONTEXT_MANAGEMENT_BETA}
+        if extra:
+            params["extra_body"] = extra
         return params
 
 
@@ -212,6 +226,22 @@ def _message(role: str, blocks: Sequence[Any]) -> dict[str, Any]:
     return {"role": role, "content": content}
 
 
+#: The beta of the API's own context editing.
+CONTEXT_MANAGEMENT_BETA = "context-management-2025-06-27"
+
+
+def _server_cleared(message: Any) -> int | None:
+    """Input tokens the API's context editing cleared, from the response's report (None: no report).
+
+    The SDK's Message model does not declare the field; it keeps it among the extra fields.
+    """
+    report = (getattr(message, "model_extra", None) or {}).get("context_management")
+    if not isinstance(report, dict):
+        return None
+    edits = report.get("applied_edits") or []
+    return sum(int(e.get("cleared_input_tokens") or 0) for e in edits if isinstance(e, dict))
+
+
 def _to_response(message: Any) -> ModelResponse:
     blocks: list[TextBlock | ToolUseBlock] = []
     for b in message.content:
@@ -222,6 +252,7 @@ def _to_response(message: Any) -> ModelResponse:
     u = message.usage
     stop = message.stop_reason
     return ModelResponse(
+        server_cleared=_server_cleared(message),
         content=blocks,
         stop_reason=stop if stop in _STOP_REASONS else None,
         usage=Usage(

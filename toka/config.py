@@ -138,6 +138,9 @@ class ProviderSettings(_Group):
     """How long conversations are kept inside the context window: 'client' (toka clears old tool
     output and compacts, against any Messages API server), 'server' (the Anthropic API's own context
     editing), or 'off'."""
+    context_threshold: Annotated[float, Field(gt=0.1, le=1), Cli(metavar="FRACTION")] = 0.7
+    """Share of the context window a request may fill before old tool output is cleared and, if
+    still too big, the conversation is compacted into a summary."""
 
 
 class Limits(_Group):
@@ -148,9 +151,6 @@ class Limits(_Group):
     task_timeout: Annotated[float | None, Field(gt=0), Cli(metavar="SECONDS")] = None
     """Seconds one task attempt may take (empty: the task's estimated_duration, else the agent's
     timeout; never more than the agent's timeout)."""
-    context_threshold: Annotated[float, Field(gt=0.1, le=1), Cli(metavar="FRACTION")] = 0.7
-    """Share of the context window a request may fill before old tool output is cleared and, if
-    still too big, the conversation is compacted into a summary."""
     tool_output_limit: Annotated[int, Field(ge=1024), Cli(metavar="BYTES")] = 16_384
     """Bytes of one tool output the model gets; the rest is saved under .toka/outputs and the model
     gets its head and tail, with how to read the whole."""

@@ -211,9 +211,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
 
     # The guard around one logical request must leave room for the provider's own retries.
     guard = model.worst_case_seconds() or run.provider.request_timeout
-    window = None
-    if run.provider.context_management == "client":
-        window = context_window(model.name, run.provider.context_window)
+    managed = run.provider.context_management
+    window = None if managed == "off" else context_window(model.name, run.provider.context_window)
     outputs = workspace.state_dir / "outputs" / run_file_name(run.run_key) / spec.name / str(step.index)
 
     def save_output(text: str) -> str:
@@ -230,7 +229,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             toolbox=toolbox,
             metric_names=[m.name for m in spec.reporting.metrics],
             limits=StepLimits(max_turns=step.max_turns, request_timeout=guard, max_tokens=run.provider.max_tokens,
-                              context_window=window, context_threshold=run.limits.context_threshold,
+                              context_window=window, context_threshold=run.provider.context_threshold,
+                              server_context=managed == "server",
                               tool_output_limit=run.limits.tool_output_limit),
             metadata={"agent": spec.name, "task": str(step.index), "run": run.run_key},
             before_request=before_request,
@@ -239,6 +239,12 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             journal=Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index)),
             save_output=save_output,
             log=lambda line: logger.info("%s", line),
+            on_context=lambda kind, data: emit_event(
+                event=f"toka.context.{kind}",
+                resource={"prefect.resource.id": f"toka.agent.{spec.name}.task.{step.index}",
+                          "prefect.resource.name": spec.name},
+                payload={"run_key": run.run_key, **data},
+            ),
         )
     except TokaError as e:
         e.attempt = attempt  # for reports: a retried task's failure says how many attempts it took

@@ -118,6 +118,9 @@ class ModelResponse(_Frozen):
     stop_reason: StopReason | None = "end_turn"
     usage: Usage = Usage()
     model: str = ""
+    server_cleared: int | None = None
+    """With the provider's own context editing on: the input tokens it cleared for this request
+    (0: none needed); None: the server said nothing about it (not on, or not supported)."""
 
     @property
     def tool_uses(self) -> list[ToolUseBlock]:

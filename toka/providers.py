@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import ProviderSettings
+from .context import context_window
 from .errors import ConfigError
 from .limits import LimitSettings, RequestLimiter
 from .model import Model, current_model_override
@@ -88,7 +89,8 @@ async def get_model(settings: ProviderSettings, *, env: Mapping[str, str] | None
         return _offline(env)
     key = (choice.model, settings.api_key_secret, settings.request_timeout, settings.max_tokens, settings.temperature,
            settings.max_attempts, settings.max_retry_wait, settings.requests_per_minute, settings.concurrent_requests,
-           settings.in_process_requests, env.get("ANTHROPIC_BASE_URL"))
+           settings.in_process_requests, settings.context_management, settings.context_window,
+           settings.context_threshold, env.get("ANTHROPIC_BASE_URL"))
     per_loop = _built.setdefault(asyncio.get_running_loop(), {})
     if key not in per_loop:
         from .claude import AnthropicModel
@@ -104,6 +106,8 @@ async def get_model(settings: ProviderSettings, *, env: Mapping[str, str] | None
             max_attempts=settings.max_attempts,
             max_retry_wait=settings.max_retry_wait,
             limiter=RequestLimiter(limits) if (limits.uses_server or limits.in_process) else None,
+            context_edit_trigger=int(settings.context_threshold * context_window(
+                choice.model, settings.context_window)) if settings.context_management == "server" else None,
         )
     return per_loop[key]
 

@@ -75,7 +75,23 @@ def agent_markdown(report: AgentReport, *, model: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_task_row(t) for t in report.tasks),
     ]
+    notes = [note for t in report.tasks if (note := _context_note(t, len(report.tasks)))]
+    if notes:
+        lines += ["", "**Long tasks:**", "", *(f"- {note}" for note in notes)]
     return redact("\n".join(lines) + "\n", secret_values())
+
+
+def _context_note(task: TaskRecord, total: int) -> str:
+    """What kept a long task going: its journal replayed, its conversation cleared or compacted."""
+    parts = []
+    if task.replayed:
+        parts.append(f"resumed from its journal ({task.replayed} recorded steps replayed, "
+                     f"{task.carried_usage.total_tokens:,} tokens carried, not paid again)")
+    if task.tokens_cleared:
+        parts.append(f"{task.tokens_cleared:,} tokens of old tool output cleared")
+    if task.compactions:
+        parts.append(f"compacted {task.compactions} time{'s' if task.compactions != 1 else ''} into a summary")
+    return f"task {task.index}/{total}: " + "; ".join(parts) if parts else ""
 
 
 def agent_results_table(report: AgentReport) -> list[dict[str, str]]:

@@ -104,6 +104,9 @@ class StepLimits:
     """The last turns that clearing and compaction never touch."""
     tool_output_limit: int | None = None
     """Bytes of one tool output the model gets (the rest saved, see ``save_output``); None: all."""
+    server_context: bool = False
+    """The provider's own context editing is on: toka clears and compacts only when a response
+    does not confirm it (or the server still finds the prompt too long)."""
 
 
 @dataclass
@@ -140,6 +143,7 @@ async def run_step(
     journal: Journal | None = None,
     save_output: Callable[[str], str] | None = None,
     log: Callable[[str], None] | None = None,
+    on_context: Callable[[str, dict[str, int]], None] | None = None,
 ) -> StepRun:
     """Run the loop for one task attempt.
 
@@ -153,6 +157,8 @@ async def run_step(
         save_output: Keeps a tool output too long for the model; returns the workspace path
             the model can read it from.
         log: Where one-line notices go (replay, clearing, compaction).
+        on_context: Told of every clearing (``"cleared"``) and compaction (``"compacted"``), with
+            the turn and the tokens involved (for events).
 
     Raises:
         TaskReportedFailure: the model submitted ``failed`` or ``blocked``.
@@ -167,7 +173,7 @@ async def run_step(
     conversation = _Conversation(
         model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
         limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
-        on_replayed=on_replayed, journal=journal, save_output=save_output, log=log,
+        on_replayed=on_replayed, journal=journal, save_output=save_output, log=log, on_context=on_context,
     )
     try:
         return await conversation.run()
@@ -204,6 +210,7 @@ class _Conversation:
         journal: Journal | None = None,
         save_output: Callable[[str], str] | None = None,
         log: Callable[[str], None] | None = None,
+        on_context: Callable[[str, dict[str, int]], None] | None = None,
     ) -> None:
         self.model = model
         self.system = system
@@ -225,6 +232,7 @@ class _Conversation:
         self.on_replayed = on_replayed
         self.save_output = save_output
         self.log = log or (lambda line: None)
+        self.on_context = on_context or (lambda kind, data: None)
         self.model_fingerprint = model.fingerprint()
         self.replay = Replay(journal, on_mismatch=self._mismatch)
         if self.replay.entries:
@@ -235,6 +243,7 @@ class _Conversation:
                        if limits.context_window else None)
         self.response_fingerprint = ""
         self.carried = Usage()
+        self.server_context = limits.server_context
 
     async def run(self) -> StepRun:
         for turn in range(1, self.limits.max_turns + 1):
@@ -287,7 +296,18 @@ class _Conversation:
             self.replay.record_response(fingerprint, response)
         if self.budget is not None:
             self.budget.calibrate(request, response.usage)
+        self._check_server_context(response)
         return response
+
+    def _check_server_context(self, response: ModelResponse) -> None:
+        if not self.server_context:
+            return
+        if response.server_cleared is None:
+            self.server_context = False
+            self.log("the model's server did not confirm its context editing (no report in the response): "
+                     "toka keeps the conversation within the context window itself from here")
+        elif response.server_cleared:
+            self.context.tokens_cleared += response.server_cleared
 
     async def _send(self, request: ModelRequest) -> ModelResponse:
         """One model request under the guard; its usage is added and reported."""
@@ -312,12 +332,13 @@ class _Conversation:
     async def _fit(self, request: ModelRequest) -> ModelRequest:
         """``request``, or a smaller one when it would fill too much of the context window:
         old tool output cleared first, then, if still too big, the conversation compacted."""
-        if self.budget is None or not self.budget.too_big(request):
+        if self.budget is None or self.server_context or not self.budget.too_big(request):
             return request
         messages, cleared = clear_old_tool_results(self.messages, self.limits.keep_turns)
         if cleared:
             self.messages = messages
             self.context.tokens_cleared += cleared
+            self.on_context("cleared", {"turn": self.turn, "tokens_cleared": cleared})
             self.log(f"turn {self.turn}: cleared old tool output (about {cleared} tokens) to stay within "
                      f"{self.limits.context_threshold:.0%} of the {self.budget.window}-token context window")
             request = self._build()
@@ -335,6 +356,8 @@ class _Conversation:
         before = len(self.messages)
         self.messages = compacted(self.messages[0], summary, self.messages, self.limits.keep_turns)
         self.context.compactions += 1
+        self.on_context("compacted", {"turn": self.turn, "messages_before": before,
+                                      "messages_after": len(self.messages)})
         self.log(f"turn {self.turn}: compacted the conversation ({before} messages) into a summary; "
                  f"the task and the last turns are kept")
         return self._build()
