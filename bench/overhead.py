@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import json
 import logging
 import os
@@ -75,7 +74,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -87,24 +85,10 @@ if (_ROOT / "toka" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
 
 SPECS_DIR = _ROOT / "tests" / "data" / "toka-specs"
 
-# Isolation, before anything imports prefect: a fresh Prefect home (database,
-# results) for this process, removed at exit (registered before Prefect's own
-# atexit hook, so it runs after the embedded server has stopped).
-_TMP = Path(tempfile.mkdtemp(prefix="toka-bench-overhead-"))
-atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+# Isolation, before anything imports prefect (see bench/_isolation.py).
+from bench._isolation import prefect_env as _prefect_env, scratch  # noqa: E402
 
-
-def _prefect_env(home: Path) -> dict[str, str]:
-    return {
-        "PREFECT_HOME": str(home),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-        # a loaded machine may need more than the default 20 s; the same for both sides
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    }
-
-
+_TMP = scratch("toka-bench-overhead-")
 os.environ.update(_prefect_env(_TMP / "prefect-home"))
 os.environ.pop("ANTHROPIC_API_KEY", None)  # the benchmark never reaches a provider
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import collections
 import json
 import os
@@ -71,7 +70,6 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import nullcontext
@@ -86,17 +84,12 @@ if (_ROOT / "toka" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
 SPECS_DIR = _ROOT / "tests" / "data" / "toka-specs"
 FAKE_KEY = "sk-ant-bench-loopback-0000000000000000"
 
-# Isolation, before anything imports prefect: a fresh Prefect home (database,
-# results) for this process, removed at exit (registered before Prefect's own
-# atexit hook, so it runs after the embedded server has stopped).
-_TMP = Path(tempfile.mkdtemp(prefix="toka-bench-faults-"))
-atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+# Isolation, before anything imports prefect (see bench/_isolation.py).
+from bench._isolation import prefect_env, scratch  # noqa: E402
+
+_TMP = scratch("toka-bench-faults-")
 os.environ.update({
-    "PREFECT_HOME": str(_TMP / "prefect-home"),
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_TMP / "prefect-home" / "results"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a loaded machine may need more than 20 s
+    **prefect_env(_TMP / "prefect-home"),
     "ANTHROPIC_API_KEY": FAKE_KEY,  # a fake key: only the loopback server ever sees it
 })
 os.environ.pop("ANTHROPIC_BASE_URL", None)  # set per run, to that run's loopback server

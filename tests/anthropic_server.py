@@ -48,6 +48,12 @@ Everything else is ``input_tokens``; without any ``cache_control`` all of the
 prompt is ``input_tokens`` and both cache counts are 0. Not emulated: the
 minimum cacheable length (1024+ tokens on the real API), cache expiry.
 
+``context_window`` (tokens, default None: no limit): a request that passes the
+checks but whose prompt, counted as for ``usage`` (about 4 characters per
+token), has more tokens than this gets the real API's answer to an over-long
+prompt: 400 ``invalid_request_error`` ``"prompt is too long: 41234 tokens >
+40000 maximum"``, outcome ``"error:too-long"``; the responder is not called.
+
 Faults
 ------
 A :class:`Fault` replaces (or delays) the normal reply of one request:
@@ -394,6 +400,8 @@ class AnthropicServer:
         seed: Seed of the ``random.Random`` that draws the random faults.
         latency: Seconds every request waits before its reply (or fault); concurrent
             requests wait in parallel (see the module docs).
+        context_window: Most prompt tokens a request may have (the server's own estimate);
+            a longer one is refused as by the real API (see the module docs). None: no limit.
     """
 
     def __init__(
@@ -405,11 +413,14 @@ class AnthropicServer:
         fault_mix: Sequence[Fault] | None = None,
         seed: int = 0,
         latency: float = 0.0,
+        context_window: int | None = None,
     ) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError("fault_rate must be between 0 and 1")
         if not latency >= 0.0:
             raise ValueError("latency must be at least 0 seconds")
+        if context_window is not None and context_window < 1:
+            raise ValueError("context_window must be at least 1 token")
         mix = tuple(DEFAULT_FAULT_MIX if fault_mix is None else fault_mix)
         if fault_rate > 0 and not mix:
             raise ValueError("fault_rate > 0 needs a non-empty fault_mix")
@@ -417,6 +428,7 @@ class AnthropicServer:
         self.fault_rate = fault_rate
         self.fault_mix = mix
         self.latency = float(latency)
+        self.context_window = context_window
         self.requests: list[Recorded] = []
         self.base_url = ""
         self._queue: list[Fault] = list(faults)
@@ -546,6 +558,10 @@ class AnthropicServer:
             slow = fault is not None and fault.kind == "slow"
             problem = _check(h.command, path, headers, body) if fault is None or slow else None
             outcome = fault.outcome if fault else (f"error:{problem[0]}" if problem else "ok")
+            if (problem is None and (fault is None or slow) and self.context_window is not None
+                    and (tokens := sum(_tokens(js) for js, _ in _prompt_blocks(body))) > self.context_window):
+                problem = (400, f"prompt is too long: {tokens} tokens > {self.context_window} maximum")
+                outcome = "error:too-long" if fault is None else outcome
             record = Recorded(time.monotonic(), h.command, h.path, headers, body, outcome)
             self.requests.append(record)
             self._ids += 1
@@ -718,3 +734,17 @@ def _prompt_blocks(request: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
+
+
+def conversation_key(body: dict[str, Any]) -> str:
+    """A request's conversation as text, without the prompt-cache markers that move from turn to
+    turn: equal keys mean the same question was asked again (a request re-sent)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k != "cache_control"}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(body.get("messages")), sort_keys=True)

@@ -10,6 +10,7 @@ import asyncio
 import http.client
 import json
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -348,6 +349,27 @@ def test_a_changed_prefix_misses_and_message_breakpoints_are_found_by_lookback()
     assert 0 < two.cache_creation_input_tokens < one.cache_creation_input_tokens
     assert two.cache_creation.ephemeral_1h_input_tokens == 0
     assert changed.cache_read_input_tokens == 0 and changed.cache_creation_input_tokens > 0
+
+
+def test_a_prompt_longer_than_the_context_window_is_refused_like_the_real_api() -> None:
+    calls: list[Any] = []
+    respond = scripted_responder()
+
+    def counting(body: dict[str, Any]) -> dict[str, Any]:
+        calls.append(body)
+        return respond(body)
+
+    long = [{"role": "user", "content": "word " * 400}]  # ~500 tokens at 4 characters a token
+    with AnthropicServer(counting, context_window=300) as server:
+        fits = call(server).usage
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            call(server, messages=long)
+    assert fits.input_tokens <= 300
+    assert caught.value.status_code == 400
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 300 maximum", caught.value.body["error"]["message"])
+    assert [r.outcome for r in server.requests] == ["ok", "error:too-long"]
+    assert len(calls) == 1  # the responder never sees the refused request
 
 
 # -- random faults --------------------------------------------------------------------------

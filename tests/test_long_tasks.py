@@ -20,7 +20,7 @@ from toka.claude import default_model
 from toka.journal import Journal, Replay, journal_path, request_fingerprint
 from toka.model import Message, ModelRequest, ModelResponse, TextBlock, Usage
 
-from .anthropic_server import AnthropicServer, scripted_responder, tool_use_block
+from .anthropic_server import AnthropicServer, conversation_key, scripted_responder, tool_use_block
 from .conftest import ROOT, minimal_spec, run_pipeline
 from .test_cli_run import TOKA
 
@@ -49,7 +49,7 @@ class LongTask:
             self.fail_at = None
             raise_bad_request()
         with self.lock:
-            self.answered.append(_messages_key(body))
+            self.answered.append(conversation_key(body))
         if turn < self.turns:
             return scripted_responder(lambda _: [tool_use_block("read_file", {"path": f"notes/{turn % 7}.md"})])(body)
         return scripted_responder(lambda _: [tool_use_block(
@@ -62,17 +62,6 @@ def raise_bad_request() -> None:
 
 class BadRequest(Exception):
     """The responder's way of making the server answer 500 (the step loop sees a failed request)."""
-
-
-def _messages_key(body: dict[str, Any]) -> str:
-    """A request's conversation, without the prompt-cache markers that move from turn to turn."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if k != "cache_control"}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-    return json.dumps(clean(body["messages"]), sort_keys=True)
 
 
 def _workspace(tmp_path: Path, *, objective: str = "Read the notes.") -> Path:

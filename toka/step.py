@@ -277,8 +277,11 @@ class _Conversation:
         try:
             return await self._answered(request)
         except ContextOverflowError:
-            # The server counts differently from our estimate: compact once, then it must fit.
-            self.log("the model's server says the prompt is too long: compacting the conversation")
+            # The server counts differently from our estimate (or toka does not manage the context):
+            # shrink once, clearing first so that the summary request itself fits, then it must fit.
+            self.log("the model's server says the prompt is too long: clearing old tool output and "
+                     "compacting the conversation")
+            self._clear()
             return await self._answered(await self._compact())
 
     async def _answered(self, request: ModelRequest) -> ModelResponse:
@@ -334,17 +337,30 @@ class _Conversation:
         old tool output cleared first, then, if still too big, the conversation compacted."""
         if self.budget is None or self.server_context or not self.budget.too_big(request):
             return request
-        messages, cleared = clear_old_tool_results(self.messages, self.limits.keep_turns)
-        if cleared:
-            self.messages = messages
-            self.context.tokens_cleared += cleared
-            self.on_context("cleared", {"turn": self.turn, "tokens_cleared": cleared})
-            self.log(f"turn {self.turn}: cleared old tool output (about {cleared} tokens) to stay within "
-                     f"{self.limits.context_threshold:.0%} of the {self.budget.window}-token context window")
+        if self._clear():
             request = self._build()
             if not self.budget.too_big(request):
                 return request
         return await self._compact()
+
+    def _clear(self) -> bool:
+        """Replace old tool output with stubs; whether anything was cleared."""
+        messages, cleared = clear_old_tool_results(self.messages, self.limits.keep_turns)
+        if not cleared:
+            return False
+        self.messages = messages
+        self.context.tokens_cleared += cleared
+        window = f"the {self.budget.window}-token context window" if self.budget else "the context window"
+        self._notice("cleared", {"turn": self.turn, "tokens_cleared": cleared},
+                     f"turn {self.turn}: cleared old tool output (about {cleared} tokens) to stay within "
+                     f"{self.limits.context_threshold:.0%} of {window}")
+        return True
+
+    def _notice(self, kind: str, data: dict[str, int], line: str) -> None:
+        """A clearing or compaction, told once: not again when a resumed task replays it."""
+        if self.replay.live:
+            self.on_context(kind, data)
+            self.log(line)
 
     async def _compact(self) -> ModelRequest:
         """Ask the model to summarise the work so far, and go on from the task and that summary."""
@@ -354,12 +370,12 @@ class _Conversation:
         if not summary:
             summary = "(the model gave no summary)"
         before = len(self.messages)
-        self.messages = compacted(self.messages[0], summary, self.messages, self.limits.keep_turns)
+        fits = self.budget.limit // 2 if self.budget is not None else None  # room for the turns after it
+        self.messages = compacted(self.messages[0], summary, self.messages, self.limits.keep_turns, max_tokens=fits)
         self.context.compactions += 1
-        self.on_context("compacted", {"turn": self.turn, "messages_before": before,
-                                      "messages_after": len(self.messages)})
-        self.log(f"turn {self.turn}: compacted the conversation ({before} messages) into a summary; "
-                 f"the task and the last turns are kept")
+        self._notice("compacted", {"turn": self.turn, "messages_before": before, "messages_after": len(self.messages)},
+                     f"turn {self.turn}: compacted the conversation ({before} messages) into a summary; "
+                     "the task and the last turns are kept")
         return self._build()
 
     def _remind(self) -> None:

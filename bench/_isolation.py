@@ -1,0 +1,31 @@
+"""What every benchmark sets before anything imports prefect: a fresh Prefect home of its own.
+
+The home (database, results) is a temporary directory removed at exit; the cleanup is
+registered before Prefect's own atexit hook, so it runs after the embedded server stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary directory for this process, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def prefect_env(home: Path) -> dict[str, str]:
+    """Environment for a Prefect process whose home (database, results) is ``home``."""
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        # A loaded machine may need more than Prefect's default 20 s (the same for every side).
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
