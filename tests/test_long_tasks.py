@@ -232,3 +232,32 @@ def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
     with open(journal.path, "a") as f:
         f.write('{"kind": "response", "finger')  # the process died writing
     assert len(journal.load()) == 1
+
+
+def test_turn_limits_and_timeouts_for_real_work() -> None:
+    from toka.compiler import step_task
+    from toka.config import RunConfig
+    from toka.llm_step import StepInput
+    from toka.spec import AgentSpec
+
+    data = minimal_spec("worker", tasks=3)  # the agent's timeout: 10m
+    data["tasks"]["default"][0].update({"estimated_duration": "2m", "max_turns": 7})
+    data["tasks"]["default"][1]["estimated_duration"] = "2h"
+    spec = AgentSpec.from_dict(data)
+    tasks = spec.task_list()
+    run = RunConfig.from_flat({"run_key": "k"})
+    timeouts = [step_task(spec, i, 3, t, run).timeout_seconds for i, t in enumerate(tasks, 1)]
+    assert timeouts == [120, 600, 600]  # the estimate, never past the agent's timeout; else the agent's
+    assert step_task(spec, 1, 3, tasks[0], RunConfig.from_flat({"run_key": "k", "task_timeout": 30})).timeout_seconds == 30
+
+    def turns(index: int) -> int:
+        return StepInput(spec=spec, spec_digest=spec.digest(), index=index, run=run).max_turns
+
+    assert (turns(1), turns(2)) == (7, 100)  # the task's own limit, else the run's default
+    fewer = RunConfig.from_flat({"run_key": "k", "max_turns": 5})
+
+    def key(index: int, config: RunConfig) -> str:
+        return StepInput(spec=spec, spec_digest="d", index=index, run=config).cache_key()
+
+    assert key(2, run) != key(2, fewer)  # a different limit may give a different answer
+    assert key(1, run) == key(1, fewer)  # task 1 keeps its own limit
