@@ -126,10 +126,14 @@ class TestToolCallCounts:
             await asyncio.sleep(120)  # Prefect's task timeout cancels the attempt here
             raise AssertionError("not reached")
 
-        _, summary = run(folder, FunctionModel(answer), run_key="count-timeout", task_timeout=1.0)
+        model = FunctionModel(answer)
+        _, summary = run(folder, model, run_key="count-timeout", task_timeout=1.0)
         task = summary.agents[0].tasks[0]
         assert task.state == "failed" and "timed out" in task.error.lower() and task.attempts == 2
-        assert (task.tool_calls, task.refused_calls) == (2, 0) == audited(folder, "count-timeout", "sleepy")
+        # The timed-out attempt's call counts; the retry replays it from the task's journal
+        # (its first response too) instead of running it again, and asks only what was in flight.
+        assert (task.tool_calls, task.refused_calls) == (1, 0) == audited(folder, "count-timeout", "sleepy")
+        assert len(model.history) == 3
 
 
 # -- a command's own timeout is the model's to handle ----------------------------------------------

@@ -353,6 +353,13 @@ def run(
     err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
               f"workspace {space.root}")
     _prefect_environment(verbose=verbose)
+    with _on_lasting_server():
+        _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
+
+
+def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config: RunConfig, record: RunRecord,
+                    space: Workspace, json_file: Path | None, *, verbose: bool) -> None:
+    """Run the pipeline under the run guard, then print the summary and where everything is; exits."""
     from .lifecycle import RunGuard, Stopped
 
     # Prefect's log lines (--verbose) go straight to the terminal and would break a live table.
@@ -361,8 +368,7 @@ def run(
                      write=lambda line: _say_last(view, line), notice=lambda line: err.print(escape(line)))
     try:
         with _user_errors(), guard, listen(view.update), view:
-            summary = guard.run(_execute(plan, spec_paths, list(agent or ()), config,
-                                         results_dir=space.state_dir / "results"))
+            summary = guard.run(_execute(plan, spec_paths, agents, config, results_dir=space.state_dir / "results"))
     except Stopped as stop:  # SIGTERM, Ctrl-C, or the Prefect API died under the run
         guard.announce(stop)
         raise typer.Exit(stop.exit_code) from None
@@ -600,6 +606,78 @@ def limits_check(requests_per_minute: RpmOpt = None, concurrent_requests: ConcOp
         err.print(f"missing on the server: {', '.join(missing)}; create them with: toka limits apply ...")
         raise typer.Exit(EXIT_FAILED)
     out.print("all configured limits exist")
+
+
+server_app = typer.Typer(help="A local Prefect server that outlives runs (UI and run history stay).",
+                         no_args_is_help=True, cls=_Group)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start", cls=_Command)
+def server_start(
+    host: Annotated[str, typer.Option(help="Address to listen on.", metavar="HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.", metavar="PORT")] = 4200,
+) -> None:
+    """Start Prefect's server in the background; `toka run` uses it from then on."""
+    _prefect_environment(verbose=False)
+    from .server import start_server
+
+    with _user_errors():
+        if os.environ.get("PREFECT_API_URL"):
+            err.print(f"[yellow]note:[/yellow] PREFECT_API_URL={escape(os.environ['PREFECT_API_URL'])} is set; "
+                      "`toka run` uses that API, not this server, while it is set")
+        err.print("starting the Prefect server (10-30 s the first time)...")
+        server, started = start_server(host, port)
+    out.print(f"Prefect server {'started' if started else 'already running'}: UI {server.ui_url}, "
+              f"API {server.api_url} (pid {server.pid}, log {server.log})")
+    out.print("toka run uses it from now on; stop it with: toka server stop")
+
+
+@server_app.command("stop", cls=_Command)
+def server_stop() -> None:
+    """Stop the server `toka server start` started."""
+    _prefect_environment(verbose=False)
+    from .server import stop_server
+
+    server = stop_server()
+    out.print(f"stopped the Prefect server at {server.ui_url}" if server else "no toka server is running")
+
+
+@server_app.command("status", cls=_Command)
+def server_status() -> None:
+    """Say whether the server runs, and where (exit 1 when it does not)."""
+    _prefect_environment(verbose=False)
+    from .server import recorded_server, running_server
+
+    server = running_server()
+    if server is not None:
+        out.print(f"running: UI {server.ui_url}, API {server.api_url} (pid {server.pid})")
+        return
+    recorded = recorded_server()
+    if recorded is not None:
+        out.print(f"not answering: the server at {recorded.ui_url} (pid {recorded.pid}) does not answer its "
+                  f"health check; see {recorded.log}")
+    else:
+        out.print("not running (start it with: toka server start)")
+    raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _on_lasting_server() -> Iterator[None]:
+    """Inside: Prefect talks to the running `toka server`, unless an API is configured already
+    (PREFECT_API_URL in the environment or the profile keeps precedence) or none runs."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from .server import running_server
+
+    server = None if get_current_settings().api.url else running_server()
+    if server is None:
+        yield
+        return
+    err.print(f"using the toka server at {server.ui_url} (the run stays there after it ends; toka server stop)")
+    # Prefect read its settings when imported: a changed environment would not reach it.
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def _prefect_environment(*, verbose: bool) -> None:

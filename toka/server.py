@@ -1,0 +1,178 @@
+"""A local Prefect server that outlives runs: ``toka server start|stop|status``.
+
+``toka run`` on Prefect's embedded server pays for starting and stopping it on
+every run (10-30 s), and its runs cannot be looked at afterwards. ``toka server
+start`` runs Prefect's own server (``prefect server start``) in the background,
+in its own session, on this project's Prefect home, and records it in
+``<PREFECT_HOME>/toka-server.json``; ``toka run`` uses it when it answers (and
+says so), unless ``PREFECT_API_URL`` names another API, which keeps precedence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ConfigError, TokaError
+
+__all__ = ["LocalServer", "running_server", "start_server", "stop_server"]
+
+STATE_FILE = "toka-server.json"
+LOG_FILE = "toka-server.log"
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """The server ``toka server start`` left running."""
+
+    pid: int
+    host: str
+    port: int
+    log: str
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.ui_url}/api"
+
+
+def prefect_home() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+def _state_path() -> Path:
+    return prefect_home() / STATE_FILE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _healthy(server: LocalServer, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{server.api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def recorded_server() -> LocalServer | None:
+    """The server recorded in this Prefect home, if its process still lives (a stale record goes)."""
+    path = _state_path()
+    try:
+        server = LocalServer(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not _alive(server.pid):
+        path.unlink(missing_ok=True)
+        return None
+    return server
+
+
+def running_server() -> LocalServer | None:
+    """The recorded server when it answers its health check."""
+    server = recorded_server()
+    return server if server is not None and _healthy(server) else None
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, port)) == 0
+
+
+def start_server(host: str = "127.0.0.1", port: int = 4200, *, timeout: float = START_TIMEOUT) -> tuple[LocalServer, bool]:
+    """Start the server in the background, or find it running; returns it and whether it was started.
+
+    Raises:
+        ConfigError: the port is taken by something else.
+        TokaError: the server exited or did not answer within ``timeout`` (the log's last lines say why).
+    """
+    current = running_server()
+    if current is not None:
+        return current, False
+    if _port_in_use(host, port):
+        raise ConfigError(f"port {port} on {host} is in use by another program; choose one with --port")
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / LOG_FILE
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # the server itself talks to no other API
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal that started it does not reach it
+        )
+    server = LocalServer(pid=proc.pid, host=host, port=port, log=str(log))
+    deadline = time.monotonic() + timeout
+    while not _healthy(server, timeout=1.0):
+        if proc.poll() is not None:
+            raise TokaError(f"the Prefect server exited (code {proc.returncode}) before it answered: "
+                            f"{_tail(log)} (the whole log: {log})")
+        if time.monotonic() > deadline:
+            _terminate(proc.pid)
+            raise TokaError(f"the Prefect server did not answer within {timeout:g} s; its log: {log}")
+        time.sleep(0.25)
+    _state_path().write_text(json.dumps(asdict(server)) + "\n", encoding="utf-8")
+    return server, True
+
+
+def stop_server(*, timeout: float = 20.0) -> LocalServer | None:
+    """Stop the recorded server (and everything it started); returns it, or None if none ran."""
+    server = recorded_server()
+    if server is None:
+        return None
+    _terminate(server.pid, timeout=timeout)
+    _state_path().unlink(missing_ok=True)
+    return server
+
+
+def _terminate(pid: int, *, timeout: float = 20.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child
+            except ChildProcessError:
+                pass
+            if not _alive(pid):
+                try:  # anything it started and left behind in its group
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.1)
+
+
+def _tail(log: Path, lines: int = 3) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(line.strip() for line in text[-lines:]) or "(an empty log)"
