@@ -221,6 +221,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         path.write_text(text, encoding="utf-8")
         return workspace.relative(path)
 
+    journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index))
     try:
         result = await run_step(
             model=model,
@@ -236,7 +237,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             before_request=before_request,
             after_request=after_request,
             on_replayed=on_replayed,
-            journal=Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index)),
+            journal=journal,
             save_output=save_output,
             log=lambda line: logger.info("%s", line),
             on_context=lambda kind, data: emit_event(
@@ -255,6 +256,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         # this coroutine, and the cancellation passes here too).
         if calls is not None:
             calls.add(len(toolbox.calls), sum(1 for c in toolbox.calls if c.refused))
+    # Done: the task's result (persisted by Prefect as this returns) is what a resume replays now.
+    journal.discard()
     tool_calls, refused_calls = (calls.calls, calls.refused) if calls is not None else (
         result.tool_calls, result.refused_calls)
     return TaskOutcome(
