@@ -1,7 +1,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 TOKA_SPECS = TESTS / "data" / "toka-specs"
 AGENT_SPECS = ROOT / "agent_specs"
+PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
 def minimal_spec(
@@ -60,6 +67,101 @@ def write_specs(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 15) -> None:
+    """Stop a process started with start_new_session, and everything in its process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+class PrefectServer:
+    """`prefect server start` on a free loopback port, with a fresh PREFECT_HOME (its SQLite database).
+
+    The constructor only starts the process; :meth:`wait_healthy` waits until it answers
+    (about 13-20 s on a fresh database here).
+    """
+
+    def __init__(self, directory: Path, **env: str) -> None:
+        self.home = directory / "home"
+        self.home.mkdir(parents=True)
+        self.log = directory / "server.log"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("ANTHROPIC_API_KEY", "PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")
+                and not k.startswith("TOKA_OFFLINE_")}
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env={**base, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory)
+
+    def wait_healthy(self, timeout: float = 120) -> PrefectServer:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"prefect server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+_shared_api: PrefectServer | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the shared server as soon as a collected test needs it: it starts while the tests
+    before it run, instead of in front of the first one that uses it."""
+    global _shared_api
+    if session.config.option.collectonly:
+        return
+    if _shared_api is None and any("prefect_api" in getattr(item, "fixturenames", ()) for item in session.items):
+        _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _shared_api is not None:
+        _shared_api.stop()
+        shutil.rmtree(_shared_api.home.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> PrefectServer:
+    """One real `prefect server start` (SQLite) for the session's end-to-end processes.
+
+    `toka run` processes that do not test the embedded server itself (set PREFECT_API_URL to
+    its ``url``) and the deployment tests (`prefect deploy`, workers) share it: each embedded
+    server costs a `toka run` 10-30 s, a standalone server about 15 s once. Runs, flows and
+    deployments of different tests do not collide: each test reads back only its own runs.
+    """
+    global _shared_api
+    if _shared_api is None:  # requested without having been collected (e.g. by a plugin)
+        _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
+    return _shared_api.wait_healthy()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import typing
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tenacity import AsyncRetrying
 
+import toka.claude
 from flows.pipeline import pipeline
 from toka.claude import AnthropicModel, default_model
 from toka.config import ProviderSettings, RunOptions
@@ -59,6 +62,22 @@ def call(m: AnthropicModel, req: ModelRequest | None = None) -> tuple[Any, float
     return result, time.monotonic() - started
 
 
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The provider's waits between attempts, recorded instead of slept (the retry owner's
+    tenacity loop is given this sleep): what a test checks is what it asked to wait, which a
+    busy machine cannot change, and the retries cost no wall-clock time.
+    """
+    waited: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(toka.claude, "AsyncRetrying", functools.partial(AsyncRetrying, sleep=sleep))
+    return waited
+
+
 def test_default_model_is_current_and_from_the_sdk() -> None:
     from anthropic.resources.messages.messages import DEPRECATED_MODELS
     from anthropic.types.model_param import ModelParam
@@ -86,24 +105,29 @@ class TestFaults:
         ids=["429-retry-after", "529-overloaded", "500", "dropped-connection", "malformed-json",
              "malformed-html", "malformed-shape"],
     )
-    def test_transient_fault_is_retried_once_then_succeeds(self, fault: Fault, outcome: str) -> None:
+    def test_transient_fault_is_retried_once_then_succeeds(self, fault: Fault, outcome: str,
+                                                           sleeps: list[float]) -> None:
         with AnthropicServer(faults=[fault]) as server:
             m = model(server)
-            result, elapsed = call(m)
+            result, _ = call(m)
             assert result.tool_uses or result.content, result
             assert [r.outcome for r in server.requests] == [outcome, "ok"]
             assert m.http_attempts == 2
-            assert elapsed < 5
             if outcome == "fault:429":
-                assert server.requests[1].time - server.requests[0].time >= 0.3  # honoured retry-after
+                assert sleeps == [0.3]  # honoured retry-after
+            else:  # one short randomised backoff (the first step of multiplier 0.5)
+                assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.5, sleeps
 
-    def test_response_slower_than_the_timeout_is_a_retried_read_timeout(self) -> None:
+    def test_response_slower_than_the_timeout_is_a_retried_read_timeout(self, sleeps: list[float]) -> None:
         with AnthropicServer(faults=[Fault.slow(3)]) as server:
             m = model(server, request_timeout=0.5)
             result, elapsed = call(m)
             assert not isinstance(result, Exception), result
+            # Retried: the client gave up on the slow reply (had it waited the 3 s, that
+            # reply would have been the answer, with no second request).
             assert [r.outcome for r in server.requests] == ["fault:slow", "ok"]
-            assert 0.5 <= elapsed < 2.5
+            assert m.http_attempts == 2 and len(sleeps) == 1
+            assert elapsed >= 0.5  # the read timeout really ran out
 
     @pytest.mark.parametrize(
         ("status", "error_type", "message_text", "expected"),
@@ -119,10 +143,10 @@ class TestFaults:
         ids=["400", "400-context-window", "401", "403", "404", "413", "422"],
     )
     def test_permanent_fault_is_never_retried(self, status: int, error_type: str | None,
-                                              message_text: str, expected: str) -> None:
+                                              message_text: str, expected: str, sleeps: list[float]) -> None:
         with AnthropicServer(faults=[Fault.status(status, error_type=error_type, message=message_text)]) as server:
             m = model(server)
-            result, elapsed = call(m)
+            result, _ = call(m)
             assert isinstance(result, PermanentModelError)
             assert not result.retryable
             # These stop the run: every other request would fail the same way.
@@ -131,9 +155,9 @@ class TestFaults:
             assert f"Anthropic API {status}" in str(result)
             assert KEY not in str(result) and "SECRET" not in repr(result.args)
             assert len(server.requests) == 1
-            assert elapsed < 1.5
+            assert sleeps == []  # nothing waited for
 
-    def test_attempts_are_capped_and_the_final_error_is_not_retryable(self) -> None:
+    def test_attempts_are_capped_and_the_final_error_is_not_retryable(self, sleeps: list[float]) -> None:
         with AnthropicServer(faults=[Fault.status(529)] * 10) as server:
             m = model(server, max_attempts=3)
             result, _ = call(m)
@@ -141,13 +165,14 @@ class TestFaults:
             assert not result.retryable  # Prefect must not multiply the attempts
             assert "gave up after 3 attempts" in str(result)
             assert len(server.requests) == 3
+            assert len(sleeps) == 2  # between the attempts, not after the last
 
-    def test_total_waiting_is_capped(self) -> None:
+    def test_total_waiting_is_capped(self, sleeps: list[float]) -> None:
         with AnthropicServer(faults=[Fault.status(429, retry_after=30)] * 3) as server:
             m = model(server, max_retry_wait=1.0)
-            result, elapsed = call(m)
+            result, _ = call(m)
             assert isinstance(result, ModelRetriesExhausted)
-            assert elapsed < 2  # did not sleep the 30 s the server asked for
+            assert sleeps == []  # did not sleep the 30 s the server asked for
             assert len(server.requests) == 1
 
 

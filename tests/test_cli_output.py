@@ -324,7 +324,8 @@ def test_run_with_verbose_in_a_terminal_leaves_one_table_and_says_where_everythi
     monkeypatch.setattr(cli, "out", Console(file=terminal, force_terminal=True, width=100, height=40,
                                             highlight=False, soft_wrap=True, emoji=False))
 
-    async def fake_execute(options: dict[str, Any], *, results_dir: Path) -> Any:
+    async def fake_execute(plan: Any, specs: list[str], agents: list[str], config: Any, *,
+                           results_dir: Path) -> Any:
         for name in ["repo-survey", "dependency-audit"]:
             notify(ProgressEvent("agent-started", name))
             for task in (1, 2):
@@ -334,7 +335,7 @@ def test_run_with_verbose_in_a_terminal_leaves_one_table_and_says_where_everythi
                 notify(ProgressEvent("task-finished", name, state="completed", task=task, total=2))
             notify(ProgressEvent("agent-finished", name, state="completed"))
         return _summary(first="repo-survey", then="dependency-audit", flow_run_id="0b7e5c1d",
-                        run_key=options["run_key"])
+                        run_key=config.run_key)
 
     monkeypatch.setattr(cli, "_execute", fake_execute)
     monkeypatch.chdir(tmp_path)

@@ -1,7 +1,8 @@
 """Deployments as users run them: `prefect.yaml`, a real server, `prefect deploy --all`, workers.
 
-The fast tests check `prefect.yaml` and its generator. The slow ones start a real
-`prefect server start` on a loopback port with a fresh PREFECT_HOME, create the
+The fast tests check `prefect.yaml` and its generator. The slow ones use the session's
+real `prefect server start` (conftest's ``prefect_api``: a loopback port, a fresh
+PREFECT_HOME; the `toka run` processes of other tests share it), create the
 process work pool from `deployments/process-pool.json`, run `prefect --no-prompt
 deploy --all` from the repository root, and drive runs with the `prefect` CLI and
 workers, reading states, results and artifacts back through the REST API.
@@ -13,13 +14,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +39,8 @@ from toka.deployments import (
 from toka.errors import ConfigError
 from toka.plan import make_plan
 
-from .conftest import AGENT_SPECS, ROOT, minimal_spec
+from .conftest import AGENT_SPECS, PREFECT, ROOT, PrefectServer, free_port, minimal_spec, stop_process
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 PREFECT_YAML = ROOT / "prefect.yaml"
 AGENTS = ["repo-survey", "dependency-audit", "test-health", "docs-refresh", "release-notes"]
 
@@ -145,26 +143,6 @@ def test_render_is_deterministic_and_names_every_agent() -> None:
 
 
 # -- a real server ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _kill(proc: subprocess.Popen[Any], grace: float = 15) -> None:
-    """Stop a process started with start_new_session, and everything in its process group."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
 
 
 def _check_server_dependencies() -> None:
@@ -271,28 +249,9 @@ class Server:
             "artifacts": {"flow_run_id": {"any_": run_ids}}, "sort": "CREATED_DESC", "limit": 200, "offset": 0})
 
 
-def _start_server(tmp: Path, **env: str) -> tuple[subprocess.Popen[bytes], Server]:
-    home = tmp / "home"
-    home.mkdir()
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    server = Server(url=url, home=home, log=tmp / "server.log")
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    with server.log.open("w") as log:
-        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port],
-                                env=server.env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=tmp)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _kill(proc)
-            pytest.fail(f"prefect server did not start:\n{server.log.read_text()[-3000:]}")
-        time.sleep(0.25)
-    return proc, server
+def _start_server(tmp: Path, **env: str) -> tuple[PrefectServer, Server]:
+    started = PrefectServer(tmp, **env).wait_healthy()
+    return started, Server(url=started.url, home=started.home, log=started.log)
 
 
 def _deploy(server: Server) -> None:
@@ -307,17 +266,18 @@ def _deploy(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A fresh server (SQLite) with the work pool created and `prefect deploy --all` done."""
+def deployed(prefect_api: PrefectServer) -> Server:
+    """The session's shared server (SQLite, fresh) with the work pool created and `prefect deploy --all` done.
+
+    `toka run` processes of other tests share it; they create runs of the same flows but no
+    deployments, and every test here reads back only the runs it started.
+    """
     _check_server_dependencies()
     started = time.monotonic()
-    proc, server = _start_server(tmp_path_factory.mktemp("prefect-server"))
-    try:
-        _deploy(server)
-        print(f"server up and deployed in {time.monotonic() - started:.1f}s")
-        yield server
-    finally:
-        _kill(proc)
+    server = Server(url=prefect_api.url, home=prefect_api.home, log=prefect_api.log)
+    _deploy(server)
+    print(f"deployed in {time.monotonic() - started:.1f}s")
+    return server
 
 
 @pytest.fixture
@@ -358,12 +318,16 @@ def _summary(run: dict[str, Any], storage: Path | None = None) -> Any:
 
 
 def _shared_storage_block(server: Server, basepath: Path) -> str:
-    """A LocalFileSystem block (on one machine, a directory stands in for a shared mount)."""
-    code = ("import sys; from prefect.filesystems import LocalFileSystem; "
-            "LocalFileSystem(basepath=sys.argv[1]).save('toka-results', overwrite=True)")
-    result = subprocess.run([sys.executable, "-c", code, str(basepath)], env=server.env(), capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    """A LocalFileSystem block (on one machine, a directory stands in for a shared mount).
+
+    Saved from this process (a client of ``server`` for the moment), not from a new one that
+    would spend 3 s importing Prefect.
+    """
+    from prefect.filesystems import LocalFileSystem
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        LocalFileSystem(basepath=str(basepath)).save("toka-results", overwrite=True)
     return "local-file-system/toka-results"
 
 
@@ -482,9 +446,13 @@ def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -
     run, provider = sections["RunOptions"]["properties"], sections["ProviderSettings"]["properties"]
     assert run["mode"]["enum"] == ["in-process", "distributed"] and run["max_concurrency"]["description"]
     assert run["max_concurrency"]["minimum"] == 1 and provider["request_timeout"]["exclusiveMinimum"] == 0
-    for bad in ('run={"max_concurrency": "lots"}', 'run={"max_concurrency": 0}', 'run={"mode": "sideways"}',
-                'provider={"max_attempts": 99}'):
-        result = deployed.cli("deployment", "run", "toka-pipeline/toka-pipeline", f"--param={bad}", check=False)
+    bad = ['run={"max_concurrency": "lots"}', 'run={"max_concurrency": 0}', 'run={"mode": "sideways"}',
+           'provider={"max_attempts": 99}']
+    # Four CLI processes at once: each spends most of its 4-5 s importing, and none creates a run.
+    with ThreadPoolExecutor(len(bad)) as pool:
+        results = list(pool.map(lambda param: deployed.cli(
+            "deployment", "run", "toka-pipeline/toka-pipeline", f"--param={param}", check=False), bad))
+    for result in results:
         assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
         assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
 
@@ -611,7 +579,7 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         for proc in workers:
             # An idle Prefect 3.8 worker took over 20 s to act on SIGTERM/SIGINT here; its
             # flow-run processes (all finished by now) run in their own sessions anyway.
-            _kill(proc, grace=3)
+            stop_process(proc, grace=3)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -631,7 +599,7 @@ def postgres() -> Iterator[str]:
             pytest.skip("running as root without runuser: cannot start PostgreSQL")
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     data = root / "data"
     subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True, timeout=120)
@@ -689,7 +657,7 @@ def test_postgresql_backed_server(
     """The README's scale-out server: deploy, run on a worker, and concurrent run creation."""
     (tmp_path / "pg-server").mkdir()
     started = time.monotonic()
-    proc, server = _start_server(tmp_path / "pg-server", PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres)
+    pg_server, server = _start_server(tmp_path / "pg-server", PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres)
     print(f"PostgreSQL-backed server healthy after {time.monotonic() - started:.1f}s")
     try:
         _deploy(server)
@@ -707,7 +675,7 @@ def test_postgresql_backed_server(
               f"SQLite {sqlite_seconds:.2f}s ({sqlite_busy} busy answers)")
         assert pg_busy == 0, "a PostgreSQL-backed server should not answer 'busy' to concurrent writes"
     finally:
-        _kill(proc)
+        pg_server.stop()
 
 
 # -- distributed mode without a server's deployment ----------------------------------------------

@@ -1,4 +1,10 @@
-"""How a real `toka run` process ends: SIGTERM, a dead Prefect API, kill -9, a stray SIGINT."""
+"""How a real `toka run` process ends: SIGTERM, a dead Prefect API, kill -9, a stray SIGINT.
+
+Every run stopped here runs on its own embedded server, the thing under test. What a
+resume then does is the same on any server: the resumes after SIGTERM and after a dead
+server run on the session's shared server (``prefect_api``, no 10-30 s start each); the
+resume after kill -9 runs on the embedded server again, on the database the killed one left.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import PrefectServer
 from .test_cli_run import TOKA, env, log_lines, summary, tasks_by_state, toka_run
 from .test_cli_run import workspace  # noqa: F401  (a fixture)
 
@@ -111,16 +118,16 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def assert_resume_finishes(workspace: Path) -> None:
+def assert_resume_finishes(workspace: Path, api: PrefectServer) -> None:
     out = workspace / "summary.json"
-    resumed = toka_run(workspace, "--resume", "--json", str(out))
+    resumed = toka_run(workspace, "--resume", "--json", str(out), PREFECT_API_URL=api.url)
     assert resumed.returncode == 0, resumed.stderr
     data = summary(out)
     assert all(a["tasks_done"] == a["tasks_total"] for a in data["agents"])
     assert tasks_by_state(data, "cached"), "nothing finished before the stop was replayed"
 
 
-def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path) -> None:
+def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectServer) -> None:
     with started_run(workspace) as run:
         run.wait_for_results(3)
         server = run.server()
@@ -134,10 +141,10 @@ def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path) -> None:
     assert run.last_line() == f"terminated; continue with: toka run --resume (run {key[1]})"
     assert took < 30
     assert not alive(server)
-    assert_resume_finishes(workspace)
+    assert_resume_finishes(workspace, prefect_api)
 
 
-def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path) -> None:
+def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path, prefect_api: PrefectServer) -> None:
     with started_run(workspace) as run:
         run.wait_for_results(3)
         url = f"http://127.0.0.1:{server_port(run.server())}/api"
@@ -149,7 +156,7 @@ def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path) ->
     assert run.last_line().startswith(f"error: the Prefect API at {url} stopped answering: its embedded server "
                                       "was killed by SIGKILL; continue with: toka run --resume (run ")
     assert took < 15
-    assert_resume_finishes(workspace)
+    assert_resume_finishes(workspace, prefect_api)
 
 
 def test_a_hung_embedded_server_stops_the_run_and_is_killed(workspace: Path) -> None:
@@ -166,9 +173,10 @@ def test_a_hung_embedded_server_stops_the_run_and_is_killed(workspace: Path) -> 
             time.sleep(0.1)
 
 
-def test_kill_9_takes_the_embedded_server_with_it(workspace: Path) -> None:
+def test_kill_9_takes_the_embedded_server_with_it_and_resume_repeats_no_finished_task(workspace: Path) -> None:
     with started_run(workspace) as run:
-        run.wait_for_results(1)
+        # Killed once a few tasks have submitted results, well before the end (46 requests).
+        run.wait_for_results(6)
         port = server_port(run.server())
         assert listening(port)
         os.kill(run.proc.pid, signal.SIGKILL)  # toka alone, not its process group
@@ -177,6 +185,31 @@ def test_kill_9_takes_the_embedded_server_with_it(workspace: Path) -> None:
         while alive(run.server()) or listening(port):
             assert time.monotonic() < deadline, f"the embedded server (pid {run.server()}) outlived toka"
             time.sleep(0.1)
+        try:  # anything else of the killed run goes too, before its requests are counted
+            os.killpg(run.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = workspace / "requests.jsonl"
+    killed_run = log_lines(log)
+    assert len(killed_run) < 40
+
+    # The resume starts an embedded server of its own, on the database the killed one left.
+    out = workspace / "summary.json"
+    resumed = toka_run(workspace, "--resume", "--json", str(out), TOKA_OFFLINE_REQUEST_LOG=str(log))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting Prefect's embedded server" in resumed.stderr
+    data = summary(out)
+    assert data["state"] == "completed"
+    assert all(a["tasks_done"] == a["tasks_total"] for a in data["agents"])
+
+    replayed = tasks_by_state(data, "cached")
+    assert replayed, "nothing finished before the kill was replayed"
+    after_kill = log_lines(log)[len(killed_run):]
+    asked_again = {(r["agent"], int(r["task"])) for r in after_kill}
+    assert not replayed & asked_again, "a finished task's model requests were repeated"
+    # Every task that submitted a result before the kill and was persisted is replayed, not redone.
+    submitted_before = {(r["agent"], int(r["task"])) for r in killed_run if r["answer"] == "submit_result"}
+    assert len(submitted_before - replayed) <= 1  # at most the one killed between submit and persist
 
 
 def test_sigint_to_a_background_runs_group_leaves_its_server_alone(workspace: Path) -> None:

@@ -78,11 +78,13 @@ def bounded(call: Callable[[], object], *, seconds: float, megabytes: float) -> 
     """The exception ``call`` raises; fail unless it raised within ``seconds`` of CPU and ``megabytes`` of Python memory.
 
     Timed and measured in two runs: tracing allocations slows Python code several times over.
+    The CPU time is this thread's: Prefect's background threads (log and event workers, once a
+    flow test ran in this session) count in the process's, and once took a bound over.
     """
-    start = time.process_time()
+    start = time.thread_time()
     with pytest.raises(Exception) as info:
         call()
-    spent = time.process_time() - start
+    spent = time.thread_time() - start
     tracemalloc.start()
     try:
         with pytest.raises(Exception):
@@ -224,7 +226,8 @@ def test_thousands_of_nested_lists_are_refused_quickly() -> None:
 def test_more_nodes_than_the_limit_are_refused_while_composing() -> None:
     text = BASE + "wide: [" + "1," * 400_000 + "1]\n"  # 800 kB, 400,000 nodes
     assert len(text) < MAX_SPEC_BYTES
-    (problem,) = refused(text).problems
+    # About 0.3 s of CPU here; 0.5 s was crossed (0.54 s) on a machine busy with other suites.
+    (problem,) = refused(text, seconds=1.5).problems
     assert problem.line == line_of(text, "wide:") and problem.field and problem.field.startswith("wide[")
     assert problem.message == (
         f"more than {MAX_NODES:,} nodes (keys, values and list items); the limit for a spec is {MAX_NODES:,}"

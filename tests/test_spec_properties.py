@@ -38,7 +38,9 @@ BASE_TEXTS: dict[str, str] = {
 BASES: dict[str, Any] = {name: yaml.safe_load(text) for name, text in BASE_TEXTS.items()}
 
 FAST = settings(
-    max_examples=200,
+    # Hypothesis's default: 200 took 35 s of the suite for the same properties (all shapes of
+    # breakage are drawn well within 100); each run draws new examples (no database).
+    max_examples=100,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
@@ -309,6 +311,7 @@ def test_random_text_and_bytes_keep_the_contract(text: str) -> None:
 
 
 def test_every_base_is_valid() -> None:
+    assert len(BASES) == 9  # the properties above break all nine real specs
     for name, text in BASE_TEXTS.items():
         result = check_contract(text, source=f"{name}.yaml")
         assert isinstance(result, AgentSpec), str(result)
@@ -336,8 +339,3 @@ def test_huge_unit_numbers_keep_the_contract(key: str, digits: int) -> None:
 def test_impossible_unquoted_dates_keep_the_contract(month: int, day: int) -> None:
     text = BASE_TEXTS["build-system-stabilization"].replace('created: "2025-07-04"', f"created: 2025-{month}-{day}")
     check_contract(text)
-
-
-def test_base_files_exist() -> None:
-    assert len(BASES) == 9
-    assert all((TOKA_SPECS / f"{n}.yaml").is_file() for n in BASES)
