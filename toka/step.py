@@ -33,6 +33,7 @@ from .context import (
     compacted,
     compaction_request,
     head_and_tail,
+    summary_text,
 )
 from .errors import (
     ContextOverflowError,
@@ -366,9 +367,7 @@ class _Conversation:
         """Ask the model to summarise the work so far, and go on from the task and that summary."""
         summary_request = compaction_request(self._build())
         response = await self._answered(summary_request)
-        summary = "\n".join(b.text for b in response.content if isinstance(b, TextBlock)).strip()
-        if not summary:
-            summary = "(the model gave no summary)"
+        summary = summary_text(response) or "(the model gave no summary)"
         before = len(self.messages)
         fits = self.budget.limit // 2 if self.budget is not None else None  # room for the turns after it
         self.messages = compacted(self.messages[0], summary, self.messages, self.limits.keep_turns, max_tokens=fits)
