@@ -113,6 +113,16 @@ def test_writers_redact_what_they_write(key: str) -> None:
     assert key not in json.dumps(summary.to_dict())
 
 
+def test_a_journal_keeps_no_secret_the_model_echoed(tmp_path: Path, key: str) -> None:
+    # A failed task's journal stays on disk for the resume: what the model said is in it.
+    from toka.journal import Entry, Journal
+
+    journal = Journal(tmp_path / "1.jsonl")
+    journal.append(Entry("response", "f", {"content": [{"type": "text", "text": f"the key is {key}"}]}))
+    assert key not in journal.path.read_text()
+    assert journal.load()[0].data["content"][0]["text"] == f"the key is {REDACTED}"
+
+
 def test_the_audit_trail_redacts_values_json_would_escape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     quoted = 'pa"ss\\word-1234'  # json.dumps escapes the quote and the backslash
     monkeypatch.setenv("DB_PASSWORD", quoted)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .model import ModelRequest, ModelResponse, ToolResultBlock
+from .redact import redact_data, secret_values
 
 __all__ = ["Journal", "Replay", "journal_path", "request_fingerprint", "tool_fingerprint"]
 
@@ -74,7 +75,11 @@ class Entry:
     by: str = PROCESS
 
     def line(self) -> str:
-        return json.dumps({"kind": self.kind, "fingerprint": self.fingerprint, "by": self.by, "data": self.data},
+        # Redacted like everything else written to disk: a model may echo a secret, and a failed
+        # task's journal stays. Replaying a redacted answer changes the next request, so replay
+        # goes live from there: the rare cost of never keeping the secret.
+        data = redact_data(self.data, secret_values())
+        return json.dumps({"kind": self.kind, "fingerprint": self.fingerprint, "by": self.by, "data": data},
                           separators=(",", ":")) + "\n"
 
 
