@@ -274,9 +274,12 @@ class TestPipeline:
         data = summary.to_dict()
         assert data["format"] == "toka-run/1"
         assert list(data) == ["format", "run_key", "flow_run_id", "model", "offline", "state",
-                              "duration_s", "usage", "spent_tokens", "budget_tokens", "agents"]
+                              "duration_s", "usage", "spent_tokens", "budget_tokens", "branch", "agents"]
         (a,) = data["agents"]
         assert (a["name"], a["state"], a["tasks_done"], a["tasks_total"]) == ("a", "completed", 1, 1)
+        # Not a git repository: the agent worked on a private copy, on its own branch there.
+        assert (a["branch"], a["files_changed"]) == ("toka/json/a", [])
+        assert data["branch"]["name"] == "toka/json/_merged" and data["branch"]["merged"] == ["a"]
         assert a["tasks"][0]["result"]["summary"] == "a task 1 done"
         assert data["usage"]["requests"] == 1
 

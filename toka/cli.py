@@ -352,6 +352,15 @@ def run(
     verb = "resuming run" if resume else "run"
     err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
               f"workspace {space.root}")
+    if config.in_place:
+        err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
+                  "the same tree (no branches to review or undo)")
+    else:
+        from .branches import ref_part
+
+        err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
+                  f"worktree, from {escape(config.base)}" + (" and your uncommitted work" if config.include_uncommitted
+                                                            else "; your checkout is not touched"))
     _prefect_environment(verbose=verbose)
     with _on_lasting_server():
         _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
@@ -419,9 +428,28 @@ def _print_locations(summary: PipelineSummary, plan: Plan, state_dir: Path, json
         out.print("audit trail: none (no tool calls)")
     if json_file is not None:
         out.print(f"summary:     {escape(str(json_file))}")
+    _print_branches(summary)
     url = _ui_url(summary.flow_run_id)
     if url:
         out.print(f"Prefect UI:  {escape(url)}")
+
+
+def _print_branches(summary: PipelineSummary) -> None:
+    """Where the agents' work is, and how to look at it."""
+    run = summary.changes
+    if run is None:
+        return
+    out.print(f"branch:      {escape(run.branch)} ({len(run.files_changed)} files changed; "
+              f"agents' own: toka/.../<agent>)")
+    for agent, reason in run.not_merged.items():
+        err.print(f"[yellow]not merged:[/yellow] {escape(agent)}: {escape(reason)}")
+    if run.patch:
+        out.print(f"patch:       {escape(_shown(Path(run.patch)))}")
+    if run.pushed:
+        out.print(f"push:        {escape(run.pushed)}")
+    key = escape(summary.run_key)
+    out.print(f"review:      toka diff --run {key}   |   git log {escape(run.base[:12])}..{escape(run.branch)}")
+    out.print(f"then:        toka apply --run {key}  (merge into your checkout)   |   toka discard --run {key}")
 
 
 def _shown(path: Path) -> str:
@@ -546,6 +574,65 @@ def audit(
                       f"{r.get('duration_s', 0):.2f}s", escape(_one_line(str(r.get("reason") or ""))[:80]))
     _print_table(table)
     out.print(f"{len(rows)} tool calls, {sum(r.get('decision') == 'refused' for r in rows)} refused")
+
+
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run key (default: the last run here).", metavar="KEY")]
+BranchAgentOpt = Annotated[str | None, typer.Option("--agent", help="Only this agent's changes.", metavar="NAME")]
+WorkspaceOpt = Annotated[Path, typer.Option(help="The workspace the run worked on.", metavar="DIR")]
+
+
+def _run_branches(workspace: Path, run_key: str | None, agent: str | None) -> Any:
+    """The branches of run ``run_key`` (default: the last run) in ``workspace``; checks ``agent``."""
+    from .branches import load_run
+
+    space = Workspace(workspace)
+    key = run_key or RunRecord.load_last(space.state_dir).run_key
+    branches = load_run(space.state_dir, key)
+    if agent is not None and not branches.agent_record(agent).is_file():
+        raise ConfigError(f"run {key} has no branch for an agent named {agent!r}")
+    return branches
+
+
+@app.command(cls=_Command)
+def diff(run_id: RunOpt = None, agent: BranchAgentOpt = None, workspace: WorkspaceOpt = Path("."),
+         stat: Annotated[bool, typer.Option("--stat", help="Only the diffstat.")] = False) -> None:
+    """Show the changes a run's agents made (the run's merged branch, or one agent's)."""
+    from .branches import agent_changes, diff_text, diffstat, merged_tip
+
+    with _user_errors():
+        branches = _run_branches(workspace, run_id, agent)
+        repo = Path(branches.repo)
+        if agent is None:
+            start, tip = branches.base, merged_tip(branches)
+        else:
+            changes = agent_changes(branches, agent)
+            assert changes is not None
+            start, tip = changes.base, changes.commit
+        text = diffstat(repo, start, tip) if stat else diff_text(repo, start, tip)
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    if not text:
+        err.print("no changes")
+
+
+@app.command(cls=_Command)
+def apply(run_id: RunOpt = None, agent: BranchAgentOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
+    """Merge a run's changes (or one agent's) into your checkout; refused if that would overwrite your work."""
+    from .branches import apply_changes
+
+    with _user_errors():
+        done = apply_changes(_run_branches(workspace, run_id, agent), agent)
+    out.print(escape(done))
+
+
+@app.command(cls=_Command)
+def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
+    """Remove a run's branches and worktrees (its reports and audit trail stay)."""
+    from .branches import discard_run
+
+    with _user_errors():
+        branches = _run_branches(workspace, run_id, None)
+        removed = discard_run(branches)
+    out.print(f"discarded run {escape(branches.run_key)}: {len(removed)} branches and worktrees removed")
 
 
 @app.command(cls=_Command)

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import Flow, Task, flow, get_run_logger
@@ -41,9 +42,12 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
+from .branches import DIFF_LIMIT, AgentChanges, AgentCheckout, changed_files, commit_task, diff_text, diffstat
 from .budget import AgentBudget, current_ledger, use_agent_budget
 from .config import RunConfig
 from .errors import AgentFailedError, BudgetExceededError, TokaError
+from .gitguard import run_git
+from .journal import Journal, journal_path
 from .llm_step import StepInput, agent_ledger, is_retryable, llm_step
 from .model import Usage
 from .policy import approval_keys
@@ -53,6 +57,7 @@ from .redact import redact, redact_data, secret_values
 from .report import agent_markdown, agent_results_table
 from .results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
 from .spec import AgentSpec, Task as SpecTask
+from .workspace import Workspace
 
 __all__ = [
     "WITH_FAILURES",
@@ -302,6 +307,8 @@ async def _run_tasks(
         record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
                                     calls.tasks.get(index))
         records.append(record)
+        if run.checkout is not None:
+            await asyncio.to_thread(_commit, run, spec, record, total)
         for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
             if book is not None:
                 book.carry(record.carried_usage)
@@ -317,6 +324,22 @@ async def _run_tasks(
                                description=task.description, reason=record.error), run_key=run.run_key)
         progress.set(100.0 * index / total)
     return records, failure or skipped, fatal
+
+
+def _commit(run: RunConfig, spec: AgentSpec, record: TaskRecord, total: int) -> None:
+    """Commit what the task left in the agent's worktree (blocking: git).
+
+    A task that failed for good has its edits set aside (:func:`toka.branches.commit_task`), so
+    its journal goes too: a later attempt must not replay tool calls whose effects are gone.
+    """
+    assert run.checkout is not None
+    result = record.result
+    commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
+                description=record.description, state=record.state,
+                summary=result.summary if result else record.error or "",
+                files_changed=result.files_changed if result else ())
+    if record.state == "failed":
+        Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, record.index)).discard()
 
 
 class ApprovalInput(RunInput):
@@ -400,6 +423,16 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     )
 
 
+def _changes(checkout: AgentCheckout) -> tuple[AgentChanges, str]:
+    """The agent's branch against its start, and the diff for its report (cut when long)."""
+    repo = Path(checkout.worktree)
+    head = run_git(repo, "rev-parse", "HEAD").stdout.strip()
+    changes = AgentChanges(branch=checkout.branch, commit=head, base=checkout.start,
+                           files_changed=changed_files(repo, checkout.start, head),
+                           diffstat=diffstat(repo, checkout.start, head))
+    return changes, diff_text(repo, checkout.start, head, limit=DIFF_LIMIT)
+
+
 async def _run_agent(
     spec: AgentSpec, run: RunConfig, upstream: dict[str, dict[str, Any]] | None
 ) -> AgentReport | State[AgentReport]:
@@ -426,6 +459,9 @@ async def _run_agent(
                                     "went on (medium and low failures do not stop it)")
     else:
         failure_note = None
+    changes, diff = None, None
+    if run.checkout is not None:
+        changes, diff = await asyncio.to_thread(_changes, run.checkout)
     report = AgentReport(
         agent=spec.name,
         state="failed" if failure else "completed-with-failures" if failed_tasks else "completed",
@@ -433,12 +469,13 @@ async def _run_agent(
         fatal=fatal,
         tasks=records,
         duration_s=time.monotonic() - started,
+        changes=changes,
     )
     await asyncio.gather(
         progress.close(),
         acreate_markdown_artifact(
             key=f"{spec.name}-report",
-            markdown=agent_markdown(report, model=(await get_model(run.provider)).name),
+            markdown=agent_markdown(report, model=(await get_model(run.provider)).name, diff=diff),
             description=f"{spec.name}: task report",
         ),
         acreate_table_artifact(

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
+from .branches import AgentCheckout
 from .errors import ConfigError, Problem
 
 __all__ = [
@@ -98,6 +99,18 @@ class RunOptions(_Group):
     result_storage: Annotated[str | None, Cli(metavar="SLUG")] = None
     """A Prefect filesystem block slug for results shared between workers (empty: the local results
     directory, .toka/results in the workspace)."""
+    base: Annotated[str, Cli(metavar="REF")] = "HEAD"
+    """The git commit (branch, tag...) the agents' branches start from, in a workspace that is a git
+    repository."""
+    include_uncommitted: Annotated[bool, Cli()] = False
+    """Let the agents start from the workspace's uncommitted and untracked files too (they are
+    snapshotted into the base commit; the checkout itself is not touched)."""
+    in_place: Annotated[bool, Cli()] = False
+    """Let the agents edit the workspace directly, all in the same tree, instead of each on its own
+    git branch and worktree."""
+    push: Annotated[str | None, Cli(metavar="REMOTE")] = None
+    """Push the run's merged branch to this git remote at the end (a git-push use: it needs its
+    approval). Empty: nothing is pushed."""
     mode: Annotated[Literal["in-process", "distributed"], Cli(skip="a deployment setting")] = "in-process"
     """'in-process': each agent is a subflow of the pipeline run. 'distributed': each agent is a run of
     the agent-runner deployment, picked up by any worker of its pool (results must be on storage every
@@ -230,6 +243,8 @@ class RunConfig(RunOptions):
     approvals: Approvals = Approvals()
     retries: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_RETRIES))
     """Prefect task retries by task priority."""
+    checkout: AgentCheckout | None = None
+    """The agent's own worktree (set per agent by the pipeline; None: the workspace itself)."""
     pause_for_approval: bool = False
     """Pause the agent's flow run for undecided approvals (set for deployment runs, where a person can
     answer in the UI); else undecided approvals are denied."""

@@ -32,6 +32,8 @@ it into readable lines, never a traceback, and exits with the class's
     │   ├── ToolTimeoutError       a tool process outlived its timeout and was killed
     │   └── SandboxViolation       a command changed what it may never change (fatal)
     ├── BudgetExceededError    a token budget is spent
+    ├── BranchError            the run's git branches cannot be made, merged or applied
+    │   └── MergeConflictError     two changes touch the same lines (names the files)
     └── RunFailedError         a run ended Failed; carries its report
         ├── AgentFailedError       one agent
         └── PipelineFailedError    the pipeline (some agent failed)
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # the model module imports pydantic; errors stay importable w
 __all__ = [
     "AgentFailedError",
     "ApprovalDenied",
+    "BranchError",
     "BudgetExceededError",
     "CommandRefused",
     "ConfigError",
@@ -77,6 +80,7 @@ __all__ = [
     "DuplicateAgentError",
     "GraphError",
     "InvalidToolInputError",
+    "MergeConflictError",
     "ModelError",
     "ModelRetriesExhausted",
     "ModelTimeoutError",
@@ -360,6 +364,19 @@ class BudgetExceededError(TokaError):
         super().__init__(problems, usage=usage, attempt=attempt)
         self.args = (self.problems, scope)
         self.scope = scope
+
+
+class BranchError(TokaError):
+    """The run's git branches or worktrees cannot be made, merged, applied or removed."""
+
+
+class MergeConflictError(BranchError):
+    """Merging two branches conflicts; ``files`` are the conflicting paths."""
+
+    def __init__(self, problems: Iterable[Problem] | str, files: Iterable[str] = ()) -> None:
+        super().__init__(problems)
+        self.files: tuple[str, ...] = tuple(files)
+        self.args = (self.problems, self.files)
 
 
 class RunFailedError(TokaError):

@@ -95,9 +95,13 @@ def git_argv(repo: Path, *args: str) -> list[str]:
     return ["git", "-C", str(repo), *(x for o in options for x in ("-c", o)), *rest]
 
 
-def run_git(repo: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes."""
-    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, env=git_env(),
+def run_git(repo: Path, *args: str, timeout: float = 60.0,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes.
+
+    ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
+    """
+    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, env={**git_env(), **(env or {})},
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
@@ -180,6 +184,8 @@ def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
             _add(found, root)
             if root.is_dir():
                 for sub in sorted(root.iterdir()):
+                    if _agent_worktree(sub):
+                        continue
                     for control in CONTROL_FILES:
                         _add(found, sub / control)
             continue
@@ -189,6 +195,16 @@ def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
                 for n in (*dirnames, *filenames):
                     _add(found, Path(dirpath, n))
     return found
+
+
+def _agent_worktree(admin: Path) -> bool:
+    """Whether ``admin`` (under ``worktrees/``) is the git directory of an agent's worktree, which
+    the runtime adds and removes while other agents' commands run (see :mod:`toka.branches`)."""
+    try:
+        target = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return False
+    return "/.toka/worktrees/" in target
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:

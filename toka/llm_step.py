@@ -171,6 +171,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     model = await get_model(run.provider)
     granted, withheld = grant_tools(spec.security.capabilities_required)
     workspace = Workspace(run.workspace)
+    if run.checkout is not None:  # the agent's own worktree; the run's state stays in the workspace's
+        workspace = Workspace(run.checkout.root, state_dir=workspace.state_dir)
     approvals = run.approvals
     policy = AgentPolicy.for_spec(
         spec, allow_unsandboxed=approvals.allow_unsandboxed, needs_approval=frozenset(approvals.needs_approval),
@@ -219,7 +221,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         outputs.mkdir(parents=True, exist_ok=True)
         path = outputs / f"{len(list(outputs.iterdir())) + 1:04d}.txt"
         path.write_text(text, encoding="utf-8")
-        return workspace.relative(path)
+        return workspace.saved_output_name(path)
 
     journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index))
     try:

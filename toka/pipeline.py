@@ -21,6 +21,7 @@ agents spread over every worker of the pool, and reads its persisted result
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import time
@@ -29,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, tags
@@ -41,10 +43,19 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
+from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run
 from .budget import Ledger, use_ledger
 from .compiler import agent_tags, announce, compile_agent, failed, finished, run_name
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
-from .errors import AgentFailedError, ConfigError, PipelineFailedError, RunFailedError, TokaError, UnknownAgentError
+from .errors import (
+    AgentFailedError,
+    ConfigError,
+    MergeConflictError,
+    PipelineFailedError,
+    RunFailedError,
+    TokaError,
+    UnknownAgentError,
+)
 from .graph import AgentGraph
 from .limits import LimitSettings, check_limits
 from .model import Usage
@@ -57,6 +68,7 @@ from .report import pipeline_markdown
 from .results import AgentReport, AgentRunOutcome, PipelineSummary, TaskRecord
 from .specset import DEFAULT_SPEC_DIR
 from .spec import AgentSpec
+from .workspace import Workspace
 
 __all__ = [
     "DEFAULT_SPECS",
@@ -140,7 +152,15 @@ async def run_pipeline(
         if run.mode == "distributed":
             distributed = Distributed(specs=[str(s) for s in specs], deployment=run.agent_deployment)
             await _check_deployment(run.agent_deployment)
-        summary = await run_agents(plan.graph, config, distributed=distributed)
+        branches = None
+        if not run.in_place:
+            branches = await asyncio.to_thread(
+                open_run, Path(run.workspace), Workspace(run.workspace).make_state_dir(), config.run_key,
+                base=run.base, include_uncommitted=run.include_uncommitted)
+        else:
+            get_run_logger().warning("in place: the agents edit %s directly, all in the same tree (no branches)",
+                                     run.workspace)
+        summary = await run_agents(plan.graph, config, distributed=distributed, branches=branches)
         return finished(summary, failures=_failures(summary))
     except TokaError as e:  # a bad setting, a missing API key, failed agents: one line in the UI
         return failed(e)
@@ -198,13 +218,15 @@ class Distributed:
 
 #: Runs one agent with its upstream results; returns the run's result (an
 #: AgentReport or the exception it failed with) and its state message.
-AgentExecutor = Callable[[str, dict[str, dict[str, Any]]], Awaitable[tuple[Any, str]]]
+AgentExecutor = Callable[[str, dict[str, dict[str, Any]], RunConfig], Awaitable[tuple[Any, str]]]
 
 
 async def run_agents(
-    graph: AgentGraph, run: RunConfig, *, distributed: Distributed | None = None
+    graph: AgentGraph, run: RunConfig, *, distributed: Distributed | None = None,
+    branches: RunBranches | None = None,
 ) -> PipelineSummary:
-    """Schedule the agents of ``graph`` (subflows, or deployment runs when ``distributed``).
+    """Schedule the agents of ``graph`` (subflows, or deployment runs when ``distributed``), each on
+    its own branch of ``branches`` (None: in the workspace itself).
 
     Returns the summary or raises PipelineFailedError.
     """
@@ -213,13 +235,13 @@ async def run_agents(
             execute = _in_process(graph, run)
         else:
             execute = _distributed(graph, run, distributed, ledger)
-        return await _schedule(graph, run, ledger=ledger, execute=execute)
+        return await _schedule(graph, run, ledger=ledger, execute=execute, branches=branches)
 
 
 def _in_process(graph: AgentGraph, run: RunConfig) -> AgentExecutor:
     flows = {name: compile_agent(spec) for name, spec in graph.agents.items()}
 
-    async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+    async def execute(name: str, upstream: dict[str, dict[str, Any]], run: RunConfig) -> tuple[Any, str]:
         with tags(*agent_tags(graph.agents[name])):
             state: State[Any] = await flows[name](run=run, upstream=upstream, return_state=True)
         return await state.aresult(raise_on_failure=False), state.message or state.name or ""
@@ -267,13 +289,13 @@ def _distributed(graph: AgentGraph, run: RunConfig, settings: Distributed, ledge
                     earlier[str(r.parameters.get("agent"))] = r  # the newest wins
         return earlier.get(name)
 
-    async def execute(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+    async def execute(name: str, upstream: dict[str, dict[str, Any]], run: RunConfig) -> tuple[Any, str]:
         try:
-            return await run_remote(name, upstream)
+            return await run_remote(name, upstream, run)
         except Exception as e:  # the API failed us: this agent failed, the pipeline goes on and reports it
             return e, f"{type(e).__name__}: {e}"
 
-    async def run_remote(name: str, upstream: dict[str, dict[str, Any]]) -> tuple[Any, str]:
+    async def run_remote(name: str, upstream: dict[str, dict[str, Any]], run: RunConfig) -> tuple[Any, str]:
         spec = graph.agents[name]
         async with get_client() as client:
             # As Prefect does with subflows when a run is retried: an agent that completed in an
@@ -354,7 +376,7 @@ async def _cancel(client: Any, flow_run_id: Any) -> None:
 
 
 async def _schedule(
-    graph: AgentGraph, run: RunConfig, *, ledger: Ledger, execute: AgentExecutor
+    graph: AgentGraph, run: RunConfig, *, ledger: Ledger, execute: AgentExecutor, branches: RunBranches | None,
 ) -> PipelineSummary:
     started = time.monotonic()
     chosen = choose_model(run.provider)
@@ -373,7 +395,18 @@ async def _schedule(
             for dep in graph.upstream(name, kind)  # type: ignore[arg-type]
             if dep in reports
         }
-        outcome, message = await execute(name, upstream)
+        agent_run = run
+        if branches is not None:
+            # Its branch starts from the work of its dependencies that ran, merged in plan order.
+            deps = [d for d in graph.order() if d in upstream and reports[d].is_completed()]
+            try:
+                checkout = await asyncio.to_thread(agent_checkout, branches, name, deps)
+            except MergeConflictError as e:
+                reason = f"not started: {e}"
+                await _show_not_run(graph.agents[name], reason)
+                return AgentReport(agent=name, state="not-run", reason=reason, tasks=task_rows(name, reason, {}))
+            agent_run = run.model_copy(update={"checkout": checkout})
+        outcome, message = await execute(name, upstream, agent_run)
         if isinstance(outcome, AgentReport):
             return outcome
         if isinstance(outcome, RunFailedError) and isinstance(outcome.report, AgentReport):
@@ -444,11 +477,28 @@ async def _schedule(
                 announce(ProgressEvent("agent-finished", name, state=reports[name].state,
                                        reason=reports[name].reason), run_key=run.run_key)
             await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))
-    return await _summarise(graph, run, reports, chosen, ledger, started)
+    changes = None
+    if branches is not None:
+        completed = [n for n in graph.order() if reports[n].is_completed()]
+        changes = await asyncio.to_thread(finish_run, branches, completed)
+        if run.push:
+            changes = await _push(branches, changes, run)
+    return await _summarise(graph, run, reports, chosen, ledger, started, changes)
+
+
+async def _push(branches: RunBranches, changes: RunChanges, run: RunConfig) -> RunChanges:
+    """Push the run's branch to ``run.push``, when git-push is approved for this run (it is a git-push use)."""
+    approvals = run.approvals
+    if "git-push" in approvals.deny or ("git-push" in approvals.needs_approval and "git-push" not in approvals.approve):
+        note = "not pushed: git-push needs approval (--approve git-push)"
+    else:
+        note = await asyncio.to_thread(push_run, branches, changes, run.push or "")
+    get_run_logger().info("%s", note)
+    return dataclasses.replace(changes, pushed=note)
 
 
 async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, AgentReport], chosen: Any,
-                     ledger: Ledger, started: float) -> PipelineSummary:
+                     ledger: Ledger, started: float, changes: RunChanges | None = None) -> PipelineSummary:
     """The pipeline's summary and report artifact; raises PipelineFailedError when an agent failed."""
     if not all(r.is_completed() for r in reports.values()):
         state = "failed"
@@ -466,6 +516,7 @@ async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, Agent
         flow_run_id=_flow_run_id(),
         charged=ledger.charged,
         budget_tokens=ledger.limit,
+        changes=changes,
     )
     await acreate_markdown_artifact(
         key="toka-pipeline-report", markdown=pipeline_markdown(summary, graph),

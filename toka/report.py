@@ -17,6 +17,7 @@ import re
 import textwrap
 from html import escape
 
+from .branches import AgentChanges
 from .graph import AgentGraph
 from .model import Usage
 from .redact import redact, redact_data, secret_values
@@ -56,8 +57,8 @@ def _task_row(t: TaskRecord) -> str:
     )
 
 
-def agent_markdown(report: AgentReport, *, model: str) -> str:
-    """The agent's task report (redacted)."""
+def agent_markdown(report: AgentReport, *, model: str, diff: str | None = None) -> str:
+    """The agent's task report (redacted), with its branch and ``diff`` when it has one."""
     lines = [
         f"# {report.agent}: {report.state}",
         "",
@@ -78,7 +79,28 @@ def agent_markdown(report: AgentReport, *, model: str) -> str:
     notes = [note for t in report.tasks if (note := _context_note(t, len(report.tasks)))]
     if notes:
         lines += ["", "**Long tasks:**", "", *(f"- {note}" for note in notes)]
+    if report.changes is not None:
+        lines += _changes_markdown(report.changes, diff)
     return redact("\n".join(lines) + "\n", secret_values())
+
+
+def _fenced(text: str, language: str = "") -> list[str]:
+    """``text`` in a code fence longer than any run of backticks inside it."""
+    fence = "`" * max(3, max((len(run) + 1 for run in re.findall(r"`+", text)), default=0))
+    return [fence + language, text.rstrip("\n"), fence]
+
+
+def _changes_markdown(changes: AgentChanges, diff: str | None) -> list[str]:
+    head = (f"**Branch** `{changes.branch}` at `{changes.commit[:12]}` (from `{changes.base[:12]}`): "
+            f"{len(changes.files_changed)} files changed.")
+    lines = ["", "## Changes", "", head]
+    if changes.diffstat:
+        lines += ["", *_fenced(changes.diffstat)]
+    if diff:
+        lines += ["", *_fenced(diff, "diff")]
+    lines += ["", f"Review: `git log {changes.base[:12]}..{changes.branch}`, "
+                  f"`git diff {changes.base[:12]} {changes.branch}`."]
+    return lines
 
 
 def _context_note(task: TaskRecord, total: int) -> str:
@@ -326,10 +348,32 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
         )
     lines += ["", "**Order**: agents of a wave may run together; each starts when what it waits for is done.", "",
               *dag_table]
+    if summary.changes is not None:
+        lines += ["", *_branches_markdown(summary)]
     text = redact("\n".join(lines) + "\n", secret_values())
     # Spliced in after redaction: the picture's text was redacted before it was drawn, and a
     # token-shaped run of base64 must not be cut out of the image.
     return text.replace(_IMAGE + "\n\n", "" if image is None else image + "\n\n", 1)
+
+
+def _branches_markdown(summary: PipelineSummary) -> list[str]:
+    """The run's branches: its merged one, and each agent's."""
+    run = summary.changes
+    assert run is not None
+    lines = ["## Branches", "", f"The run's work: `{run.branch}` at `{run.commit[:12]}` "
+             f"({len(run.files_changed)} files changed from `{run.base[:12]}`)."]
+    if run.patch:
+        lines.append(f"As a patch (the workspace is not a git repository): `{run.patch}`.")
+    if run.pushed:
+        lines.append(run.pushed + ".")
+    lines += ["", "| agent | branch | commit | files changed | merged |", "|---|---|---|---|---|"]
+    for a in summary.agents:
+        if a.changes is None:
+            continue
+        merged = "yes" if a.agent in run.merged else _cell(run.not_merged.get(a.agent, f"no ({a.state})"))
+        lines.append(f"| {a.agent} | `{a.changes.branch}` | `{a.changes.commit[:12]}` "
+                     f"| {len(a.changes.files_changed)} | {merged} |")
+    return lines
 
 
 _IMAGE = "<!-- toka: DAG picture -->"

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .branches import AgentChanges, RunChanges
 from .model import Usage
 from .redact import redact_data, secret_values
 from .spec import Priority
@@ -145,6 +146,8 @@ class AgentReport(BaseModel):
     tasks: list[TaskRecord] = []
     duration_s: float = 0.0
     flow_run_id: str | None = None
+    changes: AgentChanges | None = None
+    """What the agent's branch holds (None: it ran in place, or did not start)."""
 
     @property
     def usage(self) -> Usage:
@@ -188,6 +191,8 @@ class PipelineSummary(BaseModel):
     """Every model request of this run, failed attempts included (None: the agents' sum)."""
     budget_tokens: int | None = None
     """The pipeline token budget, if one was set."""
+    changes: RunChanges | None = None
+    """The run's merged branch (None: the agents ran in place)."""
 
     @property
     def usage(self) -> Usage:
@@ -215,6 +220,12 @@ class PipelineSummary(BaseModel):
             "usage": _usage_dict(self.usage),
             "spent_tokens": self.spent_tokens,
             "budget_tokens": self.budget_tokens,
+            "branch": None if self.changes is None else {
+                "name": self.changes.branch, "commit": self.changes.commit, "base": self.changes.base,
+                "merged": self.changes.merged, "not_merged": self.changes.not_merged,
+                "files_changed": self.changes.files_changed, "patch": self.changes.patch,
+                "pushed": self.changes.pushed,
+            },
             "agents": [
                 {
                     "name": a.agent,
@@ -228,6 +239,12 @@ class PipelineSummary(BaseModel):
                     "tasks_not_run": a.count("not-run"),
                     "usage": _usage_dict(a.usage),
                     "spent_tokens": a.spent_tokens,
+                    # From git, not from what the model said it changed.
+                    "branch": a.changes.branch if a.changes else None,
+                    "commit": a.changes.commit if a.changes else None,
+                    "base": a.changes.base if a.changes else None,
+                    "files_changed": a.changes.files_changed if a.changes else None,
+                    "diffstat": a.changes.diffstat if a.changes else None,
                     "tasks": [
                         {
                             "index": t.index,

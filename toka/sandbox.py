@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SandboxRefused, ToolTimeoutError
-from .gitguard import protected_paths
+from .gitguard import git_dirs, protected_paths
 from .process import ProcessResult, run_process
 from .spec import ResourceLimits
 
@@ -250,6 +250,9 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
                    *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))})
     if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
         keep.append(os.path.realpath("/etc/resolv.conf"))
+    # A worktree's git directories are outside it (in the repository it was made from): they stay
+    # visible, read-only like the rest of the host, so git works in the worktree.
+    keep += [str(d) for d in git_dirs(workspace) if not d.resolve().is_relative_to(workspace.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
               "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths()], "keep": keep,
@@ -829,7 +832,10 @@ async def run_sandboxed(
             # (audit trail, results, run records) is read-only to it.
             confine = await asyncio.to_thread(
                 confinement, workspace, cwd, writable=[d for d in extra_disk_dirs if d.is_relative_to(state_dir)],
-                readonly=[state_dir], env=env, network=network,
+                # An agent's worktree lies inside the state directory: there the rest of the host,
+                # the state directory included, is read-only already; binding it would cover the worktree.
+                readonly=[] if workspace.resolve().is_relative_to(state_dir.resolve()) else [state_dir],
+                env=env, network=network,
                 tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
         full = sandbox_argv(argv, limits=limits, host=host, network=network, sandbox=sandbox, confine=confine,
                             cgroup_procs=group.procs_files if group else (), disk_grown=grown)

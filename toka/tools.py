@@ -401,7 +401,7 @@ def _walk(
                 is_dir = entry.is_dir()
             except (RuntimeError, OSError):  # a symlink loop: nothing to list behind it
                 continue
-            if not real.is_relative_to(workspace.root) or real.is_relative_to(workspace.state_dir):
+            if not real.is_relative_to(workspace.root) or workspace.is_state(real):
                 continue
             rel = path.relative_to(workspace.root).as_posix()
             if ignored.match_file(rel + "/" if is_dir else rel):

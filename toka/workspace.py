@@ -69,15 +69,20 @@ class Workspace:
             raise PathRefused("a path must not contain NUL bytes")
         if os.path.isabs(path) or path.startswith("~"):
             raise PathRefused(f"{path!r} is absolute; use a path relative to the workspace root")
+        # Saved tool outputs (too long for the model at once) may be read back as files, nothing
+        # more; they are named ".toka/outputs/..." also where the root is an agent's worktree.
+        outputs = self.state_dir / "outputs"
+        parts = Path(path).parts
+        saved = kind == "file" and parts[:2] == (STATE_DIR_NAME, "outputs")
         try:
-            real = (self.root / path).resolve()
+            real = (outputs.joinpath(*parts[2:]) if saved else self.root / path).resolve()
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise PathRefused(f"{path!r} cannot be resolved: {e}") from None
-        if not real.is_relative_to(self.root):
+        if saved and not real.is_relative_to(outputs):
+            raise PathRefused(f"{path!r} resolves outside the saved outputs")
+        if not saved and not real.is_relative_to(self.root):
             raise PathRefused(f"{path!r} resolves outside the workspace")
-        # Saved tool outputs (too long for the model at once) may be read back as files, nothing more.
-        readable = kind == "file" and real.is_relative_to(self.state_dir / "outputs")
-        if real.is_relative_to(self.state_dir) and not readable:
+        if not saved and self.is_state(real):
             raise PathRefused(f"{path!r} is inside toka's own state directory")
         if not real.exists():
             if kind == "new":
@@ -105,6 +110,15 @@ class Workspace:
         if any(part == ".git" for part in real.relative_to(self.root).parts):
             raise PathRefused(f"{path!r} is inside .git; version-control internals are not writable")
         return real
+
+    def is_state(self, real: Path) -> bool:
+        """Whether resolved ``real`` is toka's state, off limits to the model. The root may be inside
+        the state directory (an agent's worktree): then only the rest of it is."""
+        return real.is_relative_to(self.state_dir) and not self.root.is_relative_to(self.state_dir)
+
+    def saved_output_name(self, path: Path) -> str:
+        """How the model names a saved output (under the state directory's ``outputs``) to read it."""
+        return f"{STATE_DIR_NAME}/outputs/{path.relative_to(self.state_dir / 'outputs').as_posix()}"
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, with forward slashes (``.`` for the root)."""

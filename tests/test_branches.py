@@ -1,0 +1,368 @@
+"""Agents change a repository only through git branches: the person's checkout is never touched.
+
+Each agent works in its own worktree on ``toka/<run>/<agent>``; a dependent starts from its
+dependencies' work; the run ends with ``toka/<run>/_merged``; ``toka diff``, ``toka apply`` and
+``toka discard`` review, take and drop the work. Real git, real Prefect, ``toka run`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from toka import branches
+from toka.cli import app
+from toka.errors import MergeConflictError
+from toka.model import ModelRequest, ModelResponse, override_model
+from toka.testing import FunctionModel, submit, tool_call
+
+from .anthropic_server import AnthropicServer, scripted_responder, tool_use_block
+from .conftest import minimal_spec
+from .test_cli_run import TOKA
+
+SHARED = "".join(f"line {i}\n" for i in range(1, 21))
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+def make_repo(folder: Path, *specs: dict[str, Any]) -> Path:
+    """A repository holding ``shared.txt`` and the specs, committed."""
+    folder.mkdir(parents=True)
+    git(folder, "init", "-q", "-b", "main")
+    git(folder, "config", "user.name", "Person")
+    git(folder, "config", "user.email", "person@example.com")
+    (folder / "shared.txt").write_text(SHARED)
+    (folder / "specs").mkdir()
+    for spec in specs:
+        (folder / "specs" / f"{spec['metadata']['name']}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    git(folder, "add", "-A")
+    git(folder, "commit", "-q", "-m", "start")
+    return folder
+
+
+def writer(name: str, *, tasks: int = 1, **deps: Any) -> dict[str, Any]:
+    spec = minimal_spec(name, tasks=tasks, **deps)
+    spec["security"]["capabilities_required"] = ["filesystem-read", "filesystem-write"]
+    return spec
+
+
+def checkout_state(repo: Path) -> dict[str, Any]:
+    """Everything of the person's checkout an agent must not change: files, index, HEAD, stash."""
+    files = {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+             if p.is_file() and not {".git", ".toka"} & set(p.relative_to(repo).parts)}
+    return {"files": files, "index": (repo / ".git" / "index").read_bytes(), "head": git(repo, "rev-parse", "HEAD"),
+            "branch": git(repo, "symbolic-ref", "HEAD"), "stash": git(repo, "stash", "list"),
+            "status": git(repo, "status", "--porcelain")}
+
+
+def last_tool_output(request: ModelRequest) -> str:
+    return str(request.messages[-1].content)
+
+
+def editing(edits: dict[str, tuple[str, str]], seen: dict[str, str]) -> Callable[[ModelRequest], ModelResponse]:
+    """A model that reads shared.txt, makes its agent's edit, tries the person's untracked file, submits."""
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        agent = request.metadata["agent"]
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return tool_call("read_file", path="shared.txt")
+        if turn == 1:
+            seen[agent] = last_tool_output(request)
+            old, new = edits[agent]
+            return tool_call("edit_file", path="shared.txt", old_text=old, new_text=new)
+        if turn == 2:
+            return tool_call("read_file", path="notes.txt")
+        seen[f"{agent}:notes"] = last_tool_output(request)
+        return submit(summary=f"{agent} edited shared.txt", files_changed=["shared.txt"])
+
+    return answer
+
+
+def toka(repo: Path, *args: str, model: Any = None) -> Any:
+    runner = CliRunner()
+    if model is None:
+        return runner.invoke(app, [*args, "--workspace", str(repo)], env={"COLUMNS": "250"})
+    with override_model(model):
+        return runner.invoke(app, ["run", str(repo / "specs"), "--workspace", str(repo), "--retry-delay", "0",
+                                   *args], env={"COLUMNS": "250"})
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_agents_work_on_branches_and_the_persons_checkout_is_untouched(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"), writer("b", required={"a": "builds on a"}))
+    # The person's work in progress: an unstaged edit, a staged file, an untracked file.
+    (repo / "shared.txt").write_text(SHARED.replace("line 1\n", "line 1 (mine)\n"))
+    (repo / "staged.txt").write_text("staged\n")
+    git(repo, "add", "staged.txt")
+    (repo / "notes.txt").write_text("private notes\n")
+    before = checkout_state(repo)
+
+    seen: dict[str, str] = {}
+    edits = {"a": ("line 20\n", "line 20 (a)\n"), "b": ("line 10\n", "line 10 (b)\n")}
+    shown = toka(repo, "--run-key", "night", "--json", str(tmp_path / "out.json"),
+                 model=FunctionModel(editing(edits, seen)))
+    assert shown.exit_code == 0, shown.output
+    assert "toka/night/_merged" in shown.output and "toka diff --run night" in shown.output
+
+    assert checkout_state(repo) == before  # files, index, HEAD, stash: byte for byte
+    assert "line 20 (a)" in seen["b"]  # b started from a's work
+    assert "line 1 (mine)" not in seen["a"]  # nor uncommitted work...
+    assert "does not exist" in seen["a:notes"]  # ...nor untracked files reach the agents
+    merged = git(repo, "show", "toka/night/_merged:shared.txt")
+    assert "line 20 (a)" in merged and "line 10 (b)" in merged and "line 1 (mine)" not in merged
+    assert git(repo, "log", "-1", "--format=%an|%s", "toka/night/a") == "toka a|a: task 1/1: a step 1\n"
+    assert "Toka-Run: night" in git(repo, "log", "-1", "--format=%b", "toka/night/a")
+
+    data = json.loads((tmp_path / "out.json").read_text())
+    by_name = {a["name"]: a for a in data["agents"]}
+    assert by_name["b"]["branch"] == "toka/night/b" and by_name["b"]["files_changed"] == ["shared.txt"]
+    assert by_name["a"]["base"] == before["head"].strip()
+    assert "shared.txt | 2 +-" in by_name["b"]["diffstat"]  # b's own change only, from a's work
+    assert data["branch"]["merged"] == ["a", "b"]
+    report = (repo / ".toka" / "reports" / "night" / "pipeline.md").read_text()
+    assert "toka/night/_merged" in report and "`toka/night/b`" in report
+
+    diff = toka(repo, "diff", "--run", "night")
+    assert diff.exit_code == 0 and "+line 20 (a)" in diff.output and "+line 10 (b)" in diff.output
+    assert "+line 10 (b)" not in toka(repo, "diff", "--agent", "a").output
+
+    refused = toka(repo, "apply")
+    assert refused.exit_code == 1 and "shared.txt" in refused.output and "uncommitted" in refused.output
+    assert checkout_state(repo) == before
+
+    git(repo, "commit", "-q", "-am", "my work")
+    applied = toka(repo, "apply")
+    assert applied.exit_code == 0, applied.output
+    assert (repo / "shared.txt").read_text() == SHARED.replace("line 1\n", "line 1 (mine)\n").replace(
+        "line 10\n", "line 10 (b)\n").replace("line 20\n", "line 20 (a)\n")
+    assert (repo / "notes.txt").read_text() == "private notes\n"  # still untracked, still there
+
+    discarded = toka(repo, "discard")
+    assert discarded.exit_code == 0, discarded.output
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert git(repo, "branch", "--list", "toka/*") == ""
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_conflicting_parallel_agents_keep_only_their_dependent_from_running(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"), writer("c"), writer("other"),
+                     writer("d", required={"a": "needs a", "c": "needs c"}))
+    edits = {"a": ("line 20\n", "line 20 (a)\n"), "c": ("line 20\n", "line 20 (c)\n"),
+             "other": ("line 5\n", "line 5 (other)\n")}
+    shown = toka(repo, "--run-key", "clash", "--json", str(tmp_path / "out.json"),
+                 model=FunctionModel(editing(edits, {})))
+    assert shown.exit_code == 1, shown.output  # d did not run
+    data = json.loads((tmp_path / "out.json").read_text())
+    states = {a["name"]: (a["state"], a["reason"]) for a in data["agents"]}
+    assert [states[n][0] for n in ("a", "c", "other", "d")] == ["completed", "completed", "completed", "not-run"]
+    reason = states["d"][1]
+    assert "a" in reason and "c" in reason and "shared.txt" in reason and "conflict" in reason
+    # The run's branch holds what merges; the conflicting branch is named with its reason.
+    assert data["branch"]["merged"] == ["a", "other"]
+    assert "shared.txt" in data["branch"]["not_merged"]["c"]
+    merged = git(repo, "show", "toka/clash/_merged:shared.txt")
+    assert "line 20 (a)" in merged and "line 5 (other)" in merged
+    assert git(repo, "status", "--porcelain") == ""
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_failed_tasks_edits_are_kept_in_a_commit_and_set_aside(tmp_path: Path) -> None:
+    spec = writer("a", tasks=2)
+    spec["tasks"]["default"][0]["priority"] = "low"  # its failure does not stop the agent
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        task, turn = int(request.metadata["task"]), sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return tool_call("write_file", path=f"task{task}.txt", content=f"task {task}\n")
+        if task == 1:
+            return submit(status="failed", summary="could not finish")
+        assert "task1.txt" not in str(request.messages)
+        return tool_call("list_dir", path=".") if turn == 1 else submit(summary="done")
+
+    repo = make_repo(tmp_path / "repo", spec)
+    shown = toka(repo, "--run-key", "f", model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    log = git(repo, "log", "--format=%s", "toka/f/a").splitlines()
+    assert log[:3] == ["a: task 2/2: a step 2", "a: set aside the failed task 1/2's edits",
+                       "a: FAILED task 1/2: a step 1"]
+    failed = git(repo, "rev-parse", "toka/f/a~2").strip()
+    assert git(repo, "show", f"{failed}:task1.txt") == "task 1\n"  # kept in history
+    tree = git(repo, "ls-tree", "--name-only", "toka/f/a").split()
+    assert "task2.txt" in tree and "task1.txt" not in tree  # not mixed into the next task
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_workspace_without_git_gets_a_patch(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    (folder / "specs").mkdir(parents=True)
+    (folder / "shared.txt").write_text(SHARED)
+    (folder / "specs" / "a.yaml").write_text(yaml.safe_dump(writer("a"), sort_keys=False))
+    (folder / "notes.txt").write_text("private notes\n")
+    shown = toka(folder, "--run-key", "p", model=FunctionModel(editing({"a": ("line 3\n", "line 3 (a)\n")}, {})))
+    assert shown.exit_code == 0, shown.output
+    assert (folder / "shared.txt").read_text() == SHARED  # untouched until applied
+    patch = folder / ".toka" / "patches" / "p.patch"
+    assert "+line 3 (a)" in patch.read_text() and "patch:" in shown.output
+    applied = toka(folder, "apply")
+    assert applied.exit_code == 0, applied.output
+    assert (folder / "shared.txt").read_text() == SHARED.replace("line 3\n", "line 3 (a)\n")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_in_place_edits_the_workspace_with_a_warning(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    shown = toka(repo, "--run-key", "ip", "--in-place",
+                 model=FunctionModel(editing({"a": ("line 3\n", "line 3 (a)\n")}, {})))
+    assert shown.exit_code == 0, shown.output
+    assert "in place" in shown.output
+    assert "line 3 (a)" in (repo / "shared.txt").read_text()
+    assert git(repo, "branch", "--list", "toka/*") == ""
+
+
+def test_a_base_that_names_no_commit_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    with pytest.raises(Exception, match="--base 'nope': no such commit"):
+        branches.open_run(repo, repo / ".toka", "r", base="nope")
+
+
+def test_dependencies_that_conflict_name_the_files(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "r")
+    for agent, text in (("a", "line 2 (a)\n"), ("c", "line 2 (c)\n")):
+        checkout = branches.agent_checkout(run, agent, [])
+        (Path(checkout.root) / "shared.txt").write_text(SHARED.replace("line 2\n", text))
+        branches.commit_task(checkout, run_key="r", index=1, total=1, description="edit", state="completed")
+    with pytest.raises(MergeConflictError) as info:
+        branches.agent_checkout(run, "d", ["a", "c"])
+    assert info.value.files == ("shared.txt",)
+
+
+# -- kill -9 in the middle, then --resume ---------------------------------------------------------
+
+
+KEY = "sk-ant-test-branches-0123456789abcdef"
+
+
+class ThreeSteps:
+    """Each task writes step-N.txt, then submits; the second task's submit waits until the test kills
+    the run (``reached``), the first time."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.requests = 0
+
+    def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        first = body["messages"][0]["content"]
+        text = first if isinstance(first, str) else " ".join(b.get("text", "") for b in first)
+        task = int(text.split("# Task ", 1)[1].split(" ", 1)[0])
+        turn = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        if turn == 0:
+            block = tool_use_block("write_file", {"path": f"step-{task}.txt", "content": f"step {task}\n"})
+        else:
+            if task == 2 and not self.reached.is_set():
+                self.reached.set()
+                self.release.wait(60)
+            block = tool_use_block("submit_result", {"status": "completed", "summary": f"wrote step {task}"})
+        return scripted_responder(lambda _: [block])(body)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_kill_then_resume_reuses_the_worktree_and_commits_nothing_twice(tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    from toka.claude import default_model
+
+    repo = make_repo(tmp_path / "repo", writer("writer", tasks=3))
+    model = ThreeSteps()
+    args = [TOKA, "run", "specs", "--model", default_model(), "--retry-delay", "0", "--run-key", "k"]
+    with AnthropicServer(model) as server:
+        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "ANTHROPIC_API_KEY": KEY,
+               "ANTHROPIC_BASE_URL": server.base_url, "NO_COLOR": "1"}
+        proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        assert model.reached.wait(180), proc.stderr.read() if proc.stderr else ""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        model.release.set()
+        worktree = repo / ".toka" / "worktrees" / "k" / "writer"
+        assert (worktree / "step-2.txt").is_file()  # task 2's edit, not committed yet
+        assert git(repo, "log", "--format=%s", "toka/k/writer").splitlines()[0] == "writer: task 1/3: writer step 1"
+        time.sleep(0.2)
+
+        resumed = subprocess.run([TOKA, "run", "--resume", "--retry-delay", "0"], cwd=repo, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+
+    log = git(repo, "log", "--format=%s", "toka/k/writer").splitlines()
+    assert log == ["writer: task 3/3: writer step 3", "writer: task 2/3: writer step 2",
+                   "writer: task 1/3: writer step 1", "start"]
+    assert git(repo, "show", "--name-only", "--format=", "toka/k/writer~1").split() == ["step-2.txt"]
+    listed = git(repo, "worktree", "list", "--porcelain")
+    assert listed.count(str(worktree)) == 1  # the same worktree, registered once
+    assert git(repo, "status", "--porcelain") == ""
+
+    discarded = subprocess.run([TOKA, "discard"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert discarded.returncode == 0, discarded.stderr
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not worktree.exists() and git(repo, "branch", "--list", "toka/*") == ""
+
+
+# -- the sandbox in a worktree ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
+                    reason="needs a mount namespace (unshare -m)")
+def test_a_sandboxed_command_in_a_worktree_can_change_only_the_worktree(tmp_path: Path) -> None:
+    import asyncio
+
+    from toka.audit import AuditLog
+    from toka.capabilities import grant_tools
+    from toka.policy import AgentPolicy
+    from toka.spec import ResourceLimits
+    from toka.tools import Toolbox, ToolContext
+    from toka.workspace import Workspace
+
+    repo = make_repo(tmp_path / "repo")
+    (repo / "escape.sh").write_text(
+        "#!/bin/sh\n"
+        f"echo changed > {repo}/shared.txt\n"
+        f"echo 0000000000000000000000000000000000000000 > {repo}/.git/refs/heads/main\n"
+        f"echo planted > {repo}/.toka/planted.txt\n"
+        "echo mine > inside.txt\n"
+        "git log --format=%s -1\n")
+    (repo / "escape.sh").chmod(0o755)
+    git(repo, "add", "escape.sh")
+    git(repo, "commit", "-q", "-m", "a script")
+    before = checkout_state(repo)
+    main_ref = git(repo, "rev-parse", "main")
+    run = branches.open_run(repo, repo / ".toka", "s")
+    checkout = branches.agent_checkout(run, "a", [])
+    workspace = Workspace(checkout.root, state_dir=repo / ".toka")
+    capabilities = ("script-execution", "git-access")
+    tools, withheld = grant_tools(capabilities)
+    policy = AgentPolicy(capabilities=frozenset(capabilities), sandbox=True,
+                         limits=ResourceLimits.model_validate({"timeout": "30s"}))
+    ctx = ToolContext(workspace=workspace, agent="a", task=1, policy=policy,
+                      audit=AuditLog(repo / ".toka" / "audit" / "s.jsonl", run="s"))
+    output = asyncio.run(Toolbox(tools, ctx, withheld=withheld).call("run_command", {"argv": ["./escape.sh"]}))
+    assert "a script" in output.text  # git reads the repository from the worktree
+    assert (Path(checkout.root) / "inside.txt").read_text() == "mine\n"
+    assert checkout_state(repo) == before and git(repo, "rev-parse", "main") == main_ref
+    assert not (repo / ".toka" / "planted.txt").exists()

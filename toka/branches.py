@@ -1,0 +1,611 @@
+"""Agents change a repository only through git branches; the person's checkout is never touched.
+
+When the workspace is in a git repository, every agent of a run works in its own
+git worktree under ``.toka/worktrees/<run>/<agent>``, on the branch
+``toka/<run>/<agent>``:
+
+* it starts from the run's base (``HEAD`` when the run started, or ``--base
+  REF``), or from the merge of the branches of the dependencies that ran before
+  it (in plan order); a merge that conflicts keeps the agent from running;
+* after each task the agent's changes are committed on its branch; a task that
+  failed for good leaves its edits in a commit marked as failed, followed by a
+  commit that sets them aside, so the next task starts clean and nothing is lost;
+* when the run ends, ``toka/<run>/_merged`` merges every completed agent's branch.
+  (Not ``toka/<run>`` itself: git cannot hold that branch next to branches
+  under ``toka/<run>/``.)
+
+Nothing here changes the person's working tree, index, ``HEAD`` or stash: new
+branches are refs, worktrees live in the state directory (ignored by git through
+its own ``.gitignore``), merges are computed with ``git merge-tree`` and written
+with ``git commit-tree``, without a checkout. Uncommitted and untracked files
+reach the agents only with ``--include-uncommitted``, which snapshots them into
+a base commit through a private index file.
+
+A workspace that is not in a git repository is copied once into
+``.toka/copies/<run>`` and made a repository there; the agents branch from
+that, and the run ends with a patch (``.toka/patches/<run>.patch``) that
+``toka apply`` applies to the workspace.
+
+Every git command goes through :func:`toka.gitguard.run_git`: hooks, filters and
+other configured programs never run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .audit import AuditLog, audit_path, run_file_name
+from .errors import BranchError, ConfigError, MergeConflictError
+from .gitguard import run_git
+
+__all__ = [
+    "AgentChanges",
+    "AgentCheckout",
+    "RunBranches",
+    "RunChanges",
+    "agent_checkout",
+    "agent_changes",
+    "commit_task",
+    "discard_run",
+    "finish_run",
+    "open_run",
+]
+
+#: The run's own branch, next to its agents' ones (an agent name never starts with "_").
+MERGED = "_merged"
+#: How much of a diff an agent's report shows.
+DIFF_LIMIT = 60_000
+
+
+def ref_part(text: str) -> str:
+    """``text`` as one component of a branch name (git's check-ref-format rules)."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    part = re.sub(r"\.{2,}", ".", part).strip(".-")
+    part = part.removesuffix(".lock")
+    return part or "run"
+
+
+def _identity(who: str) -> dict[str, str]:
+    name, email = f"toka {who}", f"{who}@toka.invalid"
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+
+
+def _git(repo: Path, *args: str, env: dict[str, str] | None = None, check: bool = True,
+         timeout: float = 600.0) -> str:
+    """stdout of the runtime's git command in ``repo``.
+
+    Raises:
+        BranchError: it failed (``check``), with git's own words.
+    """
+    try:
+        done = run_git(repo, *args, env=env, timeout=timeout)
+    except FileNotFoundError:
+        raise ConfigError("git is not installed: agents work on branches when git is there "
+                          "(or pass --in-place to let them edit the workspace directly)") from None
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise BranchError(f"git {args[0]} failed in {repo}: {said[-1] if said else f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunBranches:
+    """Where a run's branches live and what they start from; kept in ``.toka/branches/<run>.json``."""
+
+    run_key: str
+    workspace: str
+    state_dir: str
+    repo: str
+    """The top of the repository holding the branches: the workspace's, or the private copy."""
+    prefix: str
+    """The workspace's place inside ``repo`` ('' at its top)."""
+    base: str
+    """The commit every agent without dependencies starts from."""
+    base_ref: str
+    private_copy: bool = False
+
+    @property
+    def run_dir(self) -> str:
+        return run_file_name(self.run_key)
+
+    @property
+    def merged_branch(self) -> str:
+        return f"toka/{ref_part(self.run_key)}/{MERGED}"
+
+    def branch(self, agent: str) -> str:
+        return f"toka/{ref_part(self.run_key)}/{agent}"
+
+    def worktree(self, agent: str) -> Path:
+        return Path(self.state_dir) / "worktrees" / self.run_dir / agent
+
+    def patch_path(self) -> Path:
+        return Path(self.state_dir) / "patches" / f"{self.run_dir}.patch"
+
+    @property
+    def record_path(self) -> Path:
+        return record_path(Path(self.state_dir), self.run_key)
+
+    def agent_record(self, agent: str) -> Path:
+        return Path(self.state_dir) / "branches" / self.run_dir / f"{agent}.json"
+
+
+def record_path(state_dir: Path, run_key: str) -> Path:
+    return state_dir / "branches" / f"{run_file_name(run_key)}.json"
+
+
+def load_run(state_dir: Path, run_key: str) -> RunBranches:
+    """The branches of run ``run_key``.
+
+    Raises:
+        BranchError: the run made none here (an in-place run, or another workspace).
+    """
+    try:
+        return RunBranches(**json.loads(record_path(state_dir, run_key).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise BranchError(f"run {run_key!r} has no branches in {state_dir} (it ran --in-place, "
+                          "or elsewhere, or its branches were discarded)") from None
+    except (ValueError, TypeError) as e:
+        raise BranchError(f"{record_path(state_dir, run_key)} is unreadable: {e}") from None
+
+
+def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEAD",
+             include_uncommitted: bool = False) -> RunBranches:
+    """The run's branches: made now, or (on a resume) as the run first made them.
+
+    Raises:
+        ConfigError: ``base`` names no commit, or git cannot do this here.
+        BranchError: git failed.
+    """
+    workspace, state_dir = workspace.resolve(), state_dir.resolve()
+    try:
+        found = load_run(state_dir, run_key)
+        if Path(found.repo).is_dir():
+            return found
+    except BranchError:
+        pass
+    top = _toplevel(workspace)
+    if top is None:
+        repo, prefix, base_commit = _private_copy(workspace, state_dir, run_key), "", ""
+        base_commit = _git(repo, "rev-parse", "HEAD").strip()
+        private = True
+    else:
+        repo, prefix, private = top, workspace.relative_to(top).as_posix().strip("."), False
+        _check_merge_tree(repo)
+        resolved = run_git(repo, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
+        if resolved.returncode != 0:
+            raise ConfigError(f"--base {base!r}: no such commit in {repo}")
+        base_commit = resolved.stdout.strip()
+        if include_uncommitted:
+            base_commit = _snapshot_uncommitted(repo, base_commit, state_dir, run_key)
+        # Made now, before any agent runs a command: the git guard compares this directory
+        # before and after each command, and another agent's worktree must not look like one.
+        common = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir").strip())
+        (common / "worktrees").mkdir(exist_ok=True)
+    branches = RunBranches(run_key=run_key, workspace=str(workspace), state_dir=str(state_dir), repo=str(repo),
+                           prefix=prefix, base=base_commit, base_ref=base, private_copy=private)
+    _write_json(branches.record_path, asdict(branches))
+    return branches
+
+
+def _toplevel(workspace: Path) -> Path | None:
+    try:
+        done = run_git(workspace, "rev-parse", "--show-toplevel")
+    except FileNotFoundError:
+        return None
+    if done.returncode != 0:
+        return None
+    return Path(done.stdout.strip()).resolve()
+
+
+def _check_merge_tree(repo: Path) -> None:
+    version = _git(repo, "version").split()[-1]
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < (2, 38):
+        raise ConfigError(f"git {version} is too old for agent branches (2.38 or newer merges without a "
+                          "checkout); upgrade git, or pass --in-place")
+
+
+def _snapshot_uncommitted(repo: Path, head: str, state_dir: Path, run_key: str) -> str:
+    """A commit of the working tree as it is (tracked changes and untracked files, ignored ones
+    left out), made through a private index: the person's own index is not touched."""
+    index = state_dir / "tmp" / f"index-{run_file_name(run_key)}-{uuid.uuid4().hex[:8]}"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    env = {"GIT_INDEX_FILE": str(index), **_identity("run")}
+    try:
+        _git(repo, "read-tree", head, env=env)
+        _git(repo, "add", "-A", "--", ".", env=env)
+        tree = _git(repo, "write-tree", env=env).strip()
+        if tree == _git(repo, "rev-parse", f"{head}^{{tree}}").strip():
+            return head
+        return _git(repo, "commit-tree", tree, "-p", head, "-m",
+                    f"toka: uncommitted work at the start of run {run_key}", env=env).strip()
+    finally:
+        index.unlink(missing_ok=True)
+
+
+def _private_copy(workspace: Path, state_dir: Path, run_key: str) -> Path:
+    """A copy of the workspace (its state directory left out) as a new repository with one commit."""
+    copy = state_dir / "copies" / run_file_name(run_key)
+    if not (copy / ".git").is_dir():
+        if copy.exists():
+            shutil.rmtree(copy)
+        skip = state_dir.resolve()
+
+        def ignore(directory: str, names: list[str]) -> list[str]:
+            return [n for n in names if Path(directory, n).resolve() == skip]
+
+        shutil.copytree(workspace, copy, symlinks=True, ignore=ignore)
+        _git(copy, "init", "-q")
+        _git(copy, "add", "-A")
+        _git(copy, "commit", "-q", "--allow-empty", "-m", f"toka: the workspace at the start of run {run_key}",
+             env=_identity("run"))
+    return copy
+
+
+# -- one agent -------------------------------------------------------------------------------
+
+
+class AgentCheckout(BaseModel):
+    """An agent's worktree: ``root`` is where its workspace is (the worktree, or the workspace's
+    place inside it). Plain data: it travels in the run settings to the agent's flow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    agent: str
+    worktree: str
+    root: str
+    branch: str
+    start: str
+
+
+def agent_checkout(run: RunBranches, agent: str, deps: list[str]) -> AgentCheckout:
+    """The agent's worktree on its branch, made from the base or its dependencies' merged work.
+
+    ``deps``: the dependencies whose work it starts from, in plan order. A worktree that
+    exists already (a resumed run) is used as it is.
+
+    Raises:
+        MergeConflictError: the dependencies' branches conflict; the agent cannot start.
+        BranchError: git failed.
+    """
+    repo, path, branch = Path(run.repo), run.worktree(agent), run.branch(agent)
+    record = run.agent_record(agent)
+    if (path / ".git").exists() and record.is_file():
+        start = json.loads(record.read_text(encoding="utf-8"))["start"]
+        return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
+    _git(repo, "worktree", "prune")
+    if path.exists():
+        shutil.rmtree(path)
+    exists = run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0
+    if exists and record.is_file():  # the branch is there (its worktree was removed): go on with it
+        start = json.loads(record.read_text(encoding="utf-8"))["start"]
+        _git(repo, "worktree", "add", "-q", str(path), branch)
+    else:
+        start = _merged(repo, run.base, [(d, _head(repo, run.branch(d))) for d in deps],
+                        message=f"toka: {agent} starts from the work of {', '.join(deps)}", who=agent)
+        _git(repo, "worktree", "add", "-q", "-B" if exists else "-b", branch, str(path), start)
+        _write_json(record, {"start": start, "deps": deps})
+    return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
+
+
+def _head(repo: Path, branch: str) -> str:
+    return _git(repo, "rev-parse", f"refs/heads/{branch}").strip()
+
+
+def _is_ancestor(repo: Path, a: str, b: str) -> bool:
+    return run_git(repo, "merge-base", "--is-ancestor", a, b).returncode == 0
+
+
+def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str, who: str,
+            skip_conflicts: dict[str, str] | None = None) -> str:
+    """The commit merging ``heads`` (name, commit: each descends from ``base``) into ``base``, in order.
+
+    With ``skip_conflicts``, a head that conflicts is left out and its reason recorded there;
+    otherwise the conflict is raised.
+    """
+    current = base
+    merged: list[str] = []
+    for name, head in heads:
+        if _is_ancestor(repo, head, current):
+            merged.append(name)
+            continue
+        if _is_ancestor(repo, current, head):
+            current = head
+            merged.append(name)
+            continue
+        done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", current, head)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 1:
+            files = sorted(set(lines[1:]))
+            reason = (f"the work of {', '.join(merged) or 'the base'} and of {name} conflict in "
+                      f"{', '.join(files) or 'some files'}")
+            if skip_conflicts is None:
+                raise MergeConflictError(reason, files)
+            skip_conflicts[name] = reason
+            continue
+        if done.returncode != 0 or not lines:
+            raise BranchError(f"git merge-tree failed in {repo}: {done.stderr.strip()}")
+        current = _git(repo, "commit-tree", lines[0], "-p", current, "-p", head, "-m", message,
+                       env=_identity(who)).strip()
+        merged.append(name)
+    return current
+
+
+def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int, description: str,
+                state: str, summary: str = "", files_changed: list[str] | tuple[str, ...] = ()) -> str | None:
+    """Commit what the task left in the agent's worktree; return the commit (None: nothing changed).
+
+    A task that failed for good: its edits are committed marked as failed, then set aside
+    by a second commit that undoes them, so the next task starts from the last good state
+    and the failed work stays in the history.
+    """
+    worktree, env = Path(checkout.worktree), _identity(checkout.agent)
+    if state == "cached" and _committed(worktree, checkout, run_key, index, total):
+        # Done and committed by an earlier process: what the worktree holds now is a later
+        # task's, in flight when that process stopped, and goes to that task's commit.
+        return None
+    _git(worktree, "add", "-A")
+    if run_git(worktree, "diff", "--cached", "--quiet").returncode == 0:
+        return None
+    failed = state == "failed"
+    title = " ".join(description.split())
+    title = title if len(title) <= 60 else title[:57].rstrip() + "..."
+    lines = [f"{checkout.agent}: {'FAILED ' if failed else ''}task {index}/{total}: {title}", ""]
+    if summary.strip():
+        lines += [summary.strip(), ""]
+    if failed:
+        lines += ["The task failed: these are its partial edits, set aside by the next commit.", ""]
+    if files_changed:
+        lines += ["Files changed (as the agent reported them):", *(f"- {f}" for f in files_changed), ""]
+    lines += [f"Toka-Run: {run_key}", f"Toka-Agent: {checkout.agent}", f"Toka-Task: {index}/{total}",
+              f"Toka-State: {'completed' if state == 'cached' else state}"]
+    commit = _commit(worktree, "\n".join(lines) + "\n", env)
+    if failed:
+        _git(worktree, "revert", "--no-commit", "HEAD", env=env)
+        _commit(worktree, f"{checkout.agent}: set aside the failed task {index}/{total}'s edits\n\n"
+                          f"They stay in {commit[:12]}; the next task starts without them.\n\n"
+                          f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n", env)
+    return commit
+
+
+def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> bool:
+    """Whether the agent's branch has a commit of task ``index`` of run ``run_key`` already."""
+    found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings",
+                 f"--grep=Toka-Run: {run_key}", f"--grep=Toka-Task: {index}/{total}", f"{checkout.start}..HEAD")
+    return bool(found.strip())
+
+
+def _commit(worktree: Path, message: str, env: dict[str, str]) -> str:
+    message_file = Path(worktree).parent / f".{Path(worktree).name}.message"
+    message_file.write_text(message, encoding="utf-8")
+    try:
+        _git(worktree, "commit", "-q", "--no-verify", "--allow-empty-message", "-F", str(message_file), env=env)
+    finally:
+        message_file.unlink(missing_ok=True)
+    return _git(worktree, "rev-parse", "HEAD").strip()
+
+
+@dataclass(frozen=True)
+class AgentChanges:
+    """What an agent's branch holds beyond where it started, from git (not from the model)."""
+
+    branch: str
+    commit: str
+    base: str
+    files_changed: list[str] = field(default_factory=list)
+    diffstat: str = ""
+
+
+def agent_changes(run: RunBranches, agent: str) -> AgentChanges | None:
+    """The agent's branch against its start; None when it has none."""
+    record = run.agent_record(agent)
+    if not record.is_file():
+        return None
+    repo, start = Path(run.repo), json.loads(record.read_text(encoding="utf-8"))["start"]
+    head = _head(repo, run.branch(agent))
+    return AgentChanges(branch=run.branch(agent), commit=head, base=start,
+                        files_changed=changed_files(repo, start, head), diffstat=diffstat(repo, start, head))
+
+
+def changed_files(repo: Path, a: str, b: str) -> list[str]:
+    return [f for f in _git(repo, "diff", "--name-only", "-z", a, b).split("\0") if f]
+
+
+def diffstat(repo: Path, a: str, b: str) -> str:
+    return _git(repo, "diff", "--stat=100", a, b).rstrip()
+
+
+def diff_text(repo: Path, a: str, b: str, *, limit: int | None = None) -> str:
+    """The diff from ``a`` to ``b``; cut at ``limit`` characters with a note saying so."""
+    text = _git(repo, "diff", a, b)
+    if limit is not None and len(text) > limit:
+        return (text[:limit].rsplit("\n", 1)[0]
+                + f"\n... (cut: {len(text) - limit} more characters; see `git diff {a[:12]} {b[:12]}`)\n")
+    return text
+
+
+# -- the run's end ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunChanges:
+    """The run's merged branch: what it merged, and what it could not."""
+
+    branch: str
+    commit: str
+    base: str
+    merged: list[str]
+    not_merged: dict[str, str]
+    files_changed: list[str]
+    patch: str | None = None
+    """The patch file of a workspace that is not a git repository."""
+    pushed: str | None = None
+    """What became of ``--push`` (None: not asked)."""
+
+
+def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
+    """Merge the branches of ``agents`` (the completed ones, in plan order) into the run's branch."""
+    repo = Path(run.repo)
+    heads = [(a, _head(repo, run.branch(a))) for a in agents if run.agent_record(a).is_file()]
+    not_merged: dict[str, str] = {}
+    commit = _merged(repo, run.base, heads, message=f"toka: run {run.run_key}: the work of {', '.join(agents)}",
+                     who="run", skip_conflicts=not_merged)
+    _git(repo, "update-ref", f"refs/heads/{run.merged_branch}", commit)
+    patch = None
+    if run.private_copy:
+        path = run.patch_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_git(repo, "diff", "--binary", run.base, commit), encoding="utf-8")
+        patch = str(path)
+    merged = [a for a, _ in heads if a not in not_merged]
+    return RunChanges(branch=run.merged_branch, commit=commit, base=run.base, merged=merged,
+                      not_merged=not_merged, files_changed=changed_files(repo, run.base, commit), patch=patch)
+
+
+def merged_tip(run: RunBranches) -> str:
+    """The commit of the run's merged branch.
+
+    Raises:
+        BranchError: the run has not finished (its merged branch is made at its end).
+    """
+    done = run_git(Path(run.repo), "rev-parse", "--verify", "--quiet", f"refs/heads/{run.merged_branch}")
+    if done.returncode != 0:
+        raise BranchError(f"run {run.run_key} has no {run.merged_branch} yet (it has not finished): "
+                          "look at one agent's work with --agent NAME")
+    return done.stdout.strip()
+
+
+def push_run(run: RunBranches, changes: RunChanges, remote: str) -> str:
+    """Push the run's merged branch to ``remote`` (audited as a git-push); return what happened."""
+    ref = f"refs/heads/toka/{ref_part(run.run_key)}"
+    done = run_git(Path(run.repo), "push", "--no-verify", remote, f"{changes.commit}:{ref}", timeout=300)
+    said = (done.stderr or done.stdout).strip().splitlines()
+    note = (f"pushed {changes.branch} to {remote} as toka/{ref_part(run.run_key)}" if done.returncode == 0
+            else f"push to {remote} failed: {said[-1] if said else f'exit {done.returncode}'}")
+    AuditLog(audit_path(Path(run.state_dir), run.run_key), run=run.run_key).record(
+        agent=None, task=None, tool="git-push", arguments={"remote": remote, "ref": ref, "commit": changes.commit},
+        decision="allowed", reason=note, is_error=done.returncode != 0, exit_code=done.returncode)
+    return note
+
+
+def discard_run(run: RunBranches) -> list[str]:
+    """Remove the run's worktrees, branches, private copy and records; return what was removed."""
+    repo = Path(run.repo)
+    removed: list[str] = []
+    worktrees = Path(run.state_dir) / "worktrees" / run.run_dir
+    if repo.is_dir():
+        for line in _git(repo, "worktree", "list", "--porcelain").splitlines():
+            if line.startswith("worktree "):
+                path = Path(line.removeprefix("worktree "))
+                if path.is_relative_to(worktrees):
+                    _git(repo, "worktree", "remove", "--force", "--force", str(path))
+                    removed.append(str(path))
+        shutil.rmtree(worktrees, ignore_errors=True)
+        _git(repo, "worktree", "prune")
+        prefix = f"refs/heads/toka/{ref_part(run.run_key)}/"
+        for ref in _git(repo, "for-each-ref", "--format=%(refname)", prefix).split():
+            _git(repo, "update-ref", "-d", ref)
+            removed.append(ref.removeprefix("refs/heads/"))
+    else:
+        shutil.rmtree(worktrees, ignore_errors=True)
+    if run.private_copy:
+        shutil.rmtree(repo, ignore_errors=True)
+        run.patch_path().unlink(missing_ok=True)
+    shutil.rmtree(Path(run.state_dir) / "branches" / run.run_dir, ignore_errors=True)
+    run.record_path.unlink(missing_ok=True)
+    return removed
+
+
+def uncommitted_files(repo: Path) -> set[str]:
+    """Paths with changes not committed in ``repo``'s checkout (staged, unstaged, untracked)."""
+    out = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=all")
+    files: set[str] = set()
+    entries = out.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            files.add(entry[3:])
+            if entry[0] in "RC":  # a rename's source follows
+                i += 1
+                if i < len(entries) and entries[i]:
+                    files.add(entries[i])
+        i += 1
+    return files
+
+
+def apply_changes(run: RunBranches, agent: str | None = None) -> str:
+    """Merge the run's (or one agent's) changes into the person's checkout; return what was done.
+
+    Refused, with the files named, when that would overwrite uncommitted work or conflict
+    with the checkout's commits; the checkout is then left exactly as it was.
+
+    Raises:
+        BranchError: refused, or git failed.
+    """
+    repo = Path(run.repo)
+    branch = run.branch(agent) if agent else run.merged_branch
+    if run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode != 0:
+        raise BranchError(f"no branch {branch} (the run has not finished, or was discarded)")
+    if run.private_copy:
+        return _apply_patch(run, branch)
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    tip = _head(repo, branch)
+    if _is_ancestor(repo, tip, head):
+        return f"nothing to apply: {branch} is already in {head[:12]}"
+    start = _git(repo, "merge-base", head, tip).strip()
+    incoming = set(changed_files(repo, start, tip))
+    touched = sorted(incoming & uncommitted_files(repo))
+    if touched:
+        raise BranchError(f"not applied: {branch} changes files you have uncommitted changes in: "
+                          f"{', '.join(touched)}; commit or stash them first")
+    done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", head, tip)
+    if done.returncode == 1:
+        files = sorted(set(done.stdout.strip().splitlines()[1:]))
+        raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in {', '.join(files)}; "
+                                 f"merge it yourself (`git merge {branch}`)", files)
+    merge = run_git(repo, "merge", "--no-edit", "--no-verify", "-m", f"Merge {branch} (toka run {run.run_key})",
+                    tip, env=_identity("run"))
+    if merge.returncode != 0:
+        run_git(repo, "merge", "--abort")
+        raise BranchError(f"not applied: git merge {branch} failed: {(merge.stderr or merge.stdout).strip()}")
+    return f"merged {branch} into your checkout ({len(incoming)} files)"
+
+
+def _apply_patch(run: RunBranches, branch: str) -> str:
+    repo, workspace = Path(run.repo), Path(run.workspace)
+    start = run.base if branch == run.merged_branch else json.loads(
+        run.agent_record(branch.rsplit("/", 1)[1]).read_text(encoding="utf-8"))["start"]
+    patch = _git(repo, "diff", "--binary", start, _head(repo, branch))
+    if not patch:
+        return f"nothing to apply: {branch} changes nothing"
+    path = Path(run.state_dir) / "tmp" / f"apply-{uuid.uuid4().hex[:8]}.patch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(patch, encoding="utf-8")
+    try:
+        for check in (["--check"], []):
+            done = run_git(workspace, "apply", *check, str(path))
+            if done.returncode != 0:
+                raise BranchError(f"not applied: the patch of {branch} does not apply to {workspace} (files "
+                                  f"changed since the run?): {done.stderr.strip()}")
+    finally:
+        path.unlink(missing_ok=True)
+    return f"applied the changes of {branch} to {workspace}"
