@@ -366,3 +366,23 @@ def test_a_sandboxed_command_in_a_worktree_can_change_only_the_worktree(tmp_path
     assert (Path(checkout.root) / "inside.txt").read_text() == "mine\n"
     assert checkout_state(repo) == before and git(repo, "rev-parse", "main") == main_ref
     assert not (repo / ".toka" / "planted.txt").exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_push_is_a_git_push_use_that_needs_its_approval(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    git(repo, "remote", "add", "origin", str(remote))
+    model = FunctionModel(editing({"a": ("line 3\n", "line 3 (a)\n")}, {}))
+
+    held = toka(repo, "--run-key", "held", "--push", "origin", model=model)
+    assert held.exit_code == 0, held.output
+    assert "not pushed: git-push needs approval" in held.output
+    assert git(remote, "branch", "--list") == ""
+
+    pushed = toka(repo, "--run-key", "sent", "--push", "origin", "--approve", "git-push", model=model)
+    assert pushed.exit_code == 0, pushed.output
+    assert "line 3 (a)" in git(remote, "show", "toka/sent:shared.txt")
+    assert any(r["tool"] == "git-push" and r["arguments"]["remote"] == "origin"
+               for r in map(json.loads, (repo / ".toka" / "audit" / "sent.jsonl").read_text().splitlines()))

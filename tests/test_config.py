@@ -20,13 +20,17 @@ from toka.pipeline import pipeline_flow
 from .conftest import AGENT_SPECS
 
 #: RunConfig fields that are not settings a person gives: resolved by the pipeline.
-RESOLVED = {"retries", "pause_for_approval"}
+RESOLVED = {"retries", "pause_for_approval", "checkout"}
 
 #: A valid value other than the default, per setting, and how to write it on the command line.
 SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "run_key": ("nightly-7", ["nightly-7"]),
     "contexts": (("ci", "release"), ["ci", "release"]),
     "max_concurrency": (2, ["2"]),
+    "base": ("release-1.2", ["release-1.2"]),
+    "include_uncommitted": (True, []),
+    "in_place": (True, []),
+    "push": ("origin", ["origin"]),
     "result_storage": ("local-file-system/shared", ["local-file-system/shared"]),
     "model": ("offline", ["offline"]),
     "max_tokens": (512, ["512"]),

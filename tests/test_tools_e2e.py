@@ -60,7 +60,7 @@ def test_forbidden_calls_go_back_to_the_model_and_the_audit_matches(
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.base_url)
 
         async def go() -> PipelineSummary:
-            state = await pipeline(specs=[str(folder)], run=RunOptions(workspace=str(folder), run_key="e2e-tools"),
+            state = await pipeline(specs=[str(folder)], run=RunOptions(workspace=str(folder), run_key="e2e-tools", in_place=True),
                                    return_state=True)
             outcome = await state.aresult(raise_on_failure=False)
             return outcome.report if isinstance(outcome, PipelineFailedError) else outcome

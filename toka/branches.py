@@ -182,6 +182,8 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
     except BranchError:
         pass
     top = _toplevel(workspace)
+    if top is not None and base == "HEAD" and run_git(top, "rev-parse", "--verify", "--quiet", "HEAD").returncode:
+        top = None  # a repository without a commit yet: its files are all untracked, so work on a copy
     if top is None:
         repo, prefix, base_commit = _private_copy(workspace, state_dir, run_key), "", ""
         base_commit = _git(repo, "rev-parse", "HEAD").strip()

@@ -227,7 +227,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     try:
         result = await run_step(
             model=model,
-            system=system_prompt(spec, tools=toolbox.names),
+            system=system_prompt(spec, tools=toolbox.names, on_branch=run.checkout is not None),
             task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
             toolbox=toolbox,
             metric_names=[m.name for m in spec.reporting.metrics],

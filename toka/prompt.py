@@ -30,20 +30,21 @@ def _bullets(items: Sequence[str]) -> list[str]:
 _PROMPTS: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
+def system_prompt(spec: AgentSpec, *, tools: Sequence[str], on_branch: bool = False) -> str:
     """Identity, objectives, directives, risks, success criteria, context and permissions.
 
     The same for every task of an agent, so it is built once per spec content and tools.
+    ``on_branch``: the agent works in its own worktree, and its changes are committed for it.
     """
-    key = (spec.digest(), tuple(tools))
+    key = (spec.digest(), tuple(tools), on_branch)
     if key not in _PROMPTS:
         if len(_PROMPTS) > 256:
             _PROMPTS.clear()
-        _PROMPTS[key] = _system_prompt(spec, tools=tools)
+        _PROMPTS[key] = _system_prompt(spec, tools=tools, on_branch=on_branch)
     return _PROMPTS[key]
 
 
-def _system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
+def _system_prompt(spec: AgentSpec, *, tools: Sequence[str], on_branch: bool = False) -> str:
     s, m = spec.spec, spec.metadata
     out = [
         f"You are {s.name} (agent id: {m.name}), run by the toka runtime.",
@@ -103,6 +104,9 @@ def _system_prompt(spec: AgentSpec, *, tools: Sequence[str]) -> str:
         "- End every task with exactly one submit_result call: status completed, failed or "
         "blocked, a short summary, deliverables, files changed, metrics and follow-ups.",
     ]
+    if on_branch:
+        out.append("- The workspace is your own git worktree: after each task your changes are committed "
+                   "for you on your branch, for a person to review. Do not commit, push or switch branches.")
     return "\n".join(out) + "\n"
 
 
