@@ -478,8 +478,20 @@ def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
         path.write_text(_git(repo, "diff", "--binary", run.base, commit), encoding="utf-8")
         patch = str(path)
     merged = [a for a, _ in heads if a not in not_merged]
+    _tidy_worktrees(run, [a for a, _ in heads])
     return RunChanges(branch=run.merged_branch, commit=commit, base=run.base, merged=merged,
                       not_merged=not_merged, files_changed=changed_files(repo, run.base, commit), patch=patch)
+
+
+def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
+    """Remove the worktrees that hold nothing uncommitted (their branches stay, and a resume
+    makes them again); one holding edits no task committed (an agent cut short) stays."""
+    repo = Path(run.repo)
+    for agent in agents:
+        path = run.worktree(agent)
+        if path.is_dir() and not _git(path, "status", "--porcelain", "--untracked-files=all").strip():
+            _git(repo, "worktree", "remove", str(path))
+    _git(repo, "worktree", "prune")
 
 
 def merged_tip(run: RunBranches) -> str:

@@ -49,6 +49,7 @@ from .compiler import agent_tags, announce, compile_agent, failed, finished, run
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
 from .errors import (
     AgentFailedError,
+    BranchError,
     ConfigError,
     MergeConflictError,
     PipelineFailedError,
@@ -405,6 +406,9 @@ async def _schedule(
                 reason = f"not started: {e}"
                 await _show_not_run(graph.agents[name], reason)
                 return AgentReport(agent=name, state="not-run", reason=reason, tasks=task_rows(name, reason, {}))
+            except BranchError as e:  # git failed: this agent cannot start, the others go on
+                reason = f"its worktree could not be made: {e}"
+                return AgentReport(agent=name, state="failed", reason=reason, tasks=task_rows(name, reason, {}))
             agent_run = run.model_copy(update={"checkout": checkout})
         outcome, message = await execute(name, upstream, agent_run)
         if isinstance(outcome, AgentReport):
@@ -480,8 +484,11 @@ async def _schedule(
     changes = None
     if branches is not None:
         completed = [n for n in graph.order() if reports[n].is_completed()]
-        changes = await asyncio.to_thread(finish_run, branches, completed)
-        if run.push:
+        try:
+            changes = await asyncio.to_thread(finish_run, branches, completed)
+        except BranchError as e:  # the agents' branches hold their work all the same: say so, report the run
+            get_run_logger().error("the run's branch could not be made (each agent's branch has its work): %s", e)
+        if changes is not None and run.push:
             changes = await _push(branches, changes, run)
     return await _summarise(graph, run, reports, chosen, ledger, started, changes)
 
