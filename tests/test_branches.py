@@ -347,6 +347,7 @@ def test_a_sandboxed_command_in_a_worktree_can_change_only_the_worktree(tmp_path
         f"echo 0000000000000000000000000000000000000000 > {repo}/.git/refs/heads/main\n"
         f"echo planted > {repo}/.toka/planted.txt\n"
         "echo mine > inside.txt\n"
+        "echo 'gitdir: /tmp/elsewhere' > .git\n"  # the worktree's pointer to its git directory
         "git log --format=%s -1\n")
     (repo / "escape.sh").chmod(0o755)
     git(repo, "add", "escape.sh")
@@ -387,3 +388,21 @@ def test_push_is_a_git_push_use_that_needs_its_approval(tmp_path: Path) -> None:
     assert "line 3 (a)" in git(remote, "show", "toka/sent:shared.txt")
     assert any(r["tool"] == "git-push" and r["arguments"]["remote"] == "origin"
                for r in map(json.loads, (repo / ".toka" / "audit" / "sent.jsonl").read_text().splitlines()))
+
+
+def test_a_redirected_worktree_pointer_is_undone_and_stops_the_run(tmp_path: Path) -> None:
+    # Without the sandbox the git guard is the only layer: git would otherwise run the runtime's
+    # commit in a git directory of the command's choosing.
+    from toka.gitguard import GitGuard
+
+    repo = make_repo(tmp_path / "repo")
+    checkout = branches.agent_checkout(branches.open_run(repo, repo / ".toka", "g"), "a", [])
+    root = Path(checkout.root)
+    pointer = (root / ".git").read_text()
+    guard = GitGuard.capture(root)
+    evil = root / "evil"
+    evil.mkdir()
+    (root / ".git").write_text(f"gitdir: {evil}\n")
+    assert guard.check([".git"]) == [".git"]
+    assert (root / ".git").read_text() == pointer
+    assert git(root, "rev-parse", "--abbrev-ref", "HEAD").strip() == "toka/g/a"

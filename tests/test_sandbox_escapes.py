@@ -337,8 +337,10 @@ def test_a_violation_in_a_run_stops_it_and_the_planted_hook_is_gone(write_specs,
     later = minimal_spec("later", tasks=1, required={"planter": ""})
     folder = write_specs(planter, later)
     mark = tmp_path / "host-ran-it"
-    (folder / "plant.sh").write_text(f"#!/bin/sh\nprintf '#!/bin/sh\\necho x >> {mark}\\n' > .git/hooks/post-checkout\n"
-                                     "chmod +x .git/hooks/post-checkout\necho planted\n")
+    # The agent works in its own worktree: the hook goes where git keeps the repository's hooks.
+    (folder / "plant.sh").write_text("#!/bin/sh\nhooks=\"$(git rev-parse --git-common-dir)/hooks\"\n"
+                                     f"printf '#!/bin/sh\\necho x >> {mark}\\n' > \"$hooks/post-checkout\"\n"
+                                     "chmod +x \"$hooks/post-checkout\"\necho planted\n")
     (folder / "plant.sh").chmod(0o755)
     _git_repo(folder)
     model = ScriptedModel(tool_call("run_command", argv=["./plant.sh"]), default=submit())

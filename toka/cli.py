@@ -439,7 +439,8 @@ def _print_branches(summary: PipelineSummary) -> None:
     run = summary.changes
     if run is None:
         return
-    out.print(f"branch:      {escape(run.branch)} ({len(run.files_changed)} files changed; "
+    count = len(run.files_changed)
+    out.print(f"branch:      {escape(run.branch)} ({count} file{'' if count == 1 else 's'} changed; "
               f"agents' own: toka/.../<agent>)")
     for agent, reason in run.not_merged.items():
         err.print(f"[yellow]not merged:[/yellow] {escape(agent)}: {escape(reason)}")

@@ -244,6 +244,8 @@ class GitGuard:
         before: dict[Path, _Entry] = {}
         for d in dirs:
             before.update(_control_snapshot(d))
+        if (workspace / ".git").is_file():  # a worktree's pointer to its git directory
+            _add(before, workspace / ".git")
         return cls(workspace, dirs, before)
 
     def check(self, changed: Sequence[str]) -> list[str]:
@@ -256,6 +258,8 @@ class GitGuard:
         after: dict[Path, _Entry] = {}
         for d in self.dirs:
             after.update(_control_snapshot(d))
+        if self.workspace / ".git" in self.before:
+            _add(after, self.workspace / ".git")
         for path in sorted(self.before.keys() | after.keys(), key=lambda p: (len(p.parts), str(p))):
             if self.before.get(path) != after.get(path):
                 violations.append(self._shown(path))
@@ -376,6 +380,8 @@ def protected_paths(workspace: Path) -> tuple[list[Path], list[Path]]:
     """
     pinned: list[Path] = []
     readonly: list[Path] = []
+    if (workspace / ".git").is_file() and not (workspace / ".git").is_symlink():
+        readonly.append(workspace / ".git")  # a worktree's pointer: redirected, git would run elsewhere
     for gitdir in git_dirs(workspace):
         if not gitdir.resolve().is_relative_to(workspace.resolve()):
             continue  # outside the workspace the whole host is read-only already

@@ -92,7 +92,7 @@ def _fenced(text: str, language: str = "") -> list[str]:
 
 def _changes_markdown(changes: AgentChanges, diff: str | None) -> list[str]:
     head = (f"**Branch** `{changes.branch}` at `{changes.commit[:12]}` (from `{changes.base[:12]}`): "
-            f"{len(changes.files_changed)} files changed.")
+            f"{_files(len(changes.files_changed))} changed.")
     lines = ["", "## Changes", "", head]
     if changes.diffstat:
         lines += ["", *_fenced(changes.diffstat)]
@@ -356,12 +356,16 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
     return text.replace(_IMAGE + "\n\n", "" if image is None else image + "\n\n", 1)
 
 
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def _branches_markdown(summary: PipelineSummary) -> list[str]:
     """The run's branches: its merged one, and each agent's."""
     run = summary.changes
     assert run is not None
     lines = ["## Branches", "", f"The run's work: `{run.branch}` at `{run.commit[:12]}` "
-             f"({len(run.files_changed)} files changed from `{run.base[:12]}`)."]
+             f"({_files(len(run.files_changed))} changed from `{run.base[:12]}`)."]
     if run.patch:
         lines.append(f"As a patch (the workspace is not a git repository): `{run.patch}`.")
     if run.pushed:
