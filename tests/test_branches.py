@@ -406,3 +406,35 @@ def test_a_redirected_worktree_pointer_is_undone_and_stops_the_run(tmp_path: Pat
     assert guard.check([".git"]) == [".git"]
     assert (root / ".git").read_text() == pointer
     assert git(root, "rev-parse", "--abbrev-ref", "HEAD").strip() == "toka/g/a"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_task_failed_midway_continues_from_its_set_aside_edits_on_resume(tmp_path: Path) -> None:
+    from toka.errors import PermanentModelError
+
+    spec = writer("a", tasks=1)
+    spec["tasks"]["default"][0]["priority"] = "high"
+    repo = make_repo(tmp_path / "repo", spec)
+    asked: list[int] = []
+    broken = [True]
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        asked.append(turn)
+        if turn == 0:
+            return tool_call("write_file", path="half.txt", content="half done\n")
+        if broken[0]:
+            raise PermanentModelError("the provider refused the request")
+        return submit(summary="finished what was half done", files_changed=["half.txt"])
+
+    failed = toka(repo, "--run-key", "again", model=FunctionModel(answer))
+    assert failed.exit_code == 1, failed.output
+    assert git(repo, "log", "--format=%s", "-2", "toka/again/a").splitlines() == [
+        "a: set aside the failed task 1/1's edits", "a: FAILED task 1/1: a step 1"]
+
+    broken[0], asked[:] = False, []
+    resumed = toka(repo, "--resume", model=FunctionModel(answer))
+    assert resumed.exit_code == 0, resumed.output
+    assert asked == [1]  # the write_file turn was replayed from the journal, onto its edits
+    assert git(repo, "log", "--format=%s", "toka/again/a").splitlines() == ["a: task 1/1: a step 1", "start"]
+    assert git(repo, "show", "toka/again/a:half.txt") == "half done\n"

@@ -185,9 +185,8 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
     if top is not None and base == "HEAD" and run_git(top, "rev-parse", "--verify", "--quiet", "HEAD").returncode:
         top = None  # a repository without a commit yet: its files are all untracked, so work on a copy
     if top is None:
-        repo, prefix, base_commit = _private_copy(workspace, state_dir, run_key), "", ""
+        repo, prefix, private = _private_copy(workspace, state_dir, run_key), "", True
         base_commit = _git(repo, "rev-parse", "HEAD").strip()
-        private = True
     else:
         repo, prefix, private = top, workspace.relative_to(top).as_posix().strip("."), False
         _check_merge_tree(repo)
@@ -384,8 +383,36 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         _git(worktree, "revert", "--no-commit", "HEAD", env=env)
         _commit(worktree, f"{checkout.agent}: set aside the failed task {index}/{total}'s edits\n\n"
                           f"They stay in {commit[:12]}; the next task starts without them.\n\n"
-                          f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n", env)
+                          f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n"
+                          f"{_SET_ASIDE}{index}/{total}\n", env)
     return commit
+
+
+_SET_ASIDE = "Toka-Set-Aside: "
+
+
+def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> bool:
+    """Before task ``index`` runs again (a resume, a retry of the run): whether its recorded turns
+    still match the worktree.
+
+    When the branch ends with this task's set-aside edits (it failed last time, and nothing
+    came after it), they are taken back out of the history, uncommitted, so the task goes on
+    from them: True. When they were set aside under later tasks' work, the worktree no longer
+    holds them and the task starts afresh: False. Nothing set aside: True.
+    """
+    worktree = Path(checkout.worktree)
+    marker = f"{_SET_ASIDE}{index}/{total}"
+    found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings", f"--grep=Toka-Run: {run_key}",
+                 f"--grep={marker}", f"{checkout.start}..HEAD").split()
+    if not found:
+        return True
+    head = _git(worktree, "rev-parse", "HEAD").strip()
+    if found[0] != head or _git(worktree, "status", "--porcelain", "--untracked-files=all").strip():
+        return False
+    # HEAD~1 is the failed task's commit of its edits; HEAD~2 where the task started.
+    _git(worktree, "reset", "-q", "--hard", "HEAD~1")
+    _git(worktree, "reset", "-q", "--mixed", "HEAD~1")
+    return True
 
 
 def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> bool:

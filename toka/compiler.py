@@ -42,7 +42,16 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
-from .branches import DIFF_LIMIT, AgentChanges, AgentCheckout, changed_files, commit_task, diff_text, diffstat
+from .branches import (
+    DIFF_LIMIT,
+    AgentChanges,
+    AgentCheckout,
+    changed_files,
+    commit_task,
+    diff_text,
+    diffstat,
+    reopen_task,
+)
 from .budget import AgentBudget, current_ledger, use_agent_budget
 from .config import RunConfig
 from .errors import AgentFailedError, BudgetExceededError, TokaError
@@ -297,6 +306,8 @@ async def _run_tasks(
             continue
         announce(ProgressEvent("task-started", spec.name, task=index, total=total,
                                description=task.description), run_key=run.run_key)
+        if run.checkout is not None:
+            await asyncio.to_thread(_reopen, run, spec, index, total)
         step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
                          upstream=upstream, run=run, model_fingerprint=fingerprint,
                          agent_spent=budget.ledger.spent)
@@ -308,7 +319,7 @@ async def _run_tasks(
                                     calls.tasks.get(index))
         records.append(record)
         if run.checkout is not None:
-            await asyncio.to_thread(_commit, run, spec, record, total)
+            await asyncio.to_thread(_commit, run, record, total)
         for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
             if book is not None:
                 book.carry(record.carried_usage)
@@ -326,20 +337,24 @@ async def _run_tasks(
     return records, failure or skipped, fatal
 
 
-def _commit(run: RunConfig, spec: AgentSpec, record: TaskRecord, total: int) -> None:
-    """Commit what the task left in the agent's worktree (blocking: git).
-
-    A task that failed for good has its edits set aside (:func:`toka.branches.commit_task`), so
-    its journal goes too: a later attempt must not replay tool calls whose effects are gone.
-    """
+def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
+    """Commit what the task left in the agent's worktree (blocking: git); a task that failed for
+    good has its edits set aside (:func:`toka.branches.commit_task`)."""
     assert run.checkout is not None
     result = record.result
     commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
                 description=record.description, state=record.state,
                 summary=result.summary if result else record.error or "",
                 files_changed=result.files_changed if result else ())
-    if record.state == "failed":
-        Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, record.index)).discard()
+
+
+def _reopen(run: RunConfig, spec: AgentSpec, index: int, total: int) -> None:
+    """Before a task runs: edits it left set aside when it failed come back for its journal to
+    replay onto; where they cannot, its journal goes (its tool calls' effects are not there)."""
+    assert run.checkout is not None
+    journal = Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, index))
+    if journal.path.exists() and not reopen_task(run.checkout, run_key=run.run_key, index=index, total=total):
+        journal.discard()
 
 
 class ApprovalInput(RunInput):
