@@ -110,7 +110,28 @@ def _config_keys(repo: Path) -> list[str]:
     keys: list[str] = []
     for gitdir in git_dirs(repo):
         for name in ("config", "config.worktree"):
-            keys += [k for k, _ in _read_config(gitdir / name) or []]
+            keys += _keys_of(gitdir / name)
+    return keys
+
+
+# path -> (what its stat said, its keys): the runtime runs git many times in a row on one repository.
+_KEYS: dict[Path, tuple[tuple[int, int, int], list[str]]] = {}
+
+
+def _keys_of(path: Path) -> list[str]:
+    """The keys of one config file, read again only when the file changed (size, mtime, inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    seen = (st.st_size, st.st_mtime_ns, st.st_ino)
+    cached = _KEYS.get(path)
+    if cached is not None and cached[0] == seen:
+        return cached[1]
+    keys = [k for k, _ in _read_config(path) or []]
+    if len(_KEYS) > 512:
+        _KEYS.clear()
+    _KEYS[path] = (seen, keys)
     return keys
 
 
