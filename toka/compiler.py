@@ -234,8 +234,8 @@ async def _record(
     ), exc
 
 
-class _Progress:
-    """The agent's progress artifact, updated after every task without waiting for the API.
+class Progress:
+    """A progress artifact (an agent's tasks, the pipeline's agents), updated without waiting for the API.
 
     Updates go out from a background task, newest value wins; ``close`` waits
     for the last one. The artifact API call (a database write) stays off the
@@ -281,7 +281,7 @@ async def _run_tasks(
     tasks: list[SpecTask],
     run: RunConfig,
     upstream: dict[str, dict[str, Any]],
-    progress: _Progress,
+    progress: Progress,
     budget: AgentBudget,
     calls: AgentCalls,
 ) -> tuple[list[TaskRecord], str | None, str | None]:
@@ -456,7 +456,7 @@ async def _run_agent(
     run = await _ask_approvals(spec, run)
     tasks = spec.task_list(run.contexts)
     announce(ProgressEvent("agent-started", spec.name, total=len(tasks)), run_key=run.run_key)
-    progress = _Progress(key=f"{spec.name}-progress", description=f"{spec.name}: tasks done")
+    progress = Progress(key=f"{spec.name}-progress", description=f"{spec.name}: tasks done")
     # The flow run carries the agent's tags; its task runs must not inherit them:
     # Prefect takes a tag concurrency slot (API writes) for every tagged task run,
     # and on a SQLite-backed server those writes stall runs for seconds.

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -33,12 +34,13 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import httpx
-import prefect
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
+
+if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
 
 __all__ = ["EXIT_API_GONE", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "RunGuard", "Stopped"]
 
@@ -77,25 +79,40 @@ class Stopped(BaseException):
         self.exit_code = exit_code
 
 
-class _EmbeddedServer(SubprocessASGIServer):
+def _EmbeddedServer() -> SubprocessASGIServer:  # noqa: N802 - it stands for the class (tests patch it)
     """Prefect's embedded server, started so that it cannot outlive ``toka run``.
 
     Prefect keeps one instance per port (``_instances``, shared with subclasses); once
     this one holds the default slot, every ``get_client()`` of the run reuses it.
     """
+    return _embedded_server_class()()
 
-    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        # Prefect 3.8's own command and environment; only the process setup differs.
-        return subprocess.Popen(
-            args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                  "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                  "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                 "PREFECT__SERVER_FINAL": "1",
-                 **get_current_settings().to_environment_variables(exclude_unset=True)},
-            start_new_session=True,
-            preexec_fn=_die_with(os.getpid()),
-        )
+
+@functools.cache
+def _embedded_server_class() -> type[SubprocessASGIServer]:
+    # Imported here, not at the top: ``prefect.server.api.server`` (the whole server
+    # application) costs about 2.4 s, and a run on a lasting server or PREFECT_API_URL
+    # never starts the embedded one (measured in bench/cold_start.py).
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class EmbeddedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect 3.8's own command and environment; the process setup differs, and the
+            # application is Prefect's with SQLite transactions begun IMMEDIATE (no lock stalls:
+            # toka.server.create_app says why).
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                      "--factory", "toka.server:create_app", "--host", "127.0.0.1",
+                      "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                start_new_session=True,
+                preexec_fn=_die_with(os.getpid()),
+            )
+
+    return EmbeddedServer
 
 
 def _die_with(parent: int) -> Callable[[], None] | None:

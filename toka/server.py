@@ -17,16 +17,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, TokaError
 
-__all__ = ["LocalServer", "running_server", "start_server", "stop_server"]
+__all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "running_server", "start_server",
+           "stop_server"]
 
 STATE_FILE = "toka-server.json"
 LOG_FILE = "toka-server.log"
 START_TIMEOUT = 120.0
+_PREFECT_SERVER = ("from toka.server import immediate_sqlite_transactions; immediate_sqlite_transactions(); "
+                   "import sys; from prefect.cli import app; sys.exit(app())")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ def _healthy(server: LocalServer, timeout: float = 2.0) -> bool:
     import httpx
 
     try:
-        return httpx.get(f"{server.api_url}/health", timeout=timeout).status_code == 200
+        # Plain HTTP on this machine: verify=False spares building a TLS context (50-100 ms).
+        return httpx.get(f"{server.api_url}/health", timeout=timeout, verify=False).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -120,7 +127,8 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, *, timeout: float = 
     env.pop("PREFECT_API_URL", None)  # the server itself talks to no other API
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            # `prefect server start`, in a process whose server begins SQLite transactions IMMEDIATE
+            [sys.executable, "-c", _PREFECT_SERVER, "server", "start", "--host", host, "--port", str(port)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # a Ctrl-C in the terminal that started it does not reach it
         )
@@ -176,3 +184,44 @@ def _tail(log: Path, lines: int = 3) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(line.strip() for line in text[-lines:]) or "(an empty log)"
+
+
+def create_app() -> Any:
+    """Prefect's server application (a ``uvicorn --factory``, for the embedded server), with
+    :func:`immediate_sqlite_transactions`."""
+    from prefect.server.api.server import create_app as prefect_app
+
+    immediate_sqlite_transactions()
+    return prefect_app()
+
+
+def immediate_sqlite_transactions() -> None:
+    """Make the Prefect server of this process begin its SQLite transactions IMMEDIATE.
+
+    Prefect begins the server's write transactions DEFERRED on SQLite: a transaction reads,
+    then writes, and when another connection wrote in between SQLite refuses the upgrade at
+    once (SQLITE_BUSY_SNAPSHOT, "database is locked"); no busy timeout helps, the server
+    answers 503 and the client retries after about 2 s, and gives up after a few: 50
+    concurrent agents stalled for minutes, then failed, that way (bench/many_agents.py).
+    Begun IMMEDIATE (what Prefect itself does for ``with_for_update``), a transaction takes
+    the write lock first and waits for it (``busy_timeout``, 60 s) instead: writers queue,
+    readers go on (WAL). PostgreSQL is left alone.
+    """
+    import inspect
+
+    from prefect.server.database.configurations import AioSqliteConfiguration
+
+    deferred = getattr(AioSqliteConfiguration, "begin_transaction", None)
+    if deferred is None or getattr(deferred, "toka_immediate", False):
+        return
+    if "with_for_update" not in inspect.signature(deferred).parameters:
+        return  # another Prefect than the one pinned: its own transactions, as they are
+
+    @asynccontextmanager
+    async def begin_immediate(self: AioSqliteConfiguration, session: Any,
+                              with_for_update: bool = False) -> AsyncIterator[Any]:
+        async with deferred(self, session, with_for_update=True) as transaction:
+            yield transaction
+
+    begin_immediate.toka_immediate = True  # type: ignore[attr-defined]
+    AioSqliteConfiguration.begin_transaction = begin_immediate  # type: ignore[method-assign]
