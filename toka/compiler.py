@@ -375,6 +375,23 @@ async def _resume_after_timeout() -> None:
         await client.set_flow_run_state(ctx.flow_run.id, Running(message="approval timed out: denied"), force=True)
 
 
+async def ask_approval(question: str, *, key: str, timeout: float) -> bool:
+    """Pause this flow run until a person answers ``question`` in the Prefect UI; silence until
+    ``timeout`` seconds is a denial."""
+    limit = max(1, int(timeout))
+    form = ApprovalInput.with_initial_data(
+        description=f"{question} (no answer within {limit} s counts as a denial)")
+    try:
+        answer = await apause_flow_run(wait_for_input=form, timeout=limit, key=key,
+                                       poll_interval=max(1, min(5, limit // 4)))
+        return bool(answer and answer.approve)
+    except FlowPauseTimeout:
+        # Only a resume takes the run out of Paused on the server; left there, its final
+        # Completed would be refused ("completed and never resumed") and the run failed.
+        await _resume_after_timeout()
+        return False
+
+
 async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
     """Before the agent's first task: settle the approvals its capabilities may need.
 
@@ -390,20 +407,9 @@ async def _ask_approvals(spec: AgentSpec, run: RunConfig) -> RunConfig:
     approved = False
     if run.pause_for_approval:
         # The pause counts against the agent's own timeout, so it must end well before it.
-        limit = max(1, int(min(approvals.approval_timeout, spec.security.resource_limits.timeout.seconds / 2)))
-        question = ApprovalInput.with_initial_data(
-            description=f"Agent **{spec.name}** may use: **{', '.join(keys)}**. Approve for this run? "
-                        f"(no answer within {limit} s counts as a denial)",
-        )
-        try:
-            answer = await apause_flow_run(wait_for_input=question, timeout=limit, key=f"approve-{spec.name}",
-                                           poll_interval=max(1, min(5, limit // 4)))
-            approved = bool(answer and answer.approve)
-        except FlowPauseTimeout:
-            approved = False
-            # Only a resume takes the run out of Paused on the server; left there, its final
-            # Completed would be refused ("completed and never resumed") and the agent failed.
-            await _resume_after_timeout()
+        approved = await ask_approval(
+            f"Agent **{spec.name}** may use: **{', '.join(keys)}**. Approve for this run?", key=f"approve-{spec.name}",
+            timeout=min(approvals.approval_timeout, spec.security.resource_limits.timeout.seconds / 2))
     update = {"approve": (*approvals.approve, *keys)} if approved else {"deny": (*approvals.deny, *keys)}
     return run.model_copy(update={"approvals": approvals.model_copy(update=update)})
 

@@ -39,9 +39,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run
+from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .budget import Ledger, use_ledger
-from .compiler import agent_tags, announce, compile_agent, failed, finished, run_name
+from .compiler import agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
 from .errors import (
     AgentFailedError,
@@ -492,10 +492,17 @@ async def _schedule(
 async def _push(branches: RunBranches, changes: RunChanges, run: RunConfig) -> RunChanges:
     """Push the run's branch to ``run.push``, when git-push is approved for this run (it is a git-push use)."""
     approvals = run.approvals
-    if "git-push" in approvals.deny or ("git-push" in approvals.needs_approval and "git-push" not in approvals.approve):
-        note = "not pushed: git-push needs approval (--approve git-push)"
-    else:
+    approved = "git-push" not in approvals.deny and (
+        "git-push" not in approvals.needs_approval or "git-push" in approvals.approve)
+    if not approved and "git-push" not in approvals.deny and run.pause_for_approval:
+        approved = await ask_approval(
+            f"Push the run's branch **{changes.branch}** ({len(changes.files_changed)} files changed) to "
+            f"**{run.push}** as `toka/{ref_part(run.run_key)}`?", key="approve-push",
+            timeout=approvals.approval_timeout)
+    if approved:
         note = await asyncio.to_thread(push_run, branches, changes, run.push or "")
+    else:
+        note = "not pushed: git-push needs approval (--approve git-push)"
     get_run_logger().info("%s", note)
     return dataclasses.replace(changes, pushed=note)
 
