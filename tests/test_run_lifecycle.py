@@ -26,7 +26,7 @@ from .test_cli_run import workspace  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
-SERVER_APP = "prefect.server.api.server:create_app"
+SERVER_APP = "toka.server:create_app"  # the embedded server's uvicorn factory (Prefect's app, IMMEDIATE SQLite)
 
 
 class Run:
