@@ -132,7 +132,7 @@ class PrefectServer:
 
 _shared_api: PrefectServer | None = None
 
-# -- parallel runs (pytest-xdist: `-n auto --dist load --maxschedchunk=1` in pyproject.toml) ------
+# -- parallel runs (pytest-xdist, opt-in: `-n 2 --dist load --maxschedchunk=1`) ----------------
 #
 # Each worker is its own process: it imports this file, so it has its own PREFECT_HOME (above),
 # its own `prefect_server` harness and its own `prefect_api` server on a free port; cgroups,
