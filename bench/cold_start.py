@@ -79,7 +79,7 @@ async def bare(prompt: str) -> str:
 asyncio.run(bare("Survey the repository."))
 '''
 
-TOKA_MAIN = "import sys; sys.argv[0] = 'toka'; from toka.cli import main; sys.exit(main())"
+TOKA_MAIN = "import sys; sys.argv[0] = 'toka'; from toka.warm import main; sys.exit(main())"  # the console script
 
 SETUPS = {
     "a": "(a) embedded server, fresh home",

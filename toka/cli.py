@@ -79,8 +79,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
 
-out = Console(highlight=False, soft_wrap=True, emoji=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+def consoles() -> tuple[Console, Console]:
+    """The consoles for stdout and stderr. Rich reads the terminal and the environment
+    (``NO_COLOR``, ``COLUMNS``) when one is made: a run forked from a warm process
+    (:mod:`toka.warm`) makes its own."""
+    return (Console(highlight=False, soft_wrap=True, emoji=False),
+            Console(stderr=True, highlight=False, soft_wrap=True, emoji=False))
+
+
+out, err = consoles()
 
 PathsArg = Annotated[
     list[Path] | None,
@@ -718,7 +725,15 @@ def server_start(
         server, started = start_server(host, port)
     out.print(f"Prefect server {'started' if started else 'already running'}: UI {server.ui_url}, "
               f"API {server.api_url} (pid {server.pid}, log {server.log})")
+    out.print(_warm_line(server))
     out.print("toka run uses it from now on; stop it with: toka server stop")
+
+
+def _warm_line(server: Any) -> str:
+    if not server.warm:
+        return (f"no warm process (see {server.log}; `toka server start` starts one): runs start in their own "
+                "processes")
+    return f"warm process: pid {server.warm_pid} (runs start without importing Prefect again)"
 
 
 @server_app.command("stop", cls=_Command)
@@ -740,6 +755,7 @@ def server_status() -> None:
     server = running_server()
     if server is not None:
         out.print(f"running: UI {server.ui_url}, API {server.api_url} (pid {server.pid})")
+        out.print(_warm_line(server))
         return
     recorded = recorded_server()
     if recorded is not None:
@@ -762,7 +778,10 @@ def _on_lasting_server() -> Iterator[None]:
     if server is None:
         yield
         return
-    err.print(f"using the toka server at {server.ui_url} (the run stays there after it ends; toka server stop)")
+    from .warm import forked
+
+    warm = ", warm start" if forked() else ""
+    err.print(f"using the toka server at {server.ui_url} (the run stays there after it ends{warm}; toka server stop)")
     # Prefect read its settings when imported: a changed environment would not reach it.
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
@@ -781,6 +800,9 @@ def _prefect_environment(*, verbose: bool) -> None:
     # Prefect's client prints a telemetry notice on a first run in a terminal (possibly over the
     # live table) that asks for PREFECT_SERVER_ANALYTICS_ENABLED=false, which is set above.
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from .warm import refresh_after_fork
+
+    refresh_after_fork()  # Prefect was imported before these were set, in a warm process
 
 
 def _say_last(view: _LiveView, line: str) -> None:
