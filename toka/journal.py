@@ -105,9 +105,14 @@ class Journal:
         return entries
 
     def append(self, entry: Entry) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(entry.line())
+        line = entry.line()
+        try:
+            f = open(self.path, "a", encoding="utf-8")
+        except FileNotFoundError:  # the first entry: its directory is made then, not at every turn
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a", encoding="utf-8")
+        with f:
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 

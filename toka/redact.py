@@ -10,6 +10,7 @@ about to write through one call.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -52,7 +53,14 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names look secret (long enough to be worth hiding),
     and the secrets remembered with :func:`remember_secret`."""
     env = os.environ if env is None else env
-    return [*(v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8), *sorted(_REMEMBERED)]
+    return [*(v for k, v in env.items() if _secret_name(k) and len(v) >= 8), *sorted(_REMEMBERED)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_name(name: str) -> bool:
+    # Cached: a run asks several times a task, and the case-insensitive search over every
+    # variable's name was two thirds of the cost (the values are read each time: they may change).
+    return _SECRET_NAME.search(name) is not None
 
 
 def _known(secrets: Iterable[str]) -> list[str]:

@@ -301,6 +301,8 @@ def _preload() -> None:
     import prefect.client.orchestration  # noqa: F401
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
+    import prefect.utilities.visualization  # noqa: F401  (imported by every flow call)
+    from fastapi import encoders  # noqa: F401  (Prefect's serialisation of flow parameters: 0.6 s)
 
     from . import branches, claude, cli, compiler, lifecycle, llm_step, offline, pipeline, server  # noqa: F401
 
