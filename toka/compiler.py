@@ -66,6 +66,7 @@ from .redact import redact, redact_data, secret_values
 from .report import agent_markdown, agent_results_table
 from .results import AgentCalls, AgentReport, TaskCalls, TaskOutcome, TaskRecord, use_agent_calls
 from .spec import AgentSpec, Task as SpecTask
+from .tools import workspace_settling
 from .workspace import Workspace
 
 __all__ = [
@@ -296,45 +297,76 @@ async def _run_tasks(
     fatal: str | None = None
     ledger = current_ledger()
     records: list[TaskRecord] = []
+    committing: asyncio.Task[None] | None = None
     prior: list[dict[str, Any]] = []
     failure: str | None = None
     skipped: str | None = None  # a spent agent or pipeline budget: later tasks cannot start
-    for index, task in enumerate(tasks, 1):
-        if failure is not None or skipped is not None:
-            records.append(TaskRecord(index=index, description=task.description, priority=task.priority,
-                                      state="not-run", error=f"not run: {failure or skipped}"))
-            continue
-        announce(ProgressEvent("task-started", spec.name, task=index, total=total,
-                               description=task.description), run_key=run.run_key)
-        if run.checkout is not None:
-            await asyncio.to_thread(_reopen, run, spec, index, total)
-        step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
-                         upstream=upstream, run=run, model_fingerprint=fingerprint,
-                         agent_spent=budget.ledger.spent)
-        # quote: Prefect would otherwise walk the whole spec inside the input looking for
-        # futures, about 40 ms a task (measured by bench/overhead.py); it holds none.
-        state = await step_task(spec, index, total, task, run)(quote(step), return_state=True)
-        charged = budget.tasks[index].charged if index in budget.tasks else None
-        record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
-                                    calls.tasks.get(index))
-        records.append(record)
-        if run.checkout is not None:
-            await asyncio.to_thread(_commit, run, record, total)
-        for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
-            if book is not None:
-                book.carry(record.carried_usage)
-        if record.result is not None:
-            prior.append({"task": index, "description": task.description, **record.result.model_dump()})
-        elif isinstance(exc, TokaError) and exc.fatal:
-            failure = fatal = str(exc)
-        elif task.priority in _STOPPING:
-            failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
-        elif isinstance(exc, BudgetExceededError) and exc.scope != "task":
-            skipped = f"budget spent: {exc}"
-        announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
-                               description=task.description, reason=record.error), run_key=run.run_key)
-        progress.set(100.0 * index / total)
+    try:
+        for index, task in enumerate(tasks, 1):
+            if failure is not None or skipped is not None:
+                records.append(TaskRecord(index=index, description=task.description, priority=task.priority,
+                                          state="not-run", error=f"not run: {failure or skipped}"))
+                continue
+            announce(ProgressEvent("task-started", spec.name, task=index, total=total,
+                                   description=task.description), run_key=run.run_key)
+            if committing is not None and committing.done():
+                committing.result()  # a commit that failed stops the agent here, as it would have at once
+            if run.checkout is not None and _journal(run, spec, index).path.exists():
+                await _settled(committing)
+                await asyncio.to_thread(_reopen, run, spec, index, total)
+            step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
+                             upstream=upstream, run=run, model_fingerprint=fingerprint,
+                             agent_spent=budget.ledger.spent)
+            # quote: Prefect would otherwise walk the whole spec inside the input looking for
+            # futures, about 40 ms a task (measured by bench/overhead.py); it holds none.
+            settling = workspace_settling.set(committing)
+            try:
+                state = await step_task(spec, index, total, task, run)(quote(step), return_state=True)
+            finally:
+                workspace_settling.reset(settling)
+            charged = budget.tasks[index].charged if index in budget.tasks else None
+            record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
+                                        calls.tasks.get(index))
+            records.append(record)
+            if run.checkout is not None:
+                # In the background: the next task's first model request need not wait for git; its
+                # tools do (workspace_settling), and so does each commit for the one before it.
+                committing = asyncio.create_task(_commit_after(committing, run, record, total))
+            for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
+                if book is not None:
+                    book.carry(record.carried_usage)
+            if record.result is not None:
+                prior.append({"task": index, "description": task.description, **record.result.model_dump()})
+            elif isinstance(exc, TokaError) and exc.fatal:
+                failure = fatal = str(exc)
+            elif task.priority in _STOPPING:
+                failure = f"task {index}/{total} ({task.priority}) failed: {record.error}"
+            elif isinstance(exc, BudgetExceededError) and exc.scope != "task":
+                skipped = f"budget spent: {exc}"
+            announce(ProgressEvent("task-finished", spec.name, state=record.state, task=index, total=total,
+                                   description=task.description, reason=record.error), run_key=run.run_key)
+            progress.set(100.0 * index / total)
+    finally:  # an agent stopped midway (cancelled, timed out): its last commit still lands
+        if committing is not None and not committing.done():
+            await asyncio.wait([committing])
+    await _settled(committing)
     return records, failure or skipped, fatal
+
+
+async def _settled(committing: asyncio.Task[None] | None) -> None:
+    """Wait for the commit in flight; a commit that failed raises here."""
+    if committing is not None:
+        await committing
+
+
+async def _commit_after(previous: asyncio.Task[None] | None, run: RunConfig, record: TaskRecord,
+                        total: int) -> None:
+    await _settled(previous)
+    await asyncio.to_thread(_commit, run, record, total)
+
+
+def _journal(run: RunConfig, spec: AgentSpec, index: int) -> Journal:
+    return Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, index))
 
 
 def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
@@ -352,7 +384,7 @@ def _reopen(run: RunConfig, spec: AgentSpec, index: int, total: int) -> None:
     """Before a task runs: edits it left set aside when it failed come back for its journal to
     replay onto; where they cannot, its journal goes (its tool calls' effects are not there)."""
     assert run.checkout is not None
-    journal = Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, index))
+    journal = _journal(run, spec, index)
     if journal.path.exists() and not reopen_task(run.checkout, run_key=run.run_key, index=index, total=total):
         journal.discard()
 

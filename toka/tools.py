@@ -18,6 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,6 +106,12 @@ def _input_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema.pop("title", None)
     return schema
+
+
+#: Work the workspace must finish before any tool may touch it: the agent's commit of its
+#: previous task, made while this task's first model request is in flight (set by the agent
+#: flow, :func:`toka.compiler._run_tasks`). Its outcome is the agent flow's business.
+workspace_settling: ContextVar[asyncio.Future[Any] | None] = ContextVar("toka_workspace_settling", default=None)
 
 
 class Tool(ABC):
@@ -468,6 +475,9 @@ class Toolbox:
 
     async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
         """Check, run and audit one call; every refusal or failure becomes an error output."""
+        settling = workspace_settling.get()
+        if settling is not None and not settling.done():
+            await asyncio.wait([settling])  # shielded: a cancelled call must not cancel a commit
         started = time.monotonic()
         try:
             output, decision, reason = await self._call(name, arguments)
