@@ -530,3 +530,15 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
     assert "Tokens: 30 (input 20, output 10, cache write 0, cache read 0)." in report
     progress = asyncio.run(newest("beta-progress"))
     assert progress["type"] == "progress" and progress["data"] == 100.0
+
+
+def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:
+    # Prefect finds a subflow's earlier run (a retried pipeline reuses completed ones) by the
+    # flow function's name and code, then by call order; agents start in any order, so each
+    # agent's flow must be told apart by the first two, or a retry hands one agent another's run.
+    from prefect.tasks import _generate_task_key
+
+    flows = [compile_agent(AgentSpec.model_validate(minimal_spec(name))) for name in ("alpha", "beta", "gamma")]
+    keys = [_generate_task_key(f.fn) for f in flows]
+    assert len(set(keys)) == 3
+    assert [k.rsplit("-", 1)[0] for k in keys] == ["alpha", "beta", "gamma"]

@@ -32,10 +32,13 @@ other configured programs never run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,6 +138,10 @@ class RunBranches:
 
     def worktree(self, agent: str) -> Path:
         return Path(self.state_dir) / "worktrees" / self.run_dir / agent
+
+    def shared_worktree(self, start: str) -> Path:
+        """Read-only agents' worktree at ``start`` (agent names never start with ``_``)."""
+        return Path(self.state_dir) / "worktrees" / self.run_dir / f"_read-{start[:12]}"
 
     def patch_path(self) -> Path:
         return Path(self.state_dir) / "patches" / f"{self.run_dir}.patch"
@@ -275,36 +282,96 @@ class AgentCheckout(BaseModel):
     root: str
     branch: str
     start: str
+    shared: bool = False
+    """A read-only agent's: one worktree per start commit, shared, never committed to."""
 
 
-def agent_checkout(run: RunBranches, agent: str, deps: list[str]) -> AgentCheckout:
+def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False) -> AgentCheckout:
     """The agent's worktree on its branch, made from the base or its dependencies' merged work.
 
     ``deps``: the dependencies whose work it starts from, in plan order. A worktree that
-    exists already (a resumed run) is used as it is.
+    exists already (a resumed run) is used as it is. A ``read_only`` agent (no tool of it can
+    change a file) reads a worktree shared by every such agent with the same start, detached
+    at it; its branch is made at that start, where it stays.
 
     Raises:
         MergeConflictError: the dependencies' branches conflict; the agent cannot start.
         BranchError: git failed.
     """
-    repo, path, branch = Path(run.repo), run.worktree(agent), run.branch(agent)
+    repo, branch = Path(run.repo), run.branch(agent)
     record = run.agent_record(agent)
-    if (path / ".git").exists() and record.is_file():
-        start = json.loads(record.read_text(encoding="utf-8"))["start"]
-        return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
-    _git(repo, "worktree", "prune")
-    if path.exists():
-        shutil.rmtree(path)
+    recorded = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    if read_only:
+        start = recorded["start"] if recorded else _start_of(run, agent, deps)
+        path = run.shared_worktree(start)
+        with _worktrees_locked(run):
+            if not (path / ".git").exists():
+                _add_worktree(run, path, "--detach", str(path), start)
+        _git(repo, "update-ref", f"refs/heads/{branch}", start)
+        if recorded is None:
+            _write_json(record, {"start": start, "deps": deps, "shared": True})
+        return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
+                             start=start, shared=True)
+    path = run.worktree(agent)
+    if (path / ".git").exists() and recorded is not None and not recorded.get("shared"):
+        _drop_stale_index_lock(path)
+        return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
+                             start=recorded["start"])
     exists = run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0
-    if exists and record.is_file():  # the branch is there (its worktree was removed): go on with it
-        start = json.loads(record.read_text(encoding="utf-8"))["start"]
-        _git(repo, "worktree", "add", "-q", str(path), branch)
+    if exists and recorded is not None and not recorded.get("shared"):
+        # The branch is there (its worktree was removed): go on with it.
+        start = recorded["start"]
+        with _worktrees_locked(run):
+            _add_worktree(run, path, str(path), branch)
     else:
-        start = _merged(repo, run.base, [(d, _head(repo, run.branch(d))) for d in deps],
-                        message=f"toka: {agent} starts from the work of {', '.join(deps)}", who=agent)
-        _git(repo, "worktree", "add", "-q", "-B" if exists else "-b", branch, str(path), start)
+        start = _start_of(run, agent, deps)
+        with _worktrees_locked(run):
+            _add_worktree(run, path, "-B" if exists else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
     return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
+
+
+def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:
+    repo = Path(run.repo)
+    return _merged(repo, run.base, [(d, _head(repo, run.branch(d))) for d in deps],
+                   message=f"toka: {agent} starts from the work of {', '.join(deps)}", who=agent)
+
+
+@contextmanager
+def _worktrees_locked(run: RunBranches) -> Iterator[None]:
+    """One ``git worktree`` command at a time in the run's repository, across threads and processes.
+
+    ``git worktree add`` reads every other worktree's administrative files, and fails on one
+    another ``add`` is writing ("failed to read .git/worktrees/NAME/commondir"): 3 of 16
+    concurrent adds failed here, and one of 50 agents in bench/many_agents.py.
+    """
+    lock = Path(run.state_dir) / "branches" / "worktrees.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when closed
+        yield
+
+
+def _add_worktree(run: RunBranches, path: Path, *args: str) -> None:
+    """``git worktree add`` at ``path`` (under :func:`_worktrees_locked`), over whatever a killed
+    run left there."""
+    repo = Path(run.repo)
+    if path.exists():
+        shutil.rmtree(path)
+    _git(repo, "worktree", "prune")  # the removed directory's administrative files
+    _git(repo, "worktree", "add", "-q", *args)
+
+
+def _drop_stale_index_lock(worktree: Path) -> None:
+    """The lock a git command killed midway (a ``kill -9`` during a task's commit) left in the
+    worktree's git directory: no git command of this run is running there now."""
+    try:
+        pointer = (worktree / ".git").read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    if pointer.startswith("gitdir: "):
+        gitdir = Path(pointer.removeprefix("gitdir: "))
+        (gitdir if gitdir.is_absolute() else worktree / gitdir).joinpath("index.lock").unlink(missing_ok=True)
 
 
 def _head(repo: Path, branch: str) -> str:
@@ -359,6 +426,8 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     and the failed work stays in the history.
     """
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
+    if checkout.shared:
+        return None  # a read-only agent's: nothing of it can have changed
     if state == "cached" and _committed(worktree, checkout, run_key, index, total):
         # Done and committed by an earlier process: what the worktree holds now is a later
         # task's, in flight when that process stopped, and goes to that task's commit.
@@ -400,6 +469,8 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     from them: True. When they were set aside under later tasks' work, the worktree no longer
     holds them and the task starts afresh: False. Nothing set aside: True.
     """
+    if checkout.shared:
+        return True
     worktree = Path(checkout.worktree)
     marker = f"{_SET_ASIDE}{index}/{total}"
     found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings", f"--grep=Toka-Run: {run_key}",
@@ -514,11 +585,12 @@ def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
     """Remove the worktrees that hold nothing uncommitted (their branches stay, and a resume
     makes them again); one holding edits no task committed (an agent cut short) stays."""
     repo = Path(run.repo)
-    for agent in agents:
-        path = run.worktree(agent)
-        if path.is_dir() and not _git(path, "status", "--porcelain", "--untracked-files=all").strip():
-            _git(repo, "worktree", "remove", str(path))
-    _git(repo, "worktree", "prune")
+    shared = sorted((Path(run.state_dir) / "worktrees" / run.run_dir).glob("_read-*"))
+    with _worktrees_locked(run):
+        for path in [*(run.worktree(agent) for agent in agents), *shared]:
+            if path.is_dir() and not _git(path, "status", "--porcelain", "--untracked-files=all").strip():
+                _git(repo, "worktree", "remove", str(path))
+        _git(repo, "worktree", "prune")
 
 
 def merged_tip(run: RunBranches) -> str:

@@ -38,8 +38,10 @@ __all__ = [
     "CAPABILITIES",
     "CAPABILITY_TOOLS",
     "NOT_TOOL_BACKED",
+    "READING_TOOLS",
     "Capability",
     "capability_status",
+    "changes_files",
     "grant_tools",
     "use_tools",
 ]
@@ -91,6 +93,19 @@ CAPABILITIES: dict[str, Capability] = {
 
 #: Capability name -> the tools it grants (the capabilities that grant any).
 CAPABILITY_TOOLS: dict[str, tuple[str, ...]] = {name: c.tools for name, c in CAPABILITIES.items() if c.tools}
+
+#: The tools that only read files.
+READING_TOOLS = frozenset({"read_file", "list_dir", "search_files"})
+
+
+def changes_files(capabilities: Iterable[str]) -> bool:
+    """Whether an agent with these capabilities gets a tool that can change a file: a writing
+    tool, ``run_command``, or a tool added with :func:`use_tools` (it may do anything)."""
+    declared = set(capabilities)
+    if any(set(CAPABILITY_TOOLS.get(name, ())) - READING_TOOLS for name in declared):
+        return True
+    return any(tool.capability in declared for tool in _custom.get())
+
 
 #: The status of a capability that grants nothing.
 NOT_TOOL_BACKED = "declared, not tool-backed"

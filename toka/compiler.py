@@ -466,6 +466,10 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         except TokaError as e:  # one line in the UI, not a traceback with the report's repr
             return failed(e)
 
+    # Prefect knows a subflow run again (a retry of the pipeline reuses the completed ones) by
+    # its function's name and code, then by call order: one shared function made the agents,
+    # started concurrently in any order, take each other's earlier runs (and reports) on a retry.
+    run_agent.__qualname__ = f"{run_agent.__qualname__.rsplit('.', 1)[0]}.{spec.name}"
     return flow(
         run_agent,
         name=spec.name,
@@ -478,6 +482,8 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
 
 def _changes(checkout: AgentCheckout) -> tuple[AgentChanges, str]:
     """The agent's branch against its start, and the diff for its report (cut when long)."""
+    if checkout.shared:  # a read-only agent's branch stays at its start
+        return AgentChanges(branch=checkout.branch, commit=checkout.start, base=checkout.start), ""
     repo = Path(checkout.worktree)
     head = run_git(repo, "rev-parse", "HEAD").stdout.strip()
     changes = AgentChanges(branch=checkout.branch, commit=head, base=checkout.start,

@@ -41,6 +41,7 @@ from prefect.states import Cancelled, State
 
 from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .budget import Ledger, use_ledger
+from .capabilities import changes_files
 from .compiler import agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
 from .errors import (
@@ -397,7 +398,9 @@ async def _schedule(
             # Its branch starts from the work of its dependencies that ran, merged in plan order.
             deps = [d for d in graph.order() if d in upstream and reports[d].is_completed()]
             try:
-                checkout = await asyncio.to_thread(agent_checkout, branches, name, deps)
+                spec = graph.agents[name]
+                read_only = not changes_files(spec.security.capabilities_required)
+                checkout = await asyncio.to_thread(agent_checkout, branches, name, deps, read_only=read_only)
             except MergeConflictError as e:
                 reason = f"not started: {e}"
                 await _show_not_run(graph.agents[name], reason)
