@@ -14,7 +14,7 @@ long values, many tasks, YAML token soup, and bytes that are not UTF-8. For each
 The whole fuzz runs under an address-space limit (RLIMIT_AS: what this process
 had, plus 768 MiB), so an input that makes the loader grow fails the test with
 MemoryError instead of taking the machine's memory; and each example must take
-under a second of CPU (its own thread's). A few generated hostile files are also given to the
+under a second of CPU (its own thread's, the best of three runs). A few generated hostile files are also given to the
 real ``toka validate`` and ``toka run`` processes, whose exit code, stderr and
 peak resident memory are checked.
 """
@@ -25,7 +25,6 @@ import copy
 import re
 import resource
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from toka.plan import make_plan
 from toka.prompt import system_prompt
 from toka.yaml_source import MAX_DEPTH, MAX_TASKS, MAX_VALUE_CHARS
 
-from .conftest import AGENT_SPECS, TOKA_SPECS
+from .conftest import AGENT_SPECS, TOKA_SPECS, least_cpu_seconds
 from .test_spec_limits import BOMB_AS_METADATA, BOMB_AS_TASKS, toka
 from .test_spec_properties import random_documents, yaml_soup
 
@@ -193,7 +192,16 @@ def check_commands(raw: bytes, folder: Path) -> int:
     """Write ``raw`` as a spec; validate and plan it as ``toka validate`` and ``toka run`` do; the exit code."""
     path = folder / "fuzz.yaml"
     path.write_bytes(raw)
-    start = time.thread_time()  # this thread's CPU: Prefect's background threads may run too
+    codes: list[int] = []
+    # This thread's CPU (Prefect's background threads may run too), the best of a few runs: another
+    # test worker on the same cores slows every run down for a while. Each run checks everything.
+    spent = least_cpu_seconds(lambda: codes.append(_validate_and_plan(path)), bound=1.0)
+    assert spent < 1.0, f"one example took {spent:.2f} s of CPU"
+    return codes[0]
+
+
+def _validate_and_plan(path: Path) -> int:
+    """``toka validate`` and what ``toka run`` does with ``path`` before Prefect starts; the exit code."""
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code in (0, 2), (result.exit_code, result.exception, result.output)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -216,8 +224,6 @@ def check_commands(raw: bytes, folder: Path) -> int:
             spec.digest()
             system_prompt(spec, tools=["read_file"])
     assert code == result.exit_code
-    spent = time.thread_time() - start
-    assert spent < 1.0, f"one example took {spent:.2f} s of CPU"
     return code
 
 
