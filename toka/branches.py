@@ -136,12 +136,17 @@ class RunBranches:
     def branch(self, agent: str) -> str:
         return f"toka/{ref_part(self.run_key)}/{agent}"
 
+    @property
+    def worktrees(self) -> Path:
+        """Where the run's worktrees are."""
+        return Path(self.state_dir) / "worktrees" / self.run_dir
+
     def worktree(self, agent: str) -> Path:
-        return Path(self.state_dir) / "worktrees" / self.run_dir / agent
+        return self.worktrees / agent
 
     def shared_worktree(self, start: str) -> Path:
         """Read-only agents' worktree at ``start`` (agent names never start with ``_``)."""
-        return Path(self.state_dir) / "worktrees" / self.run_dir / f"_read-{start[:12]}"
+        return self.worktrees / f"_read-{start[:12]}"
 
     def patch_path(self) -> Path:
         return Path(self.state_dir) / "patches" / f"{self.run_dir}.patch"
@@ -301,6 +306,7 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
     repo, branch = Path(run.repo), run.branch(agent)
     record = run.agent_record(agent)
     recorded = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    own = None if recorded is None or recorded.get("shared") else recorded  # its own worktree's record
     if read_only:
         start = recorded["start"] if recorded else _start_of(run, agent, deps)
         path = run.shared_worktree(start)
@@ -313,14 +319,14 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
                              start=start, shared=True)
     path = run.worktree(agent)
-    if (path / ".git").exists() and recorded is not None and not recorded.get("shared"):
+    if (path / ".git").exists() and own is not None:
         _drop_stale_index_lock(path)
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                             start=recorded["start"])
+                             start=own["start"])
     exists = run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0
-    if exists and recorded is not None and not recorded.get("shared"):
+    if exists and own is not None:
         # The branch is there (its worktree was removed): go on with it.
-        start = recorded["start"]
+        start = own["start"]
         with _worktrees_locked(run):
             _add_worktree(run, path, str(path), branch)
     else:
@@ -585,7 +591,7 @@ def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
     """Remove the worktrees that hold nothing uncommitted (their branches stay, and a resume
     makes them again); one holding edits no task committed (an agent cut short) stays."""
     repo = Path(run.repo)
-    shared = sorted((Path(run.state_dir) / "worktrees" / run.run_dir).glob("_read-*"))
+    shared = sorted(run.worktrees.glob("_read-*"))
     with _worktrees_locked(run):
         for path in [*(run.worktree(agent) for agent in agents), *shared]:
             if path.is_dir() and not _git(path, "status", "--porcelain", "--untracked-files=all").strip():
@@ -623,7 +629,7 @@ def discard_run(run: RunBranches) -> list[str]:
     """Remove the run's worktrees, branches, private copy and records; return what was removed."""
     repo = Path(run.repo)
     removed: list[str] = []
-    worktrees = Path(run.state_dir) / "worktrees" / run.run_dir
+    worktrees = run.worktrees
     if repo.is_dir():
         for line in _git(repo, "worktree", "list", "--porcelain").splitlines():
             if line.startswith("worktree "):

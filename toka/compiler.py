@@ -311,9 +311,10 @@ async def _run_tasks(
                                    description=task.description), run_key=run.run_key)
             if committing is not None and committing.done():
                 committing.result()  # a commit that failed stops the agent here, as it would have at once
-            if run.checkout is not None and _journal(run, spec, index).path.exists():
+            journal = _journal(run, spec, index)
+            if run.checkout is not None and journal.path.exists():
                 await _settled(committing)
-                await asyncio.to_thread(_reopen, run, spec, index, total)
+                await asyncio.to_thread(_reopen, run, journal, index, total)
             step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
                              upstream=upstream, run=run, model_fingerprint=fingerprint,
                              agent_spent=budget.ledger.spent)
@@ -380,12 +381,11 @@ def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
                 files_changed=result.files_changed if result else ())
 
 
-def _reopen(run: RunConfig, spec: AgentSpec, index: int, total: int) -> None:
-    """Before a task runs: edits it left set aside when it failed come back for its journal to
-    replay onto; where they cannot, its journal goes (its tool calls' effects are not there)."""
+def _reopen(run: RunConfig, journal: Journal, index: int, total: int) -> None:
+    """Before a task with a journal runs: edits it left set aside when it failed come back for its
+    journal to replay onto; where they cannot, its journal goes (its tool calls' effects are not there)."""
     assert run.checkout is not None
-    journal = _journal(run, spec, index)
-    if journal.path.exists() and not reopen_task(run.checkout, run_key=run.run_key, index=index, total=total):
+    if not reopen_task(run.checkout, run_key=run.run_key, index=index, total=total):
         journal.discard()
 
 

@@ -32,12 +32,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import httpx
 from prefect.settings import get_current_settings
+
+from .process import process_state
 
 if TYPE_CHECKING:
     from prefect.server.api.server import SubprocessASGIServer
@@ -297,11 +298,7 @@ class RunGuard:
 
 def _stopped(pid: int) -> bool:
     """Whether the process is stopped (SIGSTOP, a debugger), from its state in /proc."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state in ("T", "t")
+    return process_state(pid) in ("T", "t")
 
 
 def _how(returncode: int | None) -> str:

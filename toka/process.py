@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import ToolError, ToolTimeoutError
 
-__all__ = ["ProcessResult", "run_process"]
+__all__ = ["ProcessResult", "process_state", "run_process"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +115,12 @@ async def _collect(proc: asyncio.subprocess.Process, limit: int) -> tuple[str, s
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter from ``/proc`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...), or
+    None where it cannot be read (gone, or no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

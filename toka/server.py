@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, TokaError
+from .process import process_state
 
 __all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "running_server", "start_server",
            "stop_server"]
@@ -82,10 +83,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is dead: an init that never reaps (some containers) would keep it forever
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return process_state(pid) != "Z"  # a zombie is dead: an init that never reaps (some containers) keeps it
 
 
 def _healthy(server: LocalServer, timeout: float = 2.0) -> bool:
@@ -169,22 +167,25 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, *, timeout: float = 
 
 def _start_warm() -> subprocess.Popen[bytes]:
     """Start the warm process (:mod:`toka.warm`) in its own session, logging to the server's log."""
-    from .warm import serve_command, socket_path
+    from .warm import serve_command
 
-    home = prefect_home()
-    env = {**os.environ, "PREFECT_HOME": str(home)}  # where `toka run` looks for its socket
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home())}  # where `toka run` looks for its socket
     env.pop("PREFECT_API_URL", None)
-    with open(home / LOG_FILE, "ab") as out:
-        return subprocess.Popen(serve_command(socket_path(env)), stdin=subprocess.DEVNULL, stdout=out,
+    with open(prefect_home() / LOG_FILE, "ab") as out:
+        return subprocess.Popen(serve_command(_warm_socket()), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _warm_socket() -> Path:
+    from .warm import socket_path
+
+    return socket_path({"PREFECT_HOME": str(prefect_home())})
 
 
 def _with_warm(server: LocalServer, warm: subprocess.Popen[bytes], timeout: float = WARM_TIMEOUT) -> LocalServer:
     """The server with its warm process, once that listens; without it if it failed (runs then
     start in their own processes, as without it: a slower start, nothing else lost)."""
-    from .warm import socket_path
-
-    path = socket_path({"PREFECT_HOME": str(prefect_home())})
+    path = _warm_socket()
     deadline = time.monotonic() + timeout
     while not path.exists():
         if warm.poll() is not None or time.monotonic() > deadline:
