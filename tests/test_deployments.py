@@ -552,7 +552,8 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         second = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
                                          **_params(workspace, mode="distributed", agents=["test-health"]))
         run = deployed.wait_final(second)
-        assert run["state"]["type"] == "FAILED", run["state"]
+        assert run["state"]["type"] == "FAILED", (run["state"], [(r["parameters"].get("agent"), r["state"])
+                                                                 for r in deployed.children(second)], worker_logs())
         failed = _summary(run, shared)
         survey, health = failed.agents
         assert survey.agent == "repo-survey" and survey.state == "completed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,8 +14,6 @@ import pytest
 
 from .conftest import AGENT_SPECS
 from .test_cli_run import TOKA
-
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -29,6 +28,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 def test_a_server_outlives_two_runs_and_stops_cleanly(tmp_path: Path) -> None:
     home, workspace = tmp_path / "prefect-home", tmp_path / "ws"
     shutil.copytree(AGENT_SPECS, workspace / "agent_specs")
@@ -73,3 +73,43 @@ def test_a_server_outlives_two_runs_and_stops_cleanly(tmp_path: Path) -> None:
     after = toka("server", "status")
     assert after.returncode == 1 and "not running" in after.stdout
     assert toka("server", "stop").stdout.strip() == "no toka server is running"
+
+
+@pytest.mark.parametrize("which", ["server", "warm process"])
+def test_a_pid_taken_over_by_another_process_is_never_signalled(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recorded process exited long ago and its pid now belongs to another program (pids
+    # wrap at 32768 on many machines): `toka server stop` and `status` must leave that alone.
+    from toka import server as local
+
+    monkeypatch.setattr(local, "prefect_home", lambda: tmp_path)
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        me = os.getpid()
+        ours = local.process_started(other.pid)
+        assert ours is not None
+        record = {"pid": other.pid, "started": ours - 1} if which == "server" else \
+            {"pid": me, "started": local.process_started(me), "warm_pid": other.pid, "warm_started": ours - 1}
+        state = tmp_path / local.STATE_FILE
+        state.write_text(json.dumps({"host": "127.0.0.1", "port": 9, "log": "x", **record}))
+        if which == "server":
+            assert local.recorded_server() is None and not state.exists()
+            assert local.stop_server() is None
+        else:
+            recorded = local.recorded_server()
+            assert recorded is not None and not recorded.warm
+            monkeypatch.setattr(local, "_terminate", _terminate_only_warm(local._terminate, other.pid))
+            local.stop_server(timeout=1)
+        assert other.poll() is None, f"the other program's process was signalled ({other.returncode})"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _terminate_only_warm(terminate, warm_pid):  # type: ignore[no-untyped-def]
+    """`_terminate` as is for the warm pid; the test's own process (the recorded server) is spared."""
+    def only_warm(pid: int, **kwargs):  # type: ignore[no-untyped-def]
+        if pid == warm_pid:
+            terminate(pid, **kwargs)
+    return only_warm

@@ -117,10 +117,29 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_state(pid: int) -> str | None:
     """The process's state letter from ``/proc`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...), or
     None where it cannot be read (gone, or no ``/proc``)."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def process_started(pid: int) -> int | None:
+    """When the process started (clock ticks since boot), or None where it cannot be read.
+
+    With its pid this names one process for good: a pid recorded in a file can belong to
+    another process once the first has exited (pids wrap at 32768 on many machines).
+    """
+    fields = _stat_fields(pid)
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
         return None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, TokaError
-from .process import process_state
+from .process import process_started, process_state
 
 __all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "running_server", "start_server",
            "stop_server"]
@@ -51,6 +51,10 @@ class LocalServer:
     log: str
     warm_pid: int | None = None
     """The warm process (:mod:`toka.warm`), if one was started."""
+    started: int | None = None
+    warm_started: int | None = None
+    """When each process started (:func:`toka.process.process_started`): once one has exited, its
+    pid may be another process's, which must not be taken for it, let alone signalled."""
 
     @property
     def ui_url(self) -> str:
@@ -63,7 +67,7 @@ class LocalServer:
     @property
     def warm(self) -> bool:
         """Whether its warm process lives (it exits when toka's code changed on disk)."""
-        return self.warm_pid is not None and _alive(self.warm_pid)
+        return self.warm_pid is not None and _alive(self.warm_pid, self.warm_started)
 
 
 def prefect_home() -> Path:
@@ -76,13 +80,16 @@ def _state_path() -> Path:
     return prefect_home() / STATE_FILE
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether the process lives; with ``started``, whether that very process does."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return started is None
+    if started is not None and process_started(pid) != started:
+        return False
     return process_state(pid) != "Z"  # a zombie is dead: an init that never reaps (some containers) keeps it
 
 
@@ -103,7 +110,7 @@ def recorded_server() -> LocalServer | None:
         server = LocalServer(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-    if not _alive(server.pid):
+    if not _alive(server.pid, server.started):
         path.unlink(missing_ok=True)
         return None
     return server
@@ -149,7 +156,7 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, *, timeout: float = 
             start_new_session=True,  # a Ctrl-C in the terminal that started it does not reach it
         )
     warm = _start_warm()  # imports while the server starts: two cores, two processes
-    server = LocalServer(pid=proc.pid, host=host, port=port, log=str(log))
+    server = LocalServer(pid=proc.pid, host=host, port=port, log=str(log), started=process_started(proc.pid))
     deadline = time.monotonic() + timeout
     while not _healthy(server, timeout=1.0):
         if proc.poll() is not None:
@@ -192,7 +199,7 @@ def _with_warm(server: LocalServer, warm: subprocess.Popen[bytes], timeout: floa
             _terminate(warm.pid, timeout=5.0)
             return server
         time.sleep(0.1)
-    return LocalServer(**{**asdict(server), "warm_pid": warm.pid})
+    return LocalServer(**{**asdict(server), "warm_pid": warm.pid, "warm_started": process_started(warm.pid)})
 
 
 def stop_server(*, timeout: float = 20.0) -> LocalServer | None:
@@ -201,15 +208,21 @@ def stop_server(*, timeout: float = 20.0) -> LocalServer | None:
     if server is None:
         return None
     if server.warm_pid is not None:  # first: it stops the runs it holds as SIGTERM stops `toka run`
-        _terminate(server.warm_pid, timeout=timeout)
-    _terminate(server.pid, timeout=timeout)
+        _terminate(server.warm_pid, timeout=timeout, started=server.warm_started)
+    _terminate(server.pid, timeout=timeout, started=server.started)
     _state_path().unlink(missing_ok=True)
     return server
 
 
-def _terminate(pid: int, *, timeout: float = 20.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``."""
+def _terminate(pid: int, *, timeout: float = 20.0, started: int | None = None) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after ``timeout``.
+
+    With ``started``, a pid now held by another process is left alone: the group it led is
+    gone then (Linux does not give a pid to a new process while a group of that id exists).
+    """
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if started is not None and process_started(pid) not in (None, started):
+            return
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
