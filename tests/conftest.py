@@ -160,8 +160,8 @@ _shared_api: PrefectServer | None = None
 
 # -- parallel runs (pytest-xdist: `-n 2 --dist load --maxschedchunk=1`, see pyproject.toml) ---------
 #
-# Each worker is its own process: it imports this file, so it has its own PREFECT_HOME (above),
-# its own `prefect_server` harness and its own `prefect_api` server on a free port; cgroups,
+# Each worker is its own process: it imports this file, so it has its own PREFECT_HOME (above)
+# and its own `prefect_api` server on a free port (also its `prefect_server`); cgroups,
 # workspaces and ports are per test. Workers take tests one at a time (`--maxschedchunk=1`),
 # longest first, so that no worker is left with a long end-to-end run when the other is done.
 # Without `--maxschedchunk=1`, xdist hands the first worker the first quarter of the collection
@@ -209,7 +209,7 @@ def _cost(item: pytest.Item) -> float:
     if item.get_closest_marker("slow"):
         return 20  # a real `toka run` or server
     if {"prefect_server", "prefect_api"} & fixtures:
-        return 2  # a flow run on the harness
+        return 2  # a flow run in the test process
     return 0
 
 
@@ -225,7 +225,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     global _shared_api
     if session.config.option.collectonly:
         return
-    if _shared_api is None and any("prefect_api" in getattr(item, "fixturenames", ()) for item in session.items):
+    if _shared_api is None and any({"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ()))
+                                   for item in session.items):
         _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
 
 
@@ -251,12 +252,45 @@ def prefect_api() -> PrefectServer:
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect API for the whole session (about 10 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(prefect_api: PrefectServer) -> Iterator[None]:
+    """The Prefect API for flows run in this process: the session's shared server (``prefect_api``).
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+    Prefect's own ``prefect_test_harness`` would start a second server per worker, on a fresh
+    database: about 20 s of CPU, and over a minute before the first test that needed it when
+    the other worker ran an end-to-end test. A worker runs one test at a time, so its flows
+    and its `toka run` processes never load the one server at once.
+    """
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api.url}):
+        # Also the process-wide settings, as the harness does: code in a context copied
+        # before this fixture (a thread, a copied contextvars context) uses this server too.
+        with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            yield
+            _drain_prefect_workers()
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events still queued in this process before the server stops (as the harness does)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
 
 
 async def run_pipeline(folder: Path, *, run_key: str, **options: Any) -> tuple[Any, Any]:

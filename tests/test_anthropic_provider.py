@@ -34,7 +34,7 @@ from .anthropic_server import (
     text_block,
     tool_use_block,
 )
-from .conftest import PREFECT_HOME, minimal_spec, run_pipeline
+from .conftest import PREFECT_HOME, PrefectServer, minimal_spec, run_pipeline
 
 KEY = "sk-ant-test-0123456789abcdefSECRET"
 
@@ -456,9 +456,7 @@ def test_configured_limits_missing_on_the_server_say_so(write_specs: Any, monkey
 
 @pytest.mark.usefixtures("prefect_server")
 def test_api_key_never_written_anywhere(write_specs: Any, monkeypatch: pytest.MonkeyPatch,
-                                        caplog: pytest.LogCaptureFixture) -> None:
-    from prefect.settings import get_current_settings
-
+                                        caplog: pytest.LogCaptureFixture, prefect_api: PrefectServer) -> None:
     folder = three_agents(write_specs)
     with AnthropicServer(faults=[Fault.status(401, message=f"bad key {KEY}")]) as server:
         _, summary = run_against(server, folder, monkeypatch, run_key="hygiene-1")
@@ -471,7 +469,7 @@ def test_api_key_never_written_anywhere(write_specs: Any, monkeypatch: pytest.Mo
     assert KEY not in caplog.text
     # Everything Prefect and toka wrote: the API database (logs, artifacts,
     # parameters, states), persisted results, and the workspace state directory.
-    database = Path(get_current_settings().server.database.connection_url.get_secret_value().split("///")[-1])
+    database = prefect_api.home / "prefect.db"  # the server's database (SQLite)
     assert database.is_file()
     for path in [database, *PREFECT_HOME.rglob("*"), *folder.rglob("*")]:
         if path.is_file():

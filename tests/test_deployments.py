@@ -353,23 +353,8 @@ def _expected_artifacts() -> set[str]:
 def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
     deployed: Server, workspace: Path, tmp_path: Path
 ) -> None:
-    results, log, faults = tmp_path / "results", tmp_path / "requests.jsonl", tmp_path / "faults.txt"
-    worker_env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results), "TOKA_OFFLINE_REQUEST_LOG": str(log),
-                  "TOKA_OFFLINE_FAULTS": str(faults)}
-
-    # A plain run of the pipeline deployment, on the offline model, by one worker.
-    first = deployed.run_deployment("toka-pipeline/toka-pipeline", **_params(workspace))
-    deployed.worker_once(tmp_path / "worker.log", **worker_env)
-    run = deployed.flow_run(first)
-    assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert run["parameters"]["provider"]["model"] == "offline" and run["parameters"]["run"]["mode"] == "in-process"
-    summary = _summary(run)
-    assert summary.state == "completed" and summary.offline and summary.run_key == first
-    assert [a.agent for a in summary.agents] == AGENTS
-    assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4 for a in summary.agents)
-    assert _expected_artifacts() <= _artifact_keys(deployed, first)
-    assert any(results.iterdir())  # results went to the worker's storage, not into the checkout
-    assert len(_requests(log)) == summary.usage.requests
+    log, faults = tmp_path / "requests.jsonl", tmp_path / "faults.txt"
+    worker_env = {"TOKA_OFFLINE_REQUEST_LOG": str(log), "TOKA_OFFLINE_FAULTS": str(faults)}
 
     # Results on storage every worker reaches (a filesystem block), so that the retry
     # below may land on another worker: here one with a different local results path.
@@ -377,34 +362,41 @@ def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
     slug = _shared_storage_block(deployed, shared)
     on_block = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": slug}}
 
-    # A fault midway: test-health's second (high) task fails, so test-health fails.
+    # A run of the pipeline deployment with its defaults (the offline model, in-process), by one
+    # worker, with a fault midway: test-health's run_id (high) task fails, so test-health fails.
     faults.write_text("test-health:2\n")
-    second = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block, **_params(workspace))
+    run_id = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block, **_params(workspace))
     deployed.worker_once(tmp_path / "worker.log", **{**worker_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(
         tmp_path / "worker-1-results")})
-    run = deployed.flow_run(second)
+    run = deployed.flow_run(run_id)
     assert run["state"]["type"] == "FAILED", run["state"]
+    assert run["parameters"]["provider"]["model"] == "offline" and run["parameters"]["run"]["mode"] == "in-process"
     assert "test-health" in run["state"]["message"]
     assert run["state"]["data"]["storage_block_id"]
     failed = _summary(run, shared)
+    assert failed.offline and failed.run_key == run_id
+    assert [a.agent for a in failed.agents] == AGENTS
     health = next(a for a in failed.agents if a.agent == "test-health")
     assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
     assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
-    assert all(a.state == "completed" for a in failed.agents if a.agent != "test-health")
+    assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4
+               for a in failed.agents if a.agent != "test-health")
+    assert _expected_artifacts() <= _artifact_keys(deployed, run_id)
+    assert len(_requests(log)) == failed.usage.requests
     before_retry = len(_requests(log))
 
     # Retried as from the UI: the same flow run again, picked up by another worker.
     faults.unlink()
-    deployed.cli("flow-run", "retry", second)
-    assert deployed.flow_run(second)["state"]["type"] == "SCHEDULED"
+    deployed.cli("flow-run", "retry", run_id)
+    assert deployed.flow_run(run_id)["state"]["type"] == "SCHEDULED"
     deployed.worker_once(tmp_path / "worker.log", **{**worker_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(
         tmp_path / "worker-2-results")})
-    run = deployed.flow_run(second)
+    run = deployed.flow_run(run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["run_count"] == 2
     assert not (tmp_path / "worker-1-results").exists() and not (tmp_path / "worker-2-results").exists()
     summary = _summary(run, shared)
-    assert summary.state == "completed" and summary.run_key == second
+    assert summary.state == "completed" and summary.run_key == run_id
     # Only the unfinished tasks asked the model again; test-health's first task was replayed.
     asked = {(r["agent"], int(r["task"])) for r in _requests(log)[before_retry:]}
     assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}
@@ -461,9 +453,9 @@ def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -
 def test_per_agent_deployment_runs_the_agent_after_its_required_dependencies(
     deployed: Server, workspace: Path, tmp_path: Path
 ) -> None:
-    log = tmp_path / "requests.jsonl"
+    log, results = tmp_path / "requests.jsonl", tmp_path / "results"
     run_id = deployed.run_deployment("toka-agent/docs-refresh", **_params(workspace))
-    deployed.worker_once(tmp_path / "worker.log", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+    deployed.worker_once(tmp_path / "worker.log", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results),
                          TOKA_OFFLINE_REQUEST_LOG=str(log))
     run = deployed.flow_run(run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]
@@ -473,6 +465,8 @@ def test_per_agent_deployment_runs_the_agent_after_its_required_dependencies(
     assert [a.agent for a in summary.agents] == ["repo-survey", "docs-refresh"]
     assert summary.state == "completed" and summary.run_key == run_id
     assert {r["agent"] for r in _requests(log)} == {"repo-survey", "docs-refresh"}
+    assert len(_requests(log)) == summary.usage.requests
+    assert any(results.iterdir())  # results went to the worker's storage, not into the checkout
 
 
 @pytest.mark.slow
@@ -518,6 +512,8 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         # Worker a alone takes the pipeline run and, in its one other slot, the first agent
         # (repo-survey). Worker b (one slot) starts while that agent runs; the two agents of
         # wave 2 (dependency-audit, test-health) are then ready together and a has room for one.
+        # test-health fails midway (an injected fault); the agents after it go on, as in-process.
+        faults.write_text("test-health:2\n")
         start_worker("a", 2)
         first = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
                                         **_params(workspace, mode="distributed"))
@@ -526,12 +522,17 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         wait_for("worker b did not start",
                  lambda: "Worker 'worker-b' started" in (tmp_path / "worker-b.log").read_text())
         run = deployed.wait_final(first)
-        assert run["state"]["type"] == "COMPLETED", (run["state"], (tmp_path / "worker-a.log").read_text()[-3000:])
-        summary = _summary(run, shared)
-        assert summary.state == "completed" and summary.run_key == first and summary.offline
-        assert [a.agent for a in summary.agents] == AGENTS
-        assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4 for a in summary.agents)
-        assert summary.usage.requests == len(_requests(logs["a"])) + len(_requests(logs["b"]))
+        assert run["state"]["type"] == "FAILED", (run["state"], [(r["parameters"].get("agent"), r["state"])
+                                                                 for r in deployed.children(first)], worker_logs())
+        failed = _summary(run, shared)
+        assert failed.run_key == first and failed.offline
+        assert [a.agent for a in failed.agents] == AGENTS
+        health = failed.agents[AGENTS.index("test-health")]
+        assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
+        assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
+        assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4
+                   for a in failed.agents if a is not health)
+        assert failed.usage.requests == len(_requests(logs["a"])) + len(_requests(logs["b"]))
 
         # Each agent was a run of the agent-runner deployment, on both workers.
         ran_on = {name: {r["agent"] for r in _requests(log)} for name, log in logs.items()}
@@ -545,37 +546,25 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         for edge in graph.edges:
             assert agent_runs[edge.dependency]["end_time"] <= agent_runs[edge.dependent]["start_time"], edge
         assert _expected_artifacts() <= _artifact_keys(deployed, first)
-
-        # A fault midway, then a retry: failure and resume as in-process (test-health and the
-        # agent it requires, to keep it short).
-        faults.write_text("test-health:2\n")
-        second = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block,
-                                         **_params(workspace, mode="distributed", agents=["test-health"]))
-        run = deployed.wait_final(second)
-        assert run["state"]["type"] == "FAILED", (run["state"], [(r["parameters"].get("agent"), r["state"])
-                                                                 for r in deployed.children(second)], worker_logs())
-        failed = _summary(run, shared)
-        survey, health = failed.agents
-        assert survey.agent == "repo-survey" and survey.state == "completed"
-        assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
-        assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
         before_retry = {name: len(_requests(log)) for name, log in logs.items()}
 
+        # A retry from the UI: as in-process, only the failed agent's unfinished tasks run again.
         faults.unlink()
-        deployed.cli("flow-run", "retry", second)
-        run = deployed.wait_final(second)
-        assert run["state"]["type"] == "COMPLETED", run["state"]
+        deployed.cli("flow-run", "retry", first)
+        run = deployed.wait_final(first)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], worker_logs())
         summary = _summary(run, shared)
         assert summary.state == "completed"
+        assert all(a.state == "completed" and a.count("completed") + a.count("cached") == 4 for a in summary.agents)
         # Every agent run's result went to the shared block, none to a worker's own directory.
         assert not any((tmp_path / f"local-results-{name}").exists() for name in logs)
         asked = {(r["agent"], int(r["task"])) for name, log in logs.items()
                  for r in _requests(log)[before_retry[name]:]}
         assert asked == {("test-health", 2), ("test-health", 3), ("test-health", 4)}
         assert _task_states(summary)[("test-health", 1)] == "cached"
-        # As Prefect does with subflows: the completed agent run was reused, the failed one redone.
-        started = [r["parameters"]["agent"] for r in deployed.children(second) if r["deployment_id"] == runner["id"]]
-        assert sorted(started) == ["repo-survey", "test-health", "test-health"]
+        # As Prefect does with subflows: the completed agent runs were reused, the failed one redone.
+        started = [r["parameters"]["agent"] for r in deployed.children(first) if r["deployment_id"] == runner["id"]]
+        assert sorted(started) == sorted([*AGENTS, "test-health"])
     finally:
         for proc in workers:
             # An idle Prefect 3.8 worker took over 20 s to act on SIGTERM/SIGINT here; its

@@ -32,7 +32,7 @@ from toka.testing import FunctionModel, ScriptedModel, submit, tool_call
 from toka.tools import Toolbox, ToolContext, read_only_tools
 from toka.workspace import Workspace
 
-from .conftest import PREFECT_HOME, minimal_spec
+from .conftest import PREFECT_HOME, PrefectServer, minimal_spec
 
 #: Not token-shaped: only known-value redaction (the variable's value) can catch it.
 KEY = "toka-test-secret-7f3a9c2e51d8b604"
@@ -179,9 +179,8 @@ async def _events_about(agents: list[str], *, wanted: int, timeout: float = 30.0
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_a_secret_in_submitted_results_is_written_nowhere(write_specs: Any, key: str) -> None:
+def test_a_secret_in_submitted_results_is_written_nowhere(write_specs: Any, key: str, prefect_api: PrefectServer) -> None:
     from prefect.logging.handlers import APILogWorker
-    from prefect.settings import get_current_settings
 
     from toka.cli import app
 
@@ -233,7 +232,7 @@ def test_a_secret_in_submitted_results_is_written_nowhere(write_specs: Any, key:
     audit = list(read_audit(folder / ".toka", run="leaky-run"))
     assert audit and audit[0]["arguments"] == {"pattern": REDACTED}
     assert list((folder / ".toka" / "results").iterdir()), "no persisted results to check"
-    database = Path(get_current_settings().server.database.connection_url.get_secret_value().split("///")[-1])
+    database = prefect_api.home / "prefect.db"  # the server's database (SQLite)
     assert database.is_file()
     for path in [*database.parent.iterdir(), *PREFECT_HOME.rglob("*"), *folder.rglob("*")]:
         if path.is_file():

@@ -339,7 +339,7 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
 
 def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:
     repo = Path(run.repo)
-    return _merged(repo, run.base, [(d, _head(repo, run.branch(d))) for d in deps],
+    return _merged(repo, run.base, list(zip(deps, _heads(repo, [run.branch(d) for d in deps]), strict=True)),
                    message=f"toka: {agent} starts from the work of {', '.join(deps)}", who=agent)
 
 
@@ -384,6 +384,13 @@ def _head(repo: Path, branch: str) -> str:
     return _git(repo, "rev-parse", f"refs/heads/{branch}").strip()
 
 
+def _heads(repo: Path, branches: list[str]) -> list[str]:
+    """The commits of several branches, read by one git process."""
+    if not branches:
+        return []
+    return _git(repo, "rev-parse", *(f"refs/heads/{b}" for b in branches)).split()
+
+
 def _is_ancestor(repo: Path, a: str, b: str) -> bool:
     return run_git(repo, "merge-base", "--is-ancestor", a, b).returncode == 0
 
@@ -398,7 +405,8 @@ def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str
     current = base
     merged: list[str] = []
     for name, head in heads:
-        if _is_ancestor(repo, head, current):
+        # A dependency that changed nothing (read-only, or no edits) is still at the start: no git.
+        if head == current or _is_ancestor(repo, head, current):
             merged.append(name)
             continue
         if _is_ancestor(repo, current, head):
@@ -526,8 +534,14 @@ def agent_changes(run: RunBranches, agent: str) -> AgentChanges | None:
     if not record.is_file():
         return None
     repo, start = Path(run.repo), json.loads(record.read_text(encoding="utf-8"))["start"]
-    head = _head(repo, run.branch(agent))
-    return AgentChanges(branch=run.branch(agent), commit=head, base=start,
+    return changes_between(repo, run.branch(agent), start, _head(repo, run.branch(agent)))
+
+
+def changes_between(repo: Path, branch: str, start: str, head: str) -> AgentChanges:
+    """What ``branch`` at ``head`` holds beyond ``start`` (no git process when it is still there)."""
+    if head == start:
+        return AgentChanges(branch=branch, commit=head, base=start)
+    return AgentChanges(branch=branch, commit=head, base=start,
                         files_changed=changed_files(repo, start, head), diffstat=diffstat(repo, start, head))
 
 
@@ -570,7 +584,8 @@ class RunChanges:
 def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
     """Merge the branches of ``agents`` (the completed ones, in plan order) into the run's branch."""
     repo = Path(run.repo)
-    heads = [(a, _head(repo, run.branch(a))) for a in agents if run.agent_record(a).is_file()]
+    started = [a for a in agents if run.agent_record(a).is_file()]
+    heads = list(zip(started, _heads(repo, [run.branch(a) for a in started]), strict=True))
     not_merged: dict[str, str] = {}
     commit = _merged(repo, run.base, heads, message=f"toka: run {run.run_key}: the work of {', '.join(agents)}",
                      who="run", skip_conflicts=not_merged)

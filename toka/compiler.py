@@ -46,10 +46,9 @@ from .branches import (
     DIFF_LIMIT,
     AgentChanges,
     AgentCheckout,
-    changed_files,
+    changes_between,
     commit_task,
     diff_text,
-    diffstat,
     reopen_task,
 )
 from .budget import AgentBudget, current_ledger, use_agent_budget
@@ -482,14 +481,11 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
 
 def _changes(checkout: AgentCheckout) -> tuple[AgentChanges, str]:
     """The agent's branch against its start, and the diff for its report (cut when long)."""
-    if checkout.shared:  # a read-only agent's branch stays at its start
-        return AgentChanges(branch=checkout.branch, commit=checkout.start, base=checkout.start), ""
     repo = Path(checkout.worktree)
-    head = run_git(repo, "rev-parse", "HEAD").stdout.strip()
-    changes = AgentChanges(branch=checkout.branch, commit=head, base=checkout.start,
-                           files_changed=changed_files(repo, checkout.start, head),
-                           diffstat=diffstat(repo, checkout.start, head))
-    return changes, diff_text(repo, checkout.start, head, limit=DIFF_LIMIT)
+    # A read-only agent's branch stays at its start; no other's moves unless a task changed files.
+    head = checkout.start if checkout.shared else run_git(repo, "rev-parse", "HEAD").stdout.strip()
+    changes = changes_between(repo, checkout.branch, checkout.start, head)
+    return changes, "" if head == checkout.start else diff_text(repo, checkout.start, head, limit=DIFF_LIMIT)
 
 
 async def _run_agent(
