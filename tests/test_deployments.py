@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -438,15 +437,22 @@ def test_parameters_are_validated_against_the_flow_signature(deployed: Server) -
     run, provider = sections["RunOptions"]["properties"], sections["ProviderSettings"]["properties"]
     assert run["mode"]["enum"] == ["in-process", "distributed"] and run["max_concurrency"]["description"]
     assert run["max_concurrency"]["minimum"] == 1 and provider["request_timeout"]["exclusiveMinimum"] == 0
-    bad = ['run={"max_concurrency": "lots"}', 'run={"max_concurrency": 0}', 'run={"mode": "sideways"}',
-           'provider={"max_attempts": 99}']
-    # Four CLI processes at once: each spends most of its 4-5 s importing, and none creates a run.
-    with ThreadPoolExecutor(len(bad)) as pool:
-        results = list(pool.map(lambda param: deployed.cli(
-            "deployment", "run", "toka-pipeline/toka-pipeline", f"--param={param}", check=False), bad))
-    for result in results:
-        assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
-        assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
+    # The CLI refuses a bad value before creating a run...
+    result = deployed.cli("deployment", "run", "toka-pipeline/toka-pipeline", '--param=run={"mode": "sideways"}',
+                          check=False)
+    assert result.returncode != 0 and "UUID" not in result.stdout, result.stdout
+    assert "Validation" in result.stdout + result.stderr or "valid" in result.stdout + result.stderr
+    # ...and so does the server, whatever the client (the UI's form, the API, another CLI).
+    bad = [{"run": {"max_concurrency": "lots"}}, {"run": {"max_concurrency": 0}}, {"run": {"mode": "sideways"}},
+           {"provider": {"max_attempts": 99}}]
+    for parameters in bad:
+        response = httpx.post(f"{deployed.url}/deployments/{deployment['id']}/create_flow_run",
+                              json={"parameters": parameters}, timeout=30)
+        assert response.status_code in (409, 422), (parameters, response.status_code, response.text)
+        assert "validation" in response.text.lower(), response.text
+    runs = deployed.api("POST", "/flow_runs/filter", json={
+        "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "limit": 200, "offset": 0})
+    assert not [r for r in runs if r["parameters"] in bad], "a run was created with bad parameters"
 
 
 @pytest.mark.slow
@@ -681,13 +687,15 @@ def test_distributed_mode_needs_the_agent_runner_deployment(write_specs: Any) ->
     specs = write_specs(minimal_spec("alpha"))
 
     async def go() -> Any:
+        # A deployment name no server of this session has (the shared server may have the default).
         state = await pipeline(specs=[str(specs)], provider=ProviderSettings(model="offline"),
-                               run=RunOptions(mode="distributed"), return_state=True)
+                               run=RunOptions(mode="distributed", agent_deployment="toka-agent-runner/not-deployed"),
+                               return_state=True)
         return await state.aresult(raise_on_failure=False)
 
     error = asyncio.run(go())
     assert isinstance(error, ConfigError)
-    assert "needs the deployment 'toka-agent-runner/distributed'" in str(error) and "prefect deploy --all" in str(error)
+    assert "needs the deployment 'toka-agent-runner/not-deployed'" in str(error) and "prefect deploy --all" in str(error)
 
 
 @pytest.mark.usefixtures("prefect_server")
