@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from toka.server import _PREFECT_SERVER
+
 # Prefect state (database, results) of this test session lives in a fresh
 # directory: the harness isolates the database but not result storage, and a
 # second session must not find cached results of the first. Set before any
@@ -133,7 +135,10 @@ class PrefectServer:
                 and not k.startswith("TOKA_OFFLINE_")}
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                # As `toka server start` runs it: SQLite transactions begun IMMEDIATE. The session's
+                # flows and `toka run` processes share it; Prefect's DEFERRED transactions made a
+                # small flow stand still for a minute behind "database is locked" retries.
+                [sys.executable, "-c", _PREFECT_SERVER, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 env={**base, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory)
 

@@ -49,7 +49,7 @@ def test_a_server_outlives_two_runs_and_stops_cleanly(tmp_path: Path) -> None:
 
         keys = []
         for _ in range(2):
-            run = toka("run", "--model", "offline", "--retry-delay", "0")
+            run = toka("run", "--agent", "repo-survey", "--model", "offline", "--retry-delay", "0")
             assert run.returncode == 0, run.stderr
             assert f"using the toka server at http://127.0.0.1:{port}" in run.stderr
             assert "starting Prefect's embedded server" not in run.stderr

@@ -62,8 +62,8 @@ def workspace(tmp_path: Path) -> Path:
 def test_a_warm_run_has_the_commands_directory_environment_streams_and_exit_status(
         server: Server, workspace: Path) -> None:
     before = len(server.forks())
-    run = server.toka("run", "--model", "offline", "--retry-delay", "0", "--json", "out.json", cwd=workspace,
-                      TOKA_OFFLINE_REQUEST_LOG=str(workspace / "requests.jsonl"))
+    run = server.toka("run", "--agent", "repo-survey", "--model", "offline", "--retry-delay", "0", "--json", "out.json",
+                      cwd=workspace, TOKA_OFFLINE_REQUEST_LOG=str(workspace / "requests.jsonl"))
     assert run.returncode == 0, run.stderr
     assert "warm start" in run.stderr and "using the toka server at" in run.stderr
     assert server.forks()[before:] == [str(workspace)]
@@ -89,7 +89,7 @@ def test_a_warm_run_has_the_commands_directory_environment_streams_and_exit_stat
 
 def _started(server: Server, workspace: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [TOKA, "run", "--model", "offline", "--retry-delay", "0"], cwd=workspace, stdout=subprocess.DEVNULL,
+        [TOKA, "run", "--agent", "repo-survey", "--model", "offline", "--retry-delay", "0"], cwd=workspace, stdout=subprocess.DEVNULL,
         stderr=open(workspace / "err.txt", "w"), text=True, start_new_session=True,
         env={**server.env, "TOKA_OFFLINE_LATENCY": "0.3", "TOKA_OFFLINE_REQUEST_LOG": str(workspace / "requests.jsonl")})
 
@@ -157,7 +157,7 @@ def test_kill_9_of_the_command_ends_the_warm_run(server: Server, workspace: Path
 def test_code_changed_since_the_server_started_is_never_run_warm(server: Server, workspace: Path) -> None:
     # Another import path stands for any change of the code (toka's files, the packages).
     forks = len(server.forks())
-    run = server.toka("run", "--model", "offline", "--retry-delay", "0", cwd=workspace,
+    run = server.toka("run", "--agent", "repo-survey", "--model", "offline", "--retry-delay", "0", cwd=workspace,
                       PYTHONPATH=str(workspace / "elsewhere"))
     assert run.returncode == 0, run.stderr
     assert "changed since `toka server start`" in run.stderr and "warm start" not in run.stderr
