@@ -17,10 +17,9 @@ import yaml
 
 from toka.server import _PREFECT_SERVER
 
-# Prefect state (database, results) of this test session lives in a fresh
-# directory: the harness isolates the database but not result storage, and a
-# second session must not find cached results of the first. Set before any
-# test module imports prefect.
+# Prefect state (results, the embedded servers' databases) of this test session lives
+# in a fresh directory: a second session must not find cached results of the first.
+# Set before any test module imports prefect.
 PREFECT_HOME = Path(tempfile.mkdtemp(prefix="toka-tests-prefect-"))
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(PREFECT_HOME / "results")
@@ -176,30 +175,30 @@ _shared_api: PrefectServer | None = None
 # group, so every test is scheduled alone; session and module fixtures (`deployed`,
 # `unanswered`) are then made once per worker that runs one of their tests.
 
-#: Seconds the longest tests took on two workers on a busy 2-core machine (2026-12-01), for the
-#: order in which workers take them: the longest first, so that the last ones to finish are short.
+#: Seconds the longest tests took on two workers on a 2-core machine (2026-12-01, a full run),
+#: for the order in which workers take them: the longest first, so that the last ones to finish
+#: are short.
 LONGEST: dict[str, float] = {
-    "test_distributed_mode_spreads_agents_over_two_workers": 196,
-    "test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it": 190,
-    "test_postgresql_backed_server": 100,
-    "test_a_server_outlives_two_runs_and_stops_cleanly": 100,
-    "test_kill_9_takes_the_embedded_server_with_it_and_resume_repeats_no_finished_task": 77,
-    "test_agent_runner_runs_exactly_one_agent_with_the_given_upstream": 67,
-    "test_toka_run_in_a_terminal": 56,
-    "test_offline_run_then_resume_replays_everything": 54,
-    "test_a_dead_embedded_server_stops_the_run_within_seconds": 51,
-    "test_per_agent_deployment_runs_the_agent_after_its_required_dependencies": 51,
-    "test_sigterm_ends_the_run_like_ctrl_c": 50,
-    "test_a_hung_embedded_server_stops_the_run_and_is_killed": 48,
-    "test_kill_then_resume_reuses_the_worktree_and_commits_nothing_twice": 56,
-    "test_sigint_to_a_background_runs_group_leaves_its_server_alone": 34,
-    "test_parameters_are_validated_against_the_flow_signature": 33,
-    "test_injected_fault_fails_the_run_and_resume_finishes_it": 30,
-    "test_bad_unit_strings_keep_the_contract": 30,
-    "test_validate_and_run_exit_0_or_2_with_a_message": 25,
-    "test_a_prefect_api_that_never_answers_is_one_clear_line": 25,
-    "test_kill_at_turn_30_then_resume_pays_for_at_most_one_request_again": 25,
-    "test_the_embedded_server_class_is_prefects_own_kind": 19,
+    "test_distributed_mode_spreads_agents_over_two_workers": 174,
+    "test_postgresql_backed_server": 138,
+    "test_a_server_outlives_two_runs_and_stops_cleanly": 77,
+    "test_kill_9_takes_the_embedded_server_with_it_and_resume_repeats_no_finished_task": 68,
+    "test_a_warm_run_has_the_commands_directory_environment_streams_and_exit_status": 62,
+    "test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it": 48,
+    "test_a_dead_embedded_server_stops_the_run_within_seconds": 46,
+    "test_offline_run_then_resume_replays_everything": 44,
+    "test_code_changed_since_the_server_started_is_never_run_warm": 42,
+    "test_a_hung_embedded_server_stops_the_run_and_is_killed": 42,
+    "test_sigterm_ends_the_run_like_ctrl_c": 42,
+    "test_toka_run_in_a_terminal": 39,
+    "test_kill_9_of_the_command_ends_the_warm_run": 33,
+    "test_sigint_to_a_background_runs_group_leaves_its_server_alone": 29,
+    "test_injected_fault_fails_the_run_and_resume_finishes_it": 26,
+    "test_kill_at_turn_30_then_resume_pays_for_at_most_one_request_again": 24,
+    "test_a_prefect_api_that_never_answers_is_one_clear_line": 24,
+    "test_kill_then_resume_reuses_the_worktree_and_commits_nothing_twice": 21,
+    "test_per_agent_deployment_runs_the_agent_after_its_required_dependencies": 21,
+    "test_sigterm_to_the_command_stops_the_warm_run_and_resume_finishes_it": 21,
 }
 
 

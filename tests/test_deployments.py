@@ -338,6 +338,18 @@ def _task_states(summary: Any) -> dict[tuple[str, int], str]:
     return {(a.agent, t.index): t.state for a in summary.agents for t in a.tasks}
 
 
+def _assert_test_health_failed_midway(summary: Any, run_id: str) -> None:
+    """The summary of a pipeline run with the fault `test-health:2`: every agent ran; test-health
+    failed at its second task and the others completed."""
+    assert summary.offline and summary.run_key == run_id
+    assert [a.agent for a in summary.agents] == AGENTS
+    health = summary.agents[AGENTS.index("test-health")]
+    assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
+    assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
+    assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4
+               for a in summary.agents if a is not health)
+
+
 def _artifact_keys(server: Server, run_id: str) -> set[str]:
     ids = [run_id, *(r["id"] for r in server.children(run_id))]
     return {a["key"] for a in server.artifacts(ids) if a.get("key")}
@@ -362,7 +374,7 @@ def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
     on_block = {"env": {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": slug}}
 
     # A run of the pipeline deployment with its defaults (the offline model, in-process), by one
-    # worker, with a fault midway: test-health's run_id (high) task fails, so test-health fails.
+    # worker, with a fault midway: test-health's second (high) task fails, so test-health fails.
     faults.write_text("test-health:2\n")
     run_id = deployed.run_deployment("toka-pipeline/toka-pipeline", job_variables=on_block, **_params(workspace))
     deployed.worker_once(tmp_path / "worker.log", **{**worker_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(
@@ -373,13 +385,7 @@ def test_pipeline_deployment_on_a_worker_then_a_ui_retry_resumes_it(
     assert "test-health" in run["state"]["message"]
     assert run["state"]["data"]["storage_block_id"]
     failed = _summary(run, shared)
-    assert failed.offline and failed.run_key == run_id
-    assert [a.agent for a in failed.agents] == AGENTS
-    health = next(a for a in failed.agents if a.agent == "test-health")
-    assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
-    assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
-    assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4
-               for a in failed.agents if a.agent != "test-health")
+    _assert_test_health_failed_midway(failed, run_id)
     assert _expected_artifacts() <= _artifact_keys(deployed, run_id)
     assert len(_requests(log)) == failed.usage.requests
     before_retry = len(_requests(log))
@@ -531,13 +537,7 @@ def test_distributed_mode_spreads_agents_over_two_workers(
         assert run["state"]["type"] == "FAILED", (run["state"], [(r["parameters"].get("agent"), r["state"])
                                                                  for r in deployed.children(first)], worker_logs())
         failed = _summary(run, shared)
-        assert failed.run_key == first and failed.offline
-        assert [a.agent for a in failed.agents] == AGENTS
-        health = failed.agents[AGENTS.index("test-health")]
-        assert health.state == "failed" and "injected fault for test-health:2" in (health.reason or "")
-        assert [t.state for t in health.tasks] == ["completed", "failed", "not-run", "not-run"]
-        assert all(a.state == "completed" and a.count("completed") == len(a.tasks) == 4
-                   for a in failed.agents if a is not health)
+        _assert_test_health_failed_midway(failed, first)
         assert failed.usage.requests == len(_requests(logs["a"])) + len(_requests(logs["b"]))
 
         # Each agent was a run of the agent-runner deployment, on both workers.

@@ -12,14 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import AGENT_SPECS
+from .conftest import AGENT_SPECS, free_port
 from .test_cli_run import TOKA
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -38,7 +32,7 @@ def test_a_server_outlives_two_runs_and_stops_cleanly(tmp_path: Path) -> None:
     def toka(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
         return subprocess.run([TOKA, *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout)
 
-    port = _free_port()
+    port = free_port()
     started = toka("server", "start", "--port", str(port))
     try:
         assert started.returncode == 0, started.stderr

@@ -380,15 +380,15 @@ def _drop_stale_index_lock(worktree: Path) -> None:
         (gitdir if gitdir.is_absolute() else worktree / gitdir).joinpath("index.lock").unlink(missing_ok=True)
 
 
-def _head(repo: Path, branch: str) -> str:
-    return _git(repo, "rev-parse", f"refs/heads/{branch}").strip()
-
-
 def _heads(repo: Path, branches: list[str]) -> list[str]:
     """The commits of several branches, read by one git process."""
     if not branches:
         return []
     return _git(repo, "rev-parse", *(f"refs/heads/{b}" for b in branches)).split()
+
+
+def _head(repo: Path, branch: str) -> str:
+    return _heads(repo, [branch])[0]
 
 
 def _is_ancestor(repo: Path, a: str, b: str) -> bool:
