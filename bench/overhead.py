@@ -28,8 +28,12 @@ it. Each run's realised critical chain (back from the agent that finished
 last, through the upstream agent each one waited for) splits its wall time
 into phases that add up to it: start, handoffs between agents, agent entry,
 latency, per-task overhead, gaps between tasks, agent exit, end. Also shown:
-the wall time without the handoffs (where SQLite stalls land, see below) and
-how many API requests the Prefect client had to retry.
+the wall time without the handoffs (where SQLite stalls land, see below),
+how many API requests the Prefect client had to retry, and the CPU each run
+cost this process (with the git commands it ran) and the embedded server (its
+process; not counted when PREFECT_API_URL names a server elsewhere). On two
+cores the server, which handles every run's API writes, is busy most of the
+wall time; what a run asks of it counts as much as the client's own work.
 
 Cold start (unless ``--skip-cold``), in fresh subprocesses, each with a fresh
 ``PREFECT_HOME`` (so the embedded server really starts, on a new database),
@@ -73,6 +77,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -219,6 +224,50 @@ class Run:
     retries: int
     """API requests the Prefect client retried during the run (503s from a locked SQLite, ...)."""
     retry_wait: float
+    cpu: Cpu
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """CPU seconds one run cost: this process (and the git commands it ran), and the server."""
+
+    client: float
+    server: float | None
+    """The embedded server's process (None when the API is elsewhere: PREFECT_API_URL)."""
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        server = None if self.server is None or other.server is None else self.server - other.server
+        return Cpu(self.client - other.client, server)
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        for child in (thread / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def cpu_now() -> Cpu:
+    """This process's CPU (and its finished children's), and its live descendants' (the embedded
+    server: the only long-lived one). Linux only; elsewhere the server is not counted."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
+    if os.environ.get("PREFECT_API_URL") or not Path("/proc/self/task").is_dir():
+        return Cpu(client, None)
+    server = 0.0
+    for pid in _descendants(os.getpid()):
+        try:
+            server += _process_cpu(pid)
+        except (OSError, IndexError, ValueError):
+            pass  # a git command that ended meanwhile (counted with this process once reaped)
+    return Cpu(client, server)
 
 
 class Bench:
@@ -238,6 +287,7 @@ class Bench:
         before = len(self.model.history)
         _marks.clear()
         RETRIES.take()
+        c0 = cpu_now()
         t0 = time.perf_counter()
         with override_model(self.model), listen(_on_progress):
             state = await pipeline_flow(
@@ -246,7 +296,7 @@ class Bench:
                     "max_concurrency": self.args.max_concurrency, "retry_delay_seconds": 0}),
             )
         wall = time.perf_counter() - t0
-        run = Run(wall, [(t - t0, *rest) for t, *rest in _marks], *RETRIES.take())
+        run = Run(wall, [(t - t0, *rest) for t, *rest in _marks], *RETRIES.take(), cpu_now() - c0)
         summary = await state.aresult(raise_on_failure=False)
         if not isinstance(summary, PipelineSummary) or summary.state != "completed":
             raise RuntimeError(f"toka pipeline did not complete: {state.name}: {summary!r}"[:2000])
@@ -260,11 +310,12 @@ class Bench:
     async def handwritten(self) -> Run:
         _marks.clear()
         RETRIES.take()
+        c0 = cpu_now()
         t0 = time.perf_counter()
         state = await hw_pipeline(self.upstream, self.tasks, self.priority, self.args.latency,
                                   self.args.max_concurrency, return_state=True)
         wall = time.perf_counter() - t0
-        run = Run(wall, [(t - t0, *rest) for t, *rest in _marks], *RETRIES.take())
+        run = Run(wall, [(t - t0, *rest) for t, *rest in _marks], *RETRIES.take(), cpu_now() - c0)
         n = await state.aresult()
         if n != self.n_tasks:
             raise RuntimeError(f"hand-written pipeline ran {n} tasks, expected {self.n_tasks}")
@@ -471,6 +522,28 @@ def _fmt_list(xs: list[float]) -> str:
     return ", ".join(f"{x:.2f}" for x in xs)
 
 
+def _cpu_note(cpu: Cpu) -> str:
+    server = "" if cpu.server is None else f" + {cpu.server:.1f} s server"
+    return f"; CPU {cpu.client:.1f} s here{server}"
+
+
+def cpu_table(toka_runs: list[Run], hw_runs: list[Run]) -> None:
+    """CPU per run on each side (medians): the client's and the server's, and how busy the server was.
+
+    The server handles every run's API writes (runs, states, events, artifacts, logs) one
+    request at a time; when it is busy most of the wall time, the client waits on it.
+    """
+    print(f"{'CPU per run (median)':<30} {'here s':>7} {'server s':>9} {'server busy':>12}")
+    for label, runs in (("(a) toka pipeline", toka_runs), ("(b) hand-written Prefect", hw_runs)):
+        client = statistics.median(r.cpu.client for r in runs)
+        servers = [r.cpu.server for r in runs if r.cpu.server is not None]
+        if servers:
+            busy = statistics.median(r.cpu.server / r.wall for r in runs if r.cpu.server is not None)
+            print(f"{label:<30} {client:>7.2f} {statistics.median(servers):>9.2f} {100 * busy:>11.0f}%")
+        else:
+            print(f"{label:<30} {client:>7.2f} {'n/a':>9} {'':>12}  (the server is PREFECT_API_URL's)")
+
+
 async def in_process(bench: Bench, repeat: int) -> tuple[list[Run], list[Run]]:
     client_logger = logging.getLogger("prefect.client")
     client_logger.addHandler(RETRIES)
@@ -488,8 +561,8 @@ async def in_process(bench: Bench, repeat: int) -> tuple[list[Run], list[Run]]:
         runs["toka"].append(await bench.toka())
         runs["hw"].append(await bench.handwritten())
         a, b = runs["toka"][-1], runs["hw"][-1]
-        print(f"  round {i + 1}/{repeat}: toka {a.wall:.2f} s ({a.retries} API retries), "
-              f"hand-written {b.wall:.2f} s ({b.retries} API retries)", flush=True)
+        print(f"  round {i + 1}/{repeat}: toka {a.wall:.2f} s ({a.retries} API retries{_cpu_note(a.cpu)}), "
+              f"hand-written {b.wall:.2f} s ({b.retries} API retries{_cpu_note(b.cpu)})", flush=True)
     return runs["toka"], runs["hw"]
 
 
@@ -575,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"without the agent handoffs on the critical chain (where SQLite 503 stalls land): "
           f"toka {statistics.median(toka_nh):.2f} s, hand-written {statistics.median(hw_nh):.2f} s, "
           f"{ratio_nh:.3f}x (median of per-round ratios)")
+    cpu_table(toka_runs, hw_runs)
     if max(ratios) - min(ratios) > 0.15:
         print(f"  (per-round ratios span {min(ratios):.2f}-{max(ratios):.2f}x: the wall-time ratio is "
               f"dominated by those stalls here; more --repeat or a PostgreSQL-backed PREFECT_API_URL "

@@ -457,9 +457,14 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     ``prefect.tags(*agent_tags(spec))`` to tag its runs.
     """
 
+    # ``run`` is annotated Any: Prefect builds a flow's parameter schema from its signature
+    # when the flow is made, and RunConfig's took 27 ms a flow, every agent of every run, before
+    # any agent started (an agent flow is a subflow: no form in the UI shows that schema). It is
+    # checked here instead (a RunConfig passes as it is; its callers pass one).
     async def run_agent(
-        run: RunConfig, upstream: dict[str, dict[str, Any]] | None = None
+        run: Any, upstream: dict[str, dict[str, Any]] | None = None
     ) -> AgentReport | State[AgentReport]:
+        run = RunConfig.model_validate(run)
         try:
             return await _run_agent(spec, run, upstream)
         except TokaError as e:  # one line in the UI, not a traceback with the report's repr
