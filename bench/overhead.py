@@ -111,6 +111,7 @@ from toka.pipeline import pipeline_flow  # noqa: E402
 from toka.graph import AgentGraph  # noqa: E402
 from toka.model import ModelRequest, ModelResponse, override_model  # noqa: E402
 from toka.plan import make_plan  # noqa: E402
+from toka.process import process_cpu  # noqa: E402
 from toka.progress import ProgressEvent, listen  # noqa: E402
 from toka.results import PipelineSummary  # noqa: E402
 from toka.testing import FunctionModel, submit  # noqa: E402
@@ -240,15 +241,18 @@ class Cpu:
         return Cpu(self.client - other.client, server)
 
 
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _descendants(pid: int) -> list[int]:
     found: list[int] = []
-    for thread in Path(f"/proc/{pid}/task").iterdir():
-        for child in (thread / "children").read_text().split():
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found  # ended meanwhile
+    for thread in threads:
+        try:
+            children = (thread / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
             found += [int(child), *_descendants(int(child))]
     return found
 
@@ -261,12 +265,8 @@ def cpu_now() -> Cpu:
     client = own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
     if os.environ.get("PREFECT_API_URL") or not Path("/proc/self/task").is_dir():
         return Cpu(client, None)
-    server = 0.0
-    for pid in _descendants(os.getpid()):
-        try:
-            server += _process_cpu(pid)
-        except (OSError, IndexError, ValueError):
-            pass  # a git command that ended meanwhile (counted with this process once reaped)
+    # A git command that ended meanwhile reads as None (it counts with this process once reaped).
+    server = sum(process_cpu(pid) or 0.0 for pid in _descendants(os.getpid()))
     return Cpu(client, server)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from toka.errors import ToolError, ToolTimeoutError
-from toka.process import ProcessResult, run_process
+from toka.process import ProcessResult, process_cpu, run_process
 
 
 def run(argv: list[str], cwd: Path, **kwargs) -> ProcessResult:
@@ -180,3 +180,21 @@ def test_task_cancel_kills_the_process_group(tmp_path: Path) -> None:
     asyncio.run(main())
     pid = read_pid(pidfile)
     assert gone_within(pid, 1.0)
+
+
+def test_process_cpu_counts_what_a_busy_process_used_and_nothing_for_a_gone_one() -> None:
+    import subprocess
+    import sys
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.5: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while (used := process_cpu(busy.pid) or 0.0) < 0.5:
+            assert time.monotonic() < deadline, f"only {used:.2f} s of CPU read for a busy process"
+            time.sleep(0.05)
+        assert used < 10  # seconds, not clock ticks
+    finally:
+        busy.kill()
+        busy.wait()
+    assert process_cpu(busy.pid) is None  # gone (reaped)

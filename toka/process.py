@@ -143,3 +143,12 @@ def process_started(pid: int) -> int | None:
         return int(fields[19]) if fields else None
     except (IndexError, ValueError):
         return None
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds the process has used so far (user and system), or None where it cannot be read."""
+    fields = _stat_fields(pid)
+    try:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+    except (IndexError, ValueError):
+        return None
