@@ -392,7 +392,8 @@ def _head(repo: Path, branch: str) -> str:
 
 
 def _is_ancestor(repo: Path, a: str, b: str) -> bool:
-    return run_git(repo, "merge-base", "--is-ancestor", a, b).returncode == 0
+    # A commit is its own ancestor: a branch still at its start (read-only, or no edits) runs no git.
+    return a == b or run_git(repo, "merge-base", "--is-ancestor", a, b).returncode == 0
 
 
 def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str, who: str,
@@ -405,8 +406,7 @@ def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str
     current = base
     merged: list[str] = []
     for name, head in heads:
-        # A dependency that changed nothing (read-only, or no edits) is still at the start: no git.
-        if head == current or _is_ancestor(repo, head, current):
+        if _is_ancestor(repo, head, current):
             merged.append(name)
             continue
         if _is_ancestor(repo, current, head):
@@ -538,24 +538,24 @@ def agent_changes(run: RunBranches, agent: str) -> AgentChanges | None:
 
 
 def changes_between(repo: Path, branch: str, start: str, head: str) -> AgentChanges:
-    """What ``branch`` at ``head`` holds beyond ``start`` (no git process when it is still there)."""
-    if head == start:
-        return AgentChanges(branch=branch, commit=head, base=start)
+    """What ``branch`` at ``head`` holds beyond ``start``."""
     return AgentChanges(branch=branch, commit=head, base=start,
                         files_changed=changed_files(repo, start, head), diffstat=diffstat(repo, start, head))
 
 
+# A diff of a commit against itself is empty without asking git: most agents' branches and
+# many runs' merged branches are still where they started.
 def changed_files(repo: Path, a: str, b: str) -> list[str]:
-    return [f for f in _git(repo, "diff", "--name-only", "-z", a, b).split("\0") if f]
+    return [] if a == b else [f for f in _git(repo, "diff", "--name-only", "-z", a, b).split("\0") if f]
 
 
 def diffstat(repo: Path, a: str, b: str) -> str:
-    return _git(repo, "diff", "--stat=100", a, b).rstrip()
+    return "" if a == b else _git(repo, "diff", "--stat=100", a, b).rstrip()
 
 
 def diff_text(repo: Path, a: str, b: str, *, limit: int | None = None) -> str:
     """The diff from ``a`` to ``b``; cut at ``limit`` characters with a note saying so."""
-    text = _git(repo, "diff", a, b)
+    text = "" if a == b else _git(repo, "diff", a, b)
     if limit is not None and len(text) > limit:
         return (text[:limit].rsplit("\n", 1)[0]
                 + f"\n... (cut: {len(text) - limit} more characters; see `git diff {a[:12]} {b[:12]}`)\n")

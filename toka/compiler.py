@@ -489,8 +489,8 @@ def _changes(checkout: AgentCheckout) -> tuple[AgentChanges, str]:
     repo = Path(checkout.worktree)
     # A read-only agent's branch stays at its start; no other's moves unless a task changed files.
     head = checkout.start if checkout.shared else run_git(repo, "rev-parse", "HEAD").stdout.strip()
-    changes = changes_between(repo, checkout.branch, checkout.start, head)
-    return changes, "" if head == checkout.start else diff_text(repo, checkout.start, head, limit=DIFF_LIMIT)
+    return (changes_between(repo, checkout.branch, checkout.start, head),
+            diff_text(repo, checkout.start, head, limit=DIFF_LIMIT))
 
 
 async def _run_agent(
