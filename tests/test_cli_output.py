@@ -29,7 +29,7 @@ from toka.cli import app
 from toka.runs import RunRecord
 from toka.workspace import Workspace
 
-from .conftest import AGENT_SPECS, PREFECT_HOME
+from .conftest import AGENT_SPECS, PREFECT_HOME, migrated_home
 
 runner = CliRunner()
 TOKA = str(Path(sys.executable).with_name("toka"))
@@ -428,7 +428,7 @@ def test_toka_run_in_a_terminal(repo: Path) -> None:
     gone at the end, the summary table once, where everything is; git shows nothing of .toka."""
     shutil.copytree(AGENT_SPECS, repo / "agent_specs")
     env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "COLUMNS", "LINES")}
-    env.update(PREFECT_HOME=str(PREFECT_HOME / "cli"), NO_COLOR="1", TERM="xterm")
+    env.update(PREFECT_HOME=str(migrated_home(PREFECT_HOME / "cli")), NO_COLOR="1", TERM="xterm")
     code, screen = run_in_pty([TOKA, "run", "--json", "summary.json"], cwd=repo, env=env)
     assert code == 0, screen
     key = json.loads((repo / "summary.json").read_text())["run_key"]

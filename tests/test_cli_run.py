@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import AGENT_SPECS, PREFECT_HOME, PrefectServer
+from .conftest import AGENT_SPECS, PREFECT_HOME, PrefectServer, migrated_home
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def env(**extra: str) -> dict[str, str]:
     # One Prefect home for every CLI run of the session: the embedded server
     # starts faster with an existing database.
     base = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-    return {**base, "PREFECT_HOME": str(PREFECT_HOME / "cli"), "NO_COLOR": "1", "COLUMNS": "200", **extra}
+    return {**base, "PREFECT_HOME": str(migrated_home(PREFECT_HOME / "cli")), "NO_COLOR": "1", "COLUMNS": "200", **extra}
 
 
 def toka_run(cwd: Path, *args: str, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.slow
 def test_a_server_outlives_two_runs_and_stops_cleanly(tmp_path: Path) -> None:
-    home, workspace = tmp_path / "prefect-home", tmp_path / "ws"
+    home, workspace = tmp_path / "prefect-home", tmp_path / "ws"  # a fresh home, as a new user's
     shutil.copytree(AGENT_SPECS, workspace / "agent_specs")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ANTHROPIC_API_KEY")}
     env.update(PREFECT_HOME=str(home), NO_COLOR="1", COLUMNS="200")

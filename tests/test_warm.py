@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import AGENT_SPECS, free_port
+from .conftest import AGENT_SPECS, free_port, migrated_home
 from .test_cli_run import TOKA, log_lines, summary, tasks_by_state
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("warm") / "prefect-home"
+    # A migrated database: a fresh home's `toka server start` is test_server.py's.
+    home = migrated_home(tmp_path_factory.mktemp("warm") / "prefect-home")
     running = Server(home)
     started = running.toka("server", "start", "--port", str(free_port()), cwd=home.parent)
     assert started.returncode == 0, started.stderr
