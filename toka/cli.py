@@ -835,7 +835,9 @@ async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunC
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     from .pipeline import pipeline_flow, use_plan
+    from .startup import settle_gc
 
+    settle_gc()  # what a run imports is loaded now (the `toka` command deferred collection)
     groups = {name: getattr(config, name) for name in GROUPS if name != "run"}
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}), \
             use_plan(plan, specs, agents):  # the specs are loaded and checked already

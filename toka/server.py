@@ -25,20 +25,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ConfigError, TokaError
 from .process import process_started, process_state
+from .startup import defer_gc, settle_gc
 
-__all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "running_server", "start_server",
-           "stop_server"]
+__all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli", "running_server",
+           "start_server", "stop_server"]
 
 STATE_FILE = "toka-server.json"
 LOG_FILE = "toka-server.log"
 START_TIMEOUT = 120.0
 WARM_TIMEOUT = 60.0
-_PREFECT_SERVER = ("from toka.server import immediate_sqlite_transactions; immediate_sqlite_transactions(); "
-                   "import sys; from prefect.cli import app; sys.exit(app())")
+_PREFECT_SERVER = "from toka.server import prefect_cli; prefect_cli()"
+"""``python -c`` code: the ``prefect`` command as toka runs its server (:func:`prefect_cli`)."""
 
 
 @dataclass(frozen=True)
@@ -252,11 +253,26 @@ def _tail(log: Path, lines: int = 3) -> str:
 
 def create_app() -> Any:
     """Prefect's server application (a ``uvicorn --factory``, for the embedded server), with
-    :func:`immediate_sqlite_transactions`."""
+    :func:`immediate_sqlite_transactions`, made before any garbage collection (:mod:`toka.startup`)."""
+    defer_gc()
     from prefect.server.api.server import create_app as prefect_app
 
     immediate_sqlite_transactions()
-    return prefect_app()
+    app = prefect_app()
+    settle_gc()
+    return app
+
+
+def prefect_cli() -> NoReturn:
+    """The ``prefect`` command (``prefect server start ...``) with :func:`immediate_sqlite_transactions`,
+    and the server imported before any garbage collection (:mod:`toka.startup`)."""
+    defer_gc()
+    immediate_sqlite_transactions()
+    import prefect.server.api.server  # noqa: F401  (what `prefect server start` runs)
+    from prefect.cli import app
+
+    settle_gc()
+    sys.exit(app())
 
 
 def immediate_sqlite_transactions() -> None:

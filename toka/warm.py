@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .startup import defer_gc, settle_gc
+
 __all__ = ["SOCKET_NAME", "fingerprint", "forked", "main", "refresh_after_fork", "serve", "serve_command",
            "serve_main", "socket_path"]
 
@@ -91,6 +93,7 @@ def fingerprint() -> str:
 
 def main() -> None:
     """The ``toka`` console script: a warm process runs the command when it can, else this one."""
+    defer_gc()  # until the imports of a run are done (toka.cli._execute settles it)
     code = _hand_over(sys.argv)
     if code is None:
         from .cli import main as run_here
@@ -203,7 +206,9 @@ def serve(path: Path) -> None:
 
     Returns only in a forked child, after it became the command; the caller then runs it.
     """
+    defer_gc()
     _preload()
+    settle_gc()  # the children share what it imported, and never collect it
     own = fingerprint()
     path.unlink(missing_ok=True)  # a socket left by a warm process that was killed
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
