@@ -137,14 +137,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[_TEMPLATE_ENV] = str(folder)
     script = ('PREFECT_HOME="$1/build" "$2" server database upgrade -y > "$1/upgrade.log" 2>&1 '
               '&& mv "$1/build/prefect.db" "$1/prefect.db"; touch "$1/done"')
-    _template_build = subprocess.Popen(["sh", "-c", script, "sh", str(folder), PREFECT],
+    _template_build = subprocess.Popen(["sh", "-c", script, "sh", str(folder), PREFECT], start_new_session=True,
                                        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _template_build is not None:
-        _template_build.kill()
-        _template_build.wait()
+        stop_process(_template_build, grace=5)  # still migrating when the session ended early
         shutil.rmtree(os.environ.pop(_TEMPLATE_ENV), ignore_errors=True)
 
 

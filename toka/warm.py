@@ -93,7 +93,9 @@ def fingerprint() -> str:
 
 def main() -> None:
     """The ``toka`` console script: a warm process runs the command when it can, else this one."""
-    defer_gc()  # until the imports of a run are done (toka.cli._execute settles it)
+    # Until a run's imports are done (toka.cli._execute settles it); other commands are short
+    # and end with it deferred.
+    defer_gc()
     code = _hand_over(sys.argv)
     if code is None:
         from .cli import main as run_here
