@@ -4,11 +4,13 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -129,16 +131,21 @@ _TEMPLATE_ENV = "TOKA_TESTS_MIGRATED_DB"
 _template_build: subprocess.Popen[bytes] | None = None
 
 
+_DATABASE_URLS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _template_build
-    if os.environ.get(_TEMPLATE_ENV) or config.option.collectonly:
-        return  # a worker: its controller started the build
+    if hasattr(config, "workerinput") or config.option.collectonly:
+        return  # an xdist worker (its controller started the build), or nothing will run
     folder = Path(tempfile.mkdtemp(prefix="toka-tests-db-"))
     os.environ[_TEMPLATE_ENV] = str(folder)
     script = ('PREFECT_HOME="$1/build" "$2" server database upgrade -y > "$1/upgrade.log" 2>&1 '
               '&& mv "$1/build/prefect.db" "$1/prefect.db"; touch "$1/done"')
+    # Never a database the environment names (`upgrade -y` would migrate it unasked).
+    env = {k: v for k, v in os.environ.items() if k not in _DATABASE_URLS}
     _template_build = subprocess.Popen(["sh", "-c", script, "sh", str(folder), PREFECT], start_new_session=True,
-                                       env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                                       env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -160,7 +167,11 @@ def migrated_home(home: Path, timeout: float = 300) -> Path:
         time.sleep(0.1)
     if not (folder / "prefect.db").exists():
         pytest.fail(f"`prefect server database upgrade` failed:\n{(folder / 'upgrade.log').read_text()[-3000:]}")
-    shutil.copyfile(folder / "prefect.db", home / "prefect.db")
+    # SQLite's own copy (what a -wal file beside it holds included), whole or not at all.
+    partial = home / "prefect.db.partial"
+    with closing(sqlite3.connect(folder / "prefect.db")) as source, closing(sqlite3.connect(partial)) as copy:
+        source.backup(copy)
+    partial.replace(home / "prefect.db")
     return home
 
 
@@ -174,7 +185,7 @@ class PrefectServer:
     def __init__(self, directory: Path, **env: str) -> None:
         self.home = directory / "home"
         self.home.mkdir(parents=True)
-        if "PREFECT_API_DATABASE_CONNECTION_URL" not in env:
+        if not set(_DATABASE_URLS) & env.keys():  # SQLite, in its home
             migrated_home(self.home)
         self.log = directory / "server.log"
         port = free_port()
@@ -240,7 +251,7 @@ LONGEST: dict[str, float] = {
     "test_code_changed_since_the_server_started_is_never_run_warm": 42,
     "test_a_hung_embedded_server_stops_the_run_and_is_killed": 42,
     "test_sigterm_ends_the_run_like_ctrl_c": 42,
-    "test_toka_run_in_a_terminal": 39,
+    "test_toka_run_in_a_terminal": 55,  # on a fresh home
     "test_kill_9_of_the_command_ends_the_warm_run": 33,
     "test_sigint_to_a_background_runs_group_leaves_its_server_alone": 29,
     "test_injected_fault_fails_the_run_and_resume_finishes_it": 26,
@@ -274,8 +285,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the shared server as soon as a collected test needs it: it starts while the tests
-    before it run, instead of in front of the first one that uses it."""
+    """Start the shared server as soon as a collected test needs it (once the session's migrated
+    database is made): it starts while the tests before it run, instead of in front of the first
+    one that uses it."""
     global _shared_api
     if session.config.option.collectonly:
         return

@@ -29,7 +29,7 @@ from toka.cli import app
 from toka.runs import RunRecord
 from toka.workspace import Workspace
 
-from .conftest import AGENT_SPECS, PREFECT_HOME, migrated_home
+from .conftest import AGENT_SPECS
 
 runner = CliRunner()
 TOKA = str(Path(sys.executable).with_name("toka"))
@@ -423,12 +423,14 @@ def test_a_state_directory_of_the_callers_is_left_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_toka_run_in_a_terminal(repo: Path) -> None:
-    """`toka run` as a person sees it: a line while the embedded server starts, the live table
-    gone at the end, the summary table once, where everything is; git shows nothing of .toka."""
+def test_toka_run_in_a_terminal(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`toka run` as a person sees it the first time (a fresh Prefect home): a line while the embedded
+    server starts, the live table gone at the end, the summary table once, where everything is; git
+    shows nothing of .toka."""
     shutil.copytree(AGENT_SPECS, repo / "agent_specs")
+    home = tmp_path_factory.mktemp("fresh-prefect-home")
     env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "COLUMNS", "LINES")}
-    env.update(PREFECT_HOME=str(migrated_home(PREFECT_HOME / "cli")), NO_COLOR="1", TERM="xterm")
+    env.update(PREFECT_HOME=str(home), NO_COLOR="1", TERM="xterm")
     code, screen = run_in_pty([TOKA, "run", "--json", "summary.json"], cwd=repo, env=env)
     assert code == 0, screen
     key = json.loads((repo / "summary.json").read_text())["run_key"]
@@ -446,3 +448,4 @@ def test_toka_run_in_a_terminal(repo: Path) -> None:
     assert not any(line.startswith("Prefect UI:") for line in lines)  # the embedded server is gone
     assert (repo / ".toka" / "reports" / key / "release-notes.md").is_file()
     assert ".toka" not in git(repo, "status", "--porcelain", "--untracked-files=all")
+    assert (home / "prefect.db").is_file()  # the embedded server made (and migrated) its database

@@ -38,10 +38,11 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def env(**extra: str) -> dict[str, str]:
-    # One Prefect home for every CLI run of the session: the embedded server
-    # starts faster with an existing database.
+    # One Prefect home for every CLI run of the session, from the session's migrated database:
+    # the embedded server starts faster with an existing one.
     base = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-    return {**base, "PREFECT_HOME": str(migrated_home(PREFECT_HOME / "cli")), "NO_COLOR": "1", "COLUMNS": "200", **extra}
+    home = extra.get("PREFECT_HOME") or str(migrated_home(PREFECT_HOME / "cli"))
+    return {**base, "PREFECT_HOME": home, "NO_COLOR": "1", "COLUMNS": "200", **extra}
 
 
 def toka_run(cwd: Path, *args: str, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess[str]:

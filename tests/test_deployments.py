@@ -1,8 +1,8 @@
 """Deployments as users run them: `prefect.yaml`, a real server, `prefect deploy --all`, workers.
 
 The fast tests check `prefect.yaml` and its generator. The slow ones use the session's
-real `prefect server start` (conftest's ``prefect_api``: a loopback port, a fresh
-PREFECT_HOME; the `toka run` processes of other tests share it), create the
+real `prefect server start` (conftest's ``prefect_api``: a loopback port, its own
+PREFECT_HOME, the session's migrated database; the `toka run` processes of other tests share it), create the
 process work pool from `deployments/process-pool.json`, run `prefect --no-prompt
 deploy --all` from the repository root, and drive runs with the `prefect` CLI and
 workers, reading states, results and artifacts back through the REST API.
@@ -266,7 +266,7 @@ def _deploy(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def deployed(prefect_api: PrefectServer) -> Server:
-    """The session's shared server (SQLite, fresh) with the work pool created and `prefect deploy --all` done.
+    """The session's shared server (SQLite) with the work pool created and `prefect deploy --all` done.
 
     `toka run` processes of other tests share it; they create runs of the same flows but no
     deployments, and every test here reads back only the runs it started.

@@ -836,8 +836,10 @@ async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunC
 
     from .pipeline import pipeline_flow, use_plan
     from .startup import settle_gc
+    from .warm import preload_prefect
 
-    settle_gc()  # what a run imports is loaded now (the `toka` command deferred collection)
+    preload_prefect()  # now, not at the flow's first call: frozen with the rest of the start-up
+    settle_gc()  # the `toka` command deferred garbage collection until here
     groups = {name: getattr(config, name) for name in GROUPS if name != "run"}
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}), \
             use_plan(plan, specs, agents):  # the specs are loaded and checked already

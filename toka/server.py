@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from .errors import ConfigError, TokaError
 from .process import process_started, process_state
-from .startup import defer_gc, settle_gc
+from .startup import startup_imports
 
 __all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli", "running_server",
            "start_server", "stop_server"]
@@ -252,26 +252,23 @@ def _tail(log: Path, lines: int = 3) -> str:
 
 
 def create_app() -> Any:
-    """Prefect's server application (a ``uvicorn --factory``, for the embedded server), with
-    :func:`immediate_sqlite_transactions`, made before any garbage collection (:mod:`toka.startup`)."""
-    defer_gc()
-    from prefect.server.api.server import create_app as prefect_app
+    """Prefect's server application with :func:`immediate_sqlite_transactions`, made before any
+    garbage collection (:mod:`toka.startup`): the ``uvicorn --factory`` of the embedded server's
+    own process, which it leaves with its start-up frozen."""
+    with startup_imports():
+        from prefect.server.api.server import create_app as prefect_app
 
-    immediate_sqlite_transactions()
-    app = prefect_app()
-    settle_gc()
-    return app
+        immediate_sqlite_transactions()
+        return prefect_app()
 
 
 def prefect_cli() -> NoReturn:
     """The ``prefect`` command (``prefect server start ...``) with :func:`immediate_sqlite_transactions`,
     and the server imported before any garbage collection (:mod:`toka.startup`)."""
-    defer_gc()
-    immediate_sqlite_transactions()
-    import prefect.server.api.server  # noqa: F401  (what `prefect server start` runs)
-    from prefect.cli import app
-
-    settle_gc()
+    with startup_imports():
+        immediate_sqlite_transactions()
+        import prefect.server.api.server  # noqa: F401  (what `prefect server start` runs)
+        from prefect.cli import app
     sys.exit(app())
 
 

@@ -43,10 +43,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .startup import defer_gc, settle_gc
+from .startup import defer_gc, startup_imports
 
-__all__ = ["SOCKET_NAME", "fingerprint", "forked", "main", "refresh_after_fork", "serve", "serve_command",
-           "serve_main", "socket_path"]
+__all__ = ["SOCKET_NAME", "fingerprint", "forked", "main", "preload", "preload_prefect", "refresh_after_fork", "serve",
+           "serve_command", "serve_main", "socket_path"]
 
 SOCKET_NAME = "toka-warm.sock"
 HANDED_OVER = ("run",)
@@ -93,8 +93,8 @@ def fingerprint() -> str:
 
 def main() -> None:
     """The ``toka`` console script: a warm process runs the command when it can, else this one."""
-    # Until a run's imports are done (toka.cli._execute settles it); other commands are short
-    # and end with it deferred.
+    # Until a run's imports are done (toka.cli._execute settles it). Other commands are short
+    # and end with it deferred, as does this process when a warm process runs the command.
     defer_gc()
     code = _hand_over(sys.argv)
     if code is None:
@@ -208,9 +208,8 @@ def serve(path: Path) -> None:
 
     Returns only in a forked child, after it became the command; the caller then runs it.
     """
-    defer_gc()
-    _preload()
-    settle_gc()  # the children share what it imported, and never collect it
+    with startup_imports():  # the children share what it imported, and never collect it
+        preload()
     own = fingerprint()
     path.unlink(missing_ok=True)  # a socket left by a warm process that was killed
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -301,9 +300,9 @@ def _exit_warm(why: str) -> NoReturn:
     os._exit(0)
 
 
-def _preload() -> None:
-    """What a run imports, imported once here (each child has it for free)."""
-    import anthropic  # noqa: F401
+def preload_prefect() -> None:
+    """What Prefect imports at a run's first flow and task call: in the warm process, and before a
+    `toka run` lets garbage collection start (:func:`toka.startup.settle_gc`)."""
     import prefect  # noqa: F401
     import prefect.client.orchestration  # noqa: F401
     import prefect.flow_engine  # noqa: F401
@@ -311,6 +310,12 @@ def _preload() -> None:
     import prefect.utilities.visualization  # noqa: F401  (imported by every flow call)
     from fastapi import encoders  # noqa: F401  (Prefect's serialisation of flow parameters: 0.6 s)
 
+
+def preload() -> None:
+    """What a run imports, imported once in the warm process (each child has it for free)."""
+    import anthropic  # noqa: F401
+
+    preload_prefect()
     from . import branches, claude, cli, compiler, lifecycle, llm_step, offline, pipeline, server  # noqa: F401
 
 
