@@ -129,8 +129,6 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 15) -> None:
 
 _TEMPLATE_ENV = "TOKA_TESTS_MIGRATED_DB"
 _template_build: subprocess.Popen[bytes] | None = None
-
-
 _DATABASE_URLS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
 
 
@@ -140,8 +138,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return  # an xdist worker (its controller started the build), or nothing will run
     folder = Path(tempfile.mkdtemp(prefix="toka-tests-db-"))
     os.environ[_TEMPLATE_ENV] = str(folder)
-    script = ('PREFECT_HOME="$1/build" "$2" server database upgrade -y > "$1/upgrade.log" 2>&1 '
-              '&& mv "$1/build/prefect.db" "$1/prefect.db"; touch "$1/done"')
+    # Migrated in place (its -wal file, if any, stays beside it for the copies); "ok" once it succeeded.
+    script = ('PREFECT_HOME="$1" "$2" server database upgrade -y > "$1/upgrade.log" 2>&1 && touch "$1/ok"; '
+              'touch "$1/done"')
     # Never a database the environment names (`upgrade -y` would migrate it unasked).
     env = {k: v for k, v in os.environ.items() if k not in _DATABASE_URLS}
     _template_build = subprocess.Popen(["sh", "-c", script, "sh", str(folder), PREFECT], start_new_session=True,
@@ -165,7 +164,7 @@ def migrated_home(home: Path, timeout: float = 300) -> Path:
         if time.monotonic() > deadline:
             pytest.fail(f"the session's migrated database was not made within {timeout:.0f} s")
         time.sleep(0.1)
-    if not (folder / "prefect.db").exists():
+    if not (folder / "ok").exists():
         pytest.fail(f"`prefect server database upgrade` failed:\n{(folder / 'upgrade.log').read_text()[-3000:]}")
     # SQLite's own copy (what a -wal file beside it holds included), whole or not at all.
     partial = home / "prefect.db.partial"
