@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import compileall
+import gc
 import os
 import shutil
 import signal
@@ -8,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -136,6 +139,7 @@ def pytest_configure(config: pytest.Config) -> None:
     global _template_build
     if hasattr(config, "workerinput") or config.option.collectonly:
         return  # an xdist worker (its controller started the build), or nothing will run
+    _compile_own_modules()
     folder = Path(tempfile.mkdtemp(prefix="toka-tests-db-"))
     os.environ[_TEMPLATE_ENV] = str(folder)
     # Migrated in place (its -wal file, if any, stays beside it for the copies); "ok" once it succeeded.
@@ -145,6 +149,18 @@ def pytest_configure(config: pytest.Config) -> None:
     env = {k: v for k, v in os.environ.items() if k not in _DATABASE_URLS}
     _template_build = subprocess.Popen(["sh", "-c", script, "sh", str(folder), PREFECT], start_new_session=True,
                                        env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+
+
+def _compile_own_modules() -> None:
+    """Bytecode for toka's own modules, written once for the session's processes.
+
+    With PYTHONDONTWRITEBYTECODE set (as on some machines and images), every `toka`, server and
+    flow-run process the tests start would compile them from source again (0.23 s of CPU each,
+    some 170 processes a session); a process that does not write bytecode still reads it. A
+    read-only checkout only goes without.
+    """
+    for package in ("toka", "flows", "tasks"):
+        compileall.compile_dir(ROOT / package, maxlevels=0, quiet=2)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -221,6 +237,8 @@ class PrefectServer:
 
 
 _shared_api: PrefectServer | None = None
+_shared_start: threading.Thread | None = None
+_shared_api_error: list[BaseException] = []
 
 # -- parallel runs (pytest-xdist: `-n 2 --dist load --maxschedchunk=1`, see pyproject.toml) ---------
 #
@@ -284,18 +302,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the shared server as soon as a collected test needs it (once the session's migrated
-    database is made): it starts while the tests before it run, instead of in front of the first
-    one that uses it."""
-    global _shared_api
+    """Start the shared server as soon as a collected test needs it: in the background, once the
+    session's migrated database is made, while the tests that need no shared server run (a
+    worker's first test may be one)."""
+    global _shared_start
     if session.config.option.collectonly:
         return
-    if _shared_api is None and any({"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ()))
-                                   for item in session.items):
+    # What collection imported lives as long as the worker: out of the collector's way.
+    gc.collect()
+    gc.freeze()
+    if _shared_start is None and any({"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ()))
+                                     for item in session.items):
+        _shared_start = threading.Thread(target=_start_shared_api, name="shared-prefect-server", daemon=True)
+        _shared_start.start()
+
+
+def _start_shared_api() -> None:
+    global _shared_api
+    try:
         _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
+    except BaseException as error:  # pytest.fail() included: raised again by the first test that needs it
+        _shared_api_error.append(error)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _shared_start is not None:
+        _shared_start.join()
     if _shared_api is not None:
         _shared_api.stop()
         shutil.rmtree(_shared_api.home.parent, ignore_errors=True)
@@ -310,9 +342,14 @@ def prefect_api() -> PrefectServer:
     server costs a `toka run` 10-30 s, a standalone server about 15 s once. Runs, flows and
     deployments of different tests do not collide: each test reads back only its own runs.
     """
-    global _shared_api
-    if _shared_api is None:  # requested without having been collected (e.g. by a plugin)
-        _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
+    global _shared_start
+    if _shared_start is None:  # requested without having been collected (e.g. by a plugin)
+        _shared_start = threading.Thread(target=_start_shared_api, name="shared-prefect-server", daemon=True)
+        _shared_start.start()
+    _shared_start.join()
+    if _shared_api_error:
+        raise _shared_api_error[0]
+    assert _shared_api is not None
     return _shared_api.wait_healthy()
 
 

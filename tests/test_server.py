@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -107,3 +108,33 @@ def _terminate_only_warm(terminate, warm_pid):  # type: ignore[no-untyped-def]
         if pid == warm_pid:
             terminate(pid, **kwargs)
     return only_warm
+
+
+def test_status_and_stop_find_the_home_prefect_would_without_importing_prefect(tmp_path: Path) -> None:
+    # `toka server status` and `stop` only need the home; importing Prefect for it cost 3 s.
+    home = tmp_path / "home"
+    home.mkdir()
+    probe = (
+        "import sys\n"
+        "from toka.warm import main\n"
+        "sys.argv = ['toka', 'server', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        "print('prefect imported' if 'prefect' in sys.modules else 'prefect not imported')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    for command, said, code in (("status", "not running", "exit 1"), ("stop", "no toka server is running", "exit 0")):
+        done = subprocess.run([sys.executable, "-c", probe, command], env={**env, "PREFECT_HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+        assert said in done.stdout and code in done.stdout, (done.stdout, done.stderr)
+        assert "prefect not imported" in done.stdout
+
+    # The same directory as Prefect's own settings give, "~" included.
+    check = ("import os; from pathlib import Path; from toka.server import prefect_home; "
+             "from prefect.settings import get_current_settings; "
+             "print(prefect_home() == Path(get_current_settings().home).expanduser() == Path(os.environ['HOME'], 'ph'))")
+    same = subprocess.run([sys.executable, "-c", check], env={**env, "PREFECT_HOME": "~/ph"}, capture_output=True,
+                          text=True, timeout=60)
+    assert same.stdout.strip() == "True", same.stderr

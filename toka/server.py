@@ -72,6 +72,14 @@ class LocalServer:
 
 
 def prefect_home() -> Path:
+    """Prefect's home directory, where the server's record lives.
+
+    ``PREFECT_HOME`` when set, without importing Prefect (3 s of CPU that `toka server status`
+    and `stop` need for nothing else): Prefect ranks the environment above every other settings
+    source. Else as Prefect's settings resolve it (a profile, ``prefect.toml``, the default).
+    """
+    if home := os.environ.get("PREFECT_HOME"):
+        return Path(home).expanduser()
     from prefect.settings import get_current_settings
 
     return Path(get_current_settings().home).expanduser()
