@@ -42,6 +42,7 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
+from .background import in_background
 from .branches import (
     DIFF_LIMIT,
     AgentChanges,
@@ -531,7 +532,8 @@ async def _run_agent(
         duration_s=time.monotonic() - started,
         changes=changes,
     )
-    await asyncio.gather(
+    # For the UI only: written while the agent's dependents start (toka.background).
+    await in_background(asyncio.gather(
         progress.close(),
         acreate_markdown_artifact(
             key=f"{spec.name}-report",
@@ -543,7 +545,7 @@ async def _run_agent(
             table=agent_results_table(report),
             description=f"{spec.name}: what each task produced",
         ),
-    )
+    ), f"the report artifacts of {spec.name}")
     if failure is not None:
         raise AgentFailedError(f"{spec.name}: {failure}", report=report)
     return finished(report, failures=failure_note)

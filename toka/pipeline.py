@@ -40,6 +40,7 @@ from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
 from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
+from .background import writes_finished
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
 from .compiler import agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
@@ -158,7 +159,8 @@ async def run_pipeline(
         else:
             get_run_logger().warning("in place: the agents edit %s directly, all in the same tree (no branches)",
                                      run.workspace)
-        summary = await run_agents(plan.graph, config, distributed=distributed, branches=branches)
+        async with writes_finished():  # the agents' report artifacts, written in the background
+            summary = await run_agents(plan.graph, config, distributed=distributed, branches=branches)
         return finished(summary, failures=_failures(summary))
     except TokaError as e:  # a bad setting, a missing API key, failed agents: one line in the UI
         return failed(e)
@@ -611,7 +613,8 @@ async def run_one_agent(
     budget = run.budgets.pipeline_token_budget
     with use_ledger(Ledger("pipeline", budget, scope="pipeline", spent=pipeline_spent)) as ledger:
         with tags(*agent_tags(spec)):
-            state = await compile_agent(spec)(run=run, upstream=upstream or {}, return_state=True)
+            async with writes_finished():
+                state = await compile_agent(spec)(run=run, upstream=upstream or {}, return_state=True)
         result = await state.aresult(raise_on_failure=False)
     charged, spent = ledger.charged, ledger.spent - pipeline_spent
     if state.is_completed() and isinstance(result, AgentReport):

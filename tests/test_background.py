@@ -1,0 +1,103 @@
+"""toka.background: report artifacts written while the run goes on, all of them before it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+
+from toka.background import in_background, writes_finished
+
+
+async def _write(log: list[str], name: str, delay: float = 0.05, fail: bool = False) -> None:
+    await asyncio.sleep(delay)
+    if fail:
+        raise ConnectionError("the API went away")
+    log.append(name)
+
+
+def test_a_write_goes_on_in_the_background_and_is_done_when_the_block_ends() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            await in_background(_write(log, "report"), "the report")
+            log.append("dependent started")  # before the write finished: it did not hold this up
+
+    asyncio.run(run())
+    assert log == ["dependent started", "report"]
+
+
+def test_without_the_block_a_write_is_awaited_where_it_is_made() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        await in_background(_write(log, "report"), "the report")
+        log.append("next")
+
+    asyncio.run(run())
+    assert log == ["report", "next"]
+
+
+def test_a_failed_write_is_a_warning_and_the_others_are_still_waited_for() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            await in_background(_write(log, "x", delay=0.01, fail=True), "the report artifacts of survey")
+            await in_background(_write(log, "results", delay=0.1), "the results")
+
+    # Its own handler, not caplog's: Prefect's logging set-up (on the first run logger asked
+    # for, here by the warning itself) replaces the root logger's handlers.
+    warnings = _Records()
+    logger = logging.getLogger("toka.background")
+    logger.addHandler(warnings)
+    try:
+        asyncio.run(run())  # no error: the run's outcome stands
+    finally:
+        logger.removeHandler(warnings)
+    assert log == ["results"]
+    assert warnings.lines == ["the report artifacts of survey could not be written: ConnectionError: the API went away"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_write_from_another_event_loop_is_awaited_there() -> None:
+    # A flow Prefect ran on a loop of its own (its context copied, the block's included) must
+    # not leave a task that the block's loop cannot await.
+    log: list[str] = []
+
+    def elsewhere(context: contextvars.Context) -> None:
+        context.run(asyncio.run, in_background(_write(log, "from the thread"), "the report"))
+        log.append("thread done")
+
+    async def run() -> None:
+        async with writes_finished():
+            thread = threading.Thread(target=elsewhere, args=(contextvars.copy_context(),))
+            thread.start()
+            await asyncio.to_thread(thread.join)
+
+    asyncio.run(run())
+    assert log == ["from the thread", "thread done"]
+
+
+def test_blocks_nest_and_each_waits_for_its_own_writes() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            await in_background(_write(log, "outer", delay=0.2), "outer")
+            async with writes_finished():
+                await in_background(_write(log, "inner", delay=0.05), "inner")
+            log.append("inner block ended")
+
+    asyncio.run(run())
+    assert log == ["inner", "inner block ended", "outer"]
