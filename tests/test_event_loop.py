@@ -11,6 +11,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from toka.audit import AuditLog
 from toka.capabilities import grant_tools
 from toka.tools import ToolContext, Toolbox
@@ -83,3 +85,39 @@ def test_a_cancelled_search_stops_reading(tmp_path: Path) -> None:
 
     # The thread stops at the next file instead of reading the other seven.
     assert asyncio.run(go()) < 1.5
+
+
+def test_a_slow_journal_fsync_holds_up_only_its_own_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A journal entry is durable before its task goes on; meanwhile the loop runs the other
+    # agents. A disk that takes 0.4 s to sync (a busy one) stands in for the real one here.
+    from toka import journal as journals
+    from toka.model import ModelResponse, TextBlock
+
+    real_fsync = journals.os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.4)
+        real_fsync(fd)
+
+    monkeypatch.setattr(journals.os, "fsync", slow_fsync)
+    replay = journals.Replay(journals.Journal(tmp_path / "task.jsonl"))
+
+    async def go() -> tuple[int, int]:
+        ticks = 0
+
+        async def other_agent() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        other = asyncio.create_task(other_agent())
+        await asyncio.sleep(0)
+        await replay.arecord_response("fp", ModelResponse(content=[TextBlock(text="a")]))
+        on_disk = len(journals.Journal(tmp_path / "task.jsonl").load())  # durable when it returns
+        other.cancel()
+        return ticks, on_disk
+
+    ticks, on_disk = asyncio.run(go())
+    assert on_disk == 1
+    assert ticks >= 10, f"the other agent ran {ticks} times in 0.4 s: the fsync held up the event loop"
