@@ -197,15 +197,15 @@ class PrefectServer:
     The constructor only starts the process; :meth:`wait_healthy` waits until it answers.
     """
 
-    def __init__(self, directory: Path, **env: str) -> None:
+    def __init__(self, directory: Path, *, environ: dict[str, str] | None = None, **env: str) -> None:
         self.home = directory / "home"
-        self.home.mkdir(parents=True)
+        self.home.mkdir(parents=True, exist_ok=True)
         if not set(_DATABASE_URLS) & env.keys():  # SQLite, in its home
             migrated_home(self.home)
         self.log = directory / "server.log"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/api"
-        base = {k: v for k, v in os.environ.items()
+        base = {k: v for k, v in (os.environ if environ is None else environ).items()
                 if k not in ("ANTHROPIC_API_KEY", "PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")
                 and not k.startswith("TOKA_OFFLINE_")}
         with self.log.open("w") as log:
@@ -223,7 +223,7 @@ class PrefectServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(self.url + "/health", timeout=2, verify=False).status_code == 200:  # no TLS context per poll
+                if httpx.get(self.url + "/health", timeout=2, verify=False).status_code == 200:  # no CA bundle loaded per poll
                     return self
             except httpx.TransportError:
                 pass
@@ -238,6 +238,7 @@ class PrefectServer:
 
 _shared_api: PrefectServer | None = None
 _shared_start: threading.Thread | None = None
+_session_over = threading.Event()
 _shared_api_error: list[BaseException] = []
 
 # -- parallel runs (pytest-xdist: `-n 2 --dist load --maxschedchunk=1`, see pyproject.toml) ---------
@@ -305,7 +306,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the shared server as soon as a collected test needs it: in the background, once the
     session's migrated database is made, while the tests that need no shared server run (a
     worker's first test may be one)."""
-    global _shared_start
     if session.config.option.collectonly:
         return
     # What collection imported lives as long as the worker: out of the collector's way.
@@ -313,21 +313,34 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
     if _shared_start is None and any({"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ()))
                                      for item in session.items):
-        _shared_start = threading.Thread(target=_start_shared_api, name="shared-prefect-server", daemon=True)
-        _shared_start.start()
+        _start_shared_in_background()
 
 
-def _start_shared_api() -> None:
+def _start_shared_in_background() -> None:
+    global _shared_start
+    # The environment as it is now: the thread waits while tests run, and their monkeypatched
+    # variables must not reach a server that outlives them.
+    environ = dict(os.environ)
+    _shared_start = threading.Thread(target=_start_shared_api, args=(environ,), name="shared-prefect-server",
+                                     daemon=True)
+    _shared_start.start()
+
+
+def _start_shared_api(environ: dict[str, str]) -> None:
     global _shared_api
     try:
-        _shared_api = PrefectServer(Path(tempfile.mkdtemp(prefix="toka-tests-api-")))
-    except BaseException as error:  # pytest.fail() included: raised again by the first test that needs it
+        directory = Path(tempfile.mkdtemp(prefix="toka-tests-api-"))
+        migrated_home(directory / "home")
+        if not _session_over.is_set():  # ended early, while the database was being made
+            _shared_api = PrefectServer(directory, environ=environ)
+    except BaseException as error:  # pytest.fail() included: reported by the first test that needs it
         _shared_api_error.append(error)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    _session_over.set()
     if _shared_start is not None:
-        _shared_start.join()
+        _shared_start.join(timeout=60)
     if _shared_api is not None:
         _shared_api.stop()
         shutil.rmtree(_shared_api.home.parent, ignore_errors=True)
@@ -342,13 +355,13 @@ def prefect_api() -> PrefectServer:
     server costs a `toka run` 10-30 s, a standalone server about 15 s once. Runs, flows and
     deployments of different tests do not collide: each test reads back only its own runs.
     """
-    global _shared_start
     if _shared_start is None:  # requested without having been collected (e.g. by a plugin)
-        _shared_start = threading.Thread(target=_start_shared_api, name="shared-prefect-server", daemon=True)
-        _shared_start.start()
+        _start_shared_in_background()
+    assert _shared_start is not None
     _shared_start.join()
     if _shared_api_error:
-        raise _shared_api_error[0]
+        error = _shared_api_error[0]
+        pytest.fail(f"the session's shared Prefect server did not start: {type(error).__name__}: {error}")
     assert _shared_api is not None
     return _shared_api.wait_healthy()
 

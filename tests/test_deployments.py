@@ -194,7 +194,7 @@ class Server:
         deadline = time.monotonic() + 120
         while True:
             try:
-                # Plain HTTP on loopback: verify=False spares a TLS context per request (43 ms of CPU,
+                # Plain HTTP on loopback: verify=False spares loading the CA bundle per request (43 ms of CPU,
                 # in loops that poll several times a second).
                 response = httpx.request(method, self.url + path, timeout=30, verify=False, **kwargs)
                 if response.status_code != 503:

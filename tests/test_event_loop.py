@@ -11,8 +11,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import pytest
-
 from toka.audit import AuditLog
 from toka.capabilities import grant_tools
 from toka.tools import ToolContext, Toolbox
@@ -87,20 +85,20 @@ def test_a_cancelled_search_stops_reading(tmp_path: Path) -> None:
     assert asyncio.run(go()) < 1.5
 
 
-def test_a_slow_journal_fsync_holds_up_only_its_own_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_journal_fsync_holds_up_only_its_own_task(tmp_path: Path) -> None:
     # A journal entry is durable before its task goes on; meanwhile the loop runs the other
     # agents. A disk that takes 0.4 s to sync (a busy one) stands in for the real one here.
     from toka import journal as journals
     from toka.model import ModelResponse, TextBlock
 
-    real_fsync = journals.os.fsync
+    class SlowDisk(journals.Journal):
+        """A journal whose appends take 0.4 s (a busy disk's fsync), in whatever thread makes them."""
 
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.4)
-        real_fsync(fd)
+        def append(self, entry: journals.Entry) -> None:
+            time.sleep(0.4)
+            super().append(entry)
 
-    monkeypatch.setattr(journals.os, "fsync", slow_fsync)
-    replay = journals.Replay(journals.Journal(tmp_path / "task.jsonl"))
+    replay = journals.Replay(SlowDisk(tmp_path / "task.jsonl"))
 
     async def go() -> tuple[int, int]:
         ticks = 0

@@ -135,6 +135,6 @@ def test_status_and_stop_find_the_home_prefect_would_without_importing_prefect(t
     check = ("import os; from pathlib import Path; from toka.server import prefect_home; "
              "from prefect.settings import get_current_settings; "
              "print(prefect_home() == Path(get_current_settings().home).expanduser() == Path(os.environ['HOME'], 'ph'))")
-    same = subprocess.run([sys.executable, "-c", check], env={**env, "PREFECT_HOME": "~/ph"}, capture_output=True,
-                          text=True, timeout=60)
+    same = subprocess.run([sys.executable, "-c", check], env={**env, "HOME": str(tmp_path), "PREFECT_HOME": "~/ph"},
+                          capture_output=True, text=True, timeout=60)
     assert same.stdout.strip() == "True", same.stderr

@@ -26,7 +26,6 @@ critical path.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .background import to_the_end
 from .model import ModelRequest, ModelResponse, ToolResultBlock
 from .redact import redact_data, secret_values
 
@@ -173,11 +173,15 @@ class Replay:
             self.journal.append(entry)
 
     async def arecord(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
-        """:meth:`record`, its append and fsync in a thread: durable before this task goes on, while
-        the event loop runs the other agents (an fsync took 4 ms here, far more on a busy disk)."""
+        """:meth:`record`, its append and fsync in a thread of its own: durable before this task goes
+        on, also when it is cancelled, while the event loop runs the other agents (an fsync took
+        4 ms here, far more on a busy disk)."""
         entry = self._remember(kind, fingerprint, data)
         if self.journal is not None:
-            await asyncio.to_thread(self.journal.append, entry)
+            journal = self.journal
+            # Not asyncio.to_thread: a task cancelled (a Prefect timeout, Ctrl-C) while the call
+            # waits for a worker thread would drop the line of a response already paid for.
+            await to_the_end(lambda: journal.append(entry))
 
     def _remember(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> Entry:
         entry = Entry(kind, fingerprint, data)

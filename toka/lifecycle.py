@@ -265,8 +265,8 @@ class RunGuard:
     def _watch(self, api_url: str) -> None:
         process = self._server.server_process if self._server else None
         answered = time.monotonic() if process else None  # the embedded server answered at start
-        # A TLS context (55 ms of CPU) only where there is TLS: the embedded server is plain HTTP.
-        with httpx.Client(timeout=POLL_SECONDS * 4, verify=api_url.startswith("https:")) as client:
+        # The CA bundle (55 ms of CPU to load) only where there is TLS: the embedded server is plain HTTP.
+        with httpx.Client(timeout=POLL_SECONDS * 4, verify=httpx.URL(api_url).scheme == "https") as client:
             while not self._quiet.wait(POLL_SECONDS):
                 if process is not None and process.poll() is not None:
                     return self._api_died(api_url, f"its embedded server {_how(process.returncode)}")

@@ -45,13 +45,13 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .background import to_the_end
 from .errors import SandboxRefused, ToolTimeoutError
 from .gitguard import git_dirs, protected_paths
 from .process import ProcessResult, run_process
@@ -584,40 +584,7 @@ async def command_cgroup(host: HostSupport, limits: ResourceLimits) -> AsyncIter
     try:
         yield group
     finally:
-        await _to_the_end(group.close)
-
-
-async def _to_the_end(cleanup: Callable[[], None]) -> None:
-    """Run blocking ``cleanup`` in a thread and wait for it, also when the waiting task is cancelled.
-
-    ``asyncio.to_thread`` is no good here: cancelling it before a worker picks the call up
-    drops the call, and Prefect's timeouts cancel again at every await. The thread here is
-    started before the first await; a cancelled caller joins it (briefly blocking the loop)
-    so that the cleanup is complete when the cancellation propagates.
-    """
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if not finished.done():
-            finished.set_exception(error) if error else finished.set_result(None)
-
-    def work() -> None:
-        error: BaseException | None = None
-        try:
-            cleanup()
-        except BaseException as e:  # handed to the waiting task, not lost in the thread
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the caller joined
-            loop.call_soon_threadsafe(settle, error)
-
-    thread = threading.Thread(target=work, name="toka-cleanup")
-    thread.start()
-    try:
-        await finished
-    except asyncio.CancelledError:
-        thread.join()
-        raise
+        await to_the_end(group.close)
 
 
 # -- the argv that is executed ----------------------------------------------------------------
