@@ -111,7 +111,7 @@ def test_a_slow_journal_fsync_holds_up_only_its_own_task(tmp_path: Path) -> None
 
         other = asyncio.create_task(other_agent())
         await asyncio.sleep(0)
-        await replay.arecord_response("fp", ModelResponse(content=[TextBlock(text="a")]))
+        await replay.record_response("fp", ModelResponse(content=[TextBlock(text="a")]))
         on_disk = len(journals.Journal(tmp_path / "task.jsonl").load())  # durable when it returns
         other.cancel()
         return ticks, on_disk

@@ -211,8 +211,8 @@ def test_replay_stops_at_the_first_mismatch_and_drops_the_rest(tmp_path: Path) -
                 for i in range(3)]
     recording = Replay(journal)
     for i, request in enumerate(requests):
-        recording.record_response(request_fingerprint(request, {"m": 1}),
-                                  ModelResponse(content=[TextBlock(text=f"a{i}")], usage=Usage(requests=1)))
+        asyncio.run(recording.record_response(request_fingerprint(request, {"m": 1}),
+                                              ModelResponse(content=[TextBlock(text=f"a{i}")], usage=Usage(requests=1))))
     mismatches: list[int] = []
     replay = Replay(Journal(journal.path), on_mismatch=lambda index, kind: mismatches.append(index))
     first = replay.response(request_fingerprint(requests[0], {"m": 1}))
@@ -228,7 +228,8 @@ def test_replay_stops_at_the_first_mismatch_and_drops_the_rest(tmp_path: Path) -
 def test_a_torn_last_line_is_dropped(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.jsonl")
     request = ModelRequest(system="s", messages=[Message(role="user", content=[TextBlock(text="q")])])
-    Replay(journal).record_response(request_fingerprint(request, {}), ModelResponse(content=[TextBlock(text="a")]))
+    asyncio.run(Replay(journal).record_response(request_fingerprint(request, {}),
+                                                ModelResponse(content=[TextBlock(text="a")])))
     with open(journal.path, "a") as f:
         f.write('{"kind": "response", "finger')  # the process died writing
     assert len(journal.load()) == 1

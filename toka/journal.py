@@ -167,27 +167,18 @@ class Replay:
             self.journal.rewrite(self.entries)
         return None
 
-    def record(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
-        entry = self._remember(kind, fingerprint, data)
-        if self.journal is not None:
-            self.journal.append(entry)
-
-    async def arecord(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
-        """:meth:`record`, its append and fsync in a thread of its own: durable before this task goes
-        on, also when it is cancelled, while the event loop runs the other agents (an fsync took
-        4 ms here, far more on a busy disk)."""
-        entry = self._remember(kind, fingerprint, data)
+    async def record(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
+        """Append the step, its fsync in a thread of its own: durable before this task goes on, also
+        when it is cancelled, while the event loop runs the other agents (an fsync took 4 ms here,
+        far more on a busy disk)."""
+        entry = Entry(kind, fingerprint, data)
+        self.entries.append(entry)
+        self.position = len(self.entries)
         if self.journal is not None:
             journal = self.journal
             # Not asyncio.to_thread: a task cancelled (a Prefect timeout, Ctrl-C) while the call
             # waits for a worker thread would drop the line of a response already paid for.
             await to_the_end(lambda: journal.append(entry))
-
-    def _remember(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> Entry:
-        entry = Entry(kind, fingerprint, data)
-        self.entries.append(entry)
-        self.position = len(self.entries)
-        return entry
 
     # -- what is recorded ---------------------------------------------------------
 
@@ -196,11 +187,8 @@ class Replay:
         entry = self.take("response", fingerprint)
         return None if entry is None else (ModelResponse.model_validate(entry.data), entry.by == PROCESS)
 
-    def record_response(self, fingerprint: str, response: ModelResponse) -> None:
-        self.record("response", fingerprint, response.model_dump(mode="json"))
-
-    async def arecord_response(self, fingerprint: str, response: ModelResponse) -> None:
-        await self.arecord("response", fingerprint, response.model_dump(mode="json"))
+    async def record_response(self, fingerprint: str, response: ModelResponse) -> None:
+        await self.record("response", fingerprint, response.model_dump(mode="json"))
 
     def tool(self, fingerprint: str) -> tuple[ToolResultBlock, list[str], list[str]] | None:
         entry = self.take("tool", fingerprint)
@@ -209,14 +197,7 @@ class Replay:
         data = entry.data
         return ToolResultBlock.model_validate(data["block"]), data["files_read"], data["files_changed"]
 
-    def record_tool(self, fingerprint: str, block: ToolResultBlock, files_read: list[str],
-                    files_changed: list[str]) -> None:
-        self.record("tool", fingerprint, _tool_data(block, files_read, files_changed))
-
-    async def arecord_tool(self, fingerprint: str, block: ToolResultBlock, files_read: list[str],
-                           files_changed: list[str]) -> None:
-        await self.arecord("tool", fingerprint, _tool_data(block, files_read, files_changed))
-
-
-def _tool_data(block: ToolResultBlock, files_read: list[str], files_changed: list[str]) -> dict[str, Any]:
-    return {"block": block.model_dump(mode="json"), "files_read": files_read, "files_changed": files_changed}
+    async def record_tool(self, fingerprint: str, block: ToolResultBlock, files_read: list[str],
+                          files_changed: list[str]) -> None:
+        await self.record("tool", fingerprint, {"block": block.model_dump(mode="json"), "files_read": files_read,
+                                                "files_changed": files_changed})

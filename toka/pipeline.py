@@ -39,8 +39,8 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .background import writes_finished
+from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
 from .compiler import agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name

@@ -297,7 +297,7 @@ class _Conversation:
                     self.on_replayed(response.usage)
         else:
             response = await self._send(request)
-            await self.replay.arecord_response(fingerprint, response)
+            await self.replay.record_response(fingerprint, response)
         if self.budget is not None:
             self.budget.calibrate(request, response.usage)
         self._check_server_context(response)
@@ -415,7 +415,7 @@ class _Conversation:
             block = ToolResultBlock(tool_use_id=call.id, content=_delimit(call.name, text),
                                     is_error=output.is_error)
             files_read, files_changed = list(output.files_read), list(output.files_changed)
-            await self.replay.arecord_tool(fingerprint, block, files_read, files_changed)
+            await self.replay.record_tool(fingerprint, block, files_read, files_changed)
         self.files_read += files_read
         self.files_changed += files_changed
         return block
