@@ -10,6 +10,7 @@ import atexit
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def scratch(prefix: str) -> Path:
@@ -29,3 +30,29 @@ def prefect_env(home: Path) -> dict[str, str]:
         # A loaded machine may need more than Prefect's default 20 s (the same for every side).
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
+
+
+def stop_embedded(server: Any) -> None:
+    """Stop a benchmark's embedded server once the run's log lines have reached it (Prefect
+    sends them in the background; one sent to a stopped server prints an error later)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    server.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of process ``pid`` (Linux: /proc; elsewhere none)."""
+    found: list[int] = []
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found  # ended meanwhile, or no /proc
+    for thread in threads:
+        try:
+            children = (thread / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *descendants(child)]
+    return found

@@ -5,7 +5,6 @@ import gc
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import pytest
 import yaml
 
 from toka.server import _PREFECT_SERVER
+
+from .ports import free_port
 
 # Prefect state (results, the embedded servers' databases) of this test session lives
 # in a fresh directory: a second session must not find cached results of the first.
@@ -99,12 +100,6 @@ def least_cpu_seconds(call: Callable[[], object], *, bound: float, attempts: int
         if best < bound:
             break
     return best
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 15) -> None:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from toka.errors import ConfigError
 from toka.plan import make_plan
 
 from .conftest import AGENT_SPECS, PREFECT, ROOT, PrefectServer, free_port, minimal_spec, stop_process
+from .postgres import PostgresUnavailable, temporary_database
 
 PREFECT_YAML = ROOT / "prefect.yaml"
 AGENTS = ["repo-survey", "dependency-audit", "test-health", "docs-refresh", "release-notes"]
@@ -582,36 +582,14 @@ def test_distributed_mode_spreads_agents_over_two_workers(
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
-PG_BIN = shutil.which("pg_ctl") and Path(shutil.which("pg_ctl") or "").resolve().parent
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a loopback port; yields its SQLAlchemy URL."""
-    if not PG_BIN or not (PG_BIN / "initdb").exists():
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="toka-pg-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser: cannot start PostgreSQL")
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True, timeout=120)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "pg.log"),
-                    "-w", "start"], check=True, capture_output=True, timeout=120)
     try:
-        subprocess.run([*as_user, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                        "prefect"], check=True, capture_output=True, timeout=60)
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
-    finally:
-        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+        with temporary_database() as database:
+            yield database.url
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
 
 
 def _concurrent_creations(server: Server, n: int) -> tuple[float, int]:
