@@ -78,6 +78,9 @@ ALLOWED: list[tuple[str, list[str], bool]] = [
     ("git-access", ["git", "config", "--list"], False),
     ("git-access", ["git", "config", "-l"], False),
     ("git-access", ["git", "commit", "-m", "message"], False),
+    ("git-access", ["git", "grep", "-c", "TODO"], False),  # -c refused for clone only
+    ("git-access", ["git", "log", "-S", "fix", "--", "-x"], False),  # after `--`: paths
+    ("git-access", ["git", "log", "--exclude=tmp", "--all"], False),  # no refused option starts so
     ("git-push", ["git", "push"], True),
     ("git-push", ["git", "push", "origin", "main"], True),
     ("git-push", ["git", "send-pack", "origin"], True),
@@ -215,6 +218,15 @@ REFUSED: list[Any] = [
     ({"git-access"}, ["git", "config", "set", "core.fsmonitor", "touch pwned"], r"git config may only be read"),
     pytest.param({"git-access"}, ["git", "grep", "-Otouch pwned", "hello"], "program", id="was-bug-git-grep-O"),
     pytest.param({"git-access"}, ["git", "grep", "--open-files-in-pager=touch pwned", "hello"], "program", id="was-bug-git-grep-open-files-in-pager"),
+    # git takes any unambiguous prefix of a long option, and short options bundled with their value
+    pytest.param({"git-access"}, ["git", "grep", "--open-files=sh -c 'id > x'", "hello"], GIT_RUNS, id="was-bug-git-abbreviated-open-files"),
+    pytest.param({"git-access"}, ["git", "ls-remote", "--upload-pac=touch pwned", "."], GIT_RUNS, id="was-bug-git-abbreviated-upload-pack"),
+    pytest.param({"git-access"}, ["git", "archive", "--remote=.", "--exe=touch pwned", "HEAD"], GIT_RUNS, id="was-bug-git-abbreviated-exec"),
+    pytest.param({"git-access"}, ["git", "clone", "--conf", "core.fsmonitor=touch pwned", "src", "dst"], GIT_RUNS, id="was-bug-git-abbreviated-config"),
+    pytest.param({"git-access"}, ["git", "grep", "-nOtouch", "hello"], GIT_RUNS, id="was-bug-git-bundled-O"),
+    pytest.param({"git-access"}, ["git", "rebase", "-ix", "touch pwned", "HEAD~1"], GIT_RUNS, id="was-bug-git-bundled-x"),
+    pytest.param({"git-access"}, ["git", "clone", "-c", "core.sshCommand=touch pwned", "ssh://h/r", "dst"], GIT_RUNS, id="was-bug-git-clone-c"),
+    pytest.param({"git-access"}, ["git", "clone", "-qc", "core.sshCommand=touch pwned", "ssh://h/r", "dst"], GIT_RUNS, id="was-bug-git-clone-bundled-c"),
     # git: narrow scopes
     ({"git-access"}, ["git", "push"], r"git push needs the capability 'git-push'"),
     ({"git-access"}, ["git", "push", "--force", "origin", "main"], r"git push needs the capability 'git-push'"),
@@ -377,6 +389,15 @@ def test_git_grep_cannot_run_a_pager_program(make_agent: MakeAgent) -> None:
     agent.run("git", "grep", "--open-files-in-pager=touch pwned", "hello")
     assert not (agent.root / "pwned").exists()
     agent.audited("run_command", "refused")
+
+
+def test_git_clone_cannot_run_a_program_through_its_own_configuration(make_agent: MakeAgent) -> None:
+    agent = make_agent("git-access", files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    agent.run("git", "clone", "-qc", "core.sshCommand=touch pwned", "ssh://localhost/repo", "copy")
+    agent.run("git", "grep", "-nOtouch pwned", "hello")
+    assert not (agent.root / "pwned").exists()
+    assert [r["decision"] for r in agent.records() if r["tool"] == "run_command"] == ["refused", "refused"]
 
 
 def test_sqlite3_cannot_run_a_program_through_edit(make_agent: MakeAgent) -> None:

@@ -55,8 +55,15 @@ _SH_FLAGS = {"-e", "-u", "-x", "-v", "-n", "-eu", "-ue", "-ex", "-xe", "-eux", "
 _HARMLESS_FLAGS = {"python": _PY_FLAGS, "python3": _PY_FLAGS, "bash": _SH_FLAGS, "sh": _SH_FLAGS}
 _GIT_GLOBAL_REFUSED = ("-c", "--exec-path", "-C", "--git-dir", "--work-tree", "--namespace", "--config-env",
                        "--super-prefix", "--list-cmds")
-_GIT_ARGS_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "-u", "--config", "--template",
-                     "--open-files-in-pager", "-O", "--ext-diff", "--textconv", "--extcmd", "-x")
+# Options of subcommands that run another program or configure the git they run. Git takes any
+# unambiguous prefix of a long option (`--upload-pac`, `--exe`), so a prefix of one is refused
+# too; and it takes short options bundled with their value attached (`-nO<program>`), so a
+# cluster holding one of these letters is refused wherever it is in the cluster.
+_GIT_LONG_REFUSED = ("--upload-pack", "--receive-pack", "--exec", "--config", "--template",
+                     "--open-files-in-pager", "--ext-diff", "--textconv", "--extcmd")
+_GIT_SHORT_REFUSED = "uOx"  # -u: --upload-pack (ls-remote, fetch, clone); -O: grep's pager; -x: rebase --exec
+#: Short options refused for one subcommand only (elsewhere the letter means something harmless).
+_GIT_SHORT_REFUSED_IN = {"clone": "c"}  # clone -c core.sshCommand=...: the clone runs it at once
 # Subcommands whose purpose is to run another program (or push where `git push` is not granted).
 _GIT_SUBCOMMANDS_REFUSED = {"filter-branch": "runs arbitrary commands",
                             "filter-repo": "runs arbitrary commands",
@@ -81,6 +88,20 @@ def _first_operand(args: Sequence[str]) -> tuple[int, str | None]:
         if not a.startswith("-"):
             return i, a
     return len(args), None
+
+
+def _git_option_refused(args: Sequence[str], short: str) -> str | None:
+    """The first of a git subcommand's ``args`` that is a refused option (see :data:`_GIT_LONG_REFUSED`)."""
+    for arg in args:
+        if arg == "--":
+            return None  # what follows are paths
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            if any(option.startswith(name) for option in _GIT_LONG_REFUSED):
+                return arg
+        elif arg.startswith("-") and any(letter in short for letter in arg[1:]):
+            return arg
+    return None
 
 
 def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Path) -> CommandGrant:
@@ -138,9 +159,12 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
             raise CommandRefused("git options before the subcommand (-c, -C, --git-dir, --exec-path...) "
                                  "are not allowed")
         rest = args[i + 1:]
-        if any(a.split("=")[0] in _GIT_ARGS_REFUSED or a.startswith(("-O", "--open-files-in-pager"))
-               for a in rest):
-            raise CommandRefused("git options that run other programs (--upload-pack, --exec, ...) are not allowed")
+        refused = _git_option_refused(rest, _GIT_SHORT_REFUSED + _GIT_SHORT_REFUSED_IN.get(sub or "", ""))
+        if refused is not None:
+            raise CommandRefused(
+                f"git options that run other programs or set git's configuration are not allowed: {refused!r} "
+                "(--upload-pack, --exec, --config, -O, -x, -u, clone -c, or an abbreviation of one; give an "
+                "option's value as a separate argument: `-S text`, not `-Stext`)")
         if sub in _GIT_SUBCOMMANDS_REFUSED:
             raise CommandRefused(f"git {sub} is not allowed: it {_GIT_SUBCOMMANDS_REFUSED[sub]}")
         operands = [a for a in rest if not a.startswith("-")]
