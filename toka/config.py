@@ -97,8 +97,9 @@ class RunOptions(_Group):
     max_concurrency: Annotated[int, Field(ge=1), Cli(metavar="N")] = 4
     """Most agents running at once."""
     result_storage: Annotated[str | None, Cli(metavar="SLUG")] = None
-    """A Prefect filesystem block slug for results shared between workers (empty: the local results
-    directory, .toka/results in the workspace)."""
+    """A Prefect filesystem block slug for results shared between workers (empty: Prefect's local
+    result storage, which `toka run` points at .toka/results in the workspace; elsewhere the
+    process's PREFECT_RESULTS_LOCAL_STORAGE_PATH, by default in the Prefect home)."""
     base: Annotated[str, Cli(metavar="REF")] = "HEAD"
     """The git commit (branch, tag...) the agents' branches start from, in a workspace that is a git
     repository."""
