@@ -20,6 +20,7 @@ VALID: list[tuple[type, Any, str, float]] = [
     (Duration, "2h", "seconds", 7200),
     (Duration, "1d", "seconds", 86400),
     (Duration, "1w", "seconds", 604800),
+    (Duration, "366d", "seconds", 366 * 86400),  # the longest a spec may give
     (Duration, "1h30m", "seconds", 5400),
     (Duration, "1h 30m", "seconds", 5400),
     (Duration, "1d2h3m4s", "seconds", 86400 + 7200 + 180 + 4),
@@ -133,6 +134,9 @@ INVALID: list[tuple[type, Any, str]] = [
     (Duration, True, r"^True is not a duration \(write it like '2h'\)$"),
     (Duration, None, r"^None is not a duration \(write it like '2h'\)$"),
     (Duration, ["2h"], r"^\['2h'\] is not a duration \(write it like '2h'\)$"),
+    (Duration, "99999999999999999999h", r"^'99999999999999999999h' is too large to be a duration: at most 366 days"),
+    (Duration, "367d", r"^'367d' is too large to be a duration: at most 366 days \(e\.g\. '52w'\)$"),
+    (Duration, "9" * 400, r"is too large to be a duration"),
     (ByteSize, "lots", rf"^'lots' {_SIZE_SYNTAX}"),
     (ByteSize, "0MB", r"^'0MB' is not a positive size; it must be larger than zero$"),
     (ByteSize, "0.0001KB", r"^'0.0001KB' is not a positive size"),  # rounds down to 0 bytes

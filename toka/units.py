@@ -77,6 +77,8 @@ _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
 _DURATION_WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w)\s*)+$", re.IGNORECASE)
+#: The longest duration a spec may give (a timeout or an estimate): longer is a typo, not a plan.
+MAX_DURATION_SECONDS = 366 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +100,9 @@ class Duration(_UnitValue):
         text = _text(value, "a duration", "2h")
         if _NUMBER.match(text):
             seconds = float(text)
-            if not math.isfinite(seconds):
-                raise ValueError(f"{text!r} is too large to be a duration")
             if seconds <= 0:
                 raise ValueError(f"{text!r} must be positive: a duration longer than zero, e.g. '30s'")
+            _at_most_a_year(text, seconds)
             return cls(seconds=seconds, text=f"{text}s",
                        guessed=f"{text!r} has no unit; read as {text} seconds (write '{text}s' to say so)")
         if text.startswith("-") and (_DURATION_WHOLE.match(text[1:].strip()) or _NUMBER.match(text[1:].strip())):
@@ -114,11 +115,15 @@ class Duration(_UnitValue):
         seconds = sum(
             float(n) * _DURATION_UNITS[u.lower()] for n, u in _DURATION_PART.findall(text)
         )
-        if not math.isfinite(seconds):
-            raise ValueError(f"{text!r} is too large to be a duration")
         if seconds <= 0:
             raise ValueError(f"{text!r} is not a positive duration; it must be longer than zero")
+        _at_most_a_year(text, seconds)
         return cls(seconds=seconds, text=text)
+
+
+def _at_most_a_year(text: str, seconds: float) -> None:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is too large to be a duration: at most 366 days (e.g. '52w')")
 
 
 _SIZE_UNITS = {
