@@ -130,6 +130,8 @@ def test_kill_at_turn_30_then_resume_pays_for_at_most_one_request_again(tmp_path
     task = json.loads((folder / "out.json").read_text())["agents"][0]["tasks"][0]
     assert task["state"] == "completed" and task["result"]["summary"] == f"read {TURNS - 1} notes"
     assert task["replayed"] >= 2 * (len(before) - 1)  # responses and tool results
+    # Every note was read once, before or after the kill: the replayed reads count too, as audited.
+    assert task["tool_calls"] == TURNS - 1
     assert task["carried_usage"]["requests"] >= len(before) - 1  # paid before the kill: spent, not charged
     assert task["usage"]["requests"] <= len(after)
 

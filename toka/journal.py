@@ -143,6 +143,9 @@ class Replay:
     entries: list[Entry] = field(default_factory=list)
     position: int = 0
     replayed: int = 0
+    counter: str = ""
+    """Which count of the task's tool calls this attempt adds to (:class:`toka.results.TaskCalls`);
+    a replayed call recorded under another (a resume, a retried agent run) is counted again here."""
 
     def __post_init__(self) -> None:
         if self.journal is not None and not self.entries:
@@ -190,14 +193,30 @@ class Replay:
     async def record_response(self, fingerprint: str, response: ModelResponse) -> None:
         await self.record("response", fingerprint, response.model_dump(mode="json"))
 
-    def tool(self, fingerprint: str) -> tuple[ToolResultBlock, list[str], list[str]] | None:
+    def tool(self, fingerprint: str) -> RecordedTool | None:
         entry = self.take("tool", fingerprint)
         if entry is None:
             return None
         data = entry.data
-        return ToolResultBlock.model_validate(data["block"]), data["files_read"], data["files_changed"]
+        return RecordedTool(ToolResultBlock.model_validate(data["block"]), data["files_read"], data["files_changed"],
+                            counted=bool(self.counter) and data.get("counted_in") == self.counter,
+                            refused=bool(data.get("refused", False)))
 
     async def record_tool(self, fingerprint: str, block: ToolResultBlock, files_read: list[str],
-                          files_changed: list[str]) -> None:
+                          files_changed: list[str], *, refused: bool = False) -> None:
         await self.record("tool", fingerprint, {"block": block.model_dump(mode="json"), "files_read": files_read,
-                                                "files_changed": files_changed})
+                                                "files_changed": files_changed, "refused": refused,
+                                                "counted_in": self.counter})
+
+
+@dataclass(frozen=True)
+class RecordedTool:
+    """A tool call's recorded result; its effects are already in the workspace."""
+
+    block: ToolResultBlock
+    files_read: list[str]
+    files_changed: list[str]
+    counted: bool
+    """Already in the tool-call count this attempt adds to (an earlier attempt of the task in the same
+    agent run); otherwise (a resumed run, a retried agent run) it counts again, as the audit trail has it."""
+    refused: bool

@@ -240,6 +240,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             after_request=after_request,
             on_replayed=on_replayed,
             journal=journal,
+            calls_counter=calls.token if calls is not None else "",
             save_output=save_output,
             log=lambda line: logger.info("%s", line),
             on_context=lambda kind, data: emit_event(

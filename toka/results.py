@@ -12,6 +12,7 @@ reports and events redact what they write again.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -285,6 +286,8 @@ class TaskCalls:
 
     calls: int = 0
     refused: int = 0
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Names this count in the task's journal: a call replayed from it is counted once."""
 
     def add(self, calls: int, refused: int) -> None:
         self.calls += calls

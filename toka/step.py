@@ -145,6 +145,7 @@ async def run_step(
     save_output: Callable[[str], str] | None = None,
     log: Callable[[str], None] | None = None,
     on_context: Callable[[str, dict[str, int]], None] | None = None,
+    calls_counter: str = "",
 ) -> StepRun:
     """Run the loop for one task attempt.
 
@@ -160,6 +161,8 @@ async def run_step(
         log: Where one-line notices go (replay, clearing, compaction).
         on_context: Told of every clearing (``"cleared"``) and compaction (``"compacted"``), with
             the turn and the tokens involved (for events).
+        calls_counter: The tool-call count this attempt adds to (``TaskCalls.token``): a call
+            replayed from the journal counts in ``toolbox.calls`` unless recorded under it.
 
     Raises:
         TaskReportedFailure: the model submitted ``failed`` or ``blocked``.
@@ -175,6 +178,7 @@ async def run_step(
         model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
         limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
         on_replayed=on_replayed, journal=journal, save_output=save_output, log=log, on_context=on_context,
+        calls_counter=calls_counter,
     )
     try:
         return await conversation.run()
@@ -212,6 +216,7 @@ class _Conversation:
         save_output: Callable[[str], str] | None = None,
         log: Callable[[str], None] | None = None,
         on_context: Callable[[str, dict[str, int]], None] | None = None,
+        calls_counter: str = "",
     ) -> None:
         self.model = model
         self.system = system
@@ -235,7 +240,7 @@ class _Conversation:
         self.log = log or (lambda line: None)
         self.on_context = on_context or (lambda kind, data: None)
         self.model_fingerprint = model.fingerprint()
-        self.replay = Replay(journal, on_mismatch=self._mismatch)
+        self.replay = Replay(journal, on_mismatch=self._mismatch, counter=calls_counter)
         if self.replay.entries:
             self.log(f"resuming the task from its journal: {len(self.replay.entries)} recorded steps "
                      "(model responses and tool results) are replayed, not asked for or run again")
@@ -404,8 +409,11 @@ class _Conversation:
         fingerprint = tool_fingerprint(self.response_fingerprint, call.id, call.name, call.input)
         recorded = self.replay.tool(fingerprint)
         if recorded is not None:
-            block, files_read, files_changed = recorded
+            block, files_read, files_changed = recorded.block, recorded.files_read, recorded.files_changed
+            if not recorded.counted:
+                self.toolbox.count_replayed(call.name, refused=recorded.refused, is_error=block.is_error)
         else:
+            calls_before = len(self.toolbox.calls)
             output = await self.toolbox.call(call.name, call.input)
             text = output.text
             limit = self.limits.tool_output_limit
@@ -415,7 +423,8 @@ class _Conversation:
             block = ToolResultBlock(tool_use_id=call.id, content=_delimit(call.name, text),
                                     is_error=output.is_error)
             files_read, files_changed = list(output.files_read), list(output.files_changed)
-            await self.replay.record_tool(fingerprint, block, files_read, files_changed)
+            refused = any(c.refused for c in self.toolbox.calls[calls_before:])
+            await self.replay.record_tool(fingerprint, block, files_read, files_changed, refused=refused)
         self.files_read += files_read
         self.files_changed += files_changed
         return block

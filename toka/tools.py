@@ -473,6 +473,10 @@ class Toolbox:
     def names(self) -> list[str]:
         return list(self.tools)
 
+    def count_replayed(self, name: str, *, refused: bool, is_error: bool) -> None:
+        """Count a call an earlier process made, whose recorded result is replayed instead of run."""
+        self.calls.append(ToolCall(name, refused=refused, is_error=is_error))
+
     async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
         """Check, run and audit one call; every refusal or failure becomes an error output."""
         settling = workspace_settling.get()
