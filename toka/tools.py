@@ -474,7 +474,8 @@ class Toolbox:
         return list(self.tools)
 
     def count_replayed(self, name: str, *, refused: bool, is_error: bool) -> None:
-        """Count a call an earlier process made, whose recorded result is replayed instead of run."""
+        """Count a call an earlier attempt made (one this count has not seen: a resumed or retried
+        agent run), whose recorded result is replayed instead of run."""
         self.calls.append(ToolCall(name, refused=refused, is_error=is_error))
 
     async def call(self, name: str, arguments: Mapping[str, Any]) -> ToolOutput:
