@@ -20,12 +20,11 @@ import httpx
 from bench._isolation import descendants, prefect_env, scratch
 from tests.ports import free_port
 from tests.postgres import PostgresUnavailable, temporary_database
+from toka.process import process_cpu
 from toka.server import _PREFECT_SERVER
 
 #: Set in the child: the PostgreSQL case does not start another.
 CHILD = "TOKA_BENCH_POSTGRES_CHILD"
-
-
 #: Set in the child: the server's processes (Prefect's and PostgreSQL's), for their CPU time.
 SERVER_PIDS = "TOKA_BENCH_SERVER_PIDS"
 
@@ -87,18 +86,5 @@ def server_cpu() -> float | None:
     pids = os.environ.get(SERVER_PIDS)
     if not pids:
         return None
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for root in map(int, pids.split()):
-        for pid, fields in ((p, _stat(p)) for p in [root, *descendants(root)]):
-            if fields:  # utime, stime; then cutime, cstime: what it waited for
-                total += sum(int(f) for f in fields[11:15 if pid == root else 13])
-    return total / tick
-
-
-def _stat(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
+    return sum((process_cpu(root, reaped=True) or 0.0) + sum(process_cpu(pid) or 0.0 for pid in descendants(root))
+               for root in map(int, pids.split()))

@@ -145,10 +145,13 @@ def process_started(pid: int) -> int | None:
         return None
 
 
-def process_cpu(pid: int) -> float | None:
-    """CPU seconds the process has used so far (user and system), or None where it cannot be read."""
+def process_cpu(pid: int, *, reaped: bool = False) -> float | None:
+    """CPU seconds the process has used so far (user and system), or None where it cannot be read.
+
+    With ``reaped``, also what its children that ended and were waited for used (a server's
+    finished workers)."""
     fields = _stat_fields(pid)
     try:
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+        return sum(int(f) for f in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK") if fields else None
     except (IndexError, ValueError):
         return None
