@@ -438,3 +438,59 @@ def test_a_task_failed_midway_continues_from_its_set_aside_edits_on_resume(tmp_p
     assert asked == [1]  # the write_file turn was replayed from the journal, onto its edits
     assert git(repo, "log", "--format=%s", "toka/again/a").splitlines() == ["a: task 1/1: a step 1", "start"]
     assert git(repo, "show", "toka/again/a:half.txt") == "half done\n"
+
+
+def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_path: Path) -> None:
+    from toka.audit import AuditLog, read_audit
+
+    repo = make_repo(tmp_path / "repo")
+    (repo / "tools").mkdir()
+    os.symlink("/usr/bin", repo / "tools" / "bin")  # the person's own link out, in the start commit
+    os.symlink("shared.txt", repo / "current.txt")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "links")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+    os.symlink("/", tree / "root")
+    os.symlink(str(repo), tree / "person")
+    os.symlink("../../..", tree / "tools" / "up")
+    os.symlink(".git", tree / "gitdir")
+    os.symlink("tools/../.GIT/config", tree / "config")
+    (tree / "current.txt").unlink()
+    os.symlink("/etc/passwd", tree / "current.txt")  # was a link inside: put back as it was
+    os.symlink("tools/bin", tree / "programs")  # inside the repository: committed
+    (tree / "shared.txt").write_text("edited\n")
+    audit = AuditLog(repo / ".toka" / "audit" / "night.jsonl", run="night")
+
+    commit = branches.commit_task(checkout, run_key="night", index=1, total=1, description="edit",
+                                  state="completed", audit=audit)
+    assert commit
+    committed = git(repo, "show", "--name-status", "--format=", commit).split("\n")
+    assert sorted(filter(None, committed)) == ["A\tprograms", "M\tshared.txt"]
+    message = git(repo, "log", "-1", "--format=%B", commit)
+    assert "Not committed, symbolic links leading out of the repository (removed):" in message
+    assert "- root -> /" in message and "- current.txt -> /etc/passwd" in message
+    for name in ("root", "person", "tools/up", "gitdir", "config"):
+        assert not os.path.lexists(tree / name), name
+    assert os.readlink(tree / "current.txt") == "shared.txt"
+    assert os.readlink(tree / "tools" / "bin") == "/usr/bin"  # the person's, untouched
+    refused = [r for r in read_audit(repo / ".toka", run="night") if r["decision"] == "refused"]
+    assert sorted(r["arguments"]["path"] for r in refused) == sorted(
+        ["root", "person", "tools/up", "gitdir", "config", "current.txt"])
+    assert all(r["tool"] == "git-commit" and r["agent"] == "a" for r in refused)
+    assert git(tree, "status", "--porcelain") == ""  # nothing left for the next task's commit
+
+    branches.finish_run(run, ["a"])
+    assert branches.apply_changes(run).startswith("merged")
+    assert not os.path.lexists(repo / "root") and os.readlink(repo / "current.txt") == "shared.txt"
+    assert os.readlink(repo / "programs") == "tools/bin"
+
+
+@pytest.mark.parametrize(("path", "target", "out"), [
+    ("a", "b", False), ("d/a", "../b", False), ("d/a", "../../b", True), ("a", "/b", True),
+    ("a", ".git", True), ("d/a", "../.git/hooks", True), ("a", "./x/../.Git", True), ("a", "", True),
+    ("a", ".gitignore", False), ("d/a", ".git/config", True),  # a nested repository's, or a submodule's
+])
+def test_which_link_targets_lead_out(path: str, target: str, out: bool) -> None:
+    assert branches.leads_out(path, target) is out

@@ -676,6 +676,11 @@ class TestVariants:
         assert metadata.schema_version == "1.2"
         assert metadata.checksum == "sha256:abc123"
 
+    def test_a_version_written_as_an_unquoted_date_is_that_text(self) -> None:
+        text = replace('  version: "v0.3.0"\n', '  version: 2025-07-04\n  schema_version: 2024-12-31\n')(BASE)
+        metadata = load(text).metadata
+        assert (metadata.version, metadata.schema_version) == ("2025-07-04", "2024-12-31")
+
     # context blocks ---------------------------------------------------------------
 
     def test_unknown_blocks_kept_in_file_order(self) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import posixpath
 import re
 import shutil
 import uuid
@@ -432,12 +433,19 @@ def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str
 
 
 def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int, description: str,
-                state: str, summary: str = "", files_changed: list[str] | tuple[str, ...] = ()) -> str | None:
+                state: str, summary: str = "", files_changed: list[str] | tuple[str, ...] = (),
+                audit: AuditLog | None = None) -> str | None:
     """Commit what the task left in the agent's worktree; return the commit (None: nothing changed).
 
     A task that failed for good: its edits are committed marked as failed, then set aside
     by a second commit that undoes them, so the next task starts from the last good state
     and the failed work stays in the history.
+
+    Symbolic links the task made that lead out of the repository (an absolute target, one
+    above its top, or into ``.git``) are never committed: a person who merges the branch
+    would get a link to ``/`` or to their git configuration in their checkout. Each is
+    removed from the worktree (a link that was in the start commit is put back as it was),
+    named in the commit message, and recorded in ``audit`` as refused.
     """
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
@@ -447,6 +455,12 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         # task's, in flight when that process stopped, and goes to that task's commit.
         return None
     _git(worktree, "add", "-A")
+    left_out = _leave_out_links(worktree)
+    for path, target in left_out:
+        if audit is not None:
+            audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path, "target": target},
+                         decision="refused", reason=f"not committed: the symbolic link {path} leads out of the "
+                                                    f"repository (to {target!r})", is_error=True)
     if run_git(worktree, "diff", "--cached", "--quiet").returncode == 0:
         return None
     failed = state == "failed"
@@ -459,6 +473,9 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         lines += ["The task failed: these are its partial edits, set aside by the next commit.", ""]
     if files_changed:
         lines += ["Files changed (as the agent reported them):", *(f"- {f}" for f in files_changed), ""]
+    if left_out:
+        lines += ["Not committed, symbolic links leading out of the repository (removed):",
+                  *(f"- {path} -> {target}" for path, target in left_out), ""]
     lines += [f"Toka-Run: {run_key}", f"Toka-Agent: {checkout.agent}", f"Toka-Task: {index}/{total}",
               f"Toka-State: {'completed' if state == 'cached' else state}"]
     commit = _commit(worktree, "\n".join(lines) + "\n", env)
@@ -472,6 +489,40 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
 
 
 _SET_ASIDE = "Toka-Set-Aside: "
+_LINK_MODE = "120000"
+
+
+def _leave_out_links(worktree: Path) -> list[tuple[str, str]]:
+    """Take the staged symbolic links that lead out of the repository out of the index and the
+    worktree (see :func:`commit_task`); return them as (path, target)."""
+    raw = _git(worktree, "diff", "--cached", "--raw", "-z", "--no-renames", "--diff-filter=AMT")
+    fields = raw.split("\0")
+    left_out = []
+    # -z --raw: ":<old mode> <new mode> <old blob> <new blob> <status>" NUL "<path>" NUL, repeated.
+    for meta, path in zip(fields[0::2], fields[1::2]):
+        parts = meta.split()
+        if len(parts) < 5 or parts[1] != _LINK_MODE:
+            continue
+        target = _git(worktree, "cat-file", "blob", parts[3])
+        if not leads_out(path, target):
+            continue
+        literal = f":(literal){path}"
+        if run_git(worktree, "cat-file", "-e", f"HEAD:{path}").returncode == 0:
+            _git(worktree, "checkout", "-q", "HEAD", "--", literal)  # back to the start's version
+        else:
+            _git(worktree, "rm", "-q", "--cached", "--", literal)
+            (worktree / path).unlink(missing_ok=True)
+        left_out.append((path, target))
+    return left_out
+
+
+def leads_out(path: str, target: str) -> bool:
+    """Whether a symbolic link at ``path`` (relative to the repository's top) to ``target``
+    points outside the repository or into a ``.git`` (its own or a nested repository's)."""
+    if not target or target.startswith("/") or "\0" in target:
+        return True
+    parts = posixpath.normpath(posixpath.join(posixpath.dirname(path), target)).split("/")
+    return parts[0] == ".." or any(part.lower() == ".git" for part in parts)
 
 
 def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> bool:

@@ -36,12 +36,13 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TagsContext
 from prefect.events import emit_event
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, MissingContextError
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
+from .audit import AuditLog, audit_path
 from .background import in_background
 from .branches import (
     DIFF_LIMIT,
@@ -375,10 +376,20 @@ def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
     good has its edits set aside (:func:`toka.branches.commit_task`)."""
     assert run.checkout is not None
     result = record.result
+    audit = AuditLog(audit_path(Workspace(run.workspace).state_dir, run.run_key), run=run.run_key,
+                     on_record=_warn_refused_commit)
     commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
                 description=record.description, state=record.state,
                 summary=result.summary if result else record.error or "",
-                files_changed=result.files_changed if result else ())
+                files_changed=result.files_changed if result else (), audit=audit)
+
+
+def _warn_refused_commit(entry: dict[str, Any]) -> None:
+    # In the run's log (the UI), beside the audit trail's record.
+    try:
+        get_run_logger().warning("%s", entry["reason"])
+    except MissingContextError:  # committed outside a Prefect run: the audit trail holds it
+        pass
 
 
 def _reopen(run: RunConfig, journal: Journal, index: int, total: int) -> None:

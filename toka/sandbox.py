@@ -48,7 +48,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .background import to_the_end
@@ -836,4 +836,8 @@ async def run_sandboxed(
         # that fails the task (``usage.killed_for`` says "timeout"); what it printed died with it.
         return ProcessResult(argv=tuple(full), exit_code=None, signal=signal.SIGKILL, stdout="", stderr="",
                              truncated=False, duration_s=wall), usage, plan
+    if "memory" in tripped:
+        # unshare's own complaint when the kernel killed its child, not the command's output.
+        result = replace(result, stderr="".join(
+            line for line in result.stderr.splitlines(keepends=True) if not line.startswith("unshare: ")))
     return result, usage, plan

@@ -91,6 +91,14 @@ When = Annotated[
     WithJsonSchema({"type": "string", "description": "A date (YYYY-MM-DD) or an ISO 8601 date-time."}),
 ]
 
+def _date_as_text(value: Any) -> Any:
+    # `version: 2025-07-04` unquoted is a YAML date; the version is what was written.
+    return value.isoformat() if isinstance(value, (date, datetime)) else value
+
+
+#: Text that may be written as an unquoted date (a version named for its day).
+VersionText = Annotated[str, BeforeValidator(_date_as_text, json_schema_input_type=str)]
+
 Frequency = Literal[
     "real-time", "hourly", "daily", "weekly", "on-milestone", "on-completion", "continuous"
 ]
@@ -164,8 +172,8 @@ class Metadata(_Open):
 
     name: str = Field(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=63)
     """Kebab-case id, unique across a set of specs; names the Prefect flow."""
-    version: str | None = None
-    """Spec version, e.g. ``v0.3.0``."""
+    version: VersionText | None = None
+    """Spec version, e.g. ``v0.3.0`` (or a date)."""
     created: When | None = None
     """Date (or date-time) the spec was written."""
     modified: When | None = None
@@ -174,7 +182,7 @@ class Metadata(_Open):
     """Human title of the workstream; a Prefect tag."""
     branch: str | None = None
     """Branch the workstream delivers to."""
-    schema_version: str | None = None
+    schema_version: VersionText | None = None
     """Version of the spec schema the file was written against."""
     checksum: str | None = None
     """Checksum recorded by tooling that generated the file."""
