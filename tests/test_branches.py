@@ -494,3 +494,28 @@ def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_p
 ])
 def test_which_link_targets_lead_out(path: str, target: str, out: bool) -> None:
     assert branches.leads_out(path, target) is out
+
+
+def test_a_task_run_again_after_its_commit_leaves_the_next_tasks_edits_to_that_task(tmp_path: Path) -> None:
+    # A resume whose Prefect results are out of reach (another Prefect home) runs a finished
+    # task again: what the worktree holds then is the killed next task's, and is committed as its.
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+
+    def commit(index: int, state: str) -> str | None:
+        return branches.commit_task(checkout, run_key="night", index=index, total=2, description=f"step {index}",
+                                    state=state)
+
+    (tree / "one.txt").write_text("1\n")
+    assert commit(1, "failed")  # failed first, set aside...
+    (tree / "one.txt").write_text("1\n")
+    assert commit(1, "completed")  # ...then done: committed even so
+    (tree / "two.txt").write_text("2\n")  # the next task's edit, when the process was killed
+    assert commit(1, "completed") is None
+    assert commit(2, "completed")
+    subjects = git(repo, "log", "--format=%s", f"{checkout.start}..toka/night/a").splitlines()
+    assert subjects == ["a: task 2/2: step 2", "a: task 1/2: step 1", "a: set aside the failed task 1/2's edits",
+                        "a: FAILED task 1/2: step 1"]
+    assert git(repo, "show", "--name-only", "--format=", "toka/night/a").split() == ["two.txt"]

@@ -450,9 +450,10 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
         return None  # a read-only agent's: nothing of it can have changed
-    if state == "cached" and _committed(worktree, checkout, run_key, index, total):
-        # Done and committed by an earlier process: what the worktree holds now is a later
-        # task's, in flight when that process stopped, and goes to that task's commit.
+    if state != "failed" and _committed(worktree, checkout, run_key, index, total):
+        # Done and committed by an earlier process (replayed from Prefect's cache, or run again
+        # where that cache is out of reach): what the worktree holds now is a later task's, in
+        # flight when that process stopped, and goes to that task's commit.
         return None
     _git(worktree, "add", "-A")
     left_out = _leave_out_links(worktree)
@@ -552,9 +553,11 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
 
 
 def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> bool:
-    """Whether the agent's branch has a commit of task ``index`` of run ``run_key`` already."""
+    """Whether the agent's branch has a commit of task ``index`` of run ``run_key`` finished
+    already (its edits set aside after a failure do not count)."""
     found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings",
-                 f"--grep=Toka-Run: {run_key}", f"--grep=Toka-Task: {index}/{total}", f"{checkout.start}..HEAD")
+                 f"--grep=Toka-Run: {run_key}", f"--grep=Toka-Task: {index}/{total}",
+                 "--grep=Toka-State: completed", f"{checkout.start}..HEAD")
     return bool(found.strip())
 
 
