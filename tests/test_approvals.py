@@ -195,7 +195,7 @@ def test_denied_pause_refuses_the_write_and_the_agent_goes_on(tmp_path: Path) ->
     assert report.tasks[0].refused_calls == 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see the warm server's fixture (test_warm.py)
 def unanswered(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[AgentSpec, Path, Outcome]:
     """One run shared by the two tests below: nobody answers, the 2 s pause times out."""
     spec, workspace = writer_spec(), tmp_path_factory.mktemp("unanswered")

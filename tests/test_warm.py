@@ -39,7 +39,9 @@ class Server:
         return re.findall(r"^warm: pid \d+: toka \w+ in (.*)$", (self.home / "toka-server.log").read_text(), re.M)
 
 
-@pytest.fixture(scope="module")
+# Session, not module: xdist hands a worker this module's tests between others (longest first),
+# and a module fixture ends at every change of module: one server start per test.
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # A migrated database: a fresh home's `toka server start` is test_server.py's.
     home = migrated_home(tmp_path_factory.mktemp("warm") / "prefect-home")
