@@ -251,8 +251,11 @@ _shared_api_error: list[BaseException] = []
 # at once: all the end-to-end tests, one after the other, while the second worker sat idle.
 #
 # Not `--dist loadgroup`: with pytest 9.2, xdist 3.8 cannot tag a test's node id with its
-# group, so every test is scheduled alone; session and module fixtures (`deployed`,
-# `unanswered`) are then made once per worker that runs one of their tests.
+# group, so every test is scheduled alone; session fixtures (`deployed`, `unanswered`, the
+# warm server) are then made once per worker that runs one of their tests. Costly fixtures
+# shared by tests are session fixtures, not module ones: a worker takes a module's tests
+# between other modules' (longest first), and pytest ends a module fixture at every change of
+# module, so it was made again for each test.
 
 #: Seconds the longest tests took on two workers on a 2-core machine (2026-12-01, a full run),
 #: for the order in which workers take them: the longest first, so that the last ones to finish
