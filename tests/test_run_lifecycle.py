@@ -26,6 +26,10 @@ from .test_cli_run import workspace  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
+#: Where a run is stopped midway, one agent (four tasks, about ten model requests at 0.3 s) is
+#: enough: how the process ends does not depend on how many agents it runs; the kill -9 test
+#: runs all five, for what a resume replays across agents.
+ONE_AGENT = ("--agent", "repo-survey")
 SERVER_APP = "toka.server:create_app"  # the embedded server's uvicorn factory (Prefect's app, IMMEDIATE SQLite)
 
 
@@ -128,8 +132,8 @@ def assert_resume_finishes(workspace: Path, api: PrefectServer) -> None:
 
 
 def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectServer) -> None:
-    with started_run(workspace) as run:
-        run.wait_for_results(3)
+    with started_run(workspace, *ONE_AGENT) as run:
+        run.wait_for_results(1)
         server = run.server()
         run.proc.send_signal(signal.SIGTERM)
         took = run.wait_exit(60)
@@ -145,8 +149,8 @@ def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectS
 
 
 def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path, prefect_api: PrefectServer) -> None:
-    with started_run(workspace) as run:
-        run.wait_for_results(3)
+    with started_run(workspace, *ONE_AGENT) as run:
+        run.wait_for_results(1)
         url = f"http://127.0.0.1:{server_port(run.server())}/api"
         os.kill(run.server(), signal.SIGKILL)
         took = run.wait_exit(60)
@@ -160,8 +164,8 @@ def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path, pr
 
 
 def test_a_hung_embedded_server_stops_the_run_and_is_killed(workspace: Path) -> None:
-    with started_run(workspace) as run:
-        run.wait_for_results(3)
+    with started_run(workspace, *ONE_AGENT) as run:
+        run.wait_for_results(1)
         os.kill(run.server(), signal.SIGSTOP)  # alive, but answers nothing
         took = run.wait_exit(90)
         assert run.proc.returncode == 1, run.stderr()
@@ -215,7 +219,7 @@ def test_kill_9_takes_the_embedded_server_with_it_and_resume_repeats_no_finished
 def test_sigint_to_a_background_runs_group_leaves_its_server_alone(workspace: Path) -> None:
     # `toka run &` in a script ignores SIGINT; a Ctrl-C at the script's terminal reached the
     # whole process group and killed the embedded server under a run that went on.
-    with started_run(workspace, "--agent", "repo-survey", ignore_sigint=True) as run:
+    with started_run(workspace, *ONE_AGENT, ignore_sigint=True) as run:
         run.wait_for_results(1)
         os.killpg(run.proc.pid, signal.SIGINT)
         run.wait_exit(120)
