@@ -459,9 +459,9 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     left_out = _leave_out_links(worktree)
     for path, target in left_out:
         if audit is not None:
-            audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path, "target": target},
-                         decision="refused", reason=f"not committed: the symbolic link {path} leads out of the "
-                                                    f"repository (to {target!r})", is_error=True)
+            audit.record(agent=checkout.agent, task=index, tool="git-commit",
+                         arguments={"path": path, "target": target}, decision="refused", is_error=True,
+                         reason=f"not committed: the symbolic link {path} leads out of the repository (to {target!r})")
     if run_git(worktree, "diff", "--cached", "--quiet").returncode == 0:
         return None
     failed = state == "failed"

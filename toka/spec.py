@@ -91,6 +91,7 @@ When = Annotated[
     WithJsonSchema({"type": "string", "description": "A date (YYYY-MM-DD) or an ISO 8601 date-time."}),
 ]
 
+
 def _date_as_text(value: Any) -> Any:
     # `version: 2025-07-04` unquoted is a YAML date; the version is what was written.
     return value.isoformat() if isinstance(value, (date, datetime)) else value
