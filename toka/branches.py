@@ -485,11 +485,11 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         _commit(worktree, f"{checkout.agent}: set aside the failed task {index}/{total}'s edits\n\n"
                           f"They stay in {commit[:12]}; the next task starts without them.\n\n"
                           f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n"
-                          f"{_SET_ASIDE}{index}/{total}\n", env)
+                          f"{_SET_ASIDE}: {index}/{total}\n", env)
     return commit
 
 
-_SET_ASIDE = "Toka-Set-Aside: "
+_SET_ASIDE = "Toka-Set-Aside"
 _LINK_MODE = "120000"
 
 
@@ -538,9 +538,8 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     if checkout.shared:
         return True
     worktree = Path(checkout.worktree)
-    marker = f"{_SET_ASIDE}{index}/{total}"
-    found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings", f"--grep=Toka-Run: {run_key}",
-                 f"--grep={marker}", f"{checkout.start}..HEAD").split()
+    found = [commit for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD")
+             if trailers.get("Toka-Run") == run_key and trailers.get(_SET_ASIDE) == f"{index}/{total}"]
     if not found:
         return True
     head = _git(worktree, "rev-parse", "HEAD").strip()
@@ -555,10 +554,20 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
 def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> bool:
     """Whether the agent's branch has a commit of task ``index`` of run ``run_key`` finished
     already (its edits set aside after a failure do not count)."""
-    found = _git(worktree, "log", "--format=%H", "--all-match", "--fixed-strings",
-                 f"--grep=Toka-Run: {run_key}", f"--grep=Toka-Task: {index}/{total}",
-                 "--grep=Toka-State: completed", f"{checkout.start}..HEAD")
-    return bool(found.strip())
+    return any(trailers.get("Toka-Run") == run_key and trailers.get("Toka-Task") == f"{index}/{total}"
+               and trailers.get("Toka-State") == "completed"
+               for _, trailers in _trailers(worktree, f"{checkout.start}..HEAD"))
+
+
+def _trailers(worktree: Path, revisions: str) -> list[tuple[str, dict[str, str]]]:
+    """Each commit of ``revisions`` (newest first) with its trailers. Only the message's last
+    paragraph holds them: a task's summary, written by the model, cannot pass for one."""
+    found = []
+    for record in _git(worktree, "log", "--format=%H%x1f%(trailers:only,unfold)%x1e", revisions).split("\x1e"):
+        commit, _, block = record.strip("\n").partition("\x1f")
+        if commit:
+            found.append((commit, dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)))
+    return found
 
 
 def _commit(worktree: Path, message: str, env: dict[str, str]) -> str:
