@@ -22,17 +22,14 @@ def test_the_run_guard_does_not_import_prefects_server_application() -> None:
     assert out == "[]"
 
 
-def test_the_embedded_server_class_is_prefects_own_kind() -> None:
-    out = _python("from prefect.server.api.server import SubprocessASGIServer; "
-                  "from toka.lifecycle import _embedded_server_class as c; "
-                  "print(issubclass(c(), SubprocessASGIServer), c() is c())")
-    assert out == "True True"
-
-
-def test_sqlite_transactions_begin_immediate_once_patched() -> None:
+def test_the_embedded_server_is_prefects_own_kind_and_begins_sqlite_transactions_immediate() -> None:
     """What the servers toka starts (embedded and `toka server start`) do; in a child process, so
-    this process's Prefect is left as it is."""
+    this process's Prefect is left as it is (one child: each imports Prefect's server)."""
     out = _python("""
+from prefect.server.api.server import SubprocessASGIServer
+from toka.lifecycle import _embedded_server_class as c
+print(issubclass(c(), SubprocessASGIServer), c() is c())
+
 import asyncio, contextlib
 from prefect.server.database.configurations import AioSqliteConfiguration, SQLITE_BEGIN_MODE
 from toka.server import immediate_sqlite_transactions
@@ -53,4 +50,4 @@ immediate_sqlite_transactions()
 immediate_sqlite_transactions()  # twice: patched once
 print(*asyncio.run(modes()))
 """)
-    assert out.splitlines() == ["DEFERRED IMMEDIATE", "IMMEDIATE IMMEDIATE"]
+    assert out.splitlines() == ["True True", "DEFERRED IMMEDIATE", "IMMEDIATE IMMEDIATE"]
