@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from toka import branches
 from toka.cli import app
-from toka.errors import MergeConflictError
+from toka.errors import BranchError, MergeConflictError
 from toka.model import ModelRequest, ModelResponse, override_model
 from toka.testing import FunctionModel, submit, tool_call
 
@@ -535,3 +535,47 @@ def test_a_summary_that_reads_like_a_later_tasks_trailers_does_not_lose_that_tas
     assert branches.commit_task(checkout, run_key="night", index=2, total=2, description="two", state="completed")
     assert git(repo, "show", "--name-only", "--format=%s", "toka/night/a").split() == [
         "a:", "task", "2/2:", "two", "two.txt"]
+
+
+def _finished_run(tmp_path: Path, files: dict[str, str],
+                  committed: dict[str, str] | None = None) -> tuple[Path, branches.RunBranches]:
+    """A repository (with ``committed`` added to its start) and a finished run whose one agent wrote ``files``."""
+    repo = make_repo(tmp_path / "repo")
+    if committed:
+        for name, text in committed.items():
+            (repo / name).write_text(text)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "more")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    for name, text in files.items():
+        (Path(checkout.worktree) / name).write_text(text)
+    assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="write", state="completed")
+    branches.finish_run(run, ["a"])
+    return repo, run
+
+
+def test_apply_refuses_while_the_person_is_in_the_middle_of_a_merge_and_leaves_it_as_it_was(tmp_path: Path) -> None:
+    repo, run = _finished_run(tmp_path, {"from-agent.txt": "agent\n"})
+    git(repo, "checkout", "-q", "-b", "theirs")
+    (repo / "shared.txt").write_text("theirs\n")
+    git(repo, "commit", "-q", "-am", "theirs")
+    git(repo, "checkout", "-q", "main")
+    (repo / "shared.txt").write_text("mine\n")
+    git(repo, "commit", "-q", "-am", "mine")
+    assert subprocess.run(["git", "merge", "-q", "theirs"], cwd=repo, capture_output=True).returncode == 1
+    (repo / "shared.txt").write_text("resolved by hand\n")  # the person's resolution, not staged yet
+    before = checkout_state(repo)
+
+    with pytest.raises(BranchError, match="in the middle of a merge; finish it"):
+        branches.apply_changes(run)
+    assert checkout_state(repo) == before and (repo / ".git" / "MERGE_HEAD").is_file()
+
+
+def test_apply_refuses_to_overwrite_an_ignored_file_of_the_persons(tmp_path: Path) -> None:
+    # The agent takes .env out of .gitignore and writes its own.
+    repo, run = _finished_run(tmp_path, {".env": "AGENT=1\n", ".gitignore": "*.log\n"}, committed={".gitignore": ".env\n"})
+    (repo / ".env").write_text("MY_SECRET=hunter2\n")  # the person's, ignored
+    with pytest.raises(BranchError, match=r"untracked or ignored copies of: \.env; move them aside"):
+        branches.apply_changes(run)
+    assert (repo / ".env").read_text() == "MY_SECRET=hunter2\n"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import posixpath
 import re
 import shutil
@@ -764,6 +765,9 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
         raise BranchError(f"no branch {branch} (the run has not finished, or was discarded)")
     if run.private_copy:
         return _apply_patch(run, branch)
+    busy = _operation_in_progress(repo)
+    if busy:
+        raise BranchError(f"not applied: your checkout is in the middle of {busy}; finish it (or abort it) first")
     head = _git(repo, "rev-parse", "HEAD").strip()
     tip = _head(repo, branch)
     if _is_ancestor(repo, tip, head):
@@ -774,6 +778,12 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     if touched:
         raise BranchError(f"not applied: {branch} changes files you have uncommitted changes in: "
                           f"{', '.join(touched)}; commit or stash them first")
+    # Git's merge overwrites ignored files (a `.env`, say) without a word: they are the person's too.
+    tracked = set(_git(repo, "ls-files", "-z").split("\0"))
+    in_the_way = sorted(p for p in incoming if p not in tracked and os.path.lexists(repo / p))
+    if in_the_way:
+        raise BranchError(f"not applied: {branch} brings files you have untracked or ignored copies of: "
+                          f"{', '.join(in_the_way)}; move them aside first")
     done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", head, tip)
     if done.returncode == 1:
         files = sorted(set(done.stdout.strip().splitlines()[1:]))
@@ -785,6 +795,21 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
         run_git(repo, "merge", "--abort")
         raise BranchError(f"not applied: git merge {branch} failed: {(merge.stderr or merge.stdout).strip()}")
     return f"merged {branch} into your checkout ({len(incoming)} files)"
+
+
+#: What git leaves in its directory while an operation waits for the person, and its name.
+_IN_PROGRESS = {"MERGE_HEAD": "a merge", "rebase-merge": "a rebase", "rebase-apply": "a rebase or `git am`",
+                "CHERRY_PICK_HEAD": "a cherry-pick", "REVERT_HEAD": "a revert", "BISECT_LOG": "a bisect"}
+
+
+def _operation_in_progress(repo: Path) -> str | None:
+    """What the checkout is in the middle of (a merge, a rebase...), if anything: a merge on top
+    would mix the run's changes into it, and a failed one would be aborted with it."""
+    paths = _git(repo, "rev-parse", *(arg for name in _IN_PROGRESS for arg in ("--git-path", name))).splitlines()
+    for name, path in zip(_IN_PROGRESS, paths):
+        if os.path.lexists(path if os.path.isabs(path) else repo / path):
+            return _IN_PROGRESS[name]
+    return None
 
 
 def _apply_patch(run: RunBranches, branch: str) -> str:
