@@ -21,7 +21,8 @@ runs (a workspace script, a ``conftest.py`` under pytest) could plant them. So:
 
 The runtime's own git calls go through :func:`git_argv`, which switches hooks,
 fsmonitor, pagers, editors, external diff, filters, textconv and merge drivers off
-on the command line, whatever the repository's configuration says.
+on the command line, whatever the repository's configuration, the person's global
+one or the files they include say.
 """
 
 from __future__ import annotations
@@ -83,9 +84,11 @@ _DIFFING = {"diff", "log", "show", "whatchanged", "format-patch", "diff-tree", "
 def git_argv(repo: Path, *args: str) -> list[str]:
     """``git -C repo <safe -c options> args...``: nothing the repository configures can run."""
     options = [*_SAFE_CONFIG]
-    for key in _config_keys(repo):
+    for key in dict.fromkeys(_config_keys(repo)):
         if _DRIVER_KEY.match(key):
             options.append(f"{key}=")
+            if key.startswith("filter."):  # a required filter left without a program fails every add
+                options.append(f"{key.rsplit('.', 1)[0]}.required=false")
     rest = list(args)
     i = 0
     while i < len(rest) and rest[i].startswith("-"):
@@ -106,33 +109,47 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0,
 
 
 def _config_keys(repo: Path) -> list[str]:
-    """Every key of the repository's own configuration files (read as files: nothing is run)."""
+    """Every key of the configuration git reads in ``repo`` (read as files: nothing is run): the
+    repository's own files, the person's global ones (a filter git-lfs set up there runs on any
+    ``filter=`` attribute an agent writes), and every file they include."""
+    home = Path(os.path.expanduser("~"))
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    files = [xdg / "git" / "config", home / ".gitconfig",
+             *(gitdir / name for gitdir in git_dirs(repo) for name in ("config", "config.worktree"))]
     keys: list[str] = []
-    for gitdir in git_dirs(repo):
-        for name in ("config", "config.worktree"):
-            keys += _keys_of(gitdir / name)
+    read: set[Path] = set()
+    while files and len(read) < 64:  # includes may include each other
+        path = files.pop()
+        if path in read:
+            continue
+        read.add(path)
+        for key, value in _pairs_of(path):
+            keys.append(key)
+            if key == "include.path" or (key.startswith("includeif.") and key.endswith(".path")):
+                included = Path(os.path.expanduser(value))
+                files.append(included if included.is_absolute() else path.parent / included)
     return keys
 
 
-# path -> (what its stat said, its keys): the runtime runs git many times in a row on one repository.
-_KEYS: dict[Path, tuple[tuple[int, int, int], list[str]]] = {}
+# path -> (what its stat said, its pairs): the runtime runs git many times in a row on one repository.
+_PAIRS: dict[Path, tuple[tuple[int, int, int], list[tuple[str, str]]]] = {}
 
 
-def _keys_of(path: Path) -> list[str]:
-    """The keys of one config file, read again only when the file changed (size, mtime, inode)."""
+def _pairs_of(path: Path) -> list[tuple[str, str]]:
+    """The (key, value) pairs of one config file, read again only when it changed (size, mtime, inode)."""
     try:
         st = path.stat()
     except OSError:
         return []
     seen = (st.st_size, st.st_mtime_ns, st.st_ino)
-    cached = _KEYS.get(path)
+    cached = _PAIRS.get(path)
     if cached is not None and cached[0] == seen:
         return cached[1]
-    keys = [k for k, _ in _read_config(path) or []]
-    if len(_KEYS) > 512:
-        _KEYS.clear()
-    _KEYS[path] = (seen, keys)
-    return keys
+    pairs = _read_config(path) or []
+    if len(_PAIRS) > 512:
+        _PAIRS.clear()
+    _PAIRS[path] = (seen, pairs)
+    return pairs
 
 
 def _read_config(path: Path) -> list[tuple[str, str]] | None:
