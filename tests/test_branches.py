@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -579,3 +580,25 @@ def test_apply_refuses_to_overwrite_an_ignored_file_of_the_persons(tmp_path: Pat
     with pytest.raises(BranchError, match=r"untracked or ignored copies of: \.env; move them aside"):
         branches.apply_changes(run)
     assert (repo / ".env").read_text() == "MY_SECRET=hunter2\n"
+
+
+def test_the_persons_own_worktree_whose_directory_is_away_is_never_forgotten(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    away = tmp_path / "drive" / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "mine", str(away))
+    (away / "staged.txt").write_text("mine\n")
+    git(away, "add", "staged.txt")
+    hidden = tmp_path / "unmounted"
+    (tmp_path / "drive").rename(hidden)  # the drive is not mounted during the run
+
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    shutil.rmtree(checkout.worktree)  # as a killed run may leave it: made again below
+    checkout = branches.agent_checkout(run, "a", [])
+    (Path(checkout.worktree) / "new.txt").write_text("x\n")
+    branches.commit_task(checkout, run_key="night", index=1, total=1, description="write", state="completed")
+    branches.finish_run(run, ["a"])
+    branches.discard_run(run)
+
+    hidden.rename(tmp_path / "drive")
+    assert git(away, "status", "--porcelain") == "A  staged.txt\n"

@@ -366,8 +366,20 @@ def _add_worktree(run: RunBranches, path: Path, *args: str) -> None:
     repo = Path(run.repo)
     if path.exists():
         shutil.rmtree(path)
-    _git(repo, "worktree", "prune")  # the removed directory's administrative files
+    _forget_missing_worktrees(repo, path)  # the removed directory's administrative files
     _git(repo, "worktree", "add", "-q", *args)
+
+
+def _forget_missing_worktrees(repo: Path, under: Path) -> None:
+    """Drop git's records of the worktrees under ``under`` whose directories are gone. Not
+    ``git worktree prune``: that forgets every missing worktree of the repository, the person's
+    own on a drive not mounted just now too (with what they had staged there)."""
+    under = under.resolve()
+    for line in _git(repo, "worktree", "list", "--porcelain").splitlines():
+        if line.startswith("worktree "):
+            path = Path(line.removeprefix("worktree "))
+            if path.resolve().is_relative_to(under) and not path.exists():
+                _git(repo, "worktree", "remove", "--force", str(path))
 
 
 def _drop_stale_index_lock(worktree: Path) -> None:
@@ -675,7 +687,7 @@ def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
         for path in [*(run.worktree(agent) for agent in agents), *shared]:
             if path.is_dir() and not _git(path, "status", "--porcelain", "--untracked-files=all").strip():
                 _git(repo, "worktree", "remove", str(path))
-        _git(repo, "worktree", "prune")
+        _forget_missing_worktrees(repo, run.worktrees)
 
 
 def merged_tip(run: RunBranches) -> str:
@@ -717,7 +729,7 @@ def discard_run(run: RunBranches) -> list[str]:
                     _git(repo, "worktree", "remove", "--force", "--force", str(path))
                     removed.append(str(path))
         shutil.rmtree(worktrees, ignore_errors=True)
-        _git(repo, "worktree", "prune")
+        _forget_missing_worktrees(repo, worktrees)
         prefix = f"refs/heads/toka/{ref_part(run.run_key)}/"
         for ref in _git(repo, "for-each-ref", "--format=%(refname)", prefix).split():
             _git(repo, "update-ref", "-d", ref)
