@@ -125,6 +125,20 @@ def test_bad_values_name_their_group_and_field() -> None:
         grouped({"max_turn": 3})
 
 
+@pytest.mark.parametrize("key", ["night 1", "a/b", "a..b", "-x", "x.", "x.lock", "nuit-é", "k" * 101])
+def test_a_run_key_that_git_or_a_file_name_would_change_is_refused(key: str) -> None:
+    # "night 1" and "night-1" would share toka/night-1/... and each other's records.
+    with pytest.raises(ConfigError, match=r"run\.run_key: .*not a run key: letters, digits"):
+        grouped({"run_key": key})
+    with pytest.raises((ConfigError, ValueError), match="not a run key"):
+        RunConfig.from_flat({"run_key": key})
+
+
+@pytest.mark.parametrize("key", ["night-1", "nightly_2026.12.02", "0b5e6c2d-1f7a-4c3e-9d2b-5a6f7e8d9c0b", "k" * 100])
+def test_run_keys_git_and_file_names_take_as_they_are_pass(key: str) -> None:
+    assert RunConfig.from_flat({"run_key": key}).run_key == key
+
+
 def test_groups_are_what_the_flows_get() -> None:
     groups = grouped({"max_turns": 3, "model": "offline", "run_key": "k"})
     assert groups["limits"] == Limits(max_turns=3) and groups["provider"] == ProviderSettings(model="offline")

@@ -24,12 +24,15 @@ from it where they are used.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from .branches import AgentCheckout
 from .errors import ConfigError, Problem
@@ -79,6 +82,18 @@ class Cli:
     """Why the setting has no option (it only means something in deployment runs)."""
 
 
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+
+
+def _run_key(value: str | None) -> str | None:
+    # It names git branches (toka/<key>/...) and files (.toka/.../<key>.json) as it is: two keys
+    # that only became one there would share branches and records.
+    if value is not None and (not _RUN_KEY.fullmatch(value) or len(value) > 100 or value.endswith(".lock")):
+        raise PydanticCustomError("run_key", "not a run key: letters, digits, '-', '_' and single dots inside "
+                                  "(e.g. nightly-2026-12-02), at most 100 characters; it names git branches and files")
+    return value
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
@@ -86,7 +101,8 @@ class _Group(BaseModel):
 class RunOptions(_Group):
     """Which run, on which workspace, how many agents at once."""
 
-    run_key: Annotated[str | None, Cli(metavar="KEY", help="Run under this key (tasks finished under it are reused).")] = None
+    run_key: Annotated[str | None, AfterValidator(_run_key),
+                       Cli(metavar="KEY", help="Run under this key (tasks finished under it are reused).")] = None
     """Tasks finished under this key are not redone. Empty: this flow run's id, so a retry of this run
     resumes it while a new run starts fresh."""
     workspace: Annotated[str, Cli(metavar="DIR")] = "."
@@ -236,7 +252,7 @@ def settings() -> Iterator[Setting]:
 class RunConfig(RunOptions):
     """The resolved settings of one run, as every agent flow and task receives them."""
 
-    run_key: str = Field(min_length=1)  # type: ignore[assignment]  # resolved: never empty here
+    run_key: Annotated[str, AfterValidator(_run_key)]  # type: ignore[assignment]  # resolved: never empty here
     """Identifies a logical run; tasks finished under the same key are not redone."""
     provider: ProviderSettings = ProviderSettings()
     limits: Limits = Limits()
