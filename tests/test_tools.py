@@ -503,3 +503,30 @@ def test_capability_status() -> None:
     assert capability_status("filesystem-read") == "tool-backed: read_file, list_dir, search_files"
     assert capability_status("cargo-test-execution") == "tool-backed: run_command (cargo test)"
     assert capability_status("network-access").startswith("tool-backed: run_command may reach the network")
+
+
+def test_an_added_tool_needs_its_own_well_formed_name() -> None:
+    from toka.capabilities import changes_files, use_tools
+    from toka.tools import ReadFile
+
+    def tool(name: str, capability: str = "lookup-access") -> ReadFile:
+        made = ReadFile()
+        made.name, made.capability = name, capability  # type: ignore[misc]
+        return made
+
+    # A tool called read_file would answer the model's read_file calls, unchecked, audited as read_file.
+    for taken in ("read_file", "submit_result", "run_command"):
+        with pytest.raises(TypeError, match=f"tool name '{taken}' is taken"):
+            with use_tools(tool(taken)):
+                pass
+    with pytest.raises(TypeError, match="'lookup' is taken"):
+        with use_tools(tool("lookup"), tool("lookup", "other-access")):
+            pass
+    with pytest.raises(TypeError, match="1-64 letters, digits"):
+        with use_tools(tool("bad name/with spaces\n")):
+            pass
+    with pytest.raises(TypeError, match="must name the capability"):
+        with use_tools(tool("lookup", "")):
+            pass
+    with use_tools(tool("lookup")):
+        assert changes_files(["lookup-access"])

@@ -25,6 +25,7 @@ can describe capabilities without importing the tools or the sandbox; only
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -113,6 +114,9 @@ NOT_TOOL_BACKED = "declared, not tool-backed"
 _custom: ContextVar[tuple[Tool, ...]] = ContextVar("toka_custom_tools", default=())
 
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 @contextmanager
 def use_tools(*tools: Tool) -> Iterator[None]:
     """Offer extra tools to agents run in this context (in this process).
@@ -120,9 +124,19 @@ def use_tools(*tools: Tool) -> Iterator[None]:
     Each tool names the capability it needs in its ``capability`` attribute;
     only agents that declare it get the tool, like the built-in ones.
     """
+    from .step import SUBMIT_RESULT
+
+    names = [tool.name for tool in tools]
+    taken = {SUBMIT_RESULT, *(tool.name for tool in _all_tools())}
     for tool in tools:
         if not tool.capability:
             raise TypeError(f"tool {tool.name!r} must name the capability it needs (capability = '...')")
+        if not isinstance(tool.name, str) or not _TOOL_NAME.fullmatch(tool.name):
+            raise TypeError(f"tool name {tool.name!r}: 1-64 letters, digits, '_' or '-' (what the model API takes)")
+        if tool.name in taken or names.count(tool.name) > 1:
+            # One name, one tool: another would answer the model's calls under the audited name.
+            raise TypeError(f"tool name {tool.name!r} is taken (a built-in tool, {SUBMIT_RESULT}, or another "
+                            "tool offered here); give the tool its own name")
     token = _custom.set((*_custom.get(), *tools))
     try:
         yield
