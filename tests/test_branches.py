@@ -602,3 +602,25 @@ def test_the_persons_own_worktree_whose_directory_is_away_is_never_forgotten(tmp
 
     hidden.rename(tmp_path / "drive")
     assert git(away, "status", "--porcelain") == "A  staged.txt\n"
+
+
+def test_files_that_are_not_utf8_are_committed_shown_and_applied_byte_for_byte(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (repo / "legacy.txt").write_bytes(b"caf\xe9\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "latin-1")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = os.fsencode(checkout.worktree)
+    with open(tree + b"/legacy.txt", "wb") as f:
+        f.write(b"caf\xe9 au lait\n")
+    with open(tree + b"/na\xefve.txt", "wb") as f:  # a name a command made, not UTF-8 either
+        f.write(b"x\n")
+    assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="edit", state="completed")
+    changes = branches.agent_changes(run, "a")
+    assert changes is not None and sorted(changes.files_changed) == ["legacy.txt", "na\ufffdve.txt"]
+    assert "+caf\ufffd au lait" in branches.diff_text(repo, changes.base, changes.commit)
+    branches.finish_run(run, ["a"])
+    assert branches.apply_changes(run).startswith("merged")
+    assert (repo / "legacy.txt").read_bytes() == b"caf\xe9 au lait\n"
+    assert os.path.exists(os.fsencode(repo) + b"/na\xefve.txt")

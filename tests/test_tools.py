@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,27 @@ def test_an_added_tool_needs_its_own_well_formed_name() -> None:
             pass
     with use_tools(tool("lookup")):
         assert changes_files(["lookup-access"])
+
+
+def test_a_file_name_that_is_not_utf8_reaches_the_model_and_the_audit_trail_as_text(root: Path) -> None:
+    import json
+
+    from toka.audit import AuditLog
+
+    with open(os.fsencode(root) + b"/caf\xe9.txt", "w") as f:  # as a command may make it
+        f.write("TODO: latin\n")
+    audit = AuditLog(root / ".toka" / "audit" / "r.jsonl", run="r")
+    box = Toolbox(read_only_tools(), ToolContext(workspace=Workspace(root), agent="a", task=1, audit=audit))
+    for name, args in (("list_dir", {"path": "."}), ("search_files", {"pattern": "latin"})):
+        out = asyncio.run(box.call(name, args))
+        assert "caf\ufffd.txt" in out.text.encode("utf-8").decode("utf-8"), out.text
+    records = [json.loads(line) for line in audit.path.read_text(encoding="utf-8").splitlines()]
+    assert [r["tool"] for r in records] == ["list_dir", "search_files"]
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("plain é", "plain é"), ("caf\udce9", "caf\ufffd"), ("caf\udcc3\udca9", "café"), ("x\ud800y", "x?y")])
+def test_as_text_turns_what_is_not_utf8_into_replacement_characters(text: str, shown: str) -> None:
+    from toka.process import as_text
+
+    assert as_text(text) == shown

@@ -57,7 +57,9 @@ class AuditLog:
         line = redact(json.dumps(entry, ensure_ascii=False, default=str, sort_keys=False), secrets)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (line + "\n").encode("utf-8"))
+            # A file name that is not UTF-8 (a command made it) is a lone surrogate here: written as
+            # its JSON escape, not lost with the whole record.
+            os.write(fd, (line + "\n").encode("utf-8", "backslashreplace"))
         finally:
             os.close(fd)
         clean = json.loads(line)

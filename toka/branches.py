@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict
 from .audit import AuditLog, audit_path, run_file_name
 from .errors import BranchError, ConfigError, MergeConflictError
 from .gitguard import run_git
+from .process import as_text
 
 __all__ = [
     "AgentChanges",
@@ -585,7 +586,7 @@ def _trailers(worktree: Path, revisions: str) -> list[tuple[str, dict[str, str]]
 
 def _commit(worktree: Path, message: str, env: dict[str, str]) -> str:
     message_file = Path(worktree).parent / f".{Path(worktree).name}.message"
-    message_file.write_text(message, encoding="utf-8")
+    message_file.write_text(message, encoding="utf-8", errors="replace")
     try:
         _git(worktree, "commit", "-q", "--no-verify", "--allow-empty-message", "-F", str(message_file), env=env)
     finally:
@@ -616,7 +617,8 @@ def agent_changes(run: RunBranches, agent: str) -> AgentChanges | None:
 def changes_between(repo: Path, branch: str, start: str, head: str) -> AgentChanges:
     """What ``branch`` at ``head`` holds beyond ``start``."""
     return AgentChanges(branch=branch, commit=head, base=start,
-                        files_changed=changed_files(repo, start, head), diffstat=diffstat(repo, start, head))
+                        files_changed=[as_text(f) for f in changed_files(repo, start, head)],
+                        diffstat=diffstat(repo, start, head))
 
 
 # A diff of a commit against itself is empty without asking git: most agents' branches and
@@ -626,12 +628,12 @@ def changed_files(repo: Path, a: str, b: str) -> list[str]:
 
 
 def diffstat(repo: Path, a: str, b: str) -> str:
-    return "" if a == b else _git(repo, "diff", "--stat=100", a, b).rstrip()
+    return "" if a == b else as_text(_git(repo, "diff", "--stat=100", a, b).rstrip())
 
 
 def diff_text(repo: Path, a: str, b: str, *, limit: int | None = None) -> str:
     """The diff from ``a`` to ``b``; cut at ``limit`` characters with a note saying so."""
-    text = "" if a == b else _git(repo, "diff", a, b)
+    text = "" if a == b else as_text(_git(repo, "diff", a, b))
     if limit is not None and len(text) > limit:
         return (text[:limit].rsplit("\n", 1)[0]
                 + f"\n... (cut: {len(text) - limit} more characters; see `git diff {a[:12]} {b[:12]}`)\n")
@@ -670,12 +672,13 @@ def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
     if run.private_copy:
         path = run.patch_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_git(repo, "diff", "--binary", run.base, commit), encoding="utf-8")
+        path.write_text(_git(repo, "diff", "--binary", run.base, commit), encoding="utf-8", errors="surrogateescape")
         patch = str(path)
     merged = [a for a, _ in heads if a not in not_merged]
     _tidy_worktrees(run, [a for a, _ in heads])
     return RunChanges(branch=run.merged_branch, commit=commit, base=run.base, merged=merged,
-                      not_merged=not_merged, files_changed=changed_files(repo, run.base, commit), patch=patch)
+                      not_merged=not_merged, files_changed=[as_text(f) for f in changed_files(repo, run.base, commit)],
+                      patch=patch)
 
 
 def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
@@ -833,7 +836,7 @@ def _apply_patch(run: RunBranches, branch: str) -> str:
         return f"nothing to apply: {branch} changes nothing"
     path = Path(run.state_dir) / "tmp" / f"apply-{uuid.uuid4().hex[:8]}.patch"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(patch, encoding="utf-8")
+    path.write_text(patch, encoding="utf-8", errors="surrogateescape")
     try:
         for check in (["--check"], []):
             done = run_git(workspace, "apply", *check, str(path))

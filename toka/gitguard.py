@@ -104,8 +104,10 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0,
 
     ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
     """
-    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, env={**git_env(), **(env or {})},
-                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command): kept as
+    # the bytes they are (surrogate escapes), so a path read here names the same file in argv.
+    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, errors="surrogateescape",
+                          env={**git_env(), **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
 def _config_keys(repo: Path) -> list[str]:

@@ -23,6 +23,21 @@ from .errors import ToolError, ToolTimeoutError
 __all__ = ["ProcessResult", "process_state", "run_process"]
 
 
+def as_text(text: str) -> str:
+    """``text`` safe to send and write as UTF-8: a lone surrogate (a file name that is not UTF-8,
+    read by Python with surrogate escapes) becomes U+FFFD; valid text is left as it is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _escapes_only(text) else "replace").decode("utf-8", "replace")
+
+
+def _escapes_only(text: str) -> bool:
+    # Surrogate escapes stand for bytes 0x80-0xff; any other lone surrogate cannot be turned back.
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
 @dataclass(frozen=True)
 class ProcessResult:
     argv: tuple[str, ...]

@@ -19,7 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from .audit import AuditLog
 from .errors import SandboxViolation, ToolError, ToolTimeoutError
 from .model import ToolDefinition
 from .policy import AgentPolicy
+from .process import as_text
 from .sandbox import CommandUsage
 from .workspace import Workspace
 
@@ -496,6 +497,9 @@ class Toolbox:
                         is_error=True, usage=usage if isinstance(usage, CommandUsage) else None,
                         files_changed=e.paths if isinstance(e, SandboxViolation) else None)
             raise
+        # Whatever a tool read (a file name a command made that is not UTF-8) must reach the model
+        # and the audit trail as text.
+        output = replace(output, text=as_text(output.text), files_changed=[as_text(f) for f in output.files_changed])
         self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
         self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error, output=output)
         return output
