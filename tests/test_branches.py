@@ -470,8 +470,9 @@ def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_p
     committed = git(repo, "show", "--name-status", "--format=", commit).split("\n")
     assert sorted(filter(None, committed)) == ["A\tprograms", "M\tshared.txt"]
     message = git(repo, "log", "-1", "--format=%B", commit)
-    assert "Not committed, symbolic links leading out of the repository (removed):" in message
-    assert "- root -> /" in message and "- current.txt -> /etc/passwd" in message
+    assert "Not committed:\n- " in message
+    assert "- root: a symbolic link leading out of the repository (to '/'), removed" in message
+    assert "- current.txt: a symbolic link leading out of the repository (to '/etc/passwd')" in message
     for name in ("root", "person", "tools/up", "gitdir", "config"):
         assert not os.path.lexists(tree / name), name
     assert os.readlink(tree / "current.txt") == "shared.txt"
@@ -624,3 +625,30 @@ def test_files_that_are_not_utf8_are_committed_shown_and_applied_byte_for_byte(t
     assert branches.apply_changes(run).startswith("merged")
     assert (repo / "legacy.txt").read_bytes() == b"caf\xe9 au lait\n"
     assert os.path.exists(os.fsencode(repo) + b"/na\xefve.txt")
+
+
+def test_a_git_repository_made_inside_the_worktree_is_not_committed_as_a_dangling_pointer(tmp_path: Path) -> None:
+    from toka.audit import read_audit
+
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    nested = Path(checkout.worktree) / "vendor" / "lib"
+    nested.mkdir(parents=True)
+    git(nested, "init", "-q")
+    (nested / "code.c").write_text("int main;\n")
+    git(nested, "add", "-A")
+    git(nested, "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q", "-m", "vendored")
+    (Path(checkout.worktree) / "notes.md").write_text("notes\n")
+    from toka.audit import AuditLog
+
+    audit = AuditLog(repo / ".toka" / "audit" / "night.jsonl", run="night")
+    commit = branches.commit_task(checkout, run_key="night", index=1, total=1, description="vendor",
+                                  state="completed", audit=audit)
+    assert commit
+    assert git(repo, "ls-tree", "-r", "--format=%(objectmode) %(path)", commit).split("\n")[:-1] == [
+        "100644 notes.md", "100644 shared.txt"]
+    assert "- vendor/lib: a git repository of its own" in git(repo, "log", "-1", "--format=%B", commit)
+    assert (nested / "code.c").is_file()  # left in the worktree
+    refused = [r for r in read_audit(repo / ".toka", run="night") if r["decision"] == "refused"]
+    assert [r["arguments"]["path"] for r in refused] == ["vendor/lib"]

@@ -459,7 +459,9 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     above its top, or into ``.git``) are never committed: a person who merges the branch
     would get a link to ``/`` or to their git configuration in their checkout. Each is
     removed from the worktree (a link that was in the start commit is put back as it was),
-    named in the commit message, and recorded in ``audit`` as refused.
+    named in the commit message, and recorded in ``audit`` as refused. So is a git repository
+    made inside the worktree (git would commit only a pointer to a commit nobody else has); its
+    files stay in the worktree.
     """
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
@@ -470,12 +472,11 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         # flight when that process stopped, and goes to that task's commit.
         return None
     _git(worktree, "add", "-A")
-    left_out = _leave_out_links(worktree)
-    for path, target in left_out:
+    left_out = _leave_out(worktree)
+    for path, why in left_out:
         if audit is not None:
-            audit.record(agent=checkout.agent, task=index, tool="git-commit",
-                         arguments={"path": path, "target": target}, decision="refused", is_error=True,
-                         reason=f"not committed: the symbolic link {path} leads out of the repository (to {target!r})")
+            audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path},
+                         decision="refused", is_error=True, reason=f"not committed: {path}: {why}")
     if run_git(worktree, "diff", "--cached", "--quiet").returncode == 0:
         return None
     failed = state == "failed"
@@ -489,8 +490,7 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     if files_changed:
         lines += ["Files changed (as the agent reported them):", *(f"- {f}" for f in files_changed), ""]
     if left_out:
-        lines += ["Not committed, symbolic links leading out of the repository (removed):",
-                  *(f"- {path} -> {target}" for path, target in left_out), ""]
+        lines += ["Not committed:", *(f"- {path}: {why}" for path, why in left_out), ""]
     lines += [f"Toka-Run: {run_key}", f"Toka-Agent: {checkout.agent}", f"Toka-Task: {index}/{total}",
               f"Toka-State: {'completed' if state == 'cached' else state}"]
     commit = _commit(worktree, "\n".join(lines) + "\n", env)
@@ -505,29 +505,42 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
 
 _SET_ASIDE = "Toka-Set-Aside"
 _LINK_MODE = "120000"
+_GITLINK_MODE = "160000"
 
 
-def _leave_out_links(worktree: Path) -> list[tuple[str, str]]:
-    """Take the staged symbolic links that lead out of the repository out of the index and the
-    worktree (see :func:`commit_task`); return them as (path, target)."""
+def _leave_out(worktree: Path) -> list[tuple[str, str]]:
+    """Take out of the index what must not be committed (see :func:`commit_task`); return each
+    path with why. A symbolic link leading out of the repository is removed from the worktree too
+    (one that was in the start commit is put back as it was); a git repository an agent made
+    inside the worktree is committed by git as a bare pointer to a commit the person's
+    repository does not have, so it is left out, its files left in the worktree."""
     raw = _git(worktree, "diff", "--cached", "--raw", "-z", "--no-renames", "--diff-filter=AMT")
     fields = raw.split("\0")
     left_out = []
     # -z --raw: ":<old mode> <new mode> <old blob> <new blob> <status>" NUL "<path>" NUL, repeated.
     for meta, path in zip(fields[0::2], fields[1::2]):
         parts = meta.split()
-        if len(parts) < 5 or parts[1] != _LINK_MODE:
+        if len(parts) < 5 or parts[1] not in (_LINK_MODE, _GITLINK_MODE):
+            continue
+        literal, in_start = f":(literal){path}", parts[4] != "A"
+        if parts[1] == _GITLINK_MODE:
+            if in_start:
+                _git(worktree, "reset", "-q", "HEAD", "--", literal)
+            else:
+                _git(worktree, "update-index", "--force-remove", "--", path)
+            left_out.append((as_text(path), "a git repository of its own (made inside the worktree); "
+                                            "its files are left in the worktree, not committed"))
             continue
         target = _git(worktree, "cat-file", "blob", parts[3])
         if not leads_out(path, target):
             continue
-        literal = f":(literal){path}"
-        if run_git(worktree, "cat-file", "-e", f"HEAD:{path}").returncode == 0:
+        if in_start:
             _git(worktree, "checkout", "-q", "HEAD", "--", literal)  # back to the start's version
         else:
             _git(worktree, "rm", "-q", "--cached", "--", literal)
             (worktree / path).unlink(missing_ok=True)
-        left_out.append((path, target))
+        left_out.append((as_text(path), f"a symbolic link leading out of the repository (to {as_text(target)!r}), "
+                                        "removed"))
     return left_out
 
 
