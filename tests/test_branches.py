@@ -652,3 +652,19 @@ def test_a_git_repository_made_inside_the_worktree_is_not_committed_as_a_danglin
     assert (nested / "code.c").is_file()  # left in the worktree
     refused = [r for r in read_audit(repo / ".toka", run="night") if r["decision"] == "refused"]
     assert [r["arguments"]["path"] for r in refused] == ["vendor/lib"]
+
+
+def test_a_reported_file_the_ignore_rules_keep_out_is_named_not_dropped_in_silence(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (repo / ".gitignore").write_text("*.log\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "ignore logs")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    (Path(checkout.worktree) / "report.log").write_text("findings\n")
+    (Path(checkout.worktree) / "notes.md").write_text("notes\n")
+    commit = branches.commit_task(checkout, run_key="night", index=1, total=1, description="report",
+                                  state="completed", files_changed=["report.log", "notes.md", "../outside.txt"])
+    assert commit
+    assert "- report.log: ignored by the repository's ignore rules" in git(repo, "log", "-1", "--format=%B", commit)
+    assert git(repo, "show", "--name-only", "--format=", commit).split() == ["notes.md"]

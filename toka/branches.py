@@ -472,7 +472,7 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         # flight when that process stopped, and goes to that task's commit.
         return None
     _git(worktree, "add", "-A")
-    left_out = _leave_out(worktree)
+    left_out = _leave_out(worktree) + _ignored(Path(checkout.root), files_changed)
     for path, why in left_out:
         if audit is not None:
             audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path},
@@ -542,6 +542,20 @@ def _leave_out(worktree: Path) -> list[tuple[str, str]]:
         left_out.append((as_text(path), f"a symbolic link leading out of the repository (to {as_text(target)!r}), "
                                         "removed"))
     return left_out
+
+
+def _ignored(root: Path, reported: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """The files the task reported changing that the repository's ignore rules keep out of its
+    commit, with why: said, not dropped in silence (the worktree goes at the run's end)."""
+    present = [f for f in reported if f and not Path(f).is_absolute() and ".." not in Path(f).parts
+               and (root / f).is_file()]
+    if not present:
+        return []
+    # Without -z (git takes it with --stdin only): one path a line, as given (a name holding a
+    # newline or a quote comes back quoted, and is not named here).
+    found = set(run_git(root, "-c", "core.quotePath=off", "check-ignore", "--", *present).stdout.splitlines())
+    return [(as_text(f), "ignored by the repository's ignore rules (.gitignore), so not committed; "
+                         "it is lost with the worktree at the run's end") for f in present if f in found]
 
 
 def leads_out(path: str, target: str) -> bool:
