@@ -668,3 +668,18 @@ def test_a_reported_file_the_ignore_rules_keep_out_is_named_not_dropped_in_silen
     assert commit
     assert "- report.log: ignored by the repository's ignore rules" in git(repo, "log", "-1", "--format=%B", commit)
     assert git(repo, "show", "--name-only", "--format=", commit).split() == ["notes.md"]
+
+
+def test_applying_one_agent_says_its_branch_holds_its_dependencies_work_too(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    for agent, deps in (("a", []), ("b", ["a"])):
+        checkout = branches.agent_checkout(run, agent, deps)
+        (Path(checkout.worktree) / f"from-{agent}.txt").write_text(f"{agent}\n")
+        branches.commit_task(checkout, run_key="night", index=1, total=1, description="write", state="completed")
+    branches.finish_run(run, ["a", "b"])
+    changes = branches.agent_changes(run, "b")
+    assert changes is not None and changes.files_changed == ["from-b.txt"]  # what `toka diff --agent b` shows
+    done = branches.apply_changes(run, "b")
+    assert done == "merged toka/night/b into your checkout (2 files, with the work of the dependencies it built on)"
+    assert (repo / "from-a.txt").is_file() and (repo / "from-b.txt").is_file()

@@ -836,7 +836,11 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     if merge.returncode != 0:
         run_git(repo, "merge", "--abort")
         raise BranchError(f"not applied: git merge {branch} failed: {(merge.stderr or merge.stdout).strip()}")
-    return f"merged {branch} into your checkout ({len(incoming)} files)"
+    built_on = ""
+    if agent is not None and json.loads(run.agent_record(agent).read_text(encoding="utf-8"))["start"] != run.base:
+        # Its branch starts from its dependencies' merged work: `toka diff --agent` shows its own.
+        built_on = ", with the work of the dependencies it built on"
+    return f"merged {branch} into your checkout ({len(incoming)} files{built_on})"
 
 
 #: What git leaves in its directory while an operation waits for the person, and its name.
