@@ -69,6 +69,18 @@ class TestValidate:
         assert code == 2
         assert "nowhere: no such file or directory" in err
 
+    def test_a_fifo_is_refused_without_reading_it(self, tmp_path: Path) -> None:
+        os.mkfifo(tmp_path / "pipe.yaml")  # opening it to read would wait for a writer forever
+        code, _, err = toka("validate", tmp_path / "pipe.yaml")
+        assert code == 2
+        assert "pipe.yaml: not a regular file or a directory" in err
+
+    def test_a_file_of_several_yaml_documents_says_so(self, tmp_path: Path) -> None:
+        (tmp_path / "two.yaml").write_text("metadata:\n  name: a\n---\nmetadata:\n  name: b\n")
+        code, _, err = toka("validate", tmp_path / "two.yaml")
+        assert code == 2
+        assert "two.yaml:3: invalid YAML: a spec file holds one YAML document, and this one has another" in err
+
     def test_empty_directory(self, tmp_path: Path) -> None:
         code, _, err = toka("validate", tmp_path)
         assert code == 2

@@ -36,6 +36,8 @@ def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
             found.update(dict.fromkeys(files))
         elif path.is_file():
             found[path] = None
+        elif path.exists():  # a FIFO, a device: reading it could block or never end
+            problems.append(Problem("not a regular file or a directory", source=str(path)))
         else:
             problems.append(Problem("no such file or directory", source=str(path)))
     if problems:

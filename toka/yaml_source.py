@@ -434,6 +434,8 @@ def load_yaml(source: YamlSource) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = e.problem or e.context or "malformed YAML"
+        if what == "but found another document":
+            what = "a spec file holds one YAML document, and this one has another after '---'"
         raise SpecError(
             [
                 Problem(
