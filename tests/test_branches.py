@@ -218,6 +218,8 @@ def test_a_workspace_without_git_gets_a_patch(tmp_path: Path) -> None:
     assert (folder / "shared.txt").read_text() == SHARED  # untouched until applied
     patch = folder / ".toka" / "patches" / "p.patch"
     assert "+line 3 (a)" in patch.read_text() and "patch:" in shown.output
+    assert "the workspace is not a git repository: the agents work on branches of a private copy" in shown.output
+    assert "git log" not in shown.output and "checkout" not in shown.output  # it has no git, no checkout
     applied = toka(folder, "apply")
     assert applied.exit_code == 0, applied.output
     assert (folder / "shared.txt").read_text() == SHARED.replace("line 3\n", "line 3 (a)\n")

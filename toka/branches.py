@@ -221,6 +221,11 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
     return branches
 
 
+def in_git_repository(workspace: Path) -> bool:
+    """Whether the agents' branches will be in the workspace's own repository (else in a private copy)."""
+    return _toplevel(workspace) is not None
+
+
 def _toplevel(workspace: Path) -> Path | None:
     try:
         done = run_git(workspace, "rev-parse", "--show-toplevel")

@@ -363,11 +363,16 @@ def run(
         err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
                   "the same tree (no branches to review or undo)")
     else:
-        from .branches import ref_part
+        from .branches import in_git_repository, ref_part
 
-        err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
-                  f"worktree, from {escape(config.base)}" + (" and your uncommitted work" if config.include_uncommitted
-                                                            else "; your checkout is not touched"))
+        if in_git_repository(space.root):
+            err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
+                      f"worktree, from {escape(config.base)}"
+                      + (" and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"))
+        else:
+            err.print("branches: the workspace is not a git repository: the agents work on branches of a private "
+                      "copy of it (.toka/copies/); the run ends with a patch for `toka apply`; the workspace is "
+                      "not touched")
     _prefect_environment(verbose=verbose)
     with _on_lasting_server():
         _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
@@ -456,6 +461,10 @@ def _print_branches(summary: PipelineSummary) -> None:
     if run.pushed:
         out.print(f"push:        {escape(run.pushed)}")
     key = escape(summary.run_key)
+    if run.patch:  # the branches are in a private copy: the workspace has no git to look with
+        out.print(f"review:      toka diff --run {key}   |   the patch above")
+        out.print(f"then:        toka apply --run {key}  (apply it to the workspace)   |   toka discard --run {key}")
+        return
     out.print(f"review:      toka diff --run {key}   |   git log {escape(run.base[:12])}..{escape(run.branch)}")
     out.print(f"then:        toka apply --run {key}  (merge into your checkout)   |   toka discard --run {key}")
 
