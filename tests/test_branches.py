@@ -654,6 +654,10 @@ def test_a_git_repository_made_inside_the_worktree_is_not_committed_as_a_danglin
     assert (nested / "code.c").is_file()  # left in the worktree
     refused = [r for r in read_audit(repo / ".toka", run="night") if r["decision"] == "refused"]
     assert [r["arguments"]["path"] for r in refused] == ["vendor/lib"]
+    branches.finish_run(run, ["a"])
+    assert nested.is_dir()  # a worktree holding files no task committed stays at the run's end
+    removed = branches.discard_run(run)
+    assert f"{checkout.worktree} (with 1 uncommitted file: gone)" in removed  # said by `toka discard`
 
 
 def test_a_reported_file_the_ignore_rules_keep_out_is_named_not_dropped_in_silence(tmp_path: Path) -> None:

@@ -761,8 +761,12 @@ def discard_run(run: RunBranches) -> list[str]:
             if line.startswith("worktree "):
                 path = Path(line.removeprefix("worktree "))
                 if path.is_relative_to(worktrees):
+                    # Said, not dropped in silence: an agent cut short, a repository it made inside.
+                    left = len(_git(path, "status", "--porcelain", "--untracked-files=all", check=False).splitlines()
+                               ) if path.is_dir() else 0
                     _git(repo, "worktree", "remove", "--force", "--force", str(path))
-                    removed.append(str(path))
+                    removed.append(str(path) + (f" (with {left} uncommitted file{'s' * (left != 1)}: gone)"
+                                                if left else ""))
         shutil.rmtree(worktrees, ignore_errors=True)
         _forget_missing_worktrees(repo, worktrees)
         prefix = f"refs/heads/toka/{ref_part(run.run_key)}/"
