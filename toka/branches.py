@@ -828,17 +828,17 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     touched = sorted(incoming & uncommitted_files(repo))
     if touched:
         raise BranchError(f"not applied: {branch} changes files you have uncommitted changes in: "
-                          f"{', '.join(touched)}; commit or stash them first")
+                          f"{as_text(', '.join(touched))}; commit or stash them first")
     # Git's merge overwrites ignored files (a `.env`, say) without a word: they are the person's too.
     tracked = set(_git(repo, "ls-files", "-z").split("\0"))
     in_the_way = sorted(p for p in incoming if p not in tracked and os.path.lexists(repo / p))
     if in_the_way:
         raise BranchError(f"not applied: {branch} brings files you have untracked or ignored copies of: "
-                          f"{', '.join(in_the_way)}; move them aside first")
+                          f"{as_text(', '.join(in_the_way))}; move them aside first")
     done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", head, tip)
     if done.returncode == 1:
         files = sorted(set(done.stdout.strip().splitlines()[1:]))
-        raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in {', '.join(files)}; "
+        raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in {as_text(', '.join(files))}; "
                                  f"merge it yourself (`git merge {branch}`)", files)
     merge = run_git(repo, "merge", "--no-edit", "--no-verify", "-m", f"Merge {branch} (toka run {run.run_key})",
                     tip, env=_identity("run"))

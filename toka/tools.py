@@ -499,7 +499,9 @@ class Toolbox:
             raise
         # Whatever a tool read (a file name a command made that is not UTF-8) must reach the model
         # and the audit trail as text.
-        output = replace(output, text=as_text(output.text), files_changed=[as_text(f) for f in output.files_changed])
+        text, files = as_text(output.text), [as_text(f) for f in output.files_changed]
+        if text is not output.text or files != output.files_changed:
+            output = replace(output, text=text, files_changed=files)
         self.calls.append(ToolCall(name, refused=decision == "refused", is_error=output.is_error))
         self._audit(name, arguments, decision, reason, started=started, is_error=output.is_error, output=output)
         return output
