@@ -838,8 +838,8 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", head, tip)
     if done.returncode == 1:
         files = sorted(set(done.stdout.strip().splitlines()[1:]))
-        raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in {as_text(', '.join(files))}; "
-                                 f"merge it yourself (`git merge {branch}`)", files)
+        raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in "
+                                 f"{as_text(', '.join(files))}; merge it yourself (`git merge {branch}`)", files)
     merge = run_git(repo, "merge", "--no-edit", "--no-verify", "-m", f"Merge {branch} (toka run {run.run_key})",
                     tip, env=_identity("run"))
     if merge.returncode != 0:
