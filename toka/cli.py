@@ -366,9 +366,9 @@ def run(
         from .branches import in_git_repository, ref_part
 
         if in_git_repository(space.root):
+            start = " and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"
             err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
-                      f"worktree, from {escape(config.base)}"
-                      + (" and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"))
+                      f"worktree, from {escape(config.base)}{start}")
         else:
             err.print("branches: the workspace is not a git repository: the agents work on branches of a private "
                       "copy of it (.toka/copies/); the run ends with a patch for `toka apply`; the workspace is "
