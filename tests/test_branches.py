@@ -689,3 +689,17 @@ def test_applying_one_agent_says_its_branch_holds_its_dependencies_work_too(tmp_
     done = branches.apply_changes(run, "b")
     assert done == "merged toka/night/b into your checkout (2 files, with the work of the dependencies it built on)"
     assert (repo / "from-a.txt").is_file() and (repo / "from-b.txt").is_file()
+
+
+def test_apply_needing_a_merge_commit_says_why_staged_changes_stop_it(tmp_path: Path) -> None:
+    repo, run = _finished_run(tmp_path, {"from-agent.txt": "agent\n"})
+    (repo / "mine.txt").write_text("mine\n")
+    git(repo, "add", "mine.txt")
+    git(repo, "commit", "-q", "-m", "my commit since the run")
+    (repo / "staged.txt").write_text("staged\n")
+    git(repo, "add", "staged.txt")
+    before = checkout_state(repo)
+    with pytest.raises(BranchError, match=r"needs a merge commit .* you have staged changes: staged\.txt; commit or "
+                                          r"unstage them first"):
+        branches.apply_changes(run)
+    assert checkout_state(repo) == before

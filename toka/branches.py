@@ -835,6 +835,14 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     if in_the_way:
         raise BranchError(f"not applied: {branch} brings files you have untracked or ignored copies of: "
                           f"{as_text(', '.join(in_the_way))}; move them aside first")
+    if not _is_ancestor(repo, head, tip):
+        # A merge commit (you committed since the run's start): git merges only onto an index as
+        # HEAD has it, and said so naming the staged file as if the run would overwrite it.
+        staged = sorted(f for f in _git(repo, "diff", "--cached", "--name-only", "-z").split("\0") if f)
+        if staged:
+            raise BranchError(f"not applied: {branch} needs a merge commit (your checkout has commits since the "
+                              f"run's start) and you have staged changes: {as_text(', '.join(staged))}; "
+                              "commit or unstage them first")
     done = run_git(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", head, tip)
     if done.returncode == 1:
         files = sorted(set(done.stdout.strip().splitlines()[1:]))
