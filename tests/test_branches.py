@@ -462,7 +462,11 @@ def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_p
     os.symlink("tools/../.GIT/config", tree / "config")
     (tree / "current.txt").unlink()
     os.symlink("/etc/passwd", tree / "current.txt")  # was a link inside: put back as it was
-    os.symlink("tools/bin", tree / "programs")  # inside the repository: committed
+    os.symlink("tools/bin", tree / "programs")  # through the person's link out: out too
+    (tree / "d").mkdir()
+    os.symlink("..", tree / "d" / "up")  # the top: committed
+    os.symlink("d/up/..", tree / "parent")  # `..` after a link: the repository's parent
+    os.symlink("../shared.txt", tree / "d" / "shared")  # inside: committed
     (tree / "shared.txt").write_text("edited\n")
     audit = AuditLog(repo / ".toka" / "audit" / "night.jsonl", run="night")
 
@@ -470,31 +474,33 @@ def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_p
                                   state="completed", audit=audit)
     assert commit
     committed = git(repo, "show", "--name-status", "--format=", commit).split("\n")
-    assert sorted(filter(None, committed)) == ["A\tprograms", "M\tshared.txt"]
+    assert sorted(filter(None, committed)) == ["A\td/shared", "A\td/up", "M\tshared.txt"]
     message = git(repo, "log", "-1", "--format=%B", commit)
     assert "Not committed:\n- " in message
-    assert "- root: a symbolic link leading out of the repository (to '/'), removed" in message
+    assert "- root: a symbolic link leading out of the repository (to '/'); removed" in message
+    assert "- current.txt: a symbolic link leading out of the repository (to '/etc/passwd'); put back as" in message
     assert "- current.txt: a symbolic link leading out of the repository (to '/etc/passwd')" in message
-    for name in ("root", "person", "tools/up", "gitdir", "config"):
+    for name in ("root", "person", "tools/up", "gitdir", "config", "programs", "parent"):
         assert not os.path.lexists(tree / name), name
     assert os.readlink(tree / "current.txt") == "shared.txt"
     assert os.readlink(tree / "tools" / "bin") == "/usr/bin"  # the person's, untouched
     refused = [r for r in read_audit(repo / ".toka", run="night") if r["decision"] == "refused"]
     assert sorted(r["arguments"]["path"] for r in refused) == sorted(
-        ["root", "person", "tools/up", "gitdir", "config", "current.txt"])
+        ["root", "person", "tools/up", "gitdir", "config", "current.txt", "programs", "parent"])
     assert all(r["tool"] == "git-commit" and r["agent"] == "a" for r in refused)
     assert git(tree, "status", "--porcelain") == ""  # nothing left for the next task's commit
 
     branches.finish_run(run, ["a"])
     assert branches.apply_changes(run).startswith("merged")
     assert not os.path.lexists(repo / "root") and os.readlink(repo / "current.txt") == "shared.txt"
-    assert os.readlink(repo / "programs") == "tools/bin"
+    assert os.readlink(repo / "d" / "shared") == "../shared.txt" and not os.path.lexists(repo / "parent")
 
 
 @pytest.mark.parametrize(("path", "target", "out"), [
     ("a", "b", False), ("d/a", "../b", False), ("d/a", "../../b", True), ("a", "/b", True),
     ("a", ".git", True), ("d/a", "../.git/hooks", True), ("a", "./x/../.Git", True), ("a", "", True),
     ("a", ".gitignore", False), ("d/a", ".git/config", True),  # a nested repository's, or a submodule's
+    ("x", "d/up/..", True), ("a", "b/../c", True), ("d/a", "./../b", False),  # `..` after a name: it may be a link
 ])
 def test_which_link_targets_lead_out(path: str, target: str, out: bool) -> None:
     assert branches.leads_out(path, target) is out
@@ -703,3 +709,37 @@ def test_apply_needing_a_merge_commit_says_why_staged_changes_stop_it(tmp_path: 
                                           r"unstage them first"):
         branches.apply_changes(run)
     assert checkout_state(repo) == before
+
+
+def test_an_empty_repository_or_a_gitmodules_hiding_one_does_not_stop_or_fool_the_commit(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+    (tree / "empty").mkdir()
+    git(tree / "empty", "init", "-q")  # no commit yet: `git add -A` failed on it
+    hidden = tree / "n"
+    hidden.mkdir()
+    git(hidden, "init", "-q")
+    git(hidden, "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q", "--allow-empty", "-m", "x")
+    (tree / ".gitmodules").write_text('[submodule "n"]\n\tpath = n\n\turl = https://example.invalid/x.git\n'
+                                      "\tignore = all\n")
+    commit = branches.commit_task(checkout, run_key="night", index=1, total=1, description="x", state="completed")
+    assert commit
+    modes = git(repo, "ls-tree", "-r", "--format=%(objectmode) %(path)", commit).split("\n")[:-1]
+    assert modes == ["100644 .gitmodules", "100644 shared.txt"]  # no gitlink, whatever .gitmodules says
+    message = git(repo, "log", "-1", "--format=%B", commit)
+    assert "- empty: a git repository of its own" in message and "- n: a git repository of its own" in message
+
+
+def test_a_crlf_file_in_a_workspace_without_git_is_patched_byte_for_byte(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "dos.txt").write_bytes(b"one\r\ntwo\r\n")
+    run = branches.open_run(folder, folder / ".toka", "p")
+    checkout = branches.agent_checkout(run, "a", [])
+    (Path(checkout.root) / "dos.txt").write_bytes(b"one\r\nTWO\r\n")
+    assert branches.commit_task(checkout, run_key="p", index=1, total=1, description="edit", state="completed")
+    branches.finish_run(run, ["a"])
+    assert branches.apply_changes(run).startswith("applied")  # the patch kept its \r: it applies
+    assert (folder / "dos.txt").read_bytes() == b"one\r\nTWO\r\n"

@@ -134,6 +134,12 @@ def test_a_run_key_that_git_or_a_file_name_would_change_is_refused(key: str) -> 
         RunConfig.from_flat({"run_key": key})
 
 
+def test_a_blank_run_key_from_a_form_is_no_key() -> None:
+    assert RunOptions(run_key="").run_key is None  # the flow run's id, as for None
+    with pytest.raises((ConfigError, ValueError), match="run_key"):  # resolved settings always have one
+        RunConfig.from_flat({"run_key": ""})
+
+
 @pytest.mark.parametrize("key", ["night-1", "nightly_2026.12.02", "0b5e6c2d-1f7a-4c3e-9d2b-5a6f7e8d9c0b", "k" * 100])
 def test_run_keys_git_and_file_names_take_as_they_are_pass(key: str) -> None:
     assert RunConfig.from_flat({"run_key": key}).run_key == key

@@ -212,30 +212,29 @@ def test_the_runtimes_own_git_runs_nothing_the_repository_configures(tmp_path: P
     assert "core.hooksPath=/dev/null" in argv and "filter.e.clean=" in argv and "diff.e.textconv=" in argv
 
 
-def test_filters_of_the_persons_global_configuration_and_its_includes_do_not_run_either(
+def test_drivers_of_files_the_repository_configuration_includes_do_not_run_but_the_persons_own_do(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # git-lfs sets a filter up in ~/.gitconfig, with `required`: an agent's `* filter=lfs` in
-    # .gitattributes would run it at the runtime's `git add` and at `toka apply`.
+    # A file the repository's configuration includes may lie where a command can write it; the
+    # person's global configuration is theirs (git-lfs's filter), as for their own git.
     home, mark = tmp_path / "home", tmp_path / "ran"
-    (home / ".config" / "git").mkdir(parents=True)
-    (home / ".gitconfig").write_text(f'[filter "g"]\n\tclean = "echo g >> {mark}; cat"\n\trequired = true\n'
-                                     '[include]\n\tpath = more.inc\n')
-    (home / "more.inc").write_text(f'[filter "i"]\n\tsmudge = "echo i >> {mark}; cat"\n')
-    (home / ".config" / "git" / "config").write_text(f'[diff "x"]\n\ttextconv = "echo x >> {mark}; cat"\n')
+    home.mkdir()
+    (home / ".gitconfig").write_text(f'[filter "g"]\n\tclean = "echo g >> {mark}; cat"\n')
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "f.txt").write_text("a\n")
     _git_repo(repo)
-    (repo / ".gitattributes").write_text("* filter=g diff=x\nf.txt filter=i\n")
+    (tmp_path / "more.inc").write_text(f'[filter "i"]\n\tclean = "echo i >> {mark}; cat"\n\trequired = true\n')
+    with (repo / ".git" / "config").open("a") as f:
+        f.write(f"[include]\n\tpath = {tmp_path / 'more.inc'}\n")
+    (repo / ".gitattributes").write_text("f.txt filter=i\ng.txt filter=g\n")
     (repo / "f.txt").write_text("b\n")
-    for args in (("add", "-A"), ("diff", "--cached"), ("-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"),
-                 ("checkout", "-q", "-b", "other"), ("log", "-p", "-1")):
-        done = run_git(repo, *args)
-        assert done.returncode == 0, (args, done.stderr)
-    assert not mark.exists(), mark.read_text()
-    assert "filter.g.required=false" in git_argv(repo, "status")
+    (repo / "g.txt").write_text("g\n")
+    done = run_git(repo, "add", "-A")
+    assert done.returncode == 0, done.stderr  # the included filter, neutralised, is not required either
+    assert mark.read_text() == "g\n"  # the person's own filter ran; the included one did not
+    assert "filter.i.required=false" in git_argv(repo, "status")
 
 
 # -- host services through Unix sockets ----------------------------------------------------------

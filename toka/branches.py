@@ -385,7 +385,8 @@ def _forget_missing_worktrees(repo: Path, under: Path) -> None:
         if line.startswith("worktree "):
             path = Path(line.removeprefix("worktree "))
             if path.resolve().is_relative_to(under) and not path.exists():
-                _git(repo, "worktree", "remove", "--force", str(path))
+                # Twice: a `worktree add` killed midway leaves its worktree locked.
+                _git(repo, "worktree", "remove", "--force", "--force", str(path))
 
 
 def _drop_stale_index_lock(worktree: Path) -> None:
@@ -476,13 +477,17 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
         # where that cache is out of reach): what the worktree holds now is a later task's, in
         # flight when that process stopped, and goes to that task's commit.
         return None
-    _git(worktree, "add", "-A")
-    left_out = _leave_out(worktree) + _ignored(Path(checkout.root), files_changed)
+    # A git repository the task made inside (listed by git as "dir/") is not added: git would commit
+    # a bare pointer to a commit nobody else has, or fail on one with no commit yet.
+    nested = [d for d in _git(worktree, "ls-files", "-o", "-z", "--exclude-standard").split("\0") if d.endswith("/")]
+    _git(worktree, "add", "-A", "--", ".", *(f":(exclude,literal){d}" for d in nested))
+    left_out = ([(as_text(d.rstrip("/")), _NESTED) for d in nested] + _leave_out(worktree)
+                + _ignored(Path(checkout.root), files_changed))
     for path, why in left_out:
         if audit is not None:
             audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path},
                          decision="refused", is_error=True, reason=f"not committed: {path}: {why}")
-    if run_git(worktree, "diff", "--cached", "--quiet").returncode == 0:
+    if run_git(worktree, "diff", "--cached", "--quiet", "--ignore-submodules=none").returncode == 0:
         return None
     failed = state == "failed"
     title = " ".join(description.split())
@@ -509,6 +514,7 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
 
 
 _SET_ASIDE = "Toka-Set-Aside"
+_NESTED = "a git repository of its own (made inside the worktree); its files are left in the worktree, not committed"
 _LINK_MODE = "120000"
 _GITLINK_MODE = "160000"
 
@@ -519,7 +525,9 @@ def _leave_out(worktree: Path) -> list[tuple[str, str]]:
     (one that was in the start commit is put back as it was); a git repository an agent made
     inside the worktree is committed by git as a bare pointer to a commit the person's
     repository does not have, so it is left out, its files left in the worktree."""
-    raw = _git(worktree, "diff", "--cached", "--raw", "-z", "--no-renames", "--diff-filter=AMT")
+    # --ignore-submodules=none: a .gitmodules the agent wrote (ignore = all) must not hide a gitlink.
+    raw = _git(worktree, "diff", "--cached", "--raw", "-z", "--no-renames", "--diff-filter=AMT",
+               "--ignore-submodules=none")
     fields = raw.split("\0")
     left_out = []
     # -z --raw: ":<old mode> <new mode> <old blob> <new blob> <status>" NUL "<path>" NUL, repeated.
@@ -533,19 +541,18 @@ def _leave_out(worktree: Path) -> list[tuple[str, str]]:
                 _git(worktree, "reset", "-q", "HEAD", "--", literal)
             else:
                 _git(worktree, "update-index", "--force-remove", "--", path)
-            left_out.append((as_text(path), "a git repository of its own (made inside the worktree); "
-                                            "its files are left in the worktree, not committed"))
+            left_out.append((as_text(path), _NESTED))
             continue
         target = _git(worktree, "cat-file", "blob", parts[3])
-        if not leads_out(path, target):
+        if not (leads_out(path, target) or _resolves_out(worktree, path)):
             continue
         if in_start:
             _git(worktree, "checkout", "-q", "HEAD", "--", literal)  # back to the start's version
         else:
             _git(worktree, "rm", "-q", "--cached", "--", literal)
             (worktree / path).unlink(missing_ok=True)
-        left_out.append((as_text(path), f"a symbolic link leading out of the repository (to {as_text(target)!r}), "
-                                        "removed"))
+        left_out.append((as_text(path), f"a symbolic link leading out of the repository (to {as_text(target)!r}); "
+                                        + ("put back as the start commit had it" if in_start else "removed")))
     return left_out
 
 
@@ -565,11 +572,29 @@ def _ignored(root: Path, reported: list[str] | tuple[str, ...]) -> list[tuple[st
 
 def leads_out(path: str, target: str) -> bool:
     """Whether a symbolic link at ``path`` (relative to the repository's top) to ``target``
-    points outside the repository or into a ``.git`` (its own or a nested repository's)."""
+    points outside the repository or into a ``.git`` (its own or a nested repository's).
+
+    Only leading ``..`` are taken: after a name, ``..`` would climb out of wherever that name
+    leads, and the name may be another link (``x -> d/up/..`` with ``d/up -> ..`` is the
+    repository's parent). With every link held to that, a chain of links stays inside.
+    """
     if not target or target.startswith("/") or "\0" in target:
         return True
+    named = False
+    for part in target.split("/"):
+        if part == ".." and named:
+            return True
+        named = named or part not in ("", ".", "..")
     parts = posixpath.normpath(posixpath.join(posixpath.dirname(path), target)).split("/")
     return parts[0] == ".." or any(part.lower() == ".git" for part in parts)
+
+
+def _resolves_out(worktree: Path, path: str) -> bool:
+    """Whether the link at ``path`` resolves, on disk, outside the worktree or into a ``.git``:
+    through a link of the start commit (``vendor -> /opt/vendor`` makes ``x -> vendor/lib`` lead out)."""
+    top = worktree.resolve()
+    where = Path(os.path.realpath(worktree / path))
+    return not where.is_relative_to(top) or any(part.lower() == ".git" for part in where.relative_to(top).parts)
 
 
 def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> bool:
@@ -862,7 +887,8 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
 
 #: What git leaves in its directory while an operation waits for the person, and its name.
 _IN_PROGRESS = {"MERGE_HEAD": "a merge", "rebase-merge": "a rebase", "rebase-apply": "a rebase or `git am`",
-                "CHERRY_PICK_HEAD": "a cherry-pick", "REVERT_HEAD": "a revert", "BISECT_LOG": "a bisect"}
+                "CHERRY_PICK_HEAD": "a cherry-pick", "REVERT_HEAD": "a revert", "BISECT_LOG": "a bisect",
+                "sequencer": "a cherry-pick or revert of several commits"}
 
 
 def _operation_in_progress(repo: Path) -> str | None:

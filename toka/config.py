@@ -87,7 +87,10 @@ _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 
 def _run_key(value: str | None) -> str | None:
     # It names git branches (toka/<key>/...) and files (.toka/.../<key>.json) as it is: two keys
-    # that only became one there would share branches and records.
+    # that only became one there would share branches and records. Empty (a form's blank field)
+    # is no key: the flow run's id, as for None.
+    if value == "":
+        return None
     if value is not None and (not _RUN_KEY.fullmatch(value) or len(value) > 100 or value.endswith(".lock")):
         raise PydanticCustomError("run_key", "not a run key: letters, digits, '-', '_' and single dots inside "
                                   "(e.g. nightly-2026-12-02), at most 100 characters; it names git branches and files")
@@ -252,7 +255,7 @@ def settings() -> Iterator[Setting]:
 class RunConfig(RunOptions):
     """The resolved settings of one run, as every agent flow and task receives them."""
 
-    run_key: Annotated[str, AfterValidator(_run_key)]  # type: ignore[assignment]  # resolved: never empty here
+    run_key: Annotated[str, Field(min_length=1), AfterValidator(_run_key)]  # type: ignore[assignment]  # resolved
     """Identifies a logical run; tasks finished under the same key are not redone."""
     provider: ProviderSettings = ProviderSettings()
     limits: Limits = Limits()

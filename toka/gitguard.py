@@ -20,9 +20,8 @@ runs (a workspace script, a ``conftest.py`` under pytest) could plant them. So:
    cherry-pick left in progress may not carry ``exec`` lines either.
 
 The runtime's own git calls go through :func:`git_argv`, which switches hooks,
-fsmonitor, pagers, editors, external diff, filters, textconv and merge drivers off
-on the command line, whatever the repository's configuration, the person's global
-one or the files they include say.
+fsmonitor, pagers, editors, external diff, and the filters, textconv and merge drivers
+the repository's configuration (or a file it includes) names off on the command line.
 """
 
 from __future__ import annotations
@@ -104,20 +103,20 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0,
 
     ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
     """
-    # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command): kept as
-    # the bytes they are (surrogate escapes), so a path read here names the same file in argv.
-    return subprocess.run(git_argv(repo, *args), capture_output=True, text=True, errors="surrogateescape",
-                          env={**git_env(), **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    done = subprocess.run(git_argv(repo, *args), capture_output=True, env={**git_env(), **(env or {})},
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command), nor end
+    # lines with \n alone (a CRLF file's patch): kept as the bytes they are (surrogate escapes, no
+    # newline translation), so a path read here names the same file in argv and a patch applies.
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "surrogateescape"),
+                                       done.stderr.decode("utf-8", "surrogateescape"))
 
 
 def _config_keys(repo: Path) -> list[str]:
-    """Every key of the configuration git reads in ``repo`` (read as files: nothing is run): the
-    repository's own files, the person's global ones (a filter git-lfs set up there runs on any
-    ``filter=`` attribute an agent writes), and every file they include."""
-    home = Path(os.path.expanduser("~"))
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
-    files = [xdg / "git" / "config", home / ".gitconfig",
-             *(gitdir / name for gitdir in git_dirs(repo) for name in ("config", "config.worktree"))]
+    """Every key of the repository's own configuration files and of every file they include (read
+    as files: nothing is run). The person's global configuration is theirs, as for their own git:
+    its filters (git-lfs's) keep working in the agents' commits and in ``toka apply``."""
+    files = [gitdir / name for gitdir in git_dirs(repo) for name in ("config", "config.worktree")]
     keys: list[str] = []
     read: set[Path] = set()
     while files and len(read) < 64:  # includes may include each other

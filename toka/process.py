@@ -24,8 +24,9 @@ __all__ = ["ProcessResult", "process_state", "run_process"]
 
 
 def as_text(text: str) -> str:
-    """``text`` safe to send and write as UTF-8: a lone surrogate (a file name that is not UTF-8,
-    read by Python with surrogate escapes) becomes U+FFFD; valid text is left as it is."""
+    """``text`` safe to send and write as UTF-8: a surrogate escape (a byte of a file name that is
+    not UTF-8, as Python reads it) becomes U+FFFD, another lone surrogate ``?``; valid text is left
+    as it is (the same object)."""
     try:
         text.encode("utf-8")
         return text
