@@ -26,8 +26,8 @@ A workspace that is not in a git repository is copied once into
 that, and the run ends with a patch (``.toka/patches/<run>.patch``) that
 ``toka apply`` applies to the workspace.
 
-Every git command goes through :func:`toka.gitguard.run_git`: hooks, filters and
-other configured programs never run.
+Every git command goes through :func:`toka.gitguard.run_git`: hooks, and the filters and
+other programs the repository's configuration names, never run.
 """
 
 from __future__ import annotations
