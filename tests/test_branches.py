@@ -662,8 +662,9 @@ def test_a_git_repository_made_inside_the_worktree_is_not_committed_as_a_danglin
     assert [r["arguments"]["path"] for r in refused] == ["vendor/lib"]
     branches.finish_run(run, ["a"])
     assert nested.is_dir()  # a worktree holding files no task committed stays at the run's end
-    removed = branches.discard_run(run)
-    assert f"{checkout.worktree} (with 1 uncommitted file: gone)" in removed  # said by `toka discard`
+    discarded = branches.discard_run(run)
+    assert checkout.worktree in discarded.removed
+    assert discarded.uncommitted == {checkout.worktree: 1}  # said by `toka discard`
 
 
 def test_a_reported_file_the_ignore_rules_keep_out_is_named_not_dropped_in_silence(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from .process import as_text
 __all__ = [
     "AgentChanges",
     "AgentCheckout",
+    "Discarded",
     "RunBranches",
     "RunChanges",
     "agent_checkout",
@@ -381,12 +382,16 @@ def _forget_missing_worktrees(repo: Path, under: Path) -> None:
     ``git worktree prune``: that forgets every missing worktree of the repository, the person's
     own on a drive not mounted just now too (with what they had staged there)."""
     under = under.resolve()
-    for line in _git(repo, "worktree", "list", "--porcelain").splitlines():
-        if line.startswith("worktree "):
-            path = Path(line.removeprefix("worktree "))
-            if path.resolve().is_relative_to(under) and not path.exists():
-                # Twice: a `worktree add` killed midway leaves its worktree locked.
-                _git(repo, "worktree", "remove", "--force", "--force", str(path))
+    for path in _worktrees_of(repo):
+        if path.resolve().is_relative_to(under) and not path.exists():
+            # Twice: a `worktree add` killed midway leaves its worktree locked.
+            _git(repo, "worktree", "remove", "--force", "--force", str(path))
+
+
+def _worktrees_of(repo: Path) -> list[Path]:
+    """Every worktree git has a record of in ``repo`` (the main one first), there or not."""
+    return [Path(line.removeprefix("worktree ")) for line in _git(repo, "worktree", "list", "--porcelain").splitlines()
+            if line.startswith("worktree ")]
 
 
 def _drop_stale_index_lock(worktree: Path) -> None:
@@ -664,11 +669,15 @@ class AgentChanges:
 
 def agent_changes(run: RunBranches, agent: str) -> AgentChanges | None:
     """The agent's branch against its start; None when it has none."""
-    record = run.agent_record(agent)
-    if not record.is_file():
+    if not run.agent_record(agent).is_file():
         return None
-    repo, start = Path(run.repo), json.loads(record.read_text(encoding="utf-8"))["start"]
-    return changes_between(repo, run.branch(agent), start, _head(repo, run.branch(agent)))
+    repo = Path(run.repo)
+    return changes_between(repo, run.branch(agent), _agent_start(run, agent), _head(repo, run.branch(agent)))
+
+
+def _agent_start(run: RunBranches, agent: str) -> str:
+    """The commit the agent's branch started from (its record's)."""
+    return str(json.loads(run.agent_record(agent).read_text(encoding="utf-8"))["start"])
 
 
 def changes_between(repo: Path, branch: str, start: str, head: str) -> AgentChanges:
@@ -776,22 +785,32 @@ def push_run(run: RunBranches, changes: RunChanges, remote: str) -> str:
     return note
 
 
-def discard_run(run: RunBranches) -> list[str]:
-    """Remove the run's worktrees, branches, private copy and records; return what was removed."""
+@dataclass(frozen=True)
+class Discarded:
+    """What :func:`discard_run` removed."""
+
+    removed: list[str]
+    """Worktrees and branches."""
+    uncommitted: dict[str, int]
+    """Worktree -> how many of its files no task had committed (an agent cut short, a repository
+    it made inside): gone with it, and said so."""
+
+
+def discard_run(run: RunBranches) -> Discarded:
+    """Remove the run's worktrees, branches, private copy and records."""
     repo = Path(run.repo)
     removed: list[str] = []
+    uncommitted: dict[str, int] = {}
     worktrees = run.worktrees
     if repo.is_dir():
-        for line in _git(repo, "worktree", "list", "--porcelain").splitlines():
-            if line.startswith("worktree "):
-                path = Path(line.removeprefix("worktree "))
-                if path.is_relative_to(worktrees):
-                    # Said, not dropped in silence: an agent cut short, a repository it made inside.
-                    left = len(_git(path, "status", "--porcelain", "--untracked-files=all", check=False).splitlines()
-                               ) if path.is_dir() else 0
-                    _git(repo, "worktree", "remove", "--force", "--force", str(path))
-                    removed.append(str(path) + (f" (with {left} uncommitted file{'s' * (left != 1)}: gone)"
-                                                if left else ""))
+        for path in _worktrees_of(repo):
+            if path.is_relative_to(worktrees):
+                if path.is_dir():
+                    left = len(_git(path, "status", "--porcelain", "--untracked-files=all", check=False).splitlines())
+                    if left:
+                        uncommitted[str(path)] = left
+                _git(repo, "worktree", "remove", "--force", "--force", str(path))
+                removed.append(str(path))
         shutil.rmtree(worktrees, ignore_errors=True)
         _forget_missing_worktrees(repo, worktrees)
         prefix = f"refs/heads/toka/{ref_part(run.run_key)}/"
@@ -805,7 +824,7 @@ def discard_run(run: RunBranches) -> list[str]:
         run.patch_path().unlink(missing_ok=True)
     shutil.rmtree(Path(run.state_dir) / "branches" / run.run_dir, ignore_errors=True)
     run.record_path.unlink(missing_ok=True)
-    return removed
+    return Discarded(removed, uncommitted)
 
 
 def uncommitted_files(repo: Path) -> set[str]:
@@ -879,7 +898,7 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
         run_git(repo, "merge", "--abort")
         raise BranchError(f"not applied: git merge {branch} failed: {(merge.stderr or merge.stdout).strip()}")
     built_on = ""
-    if agent is not None and json.loads(run.agent_record(agent).read_text(encoding="utf-8"))["start"] != run.base:
+    if agent is not None and _agent_start(run, agent) != run.base:
         # Its branch starts from its dependencies' merged work: `toka diff --agent` shows its own.
         built_on = ", with the work of the dependencies it built on"
     return f"merged {branch} into your checkout ({len(incoming)} files{built_on})"
@@ -903,8 +922,7 @@ def _operation_in_progress(repo: Path) -> str | None:
 
 def _apply_patch(run: RunBranches, branch: str) -> str:
     repo, workspace = Path(run.repo), Path(run.workspace)
-    start = run.base if branch == run.merged_branch else json.loads(
-        run.agent_record(branch.rsplit("/", 1)[1]).read_text(encoding="utf-8"))["start"]
+    start = run.base if branch == run.merged_branch else _agent_start(run, branch.rsplit("/", 1)[1])
     patch = _git(repo, "diff", "--binary", start, _head(repo, branch))
     if not patch:
         return f"nothing to apply: {branch} changes nothing"

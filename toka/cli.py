@@ -648,11 +648,11 @@ def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
 
     with _user_errors():
         branches = _run_branches(workspace, run_id, None)
-        removed = discard_run(branches)
-    for what in removed:
-        if what.endswith(": gone)"):
-            err.print(f"[yellow]removed[/yellow] {escape(what)}")
-    out.print(f"discarded run {escape(branches.run_key)}: {len(removed)} branches and worktrees removed")
+        discarded = discard_run(branches)
+    for worktree, left in discarded.uncommitted.items():
+        files = f"{left} uncommitted file{'s' * (left != 1)}"
+        err.print(f"[yellow]removed[/yellow] {escape(worktree)} (with {files}: gone)")
+    out.print(f"discarded run {escape(branches.run_key)}: {len(discarded.removed)} branches and worktrees removed")
 
 
 @app.command(cls=_Command)
