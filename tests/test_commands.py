@@ -77,6 +77,9 @@ ALLOWED: list[tuple[str, list[str], bool]] = [
     ("git-access", ["git", "config", "--get", "user.name"], False),
     ("git-access", ["git", "config", "--list"], False),
     ("git-access", ["git", "config", "-l"], False),
+    ("git-access", ["git", "config", "--show-origin", "--get-regexp", "^alias\\."], False),
+    ("git-access", ["git", "config", "get", "user.email"], False),
+    ("git-access", ["git", "config", "--file", "setup.cfg", "--list"], False),
     ("git-access", ["git", "commit", "-m", "message"], False),
     ("git-access", ["git", "grep", "-c", "TODO"], False),  # -c refused for clone only
     ("git-access", ["git", "log", "-S", "fix", "--", "-x"], False),  # after `--`: paths
@@ -216,6 +219,13 @@ REFUSED: list[Any] = [
     ({"git-access"}, ["git", "config", "--add", "alias.x", "!sh"], r"git config may only be read"),
     ({"git-access"}, ["git", "config", "--edit"], r"git config may only be read"),
     ({"git-access"}, ["git", "config", "set", "core.fsmonitor", "touch pwned"], r"git config may only be read"),
+    # A read action as an operand (after `--`, or a value pattern) does not make the call a read.
+    pytest.param({"git-access"}, ["git", "config", "--global", "--", "alias.pwn", "!sh", "--list"],
+                 r"git config may only be read", id="was-bug-git-config-list-as-value-pattern"),
+    ({"git-access"}, ["git", "config", "--global", "alias.pwn", "!sh", "--list"], r"git config may only be read"),
+    ({"git-access"}, ["git", "config", "--get", "--unset", "alias.x"], r"git config may only be read"),
+    ({"git-access"}, ["git", "config", "--file", "--list", "alias.x", "!sh"], r"git config may only be read"),
+    ({"git-access"}, ["git", "config", "--replace-all", "core.pager", "sh", "--get"], r"git config may only be read"),
     pytest.param({"git-access"}, ["git", "grep", "-Otouch pwned", "hello"], "program", id="was-bug-git-grep-O"),
     pytest.param({"git-access"}, ["git", "grep", "--open-files-in-pager=touch pwned", "hello"], "program", id="was-bug-git-grep-open-files-in-pager"),
     # git takes any unambiguous prefix of a long option, and short options bundled with their value
@@ -289,8 +299,9 @@ def test_scrubbed_env_keeps_only_harmless_variables(tmp_path: Path) -> None:
         "PATH": "/opt/bin:/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "VIRTUAL_ENV": "/venv",
         "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0",
         "RUSTUP_HOME": str(user_home / ".rustup"),
-        # git reads no system configuration and runs no hook, bare repository or ext:: helper
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_COUNT": "3",
+        # git reads no system or global configuration (the private HOME's ~/.gitconfig is the
+        # agent's to write) and runs no hook, bare repository or ext:: helper
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_COUNT": "3",
         "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": "/dev/null",
         "GIT_CONFIG_KEY_1": "safe.bareRepository", "GIT_CONFIG_VALUE_1": "explicit",
         "GIT_CONFIG_KEY_2": "protocol.ext.allow", "GIT_CONFIG_VALUE_2": "never",
@@ -429,3 +440,18 @@ def test_git_config_cannot_be_rewritten_through_write_file(make_agent: MakeAgent
     agent.run("git", "status")
     assert [r["tool"] for r in agent.records()] == ["write_file", "run_command"]
     assert not (agent.root / "pwned").exists()
+
+
+def test_git_reads_no_configuration_from_the_agents_private_home(make_agent: MakeAgent) -> None:
+    """The private HOME outlives each call: a ~/.gitconfig there (written by the agent's own commands in
+    an earlier call or run) must not name an alias or program that a later git call runs."""
+    agent = make_agent("git-access", files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    home = agent.state_dir / "home" / "tester"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".gitconfig").write_text("[alias]\n\tpwn = !touch pwned\n[core]\n\tpager = touch paged\n")
+    out = agent.run("git", "pwn")
+    assert out.is_error and "pwn" in out.text
+    agent.run("git", "-p", "log")  # -p: the pager, were it configured
+    assert not (agent.root / "pwned").exists() and not (agent.root / "paged").exists()
+    assert not list(agent.root.rglob("pwned")) and not list(agent.root.rglob("paged"))

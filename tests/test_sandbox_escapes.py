@@ -335,6 +335,37 @@ echo done
     assert set(listed["/root"].split()) <= kept, out.text
 
 
+@needs_confinement
+def test_a_program_directory_in_a_home_does_not_show_the_home(
+    make_agent: MakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/bin` on PATH (Ubuntu's .profile adds it) kept its parent, the whole home, visible; and
+    `~/.cargo/bin` the files beside it (a registry token in ~/.cargo/credentials.toml)."""
+    import toka.sandbox
+
+    home = tmp_path / "person"
+    for name in ("bin", ".cargo/bin", ".cargo/registry", ".ssh"):
+        (home / name).mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("SSH-KEY-CANARY\n")
+    (home / "notes.txt").write_text("NOTES-CANARY\n")
+    (home / ".cargo" / "credentials.toml").write_text("token = 'CARGO-TOKEN-CANARY'\n")
+    (home / ".cargo" / "registry" / "index.txt").write_text("REGISTRY-OK\n")
+    hidden = toka.sandbox.hidden_host_paths()
+    monkeypatch.setattr(toka.sandbox, "hidden_host_paths", lambda: (*hidden, str(home)))
+    monkeypatch.setenv("PATH", f"{home / 'bin'}{os.pathsep}{home / '.cargo' / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    agent = make_agent("script-execution")
+    snoop = agent.script("snoop.sh", f"""\
+        #!/bin/sh
+        cat {home}/.ssh/id_ed25519 {home}/notes.txt {home}/.cargo/credentials.toml {home}/.cargo/registry/index.txt 2>/dev/null
+        echo "listed: $(ls -A {home} 2>/dev/null | tr '\\n' ' ')"
+        """)
+    out = agent.run(snoop)
+    assert "listed:" in out.text, out.text
+    assert "CANARY" not in out.text, out.text
+    assert "REGISTRY-OK" in out.text, out.text  # a program's own directories stay
+    assert set(out.text.split("listed:")[1].split()) <= {"bin", ".cargo"}, out.text
+
+
 def test_doctor_says_which_mechanism_holds_for_sockets_and_git() -> None:
     done = subprocess.run([str(Path(sys.executable).parent / "toka"), "doctor"], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})

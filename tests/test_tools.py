@@ -377,6 +377,8 @@ class Broken(Tool):
     async def run(self, args: Any, ctx: ToolContext) -> ToolOutput:
         if args.kind == "tool":
             raise ToolError("cannot run here")
+        if args.kind == "defect":
+            raise ValueError("a defect of the tool's own")
         raise PermissionError(13, "Permission denied")
 
 
@@ -470,6 +472,39 @@ class TestToolbox:
         assert call(box, "broken", kind="os").text == "broken failed: Permission denied"
         assert box.calls == [ToolCall("broken", refused=True, is_error=True),
                              ToolCall("broken", refused=False, is_error=True)]
+
+    def test_a_tools_own_defect_fails_the_call_and_is_audited_all_the_same(self, root: Path) -> None:
+        from toka.audit import AuditLog, audit_path, read_audit
+
+        workspace = Workspace(root)
+        audit = AuditLog(audit_path(workspace.state_dir, "run-1"), run="run-1")
+        box = Toolbox([Broken()], ToolContext(workspace=workspace, agent="a", task=1, audit=audit))
+        with pytest.raises(ValueError, match="a defect of the tool's own"):
+            call(box, "broken", kind="defect")
+        [record] = read_audit(workspace.state_dir, run="run-1")
+        assert record["tool"] == "broken" and record["is_error"] and record["decision"] == "allowed"
+        assert record["reason"] == "broken failed: ValueError: a defect of the tool's own"
+        assert box.calls == [ToolCall("broken", refused=False, is_error=True)]
+
+    def test_a_saved_output_read_back_from_a_worktree_is_read_and_audited(self, tmp_path: Path) -> None:
+        """In a worktree (the default), saved outputs are outside the root: reading one back failed the task."""
+        from toka.audit import AuditLog, audit_path, read_audit
+
+        state = tmp_path / "repo" / ".toka"
+        tree = state / "worktrees" / "run-1" / "reader"
+        tree.mkdir(parents=True)
+        saved = state / "outputs" / "run-1" / "reader" / "1"
+        saved.mkdir(parents=True)
+        (saved / "0001.txt").write_text("line one\nline two\n")
+        workspace = Workspace(tree, state_dir=state, outputs=state / "outputs" / "run-1" / "reader")
+        audit = AuditLog(audit_path(state, "run-1"), run="run-1")
+        box = Toolbox(read_only_tools(), ToolContext(workspace=workspace, agent="reader", task=1, audit=audit))
+        out = call(box, "read_file", path=".toka/outputs/run-1/reader/1/0001.txt", start_line=2)
+        assert not out.is_error and out.text.splitlines() == [
+            ".toka/outputs/run-1/reader/1/0001.txt: lines 2-2 of 2", "    2  line two"]
+        assert out.files_read == [".toka/outputs/run-1/reader/1/0001.txt"]
+        [record] = read_audit(state, run="run-1")
+        assert record["tool"] == "read_file" and record["decision"] == "allowed" and not record["is_error"]
 
     def test_a_symlink_loop_path_is_refused_not_raised(self, root: Path, toolbox: Toolbox) -> None:
         (root / "loop.txt").symlink_to("loop.txt")

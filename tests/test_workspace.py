@@ -238,3 +238,70 @@ def test_a_symlink_loop_is_refused(ws: Workspace) -> None:
     (ws.root / "loop").symlink_to("loop")
     with pytest.raises(PathRefused):
         ws.resolve("loop")
+
+
+# -- opening what resolve() checked ------------------------------------------------------------
+
+
+def test_open_reads_and_writes_the_checked_file_creating_directories(ws: Workspace) -> None:
+    with ws.open(ws.resolve("src/main.py", kind="file"), "rb") as f:
+        assert f.read() == b"print('hi')\n"
+    target = ws.resolve_for_write("new/deep/file.txt")
+    with ws.open(target, "wb") as f:
+        f.write(b"made\n")
+    assert (ws.root / "new" / "deep" / "file.txt").read_bytes() == b"made\n"
+
+
+@pytest.mark.parametrize("mode", ["rb", "wb"])
+def test_a_directory_swapped_for_a_link_after_the_check_is_not_followed(
+    ws: Workspace, outside: Path, mode: str
+) -> None:
+    """Another agent's command may swap a directory for a link out of the workspace between the
+    check and the open: what is opened is the checked file or nothing."""
+    (ws.root / "d").mkdir()
+    (ws.root / "d" / "secret.txt").write_text("inside\n")
+    real = ws.resolve("d/secret.txt", kind="file")
+    (ws.root / "d").rename(ws.root / "d-moved")
+    (ws.root / "d").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PathRefused, match="changed while in use"):
+        ws.open(real, mode)  # type: ignore[arg-type]
+    assert (outside / "secret.txt").read_text() == "top secret\n"
+
+
+@pytest.mark.parametrize("mode", ["rb", "wb"])
+def test_a_file_swapped_for_a_link_or_a_fifo_after_the_check_is_refused(ws: Workspace, outside: Path,
+                                                                        mode: str) -> None:
+    real = ws.resolve("README.md", kind="file")
+    (ws.root / "README.md").unlink()
+    (ws.root / "README.md").symlink_to(outside / "secret.txt")
+    with pytest.raises(PathRefused, match="changed while in use"):
+        ws.open(real, mode)  # type: ignore[arg-type]
+    assert (outside / "secret.txt").read_text() == "top secret\n"
+    (ws.root / "README.md").unlink()
+    os.mkfifo(ws.root / "README.md")
+    with pytest.raises(PathRefused):  # not a hang waiting for the other end
+        ws.open(real, mode)  # type: ignore[arg-type]
+
+
+def test_saved_outputs_read_back_are_named_as_the_model_names_them_and_only_the_agents_own(
+    tmp_path: Path,
+) -> None:
+    """In a worktree the saved outputs are in the workspace's state directory, outside the root."""
+    repo, worktree = tmp_path / "repo", tmp_path / "repo" / ".toka" / "worktrees" / "run-1" / "reader"
+    worktree.mkdir(parents=True)
+    state = repo / STATE_DIR_NAME
+    own = state / "outputs" / "run-1" / "reader"
+    (own / "1").mkdir(parents=True)
+    (own / "1" / "0001.txt").write_text("saved\n")
+    (state / "outputs" / "run-1" / "writer" / "1").mkdir(parents=True)
+    (state / "outputs" / "run-1" / "writer" / "1" / "0001.txt").write_text("not yours\n")
+    (state / "outputs" / "run-0" / "reader" / "1").mkdir(parents=True)
+    (state / "outputs" / "run-0" / "reader" / "1" / "0001.txt").write_text("an earlier run's\n")
+    ws = Workspace(worktree, state_dir=state, outputs=own)
+    real = ws.resolve(".toka/outputs/run-1/reader/1/0001.txt", kind="file")
+    assert ws.relative(real) == ".toka/outputs/run-1/reader/1/0001.txt"
+    with ws.open(real, "rb") as f:
+        assert f.read() == b"saved\n"
+    for other in ("run-1/writer/1/0001.txt", "run-0/reader/1/0001.txt", "run-1/reader/../writer/1/0001.txt"):
+        with pytest.raises(PathRefused, match="not one of this agent's saved outputs"):
+            ws.resolve(f".toka/outputs/{other}", kind="file")

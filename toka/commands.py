@@ -90,6 +90,50 @@ def _first_operand(args: Sequence[str]) -> tuple[int, str | None]:
     return len(args), None
 
 
+# `git config` reads: each action and how many operands it takes (old syntax, then the
+# subcommands of git 2.46 on); options that only choose where to read and how to print.
+_GIT_CONFIG_READS = {"--get": (1, 2), "--get-all": (1, 2), "--get-regexp": (1, 2), "--get-urlmatch": (2, 2),
+                     "--get-color": (1, 2), "--get-colorbool": (1, 2), "--list": (0, 0), "-l": (0, 0)}
+_GIT_CONFIG_READ_SUBCOMMANDS = {"get": (1, 1), "list": (0, 0)}
+_GIT_CONFIG_WITH_VALUE = {"-f", "--file", "--blob", "--type", "--default", "--value", "--url"}
+_GIT_CONFIG_MODIFIERS = {"--global", "--system", "--local", "--worktree", "--show-origin", "--show-scope",
+                         "-z", "--null", "--name-only", "--bool", "--int", "--bool-or-int", "--path",
+                         "--expiry-date", "--no-type", "--includes", "--no-includes", "--all", "--regexp",
+                         "--fixed-value", "--show-names", "--no-show-names", *_GIT_CONFIG_WITH_VALUE}
+
+
+def _git_config_reads(args: Sequence[str]) -> bool:
+    """Whether ``git config <args>`` only reads: one read action with its operands, known options.
+
+    Read as git reads it: what follows ``--`` are operands (``--list`` there is a value pattern
+    and the call writes), and an option given with its value apart takes that value along.
+    """
+    actions: list[str] = []
+    operands: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg == "--":
+            operands.extend(items)
+            break
+        if not arg.startswith("-") or arg == "-":
+            operands.append(arg)
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _GIT_CONFIG_READS:
+            actions.append(name)
+        elif name not in _GIT_CONFIG_MODIFIERS:
+            return False  # a write action (--add, --unset, --edit...) or one not known to be harmless
+        elif name in _GIT_CONFIG_WITH_VALUE and "=" not in arg:
+            next(items, None)
+    if not actions and operands and operands[0] in _GIT_CONFIG_READ_SUBCOMMANDS:
+        low, high = _GIT_CONFIG_READ_SUBCOMMANDS[operands[0]]
+        return low <= len(operands) - 1 <= high
+    if len(actions) != 1:
+        return False
+    low, high = _GIT_CONFIG_READS[actions[0]]
+    return low <= len(operands) <= high
+
+
 def _git_option_refused(args: Sequence[str], short: str) -> str | None:
     """The first of a git subcommand's ``args`` that is a refused option (see :data:`_GIT_LONG_REFUSED`)."""
     for arg in args:
@@ -170,8 +214,9 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
         operands = [a for a in rest if not a.startswith("-")]
         if sub is not None and (sub, operands[0] if operands else None) in _GIT_NESTED_REFUSED:
             raise CommandRefused(f"git {sub} {operands[0]} is not allowed: it runs arbitrary commands")
-        if sub == "config" and not any(a in ("--get", "--get-all", "--list", "-l", "--get-regexp") for a in rest):
-            raise CommandRefused("git config may only be read (--get, --list): writing it could make git run "
+        if sub == "config" and not _git_config_reads(rest):
+            raise CommandRefused("git config may only be read (--get NAME, --get-all, --get-regexp, --list; "
+                                 "`git config get NAME`, `git config list`): writing it could make git run "
                                  "other programs")
         if sub in ("push", "send-email", "send-pack"):
             grant = need("git-push", f"git {sub}")
@@ -248,9 +293,12 @@ def scrubbed_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, 
 
 
 # Configuration git reads before any repository's own: a repository inside the workspace
-# (the model may write one) cannot bring hooks, and git never runs one found by accident.
+# (the model may write one) cannot bring hooks, and git never runs one found by accident. No
+# global configuration either: the private HOME outlives the call (its ~/.gitconfig is writable
+# by the agent's commands), and an alias or program named there would run in every later call.
 _GIT_GUARDS = {
     "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
     "GIT_CONFIG_COUNT": "3",
     "GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": "/dev/null",
     "GIT_CONFIG_KEY_1": "safe.bareRepository", "GIT_CONFIG_VALUE_1": "explicit",

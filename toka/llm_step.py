@@ -173,6 +173,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     workspace = Workspace(run.workspace)
     if run.checkout is not None:  # the agent's own worktree; the run's state stays in the workspace's
         workspace = Workspace(run.checkout.root, state_dir=workspace.state_dir)
+    # The model may read back its own saved outputs in this run, no other agent's or run's.
+    workspace.outputs = workspace.state_dir / "outputs" / run_file_name(run.run_key) / spec.name
     approvals = run.approvals
     policy = AgentPolicy.for_spec(
         spec, allow_unsandboxed=approvals.allow_unsandboxed, needs_approval=frozenset(approvals.needs_approval),
@@ -215,7 +217,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     guard = model.worst_case_seconds() or run.provider.request_timeout
     managed = run.provider.context_management
     window = None if managed == "off" else context_window(model.name, run.provider.context_window)
-    outputs = workspace.state_dir / "outputs" / run_file_name(run.run_key) / spec.name / str(step.index)
+    outputs = workspace.outputs / str(step.index)
 
     def save_output(text: str) -> str:
         outputs.mkdir(parents=True, exist_ok=True)

@@ -246,8 +246,8 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace."""
     # The command's own programs stay reachable inside what is hidden.
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
-    keep = sorted({*path_dirs, *(str(Path(d).parent) for d in path_dirs), sys.prefix, sys.base_prefix,
-                   *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))})
+    keep = sorted({*program_dirs(path_dirs), sys.prefix, sys.base_prefix,
+                   *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))} - set(hidden_host_paths()))
     if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
         keep.append(os.path.realpath("/etc/resolv.conf"))
     # A worktree's git directories are outside it (in the repository it was made from): they stay
@@ -259,6 +259,36 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
     return [sys.executable, "-I", "-S", str(CONFINE), json.dumps(config), "--"]
+
+
+def program_dirs(path_dirs: Sequence[str]) -> list[str]:
+    """What stays visible of PATH's directories: each one, and the prefix it is the ``bin`` of (its
+    parent: a virtual environment's or /usr/local's libraries).
+
+    A parent that is a hidden place itself (``~/bin`` on PATH: the home) is not kept, and one inside a
+    hidden place (``~/.cargo/bin``: ``~/.cargo``) keeps only its directories whose names do not start
+    with a dot, and a virtual environment's ``pyvenv.cfg``: not the files beside them
+    (``~/.cargo/credentials.toml``).
+    """
+    hidden = hidden_host_paths()
+    kept: list[str] = []
+    for directory in path_dirs:
+        kept.append(directory)
+        parent = os.path.dirname(os.path.normpath(directory))
+        if parent in ("/", directory) or parent in hidden:
+            continue
+        if not any(_under(parent, h) for h in hidden):
+            kept.append(parent)
+            continue
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(parent):
+                if (entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")) or entry.name == "pyvenv.cfg":
+                    kept.append(entry.path)
+    return kept
+
+
+def _under(path: str, place: str) -> bool:
+    return path == place or path.startswith(place.rstrip("/") + "/")
 
 
 # Places that hold credentials or host services whatever their modes say: the homes (Prefect

@@ -28,7 +28,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .audit import AuditLog
-from .errors import SandboxViolation, ToolError, ToolTimeoutError
+from .errors import PathRefused, SandboxViolation, ToolError, ToolTimeoutError
 from .model import ToolDefinition
 from .policy import AgentPolicy
 from .process import as_text
@@ -181,7 +181,7 @@ class ReadFile(BlockingTool):
         last = args.end_line or float("inf")
         # Lines end at '\n' only (as for grep and editors), whatever else the text holds;
         # the whole file is streamed so the line count and far ranges stay right.
-        with path.open("rb") as f:
+        with ctx.workspace.open(path, "rb") as f:
             if b"\x00" in f.read(_BINARY_PROBE):
                 return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
             f.seek(0)
@@ -222,7 +222,7 @@ class ListDir(BlockingTool):
         base = ctx.workspace.resolve(args.path, kind="dir")
         entries: list[str] = []
         stopped = False
-        for path, depth in _walk(ctx.workspace, base, max_depth=args.depth, include_dirs=True):
+        for path, _, depth in _walk(ctx.workspace, base, max_depth=args.depth, include_dirs=True):
             if len(entries) >= self.limit:
                 stopped = True
                 break
@@ -264,14 +264,18 @@ class SearchFiles(BlockingTool):
         stopped = False
         deadline = time.monotonic() + self.time_limit
         try:
-            for path, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
+            for path, real, _ in _walk(ctx.workspace, base, max_depth=64, include_dirs=False):
                 if cancelled.is_set():  # the call was cancelled (a task timeout): nobody reads on
                     break
                 if args.glob and not path.match(args.glob):
                     continue
-                if path.stat().st_size > self.file_size_limit:
+                try:
+                    with ctx.workspace.open(real, "rb") as f:
+                        if os.fstat(f.fileno()).st_size > self.file_size_limit:
+                            continue
+                        data = f.read()
+                except PathRefused:  # changed since the walk saw it: not searched
                     continue
-                data = path.read_bytes()
                 if b"\x00" in data[:_BINARY_PROBE]:
                     continue
                 searched += 1
@@ -327,8 +331,8 @@ class WriteFile(BlockingTool):
         refusal = _over_disk_limit(ctx, len(data) - (path.stat().st_size if existed else 0))
         if refusal:
             return ToolOutput(refusal, is_error=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        with ctx.workspace.open(path, "wb") as f:
+            f.write(data)
         verb = "overwrote" if existed else "created"
         return ToolOutput(f"{verb} {rel} ({len(data)} bytes)", files_changed=[rel])
 
@@ -354,8 +358,12 @@ class EditFile(BlockingTool):
         rel = ctx.workspace.relative(path)
         if ctx.policy is not None:
             ctx.policy.check_write(rel)
-        text = path.read_text(encoding="utf-8", errors="strict")
-        count = text.count(args.old_text)
+        with ctx.workspace.open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="strict")
+        old, new = args.old_text, args.new_text
+        if "\r\n" in text and "\r" not in old:  # the model reads lines without their '\r'
+            old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
+        count = text.count(old)
         if count == 0:
             return ToolOutput(f"old_text does not occur in {rel}; nothing changed", is_error=True)
         if count > 1:
@@ -363,10 +371,11 @@ class EditFile(BlockingTool):
                 f"old_text occurs {count} times in {rel}; include more context so it occurs once",
                 is_error=True,
             )
-        refusal = _over_disk_limit(ctx, len(args.new_text.encode()) - len(args.old_text.encode()))
+        refusal = _over_disk_limit(ctx, len(new.encode()) - len(old.encode()))
         if refusal:
             return ToolOutput(refusal, is_error=True)
-        path.write_text(text.replace(args.old_text, args.new_text, 1), encoding="utf-8")
+        with ctx.workspace.open(path, "wb") as f:
+            f.write(text.replace(old, new, 1).encode("utf-8"))
         return ToolOutput(f"edited {rel}: replaced 1 occurrence", files_changed=[rel])
 
 
@@ -401,8 +410,8 @@ def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
 
 def _walk(
     workspace: Workspace, base: Path, *, max_depth: int, include_dirs: bool
-) -> Iterator[tuple[Path, int]]:
-    """Entries under ``base`` depth-first in name order, with their depth (1 = in ``base``).
+) -> Iterator[tuple[Path, Path, int]]:
+    """Entries under ``base`` depth-first in name order: as named, resolved, and their depth (1 = in ``base``).
 
     Skips .git, the state directory, ignored files and anything resolving
     outside the workspace; symlinked directories are listed, never entered,
@@ -410,7 +419,7 @@ def _walk(
     """
     ignored = _ignore_spec(workspace)
 
-    def visit(directory: Path, depth: int) -> Iterator[tuple[Path, int]]:
+    def visit(directory: Path, depth: int) -> Iterator[tuple[Path, Path, int]]:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -429,11 +438,11 @@ def _walk(
                 continue
             if is_dir:
                 if include_dirs:
-                    yield path, depth
+                    yield path, real, depth
                 if depth < max_depth and not entry.is_symlink():
                     yield from visit(path, depth + 1)
             elif entry.is_file():
-                yield path, depth
+                yield path, real, depth
 
     yield from visit(base, 1)
 
@@ -496,6 +505,12 @@ class Toolbox:
             self._audit(name, arguments, "refused" if violation else "allowed", str(e), started=started,
                         is_error=True, usage=usage if isinstance(usage, CommandUsage) else None,
                         files_changed=e.paths if isinstance(e, SandboxViolation) else None)
+            raise
+        except Exception as e:
+            # A defect of the tool's own (it fails the task): the call is in the audit trail all the same.
+            self.calls.append(ToolCall(name, refused=False, is_error=True))
+            self._audit(name, arguments, "allowed", f"{name} failed: {type(e).__name__}: {as_text(str(e))}",
+                        started=started, is_error=True)
             raise
         # Whatever a tool read (a file name a command made that is not UTF-8) must reach the model
         # and the audit trail as text.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 from .errors import ConfigError, PathRefused
 
@@ -26,12 +29,15 @@ class Workspace:
     found without one (made by an older toka, or by a Prefect worker's first task) gets it here.
     """
 
-    def __init__(self, root: str | Path, *, state_dir: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, *, state_dir: str | Path | None = None,
+                 outputs: str | Path | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise ConfigError(f"workspace {str(root)!r} is not a directory")
         self.root = root.resolve()
         self.state_dir = (Path(state_dir) if state_dir else self.root / STATE_DIR_NAME).resolve()
+        #: The saved outputs the model may read back: an agent's own in its run (``outputs``), or all.
+        self.outputs = Path(outputs).resolve() if outputs else self.state_dir / "outputs"
         if self.state_dir.name == STATE_DIR_NAME and self.state_dir.is_dir():
             self._keep_out_of_git()
 
@@ -70,16 +76,16 @@ class Workspace:
         if os.path.isabs(path) or path.startswith("~"):
             raise PathRefused(f"{path!r} is absolute; use a path relative to the workspace root")
         # Saved tool outputs (too long for the model at once) may be read back as files, nothing
-        # more; they are named ".toka/outputs/..." also where the root is an agent's worktree.
-        outputs = self.state_dir / "outputs"
+        # more, and only the agent's own (``outputs``); they are named ".toka/outputs/..." also
+        # where the root is an agent's worktree.
         parts = Path(path).parts
         saved = kind == "file" and parts[:2] == (STATE_DIR_NAME, "outputs")
         try:
-            real = (outputs.joinpath(*parts[2:]) if saved else self.root / path).resolve()
+            real = ((self.state_dir / "outputs").joinpath(*parts[2:]) if saved else self.root / path).resolve()
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
             raise PathRefused(f"{path!r} cannot be resolved: {e}") from None
-        if saved and not real.is_relative_to(outputs):
-            raise PathRefused(f"{path!r} resolves outside the saved outputs")
+        if saved and not real.is_relative_to(self.outputs):
+            raise PathRefused(f"{path!r} is not one of this agent's saved outputs in this run")
         if not saved and not real.is_relative_to(self.root):
             raise PathRefused(f"{path!r} resolves outside the workspace")
         if not saved and self.is_state(real):
@@ -121,9 +127,77 @@ class Workspace:
         return f"{STATE_DIR_NAME}/outputs/{path.relative_to(self.state_dir / 'outputs').as_posix()}"
 
     def relative(self, path: Path) -> str:
-        """``path`` relative to the root, with forward slashes (``.`` for the root)."""
+        """``path`` relative to the root, with forward slashes (``.`` for the root); a saved output
+        by the name the model reads it with."""
+        if not path.is_relative_to(self.root) and path.is_relative_to(self.state_dir / "outputs"):
+            return self.saved_output_name(path)
         rel = path.relative_to(self.root).as_posix()
         return rel or "."
+
+    def open(self, real: Path, mode: Literal["rb", "wb"]) -> BinaryIO:
+        """Open ``real``, a path :meth:`resolve` returned, without following a symbolic link on the way.
+
+        :meth:`resolve` returns a path with every link resolved, so a link met now was put there
+        since: another agent's command swapping a directory for a link out of the workspace while
+        this call ran. Each directory is opened below the one before (``O_NOFOLLOW``), so what is
+        opened is the checked file or nothing. ``wb`` creates missing directories and the file.
+
+        Raises:
+            PathRefused: a link or something other than a regular file is in the way.
+        """
+        saved = not real.is_relative_to(self.root) and real.is_relative_to(self.outputs)
+        anchor = self.outputs if saved else self.root
+        try:
+            parts = real.relative_to(anchor).parts
+        except ValueError:
+            raise PathRefused(f"{str(real)!r} is outside the workspace") from None
+        if not parts:
+            raise PathRefused(f"{self.relative(real)!r} is a directory, not a file")
+        name = self.relative(real)
+        writing = mode == "wb"
+        directory = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                inner = self._enter(directory, part, name, create=writing)
+                os.close(directory)
+                directory = inner
+            # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below).
+            flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC if writing else os.O_RDONLY) | os.O_NOFOLLOW \
+                | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                fd = os.open(parts[-1], flags, 0o666, dir_fd=directory)
+            except OSError as e:
+                raise self._changed(name, e) from None
+        finally:
+            os.close(directory)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PathRefused(f"{name!r} is not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, mode)
+
+    def _enter(self, directory: int, part: str, name: str, *, create: bool) -> int:
+        """The directory ``part`` below open ``directory``, opened without following a link."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                return os.open(part, flags, dir_fd=directory)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, 0o777, dir_fd=directory)
+                except FileExistsError:
+                    pass
+                return os.open(part, flags, dir_fd=directory)
+        except OSError as e:
+            raise self._changed(name, e) from None
+
+    @staticmethod
+    def _changed(name: str, error: OSError) -> PathRefused:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+            return PathRefused(f"{name!r} changed while in use: a symbolic link or special file is now in its way")
+        return PathRefused(f"{name!r}: {error.strerror or error}")
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
