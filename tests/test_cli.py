@@ -200,6 +200,10 @@ class TestRunOptionsAreCheckedBeforeAnythingStarts:
             (["--json", "missing-dir/summary.json"], "the directory 'missing-dir' does not exist"),
             (["--json", "."], "is a directory; name a file"),
             (["--needs-approval", "rm-rf"], "--needs-approval takes network-access, git-push, write-outside-paths"),
+            # Misspelt, it would run no conditional task and say nothing.
+            (["--context", "publsh"], "context 'publsh': no selected agent has tasks for it (they have: publish)"),
+            (["--agent", "repo-survey", "--context", "publish"],
+             "context 'publish': no selected agent has tasks for it (they have no conditional tasks)"),
         ],
     )
     def test_bad_option(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],

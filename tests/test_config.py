@@ -25,7 +25,7 @@ RESOLVED = {"retries", "pause_for_approval", "checkout"}
 #: A valid value other than the default, per setting, and how to write it on the command line.
 SAMPLES: dict[str, tuple[Any, list[str]]] = {
     "run_key": ("nightly-7", ["nightly-7"]),
-    "contexts": (("ci", "release"), ["ci", "release"]),
+    "contexts": (("publish",), ["publish"]),  # a context an agent of agent_specs/ has tasks for
     "max_concurrency": (2, ["2"]),
     "base": ("release-1.2", ["release-1.2"]),
     "include_uncommitted": (True, []),

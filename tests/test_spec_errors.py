@@ -128,7 +128,7 @@ CASES = [
     Case("processes-zero", replace('timeout: "2h"', 'timeout: "2h"\n    max_processes: 0'),
          f"{LIMIT}.max_processes", r"greater than or equal to 1", "max_processes:"),
     Case("processes-boolean", replace('timeout: "2h"', 'timeout: "2h"\n    max_processes: true'),
-         f"{LIMIT}.max_processes", r"valid integer \(got a boolean \(True\)\)", "max_processes:"),
+         f"{LIMIT}.max_processes", r"valid integer \(got a boolean \(true\)\)", "max_processes:"),
     Case("limits-typo-timout", replace('timeout: "2h"', 'timout: "2h"'),
          f"{LIMIT}.timout", r"unknown field 'timout'; did you mean 'timeout'\? expected one of: timeout, ",
          "timout:", count=2),  # the typo also leaves the required timeout missing

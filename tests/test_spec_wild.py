@@ -132,3 +132,84 @@ def test_validate_lists_what_the_runtime_does_not_understand(spec_set: Path) -> 
     assert done.returncode == 0, done.stderr
     assert re.search(r"repo-survey\.yaml:\d+: metadata\.owner: not understood by the runtime", done.stderr)
     assert "tasks.default[0].ticket: not understood by the runtime" in done.stderr
+
+
+# -- found by trying specs as teams write them ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("block", "field"), [
+    ("capabilities_required: [filesystem-read, filesystem-write]", "security"),
+    ("resource_limits: {max_memory: 64MB, max_cpu: 10%}", "security"),
+    ("max_memory: 64MB", "security.resource_limits"),
+    ("required: {repo-survey: the survey}", "dependencies"),
+])
+def test_a_setting_written_at_the_top_level_is_refused_naming_its_block(block: str, field: str) -> None:
+    """Kept as a block of context it would do nothing: an agent without its tools, limits dropped."""
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(survey_text() + block + "\n", source="x.yaml")
+    (problem,) = caught.value.problems
+    key = block.split(":", 1)[0]
+    assert problem.field == key and problem.line is not None
+    assert f"{key!r} is a field of {field!r}, not a block: move it under {field}" in problem.message
+
+
+@pytest.mark.parametrize(("written", "meant"), [
+    ("Filesystem-Read", "filesystem-read"), ("filesytem-read", "filesystem-read"),
+    (" filesystem-read ", "filesystem-read"), ("git_access", "git-access"), ("Script-Execution", "script-execution"),
+])
+def test_a_misspelt_capability_is_refused_with_the_name_meant(written: str, meant: str) -> None:
+    text = re.sub(r"(?m)^  capabilities_required:\n", f'  capabilities_required:\n    - "{written}"\n', survey_text())
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "security.capabilities_required[0]" and problem.line is not None
+    assert f"unknown capability {written!r}; did you mean {meant!r}?" in problem.message
+
+
+def test_capabilities_the_runtime_does_not_know_are_still_declared_and_file_system_read_is_read() -> None:
+    text = re.sub(r"(?m)^  capabilities_required:\n",
+                  "  capabilities_required:\n    - kernel-modification\n    - file-system-read\n", survey_text())
+    spec = AgentSpec.from_text(text)
+    assert spec.security.capabilities_required[:2] == ["kernel-modification", "file-system-read"]
+    from toka.capabilities import grant_tools
+
+    assert [t.name for t in grant_tools(["file-system-read"])[0]] == ["read_file", "list_dir", "search_files"]
+
+
+@pytest.mark.parametrize("written", ["1", "2", "1.0", "16"])
+def test_a_bare_small_cpu_number_is_refused_as_ambiguous(written: str) -> None:
+    """"1" read as 1% of a CPU throttled an agent meant to have one CPU fifty- or a hundredfold."""
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(edited(survey_text(), 'max_cpu: "50%"', f"max_cpu: {written}"), source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "security.resource_limits.max_cpu"
+    assert f"{written!r} has no unit: a number of CPUs or a percentage? Write '{written}%'" in problem.message
+
+
+def test_yaml_base_60_and_floats_are_read_as_written() -> None:
+    """YAML 1.1 reads `1:30` as 90 and `1.10` as 1.1; the author wrote neither."""
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(re.sub(r"timeout: \S+", "timeout: 1:30", survey_text(), count=1), source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.message.startswith("'1:30' is not a duration")
+    text = re.sub(r"(?m)^  version: .*$", "  version: 1.10\n  schema_version: 2.0", survey_text())
+    spec = AgentSpec.from_text(re.sub(r"(?m)^    - description: .*$", "    - description: 3.10", text, count=1))
+    assert (spec.metadata.version, spec.metadata.schema_version) == ("1.10", "2.0")
+    assert spec.tasks.default[0].description == "3.10"
+
+
+def test_binary_data_that_is_not_text_is_refused_where_it_is() -> None:
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(survey_text() + "blob: !!binary /w==\n", source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.line == survey_text().count("\n") + 1 and "not UTF-8 text" in problem.message
+    spec = AgentSpec.from_text(survey_text() + "blob: !!binary aGVsbG8=\n")  # b"hello": text, kept
+    spec.digest()
+
+
+def test_a_blank_description_is_refused() -> None:
+    text = re.sub(r"(?m)^    - description: .*$", '    - description: "   "', survey_text(), count=1)
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "tasks.default[0].description" and problem.message == "must not be blank (only spaces)"

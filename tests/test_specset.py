@@ -74,3 +74,20 @@ def test_the_same_text_under_another_name_is_its_own_spec(tmp_path: Path) -> Non
     text = named("agent")
     a, b = AgentSpec.from_text(text, source="a.yaml"), AgentSpec.from_text(text, source="b.yaml")
     assert a.model_dump() == b.model_dump() and a.source == "a.yaml" and b.source == "b.yaml"
+
+
+def test_a_file_named_twice_is_one_spec_not_a_duplicate(tmp_path: Path) -> None:
+    """A directory and a file in it, or a link beside its target: the same agent, read once."""
+    folder = write_set(tmp_path / "specs", 2)
+    (folder / "link.yaml").symlink_to(folder / "agent-0000.yaml")
+    specs = load_specs([folder, folder / "agent-0001.yaml", tmp_path / "specs" / ".." / "specs" / "agent-0000.yaml"])
+    assert sorted(s.name for s in specs) == ["agent-0000", "agent-0001"]
+
+
+def test_spec_suffixes_are_matched_whatever_their_case(tmp_path: Path) -> None:
+    """A directory scan skipped `c.YAML` and `d.Yml` without a word."""
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for i, suffix in enumerate([".yaml", ".YAML", ".Yml", ".txt"]):
+        (folder / f"agent-{i:04d}{suffix}").write_text(named(f"agent-{i:04d}"), encoding="utf-8")
+    assert sorted(s.name for s in load_specs([folder])) == ["agent-0000", "agent-0001", "agent-0002"]

@@ -111,6 +111,21 @@ def test_the_picture_survives_redaction_and_its_text_is_redacted(monkeypatch: py
     assert "| 1 | a | ❌ failed | - | - |" in text and "| 2 | b | ⏭️ not-run | a | - |" in text
 
 
+def test_control_characters_reach_a_report_as_escapes_not_as_terminal_codes() -> None:
+    """A spec's description or a model's words with ESC in them, read with `cat report.md`."""
+    from toka.report import agent_markdown
+
+    graph = _graph(minimal_spec("a"))
+    task = TaskRecord(index=1, description="clear\x1b[2J\x1b]0;title\x07 the \x00screen", priority="high",
+                      state="failed", error="boom\x9b31m")
+    report = AgentReport(agent="a", state="failed", reason="red \x1b[31mtext", tasks=[task])
+    summary = PipelineSummary(run_key="k", model="offline", offline=True, state="failed", agents=[report])
+    for text in (agent_markdown(report, model="m"), pipeline_markdown(summary, graph)):
+        assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", text), repr(text)
+        assert "red \\x1b[31mtext" in text
+    assert "clear\\x1b[2J\\x1b]0;title\\x07 the \\x00screen" in agent_markdown(report, model="m")
+
+
 def test_a_big_run_gets_the_table_without_a_picture() -> None:
     from toka.report import MAX_DRAWN_AGENTS
 

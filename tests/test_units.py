@@ -131,8 +131,8 @@ INVALID: list[tuple[type, Any, str]] = [
     (Duration, "1y", rf"^'1y' {_DURATION_SYNTAX}"),
     (Duration, "h", rf"^'h' {_DURATION_SYNTAX}"),
     (Duration, "2h-", rf"^'2h-' {_DURATION_SYNTAX}"),
-    (Duration, True, r"^True is not a duration \(write it like '2h'\)$"),
-    (Duration, None, r"^None is not a duration \(write it like '2h'\)$"),
+    (Duration, True, r"^true is not a duration \(write it like '2h'\)$"),
+    (Duration, None, r"^null is not a duration \(write it like '2h'\)$"),
     (Duration, ["2h"], r"^\['2h'\] is not a duration \(write it like '2h'\)$"),
     (Duration, "99999999999999999999h", r"^'99999999999999999999h' is too large to be a duration: at most 366 days"),
     (Duration, "367d", r"^'367d' is too large to be a duration: at most 366 days \(e\.g\. '52w'\)$"),
@@ -147,7 +147,7 @@ INVALID: list[tuple[type, Any, str]] = [
     (ByteSize, "512", rf"^'512' {_SIZE_SYNTAX}"),
     (ByteSize, 512, rf"^'512' {_SIZE_SYNTAX}"),
     (ByteSize, "1 GB RAM", rf"^'1 GB RAM' {_SIZE_SYNTAX}"),
-    (ByteSize, False, r"^False is not a size \(write it like '256MB'\)$"),
+    (ByteSize, False, r"^false is not a size \(write it like '256MB'\)$"),
     (ByteSize, {"mb": 1}, r"^\{'mb': 1\} is not a size \(write it like '256MB'\)$"),
     (CpuShare, "150%", rf"^'150%' {_CPU}"),
     (CpuShare, "0%", rf"^'0%' {_CPU}"),
@@ -157,8 +157,8 @@ INVALID: list[tuple[type, Any, str]] = [
     (CpuShare, "fast", rf"^'fast' {_CPU}"),
     (CpuShare, 0.75, rf"^'0.75' {_CPU}"),
     (CpuShare, "%", rf"^'%' {_CPU}"),
-    (CpuShare, True, r"^True is not a percentage between 1% and 100% \(write it like '75%'\)$"),
-    (CpuShare, None, r"^None is not a percentage between 1% and 100% \(write it like '75%'\)$"),
+    (CpuShare, True, r"^true is not a percentage between 1% and 100% \(write it like '75%'\)$"),
+    (CpuShare, None, r"^null is not a percentage between 1% and 100% \(write it like '75%'\)$"),
     (Bandwidth, "fast", rf"^'fast' {_BANDWIDTH_SYNTAX}"),
     (Bandwidth, "100MB", rf"^'100MB' {_BANDWIDTH_SYNTAX}"),
     (Bandwidth, "100MB/s", rf"^'100MB/s' {_BANDWIDTH_SYNTAX}"),
@@ -167,8 +167,8 @@ INVALID: list[tuple[type, Any, str]] = [
     (Bandwidth, "100", rf"^'100' {_BANDWIDTH_SYNTAX}"),
     (Bandwidth, "0Mbps", r"^'0Mbps' is not a positive bandwidth; it must be above zero$"),
     (Bandwidth, "0.1bps", r"^'0.1bps' is not a positive bandwidth"),  # rounds down to 0 bit/s
-    (Bandwidth, True, r"^True is not a bandwidth \(write it like '100Mbps'\)$"),
-    (Bandwidth, None, r"^None is not a bandwidth \(write it like '100Mbps'\)$"),
+    (Bandwidth, True, r"^true is not a bandwidth \(write it like '100Mbps'\)$"),
+    (Bandwidth, None, r"^null is not a bandwidth \(write it like '100Mbps'\)$"),
 ]
 
 

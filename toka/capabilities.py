@@ -4,12 +4,13 @@
 place that turns them into tools. The model is offered only the tools its
 capabilities grant, and every call is checked again when it runs. A
 capability with no tool behind it is accepted and reported as "declared, not
-tool-backed".
+tool-backed"; one that is surely a misspelling of a name here (another case, a
+typo) is refused when the spec loads (:mod:`toka.spec`).
 
 =============================================  ===========================================
 capability                                     grants
 =============================================  ===========================================
-``filesystem-read``                            ``read_file``, ``list_dir``, ``search_files``
+``filesystem-read``, ``file-system-read``      ``read_file``, ``list_dir``, ``search_files``
 ``filesystem-write``, ``file-system-write``    ``write_file``, ``edit_file``
 ``cargo-execution``, ``cargo-test-execution``,  ``run_command`` for the programs in
 ``git-access``, ``git-push``,                  :data:`CAPABILITIES` lists (rules: :mod:`toka.commands`)
@@ -79,6 +80,7 @@ def _command(*programs: str) -> Capability:
 #: Capability name -> what it grants; a name not here is accepted and grants nothing.
 CAPABILITIES: dict[str, Capability] = {
     "filesystem-read": _tools("read_file", "list_dir", "search_files"),
+    "file-system-read": _tools("read_file", "list_dir", "search_files"),
     "filesystem-write": _tools("write_file", "edit_file"),
     "file-system-write": _tools("write_file", "edit_file"),
     "cargo-execution": _command("cargo"),

@@ -24,7 +24,7 @@ from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from .errors import ConfigError, Problem, RunFailedError, TokaError
-from .plan import Plan, limits_text, make_plan
+from .plan import Plan, check_contexts, limits_text, make_plan
 from .policy import approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
 from .config import APPROVAL_KEYS, DEFAULT_NEEDS_APPROVAL, GROUPS, RunConfig, RunOptions
@@ -345,6 +345,7 @@ def run(
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
                                      contexts=list(contexts or ()), run_key=run_key)
         plan = make_plan(spec_paths, agents=agent or ())
+        check_contexts(plan, contexts or ())
         given["needs_approval"] = _approval_set(given.get("needs_approval"))
         config = RunConfig.from_flat({**given, "run_key": record.run_key, "workspace": str(space.root),
                                       "contexts": tuple(contexts or ()), "model": model}, flags=True)

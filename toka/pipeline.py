@@ -58,7 +58,7 @@ from .errors import (
 from .graph import AgentGraph
 from .limits import LimitSettings, check_limits
 from .model import Usage
-from .plan import Plan, make_plan
+from .plan import Plan, check_contexts, make_plan
 from .policy import check_unsandboxed
 from .progress import ProgressEvent, listen
 from .providers import choose_model, get_model
@@ -139,6 +139,7 @@ async def run_pipeline(
             run = run.model_copy(update={"run_key": run_key})
         config = RunConfig.of(run, provider=provider, limits=limits, budgets=budgets, approvals=approvals)
         plan = _plan(list(specs), list(agents))
+        check_contexts(plan, config.contexts)
         check_unsandboxed(list(plan.graph.agents.values()), allowed=approvals.allow_unsandboxed)
         # A model id without an API key, a Secret block that does not exist: said here, once,
         # before any agent starts (each would fail the same way).

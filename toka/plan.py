@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .capabilities import capability_status
-from .errors import GraphError, Problem, SpecError
+from .errors import ConfigError, GraphError, Problem, SpecError
 from .graph import AgentGraph, Edge
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR, load_spec_set
@@ -119,6 +119,20 @@ def _problem_dict(problem: Problem) -> dict[str, Any]:
         "field": problem.field,
         "message": problem.message,
     }
+
+
+def check_contexts(plan: Plan, contexts: Iterable[str]) -> None:
+    """Refuse a context no selected agent has tasks for: misspelt, it would run no conditional
+    task and say nothing.
+
+    Raises:
+        ConfigError: naming the contexts the agents do have.
+    """
+    known = sorted({c for spec in plan.graph.agents.values() for c in spec.tasks.conditional})
+    unknown = [c for c in contexts if c not in known]
+    if unknown:
+        have = f"they have: {', '.join(known)}" if known else "they have no conditional tasks"
+        raise ConfigError(f"context {', '.join(map(repr, unknown))}: no selected agent has tasks for it ({have})")
 
 
 def make_plan(

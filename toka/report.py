@@ -81,7 +81,16 @@ def agent_markdown(report: AgentReport, *, model: str, diff: str | None = None) 
         lines += ["", "**Long tasks:**", "", *(f"- {note}" for note in notes)]
     if report.changes is not None:
         lines += _changes_markdown(report.changes, diff)
-    return redact("\n".join(lines) + "\n", secret_values())
+    return _visible(redact("\n".join(lines) + "\n", secret_values()))
+
+
+# Control characters (a spec's description, a model's result) written raw into a report would
+# act on the terminal of whoever `cat`s it: ESC [ ... rewrites the screen. Shown as escapes.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def _fenced(text: str, language: str = "") -> list[str]:
@@ -350,7 +359,7 @@ def pipeline_markdown(summary: PipelineSummary, graph: AgentGraph) -> str:
               *dag_table]
     if summary.changes is not None:
         lines += ["", *_branches_markdown(summary)]
-    text = redact("\n".join(lines) + "\n", secret_values())
+    text = _visible(redact("\n".join(lines) + "\n", secret_values()))
     # Spliced in after redaction: the picture's text was redacted before it was drawn, and a
     # token-shaped run of base64 must not be cut out of the image.
     return text.replace(_IMAGE + "\n\n", "" if image is None else image + "\n\n", 1)

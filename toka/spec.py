@@ -10,14 +10,16 @@ one internal shape here, at the edge, once. Known blocks reject unknown keys
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import reprlib
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -32,7 +34,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import Problem, SpecError
-from .units import Bandwidth, ByteSize, CpuShare, Duration
+from .units import Bandwidth, ByteSize, CpuShare, Duration, as_written
 from .yaml_source import MAX_PROBLEMS, MAX_TASKS, YamlSource, load_yaml, read_spec_text
 
 __all__ = [
@@ -92,6 +94,15 @@ When = Annotated[
 ]
 
 
+@functools.cache
+def _takes_text(model: type[BaseModel], name: Any) -> bool:
+    field = model.model_fields.get(name) if isinstance(name, str) else None
+    if field is None:
+        return False
+    kinds = set(get_args(field.annotation)) or {field.annotation}
+    return str in kinds or any(get_origin(k) is Annotated and get_args(k)[0] is str for k in kinds)
+
+
 def _date_as_text(value: Any) -> Any:
     # `version: 2025-07-04` unquoted is a YAML date; the version is what was written.
     return value.isoformat() if isinstance(value, (date, datetime)) else value
@@ -104,7 +115,13 @@ Frequency = Literal[
     "real-time", "hourly", "daily", "weekly", "on-milestone", "on-completion", "continuous"
 ]
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
+def _not_blank(value: str) -> str:
+    if value and not value.strip():
+        raise ValueError("must not be blank (only spaces)")
+    return value
+
+
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
 
 
 class _Block(BaseModel):
@@ -114,6 +131,16 @@ class _Block(BaseModel):
         use_attribute_docstrings=True,
         coerce_numbers_to_str=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_as_written(cls, data: Any) -> Any:
+        """A number where text is expected is the text as written: ``version: 1.10`` is '1.10' (a
+        :class:`toka.yaml_source.WrittenFloat` keeps what YAML read as 1.1)."""
+        # Every float, not only those read from YAML: a spec given as data says the same.
+        if not isinstance(data, dict) or not any(isinstance(v, float) for v in data.values()):
+            return data
+        return {k: str(v) if isinstance(v, float) and _takes_text(cls, k) else v for k, v in data.items()}
 
 
 class _Open(_Block):
@@ -142,7 +169,7 @@ def _single_key_maps_to_dict(value: Any, what: str) -> Any:
             item = {item: ""}
         if not isinstance(item, dict) or len(item) != 1:
             raise ValueError(
-                f"item {i} is {item!r}; each {what} entry must be one "
+                f"item {i} is {_shown(item)}; each {what} entry must be one "
                 "'name: reason' pair (or write a plain map 'name: reason')"
             )
         ((name, reason),) = item.items()
@@ -609,7 +636,8 @@ class AgentSpec(BaseModel):
             raise SpecError(
                 [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
             )
-        problems = cls._misspelt_blocks(data, yaml_source, name) + _misspelt_fields(data, yaml_source, name)
+        problems = (cls._misspelt_blocks(data, yaml_source, name) + _misspelt_fields(data, yaml_source, name)
+                    + _misspelt_capabilities(data, yaml_source, name))
         try:
             spec = cls.model_validate(data)
         except ValidationError as e:
@@ -635,6 +663,13 @@ class AgentSpec(BaseModel):
         for key in data:
             if not isinstance(key, str) or key in cls._KNOWN_BLOCKS:
                 continue
+            place = _NESTED_FIELDS.get(key)
+            if place is not None:  # kept as a block of context, it would change nothing: surely misplaced
+                problems.append(Problem(
+                    f"{key!r} is a field of {place!r}, not a block: move it under {place} "
+                    f"({place}.{key}); at the top level it would be ignored",
+                    source=name, line=yaml_source.line_of([key]) if yaml_source else None, field=key))
+                continue
             close = difflib.get_close_matches(key, cls._KNOWN_BLOCKS, n=1, cutoff=0.85)
             if close and close[0] not in data:
                 problems.append(
@@ -655,6 +690,41 @@ def plain_data(value: Any) -> Any:
     if isinstance(value, list):
         return [plain_data(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+#: Fields that change what an agent may do or how it runs, by the block they belong in: written
+#: at the top level by mistake, they would be kept as context and do nothing.
+_NESTED_FIELDS: dict[str, str] = {
+    **dict.fromkeys(Security.model_fields, "security"),
+    **dict.fromkeys(ResourceLimits.model_fields, "security.resource_limits"),
+    **dict.fromkeys(Dependencies.model_fields, "dependencies"),
+    **dict.fromkeys(Budget.model_fields, "budget"),
+}
+
+
+def _misspelt_capabilities(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
+    """Declared capabilities that are surely a misspelling of one the runtime knows (another case,
+    spaces, a typo): as written they would grant nothing, and the agent would run without its tools."""
+    from .capabilities import CAPABILITIES
+
+    security = data.get("security")
+    declared = security.get("capabilities_required") if isinstance(security, dict) else None
+    if not isinstance(declared, list):
+        return []
+    known = list(CAPABILITIES)
+    problems = []
+    for i, capability in enumerate(declared):
+        if not isinstance(capability, str) or capability in CAPABILITIES:
+            continue
+        plain = capability.strip().lower().replace("_", "-").replace(" ", "-")
+        close = [plain] if plain in CAPABILITIES else difflib.get_close_matches(plain, known, n=1, cutoff=0.85)
+        if close:
+            problems.append(Problem(
+                f"unknown capability {capability!r}; did you mean {close[0]!r}? (a name the runtime does "
+                "not know grants no tool)",
+                source=name, line=yaml_source.line_of(["security", "capabilities_required", i]) if yaml_source
+                else None, field=f"security.capabilities_required[{i}]"))
+    return problems
 
 
 def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
@@ -701,7 +771,8 @@ def _field_path(loc: tuple[str | int, ...]) -> str:
 def _describe(value: Any) -> str:
     kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing",
              int: "a number", float: "a number", date: "a date", datetime: "a date-time"}
-    kind = kinds.get(type(value), f"a {type(value).__name__}")
+    kind = kinds.get(type(value)) or next((name for t, name in kinds.items() if isinstance(value, t)),
+                                          f"a {type(value).__name__}")
     return kind if value is None else f"{kind} ({_shown(value)})"
 
 
@@ -710,8 +781,9 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxoth
 
 
 def _shown(value: Any) -> str:
-    """``repr(value)``, abridged when long: a whole block or a 60,000-character value in one message helps nobody."""
-    shown = repr(value)
+    """The value as written (:func:`toka.units.as_written`), abridged when long: a whole block or a
+    60,000-character value in one message helps nobody."""
+    shown = as_written(value)
     return shown if len(shown) <= 200 else _SHORT.repr(value)
 
 

@@ -22,27 +22,30 @@ def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
     Raises:
         SpecError: a path does not exist, or a directory holds no spec file.
     """
-    found: dict[Path, None] = {}
+    # Keyed by the file itself: one named twice (a directory and a file in it, a link beside its
+    # target) is read once, by the first name it was found under.
+    found: dict[Path, Path] = {}
     problems: list[Problem] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             files = sorted(
-                p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file()
+                p for p in path.rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not files:
                 problems.append(Problem("no agent specs (*.yaml, *.yml) in this directory", source=str(path)))
-            found.update(dict.fromkeys(files))
+            for file in files:
+                found.setdefault(file.resolve(), file)
         elif path.is_file():
-            found[path] = None
+            found.setdefault(path.resolve(), path)
         elif path.exists():  # a FIFO, a device: reading it could block or never end
             problems.append(Problem("not a regular file or a directory", source=str(path)))
         else:
             problems.append(Problem("no such file or directory", source=str(path)))
     if problems:
         raise SpecError(problems)
-    return list(found)
+    return list(found.values())
 
 
 def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentSpec]:

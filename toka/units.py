@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, ClassVar
 
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -69,8 +70,20 @@ class _UnitValue:
 
 def _text(value: object, kind: str, example: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{value!r} is not {kind} (write it like {example!r})")
+        raise ValueError(f"{as_written(value)} is not {kind} (write it like {example!r})")
     return str(value).strip()
+
+
+def as_written(value: object) -> str:
+    """A YAML value as a spec's author would write it, for messages: ``null``, ``true``, a date's
+    ISO form; anything else as Python shows it (text quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    return repr(value)
 
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
@@ -170,6 +183,10 @@ class ByteSize(_UnitValue):
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)\s*%$")
 
 
+#: Bare numbers up to this are refused for ``max_cpu``: "2" may as well mean two CPUs as 2%.
+_CORES = 16
+
+
 @dataclass(frozen=True, slots=True)
 class CpuShare(_UnitValue):
     """A share of one CPU between ``1%`` and ``100%``."""
@@ -191,6 +208,9 @@ class CpuShare(_UnitValue):
         percent = float(m.group(1)) if m else None
         if percent is None or not 1 <= percent <= 100:
             raise ValueError(f"{text!r} is not a percentage between 1% and 100%")
+        if bare and percent <= _CORES:
+            raise ValueError(f"{text!r} has no unit: a number of CPUs or a percentage? Write '{text}%' for "
+                             f"{text}% of one CPU ('100%' is one whole CPU, the most an agent gets)")
         if bare:
             return cls(percent=percent, text=f"{text}%",
                        guessed=f"{text!r} has no unit; read as {text}% of one CPU (write '{text}%' to say so)")

@@ -84,9 +84,29 @@ class _BadScalar(Exception):
 
 
 _STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+
+
+class WrittenFloat(float):
+    """A number as YAML read it, and as text the way the author wrote it: ``version: 1.10`` is
+    ``1.10`` where a spec field takes text, not ``1.1``."""
+
+    __slots__ = ("text",)
+
+    def __new__(cls, value: float, text: str) -> WrittenFloat:
+        made = super().__new__(cls, value)
+        made.text = text
+        return made
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self) -> tuple[type[WrittenFloat], tuple[float, str]]:
+        return WrittenFloat, (float(self), self.text)
 
 
 class _Builder:
@@ -108,12 +128,24 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode):
             if tag == _STR:
                 return node.value
+            if not node.style and tag in (_INT, _FLOAT) and ":" in node.value:
+                # YAML 1.1's base 60 (`1:30` is 90): text as written, as YAML 1.2 reads it, so that a
+                # duration says what is wrong with the value the author wrote.
+                return node.value
             try:
-                return self._safe.construct_object(node, deep=True)
+                value = self._safe.construct_object(node, deep=True)
             except yaml.YAMLError:
                 raise
             except Exception as e:  # PyYAML lets ValueError & co. escape for bad scalars
                 raise _BadScalar(node, e) from None
+            if type(value) is float and not node.style:
+                return WrittenFloat(value, node.value)
+            if isinstance(value, bytes):
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _BadScalar(node, ValueError("the data is not UTF-8 text (a spec holds text)")) from None
+            return value
         known = self._memo.get(id(node))
         if known is not None:
             return known
