@@ -119,3 +119,51 @@ def test_a_slow_journal_fsync_holds_up_only_its_own_task(tmp_path: Path) -> None
     ticks, on_disk = asyncio.run(go())
     assert on_disk == 1
     assert ticks >= 10, f"the other agent ran {ticks} times in 0.4 s: the fsync held up the event loop"
+
+
+def test_work_run_to_the_end_finishes_before_a_cancellation_passes_and_off_the_loop() -> None:
+    """A journal line for a response already paid for must be on disk when a Prefect timeout or
+    Ctrl-C cancels the task that wrote it; meanwhile the loop runs the other agents."""
+    import threading
+
+    from toka.background import to_the_end
+
+    started, written, ticks = threading.Event(), [], []
+
+    def slow_write() -> None:
+        started.set()
+        time.sleep(0.3)
+        written.append("line")
+
+    async def main() -> None:
+        async def ticker() -> None:
+            while not written:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        other = asyncio.create_task(ticker())
+        writer = asyncio.create_task(to_the_end(slow_write))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        writer.cancel()
+        try:
+            await writer
+        except asyncio.CancelledError:
+            assert written == ["line"], "the cancellation passed before the work was done"
+        else:
+            raise AssertionError("the cancellation was swallowed")
+        other.cancel()
+
+    asyncio.run(main())
+    assert len(ticks) >= 3  # the loop went on while the work ran
+
+    async def failing() -> None:
+        await to_the_end(lambda: 1 / 0)
+
+    try:
+        asyncio.run(failing())
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the work's error was lost")
