@@ -38,6 +38,13 @@ class TestValidate:
         assert "optional: github-cicd-issues-resolution, testing-infrastructure" in doc
         assert out.rstrip().endswith("9 agents valid, 0 warnings")
 
+    def test_one_file_of_a_set_names_the_dependencies_it_declares(self) -> None:
+        """They are not among the files read: said so, not shown as none ("requires: -")."""
+        code, out, _ = toka("validate", AGENT_SPECS / "docs-refresh.yaml")
+        assert code == 0
+        assert ("requires: repo-survey (not loaded)  optional: test-health (not loaded), "
+                "dependency-audit (not loaded)") in out
+
     def test_default_is_agent_specs(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.chdir(ROOT)
         code, out, _ = toka("validate")

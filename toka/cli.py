@@ -165,10 +165,20 @@ def _deps(names: list[str]) -> str:
 
 def _agent_line(plan: Plan, name: str) -> str:
     spec = plan.graph.agents[name]
+
+    def declared(kind: str) -> str:
+        # As the spec declares them: one not among the files read (`toka validate a.yaml`, an
+        # optional dependency that does not exist) or dropped (an optional edge closing a cycle)
+        # is named, and said so.
+        present = plan.graph.upstream(name, kind)
+        absent = [f"{d} (dropped)" if d in plan.graph.agents else f"{d} (not loaded)"
+                  for d in getattr(spec.dependencies, kind) if d not in present]
+        return _deps([*present, *absent])
+
     return (
         f"[bold]{name}[/bold]  {spec.priority}  {len(spec.tasks.default)} tasks"
-        f"  requires: {_deps(plan.graph.upstream(name, 'required'))}"
-        f"  optional: {_deps(plan.graph.upstream(name, 'optional'))}"
+        f"  requires: {declared('required')}"
+        f"  optional: {declared('optional')}"
         f"  limits: {limits_text(spec)}"
     )
 
