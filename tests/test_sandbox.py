@@ -372,6 +372,15 @@ class TestWritePolicy:
         assert record["is_error"] is True and record["files_changed"] == []
         assert (agent.root / "a.txt").read_text() == "same\nsame\n"
 
+    def test_edit_keeps_a_files_crlf_line_endings(self, make_agent: MakeAgent) -> None:
+        """The model reads lines without their '\\r'; its edit matches them, and only its lines change
+        (the whole file was rewritten with LF endings: a diff of every line)."""
+        agent = make_agent(*FILE_TOOLS)
+        (agent.root / "win.txt").write_bytes(b"one\r\ntwo\r\nthree\r\n")
+        out = agent.call("edit_file", path="win.txt", old_text="two\nthree", new_text="2\n3")
+        assert not out.is_error, out.text
+        assert (agent.root / "win.txt").read_bytes() == b"one\r\n2\r\n3\r\n"
+
     def test_edit_with_missing_or_empty_old_text(self, make_agent: MakeAgent) -> None:
         agent = make_agent(*FILE_TOOLS, files={"a.txt": "text\n"})
         out = agent.call("edit_file", path="a.txt", old_text="absent", new_text="x")
