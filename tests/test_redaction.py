@@ -253,3 +253,18 @@ def test_a_key_from_a_prefect_secret_block_is_redacted_too() -> None:
     assert asyncio.run(_api_key(ProviderSettings(api_key_secret="toka-test-key"), {})) == block_key
     written = redact_data({"summary": f"the key is {block_key}"}, secret_values())
     assert block_key not in json.dumps(written) and REDACTED in written["summary"]
+
+
+@pytest.mark.parametrize("text", ["src/task-scheduler-implementation.py", "disk-usage-monitoring-agent",
+                                  "risk-assessment-and-mitigation-plan", "desk-booking-service-frontend"])
+def test_words_that_end_in_sk_before_a_hyphen_are_not_keys(text: str) -> None:
+    """A file name the model must see and call again, a saved output's directory: redacted, the
+    model could not name them, and a journal's recorded call no longer matched on resume."""
+    assert redact(text) == text
+
+
+@pytest.mark.parametrize("key", ["sk-ant-api03-abcdefghijklmnop", "sk-proj-AbC123dEf456GhI789jKl0",
+                                 "sk-abcdefghij1234567890xyz"])
+def test_keys_are_still_redacted_wherever_they_start(key: str) -> None:
+    for text in (key, f"KEY={key}", f'"{key}"', f"token: {key}\n", f"-H 'x-api-key: {key}'"):
+        assert key not in redact(text) and REDACTED in redact(text)

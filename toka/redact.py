@@ -22,11 +22,14 @@ REDACTED = "[REDACTED]"
 
 T = TypeVar("T")
 
+# Each starts where a word does: "ta-sk-scheduler-implementation" is a file name, not a key. The
+# generic `sk-` form also needs a digit: keys are random, kebab-case words (`sk-...-overview`) are not.
 _PATTERNS = re.compile(
-    "|".join(
+    r"(?<![A-Za-z0-9])(?:"
+    + "|".join(
         [
             r"sk-ant-[A-Za-z0-9_\-]{8,}",  # Anthropic
-            r"sk-(?:proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI-style
+            r"sk-(?=[A-Za-z0-9_\-]*[0-9])(?:proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI-style
             r"gh[pousr]_[A-Za-z0-9]{20,}",  # GitHub tokens
             r"github_pat_[A-Za-z0-9_]{20,}",
             r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
@@ -35,6 +38,7 @@ _PATTERNS = re.compile(
             r"(?i:bearer)\s+[A-Za-z0-9._\-]{16,}",
         ]
     )
+    + ")"
 )
 _SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|passwd|credential|auth)")
 
