@@ -214,6 +214,8 @@ def message(
 
 
 def _default_script(request: dict[str, Any]) -> list[dict[str, Any]]:
+    if (request.get("tool_choice") or {}).get("type") == "none":  # as the API: text only
+        return [text_block("summary: the work so far, by the loopback model")]
     tools = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
     users = [m for m in request.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
     content = users[-1].get("content") if users else None

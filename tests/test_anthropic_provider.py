@@ -215,6 +215,19 @@ class TestRequests:
             call(model(server))
             assert "temperature" not in server.requests[1].body
 
+    def test_the_summary_request_asks_for_text_only(self) -> None:
+        """Answered with a tool call, a summary request lost the whole work so far."""
+        from toka.context import compaction_request
+
+        with AnthropicServer() as server:
+            result, _ = call(model(server), compaction_request(request()))
+            assert not isinstance(result, BaseException), result
+            summary = server.requests[0].body
+            assert summary["tool_choice"] == {"type": "none"} and summary["tools"]  # the cached prefix kept
+            assert not result.tool_uses and "summary" in result.content[0].text
+            call(model(server))
+            assert "tool_choice" not in server.requests[1].body
+
     def test_tool_use_round_trip(self) -> None:
         replies = iter([[tool_use_block("list_dir", {"path": "."})], [text_block("ok")]])
         with AnthropicServer(scripted_responder(lambda body: next(replies))) as server:

@@ -212,6 +212,7 @@ def test_the_summary_request_reuses_the_prefix_and_asks_for_text() -> None:
     base = ModelRequest(system="spec", tools=TOOLS, messages=conversation(5), max_tokens=2048)
     request = compaction_request(base)
     assert (request.system, request.tools, request.max_tokens) == (base.system, base.tools, base.max_tokens)
+    assert request.tool_choice == "none" and base.tool_choice is None  # text only; tools kept for the cache
     assert request.messages[:-1] == base.messages[:-1]
     last = request.messages[-1]
     assert last.content[:-1] == base.messages[-1].content  # the results first, as they were

@@ -176,12 +176,46 @@ def test_two_stops_without_a_result_fail(toolbox: Toolbox) -> None:
     assert len(model.history) == 2
 
 
-def test_only_one_reminder_per_attempt(toolbox: Toolbox) -> None:
-    model = ScriptedModel(text("done"), tool_call("list_dir"), text("done again"))
+def test_one_reminder_per_stretch_of_work(toolbox: Toolbox) -> None:
+    """A long task may stop without a result at turn 10 and again at turn 90: working in between
+    earns another reminder; two stops in a row still end the attempt."""
+    model = ScriptedModel(text("done"), tool_call("list_dir"), text("done again"), submit(summary="ok"))
+    run = step(model, toolbox)
+    assert run.result.summary == "ok" and run.turns == 4
+    assert sum(m.content == [TextBlock(text=REMINDER)] for m in model.history[3].messages) == 2
+    model = ScriptedModel(text("done"), tool_call("list_dir"), text("done again"), text("still done"))
     with pytest.raises(NoResultError) as info:
         step(model, toolbox)
     assert info.value.retryable is False
-    assert len(model.history) == 3
+    assert len(model.history) == 4
+
+
+def test_malformed_results_are_counted_per_stretch_of_work(toolbox: Toolbox) -> None:
+    bad = [tool_call(SUBMIT_RESULT, status="completed") for _ in range(2)]
+    model = ScriptedModel(*bad, tool_call("list_dir"), *bad, submit(summary="ok"))
+    assert step(model, toolbox).result.summary == "ok"
+
+
+def test_what_cannot_be_sent_back_is_not(toolbox: Toolbox) -> None:
+    """The API refuses a whitespace-only text block and an assistant message without content."""
+    blank_first = ModelResponse(content=[TextBlock(text="\n\n"), *tool_call("list_dir").content],
+                                stop_reason="tool_use")
+    model = ScriptedModel(blank_first, ModelResponse(content=[], stop_reason="end_turn"), submit())
+    step(model, toolbox)
+    sent = [m for m in model.history[2].messages if m.role == "assistant"]
+    assert [type(b) for b in sent[0].content] == [ToolUseBlock]
+    assert sent[1].content == [TextBlock(text="(no text)")]
+    for message in model.history[2].messages:
+        assert message.content and all(not isinstance(b, TextBlock) or b.text.strip() for b in message.content)
+
+
+def test_a_result_cut_at_the_output_limit_is_said_to_be_cut(toolbox: Toolbox) -> None:
+    cut = tool_call(SUBMIT_RESULT, status="completed").model_copy(update={"stop_reason": "max_tokens"})
+    model = ScriptedModel(cut, submit(summary="shorter"))
+    assert step(model, toolbox, limits=StepLimits(max_tokens=512)).result.summary == "shorter"
+    (reply,) = tool_results(model.history[1].messages[-1])
+    assert reply.content.startswith("invalid result: the response was cut off at the output limit (512 tokens)")
+    assert reply.content.endswith("submit a shorter result (summary: Field required)")
 
 
 # -- malformed results and metrics ------------------------------------------------------------

@@ -196,6 +196,8 @@ class AnthropicModel:
                 {"name": t.name, "description": t.description, "input_schema": t.input_schema}
                 for t in request.tools
             ]
+            if request.tool_choice is not None:
+                params["tool_choice"] = {"type": request.tool_choice}
         extra: dict[str, Any] = {}
         if self.temperature is not None:
             # Recent SDKs (2.x) dropped `temperature` from messages.create: send it in the body,

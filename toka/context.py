@@ -351,7 +351,9 @@ def compaction_request(base: ModelRequest) -> ModelRequest:
     else:
         # Tool results must come first in a user message; the instruction goes after them.
         messages[-1] = Message(role="user", content=[*last.content, instruction])
-    return base.model_copy(update={"messages": messages, "metadata": {**base.metadata, "purpose": "summary"}})
+    # tool_choice none: a model that answered with a tool call instead lost the whole work so far.
+    return base.model_copy(update={"messages": messages, "tool_choice": "none",
+                                   "metadata": {**base.metadata, "purpose": "summary"}})
 
 
 def summary_text(response: ModelResponse) -> str:

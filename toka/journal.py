@@ -55,7 +55,10 @@ def _digest(material: Any) -> str:
 
 def request_fingerprint(request: ModelRequest, model: dict[str, Any]) -> str:
     """What a response answered: the request as sent (metadata aside) and the model's settings."""
-    return _digest({"request": request.model_dump(mode="json", exclude={"metadata"}), "model": model})
+    sent = request.model_dump(mode="json", exclude={"metadata"})
+    if sent["tool_choice"] is None:  # as before the field existed: journals of earlier runs still match
+        del sent["tool_choice"]
+    return _digest({"request": sent, "model": model})
 
 
 def tool_fingerprint(response_fingerprint: str, tool_use_id: str, name: str, arguments: dict[str, Any]) -> str:

@@ -106,6 +106,9 @@ class ModelRequest(_Frozen):
     messages: list[Message]
     tools: list[ToolDefinition] = []
     max_tokens: int = 4096
+    tool_choice: Literal["none"] | None = None
+    """``none``: the model must answer in text (a summary of the work so far); the tools are still
+    listed, so the provider's cached prefix (system and tools) is reused."""
     metadata: dict[str, str] = {}
     """Where the request comes from (agent, task, turn); never sent to providers."""
 

@@ -235,6 +235,7 @@ class _Conversation:
         self.files_changed: list[str] = []
         self.reminded = False
         self.invalid = 0
+        self.cut = False  # the last response stopped at the output limit (max_tokens)
         self.on_replayed = on_replayed
         self.save_output = save_output
         self.log = log or (lambda line: None)
@@ -255,10 +256,15 @@ class _Conversation:
         for turn in range(1, self.limits.max_turns + 1):
             self.turn = turn
             response = await self._request()
-            self.messages.append(Message(role="assistant", content=list(response.content)))
+            self.messages.append(Message(role="assistant", content=_sendable(response.content)))
+            self.cut = response.stop_reason == "max_tokens"
             if not response.tool_uses:
                 self._remind()
                 continue
+            if any(call.name != SUBMIT_RESULT for call in response.tool_uses):
+                # Working again: a later stop, or malformed result, is met afresh (one reminder, three
+                # tries per stretch of work, not per attempt: a 100-turn task may stop twice).
+                self.reminded, self.invalid = False, 0
             done = await self._answer(response.tool_uses)
             if done is not None:
                 return done
@@ -440,6 +446,9 @@ class _Conversation:
         if result is None:
             self.invalid += 1
             problem = redact(problem, secret_values())  # it may quote what the model sent
+            if self.cut:
+                problem = (f"the response was cut off at the output limit ({self.limits.max_tokens} tokens) "
+                           f"before the result was complete; submit a shorter result ({problem})")
             if self.invalid >= self.limits.max_invalid_inputs:
                 raise InvalidToolInputError(
                     f"the model sent {self.invalid} malformed submit_result inputs; last: {problem}"
@@ -461,6 +470,13 @@ class _Conversation:
             replayed=self.replay.replayed,
             carried=self.carried,
         )
+
+
+def _sendable(content: Sequence[TextBlock | ToolUseBlock]) -> list[TextBlock | ToolUseBlock]:
+    """The response's content as it may be sent back: the API refuses a text block of only
+    whitespace ("\\n\\n" before a tool call) and an assistant message with no content."""
+    kept = [b for b in content if not (isinstance(b, TextBlock) and not b.text.strip())]
+    return kept or [TextBlock(text="(no text)")]
 
 
 def _check_result(data: object, known_metrics: set[str]) -> tuple[str, TaskResult | None]:
