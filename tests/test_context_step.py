@@ -446,3 +446,31 @@ def test_a_compacted_task_killed_and_resumed_replays_its_summary_and_asks_only_f
     assert lines[0].startswith(f"resuming the task from its journal: {len(entries)} recorded steps")
     # Replay rebuilds the same conversation: the recorded summary is used, not asked for.
     assert run.context.compactions == expected.context.compactions
+
+
+def test_a_task_killed_after_a_prompt_refused_as_too_long_resumes_from_the_kill(root: Path, tmp_path: Path) -> None:
+    """The refused request left no response: replay met the summary where it asked for that one,
+    stopped there, and the task did again (and paid again for) everything after it."""
+    read = tool_call("read_file", path="big.txt", start_line=1, end_line=90)
+    again = tool_call("read_file", path="big.txt", start_line=91, end_line=100)
+    journal = tmp_path / "1.jsonl"
+    script = ScriptedModel(read, ContextOverflowError(TOO_LONG), text("SUMMARY: read lines 1-90"), again)
+
+    async def dies(request: ModelRequest) -> ModelResponse:
+        if len(first.history) > 4:
+            raise Killed()
+        return await script.request(request)
+
+    first = FunctionModel(dies, name="reader")
+    with pytest.raises(Killed):
+        step(first, toolbox(root), StepLimits(), journal=Journal(journal))
+    assert len(first.history) == 5
+    lines: list[str] = []
+    resumed = FunctionModel(lambda request: submit(summary="done"), name="reader")
+    run = step(resumed, toolbox(root), StepLimits(), journal=Journal(journal), log=lines.append)
+    assert run.result.summary == "done"
+    assert len(resumed.history) == 1  # only the request in flight at the kill
+    assert resumed.history[0] == first.history[-1]
+    assert not any("replay stopped" in line for line in lines), lines
+    # The first read and its result, the refusal, the summary, the second read and its result.
+    assert run.replayed == 6

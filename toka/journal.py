@@ -41,7 +41,7 @@ from .redact import redact_data, secret_values
 
 __all__ = ["Journal", "Replay", "journal_path", "request_fingerprint", "tool_fingerprint"]
 
-Kind = Literal["response", "tool"]
+Kind = Literal["response", "tool", "too-long"]
 
 #: Marks the entries this process recorded: a response replayed after a Prefect retry in the
 #: same process was charged here already, one recorded by an earlier (killed) process was not.
@@ -195,6 +195,25 @@ class Replay:
 
     async def record_response(self, fingerprint: str, response: ModelResponse) -> None:
         await self.record("response", fingerprint, response.model_dump(mode="json"))
+
+    def too_long(self, fingerprint: str) -> str | None:
+        """The server's message if it refused this very request as too long, when recorded next.
+
+        Refused, the request left no response; the conversation went on from a compaction. A
+        replay that asked for the refused request's response would meet the summary's and stop
+        there, and the task would do again everything after it.
+        """
+        if self.live:
+            return None
+        entry = self.entries[self.position]
+        if entry.kind != "too-long" or entry.fingerprint != fingerprint:
+            return None  # a response, or a mismatch that `response` reports
+        self.position += 1
+        self.replayed += 1
+        return str(entry.data.get("message", ""))
+
+    async def record_too_long(self, fingerprint: str, message: str) -> None:
+        await self.record("too-long", fingerprint, {"message": message})
 
     def tool(self, fingerprint: str) -> RecordedTool | None:
         entry = self.take("tool", fingerprint)

@@ -299,6 +299,9 @@ class _Conversation:
     async def _answered(self, request: ModelRequest) -> ModelResponse:
         fingerprint = request_fingerprint(request, self.model_fingerprint)
         self.response_fingerprint = fingerprint
+        refused = self.replay.too_long(fingerprint)
+        if refused is not None:
+            raise ContextOverflowError(refused)  # as the server said before: compacted again, alike
         recorded = self.replay.response(fingerprint)
         if recorded is not None:
             response, paid_here = recorded
@@ -307,7 +310,11 @@ class _Conversation:
                 if self.on_replayed is not None:
                     self.on_replayed(response.usage)
         else:
-            response = await self._send(request)
+            try:
+                response = await self._send(request)
+            except ContextOverflowError as e:
+                await self.replay.record_too_long(fingerprint, str(e))
+                raise
             await self.replay.record_response(fingerprint, response)
         if self.budget is not None:
             self.budget.calibrate(request, response.usage)
