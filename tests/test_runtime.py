@@ -444,6 +444,29 @@ class TestTimeouts:
 
 
 class TestResume:
+    def test_a_finished_tasks_journal_stays_until_its_result_is_persisted(
+        self, write_specs, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Removed as the task returned, before Prefect wrote its result, a kill in between left
+        neither: the resume paid for every turn of a finished task again."""
+        from prefect.results import ResultStore
+
+        folder = write_specs(minimal_spec("a", tasks=2))
+        journals = folder / ".toka" / "journal"
+        at_persist: list[list[str]] = []
+        persist = ResultStore.apersist_result_record
+
+        async def spy(self: ResultStore, *args: Any, **kwargs: Any) -> Any:
+            at_persist.append(sorted(p.name for p in journals.rglob("*.jsonl")))
+            return await persist(self, *args, **kwargs)
+
+        monkeypatch.setattr(ResultStore, "apersist_result_record", spy)
+        state, summary = run(folder, Recorder().model, run_key="journal-kept")
+        assert summary.state == "completed"
+        task_results = [names for names in at_persist if names]  # the flows' own results come with none
+        assert task_results == [["1.jsonl"], ["2.jsonl"]], at_persist
+        assert not list(journals.rglob("*.jsonl"))  # and gone once the result is safe
+
     def test_same_run_key_replays_without_model_calls(self, write_specs) -> None:
         folder = write_specs(minimal_spec("a"), minimal_spec("b", required={"a": ""}))
         first = Recorder()

@@ -1141,6 +1141,13 @@ class TestSandboxArgv:
         assert argv == ["unshare", "-m", "--", "sh", "-c", 'exec "$@"', "toka-sandbox", *self.CONFINE,
                         "prlimit", f"--as={64 * 1024 * 1024}", f"--fsize={1024 * 1024}", "--", "make"]
 
+    def test_a_command_dies_with_the_runtime_where_the_host_can_say_so(self) -> None:
+        host = HostSupport(cgroup=None, cgroup_root={}, netns=True, pidns=True, prlimit=False, mountns=True,
+                           orphans_die=True)
+        argv = sandbox_argv(["make"], limits=self.LIMITS, host=host, network=False, sandbox=True, confine=self.CONFINE)
+        assert argv[:9] == ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "-n", "-p", "-f", "--kill-child"]
+        assert argv[-1] == "make"
+
     def test_unsandboxed_the_command_runs_as_given(self) -> None:
         assert sandbox_argv(["make"], limits=self.LIMITS, host=self.FULL, network=False, sandbox=False,
                             confine=self.CONFINE, cgroup_procs=self.PROCS) == ["make"]

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from toka.gitguard import git_argv, run_git
 from toka.sandbox import detect_host
 
 from .conftest import ROOT
-from .test_sandbox import Agent, MakeAgent, _git_repo, make_agent, marker  # noqa: F401  (fixture)
+from .test_sandbox import Agent, MakeAgent, _git_repo, make_agent, marker, processes_matching  # noqa: F401  (fixture)
 
 HOST = detect_host()
 needs_confinement = pytest.mark.skipif(not HOST.mountns, reason="needs a mount namespace (unshare -m)")
@@ -414,3 +415,49 @@ def test_a_violation_in_a_run_stops_it_and_the_planted_hook_is_gone(write_specs,
     assert len(model.history) == 1  # nothing asked the model again after the violation
     assert not (folder / ".git" / "hooks" / "post-checkout").exists()
     person_uses_git(folder, mark)
+
+
+_RUNTIME = """
+import asyncio, sys
+from pathlib import Path
+from toka.audit import AuditLog
+from toka.capabilities import grant_tools
+from toka.policy import AgentPolicy
+from toka.spec import ResourceLimits
+from toka.tools import Toolbox, ToolContext
+from toka.workspace import Workspace
+
+workspace = Workspace(sys.argv[1])
+policy = AgentPolicy(capabilities=frozenset({"script-execution"}),
+                     limits=ResourceLimits.model_validate({"timeout": "120s"}), sandbox=True)
+tools, _ = grant_tools(["script-execution"])
+audit = AuditLog(workspace.state_dir / "audit" / "run.jsonl", run="run")
+box = Toolbox(tools, ToolContext(workspace=workspace, agent="a", task=1, policy=policy, audit=audit))
+asyncio.run(box.call("run_command", {"argv": ["./loop.sh"]}))
+"""
+
+
+@pytest.mark.skipif(not HOST.orphans_die, reason="needs setpriv --pdeathsig and unshare --kill-child")
+def test_a_command_dies_with_a_runtime_killed_with_9(tmp_path: Path) -> None:
+    """Left running, it went on writing into the worktree while the resumed run did the task again."""
+    mark = marker()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    loop = ws / "loop.sh"
+    loop.write_text(f"#!/bin/sh\n# {mark}\nsetsid sh -c 'while :; do date +%s%N >> beat-2; sleep 0.05; done' &\n"
+                    "while :; do date +%s%N >> beat; sleep 0.05; done\n")
+    loop.chmod(0o755)
+    runtime = subprocess.Popen([sys.executable, "-c", _RUNTIME, str(ws)], cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((ws / "beat").exists() and (ws / "beat-2").exists()):
+            assert time.monotonic() < deadline and runtime.poll() is None, "the command did not start"
+            time.sleep(0.05)
+    finally:
+        runtime.kill()
+        runtime.wait()
+    time.sleep(1)
+    sizes = [(ws / name).stat().st_size for name in ("beat", "beat-2")]
+    time.sleep(1)
+    assert [(ws / name).stat().st_size for name in ("beat", "beat-2")] == sizes, "a command outlived the runtime"
+    assert processes_matching(mark) == []

@@ -553,12 +553,14 @@ def doctor() -> None:
             ("max_processes", "processes"), ("max_disk_usage", "disk"), ("network denied", "network"),
             ("max_network_bandwidth", "bandwidth"), ("other processes", "processes-visible"),
             ("the host", "host"), ("unix sockets", "unix-sockets"), ("credential files", "credentials"),
-            ("git control files", "git")]
+            ("git control files", "git"), ("runtime killed (-9)", "orphans")]
     out.print(f"cgroups: {host.cgroup or 'not available'}"
               + (f" ({', '.join(sorted(host.cgroup_root))})" if host.cgroup_root else ""))
     for label, key in rows:
         how = host.mechanism(key)
-        shown = how or "[red]none: commands of agents with sandbox: true that declare it are refused[/red]"
+        refused = ("a running command may outlive the runtime" if key == "orphans"
+                   else "commands of agents with sandbox: true that declare it are refused")
+        shown = how or f"[red]none: {refused}[/red]"
         out.print(f"  {label:<22} {shown}")
 
 

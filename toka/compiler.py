@@ -330,6 +330,8 @@ async def _run_tasks(
             record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
                                         calls.tasks.get(index))
             records.append(record)
+            if state.is_completed():  # its result is persisted now: what a resume replays
+                journal.discard()
             if run.checkout is not None:
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.

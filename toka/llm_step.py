@@ -261,8 +261,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         # this coroutine, and the cancellation passes here too).
         if calls is not None:
             calls.add(len(toolbox.calls), sum(1 for c in toolbox.calls if c.refused))
-    # Done: the task's result (persisted by Prefect as this returns) is what a resume replays now.
-    journal.discard()
+    # Done. The journal stays until Prefect has persisted the result (the agent flow removes it
+    # then): a kill in between would otherwise leave neither, and the task would be paid again.
     tool_calls, refused_calls = (calls.calls, calls.refused) if calls is not None else (
         result.tool_calls, result.refused_calls)
     return TaskOutcome(

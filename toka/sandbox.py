@@ -87,9 +87,15 @@ class HostSupport:
     prlimit: bool = False
     mountns: bool = False
     """A mount namespace in which commands are confined (read-only host, no capabilities)."""
+    orphans_die: bool = False
+    """A command dies with the runtime (``setpriv --pdeathsig``, ``unshare --kill-child``): killed
+    with -9, the runtime leaves no command writing into the workspace under its resumed run."""
 
     def mechanism(self, limit: str) -> str | None:
         c = self.cgroup_root
+        if limit == "orphans":
+            return ("parent-death signal, the command's PID namespace killed with it" if self.orphans_die
+                    else None)
         if limit == "timeout":
             return "process-group kill" + (" + cgroup kill" if self.cgroup else "")
         if limit == "memory":
@@ -149,9 +155,12 @@ def landlock_abi() -> int:
 def detect_host() -> HostSupport:
     """Probe namespaces, prlimit and the confinement by using them, and cgroups by reading (no side effect)."""
     cgroup, roots = _probe_cgroups()
-    return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"),
-                       pidns=_probe_unshare("-p", "-f", "--mount-proc"), prlimit=shutil.which("prlimit") is not None,
-                       mountns=_probe_confinement())
+    pidns = _probe_unshare("-p", "-f", "--mount-proc")
+    orphans_die = (pidns and _probe_unshare("-p", "-f", "--kill-child", "--mount-proc") and shutil.which("setpriv")
+                   is not None and _succeeds(["setpriv", "--pdeathsig", "KILL", "--", "true"]))
+    return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"), pidns=pidns,
+                       prlimit=shutil.which("prlimit") is not None, mountns=_probe_confinement(),
+                       orphans_die=orphans_die)
 
 
 def _probe_cgroups(mounts_file: Path = Path("/proc/self/mounts")) -> tuple[str | None, dict[str, Path]]:
@@ -215,10 +224,12 @@ def _prepare_parents(host: HostSupport) -> None:
 
 
 def _probe_unshare(*flags: str) -> bool:
-    if shutil.which("unshare") is None:
-        return False
+    return shutil.which("unshare") is not None and _succeeds(["unshare", *flags, "true"])
+
+
+def _succeeds(argv: list[str]) -> bool:
     try:
-        return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -649,10 +660,15 @@ def sandbox_argv(
     if host.pidns:
         # Own PID namespace and /proc: the command cannot read the runtime's environment
         # through /proc/<ppid>/environ, and everything in it dies with its first process.
-        namespaces += ["-p", "-f", "--mount-proc"]
+        namespaces += ["-p", "-f", *(["--kill-child"] if host.orphans_die else []), "--mount-proc"]
     else:
         namespaces.append("-m")  # --mount-proc brings a mount namespace; without it, ask for one
     wrapped = ["unshare", *namespaces, "--"]
+    if host.orphans_die:
+        # The runtime killed with -9 takes the command with it: unshare gets SIGKILL when its parent
+        # dies, and its first process (then every process of the namespace) when unshare does. A
+        # command left running kept writing into the worktree under the resumed run.
+        wrapped = ["setpriv", "--pdeathsig", "KILL", "--", *wrapped]
     prlimits: list[str] = []
     if host.prlimit:
         if limits.max_memory is not None and "memory" not in host.cgroup_root:
