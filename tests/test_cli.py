@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from toka import cli
 from toka.cli import app
 
 from .conftest import AGENT_SPECS, ROOT, TOKA_SPECS, minimal_spec
@@ -237,6 +239,56 @@ class TestRunOptionsAreCheckedBeforeAnythingStarts:
         ]:
             code, out, err = toka("run", "--resume", *args)
             assert code == 2 and message in err and "(k1) used" in err, err
+
+
+class TestOneRunAtATime:
+    def test_a_second_run_in_the_workspace_is_refused_naming_the_first(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two at once paid twice for the same tasks, and the one that ended last reset the run's branch."""
+        from toka.runs import RunRecord, hold_workspace
+
+        monkeypatch.chdir(tmp_path)
+        RunRecord.start(specs=[str(AGENT_SPECS)], agents=[], model="offline", contexts=[], run_key="first").save(
+            tmp_path / ".toka")
+        held = hold_workspace(tmp_path / ".toka", "first")
+        try:
+            for args in (["run", AGENT_SPECS, "--model", "offline"], ["run", "--resume"]):
+                code, out, err = toka(*args)
+                assert code == 2 and "another toka run is running in this workspace (run first, pid " in err, err
+            assert RunRecord.load_last(tmp_path / ".toka").run_key == "first"  # still the one --resume continues
+        finally:
+            held.close()
+        hold_workspace(tmp_path / ".toka", "next").close()  # free again once the first has ended
+
+
+class TestResumeKeepsTheRunsSettings:
+    def test_a_resume_runs_with_the_settings_of_the_run(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """It went on in branch mode after an --in-place run, and paid again for tasks whose
+        cache key holds --max-turns."""
+        from toka.runs import RunRecord
+
+        seen: list[Any] = []
+
+        def capture(plan: Any, specs: Any, agents: Any, config: Any, *rest: Any, **kwargs: Any) -> Any:
+            seen.append(config)  # the run is recorded by now; it would start here
+            raise SystemExit(0)
+
+        monkeypatch.setattr(cli, "_run_and_report", capture)
+        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no server is looked for
+        monkeypatch.chdir(tmp_path)
+        code, _, err = toka("run", AGENT_SPECS, "--model", "offline", "--in-place", "--max-turns", "20",
+                            "--agent-budget", "9000")
+        assert code == 0, err
+        (first,) = seen
+        assert RunRecord.load_last(tmp_path / ".toka").options["in_place"] is True
+        code, _, err = toka("run", "--resume", "--agent-budget", "20000")  # a budget may be raised to finish
+        assert code == 0, err
+        resumed = seen[-1]
+        assert resumed.in_place and resumed.limits.max_turns == 20 and resumed.run_key == first.run_key
+        assert resumed.budgets.agent_token_budget == 20000
+        code, _, err = toka("run", "--resume", "--max-turns", "30")
+        assert code == 2 and "--max-turns 30 contradicts --resume" in err and "used 20" in err, err
 
 
 def test_doctor_names_a_mechanism_or_the_refusal_for_every_limit() -> None:

@@ -401,8 +401,8 @@ class TestToolbox:
         out = call(box, "read_file", path="README.md")
         assert out.is_error
         assert out.text == (
-            "refused: read_file needs one of the capabilities 'filesystem-read', 'file-system-read', which this agent's spec "
-            "does not declare in security.capabilities_required"
+            "refused: read_file needs one of the capabilities 'filesystem-read', 'file-system-read', which this "
+            "agent's spec does not declare in security.capabilities_required"
         )
         assert "filesystem-read" in call(box, "search_files", pattern="x").text
         assert box.calls == [ToolCall("read_file", refused=True, is_error=True),

@@ -32,7 +32,7 @@ from .config import settings as run_settings
 from .limits import LimitSettings
 from .providers import choose_model, describe_choice
 from .results import PipelineSummary
-from .runs import RunRecord
+from .runs import RunRecord, hold_workspace
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR
 from .workspace import Workspace
@@ -349,11 +349,12 @@ def run(
                     raise ConfigError(f"{option} {value!r} contradicts --resume: the last run here "
                                       f"({record.run_key}) used {record.selection(option)!r}")
             spec_paths, agent, contexts, model = record.specs, record.agents, record.contexts, record.model
+            given = record.options_for_resume(given, _FIXED_ON_RESUME)
         else:
             spec_paths = [str(p) for p in _paths(paths)]
             model = model or "auto"
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
-                                     contexts=list(contexts or ()), run_key=run_key)
+                                     contexts=list(contexts or ()), run_key=run_key, options=given)
         plan = make_plan(spec_paths, agents=agent or ())
         check_contexts(plan, contexts or ())
         given["needs_approval"] = _approval_set(given.get("needs_approval"))
@@ -365,28 +366,38 @@ def run(
         if json_file is not None:
             _check_writable(json_file)
         space.make_state_dir()
+        held = hold_workspace(space.state_dir, record.run_key)  # before the record: it is the held run's
         record.save(space.state_dir)
-    err.print(describe_choice(chosen))
-    verb = "resuming run" if resume else "run"
-    err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
-              f"workspace {space.root}")
-    if config.in_place:
-        err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
-                  "the same tree (no branches to review or undo)")
-    else:
-        from .branches import in_git_repository, ref_part
-
-        if in_git_repository(space.root):
-            start = " and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"
-            err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
-                      f"worktree, from {escape(config.base)}{start}")
+    try:
+        err.print(describe_choice(chosen))
+        verb = "resuming run" if resume else "run"
+        err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
+                  f"workspace {space.root}")
+        if config.in_place:
+            err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
+                      "the same tree (no branches to review or undo)")
         else:
-            err.print("branches: the workspace is not a git repository: the agents work on branches of a private "
-                      "copy of it (.toka/copies/); the run ends with a patch for `toka apply`; the workspace is "
-                      "not touched")
-    _prefect_environment(verbose=verbose)
-    with _on_lasting_server():
-        _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
+            from .branches import in_git_repository, ref_part
+
+            if in_git_repository(space.root):
+                start = " and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"
+                err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
+                          f"worktree, from {escape(config.base)}{start}")
+            else:
+                err.print("branches: the workspace is not a git repository: the agents work on branches of a private "
+                          "copy of it (.toka/copies/); the run ends with a patch for `toka apply`; the workspace is "
+                          "not touched")
+        _prefect_environment(verbose=verbose)
+        with _on_lasting_server():
+            _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
+    finally:
+        held.close()
+
+
+#: Run settings a resume takes as recorded, never otherwise: where the work is and what the
+#: finished tasks' cache keys hold (a change would do, and pay for, the work again).
+_FIXED_ON_RESUME = {s.name: s.flag for s in run_settings() if s.name in (
+    "in_place", "base", "include_uncommitted", "result_storage", "max_turns", "max_tokens", "temperature")}
 
 
 def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config: RunConfig, record: RunRecord,

@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Any
 
 from pydantic import BaseModel
 
 from .errors import ConfigError
 
-__all__ = ["RunRecord", "new_run_key"]
+__all__ = ["RunRecord", "hold_workspace", "new_run_key"]
+
+
+def hold_workspace(state_dir: Path, run_key: str) -> IO[str]:
+    """Make this process the one ``toka run`` of the workspace until the returned file is closed
+    (or the process ends, killed or not: the kernel drops the lock).
+
+    Two at once paid twice for the same tasks, and the one that ended last reset the run's
+    merged branch; a second run also took over the record ``--resume`` continues.
+
+    Raises:
+        ConfigError: another run holds it (its key and process are named).
+    """
+    path = state_dir / "runs" / "running.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    held = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        holder = held.read().strip() or "another process"
+        held.close()
+        raise ConfigError(f"another toka run is running in this workspace ({holder}); wait for it to end, "
+                          "or stop it, then run again (or resume)") from None
+    held.seek(0)
+    held.truncate()
+    held.write(f"run {run_key}, pid {os.getpid()}")
+    held.flush()
+    return held
 
 
 def new_run_key() -> str:
@@ -27,10 +58,14 @@ class RunRecord(BaseModel):
     agents: list[str]
     model: str
     contexts: list[str] = []
+    options: dict[str, Any] = {}
+    """The other run settings given (``in_place``, ``max_turns``, budgets...), by name: a resume
+    runs with them too (it ran on in branch mode after an --in-place run, and paid again for
+    tasks whose cache key holds --max-turns)."""
 
     @classmethod
     def start(cls, *, specs: list[str], agents: list[str], model: str, contexts: list[str],
-              run_key: str | None = None) -> RunRecord:
+              run_key: str | None = None, options: dict[str, Any] | None = None) -> RunRecord:
         return cls(
             run_key=run_key or new_run_key(),
             started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -38,6 +73,7 @@ class RunRecord(BaseModel):
             agents=agents,
             model=model,
             contexts=contexts,
+            options=json.loads(json.dumps(options or {}, default=str)),
         )
 
     def selection(self, option: str) -> object:
@@ -48,6 +84,20 @@ class RunRecord(BaseModel):
     @staticmethod
     def path(state_dir: Path) -> Path:
         return state_dir / "runs" / "last.json"
+
+    def options_for_resume(self, given: dict[str, Any], fixed: dict[str, str]) -> dict[str, Any]:
+        """The settings of a resume of this run: the recorded ones, and those ``given`` on top.
+
+        Raises:
+            ConfigError: a ``fixed`` setting (name -> its option) given otherwise than recorded: it
+                decides where the work is or what it replays (--in-place, --max-turns).
+        """
+        plain = json.loads(json.dumps(given, default=str))
+        for name, flag in fixed.items():
+            if name in plain and plain[name] != self.options.get(name):
+                raise ConfigError(f"{flag} {plain[name]!r} contradicts --resume: the last run here "
+                                  f"({self.run_key}) used {self.options.get(name)!r}")
+        return {**self.options, **given}
 
     def save(self, state_dir: Path) -> None:
         path = self.path(state_dir)

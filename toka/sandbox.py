@@ -293,7 +293,8 @@ def program_dirs(path_dirs: Sequence[str]) -> list[str]:
             continue
         with contextlib.suppress(OSError):
             for entry in os.scandir(parent):
-                if (entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")) or entry.name == "pyvenv.cfg":
+                visible_dir = entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+                if visible_dir or entry.name == "pyvenv.cfg":
                     kept.append(entry.path)
     return kept
 
