@@ -474,3 +474,27 @@ def test_a_task_killed_after_a_prompt_refused_as_too_long_resumes_from_the_kill(
     assert not any("replay stopped" in line for line in lines), lines
     # The first read and its result, the refusal, the summary, the second read and its result.
     assert run.replayed == 6
+
+
+def test_one_turns_tool_outputs_together_fit_the_window(root: Path, tmp_path: Path) -> None:
+    """Each output was cut to tool_output_limit alone: thirty at once went past the window, and so did
+    the summary request that was to shrink them. Now a turn's outputs share half of what a prompt may fill."""
+    for i in range(12):
+        (root / f"part-{i}.txt").write_text(f"part {i}\n" + f"{'y' * 49}\n" * 400)  # 20 KB
+    reads = ModelResponse(content=[ToolUseBlock(id=f"r{i}", name="read_file", input={"path": f"part-{i}.txt"})
+                                   for i in range(12)], stop_reason="tool_use")
+    model = ScriptedModel(reads, submit(summary="read them all"))
+    saved: list[str] = []
+
+    def save_output(whole: str) -> str:
+        saved.append(whole)
+        return f"saved/{len(saved)}.txt"
+
+    limits = StepLimits(context_window=40_000, context_threshold=0.7, tool_output_limit=16_384, max_tokens=1024)
+    run = step(model, toolbox(root), limits, save_output=save_output)
+    assert run.result.summary == "read them all" and run.context.compactions == 0
+    per_call = int(40_000 * 0.7 * 3.5) // 2 // 12  # 4,083 bytes each
+    results = tool_results(model.history[1])
+    assert len(results) == 12 and len(saved) == 12
+    assert all(len(r.encode()) < per_call + 400 for r in results), [len(r) for r in results]
+    assert ContextBudget(40_000, 0.7).estimate(model.history[1]) < 28_000

@@ -87,7 +87,7 @@ CONTEXT_WINDOWS: dict[str, int] = {
 """Model id prefix -> context window in tokens; the longest matching prefix wins, so
 ``claude-opus-4-6`` is 1M while ``claude-opus-4-5`` falls to ``claude-opus-4`` (200K)."""
 
-_CHARS_PER_TOKEN = 3.5
+BYTES_PER_TOKEN = 3.5
 """Claude's tokenizer gives about 4 characters a token on English and 3-3.5 on code; 3.5 of
 UTF-8 bytes over-estimates both (non-ASCII text counts each extra byte), which is the safe side:
 an over-estimate compacts a little early, an under-estimate fails the request."""
@@ -144,7 +144,7 @@ def context_window(model: str, override: int | None = None) -> int:
 
 
 def _text_tokens(text: str) -> int:
-    return math.ceil(len(text.encode("utf-8", errors="replace")) / _CHARS_PER_TOKEN)
+    return math.ceil(len(text.encode("utf-8", errors="replace")) / BYTES_PER_TOKEN)
 
 
 def _block_tokens(block: ContentBlock) -> int:

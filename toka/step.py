@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from .context import (
+    BYTES_PER_TOKEN,
     ContextBudget,
     ContextStats,
     clear_old_tool_results,
@@ -405,9 +406,10 @@ class _Conversation:
     async def _answer(self, calls: Sequence[ToolUseBlock]) -> StepRun | None:
         """Answer each tool call in order; a valid submitted result ends the attempt at once."""
         replies: list[ToolResultBlock] = []
+        limit = self._output_limit(sum(1 for call in calls if call.name != SUBMIT_RESULT))
         for call in calls:
             if call.name != SUBMIT_RESULT:
-                replies.append(await self._run_tool(call))
+                replies.append(await self._run_tool(call, limit))
                 continue
             outcome = self._submit(call)
             if isinstance(outcome, StepRun):
@@ -416,7 +418,20 @@ class _Conversation:
         self.messages.append(Message(role="user", content=replies))
         return None
 
-    async def _run_tool(self, call: ToolUseBlock) -> ToolResultBlock:
+    def _output_limit(self, calls: int) -> int | None:
+        """Bytes each of ``calls`` tool outputs of one turn may bring before it is saved and cut.
+
+        ``tool_output_limit``, and with a context window also a share of half of what a prompt may
+        fill, so that one turn's outputs together fit: thirty 16 KB reads at once went past a
+        200,000-token window, and the summary request that was to shrink them too.
+        """
+        limit = self.limits.tool_output_limit
+        if not limit or self.budget is None or calls < 1:
+            return limit
+        per_turn = int(self.budget.limit * BYTES_PER_TOKEN) // 2
+        return max(1024, min(limit, per_turn // calls))
+
+    async def _run_tool(self, call: ToolUseBlock, limit: int | None) -> ToolResultBlock:
         """The tool's result: replayed from the journal (the workspace already holds its effects),
         or the tool run now, its output cut to the limit, and recorded."""
         fingerprint = tool_fingerprint(self.response_fingerprint, call.id, call.name, call.input)
@@ -429,7 +444,6 @@ class _Conversation:
             calls_before = len(self.toolbox.calls)
             output = await self.toolbox.call(call.name, call.input)
             text = output.text
-            limit = self.limits.tool_output_limit
             if limit and self.save_output is not None and len(text.encode()) > limit:
                 text = head_and_tail(text, limit, self.save_output(text))
                 self.context.outputs_saved += 1
