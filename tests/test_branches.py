@@ -206,6 +206,23 @@ def test_a_failed_tasks_edits_are_kept_in_a_commit_and_set_aside(tmp_path: Path)
     assert "task2.txt" in tree and "task1.txt" not in tree  # not mixed into the next task
 
 
+def test_a_private_copy_left_half_made_by_a_kill_is_made_again(tmp_path: Path) -> None:
+    """Killed between `git init` and the first commit, the copy failed every resume ("git rev-parse failed")."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("notes\n")
+    state = folder / ".toka"
+    partial = state / "copies" / "k.partial"  # where a killed start left it: git init done, nothing committed
+    partial.mkdir(parents=True)
+    (partial / "notes.txt").write_text("notes\n")
+    git(partial, "init", "-q")
+    copy = branches._private_copy(folder, state, "k")
+    assert copy == state / "copies" / "k" and not partial.exists()
+    assert git(copy, "log", "--format=%s").strip() == "toka: the workspace at the start of run k"
+    assert git(copy, "ls-files").split() == ["notes.txt"]
+    assert branches._private_copy(folder, state, "k") == copy  # made once
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_a_workspace_without_git_gets_a_patch(tmp_path: Path) -> None:
     folder = tmp_path / "plain"

@@ -124,6 +124,18 @@ class TestReadFile:
         assert rest.text.splitlines()[-1] == f"{BIG_LINES:>5}  {BIG_LINE}"
         assert "[cut at" not in rest.text
 
+    def test_a_line_longer_than_a_read_is_shown_in_part_and_the_reading_goes_on_after_it(
+        self, root: Path, toolbox: Toolbox
+    ) -> None:
+        """Minified code, a one-line saved output: "read on from line 1" pointed at the same line forever."""
+        (root / "app.min.js").write_text("x" * 200_000 + "\nsecond\nthird\n")
+        lines = call(toolbox, "read_file", path="app.min.js").text.splitlines()
+        assert lines[1] == "    1  " + "x" * 63_993
+        assert lines[2].startswith("[line 1 is 200000 characters long: its first 63993 are shown")
+        assert lines[3] == "[cut at 64000 characters; read on from line 2]"
+        rest = call(toolbox, "read_file", path="app.min.js", start_line=2).text.splitlines()
+        assert rest[1:] == ["    2  second", "    3  third"]
+
     def test_a_binary_file_is_refused_as_an_error_output(self, toolbox: Toolbox) -> None:
         out = call(toolbox, "read_file", path="image.bin")
         assert out.is_error

@@ -267,18 +267,23 @@ def _private_copy(workspace: Path, state_dir: Path, run_key: str) -> Path:
     """A copy of the workspace (its state directory left out) as a new repository with one commit."""
     copy = state_dir / "copies" / run_file_name(run_key)
     if not (copy / ".git").is_dir():
-        if copy.exists():
-            shutil.rmtree(copy)
+        # Made aside and put in place whole: killed between `git init` and the first commit, a
+        # copy without a commit failed every resume ("git rev-parse failed").
+        partial = copy.with_name(copy.name + ".partial")
+        for leftover in (copy, partial):
+            if leftover.exists():
+                shutil.rmtree(leftover)
         skip = state_dir.resolve()
 
         def ignore(directory: str, names: list[str]) -> list[str]:
             return [n for n in names if Path(directory, n).resolve() == skip]
 
-        shutil.copytree(workspace, copy, symlinks=True, ignore=ignore)
-        _git(copy, "init", "-q")
-        _git(copy, "add", "-A")
-        _git(copy, "commit", "-q", "--allow-empty", "-m", f"toka: the workspace at the start of run {run_key}",
+        shutil.copytree(workspace, partial, symlinks=True, ignore=ignore)
+        _git(partial, "init", "-q")
+        _git(partial, "add", "-A")
+        _git(partial, "commit", "-q", "--allow-empty", "-m", f"toka: the workspace at the start of run {run_key}",
              env=_identity("run"))
+        partial.rename(copy)
     return copy
 
 

@@ -178,6 +178,7 @@ class ReadFile(BlockingTool):
         size = 0
         total = 0
         cut_at: int | None = None
+        long_line: tuple[int, int] | None = None  # (number, characters) of a line shown only in part
         last = args.end_line or float("inf")
         # Lines end at '\n' only (as for grep and editors), whatever else the text holds;
         # the whole file is streamed so the line count and far ranges stay right.
@@ -190,8 +191,13 @@ class ReadFile(BlockingTool):
                     continue
                 line = f"{total:>5}  {raw.decode('utf-8', errors='replace').rstrip(chr(10)).rstrip(chr(13))}"
                 if size + len(line) > _READ_LIMIT:
-                    cut_at = total
-                    continue
+                    if out:
+                        cut_at = total
+                        continue
+                    # One line longer than a whole read (minified code, a one-line saved output): its
+                    # start, and the reading goes on after it; "read on from" that line again went nowhere.
+                    long_line = (total, len(line) - 7)
+                    line = line[:_READ_LIMIT]
                 out.append(line)
                 size += len(line) + 1
         end = min(args.end_line or total, total)
@@ -199,6 +205,10 @@ class ReadFile(BlockingTool):
             header = f"{rel}: has {total} lines; nothing at line {args.start_line}"
         else:
             header = f"{rel}: lines {args.start_line}-{end} of {total}"
+        if long_line is not None:
+            number, length = long_line
+            out.append(f"[line {number} is {length} characters long: its first {_READ_LIMIT - 7} are shown; "
+                       "the rest of it cannot be read with read_file (search_files finds text in it)]")
         if cut_at is not None:
             out.append(f"[cut at {_READ_LIMIT} characters; read on from line {cut_at}]")
         return ToolOutput("\n".join([header, *out]), files_read=[rel])
