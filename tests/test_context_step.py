@@ -498,3 +498,23 @@ def test_one_turns_tool_outputs_together_fit_the_window(root: Path, tmp_path: Pa
     assert len(results) == 12 and len(saved) == 12
     assert all(len(r.encode()) < per_call + 400 for r in results), [len(r) for r in results]
     assert ContextBudget(40_000, 0.7).estimate(model.history[1]) < 28_000
+
+
+def test_what_the_server_clears_again_every_turn_is_counted_once(root: Path) -> None:
+    """It clears the same old outputs from each request and reports them each time: summed, a run
+    reported 17.8 times what was cleared."""
+    reader = long_reader(6)
+
+    def respond(body: dict[str, Any]) -> dict[str, Any]:
+        reply = reader(body)
+        turn = sum(1 for m in body["messages"] if m["role"] == "assistant") + 1
+        reply["context_management"] = _report(3_000 if turn >= 3 else 0)
+        return reply
+
+    limits = StepLimits(context_window=200_000, max_turns=20, max_tokens=1024, server_context=True)
+    with AnthropicServer(respond) as server:
+        model = AnthropicModel("claude-test", api_key=KEY, base_url=server.base_url, max_attempts=1,
+                               request_timeout=5.0, context_edit_trigger=140_000)
+        run = step(model, toolbox(root), limits)
+    assert run.result.summary == "read 6 chunks" and len(server.requests) == 7
+    assert run.context.tokens_cleared == 3_000

@@ -330,7 +330,9 @@ class _Conversation:
             self.log("the model's server did not confirm its context editing (no report in the response): "
                      "toka keeps the conversation within the context window itself from here")
         elif response.server_cleared:
-            self.context.tokens_cleared += response.server_cleared
+            # The server clears the same old outputs from every request again and reports each time:
+            # the most it cleared at once is what its editing kept out (the sum counted them again and again).
+            self.context.tokens_cleared = max(self.context.tokens_cleared, response.server_cleared)
 
     async def _send(self, request: ModelRequest) -> ModelResponse:
         """One model request under the guard; its usage is added and reported."""
