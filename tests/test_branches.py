@@ -206,6 +206,20 @@ def test_a_failed_tasks_edits_are_kept_in_a_commit_and_set_aside(tmp_path: Path)
     assert "task2.txt" in tree and "task1.txt" not in tree  # not mixed into the next task
 
 
+def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) -> None:
+    """`.toka/` deleted midway: the branches stayed in the repository and discard said the run had none."""
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    head = git(repo, "rev-parse", "HEAD").strip()
+    for branch in ("toka/kh/a", "toka/kh/_merged", "toka/other/a"):
+        git(repo, "branch", branch, head)
+    discarded = toka(repo, "discard", "--run", "kh")
+    assert discarded.exit_code == 0, discarded.output
+    assert "2 branches and worktrees removed" in discarded.output
+    assert git(repo, "branch", "--list", "toka/*", "--format=%(refname:short)").split() == ["toka/other/a"]
+    missing = toka(repo, "discard", "--run", "none")
+    assert missing.exit_code == 1 and "has no branches" in missing.output
+
+
 def test_a_private_copy_left_half_made_by_a_kill_is_made_again(tmp_path: Path) -> None:
     """Killed between `git init` and the first commit, the copy failed every resume ("git rev-parse failed")."""
     folder = tmp_path / "plain"

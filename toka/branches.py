@@ -801,6 +801,17 @@ class Discarded:
     it made inside): gone with it, and said so."""
 
 
+def unrecorded_run(workspace: Path, state_dir: Path, run_key: str) -> RunBranches | None:
+    """Run ``run_key``'s branches in ``workspace``'s repository when its record is gone (``.toka``
+    deleted midway), for :func:`discard_run` to remove; None when it has none there either."""
+    top = _toplevel(workspace)
+    if top is None or not _git(top, "for-each-ref", "--format=%(refname)",
+                               f"refs/heads/toka/{ref_part(run_key)}/").strip():
+        return None
+    return RunBranches(run_key=run_key, workspace=str(workspace), state_dir=str(state_dir), repo=str(top),
+                       prefix="", base="", base_ref="")
+
+
 def discard_run(run: RunBranches) -> Discarded:
     """Remove the run's worktrees, branches, private copy and records."""
     repo = Path(run.repo)

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from .errors import ConfigError, Problem, RunFailedError, TokaError
+from .errors import BranchError, ConfigError, Problem, RunFailedError, TokaError
 from .plan import Plan, check_contexts, limits_text, make_plan
 from .policy import approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
@@ -668,10 +668,17 @@ def apply(run_id: RunOpt = None, agent: BranchAgentOpt = None, workspace: Worksp
 @app.command(cls=_Command)
 def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
     """Remove a run's branches and worktrees (its reports and audit trail stay)."""
-    from .branches import discard_run
+    from .branches import discard_run, unrecorded_run
 
     with _user_errors():
-        branches = _run_branches(workspace, run_id, None)
+        try:
+            branches = _run_branches(workspace, run_id, None)
+        except BranchError:
+            # Its record gone (.toka deleted midway), its branches may still be in the repository.
+            space = Workspace(workspace)
+            branches = unrecorded_run(space.root, space.state_dir, run_id) if run_id else None
+            if branches is None:
+                raise
         discarded = discard_run(branches)
     for worktree, left in discarded.uncommitted.items():
         files = f"{left} uncommitted file{'s' * (left != 1)}"
