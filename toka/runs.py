@@ -45,6 +45,13 @@ def hold_workspace(state_dir: Path, run_key: str) -> IO[str]:
     return held
 
 
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Settings as the record keeps them (JSON: tuples as lists, paths as text), so that given and
+    recorded ones compare alike."""
+    plain: dict[str, Any] = json.loads(json.dumps(options, default=str))
+    return plain
+
+
 def new_run_key() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -73,7 +80,7 @@ class RunRecord(BaseModel):
             agents=agents,
             model=model,
             contexts=contexts,
-            options=json.loads(json.dumps(options or {}, default=str)),
+            options=_plain(options or {}),
         )
 
     def selection(self, option: str) -> object:
@@ -92,7 +99,7 @@ class RunRecord(BaseModel):
             ConfigError: a ``fixed`` setting (name -> its option) given otherwise than recorded: it
                 decides where the work is or what it replays (--in-place, --max-turns).
         """
-        plain = json.loads(json.dumps(given, default=str))
+        plain = _plain(given)
         for name, flag in fixed.items():
             if name in plain and plain[name] != self.options.get(name):
                 raise ConfigError(f"{flag} {plain[name]!r} contradicts --resume: the last run here "

@@ -155,9 +155,11 @@ def landlock_abi() -> int:
 def detect_host() -> HostSupport:
     """Probe namespaces, prlimit and the confinement by using them, and cgroups by reading (no side effect)."""
     cgroup, roots = _probe_cgroups()
-    pidns = _probe_unshare("-p", "-f", "--mount-proc")
-    orphans_die = (pidns and _probe_unshare("-p", "-f", "--kill-child", "--mount-proc") and shutil.which("setpriv")
-                   is not None and _succeeds(["setpriv", "--pdeathsig", "KILL", "--", "true"]))
+    # One probe where unshare knows --kill-child (util-linux 2.32 on): it makes a PID namespace too.
+    kill_child = _probe_unshare("-p", "-f", "--kill-child", "--mount-proc")
+    pidns = kill_child or _probe_unshare("-p", "-f", "--mount-proc")
+    orphans_die = (kill_child and shutil.which("setpriv") is not None
+                   and _succeeds(["setpriv", "--pdeathsig", "KILL", "--", "true"]))
     return HostSupport(cgroup=cgroup, cgroup_root=roots, netns=_probe_unshare("-n"), pidns=pidns,
                        prlimit=shutil.which("prlimit") is not None, mountns=_probe_confinement(),
                        orphans_die=orphans_die)
