@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import re
@@ -164,7 +165,11 @@ async def _children(flow_run_id: str) -> list[dict[str, Any]]:
 async def _logs(flow_run_ids: list[str]) -> list[str]:
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.instance().drain()  # logs are shipped in batches
+    # Logs are shipped in batches. In a running event loop `drain` returns an awaitable: not awaited,
+    # the logs were read before they were sent, at random ("no logs shipped").
+    drained = APILogWorker.instance().drain()
+    if inspect.isawaitable(drained):
+        await drained
     logs = await _api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": flow_run_ids}},
                                                "sort": "TIMESTAMP_ASC", "limit": 200, "offset": 0})
     return [entry["message"] for entry in logs]
