@@ -22,6 +22,7 @@ from toka.errors import PermanentModelError, TransientModelError
 from toka.model import ModelRequest, ModelResponse, TextBlock, override_model
 from toka.process import run_process
 from toka.progress import ProgressEvent, listen
+from toka.report import agent_markdown
 from toka.results import PipelineSummary
 from toka.testing import FunctionModel, submit, tool_call
 from toka.tools import Tool, ToolContext, ToolOutput
@@ -337,6 +338,57 @@ class TestRetriesAndBudgets:
         # A resume carries the whole cost forward, not the last attempt's.
         _, again = run(folder, Recorder().model, run_key="usage-every-attempt")
         assert again.agents[0].tasks[0].carried_usage.total_tokens == 30 == again.spent_tokens
+
+    @staticmethod
+    def _fails_after_three_turns(failures: int) -> Callable[[ModelRequest], Any]:
+        """Task behaviour: two refused results (journalled, 15 tokens each), then ``failures``
+        times an error the step does not retry, then a submit."""
+        state = {"failures": failures}
+
+        def answer(request: ModelRequest) -> Any:
+            turns = sum(1 for m in request.messages if m.role == "assistant")
+            if turns < 2:
+                return malformed(request)
+            if state["failures"]:
+                state["failures"] -= 1
+                return PermanentModelError("400 the request is malformed")
+            return None  # submits
+
+        return answer
+
+    def test_a_resumed_task_counts_what_it_replays_once_against_the_agent_budget(self, write_specs, monkeypatch) -> None:
+        # 30 tokens paid before the resume and replayed, 15 for task 1's last request, 15 for task 2:
+        # 60 spent, under 70. Counted twice (by the step as it replays, by the agent after the
+        # task), the replayed 30 made it 75 before task 2's request, which was refused.
+        spec = minimal_spec("resumer", tasks=2, budget={"agent_tokens": 70})
+        spec["tasks"]["default"][0]["priority"] = "high"  # its failure stops the agent
+        folder = write_specs(spec)
+        answer = self._fails_after_three_turns(failures=1)
+        state, _ = run(folder, Recorder(resumer_1=answer).model, run_key="resume-budget")
+        assert state.is_failed()
+        monkeypatch.setattr("toka.journal.PROCESS", "a later process")  # the resume: `toka run --resume`
+        rec = Recorder(resumer_1=answer)
+        state, summary = run(folder, rec.model, run_key="resume-budget")
+        tasks = agent(summary, "resumer").tasks
+        assert [t.state for t in tasks] == ["completed", "completed"], [t.error for t in tasks]
+        assert len(rec.calls("resumer", 1)) == 1  # the two answered turns came from the journal
+        assert tasks[0].carried_usage.total_tokens == 30 and tasks[0].usage.total_tokens == 15
+        assert summary.spent_tokens == 60
+
+    def test_a_task_that_fails_again_after_a_resume_reports_what_it_carried(self, write_specs, monkeypatch) -> None:
+        spec = minimal_spec("refailer", tasks=1)
+        spec["tasks"]["default"][0]["priority"] = "high"
+        folder = write_specs(spec)
+        answer = self._fails_after_three_turns(failures=2)
+        run(folder, Recorder(refailer_1=answer).model, run_key="refail")
+        monkeypatch.setattr("toka.journal.PROCESS", "a later process")
+        state, summary = run(folder, Recorder(refailer_1=answer).model, run_key="refail")
+        task = agent(summary, "refailer").tasks[0]
+        assert state.is_failed() and task.state == "failed"
+        # Paid in the first run, replayed in this one: carried, not charged again, and counted in the run's total.
+        assert task.carried_usage.total_tokens == 30 and task.usage.total_tokens == 0
+        assert summary.spent_tokens == 30
+        assert "30 tokens carried, not paid again" in agent_markdown(agent(summary, "refailer"), model="recorder")
 
     def test_a_request_past_the_step_guard_is_not_retried(self, write_specs) -> None:
         spec = minimal_spec("stuck", tasks=1)

@@ -41,6 +41,8 @@ class Ledger:
     """task, agent or pipeline: what a spent budget stops."""
     spent: int = 0
     charged: Usage = field(default_factory=Usage)
+    carried: Usage = field(default_factory=Usage)
+    """What replayed steps cost when they were first paid for (counted in ``spent``)."""
 
     def check(self) -> None:
         if self.limit is not None and self.spent >= self.limit:
@@ -58,6 +60,7 @@ class Ledger:
     def carry(self, usage: Usage) -> None:
         """A task replayed from an earlier attempt: spent then, charged nothing now."""
         self.spent += usage.total_tokens
+        self.carried = self.carried + usage
 
 
 @dataclass

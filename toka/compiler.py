@@ -231,6 +231,7 @@ async def _record(
         state="failed",
         attempts=(exc.attempt if isinstance(exc, TokaError) else None) or (retries + 1 if retryable else 1),
         usage=charged if charged is not None else (exc.usage if isinstance(exc, TokaError) else None) or Usage(),
+        carried_usage=(exc.carried if isinstance(exc, TokaError) else None) or Usage(),
         error=redact(f"{type(exc).__name__}: {text}", secrets),
         **counts,
     ), exc
@@ -336,9 +337,10 @@ async def _run_tasks(
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.
                 committing = asyncio.create_task(_commit_after(committing, run, record, total))
-            for book in (budget.ledger, ledger):  # a replayed task's cost counts as spent
-                if book is not None:
-                    book.carry(record.carried_usage)
+            if record.state == "cached":  # its earlier cost counts as spent (a replaying step carries its own)
+                for book in (budget.ledger, ledger):
+                    if book is not None:
+                        book.carry(record.carried_usage)
             if record.result is not None:
                 prior.append({"task": index, "description": task.description, **record.result.model_dump()})
             elif isinstance(exc, TokaError) and exc.fatal:

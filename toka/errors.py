@@ -53,7 +53,7 @@ ran, is undone, and stops the run (the model is not asked to carry on).
 Errors carry a list of :class:`Problem` so that several defects found in one
 pass are reported together. They pickle (Prefect ships exceptions between
 processes): ``args`` holds exactly what ``__init__`` takes positionally, and
-the declared keyword fields (``usage``, ``attempt``, ``command_usage``) are
+the declared fields (``usage``, ``attempt``, ``carried``, ``command_usage``) are
 plain instance attributes, which pickle restores with the instance's
 ``__dict__``. Set them at construction or by assignment on an existing error
 (``e.usage = ...``); never attach undeclared attributes.
@@ -155,6 +155,9 @@ class TokaError(Exception):
         self.usage: Usage | None = usage
         #: Which attempt of the Prefect task raised it (1-based), for reports; None if unknown.
         self.attempt: int | None = attempt
+        #: Tokens paid in an earlier process for the steps this task replayed from its journal
+        #: (spent, not charged again), for reports; None if unknown.
+        self.carried: Usage | None = None
 
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)

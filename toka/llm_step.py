@@ -255,6 +255,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     except TokaError as e:
         e.attempt = attempt  # for reports: a retried task's failure says how many attempts it took
         e.usage = task_ledger.charged  # every attempt so far
+        e.carried = task_ledger.carried
         raise
     finally:
         # Every attempt's calls count: failed ones, and timed-out ones (Prefect's timeout cancels

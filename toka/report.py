@@ -118,6 +118,9 @@ def _context_note(task: TaskRecord, total: int) -> str:
     if task.replayed:
         parts.append(f"resumed from its journal ({task.replayed} recorded steps replayed, "
                      f"{task.carried_usage.total_tokens:,} tokens carried, not paid again)")
+    elif task.state == "failed" and task.carried_usage.total_tokens:
+        parts.append(f"resumed from its journal ({task.carried_usage.total_tokens:,} tokens carried, "
+                     "not paid again)")
     if task.tokens_cleared:
         parts.append(f"{task.tokens_cleared:,} tokens of old tool output cleared")
     if task.compactions:
