@@ -299,6 +299,7 @@ def test_scrubbed_env_keeps_only_harmless_variables(tmp_path: Path) -> None:
         "PATH": "/opt/bin:/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "VIRTUAL_ENV": "/venv",
         "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1", "GIT_TERMINAL_PROMPT": "0",
         "RUSTUP_HOME": str(user_home / ".rustup"),
+        "PYTHONNOUSERSITE": "1",  # no usercustomize.py from the private HOME, which outlives the call
         # git reads no system or global configuration (the private HOME's ~/.gitconfig is the
         # agent's to write) and runs no hook, bare repository or ext:: helper
         "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_COUNT": "3",

@@ -313,6 +313,24 @@ def test_host_unix_sockets_are_unreachable_without_network_access(
 
 
 @needs_confinement
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs a system Python (a virtualenv's has no user site)")
+def test_python_code_planted_in_the_private_home_does_not_run_in_later_commands(
+    make_agent: MakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's private HOME outlives each command: a ``usercustomize.py`` written into its
+    user site directory would otherwise run before every later Python command of the agent."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the system Python, as on a host without a virtualenv
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    agent = make_agent("script-execution", files={"plant.py": (
+        "import os, site\n"
+        "os.makedirs(site.getusersitepackages(), exist_ok=True)\n"
+        "open(os.path.join(site.getusersitepackages(), 'usercustomize.py'), 'w').write(\"print('PLANTED')\\n\")\n"
+        "print('written', site.getusersitepackages())\n"), "later.py": "print('later')\n"})
+    assert "written" in agent.run("python3", "plant.py").text
+    later = agent.run("python3", "later.py").text
+    assert "later" in later and "PLANTED" not in later
+
+
 def test_run_is_hidden_and_no_credential_file_is_readable(make_agent: MakeAgent) -> None:
     candidates = ["/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
                   "/etc/security/opasswd", *map(str, Path("/etc/ssh").glob("ssh_host_*key"))]

@@ -289,6 +289,9 @@ def scrubbed_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, 
     (home / "tmp").mkdir(exist_ok=True)
     return {**kept, "HOME": str(home), "TMPDIR": str(home / "tmp"), "TERM": "dumb", "NO_COLOR": "1",
             "GIT_TERMINAL_PROMPT": "0", "PATH": kept.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            # The private HOME outlives the call: a usercustomize.py planted in its user site
+            # directory would run in every later Python command of the agent.
+            "PYTHONNOUSERSITE": "1",
             **_GIT_GUARDS, **_rust_toolchain(env)}
 
 
