@@ -297,6 +297,24 @@ class TestFileToolEscapes:
         agent.audited("write_file", "refused", "'notes.txt' resolves outside the workspace")
         assert (outside / "secret.txt").read_text() == secret
 
+    def test_a_hard_link_to_a_file_outside_is_read_but_not_written(self, make_agent: MakeAgent, outside: Path) -> None:
+        """A hard link the person made (the sandbox's mounts keep commands from making one): writing
+        through it would change the file outside too."""
+        secret = (outside / "secret.txt").read_text()
+        agent = make_agent(*FILE_TOOLS)
+        try:
+            os.link(outside / "secret.txt", agent.root / "linked.txt")
+        except OSError as e:
+            pytest.skip(f"no hard link across these directories: {e}")
+        assert secret.strip() in agent.call("read_file", path="linked.txt").text
+        for tool, args in (("write_file", {"content": "overwritten"}),
+                           ("edit_file", {"old_text": "OUTSIDE", "new_text": "PWNED"})):
+            out = agent.call(tool, path="linked.txt", **args)
+            assert out.is_error
+            agent.audited(tool, "refused", "'linked.txt' has 2 names (hard links)")
+            assert (outside / "secret.txt").read_text() == secret
+        assert not agent.call("write_file", path="fresh.txt", content="new\n").is_error  # one name: written
+
     @pytest.mark.parametrize(
         ("tool", "args"),
         [

@@ -142,8 +142,14 @@ class Workspace:
         this call ran. Each directory is opened below the one before (``O_NOFOLLOW``), so what is
         opened is the checked file or nothing. ``wb`` creates missing directories and the file.
 
+        A file with more than one name (hard links) is not written: another name may be outside
+        the workspace (a link the person made; a sandboxed command cannot make one across the
+        sandbox's mounts), and writing through it would change that file too. It is read: what
+        it holds is what the person put in the workspace.
+
         Raises:
-            PathRefused: a link or something other than a regular file is in the way.
+            PathRefused: a link or something other than a regular file is in the way, or a file to
+                write has other names.
         """
         saved = not real.is_relative_to(self.root) and real.is_relative_to(self.outputs)
         anchor = self.outputs if saved else self.root
@@ -161,8 +167,9 @@ class Workspace:
                 inner = self._enter(directory, part, name, create=writing)
                 os.close(directory)
                 directory = inner
-            # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below).
-            flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC if writing else os.O_RDONLY) | os.O_NOFOLLOW \
+            # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below). Not
+            # truncated yet: a file with other names is refused as it is.
+            flags = (os.O_WRONLY | os.O_CREAT if writing else os.O_RDONLY) | os.O_NOFOLLOW \
                 | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 fd = os.open(parts[-1], flags, 0o666, dir_fd=directory)
@@ -170,9 +177,16 @@ class Workspace:
                 raise self._changed(name, e) from None
         finally:
             os.close(directory)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise PathRefused(f"{name!r} is not a regular file")
+        if writing:
+            if info.st_nlink > 1:
+                os.close(fd)
+                raise PathRefused(f"{name!r} has {info.st_nlink} names (hard links), and another may be outside "
+                                  "the workspace: it is not written")
+            os.ftruncate(fd, 0)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, mode)
 
