@@ -80,6 +80,10 @@ ALLOWED: list[tuple[str, list[str], bool]] = [
     ("git-access", ["git", "config", "--show-origin", "--get-regexp", "^alias\\."], False),
     ("git-access", ["git", "config", "get", "user.email"], False),
     ("git-access", ["git", "config", "--file", "setup.cfg", "--list"], False),
+    # one-letter options bundled, as git reads them
+    ("git-access", ["git", "config", "-lz"], False),
+    ("git-access", ["git", "config", "-zl", "--show-origin"], False),
+    ("git-access", ["git", "config", "-zf", "setup.cfg", "--get", "metadata.name"], False),
     ("git-access", ["git", "commit", "-m", "message"], False),
     ("git-access", ["git", "grep", "-c", "TODO"], False),  # -c refused for clone only
     ("git-access", ["git", "log", "-S", "fix", "--", "-x"], False),  # after `--`: paths
@@ -226,6 +230,9 @@ REFUSED: list[Any] = [
     ({"git-access"}, ["git", "config", "--get", "--unset", "alias.x"], r"git config may only be read"),
     ({"git-access"}, ["git", "config", "--file", "--list", "alias.x", "!sh"], r"git config may only be read"),
     ({"git-access"}, ["git", "config", "--replace-all", "core.pager", "sh", "--get"], r"git config may only be read"),
+    ({"git-access"}, ["git", "config", "-le"], r"git config may only be read"),  # -e: --edit
+    ({"git-access"}, ["git", "config", "-lf", "--list", "alias.x", "!sh"], r"git config may only be read"),
+    ({"git-access"}, ["git", "config", "-zf/etc/gitconfig", "-l"], OUTSIDE_ARG),
     pytest.param({"git-access"}, ["git", "grep", "-Otouch pwned", "hello"], "program", id="was-bug-git-grep-O"),
     pytest.param({"git-access"}, ["git", "grep", "--open-files-in-pager=touch pwned", "hello"], "program", id="was-bug-git-grep-open-files-in-pager"),
     # git takes any unambiguous prefix of a long option, and short options bundled with their value

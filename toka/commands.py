@@ -110,7 +110,7 @@ def _git_config_reads(args: Sequence[str]) -> bool:
     """
     actions: list[str] = []
     operands: list[str] = []
-    items = iter(args)
+    items = iter(_git_config_short_options(args))
     for arg in items:
         if arg == "--":
             operands.extend(items)
@@ -132,6 +132,35 @@ def _git_config_reads(args: Sequence[str]) -> bool:
         return False
     low, high = _GIT_CONFIG_READS[actions[0]]
     return low <= len(operands) <= high
+
+
+#: git config's one-letter options: which take a value (the rest of the bundle, or the next argument).
+_GIT_CONFIG_SHORT = {"l": False, "z": False, "f": True}
+
+
+def _git_config_short_options(args: Sequence[str]) -> list[str]:
+    """``args`` with bundles of one-letter options apart, as git's option parser reads them:
+    ``-lz`` is ``-l -z``, ``-zfFILE`` is ``-z -f FILE``. A bundle with a letter not known here
+    is kept whole (and refused as an unknown option)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + list(args[i:])
+        if not arg.startswith("-") or arg.startswith("--") or len(arg) <= 2:
+            out.append(arg)
+            continue
+        split: list[str] = []
+        for j, letter in enumerate(arg[1:], 1):
+            if letter not in _GIT_CONFIG_SHORT:
+                split = [arg]
+                break
+            split.append(f"-{letter}")
+            if _GIT_CONFIG_SHORT[letter]:
+                if arg[j + 1:]:
+                    split.append(arg[j + 1:])
+                break
+        out.extend(split)
+    return out
 
 
 def _git_option_refused(args: Sequence[str], short: str) -> str | None:
@@ -214,10 +243,12 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
         operands = [a for a in rest if not a.startswith("-")]
         if sub is not None and (sub, operands[0] if operands else None) in _GIT_NESTED_REFUSED:
             raise CommandRefused(f"git {sub} {operands[0]} is not allowed: it runs arbitrary commands")
-        if sub == "config" and not _git_config_reads(rest):
-            raise CommandRefused("git config may only be read (--get NAME, --get-all, --get-regexp, --list; "
-                                 "`git config get NAME`, `git config list`): writing it could make git run "
-                                 "other programs")
+        if sub == "config":
+            _check_paths(_git_config_short_options(rest), workspace)  # `-zfFILE`: the file apart
+            if not _git_config_reads(rest):
+                raise CommandRefused("git config may only be read (--get NAME, --get-all, --get-regexp, --list; "
+                                     "`git config get NAME`, `git config list`): writing it could make git "
+                                     "run other programs")
         if sub in ("push", "send-email", "send-pack"):
             grant = need("git-push", f"git {sub}")
             return CommandGrant(grant.capability, pushes=True)
