@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -177,7 +178,7 @@ def test_conflicting_parallel_agents_keep_only_their_dependent_from_running(tmp_
     assert "shared.txt" in data["branch"]["not_merged"]["c"]
     merged = git(repo, "show", "toka/clash/_merged:shared.txt")
     assert "line 20 (a)" in merged and "line 5 (other)" in merged
-    assert git(repo, "status", "--porcelain") == ""
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -351,7 +352,7 @@ def test_kill_then_resume_reuses_the_worktree_and_commits_nothing_twice(tmp_path
     # Task 2's commit holds the edit left in the worktree before the kill: the worktree was reused.
     # Clean at the end, it is removed (the branch stays, for review).
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1 and not worktree.exists()
-    assert git(repo, "status", "--porcelain") == ""
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
 
     discarded = subprocess.run([TOKA, "discard"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert discarded.returncode == 0, discarded.stderr
@@ -775,3 +776,45 @@ def test_a_crlf_file_in_a_workspace_without_git_is_patched_byte_for_byte(tmp_pat
     branches.finish_run(run, ["a"])
     assert branches.apply_changes(run).startswith("applied")  # the patch kept its \r: it applies
     assert (folder / "dos.txt").read_bytes() == b"one\r\nTWO\r\n"
+
+
+def test_apply_killed_with_its_process_group_leaves_no_half_done_merge(tmp_path: Path) -> None:
+    """`kill -9` of `toka apply`'s process group (a closed terminal) while git merged: git finishes
+    on its own, so no index.lock is left and the checkout holds the whole merge."""
+    repo, run = _finished_run(tmp_path, {"slow.txt": "agent\n"}, committed={".gitattributes": "*.txt filter=slow\n"})
+    home, started = tmp_path / "home", tmp_path / "smudging"
+    home.mkdir()
+    # The person's own filter (their global configuration runs, as for their git): slow to check out.
+    (home / ".gitconfig").write_text(f'[filter "slow"]\n\tsmudge = "touch {started}; sleep 1; cat"\n')
+    script = (f"from pathlib import Path; from toka import branches; "
+              f"print(branches.apply_changes(branches.load_run(Path({str(repo / '.toka')!r}), 'night')))")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "HOME": str(home)},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "git never checked the file out"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    lock = repo / ".git" / "index.lock"
+    deadline = time.monotonic() + 30
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # a git still running would have taken the lock again by now
+    assert not lock.exists(), "a half-done merge: git's index.lock is left"
+    assert (repo / "slow.txt").read_text() == "agent\n"
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    assert branches.apply_changes(run).startswith("nothing to apply")
+
+
+def test_apply_with_gits_lock_in_the_checkout_says_what_it_is_and_changes_nothing(tmp_path: Path) -> None:
+    repo, run = _finished_run(tmp_path, {"from-agent.txt": "agent\n"})
+    (repo / ".git" / "index.lock").write_text("")  # a git command killed midway, or one at work
+    before = checkout_state(repo)
+    with pytest.raises(BranchError, match=r"git's lock .*index\.lock exists: a git command is working in your "
+                                          r"checkout, or one was killed midway; when none is running, remove"):
+        branches.apply_changes(run)
+    assert checkout_state(repo) == before
+    (repo / ".git" / "index.lock").unlink()
+    assert branches.apply_changes(run).startswith("merged")

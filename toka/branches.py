@@ -877,6 +877,10 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     if run.private_copy:
         return _apply_patch(run, branch)
     busy = _operation_in_progress(repo)
+    if busy is not None and busy.endswith("index.lock"):
+        raise BranchError(f"not applied: git's lock {busy} exists: a git command is working in your checkout, "
+                          "or one was killed midway; when none is running, remove the file, check `git status`, "
+                          "and apply again")
     if busy:
         raise BranchError(f"not applied: your checkout is in the middle of {busy}; finish it (or abort it) first")
     head = _git(repo, "rev-parse", "HEAD").strip()
@@ -928,11 +932,14 @@ _IN_PROGRESS = {"MERGE_HEAD": "a merge", "rebase-merge": "a rebase", "rebase-app
 
 def _operation_in_progress(repo: Path) -> str | None:
     """What the checkout is in the middle of (a merge, a rebase...), if anything: a merge on top
-    would mix the run's changes into it, and a failed one would be aborted with it."""
-    paths = _git(repo, "rev-parse", *(arg for name in _IN_PROGRESS for arg in ("--git-path", name))).splitlines()
-    for name, path in zip(_IN_PROGRESS, paths):
-        if os.path.lexists(path if os.path.isabs(path) else repo / path):
-            return _IN_PROGRESS[name]
+    would mix the run's changes into it, and a failed one would be aborted with it. Or the path of
+    git's ``index.lock``, when it is there: a git command at work, or one killed midway."""
+    names = [*_IN_PROGRESS, "index.lock"]
+    paths = _git(repo, "rev-parse", *(arg for name in names for arg in ("--git-path", name))).splitlines()
+    for name, path in zip(names, paths):
+        full = Path(path) if os.path.isabs(path) else repo / path
+        if os.path.lexists(full):
+            return _IN_PROGRESS.get(name, str(full))
     return None
 
 

@@ -102,9 +102,14 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0,
     """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes.
 
     ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
+
+    git runs in a session of its own: a signal to the runtime's process group (Ctrl-C, a closed
+    terminal, ``kill -9`` of the group) stops the runtime, not git halfway through a write. Killed
+    there, a merge left its ``index.lock`` and a checkout half updated; these commands take
+    milliseconds to seconds, and finish. A timeout still kills git.
     """
     done = subprocess.run(git_argv(repo, *args), capture_output=True, env={**git_env(), **(env or {})},
-                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=True)
     # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command), nor end
     # lines with \n alone (a CRLF file's patch): kept as the bytes they are (surrogate escapes, no
     # newline translation), so a path read here names the same file in argv and a patch applies.
