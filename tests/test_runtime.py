@@ -603,8 +603,40 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
     assert re.search(r"\| 1 \| beta step 1 \| medium \| ✅ completed \| [\d.]+s \| 1 \| 15 \| 10 \| 5 \| 0 \| 0 \|",
                      report)
     assert "Tokens: 30 (input 20, output 10, cache write 0, cache read 0)." in report
-    progress = asyncio.run(newest("beta-progress"))
-    assert progress["type"] == "progress" and progress["data"] == 100.0
+    for key in ("beta-progress", "toka-pipeline-progress"):
+        progress = asyncio.run(newest(key))
+        assert progress["type"] == "progress" and progress["data"] == 100.0, key
+
+
+def test_progress_is_sent_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
+    """Each update is an API write on the server every agent shares; the UI needs no more than one a second."""
+    import toka.compiler as compiler
+
+    sent: list[tuple[float, float]] = []
+
+    async def create(**kwargs: Any) -> str:
+        return "artifact-id"
+
+    async def update(artifact: str, *, progress: float) -> None:
+        sent.append((time.monotonic(), progress))
+
+    monkeypatch.setattr(compiler, "acreate_progress_artifact", create)
+    monkeypatch.setattr(compiler, "aupdate_progress_artifact", update)
+
+    async def go() -> float:
+        progress = compiler.Progress(key="k", description="d", interval=0.5)
+        for value in range(1, 11):
+            progress.set(float(value))
+            await asyncio.sleep(0.03)
+        started = time.monotonic()
+        await progress.close()
+        return time.monotonic() - started
+
+    closing = asyncio.run(go())
+    assert sent[0][1] == 1.0 and sent[-1][1] == 10.0  # the first at once, the last on close
+    assert len(sent) <= 3, sent
+    assert all(b - a >= 0.45 for (a, _), (b, _) in zip(sent, sent[1:-1])), sent
+    assert closing < 0.3  # close did not wait out the interval
 
 
 def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:

@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, tags
-from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
+from prefect.artifacts import acreate_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from .background import writes_finished
+from .background import in_background, writes_finished
 from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
-from .compiler import agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
+from .compiler import Progress, agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
 from .errors import (
     AgentFailedError,
@@ -385,9 +385,8 @@ async def _schedule(
     reports: dict[str, AgentReport] = {}
     pending = set(graph.agents)
     running: dict[asyncio.Task[AgentReport], str] = {}
-    progress = await acreate_progress_artifact(
-        progress=0.0, key="toka-pipeline-progress", description="Agents finished"
-    )
+    # Made and updated in the background: the next agents start without waiting for the API.
+    progress = Progress(key="toka-pipeline-progress", description="Agents finished")
 
     async def run_one(name: str) -> AgentReport:
         upstream = {
@@ -482,7 +481,8 @@ async def _schedule(
                 stop = stop or reports[name].fatal
                 announce(ProgressEvent("agent-finished", name, state=reports[name].state,
                                        reason=reports[name].reason), run_key=run.run_key)
-            await aupdate_progress_artifact(progress, progress=100.0 * len(reports) / len(graph))
+            progress.set(100.0 * len(reports) / len(graph))
+    await in_background(progress.close(), "the run's progress")
     changes = None
     if branches is not None:
         completed = [n for n in graph.order() if reports[n].is_completed()]
