@@ -18,6 +18,7 @@ is made, as before.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -31,36 +32,48 @@ __all__ = ["in_background", "to_the_end", "writes_finished"]
 _logger = logging.getLogger("toka.background")
 
 
+_to_the_end_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _to_the_end_pool
+    with _pool_lock:
+        if _to_the_end_pool is None:
+            _to_the_end_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                                    thread_name_prefix="toka-to-the-end")
+        return _to_the_end_pool
+
+
 async def to_the_end(work: Callable[[], None]) -> None:
     """Run blocking ``work`` in a thread and wait for it, also when the waiting task is cancelled.
 
     ``asyncio.to_thread`` is no good here: cancelling it before a worker picks the call up
-    drops the call, and Prefect's timeouts cancel again at every await. The thread here is
-    started before the first await; a cancelled caller joins it (briefly blocking the loop)
-    so that the work is complete when the cancellation propagates.
+    drops the call, and Prefect's timeouts cancel again at every await. Here the call is
+    queued before the first await, and a cancelled caller waits for it (briefly blocking
+    the loop) so that the work is complete when the cancellation propagates. The threads
+    are a pool of their own, kept between calls: a thread started for each journal line
+    held the event loop in ``Thread.start`` for about a millisecond a model request on a
+    busy machine.
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
 
-    def settle(error: BaseException | None) -> None:
-        if not finished.done():
+    def settle(done: concurrent.futures.Future[None]) -> None:
+        if not finished.done():  # not cancelled meanwhile
+            error = done.exception()
             finished.set_exception(error) if error else finished.set_result(None)
 
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            work()
-        except BaseException as e:  # handed to the waiting task, not lost in the thread
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the caller joined
-            loop.call_soon_threadsafe(settle, error)
+    def relay(done: concurrent.futures.Future[None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the caller waited
+            loop.call_soon_threadsafe(settle, done)
 
-    thread = threading.Thread(target=run, name="toka-to-the-end")
-    thread.start()
+    done = _pool().submit(work)
+    done.add_done_callback(relay)
     try:
         await finished
     except asyncio.CancelledError:
-        thread.join()
+        concurrent.futures.wait([done])
         raise
 
 
