@@ -241,8 +241,9 @@ async def _record(
 class Progress:
     """A progress artifact (an agent's tasks, the pipeline's agents), updated without waiting for the API.
 
-    Updates go out from a background task, newest value wins, at most one every
-    ``interval`` seconds; ``close`` sends the last value at once and waits for it.
+    It is made at once (at 0); updates go out from a background task, newest value
+    wins, at most one every ``interval`` seconds after the one before (or the artifact's
+    making); ``close`` sends the last value at once and waits for it.
     Each update is an API call and a database write on the server that every
     agent's runs share: one per task was a sixth of the server's work in a run
     of short tasks, and a person watching the UI sees no difference.
@@ -252,7 +253,7 @@ class Progress:
         self._value = 0.0
         self._sent: float | None = None
         self._interval = interval
-        self._last = -interval  # monotonic time of the last update sent
+        self._last = time.monotonic()  # of the last update sent: making the artifact counts
         self._closing = asyncio.Event()
         self._created = asyncio.create_task(
             acreate_progress_artifact(progress=0.0, key=key, description=description)
