@@ -482,6 +482,11 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
         return None  # a read-only agent's: nothing of it can have changed
+    if not files_changed and not _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all",
+                                      "--ignore-submodules=none"):
+        # Nothing changed, and no file reported that the ignore rules keep out (named below): one
+        # git process instead of the five the checks below take, for every task that only reads.
+        return None
     if state != "failed" and _committed(worktree, checkout, run_key, index, total):
         # Done and committed by an earlier process (replayed from Prefect's cache, or run again
         # where that cache is out of reach): what the worktree holds now is a later task's, in
