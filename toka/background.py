@@ -37,10 +37,12 @@ _pool_lock = threading.Lock()
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    # Threads are made only when every one is busy: room for each of many concurrent agents'
+    # journal lines and sandbox clean-ups, so that none waits behind another's.
     global _to_the_end_pool
     with _pool_lock:
         if _to_the_end_pool is None:
-            _to_the_end_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+            _to_the_end_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64,
                                                                     thread_name_prefix="toka-to-the-end")
         return _to_the_end_pool
 
