@@ -918,9 +918,9 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
         raise MergeConflictError(f"not applied: {branch} conflicts with your checkout in "
                                  f"{as_text(', '.join(files))}; merge it yourself (`git merge {branch}`)", files)
     merge = run_git(repo, "merge", "--no-edit", "--no-verify", "-m", f"Merge {branch} (toka run {run.run_key})",
-                    tip, env=_identity("run"))
+                    tip, env=_identity("run"), own_session=True)
     if merge.returncode != 0:
-        run_git(repo, "merge", "--abort")
+        run_git(repo, "merge", "--abort", own_session=True)
         raise BranchError(f"not applied: git merge {branch} failed: {(merge.stderr or merge.stdout).strip()}")
     built_on = ""
     if agent is not None and _agent_start(run, agent) != run.base:
@@ -959,7 +959,7 @@ def _apply_patch(run: RunBranches, branch: str) -> str:
     path.write_text(patch, encoding="utf-8", errors="surrogateescape")
     try:
         for check in (["--check"], []):
-            done = run_git(workspace, "apply", *check, str(path))
+            done = run_git(workspace, "apply", *check, str(path), own_session=True)
             if done.returncode != 0:
                 raise BranchError(f"not applied: the patch of {branch} does not apply to {workspace} (files "
                                   f"changed since the run?): {done.stderr.strip()}")

@@ -97,19 +97,21 @@ def git_argv(repo: Path, *args: str) -> list[str]:
     return ["git", "-C", str(repo), *(x for o in options for x in ("-c", o)), *rest]
 
 
-def run_git(repo: Path, *args: str, timeout: float = 60.0,
-            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_git(repo: Path, *args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None,
+            own_session: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes.
 
     ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
 
-    git runs in a session of its own: a signal to the runtime's process group (Ctrl-C, a closed
-    terminal, ``kill -9`` of the group) stops the runtime, not git halfway through a write. Killed
-    there, a merge left its ``index.lock`` and a checkout half updated; these commands take
-    milliseconds to seconds, and finish. A timeout still kills git.
+    ``own_session``: git runs in a session of its own, so a signal to the runtime's process
+    group (Ctrl-C, a closed terminal, ``kill -9`` of the group) stops the runtime, not git
+    halfway through a write: for what writes the person's own checkout (``toka apply``), where a
+    merge killed midway left its ``index.lock`` and a checkout half updated. A timeout still
+    kills git. The run's own git work (worktrees, commits) stops with the run, and a resume
+    finds what it left.
     """
     done = subprocess.run(git_argv(repo, *args), capture_output=True, env={**git_env(), **(env or {})},
-                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=True)
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=own_session)
     # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command), nor end
     # lines with \n alone (a CRLF file's patch): kept as the bytes they are (surrogate escapes, no
     # newline translation), so a path read here names the same file in argv and a patch applies.
