@@ -881,11 +881,12 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
         raise BranchError(f"no branch {branch} (the run has not finished, or was discarded)")
     if run.private_copy:
         return _apply_patch(run, branch)
-    busy = _operation_in_progress(repo)
-    if busy is not None and busy.endswith("index.lock"):
-        raise BranchError(f"not applied: git's lock {busy} exists: a git command is working in your checkout, "
-                          "or one was killed midway; when none is running, remove the file, check `git status`, "
-                          "and apply again")
+    present = _git_files_present(repo, [*_IN_PROGRESS, "index.lock"])
+    if "index.lock" in present:
+        raise BranchError(f"not applied: git's lock {present['index.lock']} exists: a git command is working in "
+                          "your checkout, or one was killed midway; when none is running, remove the file, check "
+                          "`git status`, and apply again")
+    busy = next((what for name, what in _IN_PROGRESS.items() if name in present), None)
     if busy:
         raise BranchError(f"not applied: your checkout is in the middle of {busy}; finish it (or abort it) first")
     head = _git(repo, "rev-parse", "HEAD").strip()
@@ -935,17 +936,16 @@ _IN_PROGRESS = {"MERGE_HEAD": "a merge", "rebase-merge": "a rebase", "rebase-app
                 "sequencer": "a cherry-pick or revert of several commits"}
 
 
-def _operation_in_progress(repo: Path) -> str | None:
-    """What the checkout is in the middle of (a merge, a rebase...), if anything: a merge on top
-    would mix the run's changes into it, and a failed one would be aborted with it. Or the path of
-    git's ``index.lock``, when it is there: a git command at work, or one killed midway."""
-    names = [*_IN_PROGRESS, "index.lock"]
+def _git_files_present(repo: Path, names: list[str]) -> dict[str, Path]:
+    """Which of ``names`` (files in git's directory, one ``rev-parse`` for all) exist, and where.
+
+    What the checkout is in the middle of (:data:`_IN_PROGRESS`: a merge on top would mix the
+    run's changes into it, and a failed one would be aborted with it), or git's ``index.lock``
+    (a git command at work, or one killed midway).
+    """
     paths = _git(repo, "rev-parse", *(arg for name in names for arg in ("--git-path", name))).splitlines()
-    for name, path in zip(names, paths):
-        full = Path(path) if os.path.isabs(path) else repo / path
-        if os.path.lexists(full):
-            return _IN_PROGRESS.get(name, str(full))
-    return None
+    found = {name: Path(path) if os.path.isabs(path) else repo / path for name, path in zip(names, paths)}
+    return {name: path for name, path in found.items() if os.path.lexists(path)}
 
 
 def _apply_patch(run: RunBranches, branch: str) -> str:

@@ -107,10 +107,11 @@ def _git_config_reads(args: Sequence[str]) -> bool:
 
     Read as git reads it: what follows ``--`` are operands (``--list`` there is a value pattern
     and the call writes), and an option given with its value apart takes that value along.
+    ``args`` come with their bundles of one-letter options apart (:func:`_git_config_short_options`).
     """
     actions: list[str] = []
     operands: list[str] = []
-    items = iter(_git_config_short_options(args))
+    items = iter(args)
     for arg in items:
         if arg == "--":
             operands.extend(items)
@@ -244,8 +245,9 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
         if sub is not None and (sub, operands[0] if operands else None) in _GIT_NESTED_REFUSED:
             raise CommandRefused(f"git {sub} {operands[0]} is not allowed: it runs arbitrary commands")
         if sub == "config":
-            _check_paths(_git_config_short_options(rest), workspace)  # `-zfFILE`: the file apart
-            if not _git_config_reads(rest):
+            options = _git_config_short_options(rest)
+            _check_paths(options, workspace)  # `-zfFILE`: the file apart
+            if not _git_config_reads(options):
                 raise CommandRefused("git config may only be read (--get NAME, --get-all, --get-regexp, --list; "
                                      "`git config get NAME`, `git config list`): writing it could make git "
                                      "run other programs")

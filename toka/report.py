@@ -115,11 +115,11 @@ def _changes_markdown(changes: AgentChanges, diff: str | None) -> list[str]:
 def _context_note(task: TaskRecord, total: int) -> str:
     """What kept a long task going: its journal replayed, its conversation cleared or compacted."""
     parts = []
-    if task.replayed:
-        parts.append(f"resumed from its journal ({task.replayed} recorded steps replayed, "
-                     f"{task.carried_usage.total_tokens:,} tokens carried, not paid again)")
-    elif task.state == "failed" and task.carried_usage.total_tokens:
-        parts.append(f"resumed from its journal ({task.carried_usage.total_tokens:,} tokens carried, "
+    # A task that failed again reports what it carried, not how many steps it replayed (a cached
+    # task carries its whole earlier cost, and its row says "cached").
+    if task.replayed or (task.state == "failed" and task.carried_usage.total_tokens):
+        steps = f"{task.replayed} recorded steps replayed, " if task.replayed else ""
+        parts.append(f"resumed from its journal ({steps}{task.carried_usage.total_tokens:,} tokens carried, "
                      "not paid again)")
     if task.tokens_cleared:
         parts.append(f"{task.tokens_cleared:,} tokens of old tool output cleared")
