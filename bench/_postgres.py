@@ -21,7 +21,7 @@ from bench._isolation import descendants, prefect_env, scratch
 from tests.ports import free_port
 from tests.postgres import PostgresUnavailable, temporary_database
 from toka.process import process_cpu
-from toka.server import _PREFECT_SERVER
+from toka.server import _PREFECT_SERVER, server_environment
 
 #: Set in the child: the PostgreSQL case does not start another.
 CHILD = "TOKA_BENCH_POSTGRES_CHILD"
@@ -36,7 +36,9 @@ def prefect_on_postgres(timeout: float = 180) -> Iterator[tuple[str, list[int]]]
     home = scratch("toka-bench-pg-home-")
     with temporary_database() as database:
         port = free_port()
-        env = {**os.environ, **prefect_env(home), "PREFECT_SERVER_DATABASE_CONNECTION_URL": database.url}
+        # `toka server start` on PostgreSQL: its command, and its settings (toka.server.SERVER_DEFAULTS)
+        env = server_environment({**os.environ, **prefect_env(home),
+                                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": database.url})
         env.pop("PREFECT_API_URL", None)
         log = (home / "server.log").open("w")
         server = subprocess.Popen(

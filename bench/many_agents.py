@@ -57,6 +57,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # measure this checkout's toka, and reach tests/
 
+from bench._cpu import Cpu, cpu_now, cpu_table  # noqa: E402
 from bench._isolation import prefect_env, scratch, stop_embedded  # noqa: E402
 from bench._postgres import CHILD, run_on_postgres  # noqa: E402
 
@@ -182,6 +183,7 @@ class Run:
     peak: int
     mean: float
     retries: int
+    cpu: Cpu
     failed: str = ""
 
 
@@ -210,6 +212,7 @@ class Bench:
     async def _measure(self, side: str) -> Run:
         before = len(self.server.requests)
         RETRIES.take()
+        c0 = cpu_now()
         t0 = time.monotonic()
         if side == "toka":
             state = await pipeline_flow(specs=[str(self.specs)], return_state=True, **grouped({
@@ -218,6 +221,7 @@ class Bench:
         else:
             state = await hw_pipeline(self.dag, self.args.max_concurrency, return_state=True)
         wall = time.monotonic() - t0
+        cpu = cpu_now() - c0
         records = self.server.requests[before:]
         outcome = await state.aresult(raise_on_failure=False)
         failed = ""
@@ -231,7 +235,7 @@ class Bench:
                                f"expected {expected} answered ones")
         if failed:
             print(f"  {side} run FAILED after {wall:.1f} s: {failed}", flush=True)
-        return Run(wall, len(records), *in_flight(records, self.args.latency, wall), RETRIES.take(), failed)
+        return Run(wall, len(records), *in_flight(records, self.args.latency, wall), RETRIES.take(), cpu, failed)
 
     async def rounds(self) -> dict[str, list[Run]]:
         logger = logging.getLogger("prefect.client")
@@ -318,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(a.wall / b.wall for a, b in zip(runs["toka"], runs["hand"]))
     print(f"toka / hand-written: {ratio:.2f}x (median of per-round ratios); wall and mean are medians, "
           f"peak the highest, over the rounds")
+    print()
+    cpu_table(runs["toka"], runs["hand"])
     toka = runs["toka"]
     over = statistics.median(r.wall for r in toka) / bound
     peak = statistics.median(r.peak for r in toka)

@@ -81,7 +81,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -99,8 +98,9 @@ if (_ROOT / "toka" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
 SPECS_DIR = _ROOT / "tests" / "data" / "toka-specs"
 
 # Isolation, before anything imports prefect (see bench/_isolation.py).
-from bench._isolation import descendants, prefect_env as _prefect_env, scratch, stop_embedded  # noqa: E402
-from bench._postgres import CHILD, run_on_postgres, server_cpu  # noqa: E402
+from bench._isolation import prefect_env as _prefect_env, scratch, stop_embedded  # noqa: E402
+from bench._cpu import Cpu, cpu_now, cpu_table  # noqa: E402
+from bench._postgres import CHILD, run_on_postgres  # noqa: E402
 
 _TMP = scratch("toka-bench-overhead-")
 os.environ.update(_prefect_env(_TMP / "prefect-home"))
@@ -116,7 +116,6 @@ from toka.pipeline import pipeline_flow  # noqa: E402
 from toka.graph import AgentGraph  # noqa: E402
 from toka.model import ModelRequest, ModelResponse, override_model  # noqa: E402
 from toka.plan import make_plan  # noqa: E402
-from toka.process import process_cpu  # noqa: E402
 from toka.progress import ProgressEvent, listen  # noqa: E402
 from toka.results import PipelineSummary  # noqa: E402
 from toka.testing import FunctionModel, submit  # noqa: E402
@@ -232,33 +231,6 @@ class Run:
     """API requests the Prefect client retried during the run (503s from a locked SQLite, ...)."""
     retry_wait: float
     cpu: Cpu
-
-
-@dataclass(frozen=True)
-class Cpu:
-    """CPU seconds one run cost: this process (and the git commands it ran), and the server."""
-
-    client: float
-    server: float | None
-    """The embedded server's process, or the PostgreSQL case's server (Prefect's and PostgreSQL's
-    processes); None when the API is elsewhere (PREFECT_API_URL)."""
-
-    def __sub__(self, other: Cpu) -> Cpu:
-        server = None if self.server is None or other.server is None else self.server - other.server
-        return Cpu(self.client - other.client, server)
-
-
-def cpu_now() -> Cpu:
-    """This process's CPU (and its finished children's), and its live descendants' (the embedded
-    server: the only long-lived one). Linux only; elsewhere the server is not counted."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)
-    client = own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime
-    if os.environ.get("PREFECT_API_URL") or not Path("/proc/self/task").is_dir():
-        return Cpu(client, server_cpu())  # the PostgreSQL case's server, else not counted
-    # A git command that ended meanwhile reads as None (it counts with this process once reaped).
-    server = sum(process_cpu(pid) or 0.0 for pid in descendants(os.getpid()))
-    return Cpu(client, server)
 
 
 class Bench:
@@ -516,23 +488,6 @@ def _fmt_list(xs: list[float]) -> str:
 def _cpu_note(cpu: Cpu) -> str:
     server = "" if cpu.server is None else f" + {cpu.server:.1f} s server"
     return f"; CPU {cpu.client:.1f} s here{server}"
-
-
-def cpu_table(toka_runs: list[Run], hw_runs: list[Run]) -> None:
-    """CPU per run on each side (medians): the client's and the server's, and how busy the server was.
-
-    The server handles every run's API writes (runs, states, events, artifacts, logs) one
-    request at a time; when it is busy most of the wall time, the client waits on it.
-    """
-    print(f"{'CPU per run (median)':<30} {'here s':>7} {'server s':>9} {'server busy':>12}")
-    for label, runs in (("(a) toka pipeline", toka_runs), ("(b) hand-written Prefect", hw_runs)):
-        client = statistics.median(r.cpu.client for r in runs)
-        servers = [r.cpu.server for r in runs if r.cpu.server is not None]
-        if servers:
-            busy = statistics.median(r.cpu.server / r.wall for r in runs if r.cpu.server is not None)
-            print(f"{label:<30} {client:>7.2f} {statistics.median(servers):>9.2f} {100 * busy:>11.0f}%")
-        else:
-            print(f"{label:<30} {client:>7.2f} {'n/a':>9} {'':>12}  (the server is PREFECT_API_URL's)")
 
 
 async def in_process(bench: Bench, repeat: int) -> tuple[list[Run], list[Run]]:

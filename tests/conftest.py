@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from toka.server import _PREFECT_SERVER
+from toka.server import _PREFECT_SERVER, server_environment
 
 from .ports import free_port
 
@@ -214,7 +214,8 @@ class PrefectServer:
                 # flows and `toka run` processes share it; Prefect's DEFERRED transactions made a
                 # small flow stand still for a minute behind "database is locked" retries.
                 [sys.executable, "-c", _PREFECT_SERVER, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env={**base, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env},
+                env=server_environment({**base, "PREFECT_HOME": str(self.home),
+                                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env}),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory)
 
     def wait_healthy(self, timeout: float = 120) -> PrefectServer:

@@ -608,22 +608,24 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
         assert progress["type"] == "progress" and progress["data"] == 100.0, key
 
 
-def test_progress_is_sent_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
-    """Each update is an API write on the server every agent shares; the UI needs no more than one a second."""
+def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
+    """Each write is an API call on the server every agent shares; the UI needs no more than one a second."""
     import toka.compiler as compiler
 
-    sent: list[tuple[float, float]] = []
+    sent: list[tuple[float, str, float]] = []
 
-    async def create(**kwargs: Any) -> str:
+    async def create(*, progress: float, **kwargs: Any) -> str:
+        sent.append((time.monotonic(), "made", progress))
         return "artifact-id"
 
     async def update(artifact: str, *, progress: float) -> None:
-        sent.append((time.monotonic(), progress))
+        assert artifact == "artifact-id"
+        sent.append((time.monotonic(), "updated", progress))
 
     monkeypatch.setattr(compiler, "acreate_progress_artifact", create)
     monkeypatch.setattr(compiler, "aupdate_progress_artifact", update)
 
-    async def go() -> float:
+    async def quick() -> float:
         progress = compiler.Progress(key="k", description="d", interval=0.5)
         for value in range(1, 11):
             progress.set(float(value))
@@ -632,22 +634,34 @@ def test_progress_is_sent_at_most_once_an_interval_and_its_last_value_at_once_on
         await progress.close()
         return time.monotonic() - started
 
-    closing = asyncio.run(go())
-    assert [value for _, value in sent] == [10.0]  # ten values within the interval: the last, on close
+    closing = asyncio.run(quick())
+    # Done within the interval: one write, the artifact made with the last value, on close.
+    assert [(kind, value) for _, kind, value in sent] == [("made", 10.0)]
     assert closing < 0.3  # close did not wait out the interval
 
     sent.clear()
 
     async def slow() -> None:
         progress = compiler.Progress(key="k", description="d", interval=0.2)
+        await asyncio.sleep(0.3)  # long work: the artifact is there after an interval, at 0
         for value in (1.0, 2.0, 3.0):
             progress.set(value)
             await asyncio.sleep(0.3)
         await progress.close()
 
     asyncio.run(slow())
-    assert [value for _, value in sent] == [1.0, 2.0, 3.0]  # far enough apart: each is sent
-    assert all(b - a >= 0.19 for (a, _), (b, _) in zip(sent, sent[1:])), sent
+    assert [(kind, value) for _, kind, value in sent] == [
+        ("made", 0.0), ("updated", 1.0), ("updated", 2.0), ("updated", 3.0)]  # far enough apart: each is sent
+    assert all(b - a >= 0.19 for (a, _, _), (b, _, _) in zip(sent, sent[1:])), sent
+
+    sent.clear()
+
+    async def nothing_set() -> None:
+        progress = compiler.Progress(key="k", description="d", interval=0.5)
+        await progress.close()
+
+    asyncio.run(nothing_set())
+    assert [(kind, value) for _, kind, value in sent] == [("made", 0.0)]  # the artifact is there all the same
 
 
 def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:

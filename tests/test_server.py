@@ -138,3 +138,49 @@ def test_status_and_stop_find_the_home_prefect_would_without_importing_prefect(t
     same = subprocess.run([sys.executable, "-c", check], env={**env, "HOME": str(tmp_path), "PREFECT_HOME": "~/ph"},
                           capture_output=True, text=True, timeout=60)
     assert same.stdout.strip() == "True", same.stderr
+
+
+def test_toka_servers_record_task_runs_in_batches_unless_the_person_chose_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect writes each task-run event in a transaction of its own; toka's servers batch them
+    (the server's CPU per task, shared by every agent), but a setting of the person's wins."""
+    from toka.server import SERVER_DEFAULTS, server_environment
+
+    batch = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"
+    monkeypatch.delenv(batch, raising=False)
+    assert server_environment({"PREFECT_HOME": "x"})[batch] == SERVER_DEFAULTS[batch] == "100"
+    assert server_environment({"PREFECT_HOME": "x", batch: "7"})[batch] == "7"  # the environment's
+
+    # A Prefect profile's (read from the process's settings, not the environment) wins too.
+    from prefect.settings import PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE as setting
+    from prefect.settings import temporary_settings
+
+    with temporary_settings({setting: 9}):
+        assert batch not in server_environment({"PREFECT_HOME": "x"})  # the server reads the profile itself
+
+
+@pytest.mark.slow
+def test_every_task_run_of_a_run_on_the_embedded_server_is_recorded(tmp_path: Path) -> None:
+    """Recorded in batches, the run's last task runs are written when its embedded server stops:
+    a person who starts `toka server` afterwards sees every one of them in the UI."""
+    home, workspace = tmp_path / "prefect-home", tmp_path / "ws"
+    shutil.copytree(AGENT_SPECS, workspace / "agent_specs")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ANTHROPIC_API_KEY")}
+    env.update(PREFECT_HOME=str(home), NO_COLOR="1", COLUMNS="200")
+
+    def toka(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TOKA, *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=240)
+
+    run = toka("run", "--agent", "repo-survey", "--model", "offline", "--retry-delay", "0")
+    assert run.returncode == 0, run.stderr
+    assert "starting Prefect's embedded server" in run.stderr
+    port = free_port()
+    assert toka("server", "start", "--port", str(port)).returncode == 0
+    try:
+        task_runs = httpx.post(f"http://127.0.0.1:{port}/api/task_runs/filter", timeout=10, json={
+            "task_runs": {"name": {"like_": "repo-survey - "}}, "limit": 50, "offset": 0}).json()
+    finally:
+        toka("server", "stop")
+    names = sorted(t["name"].split(" - ")[1] for t in task_runs)
+    assert names == ["1/4", "2/4", "3/4", "4/4"], [t["name"] for t in task_runs]
+    assert all(t["state"]["type"] == "COMPLETED" for t in task_runs), [t["state"] for t in task_runs]

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from contextlib import nullcontext
 from pathlib import Path
@@ -215,10 +216,16 @@ def test_results_table_per_agent_and_readable_names(write_specs: Any) -> None:
     agent_runs = {r["name"].split(" ")[0]: r for r in asyncio.run(_children(run_id))}
     assert set(agent_runs) == {"alpha", "beta"}
     assert all(re.fullmatch(f"{name} {DATE}", r["name"]) for name, r in agent_runs.items())
-    # Task runs: plain ASCII names (the UI's run graph draws nothing else).
-    tasks = asyncio.run(_api("POST", "/task_runs/filter", {
-        "flow_runs": {"id": {"any_": [agent_runs["alpha"]["id"]]}}, "sort": "EXPECTED_START_TIME_ASC",
-        "limit": 50, "offset": 0}))
+    # Task runs: plain ASCII names (the UI's run graph draws nothing else). The server records
+    # them in batches, at least once a second (toka.server.SERVER_DEFAULTS).
+    deadline = time.monotonic() + 10
+    while True:
+        tasks = asyncio.run(_api("POST", "/task_runs/filter", {
+            "flow_runs": {"id": {"any_": [agent_runs["alpha"]["id"]]}}, "sort": "EXPECTED_START_TIME_ASC",
+            "limit": 50, "offset": 0}))
+        if len(tasks) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert [t["name"] for t in tasks] == [f"alpha - {i}/3 - alpha step {i}" for i in (1, 2, 3)]
 
     # What each task produced, as a table artifact of the agent's run.

@@ -97,6 +97,8 @@ def _embedded_server_class() -> type[SubprocessASGIServer]:
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
 
+    from .server import server_environment
+
     class EmbeddedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             # Prefect 3.8's own command and environment; the process setup differs, and the
@@ -106,9 +108,10 @@ def _embedded_server_class() -> type[SubprocessASGIServer]:
                 args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
                       "--factory", "toka.server:create_app", "--host", "127.0.0.1",
                       "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                     "PREFECT__SERVER_FINAL": "1",
-                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                env=server_environment({
+                    **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1",
+                    **get_current_settings().to_environment_variables(exclude_unset=True)}),
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()),
             )

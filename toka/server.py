@@ -31,14 +31,24 @@ from .errors import ConfigError, TokaError
 from .process import process_started, process_state
 from .startup import startup_imports
 
-__all__ = ["LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli", "running_server",
-           "start_server", "stop_server"]
+__all__ = ["SERVER_DEFAULTS", "LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli", "running_server",
+           "server_environment", "start_server", "stop_server"]
 
 STATE_FILE = "toka-server.json"
 LOG_FILE = "toka-server.log"
 START_TIMEOUT = 120.0
 WARM_TIMEOUT = 60.0
 _PREFECT_SERVER = "from toka.server import prefect_cli; prefect_cli()"
+
+SERVER_DEFAULTS = {
+    # Prefect's server writes each task-run event in a transaction of its own (a batch of one):
+    # about 25 ms of its CPU per task, on the one process every agent's runs wait on (busy 95%
+    # of a 50-agent run). In batches, at least once a second, it is about 10 ms.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+"""Prefect server settings toka's servers (the embedded one, ``toka server``) start with when
+neither the environment nor the Prefect profile sets them (:func:`server_environment`)."""
 """``python -c`` code: the ``prefect`` command as toka runs its server (:func:`prefect_cli`)."""
 
 
@@ -155,7 +165,7 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, *, timeout: float = 
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     log = home / LOG_FILE
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = server_environment({**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     env.pop("PREFECT_API_URL", None)  # the server itself talks to no other API
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -257,6 +267,15 @@ def _tail(log: Path, lines: int = 3) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(line.strip() for line in text[-lines:]) or "(an empty log)"
+
+
+def server_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a Prefect server process, with :data:`SERVER_DEFAULTS` for what neither ``env``
+    nor the Prefect profile sets."""
+    from prefect.settings import get_current_settings
+
+    chosen = {**get_current_settings().to_environment_variables(exclude_unset=True), **env}
+    return {**{k: v for k, v in SERVER_DEFAULTS.items() if k not in chosen}, **env}
 
 
 def create_app() -> Any:
