@@ -20,8 +20,9 @@ after one untimed warm-up of each (it also starts the server):
 Printed per side: wall time of the pipeline flow call, that over the critical-path bound
 (latency x requests on the longest dependency chain), the peak and mean number of model
 requests in flight (from the server's arrival times: each request is in flight for the
-latency after it arrived), and how many API requests Prefect's client had to retry (503s
-from a locked SQLite database and the like).
+latency after it arrived), how many API requests Prefect's client had to retry (503s
+from a locked SQLite database and the like), and the CPU per run of this process and of the
+server (``bench/_cpu.py``), with how busy the server was over the run's wall time.
 
 Then, when PostgreSQL is installed (``initdb`` and ``pg_ctl`` on PATH or under
 ``/usr/lib/postgresql``) and ``PREFECT_API_URL`` is not set, the same rounds again in a child

@@ -31,25 +31,25 @@ from .errors import ConfigError, TokaError
 from .process import process_started, process_state
 from .startup import startup_imports
 
-__all__ = ["SERVER_DEFAULTS", "LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli", "running_server",
-           "server_environment", "start_server", "stop_server"]
+__all__ = ["SERVER_DEFAULTS", "LocalServer", "create_app", "immediate_sqlite_transactions", "prefect_cli",
+           "running_server", "server_environment", "start_server", "stop_server"]
 
 STATE_FILE = "toka-server.json"
 LOG_FILE = "toka-server.log"
 START_TIMEOUT = 120.0
 WARM_TIMEOUT = 60.0
 _PREFECT_SERVER = "from toka.server import prefect_cli; prefect_cli()"
+"""``python -c`` code: the ``prefect`` command as toka runs its server (:func:`prefect_cli`)."""
 
 SERVER_DEFAULTS = {
     # Prefect's server writes each task-run event in a transaction of its own (a batch of one):
-    # about 25 ms of its CPU per task, on the one process every agent's runs wait on (busy 95%
-    # of a 50-agent run). In batches, at least once a second, it is about 10 ms.
+    # about 31 ms of its CPU per task, on the one process every agent's runs wait on (busy 95%
+    # of a 50-agent run). In batches, at least once a second, about 9 ms (bench/server_cost.py).
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
 }
 """Prefect server settings toka's servers (the embedded one, ``toka server``) start with when
 neither the environment nor the Prefect profile sets them (:func:`server_environment`)."""
-"""``python -c`` code: the ``prefect`` command as toka runs its server (:func:`prefect_cli`)."""
 
 
 @dataclass(frozen=True)
