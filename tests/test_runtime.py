@@ -663,6 +663,17 @@ def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once
     asyncio.run(nothing_set())
     assert [(kind, value) for _, kind, value in sent] == [("made", 0.0)]  # the artifact is there all the same
 
+    sent.clear()
+
+    async def crashed() -> None:
+        progress = compiler.Progress(key="k", description="d", interval=0.1)
+        progress.set(50.0)
+        progress.discard()  # the agent's flow raised: nothing is left pending to write later
+        await asyncio.sleep(0.3)
+
+    asyncio.run(crashed())
+    assert sent == []
+
 
 def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:
     # Prefect finds a subflow's earlier run (a retried pipeline reuses completed ones) by the

@@ -287,6 +287,10 @@ class Progress:
         self._closing.set()
         await self._pushing
 
+    def discard(self) -> None:
+        """Write nothing more (the work was cancelled or crashed: its run's state says so)."""
+        self._pushing.cancel()
+
 
 def agent_tags(spec: AgentSpec) -> list[str]:
     """Prefect tags for the agent's runs (flows take tags at call time, via ``prefect.tags``)."""
@@ -543,7 +547,11 @@ async def _run_agent(
     budget = AgentBudget(run.run_key, spec.name, agent_ledger(spec, run))
     calls = AgentCalls(run.run_key, spec.name)
     with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
-        records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
+        try:
+            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
+        except BaseException:
+            progress.discard()  # not left waiting out its interval after the flow run ended
+            raise
     failed_tasks = [r for r in records if r.state == "failed"]
     if failure is None and failed_tasks:
         total = len(records)
