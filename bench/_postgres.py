@@ -10,18 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import httpx
-
-from bench._isolation import descendants, prefect_env, scratch
-from tests.ports import free_port
+from bench._isolation import descendants, scratch
+from bench._server import ServerDidNotStart, prefect_server
 from tests.postgres import PostgresUnavailable, temporary_database
 from toka.process import process_cpu
-from toka.server import _PREFECT_SERVER, server_environment
 
 #: Set in the child: the PostgreSQL case does not start another.
 CHILD = "TOKA_BENCH_POSTGRES_CHILD"
@@ -31,43 +27,17 @@ SERVER_PIDS = "TOKA_BENCH_SERVER_PIDS"
 
 @contextmanager
 def prefect_on_postgres(timeout: float = 180) -> Iterator[tuple[str, list[int]]]:
-    """A Prefect server on a new PostgreSQL database (its schema made at start); yields its API
-    URL and its processes (Prefect's server, PostgreSQL's)."""
+    """A Prefect server on a new PostgreSQL database (its schema made at start), as ``toka server
+    start`` runs it (:func:`bench._server.prefect_server`); yields its API URL and its processes
+    (Prefect's server, PostgreSQL's)."""
     home = scratch("toka-bench-pg-home-")
-    with temporary_database() as database:
-        port = free_port()
-        # `toka server start` on PostgreSQL: its command, and its settings (toka.server.SERVER_DEFAULTS)
-        env = server_environment({**os.environ, **prefect_env(home),
-                                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": database.url})
-        env.pop("PREFECT_API_URL", None)
-        log = (home / "server.log").open("w")
-        server = subprocess.Popen(
-            [sys.executable, "-c", _PREFECT_SERVER, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/api"
+    with temporary_database() as database, ExitStack() as stack:
         try:
-            deadline = time.monotonic() + timeout
-            while not _healthy(url):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise PostgresUnavailable(f"the PostgreSQL-backed Prefect server did not start:\n"
-                                              f"{(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield url, [server.pid, database.pid]
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            log.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2, verify=False).status_code == 200
-    except httpx.TransportError:
-        return False
+            url, server = stack.enter_context(prefect_server(
+                home, {"PREFECT_SERVER_DATABASE_CONNECTION_URL": database.url}, timeout=timeout))
+        except ServerDidNotStart as e:
+            raise PostgresUnavailable(f"on PostgreSQL, {e}") from None
+        yield url, [server.pid, database.pid]
 
 
 def run_on_postgres(script: Path, argv: list[str]) -> None:

@@ -35,67 +35,28 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # measure this checkout's toka, and reach tests/
 
-from bench._isolation import descendants, prefect_env, scratch  # noqa: E402
+from bench._isolation import prefect_env, scratch  # noqa: E402
 
 _TMP = scratch("toka-bench-server-cost-")
 os.environ.update(prefect_env(_TMP / "client-home"))
 
-import httpx  # noqa: E402
 import prefect  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from tests.ports import free_port  # noqa: E402
-from toka.process import process_cpu  # noqa: E402
-from toka.server import _PREFECT_SERVER, SERVER_DEFAULTS, server_environment  # noqa: E402
+from bench._server import prefect_server, tree_cpu  # noqa: E402
+from toka.server import SERVER_DEFAULTS  # noqa: E402
 
 PREFECTS = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1",
             "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "5"}
 """Prefect 3's defaults for what :data:`toka.server.SERVER_DEFAULTS` sets, set explicitly."""
-
-
-class Server:
-    def __init__(self, name: str, settings: dict[str, str]) -> None:
-        self.name = name
-        home = scratch(f"toka-bench-server-cost-{name}-")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        env = server_environment({**os.environ, **prefect_env(home), **settings})
-        env.pop("PREFECT_API_URL", None)
-        self.log = (home / "server.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _PREFECT_SERVER, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server {self.name} did not start; its log: {self.log.name}")
-            time.sleep(0.25)
-
-    def cpu(self) -> float:
-        return sum(process_cpu(pid) or 0.0 for pid in (self.proc.pid, *descendants(self.proc.pid)))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @task(persist_result=False, cache_policy=NO_CACHE)
@@ -115,15 +76,15 @@ async def workload(agents: int, tasks: int) -> None:
         await agent.with_options(name=f"agent-{i:02d}")(tasks)
 
 
-def measure(server: Server, agents: int, tasks: int, settle: float) -> float:
+def measure(url: str, pid: int, agents: int, tasks: int, settle: float) -> float:
     """The server's CPU seconds for the workload, run by a client process of its own (Prefect's
     events client is bound to one API), the server's last batch written."""
     time.sleep(settle)  # what an earlier workload left to write is not counted
-    before = server.cpu()
+    before = tree_cpu(pid)
     subprocess.run([sys.executable, __file__, "--client", str(agents), str(tasks)], check=True,
-                   env={**os.environ, "PREFECT_API_URL": server.url})
+                   env={**os.environ, "PREFECT_API_URL": url})
     time.sleep(settle)
-    return server.cpu() - before
+    return tree_cpu(pid) - before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,23 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {platform.python_version()}, prefect {prefect.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}; toka's settings: "
           + ", ".join(f"{k}={v}" for k, v in SERVER_DEFAULTS.items()))
-    servers = [Server("prefect", PREFECTS), Server("toka", {})]
-    results: dict[str, list[tuple[float, float]]] = {s.name: [] for s in servers}
-    try:
-        for server in servers:
-            server.wait_healthy()
-            measure(server, 2, 2, 0)  # warm-up: the flows registered, the client's imports done
+    results: dict[str, list[tuple[float, float]]] = {"prefect": [], "toka": []}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(prefect_server(scratch(f"toka-bench-server-cost-{name}-"), settings))
+                   for name, settings in (("prefect", PREFECTS), ("toka", {}))}
+        for url, server in servers.values():
+            measure(url, server.pid, 2, 2, 0)  # warm-up: the flows registered
         for i in range(args.repeat):
-            for server in servers if i % 2 == 0 else servers[::-1]:
-                bare = measure(server, args.agents, 0, args.settle)
-                full = measure(server, args.agents, args.tasks, args.settle)
+            for name in ("prefect", "toka") if i % 2 == 0 else ("toka", "prefect"):
+                url, server = servers[name]
+                bare = measure(url, server.pid, args.agents, 0, args.settle)
+                full = measure(url, server.pid, args.agents, args.tasks, args.settle)
                 per_run, per_task = bare / args.agents, (full - bare) / (args.agents * args.tasks)
-                results[server.name].append((per_run, per_task))
-                print(f"  round {i + 1}/{args.repeat}, {server.name}'s settings: {1000 * per_run:.1f} ms per "
+                results[name].append((per_run, per_task))
+                print(f"  round {i + 1}/{args.repeat}, {name}'s settings: {1000 * per_run:.1f} ms per "
                       f"subflow run, {1000 * per_task:.1f} ms per task", flush=True)
-    finally:
-        for server in servers:
-            server.stop()
     print()
     print(f"{'server CPU (median)':<32} {'per subflow run':>16} {'per task':>10}")
     medians = {}
