@@ -104,14 +104,13 @@ def _embedded_server_class() -> type[SubprocessASGIServer]:
             # Prefect 3.8's own command and environment; the process setup differs, and the
             # application is Prefect's with SQLite transactions begun IMMEDIATE (no lock stalls:
             # toka.server.create_app says why).
+            settings = get_current_settings().to_environment_variables(exclude_unset=True)
             return subprocess.Popen(
                 args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
                       "--factory", "toka.server:create_app", "--host", "127.0.0.1",
                       "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env=server_environment({
-                    **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1",
-                    **get_current_settings().to_environment_variables(exclude_unset=True)}),
+                env=server_environment({**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                                        "PREFECT__SERVER_FINAL": "1", **settings}, chosen=settings),
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()),
             )
