@@ -337,16 +337,16 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         _drop_stale_index_lock(path)
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
                              start=own["start"])
-    exists = run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0
-    if exists and own is not None:
+    if own is not None and run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0:
         # The branch is there (its worktree was removed): go on with it.
         start = own["start"]
         with _worktrees_locked(run):
             _add_worktree(run, path, str(path), branch)
     else:
+        # -B: made, or (a run killed before its record was written) made again at its start.
         start = _start_of(run, agent, deps)
         with _worktrees_locked(run):
-            _add_worktree(run, path, "-B" if exists else "-b", branch, str(path), start)
+            _add_worktree(run, path, "-B", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
     return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
 
@@ -376,8 +376,19 @@ def _add_worktree(run: RunBranches, path: Path, *args: str) -> None:
     """``git worktree add`` at ``path`` (under :func:`_worktrees_locked`), over whatever a killed
     run left there."""
     repo = Path(run.repo)
-    if path.exists():
-        shutil.rmtree(path)
+    if not path.exists():
+        try:
+            _git(repo, "worktree", "add", "-q", *args)
+            return
+        except BranchError:
+            # Git still has a record of a worktree there, whose directory is gone (a killed run,
+            # a person's rm -r). Looked for only now: listing the worktrees is a git process of
+            # its own, on every agent's start, under the lock the other agents wait for.
+            if not path.exists():
+                _forget_missing_worktrees(repo, path)
+                _git(repo, "worktree", "add", "-q", *args)
+                return
+    shutil.rmtree(path)
     _forget_missing_worktrees(repo, path)  # the removed directory's administrative files
     _git(repo, "worktree", "add", "-q", *args)
 

@@ -318,6 +318,7 @@ async def _run_tasks(
     total = len(tasks)
     fingerprint, digest = (await get_model(run.provider)).fingerprint(), spec.digest()
     fatal: str | None = None
+    state_dir = Workspace(run.workspace).state_dir
     ledger = current_ledger()
     records: list[TaskRecord] = []
     committing: asyncio.Task[None] | None = None
@@ -334,7 +335,7 @@ async def _run_tasks(
                                    description=task.description), run_key=run.run_key)
             if committing is not None and committing.done():
                 committing.result()  # a commit that failed stops the agent here, as it would have at once
-            journal = _journal(run, spec, index)
+            journal = Journal(journal_path(state_dir, run.run_key, spec.name, index))
             if run.checkout is not None and journal.path.exists():
                 await _settled(committing)
                 await asyncio.to_thread(_reopen, run, journal, index, total)
@@ -390,10 +391,6 @@ async def _commit_after(previous: asyncio.Task[None] | None, run: RunConfig, rec
                         total: int) -> None:
     await _settled(previous)
     await asyncio.to_thread(_commit, run, record, total)
-
-
-def _journal(run: RunConfig, spec: AgentSpec, index: int) -> Journal:
-    return Journal(journal_path(Workspace(run.workspace).state_dir, run.run_key, spec.name, index))
 
 
 def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
