@@ -39,7 +39,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ if str(_ROOT) not in sys.path:
 
 from bench._isolation import prefect_env, scratch  # noqa: E402
 from tests.anthropic_server import AnthropicServer  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 SPECS = _ROOT / "agent_specs"
 KEY = "sk-ant-bench-cold-start-0123456789"
@@ -94,12 +94,6 @@ class Side:
 
     home: Path | None = None
     times: list[float] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(home: Path, server: AnthropicServer, model: str, api_url: str | None) -> dict[str, str]:
@@ -193,7 +187,7 @@ class Bench:
         return seconds
 
     def start_lasting_server(self) -> None:
-        port = _free_port()
+        port = free_port()
         env = _env(self.lasting_home, self.server, self.model, None)
         cmd = [sys.executable, "-c", TOKA_MAIN, "server", "start", "--port", str(port)]
         t0 = time.monotonic()
