@@ -675,6 +675,44 @@ def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once
     assert sent == []
 
 
+def test_a_pipeline_cancelled_midway_leaves_no_progress_write_waiting(monkeypatch, write_specs) -> None:
+    """Its progress would otherwise be written an interval later, over a run already ended."""
+    import functools
+
+    import toka.compiler as compiler
+    import toka.pipeline as pipeline
+    from toka.budget import Ledger
+    from toka.plan import make_plan
+
+    sent: list[float] = []
+
+    async def create(*, progress: float, **kwargs: Any) -> str:
+        sent.append(progress)
+        return "artifact-id"
+
+    monkeypatch.setattr(compiler, "acreate_progress_artifact", create)
+    monkeypatch.setattr(pipeline, "Progress", functools.partial(compiler.Progress, interval=0.2))
+    specs = write_specs(minimal_spec("alpha"), minimal_spec("beta"))
+    plan = make_plan([str(specs)])
+    run = RunConfig.from_flat({"run_key": "cancelled", "workspace": str(specs)})
+
+    async def execute(name: str, upstream: dict[str, Any], run: RunConfig) -> tuple[Any, str]:
+        await asyncio.sleep(5)  # an agent at work
+        raise AssertionError("not reached")
+
+    async def cancelled_midway() -> None:
+        scheduling = asyncio.create_task(pipeline._schedule(
+            plan.graph, run, ledger=Ledger("pipeline", None, scope="pipeline"), execute=execute, branches=None))
+        await asyncio.sleep(0.05)
+        scheduling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scheduling
+        await asyncio.sleep(0.4)  # past the interval
+
+    asyncio.run(cancelled_midway())
+    assert sent == []
+
+
 def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:
     # Prefect finds a subflow's earlier run (a retried pipeline reuses completed ones) by the
     # flow function's name and code, then by call order; agents start in any order, so each

@@ -57,7 +57,6 @@ from .errors import (
 )
 from .graph import AgentGraph
 from .limits import LimitSettings, check_limits
-from .model import Usage
 from .plan import Plan, check_contexts, make_plan
 from .policy import check_unsandboxed
 from .progress import ProgressEvent, listen
@@ -447,41 +446,45 @@ async def _schedule(
             seen_tasks.setdefault(event.agent, {})[event.task] = event.state
 
     stop: str | None = None  # a fatal error: start nothing new
-    with listen(remember):
-        while pending or running:
-            if stop is not None:
-                for name in sorted(pending):
-                    await skip(name, f"not started: {stop}")
-                pending.clear()
-            changed = True
-            while changed:  # a skipped agent may make its own dependents skippable
-                changed = False
-                for name in sorted(pending):
-                    if not all(dep in reports for dep in graph.upstream(name)):
-                        continue
-                    failed = [d for d in graph.upstream(name, "required") if not reports[d].is_completed()]
-                    if failed:
-                        verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
-                        pending.discard(name)
-                        await skip(name, f"required dependency {failed[0]!r} {verb}")
-                        changed = True
-            ready = sorted(
-                (n for n in pending if all(dep in reports for dep in graph.upstream(n))),
-                key=graph.sort_key,
-            )
-            for name in ready[: max(0, max_concurrency - len(running))]:
-                pending.discard(name)
-                running[asyncio.create_task(run_one(name))] = name
-            if not running:
-                break
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for finished in done:
-                name = running.pop(finished)
-                reports[name] = finished.result()
-                stop = stop or reports[name].fatal
-                announce(ProgressEvent("agent-finished", name, state=reports[name].state,
-                                       reason=reports[name].reason), run_key=run.run_key)
-            progress.set(100.0 * len(reports) / len(graph))
+    try:
+        with listen(remember):
+            while pending or running:
+                if stop is not None:
+                    for name in sorted(pending):
+                        await skip(name, f"not started: {stop}")
+                    pending.clear()
+                changed = True
+                while changed:  # a skipped agent may make its own dependents skippable
+                    changed = False
+                    for name in sorted(pending):
+                        if not all(dep in reports for dep in graph.upstream(name)):
+                            continue
+                        failed = [d for d in graph.upstream(name, "required") if not reports[d].is_completed()]
+                        if failed:
+                            verb = "failed" if reports[failed[0]].state == "failed" else "did not run"
+                            pending.discard(name)
+                            await skip(name, f"required dependency {failed[0]!r} {verb}")
+                            changed = True
+                ready = sorted(
+                    (n for n in pending if all(dep in reports for dep in graph.upstream(n))),
+                    key=graph.sort_key,
+                )
+                for name in ready[: max(0, max_concurrency - len(running))]:
+                    pending.discard(name)
+                    running[asyncio.create_task(run_one(name))] = name
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for ended in done:
+                    name = running.pop(ended)
+                    reports[name] = ended.result()
+                    stop = stop or reports[name].fatal
+                    announce(ProgressEvent("agent-finished", name, state=reports[name].state,
+                                           reason=reports[name].reason), run_key=run.run_key)
+                progress.set(100.0 * len(reports) / len(graph))
+    except BaseException:
+        progress.discard()  # cancelled, or a bug: nothing left waiting out its interval
+        raise
     await in_background(progress.close(), "the run's progress")
     changes = None
     if branches is not None:
