@@ -820,20 +820,22 @@ def test_apply_with_gits_lock_in_the_checkout_says_what_it_is_and_changes_nothin
     assert branches.apply_changes(run).startswith("merged")
 
 
-def test_an_agent_killed_between_its_worktree_and_its_record_starts_again_at_its_start(tmp_path: Path) -> None:
-    # Killed after `git worktree add`, before the agent's record was written; its directory is
-    # gone too (a person tidied up): git still has the worktree's record and the branch.
+
+def test_worktrees_a_killed_add_left_registered_and_locked_are_made_again(tmp_path: Path) -> None:
+    # Killed during `git worktree add`: git keeps the worktree's record, locked, and the branch;
+    # the agent's own record was not written yet; the directory is gone (tidied away).
     repo = make_repo(tmp_path / "repo")
     run = branches.open_run(repo, repo / ".toka", "night")
     first = branches.agent_checkout(run, "a", [])
-    (Path(first.worktree) / "half.txt").write_text("from the killed attempt\n")
-    branches.commit_task(first, run_key="night", index=1, total=1, description="write", state="completed")
     run.agent_record("a").unlink()
-    shutil.rmtree(first.worktree)
-    assert first.worktree in git(repo, "worktree", "list", "--porcelain")
+    reader = branches.agent_checkout(run, "reader", [], read_only=True)
+    for worktree in (first.worktree, reader.worktree):
+        git(repo, "worktree", "lock", "--reason", "initializing", worktree)
+        shutil.rmtree(worktree)
 
     again = branches.agent_checkout(run, "a", [])
-    assert again.worktree == first.worktree and again.start == first.start
-    assert not (Path(again.worktree) / "half.txt").exists()  # its branch made again at its start
-    assert git(repo, "rev-parse", f"refs/heads/{again.branch}").strip() == first.start
-    assert json.loads(run.agent_record("a").read_text())["start"] == first.start
+    assert again.worktree == first.worktree and (Path(again.worktree) / "shared.txt").read_text() == SHARED
+    assert git(Path(again.worktree), "rev-parse", "HEAD").strip() == run.base
+    assert json.loads(run.agent_record("a").read_text())["start"] == run.base
+    shared = branches.agent_checkout(run, "reader", [], read_only=True)
+    assert shared.worktree == reader.worktree and (Path(shared.worktree) / "shared.txt").read_text() == SHARED

@@ -609,7 +609,8 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
 
 
 def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
-    """Each write is an API call on the server every agent shares; the UI needs no more than one a second."""
+    """Each write is an API call on the server every agent shares; a person watching needs no more than
+    one every few seconds."""
     import toka.compiler as compiler
 
     sent: list[tuple[float, str, float]] = []

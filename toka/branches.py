@@ -337,16 +337,21 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         _drop_stale_index_lock(path)
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
                              start=own["start"])
-    if own is not None and run_git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0:
+    exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
+                                         f"refs/heads/{branch}").returncode == 0
+    if exists:
         # The branch is there (its worktree was removed): go on with it.
         start = own["start"]
         with _worktrees_locked(run):
             _add_worktree(run, path, str(path), branch)
     else:
-        # -B: made, or (a run killed before its record was written) made again at its start.
+        # Without a record the branch holds no work of the agent (its tasks commit only after the
+        # record is written): -B makes it, or makes again at its start one a run killed before
+        # the record left, with no git process to ask first. With one, -b: its branch was lost,
+        # and git refuses rather than reset one it has after all.
         start = _start_of(run, agent, deps)
         with _worktrees_locked(run):
-            _add_worktree(run, path, "-B", branch, str(path), start)
+            _add_worktree(run, path, "-B" if own is None else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
     return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
 
@@ -381,9 +386,12 @@ def _add_worktree(run: RunBranches, path: Path, *args: str) -> None:
             _git(repo, "worktree", "add", "-q", *args)
             return
         except BranchError:
-            # Git still has a record of a worktree there, whose directory is gone (a killed run,
-            # a person's rm -r). Looked for only now: listing the worktrees is a git process of
-            # its own, on every agent's start, under the lock the other agents wait for.
+            # Git may still have a record of a worktree there whose directory is gone (a killed
+            # run, a person's rm -r): "missing but already registered", "missing but locked", or
+            # its branch "already checked out at" it. Looked for only after a refusal, then the
+            # add is tried once more (a refusal for another reason is raised by that try, in
+            # git's words): listing the worktrees is a git process of its own, on every agent's
+            # start, under the lock the other agents wait for.
             if not path.exists():
                 _forget_missing_worktrees(repo, path)
                 _git(repo, "worktree", "add", "-q", *args)

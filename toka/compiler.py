@@ -320,7 +320,7 @@ async def _run_tasks(
     total = len(tasks)
     fingerprint, digest = (await get_model(run.provider)).fingerprint(), spec.digest()
     fatal: str | None = None
-    state_dir = Workspace(run.workspace).state_dir
+    state_dir: Path | None = None  # the workspace's, found at the first task
     ledger = current_ledger()
     records: list[TaskRecord] = []
     committing: asyncio.Task[None] | None = None
@@ -337,6 +337,7 @@ async def _run_tasks(
                                    description=task.description), run_key=run.run_key)
             if committing is not None and committing.done():
                 committing.result()  # a commit that failed stops the agent here, as it would have at once
+            state_dir = state_dir or Workspace(run.workspace).state_dir
             journal = Journal(journal_path(state_dir, run.run_key, spec.name, index))
             if run.checkout is not None and journal.path.exists():
                 await _settled(committing)
@@ -548,6 +549,7 @@ async def _run_agent(
     with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
         try:
             records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
+            changes, diff = await asyncio.to_thread(_changes, run.checkout) if run.checkout else (None, None)
         except BaseException:
             progress.discard()  # not left waiting out its interval after the flow run ended
             raise
@@ -559,9 +561,6 @@ async def _run_agent(
                                     "went on (medium and low failures do not stop it)")
     else:
         failure_note = None
-    changes, diff = None, None
-    if run.checkout is not None:
-        changes, diff = await asyncio.to_thread(_changes, run.checkout)
     report = AgentReport(
         agent=spec.name,
         state="failed" if failure else "completed-with-failures" if failed_tasks else "completed",
