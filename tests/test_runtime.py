@@ -714,6 +714,43 @@ def test_a_pipeline_cancelled_midway_leaves_no_progress_write_waiting(monkeypatc
     assert sent == []
 
 
+def test_an_agent_whose_branch_cannot_be_read_leaves_no_progress_write_waiting(monkeypatch, write_specs) -> None:
+    """Its flow run has ended (failed); its progress is not written an interval later."""
+    import functools
+
+    import toka.compiler as compiler
+    from toka.errors import BranchError
+
+    writes: list[tuple[float, str]] = []
+    failed_at: list[float] = []
+
+    async def create(*, key: str, **kwargs: Any) -> str:
+        writes.append((time.monotonic(), key))
+        return key
+
+    async def update(artifact: str, **kwargs: Any) -> None:
+        writes.append((time.monotonic(), artifact))
+
+    def unreadable(checkout: Any) -> Any:
+        failed_at.append(time.monotonic())
+        raise BranchError("git diff failed in the agent's worktree")
+
+    monkeypatch.setattr(compiler, "acreate_progress_artifact", create)
+    monkeypatch.setattr(compiler, "aupdate_progress_artifact", update)
+    monkeypatch.setattr(compiler, "Progress", functools.partial(compiler.Progress, interval=0.3))
+    monkeypatch.setattr(compiler, "_changes", unreadable)
+    folder = write_specs(minimal_spec("alpha", tasks=1))
+
+    async def run_then_wait() -> Any:
+        _, summary = await run_pipeline(folder, run_key="unreadable-branch", specs=[str(folder)])
+        await asyncio.sleep(0.6)  # past the interval
+        return summary
+
+    summary = asyncio.run(run_then_wait())
+    assert summary.agents[0].state == "failed" and "git diff failed" in (summary.agents[0].reason or "")
+    assert failed_at and not [key for at, key in writes if key == "alpha-progress" and at > failed_at[0]]
+
+
 def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_start_in() -> None:
     # Prefect finds a subflow's earlier run (a retried pipeline reuses completed ones) by the
     # flow function's name and code, then by call order; agents start in any order, so each
