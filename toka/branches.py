@@ -392,11 +392,9 @@ def _add_worktree(run: RunBranches, path: Path, *args: str) -> None:
             # add is tried once more (a refusal for another reason is raised by that try, in
             # git's words): listing the worktrees is a git process of its own, on every agent's
             # start, under the lock the other agents wait for.
-            if not path.exists():
-                _forget_missing_worktrees(repo, path)
-                _git(repo, "worktree", "add", "-q", *args)
-                return
-    shutil.rmtree(path)
+            pass
+    if path.exists():  # a killed run's, or what the refused add left
+        shutil.rmtree(path)
     _forget_missing_worktrees(repo, path)  # the removed directory's administrative files
     _git(repo, "worktree", "add", "-q", *args)
 
