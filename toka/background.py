@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["in_background", "to_the_end", "writes_finished"]
+__all__ = ["in_background", "soon", "to_the_end", "writes_finished"]
 
 _logger = logging.getLogger("toka.background")
 
@@ -45,6 +45,23 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
             _to_the_end_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64,
                                                                     thread_name_prefix="toka-to-the-end")
         return _to_the_end_pool
+
+
+def soon(work: Callable[[], None], what: str) -> None:
+    """Run blocking ``work`` in a thread of the same pool, not waited for; a failure is logged.
+
+    For what need not hold anything up: the fsync of a journal line already in the file (a
+    killed process loses nothing the OS holds), which took 4 ms on a disk the server's
+    database was syncing to, on the critical path of every model request.
+    """
+
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            _logger.warning("%s failed", what, exc_info=True)
+
+    _pool().submit(run)
 
 
 async def to_the_end(work: Callable[[], None]) -> None:

@@ -45,7 +45,7 @@ from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from .audit import AuditLog, audit_path
-from .background import in_background
+from .background import in_background, to_the_end
 from .branches import (
     DIFF_LIMIT,
     AgentChanges,
@@ -357,7 +357,10 @@ async def _run_tasks(
                                         calls.tasks.get(index))
             records.append(record)
             if state.is_completed():  # its result is persisted now: what a resume replays
-                journal.discard()
+                # Off the loop, not waited for here (an unlink took a millisecond on a disk busy with
+                # the server's database); the run waits for it at its end. Nothing writes this
+                # journal again: the task is done.
+                await in_background(_forget(journal), f"the removal of {journal.path}")
             if run.checkout is not None:
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.
@@ -415,6 +418,14 @@ def _warn_refused_commit(entry: dict[str, Any]) -> None:
         get_run_logger().warning("%s", entry["reason"])
     except MissingContextError:  # committed outside a Prefect run: the audit trail holds it
         pass
+
+
+async def _forget(journal: Journal) -> None:
+    """Remove a finished task's journal; one left behind is never replayed (its result is)."""
+    try:
+        await to_the_end(journal.discard)
+    except OSError as e:
+        get_run_logger().warning("the journal of a finished task was left behind: %s", e)
 
 
 def _reopen(run: RunConfig, journal: Journal, index: int, total: int) -> None:

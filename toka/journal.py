@@ -1,8 +1,10 @@
 """Durable turns: what a task's conversation received, recorded as it happens, replayed on resume.
 
 Every model response and every tool result of a task is appended to the task's
-journal (one JSON line each, flushed and fsynced before the task goes on, in a thread: the
-event loop runs the other agents meanwhile), under
+journal (one JSON line each, written in a thread while the event loop runs the other agents,
+in the file before the task goes on, so a killed process loses none; fsynced in a thread
+after, not waited for: on a disk busy with the server's database an fsync took 4 ms a model
+request), under
 the run key, agent and task: ``.toka/journal/<run>/<agent>/<task>.jsonl``. When
 the task runs again under the same run key (``toka run --resume`` after a kill,
 a Prefect retry of the task, a retry of the pipeline run from the UI), the loop
@@ -33,9 +35,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
-from .background import to_the_end
+from .background import soon, to_the_end
 from .model import ModelRequest, ModelResponse, ToolResultBlock
 from .redact import redact_data, secret_values
 
@@ -89,7 +91,12 @@ class Entry:
 
 
 class Journal:
-    """One task's recorded entries in a JSON-lines file; appends are durable when they return."""
+    """One task's recorded entries in a JSON-lines file.
+
+    An append is in the file when it returns (a process killed then loses nothing) and on
+    disk moments later: its fsync runs in a thread, not waited for. A machine that fails
+    in between loses the lines not yet synced; the turns they held are asked again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -116,9 +123,17 @@ class Journal:
         except FileNotFoundError:  # the first entry: its directory is made then, not at every turn
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a", encoding="utf-8")
-        with f:
+        try:
             f.write(line)
             f.flush()
+        except BaseException:
+            f.close()
+            raise
+        soon(lambda: self._sync(f), f"syncing {self.path}")
+
+    @staticmethod
+    def _sync(f: IO[str]) -> None:
+        with f:
             os.fsync(f.fileno())
 
     def rewrite(self, entries: list[Entry]) -> None:
@@ -174,9 +189,7 @@ class Replay:
         return None
 
     async def record(self, kind: Kind, fingerprint: str, data: dict[str, Any]) -> None:
-        """Append the step, its fsync in a thread of its own: durable before this task goes on, also
-        when it is cancelled, while the event loop runs the other agents (an fsync took 4 ms here,
-        far more on a busy disk)."""
+        """Append the step: in the file when this returns, on disk moments later (:class:`Journal`)."""
         entry = Entry(kind, fingerprint, data)
         self.entries.append(entry)
         self.position = len(self.entries)
