@@ -7,7 +7,7 @@ import contextvars
 import logging
 import threading
 
-from toka.background import in_background, writes_finished
+from toka.background import in_background, start_deferred, writes_finished
 
 
 async def _write(log: list[str], name: str, delay: float = 0.05, fail: bool = False) -> None:
@@ -101,3 +101,57 @@ def test_blocks_nest_and_each_waits_for_its_own_writes() -> None:
 
     asyncio.run(run())
     assert log == ["inner", "inner block ended", "outer"]
+
+
+_who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+
+
+async def _write_as(log: list[str], name: str) -> None:
+    await asyncio.sleep(0.01)
+    log.append(f"{name} (for {_who.get()})")  # Prefect attaches an artifact to the run in context
+
+
+def test_a_deferred_write_starts_when_released_in_the_context_it_was_made_in() -> None:
+    log: list[str] = []
+
+    async def agent(name: str) -> None:
+        _who.set(name)
+        await in_background(_write_as(log, f"{name}'s report"), f"{name}'s report", deferred=True)
+
+    async def run() -> None:
+        async with writes_finished():
+            await asyncio.create_task(agent("survey"))
+            await asyncio.sleep(0.05)
+            log.append("dependent started")  # the write waited for this
+            _who.set("audit")  # released from the dependent's context: still written as survey's
+            start_deferred()
+            await asyncio.sleep(0.05)
+            log.append("released")
+
+    asyncio.run(run())
+    assert log == ["dependent started", "survey's report (for survey)", "released"]
+
+
+def test_deferred_writes_never_released_are_made_when_the_block_ends() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            _who.set("survey")
+            await in_background(_write_as(log, "report"), "the report", deferred=True)
+            log.append("last agent done")
+        log.append("block ended")
+
+    asyncio.run(run())
+    assert log == ["last agent done", "report (for survey)", "block ended"]
+
+
+def test_a_deferred_write_without_the_block_is_awaited_where_it_is_made() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        await in_background(_write(log, "report"), "the report", deferred=True)
+        log.append("next")
+
+    asyncio.run(run())
+    assert log == ["report", "next"]

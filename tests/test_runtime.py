@@ -607,6 +607,16 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
         progress = asyncio.run(newest(key))
         assert progress["type"] == "progress" and progress["data"] == 100.0, key
 
+    async def flow_of(artifact: dict[str, Any]) -> str:
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(artifact["flow_run_id"])
+            return (await client.read_flow(flow_run.flow_id)).name
+
+    # alpha's are written once beta has started (toka.background), still on alpha's run.
+    for name in ("alpha", "beta"):
+        for kind in ("report", "results", "progress"):
+            assert asyncio.run(flow_of(asyncio.run(newest(f"{name}-{kind}")))) == name, (name, kind)
+
 
 def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
     """Each write is an API call on the server every agent shares; a person watching needs no more than

@@ -581,19 +581,19 @@ async def _run_agent(
         duration_s=time.monotonic() - started,
         changes=changes,
     )
-    # For the UI only: written while the agent's dependents start (toka.background), each on
-    # its own, so that one that fails does not leave the others unwaited for.
-    await in_background(progress.close(), f"the progress of {spec.name}")
+    # For the UI only: written once the agent's dependents have started (toka.background),
+    # each on its own, so that one that fails does not leave the others unwaited for.
+    await in_background(progress.close(), f"the progress of {spec.name}", deferred=True)
     await in_background(acreate_markdown_artifact(
         key=f"{spec.name}-report",
         markdown=agent_markdown(report, model=(await get_model(run.provider)).name, diff=diff),
         description=f"{spec.name}: task report",
-    ), f"the report artifact of {spec.name}")
+    ), f"the report artifact of {spec.name}", deferred=True)
     await in_background(acreate_table_artifact(
         key=f"{spec.name}-results",
         table=agent_results_table(report),
         description=f"{spec.name}: what each task produced",
-    ), f"the results artifact of {spec.name}")
+    ), f"the results artifact of {spec.name}", deferred=True)
     if failure is not None:
         raise AgentFailedError(f"{spec.name}: {failure}", report=report)
     return finished(report, failures=failure_note)

@@ -39,7 +39,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from .background import in_background, writes_finished
+from .background import in_background, start_deferred, writes_finished
 from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
@@ -444,6 +444,8 @@ async def _schedule(
     def remember(event: ProgressEvent) -> None:
         if event.kind == "task-finished" and event.task is not None and event.state:
             seen_tasks.setdefault(event.agent, {})[event.task] = event.state
+        elif event.kind == "agent-started":
+            start_deferred()  # the agents that finished before it: their reports, now it is under way
 
     stop: str | None = None  # a fatal error: start nothing new
     try:
@@ -469,9 +471,12 @@ async def _schedule(
                     (n for n in pending if all(dep in reports for dep in graph.upstream(n))),
                     key=graph.sort_key,
                 )
-                for name in ready[: max(0, max_concurrency - len(running))]:
+                starting = ready[: max(0, max_concurrency - len(running))]
+                for name in starting:
                     pending.discard(name)
                     running[asyncio.create_task(run_one(name))] = name
+                if not starting:  # no agent's start to keep clear of: the reports go now
+                    start_deferred()
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
