@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 import threading
+import warnings
 
 from toka.background import in_background, start_deferred, writes_finished
 
@@ -155,3 +156,60 @@ def test_a_deferred_write_without_the_block_is_awaited_where_it_is_made() -> Non
 
     asyncio.run(run())
     assert log == ["report", "next"]
+
+
+def test_a_deferred_write_goes_out_after_a_while_when_nothing_releases_it(monkeypatch) -> None:
+    # The next agent waits for an approval before it begins: the finished one's report must
+    # not wait out the approval with it.
+    from toka import background
+
+    monkeypatch.setattr(background, "DEFER_AT_MOST", 0.1)
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            await in_background(_write(log, "report", delay=0), "the report", deferred=True)
+            await asyncio.sleep(0.3)
+            log.append("approval answered")
+
+    asyncio.run(run())
+    assert log == ["report", "approval answered"]
+
+
+def test_a_block_that_does_not_hold_deferred_writes_starts_them_at_once() -> None:
+    # A distributed agent run: nothing else starts after its agent, so nothing would release them.
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished(hold_deferred=False):
+            await in_background(_write(log, "report", delay=0), "the report", deferred=True)
+            await asyncio.sleep(0.05)
+            log.append("flow state written")
+
+    asyncio.run(run())
+    assert log == ["report", "flow state written"]
+
+
+def test_deferred_writes_of_a_block_cut_short_are_said_not_written() -> None:
+    log: list[str] = []
+
+    async def run() -> None:
+        async with writes_finished():
+            await in_background(_write(log, "slow", delay=10), "the slow write")
+            await in_background(_write(log, "report"), "the report", deferred=True)
+            asyncio.current_task().cancel()  # Ctrl-C while the block waits for its writes
+
+    said = _Records()
+    logger = logging.getLogger("toka.background")
+    logger.addHandler(said)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "coroutine was never awaited"
+            try:
+                asyncio.run(run())
+            except asyncio.CancelledError:
+                pass
+    finally:
+        logger.removeHandler(said)
+    assert log == []
+    assert "the report could not be written: CancelledError: the run was stopped first" in said.lines

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 from toka.audit import AuditLog
 from toka.capabilities import grant_tools
@@ -100,9 +99,9 @@ def test_a_slow_journal_fsync_holds_up_nothing_and_the_line_is_in_the_file_at_on
         """A journal whose fsyncs take 0.4 s (a busy disk's), in whatever thread makes them."""
 
         @staticmethod
-        def _sync(f: Any) -> None:
+        def _sync(path: Path) -> None:
             time.sleep(0.4)
-            journals.Journal._sync(f)
+            journals.Journal._sync(path)
             synced.set()
 
     replay = journals.Replay(SlowDisk(tmp_path / "task.jsonl"))
@@ -131,6 +130,44 @@ def test_a_slow_journal_fsync_holds_up_nothing_and_the_line_is_in_the_file_at_on
     assert took < 0.2, f"recording waited {took:.2f} s for the fsync"
     assert ticks >= 20, f"the other agent ran {ticks} times in 0.5 s: the fsync held up the event loop"
     assert synced.wait(5), "the line was never fsynced"
+
+
+def test_a_stalled_disk_holds_up_no_journal_line_and_each_journal_queues_one_fsync_at_a_time(tmp_path: Path) -> None:
+    # 80 agents' journals on a disk whose fsyncs hang until released: every line still goes
+    # into its file at once (the fsyncs do not take the threads the lines are written in), and
+    # a journal written to many times while its fsync waits queues no more than one more.
+    import threading
+
+    from toka import journal as journals
+    from toka.model import ModelResponse, TextBlock
+
+    disk = threading.Event()
+    syncs: list[Path] = []
+
+    class StalledDisk(journals.Journal):
+        @staticmethod
+        def _sync(path: Path) -> None:
+            disk.wait(30)
+            syncs.append(path)
+            journals.Journal._sync(path)
+
+    replays = [journals.Replay(StalledDisk(tmp_path / f"task{i}.jsonl")) for i in range(80)]
+
+    async def go() -> None:
+        for turn in range(5):
+            await asyncio.wait_for(asyncio.gather(*(
+                r.record_response(f"fp{turn}", ModelResponse(content=[TextBlock(text=str(turn))]))
+                for r in replays)), 10)
+
+    asyncio.run(go())  # before the fix: the 65th line waited for a thread that a hung fsync held
+    assert all(len(journals.Journal(tmp_path / f"task{i}.jsonl").load()) == 5 for i in range(80))
+    disk.set()
+    deadline = time.monotonic() + 10
+    while len(set(syncs)) < 80 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(set(syncs)) == 80, "some journal was never fsynced"
+    time.sleep(0.2)
+    assert len(syncs) <= 160, f"{len(syncs)} fsyncs for 80 journals of 5 lines each: not one queued at a time"
 
 
 def test_work_run_to_the_end_finishes_before_a_cancellation_passes_and_off_the_loop() -> None:

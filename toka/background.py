@@ -10,8 +10,10 @@ rounds each way one after the other: 1.41x the hand-written pipeline before (an 
 379 ms on the critical chain), 1.38x after (253 ms), no API request retried in either; ten
 rounds after: median 1.31x, worst 1.40x (1.33x and 1.42x before, another day).
 
-They wait a little longer: until an agent the pipeline started after it has begun
-(:func:`start_deferred`), or at once when none was started. On the one SQLite writer they
+They wait a little longer: until the next agent the pipeline starts has begun
+(:func:`start_deferred`), or until a scheduling pass starts none, and never more than
+:data:`DEFER_AT_MOST` seconds (an agent that waits for an approval before it begins must not
+keep the report a person wants to read first out of the UI). On the one SQLite writer they
 went ahead of the agent's own Completed state and its dependents' new flow runs, the
 critical path's next writes. Ten rounds each way, alternating in one process (nine specs,
 embedded SQLite): the agents' exits took 0.98 s of the critical chain before, 0.54 s after;
@@ -41,7 +43,11 @@ _logger = logging.getLogger("toka.background")
 
 
 _to_the_end_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_soon_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+DEFER_AT_MOST = 2.0
+"""Seconds a deferred write waits at most for :func:`start_deferred`."""
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -55,21 +61,26 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _to_the_end_pool
 
 
-def soon(work: Callable[[], None], what: str) -> None:
-    """Run blocking ``work`` in a thread of the same pool, not waited for; a failure is logged.
+def soon(work: Callable[[], None], what: str, *, logger: Any = None) -> None:
+    """Run blocking ``work`` in a thread, not waited for; a failure is logged to ``logger``.
 
     For what need not hold anything up: the fsync of a journal line already in the file (a
     killed process loses nothing the OS holds), which took 4 ms on a disk the server's
-    database was syncing to, on the critical path of every model request.
+    database was syncing to, on the critical path of every model request. A few threads of
+    their own: work a slow disk holds up must not take the threads :func:`to_the_end` needs.
     """
+    global _soon_pool
 
     def run() -> None:
         try:
             work()
-        except Exception:
-            _logger.warning("%s failed", what, exc_info=True)
+        except Exception as e:
+            (logger or _logger).warning("%s failed: %s: %s", what, type(e).__name__, e)
 
-    _pool().submit(run)
+    with _pool_lock:
+        if _soon_pool is None:
+            _soon_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="toka-soon")
+    _soon_pool.submit(run)
 
 
 async def to_the_end(work: Callable[[], None]) -> None:
@@ -109,6 +120,8 @@ class _Writes:
         self.loop = asyncio.get_running_loop()
         self.pending: list[asyncio.Future[Any]] = []
         self.deferred: list[tuple[Coroutine[Any, Any, Any], str, contextvars.Context]] = []
+        self.hold = True  # deferred writes wait for start_deferred (the pipeline's scheduler releases them)
+        self.release: asyncio.TimerHandle | None = None  # DEFER_AT_MOST after the first one held
         self.closed = False  # agents still running when the block ended (it failed) write inline
 
 
@@ -121,17 +134,20 @@ async def in_background(write: Coroutine[Any, Any, Any], what: str, *, deferred:
     Args:
         write: The API call (a coroutine).
         what: What it writes, for the warning logged if it fails.
-        deferred: Start it only at the next :func:`start_deferred` (or when the block ends):
-            for what only the UI shows, held back from the critical path's next writes.
+        deferred: Start it only at the next :func:`start_deferred`, the block's end, or
+            :data:`DEFER_AT_MOST` seconds later, whichever comes first: for what only the UI
+            shows, held back from the critical path's next writes.
     """
     writes = _open.get()
     if writes is None or writes.closed or writes.loop is not asyncio.get_running_loop():
         await write
         return
-    if deferred:
+    if deferred and writes.hold:
         # Started later from another task: it must still run in this one's context (the run it
         # belongs to: where Prefect attaches an artifact, whose log a failure goes to).
         writes.deferred.append((write, what, contextvars.copy_context()))
+        if writes.release is None:
+            writes.release = writes.loop.call_later(DEFER_AT_MOST, start_deferred_of, writes)
         return
     _start(writes, write, what, contextvars.copy_context())
 
@@ -150,6 +166,9 @@ def start_deferred() -> None:
 
 
 def start_deferred_of(writes: _Writes) -> None:
+    if writes.release is not None:
+        writes.release.cancel()
+        writes.release = None
     held, writes.deferred = writes.deferred, []
     for write, what, context in held:
         _start(writes, write, what, context)
@@ -173,12 +192,18 @@ def _warn_if_failed(done: asyncio.Future[Any], what: str) -> None:
 
 
 @asynccontextmanager
-async def writes_finished() -> AsyncIterator[None]:
+async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
     """Inside, :func:`in_background` writes run in the background; on the way out, all of them
     are waited for. A write that failed was logged as a warning and the run's outcome stands;
     one that ended with a BaseException that is not an Exception (Prefect's TerminationSignal
-    for SIGTERM) raises it here."""
+    for SIGTERM) raises it here.
+
+    ``hold_deferred=False`` starts deferred writes at once, as others: for a block that starts
+    no agent after the one inside (a distributed agent run), where nothing would release them
+    before its end.
+    """
     writes = _Writes()
+    writes.hold = hold_deferred
     token = _open.set(writes)
     try:
         yield
@@ -194,3 +219,16 @@ async def writes_finished() -> AsyncIterator[None]:
                         raise result
         finally:
             writes.closed = True
+            _drop_deferred(writes)
+
+
+def _drop_deferred(writes: _Writes) -> None:
+    """The block's end was cut short (cancelled, or a write raised): what was still held is
+    dropped, and said so, not left to Python's "never awaited" warning."""
+    if writes.release is not None:
+        writes.release.cancel()
+        writes.release = None
+    held, writes.deferred = writes.deferred, []
+    for write, what, _ in held:
+        write.close()
+        _logger.warning("%s was not written: the run was stopped first", what)

@@ -581,8 +581,8 @@ async def _run_agent(
         duration_s=time.monotonic() - started,
         changes=changes,
     )
-    # For the UI only: written once the agent's dependents have started (toka.background),
-    # each on its own, so that one that fails does not leave the others unwaited for.
+    # For the UI only: written once the next agent the pipeline starts has begun, or soon
+    # (toka.background), each on its own, so that one that fails leaves none unwaited for.
     await in_background(progress.close(), f"the progress of {spec.name}", deferred=True)
     await in_background(acreate_markdown_artifact(
         key=f"{spec.name}-report",

@@ -31,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from .background import soon, to_the_end
 from .model import ModelRequest, ModelResponse, ToolResultBlock
@@ -94,12 +95,20 @@ class Journal:
     """One task's recorded entries in a JSON-lines file.
 
     An append is in the file when it returns (a process killed then loses nothing) and on
-    disk moments later: its fsync runs in a thread, not waited for. A machine that fails
+    disk moments later: its fsync runs in a thread, not waited for, one at a time for each
+    journal (lines written while one is queued are synced with it). A machine that fails
     in between loses the lines not yet synced; the turns they held are asked again.
+
+    Args:
+        path: The journal's file.
+        logger: Where a failed fsync is reported (the task's run log); toka's own logger if None.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, logger: Any = None) -> None:
         self.path = path
+        self.logger = logger
+        self._sync_queued = False
+        self._sync_lock = threading.Lock()
 
     def load(self) -> list[Entry]:
         """The entries recorded so far; a torn last line (the process died writing it) is dropped."""
@@ -123,18 +132,29 @@ class Journal:
         except FileNotFoundError:  # the first entry: its directory is made then, not at every turn
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a", encoding="utf-8")
-        try:
+        with f:
             f.write(line)
-            f.flush()
-        except BaseException:
-            f.close()
-            raise
-        soon(lambda: self._sync(f), f"syncing {self.path}")
+        with self._sync_lock:
+            if self._sync_queued:
+                return
+            self._sync_queued = True
+        soon(self._sync_queued_lines, f"syncing the journal {self.path}", logger=self.logger)
+
+    def _sync_queued_lines(self) -> None:
+        with self._sync_lock:
+            self._sync_queued = False  # a line written from now on queues the next fsync
+        self._sync(self.path)
 
     @staticmethod
-    def _sync(f: IO[str]) -> None:
-        with f:
-            os.fsync(f.fileno())
+    def _sync(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # the task finished (or started afresh) meanwhile: nothing left to keep
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def rewrite(self, entries: list[Entry]) -> None:
         """Keep only ``entries`` (atomically: a kill leaves the old journal or the new one)."""

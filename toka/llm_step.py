@@ -225,7 +225,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         path.write_text(text, encoding="utf-8")
         return workspace.saved_output_name(path)
 
-    journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index))
+    journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index), logger=logger)
     try:
         result = await run_step(
             model=model,

@@ -445,7 +445,7 @@ async def _schedule(
         if event.kind == "task-finished" and event.task is not None and event.state:
             seen_tasks.setdefault(event.agent, {})[event.task] = event.state
         elif event.kind == "agent-started":
-            start_deferred()  # the agents that finished before it: their reports, now it is under way
+            start_deferred()  # the reports of the agents that finished before it, now it is under way
 
     stop: str | None = None  # a fatal error: start nothing new
     try:
@@ -622,7 +622,7 @@ async def run_one_agent(
     budget = run.budgets.pipeline_token_budget
     with use_ledger(Ledger("pipeline", budget, scope="pipeline", spent=pipeline_spent)) as ledger:
         with tags(*agent_tags(spec)):
-            async with writes_finished():
+            async with writes_finished(hold_deferred=False):  # no other agent's start to wait for
                 state = await compile_agent(spec)(run=run, upstream=upstream or {}, return_state=True)
         result = await state.aresult(raise_on_failure=False)
     charged, spent = ledger.charged, ledger.spent - pipeline_spent
