@@ -618,6 +618,34 @@ def test_artifacts_for_agents_and_pipeline(write_specs) -> None:
             assert asyncio.run(flow_of(asyncio.run(newest(f"{name}-{kind}")))) == name, (name, kind)
 
 
+def test_an_agents_report_is_in_the_ui_while_its_dependent_works(write_specs, monkeypatch) -> None:
+    # Held back from the critical path's writes only until the dependent has begun: a person
+    # reading alpha's report before beta's work ends must find it, long before the run ends.
+    from prefect.client.orchestration import get_client
+
+    from toka import background
+
+    monkeypatch.setattr(background, "DEFER_AT_MOST", 60.0)  # released by beta's start, not by the clock
+    seen: list[float] = []
+
+    async def wait_for_alpha_report(request: ModelRequest) -> None:
+        began = time.monotonic()
+        async with get_client() as client:
+            while time.monotonic() - began < 15:
+                response = await client._client.post(
+                    "/artifacts/filter", json={"artifacts": {"key": {"any_": ["alpha-report"]}}, "limit": 1})
+                response.raise_for_status()
+                if response.json():
+                    seen.append(time.monotonic() - began)
+                    return None
+                await asyncio.sleep(0.05)
+
+    folder = write_specs(minimal_spec("alpha"), minimal_spec("beta", required={"alpha": ""}))
+    _, summary = run(folder, Recorder(beta_1=wait_for_alpha_report).model, run_key="report-early")
+    assert summary.state == "completed"
+    assert seen, "alpha's report artifact was not written while beta worked"
+
+
 def test_progress_is_written_at_most_once_an_interval_and_its_last_value_at_once_on_close(monkeypatch) -> None:
     """Each write is an API call on the server every agent shares; a person watching needs no more than
     one every few seconds."""
