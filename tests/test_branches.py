@@ -121,6 +121,8 @@ def test_agents_work_on_branches_and_the_persons_checkout_is_untouched(tmp_path:
     assert "toka/night/_merged" in shown.output and "toka diff --run night" in shown.output
 
     assert checkout_state(repo) == before  # files, index, HEAD, stash: byte for byte
+    # The agents' worktrees are gone when the command returns (their branches hold the work).
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert "line 20 (a)" in seen["b"]  # b started from a's work
     assert "line 1 (mine)" not in seen["a"]  # nor uncommitted work...
     assert "does not exist" in seen["a:notes"]  # ...nor untracked files reach the agents

@@ -63,6 +63,7 @@ __all__ = [
     "discard_run",
     "finish_run",
     "open_run",
+    "tidy_worktrees",
 ]
 
 #: The run's own branch, next to its agents' ones (an agent name never starts with "_").
@@ -752,8 +753,12 @@ class RunChanges:
     """What became of ``--push`` (None: not asked)."""
 
 
-def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
-    """Merge the branches of ``agents`` (the completed ones, in plan order) into the run's branch."""
+def finish_run(run: RunBranches, agents: list[str], *, tidy: bool = True) -> RunChanges:
+    """Merge the branches of ``agents`` (the completed ones, in plan order) into the run's branch.
+
+    ``tidy=False`` leaves their worktrees for :func:`tidy_worktrees` (two git processes an agent:
+    the pipeline removes them while its last writes go out, not before its summary).
+    """
     repo = Path(run.repo)
     started = [a for a in agents if run.agent_record(a).is_file()]
     heads = list(zip(started, _heads(repo, [run.branch(a) for a in started]), strict=True))
@@ -768,13 +773,14 @@ def finish_run(run: RunBranches, agents: list[str]) -> RunChanges:
         path.write_text(_git(repo, "diff", "--binary", run.base, commit), encoding="utf-8", errors="surrogateescape")
         patch = str(path)
     merged = [a for a, _ in heads if a not in not_merged]
-    _tidy_worktrees(run, [a for a, _ in heads])
+    if tidy:
+        tidy_worktrees(run, [a for a, _ in heads])
     return RunChanges(branch=run.merged_branch, commit=commit, base=run.base, merged=merged,
                       not_merged=not_merged, files_changed=[as_text(f) for f in changed_files(repo, run.base, commit)],
                       patch=patch)
 
 
-def _tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
+def tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
     """Remove the worktrees that hold nothing uncommitted (their branches stay, and a resume
     makes them again); one holding edits no task committed (an agent cut short) stays."""
     repo = Path(run.repo)

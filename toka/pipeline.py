@@ -39,8 +39,17 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
 
-from .background import in_background, start_deferred, writes_finished
-from .branches import RunBranches, RunChanges, agent_checkout, finish_run, open_run, push_run, ref_part
+from .background import in_background, start_deferred, to_the_end, writes_finished
+from .branches import (
+    RunBranches,
+    RunChanges,
+    agent_checkout,
+    finish_run,
+    open_run,
+    push_run,
+    ref_part,
+    tidy_worktrees,
+)
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
 from .compiler import Progress, agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
@@ -495,12 +504,22 @@ async def _schedule(
     if branches is not None:
         completed = [n for n in graph.order() if reports[n].is_completed()]
         try:
-            changes = await asyncio.to_thread(finish_run, branches, completed)
+            changes = await asyncio.to_thread(finish_run, branches, completed, tidy=False)
         except BranchError as e:  # the agents' branches hold their work all the same: say so, report the run
             get_run_logger().error("the run's branch could not be made (each agent's branch has its work): %s", e)
+        else:
+            await in_background(_tidy(branches, completed), "the removal of the run's worktrees")
         if changes is not None and run.push:
             changes = await _push(branches, changes, run)
     return await _summarise(graph, run, reports, chosen, ledger, started, changes)
+
+
+async def _tidy(branches: RunBranches, agents: list[str]) -> None:
+    """Remove the agents' worktrees (their branches hold the work); the run ends when this has."""
+    try:
+        await to_the_end(lambda: tidy_worktrees(branches, agents))
+    except (BranchError, OSError) as e:  # disk left used, nothing lost: the next run or `toka discard` tidies
+        get_run_logger().warning("the run's worktrees were not all removed: %s", e)
 
 
 async def _push(branches: RunBranches, changes: RunChanges, run: RunConfig) -> RunChanges:
@@ -542,10 +561,10 @@ async def _summarise(graph: AgentGraph, run: RunConfig, reports: dict[str, Agent
         budget_tokens=ledger.limit,
         changes=changes,
     )
-    await acreate_markdown_artifact(
+    await in_background(acreate_markdown_artifact(  # beside the run's last writes, all waited for at its end
         key="toka-pipeline-report", markdown=pipeline_markdown(summary, graph),
         description="Pipeline summary",
-    )
+    ), "the pipeline's report artifact")
     if summary.state == "failed":
         raise PipelineFailedError(redact(_failure_line(summary), secret_values()), report=summary)
     return summary
