@@ -33,6 +33,7 @@ other programs the repository's configuration names, never run.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import posixpath
@@ -198,16 +199,20 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
             return found
     except BranchError:
         pass
-    top = _toplevel(workspace)
-    if top is not None and base == "HEAD" and run_git(top, "rev-parse", "--verify", "--quiet", "HEAD").returncode:
-        top = None  # a repository without a commit yet: its files are all untracked, so work on a copy
-    if top is None:
+    # The run starts with this: two git processes in all for a workspace in a repository, not five.
+    found = _repository_of(workspace)
+    top, common = found if found is not None else (_toplevel(workspace), None)
+    resolved = None
+    if top is not None:
+        resolved = run_git(top, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
+        if resolved.returncode != 0 and base == "HEAD":
+            top = None  # a repository without a commit yet: its files are all untracked, so work on a copy
+    if top is None or resolved is None:
         repo, prefix, private = _private_copy(workspace, state_dir, run_key), "", True
         base_commit = _git(repo, "rev-parse", "HEAD").strip()
     else:
         repo, prefix, private = top, workspace.relative_to(top).as_posix().strip("."), False
         _check_merge_tree(repo)
-        resolved = run_git(repo, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
         if resolved.returncode != 0:
             raise ConfigError(f"--base {base!r}: no such commit in {repo}")
         base_commit = resolved.stdout.strip()
@@ -215,7 +220,8 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
             base_commit = _snapshot_uncommitted(repo, base_commit, state_dir, run_key)
         # Made now, before any agent runs a command: the git guard compares this directory
         # before and after each command, and another agent's worktree must not look like one.
-        common = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir").strip())
+        if common is None:
+            common = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir").strip())
         (common / "worktrees").mkdir(exist_ok=True)
     branches = RunBranches(run_key=run_key, workspace=str(workspace), state_dir=str(state_dir), repo=str(repo),
                            prefix=prefix, base=base_commit, base_ref=base, private_copy=private)
@@ -238,8 +244,28 @@ def _toplevel(workspace: Path) -> Path | None:
     return Path(done.stdout.strip()).resolve()
 
 
+def _repository_of(workspace: Path) -> tuple[Path, Path] | None:
+    """The top of the workspace's repository and its common git directory, asked of one git
+    process; None when that fails (no repository, or a git that does not know the options)."""
+    try:
+        done = run_git(workspace, "rev-parse", "--show-toplevel", "--path-format=absolute", "--git-common-dir")
+    except FileNotFoundError:
+        return None
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2:
+        return None
+    return Path(lines[0]).resolve(), Path(lines[1])
+
+
+@functools.cache
+def _git_version(repo: Path) -> str:
+    # Once a process and repository: a long-lived process (a worker, the warm process) runs
+    # night after night in the same one.
+    return _git(repo, "version").split()[-1]
+
+
 def _check_merge_tree(repo: Path) -> None:
-    version = _git(repo, "version").split()[-1]
+    version = _git_version(repo)
     parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
     if parts < (2, 38):
         raise ConfigError(f"git {version} is too old for agent branches (2.38 or newer merges without a "
