@@ -23,7 +23,7 @@ from toka.model import ModelRequest, ModelResponse, TextBlock, override_model
 from toka.process import run_process
 from toka.progress import ProgressEvent, listen
 from toka.report import agent_markdown
-from toka.results import PipelineSummary
+from toka.results import PipelineSummary, TaskOutcome
 from toka.testing import FunctionModel, submit, tool_call
 from toka.tools import Tool, ToolContext, ToolOutput
 
@@ -505,8 +505,6 @@ class TestResume:
 
         folder = write_specs(minimal_spec("a", tasks=2))
         journals = folder / ".toka" / "journal"
-        from toka.results import TaskOutcome
-
         at_persist: dict[int, list[str]] = {}  # task -> the journals there when its result was written
         persist = ResultStore.apersist_result_record
 

@@ -33,7 +33,6 @@ other programs the repository's configuration names, never run.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import os
 import posixpath
@@ -199,9 +198,9 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
             return found
     except BranchError:
         pass
-    # The run starts with this: two git processes in all for a workspace in a repository, not five.
-    found = _repository_of(workspace)
-    top, common = found if found is not None else (_toplevel(workspace), None)
+    # The run starts with this: for a workspace in a repository, three git processes (two once
+    # git's version is known) where there were five.
+    top, common = _repository_of(workspace)
     resolved = None
     if top is not None:
         resolved = run_git(top, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}")
@@ -244,32 +243,35 @@ def _toplevel(workspace: Path) -> Path | None:
     return Path(done.stdout.strip()).resolve()
 
 
-def _repository_of(workspace: Path) -> tuple[Path, Path] | None:
+def _repository_of(workspace: Path) -> tuple[Path | None, Path | None]:
     """The top of the workspace's repository and its common git directory, asked of one git
-    process; None when that fails (no repository, or a git that does not know the options)."""
+    process: (None, None) outside a repository; the common directory None from a git that does
+    not know ``--path-format`` (it says the option back), to be asked for on its own."""
     try:
         done = run_git(workspace, "rev-parse", "--show-toplevel", "--path-format=absolute", "--git-common-dir")
     except FileNotFoundError:
-        return None
+        return None, None
     lines = done.stdout.splitlines()
-    if done.returncode != 0 or len(lines) != 2:
-        return None
+    if done.returncode != 0:
+        return None, None
+    if len(lines) != 2:
+        return _toplevel(workspace), None
     return Path(lines[0]).resolve(), Path(lines[1])
 
 
-@functools.cache
-def _git_version(repo: Path) -> str:
-    # Once a process and repository: a long-lived process (a worker, the warm process) runs
-    # night after night in the same one.
-    return _git(repo, "version").split()[-1]
+_merge_tree_known = False  # git was new enough: not asked again in this process (a worker, the warm process)
 
 
 def _check_merge_tree(repo: Path) -> None:
-    version = _git_version(repo)
+    global _merge_tree_known
+    if _merge_tree_known:
+        return
+    version = _git(repo, "version").split()[-1]
     parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
     if parts < (2, 38):
         raise ConfigError(f"git {version} is too old for agent branches (2.38 or newer merges without a "
                           "checkout); upgrade git, or pass --in-place")
+    _merge_tree_known = True
 
 
 def _snapshot_uncommitted(repo: Path, head: str, state_dir: Path, run_key: str) -> str:
@@ -783,7 +785,7 @@ def finish_run(run: RunBranches, agents: list[str], *, tidy: bool = True) -> Run
     """Merge the branches of ``agents`` (the completed ones, in plan order) into the run's branch.
 
     ``tidy=False`` leaves their worktrees for :func:`tidy_worktrees` (two git processes an agent:
-    the pipeline removes them while its last writes go out, not before its summary).
+    the pipeline removes them beside its summary and last writes, and waits for that at its end).
     """
     repo = Path(run.repo)
     started = [a for a in agents if run.agent_record(a).is_file()]

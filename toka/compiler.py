@@ -529,9 +529,10 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
         description=spec.spec.description or spec.spec.name,
         timeout_seconds=spec.security.resource_limits.timeout.seconds,
         persist_result=True,
-        # ``run`` is checked above and ``upstream`` made by the pipeline: Prefect's own check builds
-        # a pydantic model of the signature when the flow is made (2 ms of its 5.5) and again at
-        # every call (2 ms more each time an agent starts).
+        # ``run`` is checked above, ``upstream`` made by the pipeline or the agent runner (whose own
+        # parameters Prefect checks): Prefect's check here builds a pydantic model of the
+        # signature when the flow is made (2 ms of its 5.5) and again at every call (2 ms more
+        # each time an agent starts).
         validate_parameters=False,
     )
 

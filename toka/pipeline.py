@@ -518,7 +518,7 @@ async def _tidy(branches: RunBranches, agents: list[str]) -> None:
     """Remove the agents' worktrees (their branches hold the work); the run ends when this has."""
     try:
         await to_the_end(lambda: tidy_worktrees(branches, agents))
-    except (BranchError, OSError) as e:  # disk left used, nothing lost: the next run or `toka discard` tidies
+    except (BranchError, OSError) as e:  # disk left used, nothing lost: a resume of the run or `toka discard` tidies
         get_run_logger().warning("the run's worktrees were not all removed: %s", e)
 
 
