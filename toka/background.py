@@ -42,23 +42,22 @@ __all__ = ["in_background", "soon", "start_deferred", "to_the_end", "writes_fini
 _logger = logging.getLogger("toka.background")
 
 
-_to_the_end_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_soon_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
 DEFER_AT_MOST = 2.0
 """Seconds a deferred write waits at most for :func:`start_deferred`."""
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    # Threads are made only when every one is busy: room for each of many concurrent agents'
-    # journal lines and sandbox clean-ups, so that none waits behind another's.
-    global _to_the_end_pool
+def _pool(name: str = "toka-to-the-end", threads: int = 64) -> concurrent.futures.ThreadPoolExecutor:
+    # Made at first use and kept. Threads are made only when every one is busy: by default room
+    # for each of many concurrent agents' journal lines and sandbox clean-ups, so that none
+    # waits behind another's.
     with _pool_lock:
-        if _to_the_end_pool is None:
-            _to_the_end_pool = concurrent.futures.ThreadPoolExecutor(max_workers=64,
-                                                                    thread_name_prefix="toka-to-the-end")
-        return _to_the_end_pool
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        return pool
 
 
 def soon(work: Callable[[], None], what: str, *, logger: Any = None) -> None:
@@ -69,7 +68,6 @@ def soon(work: Callable[[], None], what: str, *, logger: Any = None) -> None:
     database was syncing to, on the critical path of every model request. A few threads of
     their own: work a slow disk holds up must not take the threads :func:`to_the_end` needs.
     """
-    global _soon_pool
 
     def run() -> None:
         try:
@@ -77,10 +75,7 @@ def soon(work: Callable[[], None], what: str, *, logger: Any = None) -> None:
         except Exception as e:
             (logger or _logger).warning("%s failed: %s: %s", what, type(e).__name__, e)
 
-    with _pool_lock:
-        if _soon_pool is None:
-            _soon_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="toka-soon")
-    _soon_pool.submit(run)
+    _pool("toka-soon", 4).submit(run)
 
 
 async def to_the_end(work: Callable[[], None]) -> None:
@@ -116,11 +111,11 @@ async def to_the_end(work: Callable[[], None]) -> None:
 
 
 class _Writes:
-    def __init__(self) -> None:
+    def __init__(self, *, hold: bool) -> None:
         self.loop = asyncio.get_running_loop()
         self.pending: list[asyncio.Future[Any]] = []
         self.deferred: list[tuple[Coroutine[Any, Any, Any], str, contextvars.Context]] = []
-        self.hold = True  # deferred writes wait for start_deferred (the pipeline's scheduler releases them)
+        self.hold = hold  # deferred writes wait for start_deferred (the pipeline's scheduler releases them)
         self.release: asyncio.TimerHandle | None = None  # DEFER_AT_MOST after the first one held
         self.closed = False  # agents still running when the block ended (it failed) write inline
 
@@ -166,12 +161,17 @@ def start_deferred() -> None:
 
 
 def start_deferred_of(writes: _Writes) -> None:
+    for write, what, context in _take_deferred(writes):
+        _start(writes, write, what, context)
+
+
+def _take_deferred(writes: _Writes) -> list[tuple[Coroutine[Any, Any, Any], str, contextvars.Context]]:
+    """The writes held so far, no longer held (their time limit cancelled)."""
     if writes.release is not None:
         writes.release.cancel()
         writes.release = None
     held, writes.deferred = writes.deferred, []
-    for write, what, context in held:
-        _start(writes, write, what, context)
+    return held
 
 
 def _warn_if_failed(done: asyncio.Future[Any], what: str) -> None:
@@ -202,8 +202,7 @@ async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
     no agent after the one inside (a distributed agent run), where nothing would release them
     before its end.
     """
-    writes = _Writes()
-    writes.hold = hold_deferred
+    writes = _Writes(hold=hold_deferred)
     token = _open.set(writes)
     try:
         yield
@@ -225,10 +224,6 @@ async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
 def _drop_deferred(writes: _Writes) -> None:
     """The block's end was cut short (cancelled, or a write raised): what was still held is
     dropped, and said so, not left to Python's "never awaited" warning."""
-    if writes.release is not None:
-        writes.release.cancel()
-        writes.release = None
-    held, writes.deferred = writes.deferred, []
-    for write, what, _ in held:
+    for write, what, _ in _take_deferred(writes):
         write.close()
         _logger.warning("%s was not written: the run was stopped first", what)
