@@ -213,3 +213,56 @@ def test_deferred_writes_of_a_block_cut_short_are_said_not_written() -> None:
         logger.removeHandler(said)
     assert log == []
     assert "the report could not be written: CancelledError: the run was stopped first" in said.lines
+
+
+class _Overlap:
+    """Writes that record when each starts and ends, and how many were under way at once."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.now = 0
+        self.most = 0
+
+    async def write(self, name: str, delay: float = 0.05) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.log.append(f"{name} started")
+        await asyncio.sleep(delay)
+        self.log.append(f"{name} done")
+        self.now -= 1
+
+
+def test_released_writes_go_out_one_after_another_in_the_order_they_were_made() -> None:
+    # Released together, they would all reach the server just as the next agent makes its first
+    # writes, which would wait behind every one of them.
+    writes = _Overlap()
+
+    async def run() -> None:
+        async with writes_finished():
+            for name in ("report", "results", "progress"):
+                await in_background(writes.write(name), f"the {name}", deferred=True)
+            start_deferred()
+            await asyncio.sleep(0.5)  # the next agent at work: room for all three, one by one
+            writes.log.append("next agent done")
+
+    asyncio.run(run())
+    assert writes.log == ["report started", "report done", "results started", "results done",
+                          "progress started", "progress done", "next agent done"]
+    assert writes.most == 1
+
+
+def test_writes_still_queued_when_the_block_ends_all_start_then() -> None:
+    # The run ends: nothing is left to keep clear of, and it waits for all of them.
+    writes = _Overlap()
+
+    async def run() -> None:
+        async with writes_finished():
+            for name in ("report", "results", "progress"):
+                await in_background(writes.write(name, delay=0.2), f"the {name}", deferred=True)
+            start_deferred()
+            await asyncio.sleep(0)  # the first one under way, two queued
+        writes.log.append("block ended")
+
+    asyncio.run(run())
+    assert writes.most == 3
+    assert writes.log[-1] == "block ended" and writes.log.count("results done") == 1

@@ -19,6 +19,13 @@ critical path's next writes. Ten rounds each way, alternating in one process (ni
 embedded SQLite): the agents' exits took 0.98 s of the critical chain before, 0.54 s after;
 the run 1.201x the hand-written pipeline before, 1.163x after.
 
+Once released they go out one after another, not all at once: then the next agent's first
+writes wait behind one of them at most, not behind three or six. Eight rounds each way,
+alternating in one process (nine specs): 109 ms less per run at the median on a
+PostgreSQL-backed server (1.114x the hand-written pipeline before, 1.099x after), 129 ms on
+the embedded SQLite one (1.098x, 1.092x). At the block's end, what is still queued starts
+at once: the run waits for all of it.
+
 Outside :func:`writes_finished` (an agent flow called on its own), once that block has
 ended, or from another event loop than the one that opened it, a write is awaited where it
 is made, as before.
@@ -32,6 +39,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -118,6 +126,9 @@ class _Writes:
         self.hold = hold  # deferred writes wait for start_deferred (the pipeline's scheduler releases them)
         self.release: asyncio.TimerHandle | None = None  # DEFER_AT_MOST after the first one held
         self.closed = False  # agents still running when the block ended (it failed) write inline
+        # Released deferred writes, started one at a time by ``lane_runner``.
+        self.lane: deque[tuple[Coroutine[Any, Any, Any], str, contextvars.Context]] = deque()
+        self.lane_runner: asyncio.Task[None] | None = None
 
 
 _open: ContextVar[_Writes | None] = ContextVar("toka_background_writes", default=None)
@@ -147,10 +158,12 @@ async def in_background(write: Coroutine[Any, Any, Any], what: str, *, deferred:
     _start(writes, write, what, contextvars.copy_context())
 
 
-def _start(writes: _Writes, write: Coroutine[Any, Any, Any], what: str, context: contextvars.Context) -> None:
+def _start(writes: _Writes, write: Coroutine[Any, Any, Any], what: str,
+           context: contextvars.Context) -> asyncio.Future[Any]:
     future = writes.loop.create_task(write, context=context)
     future.add_done_callback(lambda done: _warn_if_failed(done, what), context=context)
     writes.pending.append(future)
+    return future
 
 
 def start_deferred() -> None:
@@ -161,7 +174,27 @@ def start_deferred() -> None:
 
 
 def start_deferred_of(writes: _Writes) -> None:
-    for write, what, context in _take_deferred(writes):
+    """Queue the held writes on the block's lane, where they start one after another."""
+    writes.lane.extend(_take_deferred(writes))
+    if writes.lane and (writes.lane_runner is None or writes.lane_runner.done()):
+        writes.lane_runner = writes.loop.create_task(_run_lane(writes))
+        writes.pending.append(writes.lane_runner)
+
+
+async def _run_lane(writes: _Writes) -> None:
+    # One at a time: released together (an agent's report, results and progress, maybe another
+    # agent's too), they reached the server at once, just as the next agent made its first
+    # writes, and its task and state changes waited behind all of them.
+    while writes.lane:
+        write, what, context = writes.lane.popleft()
+        await asyncio.wait([_start(writes, write, what, context)])
+
+
+def _start_all(writes: _Writes) -> None:
+    """Start every write still held or queued at once: the block is ending, and waits for them all."""
+    queued = [*writes.lane, *_take_deferred(writes)]
+    writes.lane.clear()
+    for write, what, context in queued:
         _start(writes, write, what, context)
 
 
@@ -209,8 +242,8 @@ async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
     finally:
         _open.reset(token)
         try:
-            while writes.pending or writes.deferred:  # a write may start another
-                start_deferred_of(writes)
+            while writes.pending or writes.deferred or writes.lane:  # a write may start another
+                _start_all(writes)
                 pending, writes.pending = writes.pending, []
                 results = await asyncio.gather(*pending, return_exceptions=True)
                 for result in results:
@@ -224,6 +257,8 @@ async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
 def _drop_deferred(writes: _Writes) -> None:
     """The block's end was cut short (cancelled, or a write raised): what was still held is
     dropped, and said so, not left to Python's "never awaited" warning."""
-    for write, what, _ in _take_deferred(writes):
+    held = [*writes.lane, *_take_deferred(writes)]
+    writes.lane.clear()
+    for write, what, _ in held:
         write.close()
         _logger.warning("%s was not written: the run was stopped first", what)
