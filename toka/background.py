@@ -59,7 +59,7 @@ DEFER_AT_MOST = 2.0
 
 def _pool(name: str = "toka-to-the-end", threads: int = 64) -> concurrent.futures.ThreadPoolExecutor:
     # Made at first use and kept. Threads are made only when every one is busy: by default room
-    # for each of many concurrent agents' journal lines and sandbox clean-ups, so that none
+    # for each of many concurrent agents' sandbox clean-ups and journal removals, so that none
     # waits behind another's.
     with _pool_lock:
         pool = _pools.get(name)
@@ -93,9 +93,9 @@ async def to_the_end(work: Callable[[], None]) -> None:
     drops the call, and Prefect's timeouts cancel again at every await. Here the call is
     queued before the first await, and a cancelled caller waits for it (briefly blocking
     the loop) so that the work is complete when the cancellation propagates. The threads
-    are a pool of their own, kept between calls: a thread started for each journal line
-    held the event loop in ``Thread.start`` for about a millisecond a model request on a
-    busy machine.
+    are a pool of their own, kept between calls: a thread started for each call (journal
+    lines were written here then) held the event loop in ``Thread.start`` for about a
+    millisecond a model request on a busy machine.
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
@@ -175,7 +175,7 @@ def start_deferred() -> None:
 
 def start_deferred_of(writes: _Writes) -> None:
     """Queue the held writes on the block's lane, where they start one after another."""
-    writes.lane.extend(_take_deferred(writes))
+    writes.lane.extend(_take_deferred(writes))  # those queued already first, in their order
     if writes.lane and (writes.lane_runner is None or writes.lane_runner.done()):
         writes.lane_runner = writes.loop.create_task(_run_lane(writes))
         writes.pending.append(writes.lane_runner)
@@ -192,19 +192,20 @@ async def _run_lane(writes: _Writes) -> None:
 
 def _start_all(writes: _Writes) -> None:
     """Start every write still held or queued at once: the block is ending, and waits for them all."""
-    queued = [*writes.lane, *_take_deferred(writes)]
-    writes.lane.clear()
-    for write, what, context in queued:
+    for write, what, context in _take_deferred(writes):
         _start(writes, write, what, context)
 
 
 def _take_deferred(writes: _Writes) -> list[tuple[Coroutine[Any, Any, Any], str, contextvars.Context]]:
-    """The writes held so far, no longer held (their time limit cancelled)."""
+    """The writes not started yet, queued on the lane then held, now neither (the time limit of
+    those held cancelled)."""
     if writes.release is not None:
         writes.release.cancel()
         writes.release = None
-    held, writes.deferred = writes.deferred, []
-    return held
+    waiting = [*writes.lane, *writes.deferred]
+    writes.lane.clear()
+    writes.deferred = []
+    return waiting
 
 
 def _warn_if_failed(done: asyncio.Future[Any], what: str) -> None:
@@ -255,10 +256,8 @@ async def writes_finished(*, hold_deferred: bool = True) -> AsyncIterator[None]:
 
 
 def _drop_deferred(writes: _Writes) -> None:
-    """The block's end was cut short (cancelled, or a write raised): what was still held is
+    """The block's end was cut short (cancelled, or a write raised): what was still held or queued is
     dropped, and said so, not left to Python's "never awaited" warning."""
-    held = [*writes.lane, *_take_deferred(writes)]
-    writes.lane.clear()
-    for write, what, _ in held:
+    for write, what, _ in _take_deferred(writes):
         write.close()
         _logger.warning("%s was not written: the run was stopped first", what)

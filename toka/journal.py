@@ -213,7 +213,6 @@ class Replay:
         self.entries.append(entry)
         self.position = len(self.entries)
         if self.journal is not None:
-            journal = self.journal
             # Here, not in a worker thread: a line to the page cache takes microseconds, the round
             # trip to a thread milliseconds on two cores busy with the server (waiting to be
             # scheduled there and back), on the critical path of every model request and tool
@@ -221,7 +220,7 @@ class Replay:
             # 150 ms less per run at the median. Nothing here waits for the disk: the fsync does,
             # in its own thread (a stalled one holds up no line), and no await means a cancelled
             # task (a Prefect timeout, Ctrl-C) cannot drop a line of a response already paid for.
-            journal.append(entry)
+            self.journal.append(entry)
 
     # -- what is recorded ---------------------------------------------------------
 
