@@ -841,3 +841,28 @@ def test_worktrees_a_killed_add_left_registered_and_locked_are_made_again(tmp_pa
     assert json.loads(run.agent_record("a").read_text())["start"] == run.base
     shared = branches.agent_checkout(run, "reader", [], read_only=True)
     assert shared.worktree == reader.worktree and (Path(shared.worktree) / "shared.txt").read_text() == SHARED
+
+
+def test_a_sigint_the_runtime_ignores_does_not_reach_the_git_committing_for_it(tmp_path: Path) -> None:
+    # `toka run &` in a script ignores SIGINT, and a Ctrl-C at the terminal reaches its whole
+    # process group. git, holding the index lock, handles SIGINT over the ignored one: it dropped
+    # the lock, then wrote on through it and failed the agent's commit.
+    import signal
+    import sys
+
+    repo = make_repo(tmp_path / "repo")
+    (repo / "shared.txt").write_text("changed\n")
+    child = (
+        "import os, signal, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from toka.gitguard import run_git\n"
+        "threading.Timer(0.7, lambda: os.killpg(os.getpgid(0), signal.SIGINT)).start()\n"
+        # The editor holds the commit open (and the index lock taken) past the Ctrl-C.
+        "done = run_git(Path(sys.argv[1]), 'commit', '-a', env={'GIT_EDITOR': 'sleep 2; echo edited >'})\n"
+        "print(done.returncode, done.stderr.strip())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(repo)], capture_output=True, text=True, timeout=60,
+                          start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("0 "), done.stdout
+    assert git(repo, "log", "-1", "--format=%s").strip() == "edited"

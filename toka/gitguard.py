@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -110,8 +111,15 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0, env: Mapping[str, str
     kills git. The run's own git work (worktrees, commits) stops with the run, and a resume
     finds what it left.
     """
+    # While git holds a lock it handles SIGINT itself (it removes the lock, then raises the signal
+    # again), over a SIGINT it inherited ignored: in a runtime that ignores SIGINT (`toka run &` in
+    # a script), a Ctrl-C at the terminal reached git through the process group, and git wrote on
+    # through the lock it had closed ("index.lock write error: Bad file descriptor"), failing the
+    # agent whose task it was committing. A SIGINT the runtime ignores does not reach its git.
+    apart = not own_session and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     done = subprocess.run(git_argv(repo, *args), capture_output=True, env={**git_env(), **(env or {})},
-                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=own_session)
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=own_session,
+                          process_group=0 if apart else None)
     # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command), nor end
     # lines with \n alone (a CRLF file's patch): kept as the bytes they are (surrogate escapes, no
     # newline translation), so a path read here names the same file in argv and a patch applies.
