@@ -803,3 +803,52 @@ def test_each_agents_flow_is_its_own_subflow_to_prefect_whatever_order_agents_st
     keys = [_generate_task_key(f.fn) for f in flows]
     assert len(set(keys)) == 3
     assert [k.rsplit("-", 1)[0] for k in keys] == ["alpha", "beta", "gamma"]
+
+
+def test_task_results_go_to_the_result_storage_block_loaded_once_per_agent(write_specs, tmp_path, monkeypatch) -> None:
+    """Given as a slug, Prefect would read the block from the API again for every task run."""
+    from prefect.blocks.core import Block
+    from prefect.filesystems import LocalFileSystem
+
+    shared = tmp_path / "shared-results"
+    LocalFileSystem(basepath=str(shared)).save("toka-runtime-results", overwrite=True)
+    loads: list[str] = []
+    load = Block.aload.__func__  # type: ignore[attr-defined]
+
+    async def counted(cls: type[Block], name: str, *args: Any, **kwargs: Any) -> Block:
+        loads.append(name)
+        return await load(cls, name, *args, **kwargs)
+
+    monkeypatch.setattr(Block, "aload", classmethod(counted))
+    specs = write_specs(minimal_spec("alpha", tasks=3), minimal_spec("beta", tasks=2, required={"alpha": "x"}))
+    state, summary = run(specs, Recorder().model, run_key="on-a-block",
+                         result_storage="local-file-system/toka-runtime-results")
+    assert state.is_completed(), state
+    assert [a.state for a in summary.agents] == ["completed", "completed"]
+    assert loads == ["local-file-system/toka-runtime-results"] * 3  # the run's check, then once per agent
+    assert len([p for p in shared.rglob("*") if p.is_file()]) >= 5  # the five tasks' results
+    assert not (specs / ".toka" / "results").exists() or not any((specs / ".toka" / "results").iterdir())
+
+
+@pytest.mark.parametrize(("slug", "said"), [
+    ("local-file-system/no-such-block", "Unable to find block document named no-such-block"),
+    ("no-slash", "--result-storage 'no-slash'"),
+])
+def test_an_unusable_result_storage_stops_the_run_before_any_agent(write_specs, slug: str, said: str) -> None:
+    from flows.pipeline import pipeline
+    from toka.config import grouped
+    from toka.errors import ConfigError
+
+    specs = write_specs(minimal_spec("alpha"))
+    recorder = Recorder()
+
+    async def go() -> Any:
+        with override_model(recorder.model):
+            return await pipeline(specs=[str(specs)], return_state=True, **grouped({
+                "workspace": str(specs), "run_key": "bad-storage", "result_storage": slug}))
+
+    state = asyncio.run(go())
+    assert state.is_failed()
+    assert f"--result-storage {slug!r}" in state.message and said in state.message, state.message
+    assert isinstance(asyncio.run(state.aresult(raise_on_failure=False)), ConfigError)
+    assert recorder.model.history == []

@@ -38,7 +38,9 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext, TagsContext
 from prefect.events import emit_event
+from prefect.blocks.core import Block
 from prefect.exceptions import FlowPauseTimeout, MissingContextError
+from prefect.filesystems import WritableFileSystem
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
@@ -57,7 +59,7 @@ from .branches import (
 )
 from .budget import AgentBudget, current_ledger, use_agent_budget
 from .config import RunConfig
-from .errors import AgentFailedError, BudgetExceededError, TokaError
+from .errors import AgentFailedError, BudgetExceededError, ConfigError, TokaError
 from .gitguard import run_git
 from .journal import Journal, journal_path
 from .llm_step import StepInput, agent_ledger, is_retryable, llm_step
@@ -129,15 +131,20 @@ def failed(error: TokaError, *, data: Any = None) -> State[Any]:
     return Failed(message=message, data=error if data is None else data)
 
 
-def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunConfig) -> Task[..., Any]:
-    """The generic step specialised for task ``index`` of ``spec`` under ``run``."""
+def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunConfig, *,
+              storage: WritableFileSystem | None = None) -> Task[..., Any]:
+    """The generic step specialised for task ``index`` of ``spec`` under ``run``.
+
+    ``storage``: the block ``run.result_storage`` names, already loaded (:func:`result_storage`);
+    without it the slug is given, which Prefect loads from the API for every task run.
+    """
     title = task_title(spec, index, total, task)
     agent_timeout = spec.security.resource_limits.timeout.seconds
     estimate = task.estimated_duration or task.estimated_time
     default = estimate.seconds if estimate is not None else agent_timeout
     options: dict[str, Any] = {}
     if run.result_storage:
-        options["result_storage"] = run.result_storage
+        options["result_storage"] = storage or run.result_storage
     return llm_step.with_options(
         name=title,
         task_run_name=title,
@@ -294,6 +301,27 @@ class Progress:
         self._pushing.cancel()
 
 
+async def result_storage(slug: str | None) -> WritableFileSystem | None:
+    """The filesystem block ``slug`` names (``--result-storage``), loaded once for an agent's tasks.
+
+    Given the slug, Prefect reads the block from the API again for each task run: a request on
+    the way of every task, which a run on shared storage (distributed workers) pays most.
+
+    Raises:
+        ConfigError: no such block, or it is not a filesystem results can be written to.
+    """
+    if not slug:
+        return None
+    try:
+        block = await Block.aload(slug)
+    except (ValueError, KeyError) as e:  # Prefect: "Unable to find block document named ..."
+        raise ConfigError(f"--result-storage {slug!r}: {e}") from None
+    if not isinstance(block, WritableFileSystem):
+        raise ConfigError(f"--result-storage {slug!r}: a {type(block).__name__} block holds no files; expected "
+                          "a filesystem block (local-file-system/NAME, remote-file-system/NAME...)")
+    return block
+
+
 def agent_tags(spec: AgentSpec) -> list[str]:
     """Prefect tags for the agent's runs (flows take tags at call time, via ``prefect.tags``)."""
     tags = ["toka", f"domain:{spec.spec.domain}", f"priority:{spec.priority}"]
@@ -319,6 +347,7 @@ async def _run_tasks(
     """
     total = len(tasks)
     fingerprint, digest = (await get_model(run.provider)).fingerprint(), spec.digest()
+    storage = await result_storage(run.result_storage)
     fatal: str | None = None
     state_dir: Path | None = None  # the workspace's, found at the first task
     ledger = current_ledger()
@@ -349,7 +378,7 @@ async def _run_tasks(
             # futures, about 40 ms a task (measured by bench/overhead.py); it holds none.
             settling = workspace_settling.set(committing)
             try:
-                state = await step_task(spec, index, total, task, run)(quote(step), return_state=True)
+                state = await step_task(spec, index, total, task, run, storage=storage)(quote(step), return_state=True)
             finally:
                 workspace_settling.reset(settling)
             charged = budget.tasks[index].charged if index in budget.tasks else None

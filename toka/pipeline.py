@@ -52,7 +52,17 @@ from .branches import (
 )
 from .budget import Ledger, use_ledger
 from .capabilities import changes_files
-from .compiler import Progress, agent_tags, announce, ask_approval, compile_agent, failed, finished, run_name
+from .compiler import (
+    Progress,
+    agent_tags,
+    announce,
+    ask_approval,
+    compile_agent,
+    failed,
+    finished,
+    result_storage,
+    run_name,
+)
 from .config import AGENT_RUNNER_DEPLOYMENT, GROUPS, Approvals, Budgets, Limits, ProviderSettings, RunConfig, RunOptions
 from .errors import (
     AgentFailedError,
@@ -152,6 +162,7 @@ async def run_pipeline(
         # A model id without an API key, a Secret block that does not exist: said here, once,
         # before any agent starts (each would fail the same way).
         await get_model(provider)
+        await result_storage(config.result_storage)
         ctx = FlowRunContext.get()
         if ctx and ctx.flow_run and ctx.flow_run.deployment_id is not None:
             config = config.model_copy(update={"pause_for_approval": True})  # a person can answer in the UI
