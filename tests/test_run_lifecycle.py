@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .conftest import PrefectServer
@@ -36,12 +37,13 @@ SERVER_APP = "toka.server:create_app"  # the embedded server's uvicorn factory (
 class Run:
     """`toka run` in its own process group, slowed down so it can be hit midway; its stderr in err.txt."""
 
-    def __init__(self, workspace: Path, *args: str, ignore_sigint: bool) -> None:
+    def __init__(self, workspace: Path, *args: str, ignore_sigint: bool, **extra_env: str) -> None:
         self.workspace = workspace
         with open(workspace / "err.txt", "w") as stderr:
             self.proc = subprocess.Popen(
                 [TOKA, "run", *args], cwd=workspace, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                env=env(TOKA_OFFLINE_LATENCY="0.3", TOKA_OFFLINE_REQUEST_LOG=str(workspace / "requests.jsonl")),
+                env=env(TOKA_OFFLINE_LATENCY="0.3", TOKA_OFFLINE_REQUEST_LOG=str(workspace / "requests.jsonl"),
+                        **extra_env),
                 start_new_session=True,
                 # What `cmd &` in a shell script does to its commands.
                 preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
@@ -75,8 +77,8 @@ class Run:
 
 
 @contextmanager
-def started_run(workspace: Path, *args: str, ignore_sigint: bool = False) -> Iterator[Run]:
-    run = Run(workspace, *args, ignore_sigint=ignore_sigint)
+def started_run(workspace: Path, *args: str, ignore_sigint: bool = False, **extra_env: str) -> Iterator[Run]:
+    run = Run(workspace, *args, ignore_sigint=ignore_sigint, **extra_env)
     try:
         yield run
     finally:
@@ -146,6 +148,25 @@ def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectS
     assert took < 30
     assert not alive(server)
     assert_resume_finishes(workspace, prefect_api)
+
+
+def test_sigterm_on_a_lasting_server_leaves_no_agent_run_running(workspace: Path, prefect_api: PrefectServer) -> None:
+    """On a server that outlives the run (`toka server`), the agents' runs end with it in the UI."""
+    with started_run(workspace, "--max-concurrency", "4", PREFECT_API_URL=prefect_api.url) as run:
+        run.wait_for_results(3)  # three tasks of the first agent done, its fourth under way
+        run.proc.send_signal(signal.SIGTERM)
+        run.wait_exit(60)
+    assert run.proc.returncode == 143, run.stderr()
+    key = re.search(r"^run (\w+): ", run.stderr(), re.M)
+    assert key, run.stderr()
+    pipelines = httpx.post(f"{prefect_api.url}/flow_runs/filter", timeout=30, json={
+        "flows": {"name": {"any_": ["toka-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 50, "offset": 0}).json()
+    pipeline = next(r for r in pipelines if r["parameters"]["run"]["run_key"] == key[1])
+    agents = httpx.post(f"{prefect_api.url}/flow_runs/filter", timeout=30, json={
+        "flow_runs": {"parent_flow_run_id": {"any_": [pipeline["id"]]}}, "limit": 50, "offset": 0}).json()
+    assert [a["name"].split()[0] for a in agents] == ["repo-survey"]
+    assert {r["state"]["type"] for r in [pipeline, *agents]} <= {"CRASHED", "CANCELLED"}, [
+        (r["name"], r["state"]["name"]) for r in [pipeline, *agents]]
 
 
 def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path, prefect_api: PrefectServer) -> None:

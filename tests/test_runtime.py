@@ -756,6 +756,42 @@ def test_a_pipeline_cancelled_midway_leaves_no_progress_write_waiting(monkeypatc
     assert sent == []
 
 
+def test_a_pipeline_cancelled_midway_stops_its_running_agents_first(write_specs) -> None:
+    """Left running, an agent would go on asking the model (and paying) after its pipeline ended."""
+    import toka.pipeline as pipeline
+    from toka.budget import Ledger
+    from toka.plan import make_plan
+
+    specs = write_specs(minimal_spec("alpha"), minimal_spec("beta"), minimal_spec("gamma", required={"alpha": "x"}))
+    plan = make_plan([str(specs)])
+    run = RunConfig.from_flat({"run_key": "cancelled-agents", "workspace": str(specs), "max_concurrency": 4})
+    started: list[str] = []
+    stopped: list[str] = []
+
+    async def execute(name: str, upstream: dict[str, Any], run: RunConfig) -> tuple[Any, str]:
+        started.append(name)
+        try:
+            await asyncio.sleep(30)  # an agent at work
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # its run ending
+            stopped.append(name)
+            raise
+        raise AssertionError("not reached")
+
+    async def cancelled_midway() -> None:
+        scheduling = asyncio.create_task(pipeline._schedule(
+            plan.graph, run, ledger=Ledger("pipeline", None, scope="pipeline"), execute=execute, branches=None))
+        while len(started) < 2:
+            await asyncio.sleep(0.01)
+        scheduling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scheduling
+        assert sorted(stopped) == ["alpha", "beta"]  # before the pipeline's own end, not after
+
+    asyncio.run(asyncio.wait_for(cancelled_midway(), 10))
+    assert sorted(started) == ["alpha", "beta"]
+
+
 def test_an_agent_whose_branch_cannot_be_read_leaves_no_progress_write_waiting(monkeypatch, write_specs) -> None:
     """Its flow run has ended (failed); its progress is not written an interval later."""
     import functools

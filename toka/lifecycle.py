@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -295,8 +296,27 @@ class RunGuard:
         process = self._server.server_process if self._server else None
         if process is not None and process.poll() is None:
             process.kill()  # ours, hung: nothing will use it again
+        _stop_api_logging()
         self._request_stop(Stopped(f"error: the Prefect API at {api_url} stopped answering: {why}", EXIT_API_GONE),
                            grace=API_GONE_GRACE_SECONDS)
+
+
+def _stop_api_logging() -> None:
+    """Send no more log lines to the API, which is gone: the runs stopping now log their ends, and
+    Prefect's log worker would print "--- Error logging to API ---" for each batch it fails to send.
+
+    Lines queued before (the tasks' last ones) still fail: Prefect prints that only while
+    ``logging.raiseExceptions`` holds, so it is turned off too (the process is ending).
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    logging.raiseExceptions = False
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, APILogHandler):
+                logger.removeHandler(handler)
 
 
 def _stopped(pid: int) -> bool:

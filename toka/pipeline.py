@@ -509,6 +509,12 @@ async def _schedule(
                 progress.set(100.0 * len(reports) / len(graph))
     except BaseException:
         progress.discard()  # cancelled, or a bug: nothing left waiting out its interval
+        # Nor an agent left at work (and paying for requests) on its own: each is stopped, and
+        # its run ends, before the pipeline's does (a distributed one's run is cancelled).
+        for agent in running:
+            agent.cancel()
+        if running:
+            await asyncio.wait(running)
         raise
     await in_background(progress.close(), "the run's progress")
     changes = None
