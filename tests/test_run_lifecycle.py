@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -150,6 +151,22 @@ def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectS
     assert_resume_finishes(workspace, prefect_api)
 
 
+def runs_of(api: PrefectServer, key: str) -> list[dict[str, Any]]:
+    """The pipeline runs of run ``key`` on ``api`` (every attempt), then their agents' runs."""
+    pipelines = httpx.post(f"{api.url}/flow_runs/filter", timeout=30, json={
+        "flows": {"name": {"any_": ["toka-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 50, "offset": 0}).json()
+    mine = [r for r in pipelines if r["parameters"]["run"]["run_key"] == key]
+    assert mine, f"no pipeline run of run {key}"
+    return mine + httpx.post(f"{api.url}/flow_runs/filter", timeout=30, json={
+        "flow_runs": {"parent_flow_run_id": {"any_": [r["id"] for r in mine]}}, "limit": 50, "offset": 0}).json()
+
+
+def run_key(err: str) -> str:
+    key = re.search(r"^(?:run|resuming run) (\w+): ", err, re.M)
+    assert key, err
+    return key[1]
+
+
 def test_sigterm_on_a_lasting_server_leaves_no_agent_run_running(workspace: Path, prefect_api: PrefectServer) -> None:
     """On a server that outlives the run (`toka server`), the agents' runs end with it in the UI."""
     with started_run(workspace, "--max-concurrency", "4", PREFECT_API_URL=prefect_api.url) as run:
@@ -157,16 +174,38 @@ def test_sigterm_on_a_lasting_server_leaves_no_agent_run_running(workspace: Path
         run.proc.send_signal(signal.SIGTERM)
         run.wait_exit(60)
     assert run.proc.returncode == 143, run.stderr()
-    key = re.search(r"^run (\w+): ", run.stderr(), re.M)
-    assert key, run.stderr()
-    pipelines = httpx.post(f"{prefect_api.url}/flow_runs/filter", timeout=30, json={
-        "flows": {"name": {"any_": ["toka-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 50, "offset": 0}).json()
-    pipeline = next(r for r in pipelines if r["parameters"]["run"]["run_key"] == key[1])
-    agents = httpx.post(f"{prefect_api.url}/flow_runs/filter", timeout=30, json={
-        "flow_runs": {"parent_flow_run_id": {"any_": [pipeline["id"]]}}, "limit": 50, "offset": 0}).json()
-    assert [a["name"].split()[0] for a in agents] == ["repo-survey"]
-    assert {r["state"]["type"] for r in [pipeline, *agents]} <= {"CRASHED", "CANCELLED"}, [
-        (r["name"], r["state"]["name"]) for r in [pipeline, *agents]]
+    runs = runs_of(prefect_api, run_key(run.stderr()))
+    assert [r["name"].split()[0] for r in runs] == ["toka-pipeline", "repo-survey"]
+    assert {r["state"]["type"] for r in runs} <= {"CRASHED", "CANCELLED"}, [(r["name"], r["state"]["name"]) for r in runs]
+
+
+@pytest.mark.parametrize("then", [("--resume",), ()], ids=["resumed", "a new run"])
+def test_the_next_run_after_kill_9_on_a_lasting_server_ends_what_the_killed_one_left_running(
+    workspace: Path, prefect_api: PrefectServer, then: tuple[str, ...]
+) -> None:
+    """kill -9 leaves no process to say the run ended: the next run in the workspace says it, in the UI."""
+    with started_run(workspace, PREFECT_API_URL=prefect_api.url) as run:
+        run.wait_for_results(3)
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+    key = run_key(run.stderr())
+    left = runs_of(prefect_api, key)
+    assert {r["state"]["type"] for r in left} == {"RUNNING"}, [(r["name"], r["state"]["name"]) for r in left]
+
+    following = toka_run(workspace, *then, PREFECT_API_URL=prefect_api.url)
+    assert following.returncode == 0, following.stderr
+    # The two flow runs, the task run standing for the agent's in the pipeline's, and any task under way.
+    assert re.search(f"run {key} here had ended without saying so \\(killed\\?\\): [3-9] of its runs left "
+                     "Running in the Prefect API are marked Crashed", following.stderr), following.stderr
+    ids = {r["id"] for r in left}
+    earlier = [r for r in runs_of(prefect_api, key) if r["id"] in ids]
+    assert {r["state"]["type"] for r in earlier} == {"CRASHED"}
+    assert all("found by the next toka run in" in r["state"]["message"] for r in earlier)
+    tasks = httpx.post(f"{prefect_api.url}/task_runs/filter", timeout=30, json={
+        "flow_runs": {"id": {"any_": sorted(ids)}}, "limit": 200, "offset": 0}).json()
+    assert tasks and not [t["name"] for t in tasks if t["state"]["type"] in ("RUNNING", "PENDING")]
+    # Said once: the run that completed left nothing Running.
+    assert "without saying so" not in toka_run(workspace, "--resume", PREFECT_API_URL=prefect_api.url).stderr
 
 
 def test_a_dead_embedded_server_stops_the_run_within_seconds(workspace: Path, prefect_api: PrefectServer) -> None:

@@ -367,6 +367,7 @@ def run(
             _check_writable(json_file)
         space.make_state_dir()
         held = hold_workspace(space.state_dir, record.run_key)  # before the record: it is the held run's
+        earlier = record.run_key if resume else _last_run_key(space.state_dir)
         record.save(space.state_dir)
     try:
         err.print(describe_choice(chosen))
@@ -389,7 +390,8 @@ def run(
                           "not touched")
         _prefect_environment(verbose=verbose)
         with _on_lasting_server():
-            _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose)
+            _run_and_report(plan, spec_paths, list(agent or ()), config, record, space, json_file, verbose=verbose,
+                            earlier=earlier)
     finally:
         held.close()
 
@@ -401,7 +403,7 @@ _FIXED_ON_RESUME = {s.name: s.flag for s in run_settings() if s.name in (
 
 
 def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config: RunConfig, record: RunRecord,
-                    space: Workspace, json_file: Path | None, *, verbose: bool) -> None:
+                    space: Workspace, json_file: Path | None, *, verbose: bool, earlier: str | None = None) -> None:
     """Run the pipeline under the run guard, then print the summary and where everything is; exits."""
     from .lifecycle import RunGuard, Stopped
 
@@ -411,7 +413,8 @@ def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config
                      write=lambda line: _say_last(view, line), notice=lambda line: err.print(escape(line)))
     try:
         with _user_errors(), guard, listen(view.update), view:
-            summary = guard.run(_execute(plan, spec_paths, agents, config, results_dir=space.state_dir / "results"))
+            summary = guard.run(_execute(plan, spec_paths, agents, config, results_dir=space.state_dir / "results",
+                                         earlier=earlier))
     except Stopped as stop:  # SIGTERM, Ctrl-C, or the Prefect API died under the run
         guard.announce(stop)
         raise typer.Exit(stop.exit_code) from None
@@ -874,7 +877,9 @@ def _prefect_unreachable(error: BaseException) -> str | None:
 
 
 async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunConfig, *,
-                   results_dir: Path) -> PipelineSummary:
+                   results_dir: Path, earlier: str | None = None) -> PipelineSummary:
+    """Run the pipeline; ``earlier``: the key of the workspace's last run (this one's, on a resume),
+    whose runs its process may have left Running in the API (:func:`_tidy_earlier`)."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     from .pipeline import pipeline_flow, use_plan
@@ -883,17 +888,49 @@ async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunC
 
     preload_prefect()  # now, not at the flow's first call: frozen with the rest of the start-up
     settle_gc()  # the `toka` command deferred garbage collection until here
+    tidying = None
+    if earlier == config.run_key:  # a resume: before its own runs exist, which would match
+        await _tidy_earlier(earlier, config.workspace)
+    elif earlier:  # another run's: beside this one, off its start
+        tidying = asyncio.create_task(_tidy_earlier(earlier, config.workspace))
     groups = {name: getattr(config, name) for name in GROUPS if name != "run"}
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}), \
-            use_plan(plan, specs, agents):  # the specs are loaded and checked already
-        state = await pipeline_flow(specs=specs, agents=agents, run=RunOptions(**config.model_dump(
-            include=set(RunOptions.model_fields))), return_state=True, **groups)
-        outcome = await state.aresult(raise_on_failure=False)
+    try:
+        with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results_dir}), \
+                use_plan(plan, specs, agents):  # the specs are loaded and checked already
+            state = await pipeline_flow(specs=specs, agents=agents, run=RunOptions(**config.model_dump(
+                include=set(RunOptions.model_fields))), return_state=True, **groups)
+            outcome = await state.aresult(raise_on_failure=False)
+    except BaseException:
+        if tidying is not None:
+            tidying.cancel()
+        raise
+    if tidying is not None:
+        await tidying
     if isinstance(outcome, RunFailedError) and isinstance(outcome.report, PipelineSummary):
         return outcome.report
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome  # type: ignore[no-any-return]
+
+
+def _last_run_key(state_dir: Path) -> str | None:
+    try:
+        return RunRecord.load_last(state_dir).run_key
+    except ConfigError:  # none yet, or unreadable (the run records itself anew)
+        return None
+
+
+async def _tidy_earlier(run_key: str, workspace: str) -> None:
+    """Mark Crashed what run ``run_key``'s killed process left Running in the API, and say so."""
+    from .runs import crash_left_running
+
+    try:
+        if crashed := await crash_left_running(run_key, workspace):
+            err.print(f"run {escape(run_key)} here had ended without saying so (killed?): {crashed} of its runs left "
+                      "Running in the Prefect API are marked Crashed")
+    except Exception as e:  # the UI's tidiness: not worth failing a run over
+        err.print(f"[yellow]warning:[/yellow] the runs of the last run here ({escape(run_key)}) could not be "
+                  f"looked up in the Prefect API: {escape(str(e) or type(e).__name__)}")
 
 
 _STATE_STYLE = {"completed": "green", "completed-with-failures": "yellow", "cached": "green", "failed": "red",

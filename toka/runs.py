@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from .errors import ConfigError
 
-__all__ = ["RunRecord", "hold_workspace", "new_run_key"]
+__all__ = ["RunRecord", "crash_left_running", "hold_workspace", "new_run_key"]
 
 
 def hold_workspace(state_dir: Path, run_key: str) -> IO[str]:
@@ -122,3 +122,65 @@ class RunRecord(BaseModel):
             raise ConfigError(f"nothing to resume: no earlier run is recorded in {path.parent}") from None
         except (ValueError, OSError) as e:
             raise ConfigError(f"cannot read the last run record {path}: {e}") from None
+
+
+#: Pipeline flow runs of one run key looked at by :func:`crash_left_running` (a run resumed that
+#: many times over is not a case to pay more reads for).
+_EARLIER_ATTEMPTS = 200
+
+
+async def crash_left_running(run_key: str, workspace: str, *, pipeline: str = "toka-pipeline") -> int:
+    """Mark Crashed what run ``run_key`` in ``workspace`` left Running in the API; returns how many.
+
+    A ``toka run`` killed outright (``kill -9``, a lost machine) cannot say it ended: on a server
+    that outlives it, its pipeline run, the agents' runs and their task runs stayed Running in the
+    UI for good. Called by the next ``toka run`` in the workspace (its resume: before it starts),
+    while it holds the workspace (:func:`hold_workspace`): no process of that run lives then,
+    whatever the API says.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Crashed
+
+    unfinished = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+    message = f"its process ended without saying so (killed?); found by the next toka run in {workspace}"
+    async with get_client() as client:
+        pipelines = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[pipeline])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
+            sort=FlowRunSort.START_TIME_DESC, limit=_EARLIER_ATTEMPTS, offset=0)
+        left = [r for r in pipelines
+                if {k: (r.parameters.get("run") or {}).get(k) for k in ("run_key", "workspace")}
+                == {"run_key": run_key, "workspace": workspace}]
+        frontier = [r.id for r in left]
+        while frontier:  # the agents' runs (and theirs: none today), still unfinished
+            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
+                limit=_EARLIER_ATTEMPTS, offset=0)
+            left += children
+            frontier = [r.id for r in children]
+        if not left:
+            return 0
+        tasks = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in left])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))),
+            limit=_EARLIER_ATTEMPTS, offset=0)
+        for task in tasks:
+            await client.set_task_run_state(task.id, Crashed(message=message), force=True)
+        for run in reversed(left):  # the agents' before the pipeline's, as they would have ended
+            await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        return len(left) + len(tasks)
