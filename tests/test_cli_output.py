@@ -325,7 +325,7 @@ def test_run_with_verbose_in_a_terminal_leaves_one_table_and_says_where_everythi
                                             highlight=False, soft_wrap=True, emoji=False))
 
     async def fake_execute(plan: Any, specs: list[str], agents: list[str], config: Any, *,
-                           results_dir: Path) -> Any:
+                           results_dir: Path, earlier: str | None = None) -> Any:
         for name in ["repo-survey", "dependency-audit"]:
             notify(ProgressEvent("agent-started", name))
             for task in (1, 2):
