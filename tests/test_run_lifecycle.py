@@ -154,8 +154,8 @@ def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectS
 def runs_of(api: PrefectServer, key: str) -> list[dict[str, Any]]:
     """The pipeline runs of run ``key`` on ``api`` (every attempt), then their agents' runs."""
     pipelines = httpx.post(f"{api.url}/flow_runs/filter", timeout=30, json={
-        "flows": {"name": {"any_": ["toka-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 50, "offset": 0}).json()
-    mine = [r for r in pipelines if r["parameters"]["run"]["run_key"] == key]
+        "flows": {"name": {"any_": ["toka-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 200, "offset": 0}).json()
+    mine = [r for r in pipelines if (r["parameters"].get("run") or {}).get("run_key") == key]
     assert mine, f"no pipeline run of run {key}"
     return mine + httpx.post(f"{api.url}/flow_runs/filter", timeout=30, json={
         "flow_runs": {"parent_flow_run_id": {"any_": [r["id"] for r in mine]}}, "limit": 50, "offset": 0}).json()

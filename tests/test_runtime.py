@@ -888,3 +888,45 @@ def test_an_unusable_result_storage_stops_the_run_before_any_agent(write_specs, 
     assert f"--result-storage {slug!r}" in state.message and said in state.message, state.message
     assert isinstance(asyncio.run(state.aresult(raise_on_failure=False)), ConfigError)
     assert recorder.model.history == []
+
+
+def test_only_the_runs_of_that_run_key_in_that_workspace_are_marked_crashed() -> None:
+    """What a killed run left Running, and nothing of another workspace's run or a deployment's."""
+    from uuid import uuid4
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from toka.runs import crash_left_running
+
+    @flow(name="toka-pipeline")
+    def pipeline(run: Any = None) -> None: ...
+
+    @flow(name="repo-survey")
+    def agent() -> None: ...
+
+    @task(name="repo-survey")
+    def agent_in_pipeline() -> None: ...
+
+    key = uuid4().hex[:16]
+
+    async def go() -> dict[str, str]:
+        async with get_client() as client:
+            made = {}
+            for label, run in [("killed", {"run_key": key, "workspace": "/w/here"}),
+                               ("elsewhere", {"run_key": key, "workspace": "/w/there"}),
+                               ("other key", {"run_key": uuid4().hex[:16], "workspace": "/w/here"}),
+                               ("deployment", "not a mapping")]:
+                made[label] = await client.create_flow_run(pipeline, parameters={"run": run}, state=Running())
+            parent = await client.create_task_run(agent_in_pipeline, flow_run_id=made["killed"].id, dynamic_key="0",
+                                                  state=Running())  # the pipeline's task run for its agent
+            made["its agent"] = await client.create_flow_run(agent, parent_task_run_id=parent.id, state=Running())
+            assert await crash_left_running(key, "/w/here") == 3  # two flow runs, one task run
+            assert await crash_left_running(key, "/w/here") == 0
+            states = {label: (await client.read_flow_run(r.id)).state.type.value for label, r in made.items()}
+            states["its task run"] = (await client.read_task_run(parent.id)).state.type.value
+            return states
+
+    assert asyncio.run(go()) == {"killed": "CRASHED", "elsewhere": "RUNNING", "other key": "RUNNING",
+                                 "deployment": "RUNNING", "its agent": "CRASHED", "its task run": "CRASHED"}

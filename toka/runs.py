@@ -124,6 +124,13 @@ class RunRecord(BaseModel):
             raise ConfigError(f"cannot read the last run record {path}: {e}") from None
 
 
+def _run_parameter(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The run key and workspace of a pipeline run's ``run`` parameter (a deployment's run may give
+    none, or give it otherwise)."""
+    run = parameters.get("run")
+    return {k: run.get(k) for k in ("run_key", "workspace")} if isinstance(run, dict) else {}
+
+
 #: Pipeline flow runs of one run key looked at by :func:`crash_left_running` (a run resumed that
 #: many times over is not a case to pay more reads for).
 _EARLIER_ATTEMPTS = 200
@@ -162,9 +169,7 @@ async def crash_left_running(run_key: str, workspace: str, *, pipeline: str = "t
             flow_filter=FlowFilter(name=FlowFilterName(any_=[pipeline])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))),
             sort=FlowRunSort.START_TIME_DESC, limit=_EARLIER_ATTEMPTS, offset=0)
-        left = [r for r in pipelines
-                if {k: (r.parameters.get("run") or {}).get(k) for k in ("run_key", "workspace")}
-                == {"run_key": run_key, "workspace": workspace}]
+        left = [r for r in pipelines if _run_parameter(r.parameters) == {"run_key": run_key, "workspace": workspace}]
         frontier = [r.id for r in left]
         while frontier:  # the agents' runs (and theirs: none today), still unfinished
             children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
