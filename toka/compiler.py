@@ -36,9 +36,9 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.blocks.core import Block
 from prefect.context import FlowRunContext, TagsContext
 from prefect.events import emit_event
-from prefect.blocks.core import Block
 from prefect.exceptions import FlowPauseTimeout, MissingContextError
 from prefect.filesystems import WritableFileSystem
 from prefect.flow_runs import apause_flow_run

@@ -312,8 +312,8 @@ def _stop_api_logging() -> None:
 
     logging.raiseExceptions = False
 
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
-    for logger in loggers:
+    known = list(logging.root.manager.loggerDict.values())  # loggers, and placeholders for their parents
+    for logger in [logging.getLogger(), *(k for k in known if isinstance(k, logging.Logger))]:
         for handler in list(logger.handlers):
             if isinstance(handler, APILogHandler):
                 logger.removeHandler(handler)
