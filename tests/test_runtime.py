@@ -892,15 +892,17 @@ def test_an_unusable_result_storage_stops_the_run_before_any_agent(write_specs, 
 
 def test_only_the_runs_of_that_run_key_in_that_workspace_are_marked_crashed() -> None:
     """What a killed run left Running, and nothing of another workspace's run or a deployment's."""
+    import functools
     from uuid import uuid4
 
     from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.states import Running
 
+    from toka.pipeline import PIPELINE_FLOW
     from toka.runs import crash_left_running
 
-    @flow(name="toka-pipeline")
+    @flow(name=PIPELINE_FLOW["name"])
     def pipeline(run: Any = None) -> None: ...
 
     @flow(name="repo-survey")
@@ -922,8 +924,9 @@ def test_only_the_runs_of_that_run_key_in_that_workspace_are_marked_crashed() ->
             parent = await client.create_task_run(agent_in_pipeline, flow_run_id=made["killed"].id, dynamic_key="0",
                                                   state=Running())  # the pipeline's task run for its agent
             made["its agent"] = await client.create_flow_run(agent, parent_task_run_id=parent.id, state=Running())
-            assert await crash_left_running(key, "/w/here") == 3  # two flow runs, one task run
-            assert await crash_left_running(key, "/w/here") == 0
+            tidy = functools.partial(crash_left_running, key, "/w/here", pipeline=PIPELINE_FLOW["name"])
+            assert await tidy() == 3  # two flow runs, one task run
+            assert await tidy() == 0
             states = {label: (await client.read_flow_run(r.id)).state.type.value for label, r in made.items()}
             states["its task run"] = (await client.read_task_run(parent.id)).state.type.value
             return states

@@ -922,10 +922,11 @@ def _last_run_key(state_dir: Path) -> str | None:
 
 async def _tidy_earlier(run_key: str, workspace: str) -> None:
     """Mark Crashed what run ``run_key``'s killed process left Running in the API, and say so."""
+    from .pipeline import PIPELINE_FLOW
     from .runs import crash_left_running
 
     try:
-        if crashed := await crash_left_running(run_key, workspace):
+        if crashed := await crash_left_running(run_key, workspace, pipeline=PIPELINE_FLOW["name"]):
             err.print(f"run {escape(run_key)} here had ended without saying so (killed?): {crashed} of its runs left "
                       "Running in the Prefect API are marked Crashed")
     except Exception as e:  # the UI's tidiness: not worth failing a run over

@@ -136,8 +136,10 @@ def _run_parameter(parameters: dict[str, Any]) -> dict[str, Any]:
 _EARLIER_ATTEMPTS = 200
 
 
-async def crash_left_running(run_key: str, workspace: str, *, pipeline: str = "toka-pipeline") -> int:
+async def crash_left_running(run_key: str, workspace: str, *, pipeline: str) -> int:
     """Mark Crashed what run ``run_key`` in ``workspace`` left Running in the API; returns how many.
+
+    ``pipeline``: the name of the pipeline's flow (``toka.pipeline.PIPELINE_FLOW``).
 
     A ``toka run`` killed outright (``kill -9``, a lost machine) cannot say it ended: on a server
     that outlives it, its pipeline run, the agents' runs and their task runs stayed Running in the
