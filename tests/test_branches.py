@@ -209,6 +209,37 @@ def test_a_failed_tasks_edits_are_kept_in_a_commit_and_set_aside(tmp_path: Path)
     assert "task2.txt" in tree and "task1.txt" not in tree  # not mixed into the next task
 
 
+def test_a_task_that_ran_no_tool_costs_no_git_process_and_its_agent_keeps_every_edit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Task 2 of 4 writes a file and task 4 only reads; tasks 1 and 3 just answer. Only the two
+    tasks that ran a tool look at the worktree (one ``git status`` each); the branch holds the
+    edit in task 2's commit, and the report's diff shows it."""
+    asked: list[tuple[str, ...]] = []
+    real = branches.run_git
+
+    def counted(repo: Path, *args: str, **kwargs: Any) -> Any:
+        asked.append(args)
+        return real(repo, *args, **kwargs)
+
+    monkeypatch.setattr(branches, "run_git", counted)
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        task, turn = int(request.metadata["task"]), sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0 and task == 2:
+            return tool_call("write_file", path="two.txt", content="task 2\n")
+        if turn == 0 and task == 4:
+            return tool_call("read_file", path="two.txt")
+        return submit(summary=f"task {task} done")
+
+    repo = make_repo(tmp_path / "repo", writer("a", tasks=4))
+    shown = toka(repo, "--run-key", "q", model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    assert sum(1 for args in asked if "status" in args) == 2, asked
+    assert git(repo, "log", "--format=%s", "toka/q/a").splitlines() == ["a: task 2/4: a step 2", "start"]
+    assert git(repo, "show", "toka/q/a:two.txt") == "task 2\n"
+    assert "two.txt" in git(repo, "show", "--name-only", "--format=", "toka/q/_merged")
+
+
 def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) -> None:
     """`.toka/` deleted midway: the branches stayed in the repository and discard said the run had none."""
     repo = make_repo(tmp_path / "repo", writer("a"))

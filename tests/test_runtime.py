@@ -809,7 +809,7 @@ def test_an_agent_whose_branch_cannot_be_read_leaves_no_progress_write_waiting(m
     async def update(artifact: str, **kwargs: Any) -> None:
         writes.append((time.monotonic(), artifact))
 
-    def unreadable(checkout: Any) -> Any:
+    def unreadable(checkout: Any, moved: bool) -> Any:
         failed_at.append(time.monotonic())
         raise BranchError("git diff failed in the agent's worktree")
 

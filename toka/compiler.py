@@ -338,8 +338,9 @@ async def _run_tasks(
     progress: Progress,
     budget: AgentBudget,
     calls: AgentCalls,
-) -> tuple[list[TaskRecord], str | None, str | None]:
-    """Run the agent's tasks in order; return their records, why the agent failed, and a fatal error.
+) -> tuple[list[TaskRecord], str | None, str | None, bool]:
+    """Run the agent's tasks in order; return their records, why the agent failed, a fatal error, and
+    whether a task's commit was tried (the agent's branch may have moved).
 
     ``budget`` must be the agent budget in effect (:func:`toka.budget.use_agent_budget`): the
     tasks charge it, and each task's ledger there is what the task cost. ``calls`` must be the
@@ -353,6 +354,7 @@ async def _run_tasks(
     ledger = current_ledger()
     records: list[TaskRecord] = []
     committing: asyncio.Task[None] | None = None
+    moved = False  # whether a commit was tried: else the agent's branch is where it started
     prior: list[dict[str, Any]] = []
     failure: str | None = None
     skipped: str | None = None  # a spent agent or pipeline budget: later tasks cannot start
@@ -368,7 +370,8 @@ async def _run_tasks(
                 committing.result()  # a commit that failed stops the agent here, as it would have at once
             state_dir = state_dir or Workspace(run.workspace).state_dir
             journal = Journal(journal_path(state_dir, run.run_key, spec.name, index))
-            if run.checkout is not None and journal.path.exists():
+            resumed = run.checkout is not None and journal.path.exists()
+            if resumed:
                 await _settled(committing)
                 await asyncio.to_thread(_reopen, run, journal, index, total)
             step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
@@ -390,10 +393,11 @@ async def _run_tasks(
                 # the server's database); the run waits for it at its end. Nothing writes this
                 # journal again: the task is done.
                 await in_background(_forget(journal), f"the removal of {journal.path}")
-            if run.checkout is not None:
+            if run.checkout is not None and (resumed or not _left_no_changes(record, calls.tasks.get(index))):
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.
                 committing = asyncio.create_task(_commit_after(committing, run, record, total))
+                moved = True
             if record.state == "cached":  # its earlier cost counts as spent (a replaying step carries its own)
                 for book in (budget.ledger, ledger):
                     if book is not None:
@@ -413,7 +417,22 @@ async def _run_tasks(
         if committing is not None and not committing.done():
             await asyncio.wait([committing])
     await _settled(committing)
-    return records, failure or skipped, fatal
+    return records, failure or skipped, fatal, moved
+
+
+def _left_no_changes(record: TaskRecord, calls: TaskCalls | None) -> bool:
+    """Whether the task cannot have changed its worktree, so there is nothing to commit.
+
+    Only tools change files, and a tool runs after the response that asked for it is in the
+    task's journal: a task that found no journal when it began (an earlier process's tools
+    would have left one), ran no tool in any attempt and replayed none, and reports no file
+    changed, left the worktree as it found it. Its commit would have run a ``git status``
+    (a process, and a thread hop, on the way of every task that only thinks) to find nothing.
+    A task replayed from the cache is not known to have been committed; a failed one may have
+    edits to set aside: both still go through :func:`toka.branches.commit_task`.
+    """
+    return (record.state == "completed" and record.replayed == 0 and (calls is None or calls.calls == 0)
+            and not (record.result is not None and record.result.files_changed))
 
 
 async def _settled(committing: asyncio.Task[None] | None) -> None:
@@ -566,11 +585,13 @@ def compile_agent(spec: AgentSpec) -> Flow[..., Any]:
     )
 
 
-def _changes(checkout: AgentCheckout) -> tuple[AgentChanges, str]:
-    """The agent's branch against its start, and the diff for its report (cut when long)."""
+def _changes(checkout: AgentCheckout, moved: bool) -> tuple[AgentChanges, str]:
+    """The agent's branch against its start, and the diff for its report (cut when long); ``moved``:
+    whether a task's commit was tried (:func:`_run_tasks`)."""
     repo = Path(checkout.worktree)
-    # A read-only agent's branch stays at its start; no other's moves unless a task changed files.
-    head = checkout.start if checkout.shared else run_git(repo, "rev-parse", "HEAD").stdout.strip()
+    # A read-only agent's branch stays at its start; no other's moves unless a task committed.
+    moved = moved and not checkout.shared
+    head = run_git(repo, "rev-parse", "HEAD").stdout.strip() if moved else checkout.start
     return (changes_between(repo, checkout.branch, checkout.start, head),
             diff_text(repo, checkout.start, head, limit=DIFF_LIMIT))
 
@@ -593,8 +614,14 @@ async def _run_agent(
     calls = AgentCalls(run.run_key, spec.name)
     with TagsContext(current_tags=set()), use_agent_budget(budget), use_agent_calls(calls):
         try:
-            records, failure, fatal = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget, calls)
-            changes, diff = await asyncio.to_thread(_changes, run.checkout) if run.checkout else (None, None)
+            records, failure, fatal, moved = await _run_tasks(spec, tasks, run, upstream or {}, progress, budget,
+                                                              calls)
+            if run.checkout is None:
+                changes, diff = None, None
+            elif moved:
+                changes, diff = await asyncio.to_thread(_changes, run.checkout, True)
+            else:  # no git to wait for: not worth a thread
+                changes, diff = _changes(run.checkout, False)
         except BaseException:
             progress.discard()  # not left waiting out its interval after the flow run ended
             raise
