@@ -40,7 +40,6 @@ from .model import (
     ModelRequest,
     ModelResponse,
     TextBlock,
-    ToolDefinition,
     ToolResultBlock,
     ToolUseBlock,
     Usage,
@@ -169,26 +168,8 @@ def estimate_tokens(request: ModelRequest) -> int:
     It over-estimates English and code rather than under-estimates them; the provider's
     count, when known, corrects it (:meth:`ContextBudget.calibrate`).
     """
-    tools = sum(_tool_tokens(t) for t in request.tools)
+    tools = sum(_text_tokens(t.json_text) for t in request.tools)
     return _text_tokens(request.system) + tools + _messages_tokens(request.messages)
-
-
-# A tool's definition is made once and offered with every request (toka.tools), and its estimate
-# was asked twice a request: its JSON, made again each time, was most of the estimate's cost.
-# Keyed by identity (a definition's schema is a dict: no hash); held here, so no other object
-# can take a cached one's address.
-_TOOL_TOKENS: dict[int, tuple[ToolDefinition, int]] = {}
-
-
-def _tool_tokens(tool: ToolDefinition) -> int:
-    known = _TOOL_TOKENS.get(id(tool))
-    if known is not None:
-        return known[1]
-    tokens = _text_tokens(json.dumps(tool.model_dump(mode="json"), ensure_ascii=False))
-    if len(_TOOL_TOKENS) >= 1024:  # definitions made for one request only (tests, custom tools)
-        _TOOL_TOKENS.clear()
-    _TOOL_TOKENS[id(tool)] = (tool, tokens)
-    return tokens
 
 
 @dataclass

@@ -7,6 +7,8 @@ providers and the offline model translate to and from them.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -97,6 +99,12 @@ class ToolDefinition(_Frozen):
     name: str
     description: str
     input_schema: dict[str, Any]
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """The definition as JSON, made once: a definition is shared by every request that offers
+        its tool (:mod:`toka.tools`), and the context estimate reads its size twice a request."""
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False)
 
 
 class ModelRequest(_Frozen):
