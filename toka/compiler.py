@@ -370,8 +370,8 @@ async def _run_tasks(
                 committing.result()  # a commit that failed stops the agent here, as it would have at once
             state_dir = state_dir or Workspace(run.workspace).state_dir
             journal = Journal(journal_path(state_dir, run.run_key, spec.name, index))
-            resumed = run.checkout is not None and journal.path.exists()
-            if resumed:
+            journalled = run.checkout is not None and journal.path.exists()  # an earlier attempt's turns
+            if journalled:
                 await _settled(committing)
                 await asyncio.to_thread(_reopen, run, journal, index, total)
             step = StepInput(spec=spec, spec_digest=digest, index=index, prior=prior,
@@ -393,7 +393,7 @@ async def _run_tasks(
                 # the server's database); the run waits for it at its end. Nothing writes this
                 # journal again: the task is done.
                 await in_background(_forget(journal), f"the removal of {journal.path}")
-            if run.checkout is not None and (resumed or not _left_no_changes(record, calls.tasks.get(index))):
+            if run.checkout is not None and not _left_no_changes(record, calls.tasks.get(index), journalled):
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.
                 committing = asyncio.create_task(_commit_after(committing, run, record, total))
@@ -420,18 +420,19 @@ async def _run_tasks(
     return records, failure or skipped, fatal, moved
 
 
-def _left_no_changes(record: TaskRecord, calls: TaskCalls | None) -> bool:
+def _left_no_changes(record: TaskRecord, calls: TaskCalls | None, journalled: bool) -> bool:
     """Whether the task cannot have changed its worktree, so there is nothing to commit.
 
     Only tools change files, and a tool runs after the response that asked for it is in the
-    task's journal: a task that found no journal when it began (an earlier process's tools
-    would have left one), ran no tool in any attempt and replayed none, and reports no file
-    changed, left the worktree as it found it. Its commit would have run a ``git status``
+    task's journal: a task that found no journal when it began (``journalled``: an earlier
+    process's tools would have left one), ran no tool in any attempt and replayed none, and
+    reports no file changed, left the worktree as it found it. Its commit would have run a ``git status``
     (a process, and a thread hop, on the way of every task that only thinks) to find nothing.
     A task replayed from the cache is not known to have been committed; a failed one may have
     edits to set aside: both still go through :func:`toka.branches.commit_task`.
     """
-    return (record.state == "completed" and record.replayed == 0 and (calls is None or calls.calls == 0)
+    return (not journalled and record.state == "completed" and record.replayed == 0
+            and (calls is None or calls.calls == 0)
             and not (record.result is not None and record.result.files_changed))
 
 
