@@ -62,6 +62,22 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def requested_tasks(requests: list[dict[str, Any]], *, answer: str | None = None) -> set[tuple[str, int]]:
+    """(agent, task) of the offline model's logged ``requests`` (only those it answered with ``answer``)."""
+    return {(r["agent"], int(r["task"])) for r in requests if answer is None or r["answer"] == answer}
+
+
+def assert_answered_not_asked_again(stopped: list[dict[str, Any]], resumed: list[dict[str, Any]],
+                                    data: dict[str, Any]) -> None:
+    """No task the model answered before a stop (``stopped``: its logged requests) asks it again in
+    the resume (``resumed``; ``data`` its summary): one whose result Prefect had persisted is
+    replayed from the cache, one stopped between its answer and that (milliseconds) from its journal."""
+    answered = requested_tasks(stopped, answer="submit_result")
+    assert not answered & requested_tasks(resumed), "a task answered before the stop asked the model again"
+    rows = {(a["name"], t["index"]): t for a in data["agents"] for t in a["tasks"]}
+    assert all(rows[key]["state"] == "cached" or rows[key]["replayed"] for key in answered)
+
+
 @pytest.fixture
 def api(prefect_api: PrefectServer) -> dict[str, str]:
     """Environment for a `toka run` on the session's shared Prefect server (no embedded server)."""

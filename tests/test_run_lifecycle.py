@@ -23,7 +23,9 @@ import httpx
 import pytest
 
 from .conftest import PrefectServer
-from .test_cli_run import TOKA, env, log_lines, summary, tasks_by_state, toka_run
+from .test_cli_run import (
+    TOKA, assert_answered_not_asked_again, env, log_lines, requested_tasks, summary, tasks_by_state, toka_run,
+)
 from .test_cli_run import workspace  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -126,23 +128,18 @@ def listening(port: int) -> bool:
 
 
 def assert_resume_finishes(workspace: Path, api: PrefectServer) -> None:
-    """The resume finishes the run, and no task the model answered before the stop asks it again:
-    one whose result Prefect had persisted is replayed from the cache, one stopped between the
-    answer and its persisted result (a window of milliseconds) from its journal."""
+    """The resume finishes the run, and no task the model answered before the stop asks it again
+    (:func:`assert_answered_not_asked_again`)."""
     log = workspace / "requests.jsonl"
     stopped = log_lines(log)
-    answered = {(r["agent"], int(r["task"])) for r in stopped if r["answer"] == "submit_result"}
-    assert answered
+    assert requested_tasks(stopped, answer="submit_result")
     out = workspace / "summary.json"
     resumed = toka_run(workspace, "--resume", "--json", str(out), PREFECT_API_URL=api.url,
                        TOKA_OFFLINE_REQUEST_LOG=str(log))
     assert resumed.returncode == 0, resumed.stderr
     data = summary(out)
     assert all(a["tasks_done"] == a["tasks_total"] for a in data["agents"])
-    asked_again = {(r["agent"], int(r["task"])) for r in log_lines(log)[len(stopped):]}
-    assert not answered & asked_again, "a task answered before the stop asked the model again"
-    rows = {(a["name"], t["index"]): t for a in data["agents"] for t in a["tasks"]}
-    assert all(rows[key]["state"] == "cached" or rows[key]["replayed"] for key in answered)
+    assert_answered_not_asked_again(stopped, log_lines(log)[len(stopped):], data)
 
 
 def test_sigterm_ends_the_run_like_ctrl_c(workspace: Path, prefect_api: PrefectServer) -> None:
@@ -279,11 +276,10 @@ def test_kill_9_takes_the_embedded_server_with_it_and_resume_repeats_no_finished
 
     replayed = tasks_by_state(data, "cached")
     assert replayed, "nothing finished before the kill was replayed"
-    after_kill = log_lines(log)[len(killed_run):]
-    asked_again = {(r["agent"], int(r["task"])) for r in after_kill}
+    asked_again = requested_tasks(log_lines(log)[len(killed_run):])
     assert not replayed & asked_again, "a finished task's model requests were repeated"
     # Every task that submitted a result before the kill and was persisted is replayed, not redone.
-    submitted_before = {(r["agent"], int(r["task"])) for r in killed_run if r["answer"] == "submit_result"}
+    submitted_before = requested_tasks(killed_run, answer="submit_result")
     assert len(submitted_before - replayed) <= 1  # at most the one killed between submit and persist
 
 
