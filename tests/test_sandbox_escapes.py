@@ -176,6 +176,47 @@ class TestGitControlFilesWithoutTheSandbox:
         assert "sub/.git/config" in caught.value.paths
         person_uses_git(agent.root / "sub", mark)
 
+    def test_a_bare_repository_made_clean_then_armed_in_a_later_command_is_undone(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # No path of the second command has a part named .git: the directory a .git file points
+        # to is a git directory whatever its name, checked like the workspace's own from then on.
+        agent = unsandboxed_repo(make_agent)
+        mark = tmp_path / "host-ran-it"
+        clean = agent.script("clean.sh", "#!/bin/sh\ngit init -q --bare evil && mkdir sub && "
+                                         "echo 'gitdir: ../evil' > sub/.git && echo ok\n")
+        assert "ok" in agent.run(clean).text
+        armed = agent.script("arm.sh", f"""\
+            #!/bin/sh
+            printf '[core]\\n\\tfsmonitor = "echo fsmonitor >> {mark}; false"\\n\\tbare = false\\n\\tworktree = ../sub\\n' >> evil/config
+            printf '[alias]\\n\\tx = "!echo alias >> {mark}"\\n' >> evil/config
+            printf '#!/bin/sh\\necho hook >> {mark}\\n' > evil/hooks/post-checkout && chmod +x evil/hooks/post-checkout
+            """)
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run(armed)
+        assert {"evil/config", "evil/hooks/post-checkout"} <= set(caught.value.paths)
+        agent.audited("run_command", "refused", "changed git control files")
+        assert "fsmonitor" not in (agent.root / "evil" / "config").read_text()
+        assert not (agent.root / "evil" / "hooks" / "post-checkout").exists()
+        person_uses_git(agent.root / "sub", mark)
+
+    def test_a_git_directory_whose_head_comes_last_is_held_to_what_git_init_writes(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # The armed config comes first, while the directory is not yet one git would use; the
+        # command that makes it one changes no file of it but HEAD.
+        agent = unsandboxed_repo(make_agent)
+        mark = tmp_path / "host-ran-it"
+        first = agent.script("first.sh", f"#!/bin/sh\nmkdir -p e/objects e/refs && "
+                                         f"printf '[alias]\\n\\tx = \"!echo alias >> {mark}\"\\n' > e/config\n")
+        assert agent.run(first).text.startswith("exit code: 0")
+        last = agent.script("last.sh", "#!/bin/sh\necho 'ref: refs/heads/main' > e/HEAD\n")
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run(last)
+        assert "e/config" in caught.value.paths
+        assert not (agent.root / "e" / "config").exists()
+        person_uses_git(agent.root / "e", mark)
+
     def test_a_rebase_todo_with_exec_lines_is_removed(self, make_agent: MakeAgent, tmp_path: Path) -> None:
         agent = unsandboxed_repo(make_agent)
         mark = tmp_path / "host-ran-it"
@@ -184,6 +225,25 @@ class TestGitControlFilesWithoutTheSandbox:
         with pytest.raises(SandboxViolation):
             agent.run(todo)
         assert not (agent.root / ".git" / "rebase-merge" / "git-rebase-todo").exists()
+
+
+def test_file_tools_write_into_no_git_directory_whatever_its_name(make_agent: MakeAgent) -> None:
+    # A bare repository the model writes piece by piece: the write that would make the directory
+    # one git uses (its HEAD, or objects beside a HEAD) is refused like any write inside one.
+    agent = make_agent("filesystem-read", "filesystem-write", files={"README.md": "hello\n"})
+    subprocess.run(["git", "init", "-q", "--bare", str(agent.root / "bare")], check=True)
+    for path in ("bare/config", "bare/hooks/post-checkout", "bare/notes.txt"):
+        out = agent.call("write_file", path=path, content="[alias]\n\tx = !echo x\n")
+        assert out.is_error and "inside a git directory (bare)" in out.text
+        agent.audited("write_file", "refused", "inside a git directory")
+    assert "alias" not in (agent.root / "bare" / "config").read_text()
+    assert not agent.call("write_file", path="armed/HEAD", content="ref: refs/heads/main\n").is_error
+    assert not agent.call("write_file", path="armed/config", content="[alias]\n\tx = !echo x\n").is_error
+    out = agent.call("write_file", path="armed/objects/keep", content="")
+    assert out.is_error and "inside a git directory (armed)" in out.text
+    (agent.root / "objects-first" / "refs").mkdir(parents=True)
+    assert agent.call("write_file", path="objects-first/HEAD", content="ref: refs/heads/main\n").is_error
+    assert not agent.call("write_file", path="docs/HEAD", content="a file named HEAD is fine\n").is_error
 
 
 def test_the_runtimes_own_git_runs_nothing_the_repository_configures(tmp_path: Path) -> None:

@@ -414,7 +414,7 @@ class RunCommand(Tool):
                     if policy.sandbox and policy.limits.max_disk_usage is not None else None)
         skip = [state]  # .git included: a change there is reported like any other
         before = await asyncio.to_thread(snapshot, root, skip)
-        guard = await asyncio.to_thread(GitGuard.capture, root)
+        guard = await asyncio.to_thread(GitGuard.capture, root, before)
         try:
             result, usage, plan = await run_sandboxed(
                 argv, cwd=cwd, workspace=root, state_dir=state, env=env, limits=policy.limits,
@@ -433,8 +433,9 @@ class RunCommand(Tool):
                 raise SandboxViolation(_violation(args.argv, undone), paths=undone) from e
             raise
         assert result is not None
-        changed = changed_files(before, await asyncio.to_thread(snapshot, root, skip))
-        violations = await asyncio.to_thread(guard.check, changed)
+        after = await asyncio.to_thread(snapshot, root, skip)
+        changed = changed_files(before, after)
+        violations = await asyncio.to_thread(guard.check, changed, after)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
         secrets = secret_values()
@@ -472,7 +473,8 @@ class RunCommand(Tool):
 def _undo_git_changes(guard: GitGuard, before: dict[str, tuple[int, int]], root: Path,
                       skip: Sequence[Path]) -> list[str]:
     """Undo what a command changed in git control files; return those paths (blocking: walks the workspace)."""
-    return guard.check(changed_files(before, snapshot(root, skip)))
+    after = snapshot(root, skip)
+    return guard.check(changed_files(before, after), after)
 
 
 def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:

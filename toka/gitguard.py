@@ -14,10 +14,14 @@ runs (a workspace script, a ``conftest.py`` under pytest) could plant them. So:
    run (:class:`~toka.errors.SandboxViolation`). Without the sandbox this is the
    only layer;
 3. a git directory a command created elsewhere in the workspace (a nested
-   repository, or ``.git`` where there was none) may hold only what ``git init``
+   repository, ``.git`` where there was none, or a bare repository under any name,
+   which a ``.git`` file elsewhere may point to) may hold only what ``git init``
    writes: sample hooks and plain configuration keys (:data:`INIT_CONFIG_KEYS`).
-   Otherwise its control files are removed and the run stops. A rebase or
-   cherry-pick left in progress may not carry ``exec`` lines either.
+   Otherwise its control files are removed and the run stops. Git directories the
+   workspace held before the command are held to their control files like its own.
+   Whether a directory is one is decided after each command, whatever it was named
+   and in whatever order its parts were made. A rebase or cherry-pick left in
+   progress may not carry ``exec`` lines either.
 
 The runtime's own git calls go through :func:`git_argv`, which switches hooks,
 fsmonitor, pagers, editors, external diff, and the filters, textconv and merge drivers
@@ -36,7 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CONTROL_DIRS", "CONTROL_FILES", "GitGuard", "git_argv", "git_dirs", "git_env", "run_git"]
+__all__ = ["CONTROL_DIRS", "CONTROL_FILES", "GitGuard", "git_argv", "git_dirs", "git_env", "looks_like_gitdir",
+           "run_git"]
 
 #: Files of a git directory that name programs git runs, or where it finds them.
 CONTROL_FILES = ("config", "config.worktree", "commondir", "gitdir")
@@ -216,6 +221,30 @@ def git_dirs(workspace: Path) -> list[Path]:
     return found
 
 
+def looks_like_gitdir(path: Path, adding: str | None = None) -> bool:
+    """Whether git would take ``path`` for a git directory (a bare repository, or what a ``.git``
+    file points to): a ``HEAD`` beside ``objects`` or ``refs``, or a ``commondir`` naming them.
+    Wider than git's own test (no check that ``HEAD`` parses): what is checked here only needs to
+    include what git would use. ``adding``: the name of an entry about to be made in ``path``."""
+    def has(name: str) -> bool:
+        return name == adding or os.path.lexists(path / name)
+    return has("HEAD") and any(has(n) for n in ("objects", "refs", "commondir"))
+
+
+def _gitdirs_among(workspace: Path, files: Iterable[str], own: Sequence[Path]) -> list[Path]:
+    """The git directories other than ``own`` (and those inside them) holding one of ``files``
+    (paths relative to ``workspace``, as :func:`toka.sandbox.snapshot` lists them)."""
+    found: list[Path] = []
+    for rel in files:
+        if rel != "HEAD" and not rel.endswith("/HEAD"):
+            continue
+        gitdir = (workspace / rel).parent
+        if not looks_like_gitdir(gitdir) or any(gitdir.resolve().is_relative_to(d) for d in own):
+            continue
+        found.append(gitdir)
+    return sorted(found)
+
+
 @dataclass(frozen=True)
 class _Entry:
     mode: int
@@ -290,11 +319,16 @@ class GitGuard:
 
     workspace: Path
     dirs: list[Path]
+    """The workspace's own git directories, and the others it held before the command."""
     before: dict[Path, _Entry] = field(default_factory=dict)
 
     @classmethod
-    def capture(cls, workspace: Path) -> GitGuard:
+    def capture(cls, workspace: Path, files: Iterable[str] = ()) -> GitGuard:
+        """The control files now. ``files``: the workspace's files (relative paths), among which
+        the git directories other than its own are found."""
         dirs = git_dirs(workspace)
+        own = [d.resolve() for d in dirs]
+        dirs += _gitdirs_among(workspace, files, own)
         before: dict[Path, _Entry] = {}
         for d in dirs:
             before.update(_control_snapshot(d))
@@ -302,11 +336,12 @@ class GitGuard:
             _add(before, workspace / ".git")
         return cls(workspace, dirs, before)
 
-    def check(self, changed: Sequence[str]) -> list[str]:
+    def check(self, changed: Sequence[str], files: Iterable[str] = ()) -> list[str]:
         """Undo what the command changed in git control files; return those paths (empty: nothing).
 
-        ``changed`` lists the workspace files the command changed (relative paths): new git
-        directories among them are held to what ``git init`` writes.
+        ``changed`` lists the workspace files the command changed and ``files`` those there are
+        now (relative paths): git directories that are new among them are held to what ``git
+        init`` writes.
         """
         violations: list[str] = []
         after: dict[Path, _Entry] = {}
@@ -328,7 +363,9 @@ class GitGuard:
                         todo.unlink()
                 except OSError:
                     continue
-        for gitdir in self._new_gitdirs(changed):
+        known = [d.resolve() for d in self.dirs]
+        new = {*self._new_gitdirs(changed), *_gitdirs_among(self.workspace, files, known)}
+        for gitdir in sorted(new):
             violations += self._untrusted(gitdir)
         return sorted(set(violations))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from .errors import ConfigError, PathRefused
+from .gitguard import looks_like_gitdir
 
 __all__ = ["STATE_DIR_NAME", "PathRefused", "Workspace"]
 
@@ -115,6 +116,12 @@ class Workspace:
         real = self.resolve(path, kind="new")
         if any(part == ".git" for part in real.relative_to(self.root).parts):
             raise PathRefused(f"{path!r} is inside .git; version-control internals are not writable")
+        for parent in real.parents:  # a bare repository, or what a .git file points to, under any name
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            if looks_like_gitdir(parent, adding=real.relative_to(parent).parts[0]):
+                raise PathRefused(f"{path!r} is inside a git directory ({self.relative(parent)}); "
+                                  "version-control internals are not writable")
         return real
 
     def is_state(self, real: Path) -> bool:
