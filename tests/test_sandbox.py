@@ -32,7 +32,7 @@ from toka import sandbox as sandbox_module
 from toka.audit import AuditLog, read_audit
 from toka.capabilities import grant_tools
 from toka.commands import scrubbed_env
-from toka.errors import ConfigError
+from toka.errors import ConfigError, SandboxViolation
 from toka.policy import AgentPolicy, check_unsandboxed
 from toka.sandbox import HostSupport, SandboxRefused, detect_host, plan_limits, run_sandboxed, sandbox_argv
 from toka.spec import AgentSpec, ResourceLimits
@@ -126,6 +126,7 @@ def make_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MakeAgent:
         denials: tuple[str, ...] = (),
         files: dict[str, str] | None = None,
         root: str = "ws",
+        state_dir: Path | None = None,
     ) -> Agent:
         ws = tmp_path / root
         ws.mkdir(exist_ok=True)
@@ -141,7 +142,7 @@ def make_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MakeAgent:
             approvals=frozenset(approvals),
             denials=frozenset(denials),
         )
-        workspace = Workspace(ws)
+        workspace = Workspace(ws, state_dir=state_dir)
         tools, withheld = grant_tools(capabilities)
         audit = AuditLog(workspace.state_dir / "audit" / f"{RUN}.jsonl", run=RUN)
         ctx = ToolContext(workspace=workspace, agent=AGENT, task=1, policy=policy, audit=audit)
@@ -369,6 +370,63 @@ class TestWritePolicy:
         out = agent.call("write_file", path="docs/guide.md", content="# guide\n")
         assert not out.is_error
         assert agent.audited("write_file", "allowed")["files_changed"] == ["docs/guide.md"]
+
+    def test_a_commands_changes_outside_write_paths_are_undone_in_an_agents_worktree(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        for name, content in {"src/app.py": "x = 1\n", "src/old.py": "old\n", ".gitignore": "build/\n.toka/\n"}.items():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            (repo / name).write_text(content)
+        _git_repo(repo)
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", ".toka/worktrees/a"], cwd=repo, check=True)
+        agent = make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",),
+                           root="repo/.toka/worktrees/a", state_dir=repo / ".toka")
+        agent.script("docs/w.sh", "#!/bin/sh\necho evil > src/app.py && rm src/old.py && echo new > src/new.py\n"
+                                  "mkdir -p build && echo obj > build/out.o && echo guide > docs/guide.md\n")
+        out = agent.run("sh", "docs/w.sh")
+        assert out.is_error and "needs approval ('write-outside-paths')" in out.text
+        assert "src/app.py, src/new.py, src/old.py (outside the declared paths docs/*" in out.text
+        agent.audited("run_command", "refused", "those changes were undone")
+        assert (agent.root / "src" / "app.py").read_text() == "x = 1\n"
+        assert (agent.root / "src" / "old.py").read_text() == "old\n"
+        assert not (agent.root / "src" / "new.py").exists()
+        # Inside the paths, and what git ignores (build output), stay.
+        assert (agent.root / "docs" / "guide.md").read_text() == "guide\n"
+        assert (agent.root / "build" / "out.o").is_file()
+        # Within the paths only: allowed.
+        agent.script("docs/more.sh", "#!/bin/sh\necho more >> docs/guide.md\n")
+        assert not agent.run("sh", "docs/more.sh").is_error
+        agent.audited("run_command", "allowed")
+
+    def test_outside_write_paths_a_command_in_a_persons_own_tree_stops_the_run(
+        self, make_agent: MakeAgent
+    ) -> None:
+        # --in-place (or no git at all): undoing could take the person's own changes with it.
+        agent = make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",), files={"src/app.py": "x = 1\n"})
+        _git_repo(agent.root)
+        (agent.root / "src" / "app.py").write_text("the person's own edit\n")
+        agent.script("docs/w.sh", "#!/bin/sh\necho evil >> src/app.py\n")
+        with pytest.raises(SandboxViolation) as caught:
+            agent.run("sh", "docs/w.sh")
+        assert caught.value.paths == ["src/app.py"] and "left for review and the run stops" in str(caught.value)
+        assert (agent.root / "src" / "app.py").read_text() == "the person's own edit\nevil\n"
+
+    def test_approved_a_command_may_change_files_outside_write_paths(self, make_agent: MakeAgent) -> None:
+        agent = make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",),
+                           approvals=("write-outside-paths",), files={"src/app.py": "x = 1\n"})
+        _git_repo(agent.root)
+        agent.script("docs/w.sh", "#!/bin/sh\necho more >> src/app.py\n")
+        assert not agent.run("sh", "docs/w.sh").is_error
+        assert (agent.root / "src" / "app.py").read_text() == "x = 1\nmore\n"
+
+    def test_a_write_over_the_size_of_one_write_is_refused_and_audited(self, make_agent: MakeAgent) -> None:
+        agent = make_agent(*FILE_TOOLS)
+        out = agent.call("write_file", path="big.txt", content="x" * 2_000_001)
+        assert out.is_error and "over the 2000000-byte limit of one write" in out.text
+        agent.audited("write_file", "refused", "2000001 bytes")
+        assert not (agent.root / "big.txt").exists()
 
     def test_approval_allows_writes_outside_and_a_denial_wins(self, make_agent: MakeAgent) -> None:
         approved = make_agent(*FILE_TOOLS, write_paths=("docs/*",), approvals=("write-outside-paths",))
@@ -795,6 +853,7 @@ class TestDiskGrowth:
         assert "OK" in agent.run("python3", "grow.py", "b.bin").text  # 800 KB
         big = agent.call("write_file", path="c.txt", content="y" * (400 * 1024))  # would make 1.2 MB
         assert big.is_error and "may grow 1048576 (max_disk_usage)" in big.text
+        agent.audited("write_file", "refused", "max_disk_usage")  # counted with the run's refusals
         assert not (agent.root / "c.txt").exists()
         small = agent.call("write_file", path="d.txt", content="z" * 1024)
         assert not small.is_error

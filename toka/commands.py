@@ -23,6 +23,7 @@ capability                 programs
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pydantic import Field
 
 from .capabilities import CAPABILITIES
 from .errors import CommandRefused, SandboxViolation
-from .gitguard import GitGuard
+from .gitguard import GitGuard, run_git
 from .redact import redact, secret_values
 from .sandbox import (
     changed_files,
@@ -438,6 +439,16 @@ class RunCommand(Tool):
         violations = await asyncio.to_thread(guard.check, changed, after)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
+        if policy.write_paths and not policy.approved("write-outside-paths"):
+            outside = await asyncio.to_thread(_undo_outside_write_paths, ctx, changed)
+            if outside:
+                shown = ", ".join(outside[:_CHANGES_SHOWN]) + (
+                    f" and {len(outside) - _CHANGES_SHOWN} more" if len(outside) > _CHANGES_SHOWN else "")
+                policy.require_approval(
+                    "write-outside-paths",
+                    f"the command {' '.join(args.argv)!r} changed {shown} (outside the declared paths "
+                    f"{', '.join(policy.write_paths)}; those changes were undone): that",
+                )
         secrets = secret_values()
         text = [f"exit code: {usage.exit_code}" if usage.exit_code is not None
                 else f"killed by signal {usage.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
@@ -475,6 +486,53 @@ def _undo_git_changes(guard: GitGuard, before: dict[str, tuple[int, int]], root:
     """Undo what a command changed in git control files; return those paths (blocking: walks the workspace)."""
     after = snapshot(root, skip)
     return guard.check(changed_files(before, after), after)
+
+
+def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str]) -> list[str]:
+    """Undo what a command changed outside the spec's ``write_paths`` (files git would commit:
+    ignored ones, build output and caches, are left); return those paths (blocking).
+
+    In an agent's own worktree everything outside the paths is as its last commit left it (the
+    writes there need the approval this run lacks), so that is what is restored. Anywhere else
+    (``--in-place``, a workspace that is no git repository) restoring could take a person's own
+    changes: the files are left for review and the run stops.
+
+    Raises:
+        SandboxViolation: the changes could not be undone.
+    """
+    policy = ctx.policy
+    assert policy is not None
+    root = ctx.workspace.root
+    candidates = [rel for rel in changed if ".git" not in Path(rel).parts
+                  and not any(fnmatch.fnmatch(rel, g) for g in policy.write_paths)]
+    if not candidates:
+        return []
+    listed = run_git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
+    if listed.returncode != 0:
+        raise SandboxViolation(f"files outside the declared paths {', '.join(policy.write_paths)} changed "
+                               f"({', '.join(candidates[:_CHANGES_SHOWN])}) and the workspace is no git "
+                               "repository to undo them from; they are left for review and the run stops",
+                               paths=candidates)
+    # What git would commit: changed tracked files and untracked ones it does not ignore.
+    pending = {entry[3:]: entry[:2] for entry in listed.stdout.split("\0") if len(entry) > 3}
+    outside = sorted(rel for rel in candidates if rel in pending)
+    if not outside:
+        return []
+    if not root.is_relative_to(ctx.workspace.state_dir):  # not an agent's own worktree
+        raise SandboxViolation(f"the command changed {', '.join(outside[:_CHANGES_SHOWN])} outside the declared "
+                               f"paths {', '.join(policy.write_paths)} without approval; in this workspace that "
+                               "cannot be undone without a person's own changes, so they are left for review "
+                               "and the run stops", paths=outside)
+    tracked = [rel for rel in outside if pending[rel] != "??"]
+    for start in range(0, len(tracked), 500):
+        run_git(root, "checkout", "HEAD", "--", *tracked[start:start + 500])
+    for rel in outside:
+        if pending[rel] == "??":
+            try:
+                (root / rel).unlink()
+            except FileNotFoundError:
+                pass
+    return outside
 
 
 def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:

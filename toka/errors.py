@@ -80,6 +80,7 @@ __all__ = [
     "DuplicateAgentError",
     "GraphError",
     "InvalidToolInputError",
+    "LimitRefused",
     "MergeConflictError",
     "ModelError",
     "ModelRetriesExhausted",
@@ -302,6 +303,10 @@ class SandboxRefused(Refusal):
 
 class PathRefused(Refusal):
     """A tool was asked for a path outside what the workspace allows; the model is told why."""
+
+
+class LimitRefused(Refusal):
+    """A write would go past a limit (the size of one write, the spec's ``max_disk_usage``)."""
 
 
 class ToolTimeoutError(ToolError):

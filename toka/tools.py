@@ -27,7 +27,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .audit import AuditLog
-from .errors import PathRefused, SandboxViolation, ToolError, ToolTimeoutError
+from .errors import LimitRefused, PathRefused, SandboxViolation, ToolError, ToolTimeoutError
 from .model import ToolDefinition
 from .policy import AgentPolicy
 from .process import as_text
@@ -330,8 +330,7 @@ class WriteFile(BlockingTool):
     def run_blocking(self, args: WriteFileArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         data = args.content.encode("utf-8")
         if len(data) > self.size_limit:
-            return ToolOutput(f"refused: {len(data)} bytes is over the {self.size_limit}-byte limit",
-                              is_error=True)
+            raise LimitRefused(f"{len(data)} bytes is over the {self.size_limit}-byte limit of one write")
         path = ctx.workspace.resolve_for_write(args.path)
         if path.is_dir():
             return ToolOutput(f"{args.path!r} is a directory", is_error=True)
@@ -339,9 +338,7 @@ class WriteFile(BlockingTool):
         if ctx.policy is not None:
             ctx.policy.check_write(rel)
         existed = path.exists()
-        refusal = _over_disk_limit(ctx, len(data) - (path.stat().st_size if existed else 0))
-        if refusal:
-            return ToolOutput(refusal, is_error=True)
+        _check_disk_limit(ctx, len(data) - (path.stat().st_size if existed else 0))
         with ctx.workspace.open(path, "wb") as f:
             f.write(data)
         verb = "overwrote" if existed else "created"
@@ -382,22 +379,23 @@ class EditFile(BlockingTool):
                 f"old_text occurs {count} times in {rel}; include more context so it occurs once",
                 is_error=True,
             )
-        refusal = _over_disk_limit(ctx, len(new.encode()) - len(old.encode()))
-        if refusal:
-            return ToolOutput(refusal, is_error=True)
+        _check_disk_limit(ctx, len(new.encode()) - len(old.encode()))
         with ctx.workspace.open(path, "wb") as f:
             f.write(text.replace(old, new, 1).encode("utf-8"))
         return ToolOutput(f"edited {rel}: replaced 1 occurrence", files_changed=[rel])
 
 
-def _over_disk_limit(ctx: ToolContext, added: int) -> str | None:
-    """Why a write of ``added`` more bytes would take the workspace past ``max_disk_usage`` (or None).
+def _check_disk_limit(ctx: ToolContext, added: int) -> None:
+    """Refuse a write of ``added`` more bytes that would take the workspace past ``max_disk_usage``.
 
     Blocking: it measures the workspace.
+
+    Raises:
+        LimitRefused: saying how much it has grown and may grow.
     """
     policy = ctx.policy
     if policy is None or policy.limits.max_disk_usage is None or added <= 0 or not policy.sandbox:
-        return None
+        return
     from .commands import command_home, disk_key
     from .sandbox import disk_usage, workspace_growth_baseline
 
@@ -406,9 +404,8 @@ def _over_disk_limit(ctx: ToolContext, added: int) -> str | None:
     grown = disk_usage(root, state, home) - workspace_growth_baseline(root, state, disk_key(ctx), home)
     limit = policy.limits.max_disk_usage.bytes
     if grown + added > limit:
-        return (f"refused: the workspace has grown {grown} bytes in this run and may grow {limit} "
-                f"(max_disk_usage); this write adds {added}")
-    return None
+        raise LimitRefused(f"the workspace has grown {grown} bytes in this run and may grow {limit} "
+                           f"(max_disk_usage); this write adds {added}")
 
 
 def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
