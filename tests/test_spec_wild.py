@@ -87,6 +87,29 @@ def test_a_misspelt_field_in_an_open_block_is_still_an_error() -> None:
     assert problem.field == "security.sandbx" and "did you mean 'sandbox'?" in problem.message
 
 
+def test_fields_toka_files_add_to_descriptive_blocks_load_as_warnings_and_reach_the_agent() -> None:
+    text = survey_text()
+    for old, new in (('  priority: "critical"\n', '  priority: "critical"\n  colour: teal\n'),
+                     ("    - \"history-summarisation\"\n", "    - \"history-summarisation\"\n  tertiary: [\"triage\"]\n"),
+                     ('    validation: "Every path in the inventory exists in the workspace"\n',
+                      '    validation: "Every path in the inventory exists in the workspace"\n    weight: 3\n'),
+                     ('  frequency: "daily"\n', '  frequency: "daily"\n  format: markdown\n'),
+                     ('  operational_focus:\n', '  communication: ["terse"]\n  operational_focus:\n'),
+                     ('      mitigation: "List vendored and generated directories separately"\n',
+                      '      mitigation: "List vendored and generated directories separately"\n'
+                      '      likelihood: medium\n      owner: platform-team\n')):
+        text = edited(text, old, new)
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    warned = {w.field: w.message for w in spec.warnings}
+    assert set(warned) >= {"spec.colour", "capabilities.tertiary", "objectives[0].weight", "reporting.format",
+                           "behavioral_directives.communication", "risk_mitigation.high_priority_risks[0].likelihood",
+                           "risk_mitigation.high_priority_risks[0].owner"}
+    assert "kept and shown to the agent" in warned["reporting.format"]
+    assert "did you mean 'coordination'?" in warned["behavioral_directives.communication"]
+    prompt = system_prompt(spec, tools=["read_file"])
+    assert "owner: platform-team" in prompt and "weight: 3" in prompt and "format: markdown" in prompt
+
+
 def test_metrics_written_as_a_map_are_a_list() -> None:
     text = re.sub(r"(?ms)^  metrics:\n.*?(?=^security:)", "  metrics:\n    coverage: share of lines run\n", survey_text())
     spec = AgentSpec.from_text(text)

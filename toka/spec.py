@@ -146,8 +146,10 @@ class _Block(BaseModel):
 class _Open(_Block):
     """A block that keeps fields the runtime does not read: shown to the agent, listed as warnings.
 
-    A field that looks like a misspelling of a missing one is still an error
-    (:meth:`AgentSpec._misspelt_fields`): its value would otherwise be lost quietly.
+    Toka's own files add fields freely (a risk's ``owner``, a report's ``format``). In the
+    blocks whose fields the runtime acts on (metadata, security, tasks), one that looks like a
+    misspelling of a missing field is still an error (:func:`_misspelt_fields`): its value would
+    otherwise be lost quietly; elsewhere its warning names the field it may have meant.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -216,7 +218,7 @@ class Metadata(_Open):
     """Checksum recorded by tooling that generated the file."""
 
 
-class SpecInfo(_Block):
+class SpecInfo(_Open):
     """What the agent is: title, domain and urgency."""
 
     name: NonEmptyText
@@ -229,7 +231,7 @@ class SpecInfo(_Block):
     """Optional longer description."""
 
 
-class Capabilities(_Block):
+class Capabilities(_Open):
     """Skills the agent has (descriptive labels, not permissions)."""
 
     primary: list[str] = []
@@ -238,7 +240,7 @@ class Capabilities(_Block):
     """Supporting skills."""
 
 
-class Objective(_Block):
+class Objective(_Open):
     """One outcome the agent works toward."""
 
     description: NonEmptyText
@@ -330,7 +332,7 @@ def _normalise_metrics(value: Any) -> Any:
     return out
 
 
-class Metric(_Block):
+class Metric(_Open):
     """A figure the agent reports; the structured result is keyed by ``name``."""
 
     name: NonEmptyText
@@ -352,7 +354,7 @@ MetricList = Annotated[
 ]
 
 
-class Reporting(_Block):
+class Reporting(_Open):
     """How the agent reports progress."""
 
     frequency: Frequency | None = None
@@ -402,7 +404,7 @@ class Budget(_Block):
     """Most tokens the whole agent may spend in one run (resumed runs included)."""
 
 
-class BehavioralDirectives(_Block):
+class BehavioralDirectives(_Open):
     """Guidance for how the agent works, passed verbatim to the model."""
 
     operational_focus: list[str] = []
@@ -413,7 +415,7 @@ class BehavioralDirectives(_Block):
     """How to work with other agents."""
 
 
-class Risk(_Block):
+class Risk(_Open):
     """A known risk and how to mitigate it."""
 
     risk: NonEmptyText
@@ -426,7 +428,7 @@ class Risk(_Block):
     """Impact, free text."""
 
 
-class RiskMitigation(_Block):
+class RiskMitigation(_Open):
     """Risks the agent must keep in mind."""
 
     high_priority_risks: list[Risk] = []
@@ -525,11 +527,25 @@ class AgentSpec(BaseModel):
         """Domain-specific blocks, in file order, shown to the agent as context: unknown top-level
         blocks, then fields of ``metadata`` and ``security`` the runtime does not read."""
         blocks = dict(self.model_extra or {})
-        for name in ("metadata", "security"):
-            extra = getattr(self, name).model_extra
-            if extra:
-                blocks[name] = plain_data(extra)
+        for path, extra in self._kept_fields():
+            blocks[_field_path(path)] = plain_data(extra)
         return blocks
+
+    def _kept_fields(self) -> list[tuple[tuple[str | int, ...], dict[str, Any]]]:
+        """Fields the runtime does not read, kept by the blocks that describe the agent (the tasks'
+        aside: they are shown with their task), with where each block is."""
+        found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
+        blocks: list[tuple[tuple[str | int, ...], BaseModel]] = [
+            ((name,), getattr(self, name)) for name in
+            ("metadata", "spec", "capabilities", "reporting", "security", "behavioral_directives", "risk_mitigation")]
+        blocks += [(("objectives", i), o) for i, o in enumerate(self.objectives)]
+        blocks += [(("reporting", "metrics", i), m) for i, m in enumerate(self.reporting.metrics)]
+        blocks += [(("risk_mitigation", "high_priority_risks", i), r)
+                   for i, r in enumerate(self.risk_mitigation.high_priority_risks)]
+        for path, block in blocks:
+            if block.model_extra:
+                found.append((path, block.model_extra))
+        return found
 
     @property
     def warnings(self) -> list[Problem]:
@@ -545,9 +561,12 @@ class AgentSpec(BaseModel):
             value = getattr(limits, field_name)
             if value is not None and value.guessed:
                 warn(value.guessed, "security", "resource_limits", field_name)
-        for block in ("metadata", "security"):
-            for key in getattr(self, block).model_extra or {}:
-                warn("not understood by the runtime; kept and shown to the agent as context", block, key)
+        for path, extra in self._kept_fields():
+            known = list(type(self._block_at(path)).model_fields)
+            for key in extra:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                warn(f"not understood by the runtime; kept and shown to the agent as context{hint}", *path, key)
         lists = [("default", self.tasks.default), *(("conditional", c) for c in self.tasks.conditional.items())]
         for kind, tasks in lists:
             prefix: tuple[str | int, ...] = ("tasks", "default") if kind == "default" else ("tasks", "conditional",
@@ -562,6 +581,12 @@ class AgentSpec(BaseModel):
                     if value is not None and value.guessed:
                         warn(value.guessed, *prefix, i, key)
         return found
+
+    def _block_at(self, path: tuple[str | int, ...]) -> Any:
+        block: Any = self
+        for part in path:
+            block = block[part] if isinstance(part, int) else getattr(block, part)
+        return block
 
     @property
     def source(self) -> str | None:
