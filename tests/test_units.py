@@ -41,6 +41,9 @@ VALID: list[tuple[type, Any, str, float]] = [
     (ByteSize, "1MiB", "bytes", MB),
     (ByteSize, "4G", "bytes", 4 * GB),
     (ByteSize, "64k", "bytes", 64 * KB),
+    (ByteSize, "512Mi", "bytes", 512 * MB),  # Kubernetes' spelling
+    (ByteSize, "2Gi", "bytes", 2 * GB),
+    (ByteSize, "1024TB", "bytes", 1024 * TB),
     # CPU shares, in percent
     (CpuShare, "75%", "percent", 75.0),
     (CpuShare, "1%", "percent", 1.0),
@@ -114,7 +117,8 @@ def test_values_are_frozen_and_comparable() -> None:
 
 
 _DURATION_SYNTAX = r"is not a duration; expected a number and a unit \(ms, s, m, h, d, w\), e\.g\. '30s', '45m', '2h', '1d'$"
-_SIZE_SYNTAX = r"is not a size; expected a number and a unit \(B, KB, MB, GB, TB\), e\.g\. '512KB', '256MB', '1GB'$"
+_SIZE_SYNTAX = (r"is not a size; expected a number and a unit \(B, KB, MB, GB, TB, or KiB, Mi, G\.\.\.\), "
+                r"e\.g\. '512KB', '256MB', '1GB'$")
 _CPU = r"is not a percentage between 1% and 100%$"
 _BANDWIDTH_SYNTAX = r"is not a bandwidth; expected a number and a unit \(bps, Kbps, Mbps, Gbps\), e\.g\. '100Mbps'$"
 
@@ -137,6 +141,8 @@ INVALID: list[tuple[type, Any, str]] = [
     (Duration, "99999999999999999999h", r"^'99999999999999999999h' is too large to be a duration: at most 366 days"),
     (Duration, "367d", r"^'367d' is too large to be a duration: at most 366 days \(e\.g\. '52w'\)$"),
     (Duration, "9" * 400, r"is too large to be a duration"),
+    (ByteSize, "1025TB", r"^'1025TB' is too large to be a size: at most 1024 TB$"),
+    (ByteSize, "999999999999999999999TB", r"is too large to be a size"),
     (ByteSize, "lots", rf"^'lots' {_SIZE_SYNTAX}"),
     (ByteSize, "0MB", r"^'0MB' is not a positive size; it must be larger than zero$"),
     (ByteSize, "0.0001KB", r"^'0.0001KB' is not a positive size"),  # rounds down to 0 bytes

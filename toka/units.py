@@ -139,13 +139,15 @@ def _at_most_a_year(text: str, seconds: float) -> None:
         raise ValueError(f"{text!r} is too large to be a duration: at most 366 days (e.g. '52w')")
 
 
-_SIZE_UNITS = {
+_SIZE_UNITS = {  # and Kubernetes' Ki, Mi, Gi, Ti
     "b": 1,
-    "kb": 1024, "kib": 1024, "k": 1024,
-    "mb": 1024**2, "mib": 1024**2, "m": 1024**2,
-    "gb": 1024**3, "gib": 1024**3, "g": 1024**3,
-    "tb": 1024**4, "tib": 1024**4, "t": 1024**4,
+    "kb": 1024, "kib": 1024, "k": 1024, "ki": 1024,
+    "mb": 1024**2, "mib": 1024**2, "m": 1024**2, "mi": 1024**2,
+    "gb": 1024**3, "gib": 1024**3, "g": 1024**3, "gi": 1024**3,
+    "tb": 1024**4, "tib": 1024**4, "t": 1024**4, "ti": 1024**4,
 }  # fmt: skip
+#: The largest size: far beyond any machine's memory or disk, and within what setrlimit takes.
+MAX_SIZE_BYTES = 1024**5
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]+)$", re.IGNORECASE)
 
 
@@ -169,11 +171,11 @@ class ByteSize(_UnitValue):
         if m is None or m.group(2).lower() not in _SIZE_UNITS:
             raise ValueError(
                 f"{text!r} is not a size; expected a number and a unit "
-                "(B, KB, MB, GB, TB), e.g. '512KB', '256MB', '1GB'"
+                "(B, KB, MB, GB, TB, or KiB, Mi, G...), e.g. '512KB', '256MB', '1GB'"
             )
         number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-        if not math.isfinite(number):
-            raise ValueError(f"{text!r} is too large to be a size")
+        if not math.isfinite(number) or number > MAX_SIZE_BYTES:
+            raise ValueError(f"{text!r} is too large to be a size: at most 1024 TB")
         size = int(number)
         if size <= 0:
             raise ValueError(f"{text!r} is not a positive size; it must be larger than zero")
