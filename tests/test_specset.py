@@ -91,3 +91,17 @@ def test_spec_suffixes_are_matched_whatever_their_case(tmp_path: Path) -> None:
     for i, suffix in enumerate([".yaml", ".YAML", ".Yml", ".txt"]):
         (folder / f"agent-{i:04d}{suffix}").write_text(named(f"agent-{i:04d}"), encoding="utf-8")
     assert sorted(s.name for s in load_specs([folder])) == ["agent-0000", "agent-0001", "agent-0002"]
+
+
+def test_linked_directories_are_searched_once_and_a_link_to_nothing_is_named(tmp_path: Path) -> None:
+    team = write_set(tmp_path / "team-a", 2)
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "team-a").symlink_to(team)  # a team's specs kept elsewhere
+    (specs / "again").symlink_to(team)  # the same directory twice: read once
+    (team / "up").symlink_to(specs)  # a loop back up the tree ends
+    (specs / "own.yaml").write_text(named("own"), encoding="utf-8")
+    (specs / "hard.yaml").hardlink_to(specs / "own.yaml")  # one file under two names: one spec
+    assert sorted(s.name for s in load_specs([specs])) == ["agent-0000", "agent-0001", "own"]
+    (specs / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    assert problems_of(specs) == [("gone.yaml", None, None, f"a link to {tmp_path / 'nowhere.yaml'}, which does not exist")]

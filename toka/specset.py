@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,28 +18,29 @@ _SUFFIXES = (".yaml", ".yml")
 
 
 def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand files and directories (searched recursively) into spec files, sorted and unique.
+    """Expand files and directories (searched recursively, through linked directories) into spec
+    files, sorted and unique.
 
     Raises:
-        SpecError: a path does not exist, or a directory holds no spec file.
+        SpecError: a path does not exist, a directory holds no spec file, or a spec file in one is
+            a link to nothing.
     """
-    # Keyed by the file itself: one named twice (a directory and a file in it, a link beside its
-    # target) is read once, by the first name it was found under.
-    found: dict[Path, Path] = {}
+    # Keyed by the file itself: one named twice (a directory and a file in it, a link or a hard
+    # link beside its target) is read once, by the first name it was found under.
+    found: dict[tuple[int, int], Path] = {}
     problems: list[Problem] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not files:
+            files = _spec_files_under(path, problems)
+            if not files and not problems:
                 problems.append(Problem("no agent specs (*.yaml, *.yml) in this directory", source=str(path)))
             for file in files:
-                found.setdefault(file.resolve(), file)
+                st = file.stat()
+                found.setdefault((st.st_dev, st.st_ino), file)
         elif path.is_file():
-            found.setdefault(path.resolve(), path)
+            st = path.stat()
+            found.setdefault((st.st_dev, st.st_ino), path)
         elif path.exists():  # a FIFO, a device: reading it could block or never end
             problems.append(Problem("not a regular file or a directory", source=str(path)))
         else:
@@ -46,6 +48,29 @@ def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
     if problems:
         raise SpecError(problems)
     return list(found.values())
+
+
+def _spec_files_under(root: Path, problems: list[Problem]) -> list[Path]:
+    """The spec files under ``root``, hidden files and directories left out; linked directories
+    are followed (each real directory once), and a spec file that links to nothing is a problem."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to one directory
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            file = Path(dirpath, name)
+            if name.startswith(".") or file.suffix.lower() not in _SUFFIXES:
+                continue
+            if file.is_file():
+                files.append(file)
+            elif file.is_symlink() and not file.exists():
+                problems.append(Problem(f"a link to {os.readlink(file)}, which does not exist", source=str(file)))
+    return sorted(files)
 
 
 def load_specs(paths: Iterable[str | Path] = (DEFAULT_SPEC_DIR,)) -> list[AgentSpec]:
