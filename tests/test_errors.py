@@ -15,6 +15,7 @@ from toka.errors import (
     CommandRefused,
     ConfigError,
     GraphError,
+    LimitRefused,
     PathRefused,
     Problem,
     Refusal,
@@ -116,7 +117,7 @@ def test_bad_input_classes_and_their_subclasses() -> None:
 # -- refusals ------------------------------------------------------------------------------
 
 
-REFUSALS = (CommandRefused, ApprovalDenied, SandboxRefused, PathRefused)
+REFUSALS = (CommandRefused, ApprovalDenied, SandboxRefused, PathRefused, LimitRefused)
 
 
 @pytest.mark.parametrize("cls", REFUSALS, ids=lambda c: c.__name__)
@@ -132,7 +133,7 @@ def test_the_old_import_paths_name_the_same_classes() -> None:
     from toka.sandbox import SandboxRefused as FromSandbox
     from toka.workspace import PathRefused as FromWorkspace
 
-    assert (FromCommands, FromPolicy, FromSandbox, FromWorkspace) == REFUSALS
+    assert (FromCommands, FromPolicy, FromSandbox, FromWorkspace) == REFUSALS[:4]
 
 
 def test_a_sandbox_violation_is_not_a_refusal() -> None:

@@ -236,3 +236,39 @@ def test_a_blank_description_is_refused() -> None:
         AgentSpec.from_text(text, source="x.yaml")
     (problem,) = caught.value.problems
     assert problem.field == "tasks.default[0].description" and problem.message == "must not be blank (only spaces)"
+
+
+def test_a_closing_document_marker_is_not_a_second_document() -> None:
+    assert AgentSpec.from_text(survey_text() + "---\n").name == "repo-survey"
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(survey_text() + "---\nmore: 1\n", source="x.yaml")
+    assert "has another after '---'" in caught.value.problems[0].message
+
+
+@pytest.mark.parametrize("indent, cause", [
+    ("\t", "is indented with a tab: YAML indents with spaces only"),
+    ("\u00a0\u00a0", "holds a non-breaking space, U+00A0, at column 1: YAML takes plain spaces only"),
+])
+def test_an_invisible_character_that_breaks_the_yaml_is_named(indent: str, cause: str) -> None:
+    text = edited(survey_text(), "  sandbox: true", f"{indent}sandbox: true")
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    line = text.splitlines().index(f"{indent}sandbox: true") + 1
+    assert problem.message.startswith("invalid YAML: ") and f"(line {line} {cause})" in problem.message
+
+
+def test_messages_show_values_and_keys_as_yaml_writes_them() -> None:
+    text = re.sub(r"(?ms)^tasks:\n.*?(?=^dependencies:)", "tasks:\n  - description: List the files\n    priority: high\n",
+                  survey_text())
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.message == ("expected a mapping, got a list ([{description: List the files, priority: high}]); "
+                               "a list of tasks goes under 'default:' (tasks: {default: [...]}), and "
+                               "context-dependent ones under 'conditional:'")
+    text = re.sub(r"(?ms)^dependencies:\n.*?(?=^reporting:)", "dependencies:\n  optional:\n    null: x\n    true: y\n",
+                  survey_text())
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    assert {p.field for p in caught.value.problems} >= {"dependencies.optional.null", "dependencies.optional.true"}

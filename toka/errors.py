@@ -28,7 +28,8 @@ it into readable lines, never a traceback, and exits with the class's
     │   │   ├── CommandRefused         no declared capability allows the command
     │   │   ├── ApprovalDenied         a use needing approval was denied or not approved
     │   │   ├── SandboxRefused         the host cannot enforce a declared limit
-    │   │   └── PathRefused            a path outside what the workspace allows
+    │   │   ├── PathRefused            a path outside what the workspace allows
+    │   │   └── LimitRefused           a write past the size of one write or max_disk_usage
     │   ├── ToolTimeoutError       a tool process outlived its timeout and was killed
     │   └── SandboxViolation       a command changed what it may never change (fatal)
     ├── BudgetExceededError    a token budget is spent

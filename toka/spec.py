@@ -657,7 +657,7 @@ class AgentSpec(BaseModel):
     ) -> AgentSpec:
         name = yaml_source.name if yaml_source is not None else source_name
         if not isinstance(data, dict):
-            kind = "an empty file" if data is None else f"a {type(data).__name__}"
+            kind = "an empty file" if data is None else _kind(data)
             raise SpecError(
                 [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
             )
@@ -667,7 +667,8 @@ class AgentSpec(BaseModel):
             spec = cls.model_validate(data)
         except ValidationError as e:
             errors = e.errors()
-            problems += [_problem(err, yaml_source, name) for err in errors[:MAX_PROBLEMS]]
+            # dict.fromkeys: one defect that fails several alternatives of a type is one problem
+            problems += list(dict.fromkeys(_problem(err, yaml_source, name) for err in errors[:MAX_PROBLEMS]))
             if len(errors) > MAX_PROBLEMS:  # each costs a line lookup, and nobody reads 40,000 lines
                 problems.append(Problem(f"{len(errors) - MAX_PROBLEMS:,} more problems not listed "
                                         f"(the first {MAX_PROBLEMS} of a file are)", source=name))
@@ -786,18 +787,25 @@ def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name:
 def _field_path(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, bool) or part is None:  # a mapping key YAML read as true, false or null
+            out += f".{as_written(part)}" if out else as_written(part)
+        elif isinstance(part, int):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
     return out
 
 
-def _describe(value: Any) -> str:
+def _kind(value: Any) -> str:
+    """What a YAML value is, in the words of a spec's author: a mapping, a list, text..."""
     kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", type(None): "nothing",
              int: "a number", float: "a number", date: "a date", datetime: "a date-time"}
-    kind = kinds.get(type(value)) or next((name for t, name in kinds.items() if isinstance(value, t)),
+    return kinds.get(type(value)) or next((name for t, name in kinds.items() if isinstance(value, t)),
                                           f"a {type(value).__name__}")
+
+
+def _describe(value: Any) -> str:
+    kind = _kind(value)
     return kind if value is None else f"{kind} ({_shown(value)})"
 
 
@@ -836,6 +844,9 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
     if kind == "list_type":
         return f"expected a list, got {_describe(value)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if err["loc"] == ("tasks",) and isinstance(value, list):
+            return (f"expected a mapping, got {_describe(value)}; a list of tasks goes under 'default:' "
+                    "(tasks: {default: [...]}), and context-dependent ones under 'conditional:'")
         return f"expected a mapping, got {_describe(value)}"
     if kind in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {_describe(value)}"
@@ -873,6 +884,10 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
     # Before-validators on a whole field report at the field itself; unions and
     # nested types can add pseudo-locations (e.g. 'function-after[...]').
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+    if len(err["loc"]) > 1 and err["loc"][-1] == "[key]" and loc:
+        # A mapping key pydantic could not read: its location holds it as text or a number
+        # (null as 'None', true as 1); the key itself is the input.
+        loc = (*loc[:-1], err.get("input"))  # type: ignore[assignment]
     return Problem(
         _message(err, _fields_at(loc)),
         source=name,

@@ -76,14 +76,40 @@ def _text(value: object, kind: str, example: str) -> str:
 
 def as_written(value: object) -> str:
     """A YAML value as a spec's author would write it, for messages: ``null``, ``true``, a date's
-    ISO form; anything else as Python shows it (text quoted)."""
+    ISO form, a list or mapping in YAML's flow style (``[{description: List the files}]``); text
+    quoted, and anything else as Python shows it."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (date, datetime)):
         return value.isoformat()
+    if isinstance(value, (dict, list)) and _at_most(value, 64):
+        import yaml
+
+        try:
+            dumped = str(yaml.safe_dump(value, default_flow_style=True, width=2**31, allow_unicode=True,
+                                        sort_keys=False)).strip()
+        except yaml.YAMLError:  # a value of a type YAML has no tag for
+            dumped = ""
+        if dumped and "\n" not in dumped:  # text with line breaks: one line, as Python shows it
+            return dumped
     return repr(value)
+
+
+def _at_most(value: object, nodes: int) -> bool:
+    """Whether ``value`` holds at most ``nodes`` values (a shared or recursive one counts each time)."""
+    stack, seen = [value], 0
+    while stack:
+        seen += 1
+        if seen > nodes:
+            return False
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return True
 
 
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")

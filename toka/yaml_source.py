@@ -219,12 +219,25 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
             root, _ = self._node(self.get_event(), 0)
             self.get_event()  # document end
             if not self.check_event(StreamEndEvent):
-                raise ComposerError(
-                    "expected a single document in the stream", root.start_mark,
-                    "but found another document", self.get_event().start_mark,
-                )
+                another = self.peek_event().start_mark
+                if not self._only_empty_documents_follow():
+                    raise ComposerError("expected a single document in the stream", root.start_mark,
+                                        "but found another document", another)
         self.get_event()  # stream end
         return root
+
+    def _only_empty_documents_follow(self) -> bool:
+        """Consume what follows the document if it is only empty documents (a closing ``---``)."""
+        while not self.check_event(StreamEndEvent):
+            self.get_event()  # document start
+            if not self.check_event(ScalarEvent):
+                return False
+            empty = self.peek_event()
+            if empty.value or empty.anchor or empty.tag or not empty.implicit[0]:
+                return False
+            self.get_event()
+            self.get_event()  # document end
+        return True
 
     def _node(self, event: yaml.Event, level: int) -> tuple[yaml.Node, int]:
         """The node ``event`` starts, inside ``level`` collections, and how many levels of collections it spans."""
@@ -417,6 +430,23 @@ def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
     return None
 
 
+def _invisible_cause(text: str, line: int) -> str:
+    """What on line ``line`` (0-based) or the one before, where YAML errors land, a reader cannot
+    see: a tab or a non-breaking space where YAML takes only spaces."""
+    lines = text.splitlines()
+    for number in (line, line - 1):
+        if not 0 <= number < len(lines):
+            continue
+        content = lines[number]
+        indent = content[:len(content) - len(content.lstrip(" \t\u00a0"))]
+        if "\t" in indent:
+            return f" (line {number + 1} is indented with a tab: YAML indents with spaces only)"
+        if "\u00a0" in content:
+            return (f" (line {number + 1} holds a non-breaking space, U+00A0, at column "
+                    f"{content.index(chr(0xa0)) + 1}: YAML takes plain spaces only)")
+    return ""
+
+
 def load_yaml(source: YamlSource) -> Any:
     """Parse ``source`` safely; malformed YAML, duplicate keys and specs over a limit raise :class:`SpecError`."""
     size = _utf8_size_over_limit(source.text)
@@ -468,6 +498,8 @@ def load_yaml(source: YamlSource) -> Any:
         what = e.problem or e.context or "malformed YAML"
         if what == "but found another document":
             what = "a spec file holds one YAML document, and this one has another after '---'"
+        elif mark is not None:
+            what += _invisible_cause(source.text, mark.line)
         raise SpecError(
             [
                 Problem(
