@@ -159,6 +159,11 @@ def _paths(paths: list[Path] | None) -> list[Path]:
     return list(paths) if paths else [DEFAULT_SPEC_DIR]
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _deps(names: list[str]) -> str:
     return ", ".join(names) if names else "-"
 
@@ -176,7 +181,7 @@ def _agent_line(plan: Plan, name: str) -> str:
         return _deps([*present, *absent])
 
     return (
-        f"[bold]{name}[/bold]  {spec.priority}  {len(spec.tasks.default)} tasks"
+        f"[bold]{name}[/bold]  {spec.priority}  {_count(len(spec.tasks.default), 'task')}"
         f"  requires: {declared('required')}"
         f"  optional: {declared('optional')}"
         f"  limits: {limits_text(spec)}"
@@ -221,7 +226,7 @@ def plan(
     from .capabilities import capability_status
 
     graph = result.graph
-    out.print(f"{len(graph)} agents in {len(result.waves)} waves")
+    out.print(f"{_count(len(graph), 'agent')} in {_count(len(result.waves), 'wave')}")
     step = 0
     for i, wave in enumerate(result.waves, 1):
         out.print(f"[bold]wave {i}[/bold]")
@@ -232,7 +237,7 @@ def plan(
             extra = f" (+{conditional} conditional)" if conditional else ""
             out.print(
                 f"  {step}. [bold]{name}[/bold]  {spec.priority}  "
-                f"{len(spec.tasks.default)} tasks{extra}  {limits_text(spec)}"
+                f"{_count(len(spec.tasks.default), 'task')}{extra}  {limits_text(spec)}"
             )
             out.print(f"     requires: {_deps(graph.upstream(name, 'required'))}"
                       f"  optional: {_deps(graph.upstream(name, 'optional'))}")
@@ -372,7 +377,7 @@ def run(
     try:
         err.print(describe_choice(chosen))
         verb = "resuming run" if resume else "run"
-        err.print(f"{verb} {record.run_key}: {len(plan.graph)} agents in {len(plan.waves)} waves, "
+        err.print(f"{verb} {record.run_key}: {_count(len(plan.graph), 'agent')} in {_count(len(plan.waves), 'wave')}, "
                   f"workspace {space.root}")
         if config.in_place:
             err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
