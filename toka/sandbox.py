@@ -694,15 +694,16 @@ Watcher = Callable[[int, list[str]], Awaitable[None]]
 
 async def _watch_disk(measured: Sequence[tuple[Path, Path]], start: int, limit: int, pgid: int,
                       tripped: list[str]) -> None:
-    # Every 50 ms, or four times what one look takes (a big workspace): RLIMIT_FSIZE bounds each
-    # file, but a command that makes many (fallocate in a loop: 3 GB in 0.6 s here) outgrows the
-    # limit by what it writes between two looks, and each look walks the whole workspace.
+    # RLIMIT_FSIZE bounds each file, but a command that makes many (fallocate in a loop: 3 GB in
+    # 0.6 s here) outgrows the limit by what it writes between two looks. Each look walks the
+    # whole workspace, so looks are 50 ms apart at least, and at most a tenth of the time is
+    # spent looking (a walk of a workspace holding a virtualenv took a second).
     interval = 0.05
     while True:
         await asyncio.sleep(interval)
         began = time.monotonic()
         size = await asyncio.to_thread(_measured_size, measured)
-        interval = min(0.5, max(0.05, 4 * (time.monotonic() - began)))
+        interval = min(2.0, max(0.05, 9 * (time.monotonic() - began)))
         if size - start > limit:
             tripped.append("disk")
             with contextlib.suppress(ProcessLookupError, PermissionError):
