@@ -383,15 +383,26 @@ class TestWritePolicy:
         subprocess.run(["git", "worktree", "add", "-q", "--detach", ".toka/worktrees/a"], cwd=repo, check=True)
         agent = make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",),
                            root="repo/.toka/worktrees/a", state_dir=repo / ".toka")
+        worktree = repo / ".toka" / "worktrees" / "a"
+        (worktree / "d*").write_text("a file named d*\n")  # as a pathspec it would name docs/guide.md too
+        (worktree / "docs").mkdir()
+        (worktree / "docs" / "guide.md").write_text("old guide\n")
+        subprocess.run(["git", "add", "-A"], cwd=worktree, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "more"],
+                       cwd=worktree, check=True)
         agent.script("docs/w.sh", "#!/bin/sh\necho evil > src/app.py && rm src/old.py && echo new > src/new.py\n"
+                                  "echo staged > src/staged.py; git add src/staged.py; echo x >> 'd*'\n"
                                   "mkdir -p build && echo obj > build/out.o && echo guide > docs/guide.md\n")
         out = agent.run("sh", "docs/w.sh")
         assert out.is_error and "needs approval ('write-outside-paths')" in out.text
-        assert "src/app.py, src/new.py, src/old.py (outside the declared paths docs/*" in out.text
+        assert "changed d*, src/app.py, src/new.py, src/old.py, src/staged.py (outside the declared paths docs/*" in out.text
         agent.audited("run_command", "refused", "those changes were undone")
         assert (agent.root / "src" / "app.py").read_text() == "x = 1\n"
         assert (agent.root / "src" / "old.py").read_text() == "old\n"
-        assert not (agent.root / "src" / "new.py").exists()
+        assert not (agent.root / "src" / "new.py").exists() and not (agent.root / "src" / "staged.py").exists()
+        assert (agent.root / "d*").read_text() == "a file named d*\n"
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=agent.root, capture_output=True, text=True)
+        assert status.stdout.splitlines() == [" M docs/guide.md", "?? docs/w.sh"]  # the index as last committed
         # Inside the paths, and what git ignores (build output), stay.
         assert (agent.root / "docs" / "guide.md").read_text() == "guide\n"
         assert (agent.root / "build" / "out.o").is_file()

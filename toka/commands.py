@@ -523,15 +523,24 @@ def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str]) -> list[
                                f"paths {', '.join(policy.write_paths)} without approval; in this workspace that "
                                "cannot be undone without a person's own changes, so they are left for review "
                                "and the run stops", paths=outside)
-    tracked = [rel for rel in outside if pending[rel] != "??"]
-    for start in range(0, len(tracked), 500):
-        run_git(root, "checkout", "HEAD", "--", *tracked[start:start + 500])
-    for rel in outside:
-        if pending[rel] == "??":
-            try:
-                (root / rel).unlink()
-            except FileNotFoundError:
-                pass
+    # New files (untracked, or added to the index) go; the others come back from the last commit.
+    new = [rel for rel in outside if pending[rel] == "??" or pending[rel][0] == "A"]
+    steps: list[tuple[tuple[str, ...], list[str]]] = [
+        (("rm", "--cached", "-q", "--ignore-unmatch", "--"), [rel for rel in new if pending[rel] != "??"]),
+        (("checkout", "HEAD", "--"), [rel for rel in outside if rel not in new])]
+    literal = {"GIT_LITERAL_PATHSPECS": "1"}  # a file named '*' is that file, not every file
+    for args, paths in steps:
+        for start in range(0, len(paths), 500):
+            done = run_git(root, *args, *paths[start:start + 500], env=literal)
+            if done.returncode != 0:
+                raise SandboxViolation(f"the command changed {', '.join(outside[:_CHANGES_SHOWN])} outside the "
+                                       f"declared paths {', '.join(policy.write_paths)} without approval, and "
+                                       f"undoing it failed ({done.stderr.strip()}); the run stops", paths=outside)
+    for rel in new:
+        try:
+            (root / rel).unlink()
+        except FileNotFoundError:
+            pass
     return outside
 
 
