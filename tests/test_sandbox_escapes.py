@@ -119,6 +119,13 @@ class TestGitControlFilesInTheSandbox:
         person_uses_git(agent.root, mark)
 
 
+def violation(agent: Agent, name: str, body: str) -> SandboxViolation:
+    """What a workspace script ``name`` that must stop the run raised."""
+    with pytest.raises(SandboxViolation) as caught:
+        agent.run(agent.script(name, body))
+    return caught.value
+
+
 def unsandboxed_repo(make_agent: MakeAgent) -> Agent:
     """An agent whose spec says ``sandbox: false`` (allowed by the run), in a git repository."""
     agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
@@ -170,10 +177,8 @@ class TestGitControlFilesWithoutTheSandbox:
         fine = agent.script("fine.sh", "#!/bin/sh\nmkdir -p sub && cd sub && git init -q && echo ok\n")
         assert "ok" in agent.run(fine).text
         mark = tmp_path / "host-ran-it"
-        evil = agent.script("evil.sh", f"#!/bin/sh\nprintf '[alias]\\n\\tx = !echo x >> {mark}\\n' >> sub/.git/config\n")
-        with pytest.raises(SandboxViolation) as caught:
-            agent.run(evil)
-        assert "sub/.git/config" in caught.value.paths
+        caught = violation(agent, "evil.sh", f"#!/bin/sh\nprintf '[alias]\\n\\tx = !echo x >> {mark}\\n' >> sub/.git/config\n")
+        assert "sub/.git/config" in caught.paths
         person_uses_git(agent.root / "sub", mark)
 
     def test_a_bare_repository_made_clean_then_armed_in_a_later_command_is_undone(
@@ -186,15 +191,13 @@ class TestGitControlFilesWithoutTheSandbox:
         clean = agent.script("clean.sh", "#!/bin/sh\ngit init -q --bare evil && mkdir sub && "
                                          "echo 'gitdir: ../evil' > sub/.git && echo ok\n")
         assert "ok" in agent.run(clean).text
-        armed = agent.script("arm.sh", f"""\
+        caught = violation(agent, "arm.sh", f"""\
             #!/bin/sh
             printf '[core]\\n\\tfsmonitor = "echo fsmonitor >> {mark}; false"\\n\\tbare = false\\n\\tworktree = ../sub\\n' >> evil/config
             printf '[alias]\\n\\tx = "!echo alias >> {mark}"\\n' >> evil/config
             printf '#!/bin/sh\\necho hook >> {mark}\\n' > evil/hooks/post-checkout && chmod +x evil/hooks/post-checkout
             """)
-        with pytest.raises(SandboxViolation) as caught:
-            agent.run(armed)
-        assert {"evil/config", "evil/hooks/post-checkout"} <= set(caught.value.paths)
+        assert {"evil/config", "evil/hooks/post-checkout"} <= set(caught.paths)
         agent.audited("run_command", "refused", "changed git control files")
         assert "fsmonitor" not in (agent.root / "evil" / "config").read_text()
         assert not (agent.root / "evil" / "hooks" / "post-checkout").exists()
@@ -210,10 +213,8 @@ class TestGitControlFilesWithoutTheSandbox:
         first = agent.script("first.sh", f"#!/bin/sh\nmkdir -p e/objects e/refs && "
                                          f"printf '[alias]\\n\\tx = \"!echo alias >> {mark}\"\\n' > e/config\n")
         assert agent.run(first).text.startswith("exit code: 0")
-        last = agent.script("last.sh", "#!/bin/sh\necho 'ref: refs/heads/main' > e/HEAD\n")
-        with pytest.raises(SandboxViolation) as caught:
-            agent.run(last)
-        assert "e/config" in caught.value.paths
+        caught = violation(agent, "last.sh", "#!/bin/sh\necho 'ref: refs/heads/main' > e/HEAD\n")
+        assert "e/config" in caught.paths
         assert not (agent.root / "e" / "config").exists()
         person_uses_git(agent.root / "e", mark)
 
