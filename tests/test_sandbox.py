@@ -33,7 +33,7 @@ from toka.audit import AuditLog, read_audit
 from toka.capabilities import grant_tools
 from toka.commands import scrubbed_env
 from toka.errors import ConfigError, SandboxViolation
-from toka.policy import AgentPolicy, check_unsandboxed
+from toka.policy import AgentPolicy, approval_keys, check_unsandboxed
 from toka.sandbox import HostSupport, SandboxRefused, detect_host, plan_limits, run_sandboxed, sandbox_argv
 from toka.spec import AgentSpec, ResourceLimits
 from toka.tools import ToolContext, ToolOutput, Toolbox
@@ -349,6 +349,20 @@ class TestFileToolEscapes:
 # -- 17, 18: write paths and edit ambiguity ---------------------------------------------------------
 
 
+def worktree_agent(make_agent: MakeAgent, tmp_path: Path, files: dict[str, str], **options: Any) -> Agent:
+    """An agent whose workspace is its own worktree of a repository holding ``files`` (and a
+    .gitignore of build/), may write docs/* only, and runs scripts."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name, content in {**files, ".gitignore": "build/\n.toka/\n"}.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(content)
+    _git_repo(repo)
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", ".toka/worktrees/a"], cwd=repo, check=True)
+    return make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",), root="repo/.toka/worktrees/a",
+                      state_dir=repo / ".toka", **options)
+
+
 class TestWritePolicy:
     def test_writes_outside_write_paths_need_approval(self, make_agent: MakeAgent) -> None:
         agent = make_agent(*FILE_TOOLS, write_paths=("docs/*",), files={"src/app.py": "x = 1\n"})
@@ -374,22 +388,9 @@ class TestWritePolicy:
     def test_a_commands_changes_outside_write_paths_are_undone_in_an_agents_worktree(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:
-        repo = tmp_path / "repo"
-        repo.mkdir()
-        for name, content in {"src/app.py": "x = 1\n", "src/old.py": "old\n", ".gitignore": "build/\n.toka/\n"}.items():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_text(content)
-        _git_repo(repo)
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", ".toka/worktrees/a"], cwd=repo, check=True)
-        agent = make_agent("script-execution", *FILE_TOOLS, write_paths=("docs/*",),
-                           root="repo/.toka/worktrees/a", state_dir=repo / ".toka")
-        worktree = repo / ".toka" / "worktrees" / "a"
-        (worktree / "d*").write_text("a file named d*\n")  # as a pathspec it would name docs/guide.md too
-        (worktree / "docs").mkdir()
-        (worktree / "docs" / "guide.md").write_text("old guide\n")
-        subprocess.run(["git", "add", "-A"], cwd=worktree, check=True)
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "more"],
-                       cwd=worktree, check=True)
+        agent = worktree_agent(make_agent, tmp_path, {"src/app.py": "x = 1\n", "src/old.py": "old\n",
+                                                      "d*": "a file named d*\n", "docs/guide.md": "old guide\n"})
+        # 'd*' as a pathspec would name docs/guide.md too.
         agent.script("docs/w.sh", "#!/bin/sh\necho evil > src/app.py && rm src/old.py && echo new > src/new.py\n"
                                   "echo staged > src/staged.py; git add src/staged.py; echo x >> 'd*'\n"
                                   "mkdir -p build && echo obj > build/out.o && echo guide > docs/guide.md\n")
@@ -401,15 +402,40 @@ class TestWritePolicy:
         assert (agent.root / "src" / "old.py").read_text() == "old\n"
         assert not (agent.root / "src" / "new.py").exists() and not (agent.root / "src" / "staged.py").exists()
         assert (agent.root / "d*").read_text() == "a file named d*\n"
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=agent.root, capture_output=True, text=True)
-        assert status.stdout.splitlines() == [" M docs/guide.md", "?? docs/w.sh"]  # the index as last committed
         # Inside the paths, and what git ignores (build output), stay.
         assert (agent.root / "docs" / "guide.md").read_text() == "guide\n"
         assert (agent.root / "build" / "out.o").is_file()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=agent.root, capture_output=True, text=True)
+        assert status.stdout.splitlines() == [" M docs/guide.md", "?? docs/w.sh"]  # the index as last committed
         # Within the paths only: allowed.
         agent.script("docs/more.sh", "#!/bin/sh\necho more >> docs/guide.md\n")
         assert not agent.run("sh", "docs/more.sh").is_error
         agent.audited("run_command", "allowed")
+
+    @pytest.mark.parametrize("attack", [
+        # A commit: git status would show nothing (unsandboxed: in the sandbox the git directory is read-only).
+        "echo evil > src/app.py && git add -A && git -c user.name=a -c user.email=a@b commit -qm sneak",
+        # The old modification time put back: the change time still moves.
+        "python3 -c \"import os; p='src/app.py'; st=os.stat(p); open(p, 'r+').write('x = 9'); "
+        "os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))\"",
+        "rm -rf src && ln -s docs src",  # a directory turned into a link
+        "rm src/app.py && mkdir src/app.py && echo x > src/app.py/f",  # a file turned into a directory
+    ], ids=["commit", "mtime-set-back", "dir-to-link", "file-to-dir"])
+    def test_a_change_outside_write_paths_is_undone_however_it_is_made(
+        self, make_agent: MakeAgent, tmp_path: Path, attack: str
+    ) -> None:
+        agent = worktree_agent(make_agent, tmp_path, {"src/app.py": "x = 1\n", "docs/a.md": "a\n"},
+                               sandbox=False, allow_unsandboxed=True)
+        start = subprocess.run(["git", "rev-parse", "HEAD"], cwd=agent.root, capture_output=True, text=True).stdout
+        agent.script("docs/w.sh", f"#!/bin/sh\n{attack}\n")
+        out = agent.run("sh", "docs/w.sh")
+        assert out.is_error and "needs approval ('write-outside-paths')" in out.text, out.text
+        agent.audited("run_command", "refused", "those changes were undone")
+        assert (agent.root / "src" / "app.py").read_text() == "x = 1\n"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=agent.root, capture_output=True, text=True).stdout
+        assert head == start
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=agent.root, capture_output=True, text=True)
+        assert status.stdout.splitlines() == ["?? docs/w.sh"]
 
     def test_outside_write_paths_a_command_in_a_persons_own_tree_stops_the_run(
         self, make_agent: MakeAgent
@@ -438,6 +464,13 @@ class TestWritePolicy:
         assert out.is_error and "over the 2000000-byte limit of one write" in out.text
         agent.audited("write_file", "refused", "2000001 bytes")
         assert not (agent.root / "big.txt").exists()
+
+    @pytest.mark.parametrize("capabilities, asked", [
+        (["filesystem-write"], True), (["script-execution"], True), (["filesystem-read"], False)])
+    def test_write_outside_paths_is_asked_for_whatever_may_write(self, capabilities: list[str], asked: bool) -> None:
+        spec = AgentSpec.model_validate(minimal_spec("a", security={
+            "capabilities_required": capabilities, "write_paths": ["docs/*"], "resource_limits": {"timeout": "10m"}}))
+        assert approval_keys(spec, ("write-outside-paths",)) == (["write-outside-paths"] if asked else [])
 
     def test_approval_allows_writes_outside_and_a_denial_wins(self, make_agent: MakeAgent) -> None:
         approved = make_agent(*FILE_TOOLS, write_paths=("docs/*",), approvals=("write-outside-paths",))

@@ -23,9 +23,12 @@ capability                 programs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +40,7 @@ from .errors import CommandRefused, SandboxViolation
 from .gitguard import GitGuard, run_git
 from .redact import redact, secret_values
 from .sandbox import (
+    Snapshot,
     changed_files,
     run_sandboxed,
     snapshot,
@@ -416,6 +420,8 @@ class RunCommand(Tool):
         skip = [state]  # .git included: a change there is reported like any other
         before = await asyncio.to_thread(snapshot, root, skip)
         guard = await asyncio.to_thread(GitGuard.capture, root, before)
+        bounded = bool(policy.write_paths) and not policy.approved("write-outside-paths")
+        head = await asyncio.to_thread(_head, root) if bounded else None
         try:
             result, usage, plan = await run_sandboxed(
                 argv, cwd=cwd, workspace=root, state_dir=state, env=env, limits=policy.limits,
@@ -439,8 +445,8 @@ class RunCommand(Tool):
         violations = await asyncio.to_thread(guard.check, changed, after)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
-        if policy.write_paths and not policy.approved("write-outside-paths"):
-            outside = await asyncio.to_thread(_undo_outside_write_paths, ctx, changed)
+        if bounded:
+            outside = await asyncio.to_thread(_undo_outside_write_paths, ctx, changed, head)
             if outside:
                 shown = ", ".join(outside[:_CHANGES_SHOWN]) + (
                     f" and {len(outside) - _CHANGES_SHOWN} more" if len(outside) > _CHANGES_SHOWN else "")
@@ -481,21 +487,31 @@ class RunCommand(Tool):
                              output_bytes=len(result.stdout) + len(result.stderr))
 
 
-def _undo_git_changes(guard: GitGuard, before: dict[str, tuple[int, int]], root: Path,
+def _undo_git_changes(guard: GitGuard, before: Snapshot, root: Path,
                       skip: Sequence[Path]) -> list[str]:
     """Undo what a command changed in git control files; return those paths (blocking: walks the workspace)."""
     after = snapshot(root, skip)
     return guard.check(changed_files(before, after), after)
 
 
-def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str]) -> list[str]:
-    """Undo what a command changed outside the spec's ``write_paths`` (files git would commit:
-    ignored ones, build output and caches, are left); return those paths (blocking).
+def _head(root: Path) -> str | None:
+    """The commit checked out in ``root`` (None: no git repository, or no commit yet)."""
+    done = run_git(root, "rev-parse", "--verify", "-q", "HEAD")
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
-    In an agent's own worktree everything outside the paths is as its last commit left it (the
-    writes there need the approval this run lacks), so that is what is restored. Anywhere else
-    (``--in-place``, a workspace that is no git repository) restoring could take a person's own
-    changes: the files are left for review and the run stops.
+
+def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str], head: str | None) -> list[str]:
+    """Undo what a command changed outside the spec's ``write_paths``; return those paths (blocking).
+
+    Outside means: a file the command changed that git would commit (one it ignores, build
+    output or a cache, is left), or one a commit it made changed. ``head``: the commit checked
+    out before the command.
+
+    In an agent's own worktree everything outside the paths is as ``head`` had it (the writes
+    there need the approval this run lacks), so that is what is restored, and a commit the
+    command made is taken back (what it changed inside the paths stays, uncommitted). Anywhere
+    else (``--in-place``, a workspace that is no git repository) restoring could take a person's
+    own changes: the files are left for review and the run stops.
 
     Raises:
         SandboxViolation: the changes could not be undone.
@@ -503,45 +519,66 @@ def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str]) -> list[
     policy = ctx.policy
     assert policy is not None
     root = ctx.workspace.root
-    candidates = [rel for rel in changed if ".git" not in Path(rel).parts
-                  and not any(fnmatch.fnmatch(rel, g) for g in policy.write_paths)]
+
+    def outside_paths(paths: Iterable[str]) -> list[str]:
+        return [rel for rel in paths if ".git" not in Path(rel).parts
+                and not any(fnmatch.fnmatch(rel, g) for g in policy.write_paths)]
+
+    def stop(paths: list[str], why: str) -> SandboxViolation:
+        return SandboxViolation(f"the command changed {', '.join(paths[:_CHANGES_SHOWN])} outside the declared "
+                                f"paths {', '.join(policy.write_paths)} without approval; {why}", paths=paths)
+
+    candidates = outside_paths(changed)
+    now = _head(root) if head is not None else None
+    if head is not None and now != head:  # it committed: what the commits changed counts too
+        committed = run_git(root, "diff", "--name-only", "-z", "--relative", "--no-renames", head, "HEAD")
+        candidates = sorted({*candidates, *outside_paths(p for p in committed.stdout.split("\0") if p)})
     if not candidates:
         return []
-    listed = run_git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
-    if listed.returncode != 0:
-        raise SandboxViolation(f"files outside the declared paths {', '.join(policy.write_paths)} changed "
-                               f"({', '.join(candidates[:_CHANGES_SHOWN])}) and the workspace is no git "
-                               "repository to undo them from; they are left for review and the run stops",
-                               paths=candidates)
-    # What git would commit: changed tracked files and untracked ones it does not ignore.
-    pending = {entry[3:]: entry[:2] for entry in listed.stdout.split("\0") if len(entry) > 3}
-    outside = sorted(rel for rel in candidates if rel in pending)
+    if head is None:
+        raise stop(candidates, "the workspace is no git repository (or has no commit) to undo them from; they "
+                               "are left for review and the run stops")
+    ignored = run_git(root, "check-ignore", "-z", "--stdin", input="\0".join(candidates) + "\0")
+    skipped = {p for p in ignored.stdout.split("\0") if p} if ignored.returncode in (0, 1) else set()
+    outside = [rel for rel in candidates if rel not in skipped]
     if not outside:
         return []
     if not root.is_relative_to(ctx.workspace.state_dir):  # not an agent's own worktree
-        raise SandboxViolation(f"the command changed {', '.join(outside[:_CHANGES_SHOWN])} outside the declared "
-                               f"paths {', '.join(policy.write_paths)} without approval; in this workspace that "
-                               "cannot be undone without a person's own changes, so they are left for review "
-                               "and the run stops", paths=outside)
-    # New files (untracked, or added to the index) go; the others come back from the last commit.
-    new = [rel for rel in outside if pending[rel] == "??" or pending[rel][0] == "A"]
-    steps: list[tuple[tuple[str, ...], list[str]]] = [
-        (("rm", "--cached", "-q", "--ignore-unmatch", "--"), [rel for rel in new if pending[rel] != "??"]),
-        (("checkout", "HEAD", "--"), [rel for rel in outside if rel not in new])]
+        raise stop(outside, "in this workspace that cannot be undone without a person's own changes, so "
+                            "they are left for review and the run stops")
     literal = {"GIT_LITERAL_PATHSPECS": "1"}  # a file named '*' is that file, not every file
-    for args, paths in steps:
-        for start in range(0, len(paths), 500):
-            done = run_git(root, *args, *paths[start:start + 500], env=literal)
-            if done.returncode != 0:
-                raise SandboxViolation(f"the command changed {', '.join(outside[:_CHANGES_SHOWN])} outside the "
-                                       f"declared paths {', '.join(policy.write_paths)} without approval, and "
-                                       f"undoing it failed ({done.stderr.strip()}); the run stops", paths=outside)
-    for rel in new:
-        try:
-            (root / rel).unlink()
-        except FileNotFoundError:
-            pass
+    kept = run_git(root, "ls-tree", "-r", "-z", "--name-only", head, "--", *outside, env=literal)
+    existed = {p for p in kept.stdout.split("\0") if p}
+    steps: list[tuple[str, ...]] = []
+    if now != head:
+        steps.append(("reset", "-q", "--mixed", head))  # the branch back; the files stay as they are
+    for rel in outside:  # new ones go first: a path may have turned from a file into a directory
+        if rel not in existed:
+            _remove_new(root, rel)
+    rest = [rel for rel in outside if rel in existed]
+    steps += [("checkout", head, "--", *rest[i:i + 500]) for i in range(0, len(rest), 500)]
+    for args in steps:
+        done = run_git(root, *args, env=literal)
+        if done.returncode != 0:
+            raise stop(outside, f"undoing it failed ({done.stderr.strip()}); the run stops")
     return outside
+
+
+def _remove_new(root: Path, rel: str) -> None:
+    """Remove a path a command made, and the directories it leaves empty (up to ``root``)."""
+    path = root / rel
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(path.lstat().st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for parent in path.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty, or gone
+            break
 
 
 def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:

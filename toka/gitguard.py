@@ -104,7 +104,7 @@ def git_argv(repo: Path, *args: str) -> list[str]:
 
 
 def run_git(repo: Path, *args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None,
-            own_session: bool = False) -> subprocess.CompletedProcess[str]:
+            own_session: bool = False, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the runtime's own git command in ``repo`` (see :func:`git_argv`); never raises for exit codes.
 
     ``env`` adds variables (an author, an index file) to :func:`git_env`'s environment.
@@ -123,8 +123,10 @@ def run_git(repo: Path, *args: str, timeout: float = 60.0, env: Mapping[str, str
     # agent whose task it was committing. A SIGINT the runtime ignores does not reach its git.
     apart = not own_session and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     done = subprocess.run(git_argv(repo, *args), capture_output=True, env={**git_env(), **(env or {})},
-                          timeout=timeout, stdin=subprocess.DEVNULL, check=False, start_new_session=own_session,
-                          process_group=0 if apart else None)
+                          timeout=timeout, check=False, start_new_session=own_session,
+                          process_group=0 if apart else None,
+                          **({"stdin": subprocess.DEVNULL} if input is None
+                             else {"input": input.encode("utf-8", "surrogateescape")}))
     # Paths and contents need not be UTF-8 (a Latin-1 file, a name made by a command), nor end
     # lines with \n alone (a CRLF file's patch): kept as the bytes they are (surrogate escapes, no
     # newline translation), so a path read here names the same file in argv and a patch applies.

@@ -61,7 +61,12 @@ def approval_keys(spec: AgentSpec, needs_approval: frozenset[str] | tuple[str, .
         keys.append("network-access")
     if "git-push" in caps:
         keys.append("git-push")
-    if spec.security.write_paths and caps & {"filesystem-write", "file-system-write"}:
+    from .capabilities import CAPABILITIES
+
+    # Commands write too: what they change outside the paths needs the same approval.
+    writes = caps & {"filesystem-write", "file-system-write"} or any(
+        c in CAPABILITIES and CAPABILITIES[c].needs_sandbox for c in caps)
+    if spec.security.write_paths and writes:
         keys.append("write-outside-paths")
     return [k for k in keys if k in needs_approval]
 

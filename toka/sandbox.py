@@ -569,12 +569,17 @@ def _measured_size(measured: Sequence[tuple[Path, Path]]) -> int:
     return sum(_tree_size(root, skip) for root, skip in measured)
 
 
-def snapshot(root: Path, skip: Sequence[Path]) -> dict[str, tuple[int, int]]:
-    """Relative path -> (mtime_ns, size) of the files under ``root``, outside ``skip``."""
-    return {os.path.relpath(path, root): (st.st_mtime_ns, st.st_size) for path, st in _files(root, skip)}
+Snapshot = dict[str, tuple[int, int, int]]
 
 
-def changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+def snapshot(root: Path, skip: Sequence[Path]) -> Snapshot:
+    """Relative path -> (mtime_ns, size, ctime_ns) of the files under ``root``, outside ``skip``.
+    The change time too: a command can set a file's modification time back, not its change time."""
+    return {os.path.relpath(path, root): (st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+            for path, st in _files(root, skip)}
+
+
+def changed_files(before: Snapshot, after: Snapshot) -> list[str]:
     """Files created, modified or deleted between two snapshots, sorted."""
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
