@@ -218,6 +218,34 @@ class TestGitControlFilesWithoutTheSandbox:
         assert not (agent.root / "e" / "config").exists()
         person_uses_git(agent.root / "e", mark)
 
+    @pytest.mark.parametrize("where", ["$HOME/evil", "/tmp/evil-outside"])
+    def test_a_git_file_pointing_out_of_the_workspace_is_removed(
+        self, make_agent: MakeAgent, tmp_path: Path, where: str
+    ) -> None:
+        # No check would see a git directory there (the private home is toka's state, kept from
+        # one command to the next), so the pointer itself may not be.
+        agent = unsandboxed_repo(make_agent)
+        caught = violation(agent, "point.sh", f"#!/bin/sh\nmkdir -p sub && echo \"gitdir: {where}\" > sub/.git\n")
+        assert caught.paths == ["sub/.git"]
+        assert not (agent.root / "sub" / ".git").exists()
+
+    def test_a_nested_repository_keeps_what_everyday_git_writes_and_loses_the_rest(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        agent = unsandboxed_repo(make_agent)
+        mark = tmp_path / "host-ran-it"
+        made = agent.script("made.sh", "#!/bin/sh\ngit init -q sub && git clone -q --mirror . build/upstream.git\n")
+        assert agent.run(made).text.startswith("exit code: 0")
+        configured = agent.script("configure.sh", "#!/bin/sh\ngit -C sub config user.name bob && "
+                                                  "git -C sub remote add origin ../build/upstream.git && echo ok\n")
+        assert "ok" in agent.run(configured).text
+        assert "bob" in (agent.root / "sub" / ".git" / "config").read_text()
+        caught = violation(agent, "arm.sh", f"#!/bin/sh\ngit -C sub config alias.x '!echo alias >> {mark}'\n")
+        assert caught.paths == ["sub/.git/config"]
+        config = (agent.root / "sub" / ".git" / "config").read_text()
+        assert "alias" not in config and "bob" in config  # back to what it was before the command
+        person_uses_git(agent.root / "sub", mark)
+
     def test_a_rebase_todo_with_exec_lines_is_removed(self, make_agent: MakeAgent, tmp_path: Path) -> None:
         agent = unsandboxed_repo(make_agent)
         mark = tmp_path / "host-ran-it"
@@ -240,11 +268,14 @@ def test_file_tools_write_into_no_git_directory_whatever_its_name(make_agent: Ma
     assert "alias" not in (agent.root / "bare" / "config").read_text()
     assert not agent.call("write_file", path="armed/HEAD", content="ref: refs/heads/main\n").is_error
     assert not agent.call("write_file", path="armed/config", content="[alias]\n\tx = !echo x\n").is_error
-    out = agent.call("write_file", path="armed/objects/keep", content="")
+    assert not agent.call("write_file", path="armed/objects/keep", content="").is_error
+    out = agent.call("write_file", path="armed/refs/heads/keep", content="")  # HEAD, objects and refs: git's
     assert out.is_error and "inside a git directory (armed)" in out.text
     (agent.root / "objects-first" / "refs").mkdir(parents=True)
+    (agent.root / "objects-first" / "objects").mkdir()
     assert agent.call("write_file", path="objects-first/HEAD", content="ref: refs/heads/main\n").is_error
-    assert not agent.call("write_file", path="docs/HEAD", content="a file named HEAD is fine\n").is_error
+    (agent.root / "docs" / "refs").mkdir(parents=True)
+    assert not agent.call("write_file", path="docs/HEAD", content="a file named HEAD beside refs/\n").is_error
 
 
 def test_the_runtimes_own_git_runs_nothing_the_repository_configures(tmp_path: Path) -> None:

@@ -419,7 +419,7 @@ class RunCommand(Tool):
                     if policy.sandbox and policy.limits.max_disk_usage is not None else None)
         skip = [state]  # .git included: a change there is reported like any other
         before = await asyncio.to_thread(snapshot, root, skip)
-        guard = await asyncio.to_thread(GitGuard.capture, root, before)
+        guard = await asyncio.to_thread(GitGuard.capture, root, before, state)
         bounded = bool(policy.write_paths) and not policy.approved("write-outside-paths")
         head = await asyncio.to_thread(_head, root) if bounded else None
         try:

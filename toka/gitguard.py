@@ -36,6 +36,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ INIT_CONFIG_KEYS = (
     "core.ignorecase", "core.precomposeunicode", "core.symlinks", "core.autocrlf", "core.eol",
     "core.quotepath", "extensions.objectformat", "init.defaultbranch", "user.name", "user.email",
     "branch.*.remote", "branch.*.merge", "branch.*.rebase", "remote.*.url", "remote.*.fetch",
+    "remote.*.pushurl", "remote.*.mirror", "remote.*.tagopt", "remote.*.prune", "fetch.prune", "pull.rebase",
+    "core.sharedrepository", "gc.auto", "receive.denycurrentbranch", "submodule.*.url", "submodule.*.active",
 )
 _INIT_KEY = re.compile("^(" + "|".join(re.escape(k).replace(r"\*", r"[^\n]+") for k in INIT_CONFIG_KEYS) + ")$")
 
@@ -225,12 +228,12 @@ def git_dirs(workspace: Path) -> list[Path]:
 
 def looks_like_gitdir(path: Path, adding: str | None = None) -> bool:
     """Whether git would take ``path`` for a git directory (a bare repository, or what a ``.git``
-    file points to): a ``HEAD`` beside ``objects`` or ``refs``, or a ``commondir`` naming them.
-    Wider than git's own test (no check that ``HEAD`` parses): what is checked here only needs to
-    include what git would use. ``adding``: the name of an entry about to be made in ``path``."""
+    file points to): a ``HEAD`` beside ``objects`` and ``refs``, or beside a ``commondir`` naming
+    them (git's own test, but for whether ``HEAD`` parses). ``adding``: the name of an entry
+    about to be made in ``path``."""
     def has(name: str) -> bool:
         return name == adding or os.path.lexists(path / name)
-    return has("HEAD") and any(has(n) for n in ("objects", "refs", "commondir"))
+    return has("HEAD") and (has("commondir") or (has("objects") and has("refs")))
 
 
 def _gitdirs_among(workspace: Path, files: Iterable[str], own: Sequence[Path]) -> list[Path]:
@@ -321,22 +324,25 @@ class GitGuard:
 
     workspace: Path
     dirs: list[Path]
-    """The workspace's own git directories, and the others it held before the command."""
+    """The workspace's own git directories."""
     before: dict[Path, _Entry] = field(default_factory=dict)
+    nested: dict[Path, dict[Path, _Entry]] = field(default_factory=dict)
+    """The control files of the other git directories the workspace held (nested repositories)."""
+    state: Path | None = None
+    """The runtime's state directory, where no git directory of the workspace may be."""
 
     @classmethod
-    def capture(cls, workspace: Path, files: Iterable[str] = ()) -> GitGuard:
+    def capture(cls, workspace: Path, files: Iterable[str] = (), state: Path | None = None) -> GitGuard:
         """The control files now. ``files``: the workspace's files (relative paths), among which
         the git directories other than its own are found."""
         dirs = git_dirs(workspace)
-        own = [d.resolve() for d in dirs]
-        dirs += _gitdirs_among(workspace, files, own)
         before: dict[Path, _Entry] = {}
         for d in dirs:
             before.update(_control_snapshot(d))
         if (workspace / ".git").is_file():  # a worktree's pointer to its git directory
             _add(before, workspace / ".git")
-        return cls(workspace, dirs, before)
+        nested = {d: _control_snapshot(d) for d in _gitdirs_among(workspace, files, [d.resolve() for d in dirs])}
+        return cls(workspace, dirs, before, nested, state)
 
     def check(self, changed: Sequence[str], files: Iterable[str] = ()) -> list[str]:
         """Undo what the command changed in git control files; return those paths (empty: nothing).
@@ -355,7 +361,15 @@ class GitGuard:
             if self.before.get(path) != after.get(path):
                 violations.append(self._shown(path))
         if violations:
-            self._restore(after)
+            _restore(self.before, after)
+        for gitdir, was in self.nested.items():  # what git init (or everyday use) writes is theirs to change
+            now = _control_snapshot(gitdir)
+            unsafe = [path for path in sorted(was.keys() | now.keys(), key=lambda p: (len(p.parts), str(p)))
+                      if was.get(path) != now.get(path) and not _harmless(gitdir, path, was.get(path), now.get(path))]
+            if unsafe:
+                violations += [self._shown(path) for path in unsafe]
+                _restore(was, now)
+        violations += self._pointers_out(files)
         for gitdir in self._todo_dirs(changed):
             for name in _TODO_FILES:
                 todo = gitdir / name
@@ -365,7 +379,7 @@ class GitGuard:
                         todo.unlink()
                 except OSError:
                     continue
-        known = [d.resolve() for d in self.dirs]
+        known = [d.resolve() for d in (*self.dirs, *self.nested)]
         new = {*self._new_gitdirs(changed), *_gitdirs_among(self.workspace, files, known)}
         for gitdir in sorted(new):
             violations += self._untrusted(gitdir)
@@ -374,28 +388,32 @@ class GitGuard:
     def _shown(self, path: Path) -> str:
         return os.path.relpath(path, self.workspace) if path.is_relative_to(self.workspace) else str(path)
 
-    def _restore(self, after: dict[Path, _Entry]) -> None:
-        for path in sorted(after.keys() - self.before.keys(), key=lambda p: -len(p.parts)):
-            _remove(path)
-        for path, entry in sorted(self.before.items(), key=lambda kv: len(kv[0].parts)):
-            if after.get(path) == entry:
+    def _pointers_out(self, files: Iterable[str]) -> list[str]:
+        """``.git`` files and links in the workspace (its own aside) that point outside it, or into
+        the runtime's state: git would use a directory there, which no check here sees. Removed."""
+        root = self.workspace.resolve()
+        own = [d.resolve() for d in self.dirs]
+        found: list[str] = []
+        for rel in files:
+            if not rel.endswith("/.git"):
                 continue
-            if entry.content is None:
-                if not path.is_dir() or path.is_symlink():
-                    _remove(path)
-                path.mkdir(parents=True, exist_ok=True)
-                os.chmod(path, entry.mode)
-            elif stat.S_ISLNK(entry.mode):
-                _remove(path)
-                os.symlink(entry.content.decode(), path)
-            else:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.is_symlink():
-                    path.unlink()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(entry.content)
-                os.chmod(path, stat.S_IMODE(entry.mode))
+            dot = self.workspace / rel
+            try:
+                if dot.is_symlink():
+                    target = dot.resolve()
+                else:
+                    text = dot.read_text(encoding="utf-8", errors="replace").strip()
+                    if not text.startswith("gitdir:"):
+                        continue
+                    target = (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
+            except (OSError, RuntimeError):
+                continue
+            if any(target.is_relative_to(d) for d in own):  # a submodule's, inside the repository's own
+                continue
+            if not target.is_relative_to(root) or (self.state is not None and target.is_relative_to(self.state.resolve())):
+                found.append(rel)
+                _remove(dot)
+        return found
 
     def _todo_dirs(self, changed: Sequence[str]) -> list[Path]:
         found = {*self.dirs}
@@ -463,6 +481,56 @@ def _remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry]) -> None:
+    """Put the control files ``after`` lists back as ``before`` had them."""
+    for path in sorted(after.keys() - before.keys(), key=lambda p: -len(p.parts)):
+        _remove(path)
+    for path, entry in sorted(before.items(), key=lambda kv: len(kv[0].parts)):
+        if after.get(path) == entry:
+            continue
+        if entry.content is None:
+            if not path.is_dir() or path.is_symlink():
+                _remove(path)
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, entry.mode)
+        elif stat.S_ISLNK(entry.mode):
+            _remove(path)
+            os.symlink(entry.content.decode(), path)
+        else:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.is_symlink():
+                path.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(entry.content)
+            os.chmod(path, stat.S_IMODE(entry.mode))
+
+
+def _harmless(gitdir: Path, path: Path, was: _Entry | None, now: _Entry | None) -> bool:
+    """Whether a change to a control file of a nested repository is what ``git init``, ``git
+    config user.name``, ``git remote add`` or a sample hook would make: nothing git runs."""
+    rel = path.relative_to(gitdir)
+    if rel.parts and rel.parts[0] == "hooks":
+        return now is None or now.content is None or rel.name.endswith(".sample")
+    if rel.as_posix() == "info/exclude" or (rel.as_posix() == "info" and now is not None and now.content is None):
+        return True
+    if rel.name in ("config", "config.worktree") and len(rel.parts) == 1:
+        pairs = _read_config(path)
+        if pairs is None:
+            return False
+        before = set(_pairs_from(was.content)) if was is not None and was.content else set()
+        return all(_INIT_KEY.match(k) for k, v in pairs if (k, v) not in before)
+    return False
+
+
+def _pairs_from(content: bytes) -> list[tuple[str, str]]:
+    """The (key, value) pairs of config file content (as :func:`_read_config` reads a file)."""
+    with tempfile.NamedTemporaryFile(suffix=".config") as f:
+        f.write(content)
+        f.flush()
+        return _read_config(Path(f.name)) or []
 
 
 def protected_paths(workspace: Path) -> tuple[list[Path], list[Path]]:
