@@ -105,3 +105,11 @@ def test_linked_directories_are_searched_once_and_a_link_to_nothing_is_named(tmp
     assert sorted(s.name for s in load_specs([specs])) == ["agent-0000", "agent-0001", "own"]
     (specs / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
     assert problems_of(specs) == [("gone.yaml", None, None, f"a link to {tmp_path / 'nowhere.yaml'}, which does not exist")]
+
+
+def test_each_directory_without_specs_is_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError) as info:
+        load_specs([tmp_path / "missing", tmp_path / "empty"])
+    assert [(Path(p.source or "").name, p.message) for p in info.value.problems] == [
+        ("missing", "no such file or directory"), ("empty", "no agent specs (*.yaml, *.yml) in this directory")]

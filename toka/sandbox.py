@@ -708,7 +708,7 @@ async def _watch_disk(measured: Sequence[tuple[Path, Path]], start: int, limit: 
         await asyncio.sleep(interval)
         began = time.monotonic()
         size = await asyncio.to_thread(_measured_size, measured)
-        interval = min(2.0, max(0.05, 9 * (time.monotonic() - began)))
+        interval = max(0.05, 9 * (time.monotonic() - began))
         if size - start > limit:
             tripped.append("disk")
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -32,8 +32,9 @@ def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
+            known = len(problems)
             files = _spec_files_under(path, problems)
-            if not files and not problems:
+            if not files and len(problems) == known:  # a link to nothing is reported as that
                 problems.append(Problem("no agent specs (*.yaml, *.yml) in this directory", source=str(path)))
             for file in files:
                 st = file.stat()
