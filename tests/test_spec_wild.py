@@ -272,3 +272,8 @@ def test_messages_show_values_and_keys_as_yaml_writes_them() -> None:
     with pytest.raises(SpecError) as caught:
         AgentSpec.from_text(text, source="x.yaml")
     assert {p.field for p in caught.value.problems} >= {"dependencies.optional.null", "dependencies.optional.true"}
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(edited(survey_text(), "metadata:\n", "metadata:\n  null: 3\n  true: 1\n"), source="x.yaml")
+    assert [(p.field, p.message) for p in caught.value.problems] == [
+        ("metadata.null", "a field name must be text, got nothing"),
+        ("metadata.true", "a field name must be text, got a boolean (true)")]

@@ -852,6 +852,8 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
         return f"expected true or false, got {_describe(value)}"
     if kind in ("date_type", "date_parsing", "date_from_datetime_parsing", "date_from_datetime_inexact"):
         return f"{_shown(str(value) if isinstance(value, date) else value)} is not a date (write YYYY-MM-DD, or an ISO 8601 date-time such as 2026-03-02T10:15:00Z)"
+    if kind == "invalid_key":
+        return f"a field name must be text, got {_describe(value)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
     if kind == "unit":
@@ -884,7 +886,7 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
     # Before-validators on a whole field report at the field itself; unions and
     # nested types can add pseudo-locations (e.g. 'function-after[...]').
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
-    if len(err["loc"]) > 1 and err["loc"][-1] == "[key]" and loc:
+    if loc and ((len(err["loc"]) > 1 and err["loc"][-1] == "[key]") or err["type"] == "invalid_key"):
         # A mapping key pydantic could not read: its location holds it as text or a number
         # (null as 'None', true as 1); the key itself is the input.
         loc = (*loc[:-1], err.get("input"))  # type: ignore[assignment]
