@@ -293,7 +293,7 @@ def test_non_string_top_level_key_is_located() -> None:
     text = BASE + "\n1: one\n"
     (problem,) = load_error(text).problems
     assert problem.line == line_of(text, "1: one")
-    assert "keys should be strings" in problem.message
+    assert problem.message == "a field name must be text, got a number (1)" and problem.field == "1"
 
 
 # -- several defects, several files ---------------------------------------------

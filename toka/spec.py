@@ -886,14 +886,19 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
     # Before-validators on a whole field report at the field itself; unions and
     # nested types can add pseudo-locations (e.g. 'function-after[...]').
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+    field = _field_path(loc)
     if loc and ((len(err["loc"]) > 1 and err["loc"][-1] == "[key]") or err["type"] == "invalid_key"):
         # A mapping key pydantic could not read: its location holds it as text or a number
-        # (null as 'None', true as 1); the key itself is the input.
-        loc = (*loc[:-1], err.get("input"))  # type: ignore[assignment]
+        # (null as 'None', true as 1); the key itself is the input, named as written.
+        key = err.get("input")
+        shown = key if isinstance(key, str) else as_written(key)
+        field = f"{_field_path(loc[:-1])}.{shown}" if loc[:-1] else shown
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            loc = loc[:-1]  # the line of the mapping that holds it
     return Problem(
         _message(err, _fields_at(loc)),
         source=name,
         line=yaml_source.line_of(loc) if yaml_source else None,
-        field=_field_path(loc),
+        field=field,
     )
 
