@@ -393,9 +393,11 @@ class TestWritePolicy:
         # 'd*' as a pathspec would name docs/guide.md too.
         agent.script("docs/w.sh", "#!/bin/sh\necho evil > src/app.py && rm src/old.py && echo new > src/new.py\n"
                                   "echo staged > src/staged.py; git add src/staged.py; echo x >> 'd*'\n"
-                                  "mkdir -p build && echo obj > build/out.o && echo guide > docs/guide.md\n")
+                                  "mkdir -p build && echo obj > build/out.o && echo guide > docs/guide.md\n"
+                                  "echo '3 tests passed'\n")
         out = agent.run("sh", "docs/w.sh")
         assert out.is_error and "needs approval ('write-outside-paths')" in out.text
+        assert "--- what the command printed ---\nexit code: 0\n--- stdout ---\n3 tests passed" in out.text
         assert "changed d*, src/app.py, src/new.py, src/old.py, src/staged.py (outside the declared paths docs/*" in out.text
         agent.audited("run_command", "refused", "those changes were undone")
         assert (agent.root / "src" / "app.py").read_text() == "x = 1\n"

@@ -36,7 +36,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from .capabilities import CAPABILITIES
-from .errors import CommandRefused, SandboxViolation
+from .errors import ApprovalDenied, CommandRefused, SandboxViolation
 from .gitguard import GitGuard, run_git
 from .redact import redact, secret_values
 from .sandbox import (
@@ -445,16 +445,6 @@ class RunCommand(Tool):
         violations = await asyncio.to_thread(guard.check, changed, after)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
-        if bounded:
-            outside = await asyncio.to_thread(_undo_outside_write_paths, ctx, changed, head)
-            if outside:
-                shown = ", ".join(outside[:_CHANGES_SHOWN]) + (
-                    f" and {len(outside) - _CHANGES_SHOWN} more" if len(outside) > _CHANGES_SHOWN else "")
-                policy.require_approval(
-                    "write-outside-paths",
-                    f"the command {' '.join(args.argv)!r} changed {shown} (outside the declared paths "
-                    f"{', '.join(policy.write_paths)}; those changes were undone): that",
-                )
         secrets = secret_values()
         text = [f"exit code: {usage.exit_code}" if usage.exit_code is not None
                 else f"killed by signal {usage.signal}" + (f" ({usage.killed_for})" if usage.killed_for else "")]
@@ -478,6 +468,20 @@ class RunCommand(Tool):
             text += ["--- stderr ---", redact(result.stderr, secrets)]
         if result.truncated:
             text.append("[output cut at 64000 bytes per stream]")
+        if bounded:
+            outside = await asyncio.to_thread(_undo_outside_write_paths, ctx, changed, head)
+            if outside:
+                shown_out = ", ".join(outside[:_CHANGES_SHOWN]) + (
+                    f" and {len(outside) - _CHANGES_SHOWN} more" if len(outside) > _CHANGES_SHOWN else "")
+                try:
+                    policy.require_approval(
+                        "write-outside-paths",
+                        f"the command {' '.join(args.argv)!r} changed {shown_out} (outside the declared paths "
+                        f"{', '.join(policy.write_paths)}; those changes were undone): that",
+                    )
+                except ApprovalDenied as e:  # the model still sees what the command printed (a test run)
+                    e.detail = "\n".join(["--- what the command printed ---", *text])
+                    raise
         if changed:
             shown = changed[:_CHANGES_SHOWN] + ([f"... and {len(changed) - _CHANGES_SHOWN} more"]
                                                 if len(changed) > _CHANGES_SHOWN else [])

@@ -288,6 +288,8 @@ class Refusal(ToolError):
 
     retryable = False
     fatal = False
+    detail: str = ""
+    """More for the model than the reason the audit records (what a refused command printed)."""
 
 
 class CommandRefused(Refusal):

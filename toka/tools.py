@@ -27,7 +27,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .audit import AuditLog
-from .errors import LimitRefused, PathRefused, SandboxViolation, ToolError, ToolTimeoutError
+from .errors import LimitRefused, PathRefused, Refusal, SandboxViolation, ToolError, ToolTimeoutError
 from .model import ToolDefinition
 from .policy import AgentPolicy
 from .process import as_text
@@ -571,7 +571,8 @@ class Toolbox:
         except ToolError as e:
             if e.retryable or e.fatal:  # the task's (or the run's) business, not the model's
                 raise
-            return ToolOutput(f"refused: {e}", is_error=True), "refused", str(e)
+            detail = f"\n{e.detail}" if isinstance(e, Refusal) and e.detail else ""
+            return ToolOutput(f"refused: {e}{detail}", is_error=True), "refused", str(e)
         except (OSError, UnicodeDecodeError) as e:
             why = f"{name} failed: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
             return ToolOutput(why, is_error=True), "allowed", why
