@@ -551,8 +551,9 @@ def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str], head: st
         raise stop(outside, "in this workspace that cannot be undone without a person's own changes, so "
                             "they are left for review and the run stops")
     literal = {"GIT_LITERAL_PATHSPECS": "1"}  # a file named '*' is that file, not every file
-    kept = run_git(root, "ls-tree", "-r", "-z", "--name-only", head, "--", *outside, env=literal)
-    existed = {p for p in kept.stdout.split("\0") if p}
+    existed = {p for i in range(0, len(outside), 500)
+               for p in run_git(root, "ls-tree", "-r", "-z", "--name-only", head, "--", *outside[i:i + 500],
+                                env=literal).stdout.split("\0") if p}
     steps: list[tuple[str, ...]] = []
     if now != head:
         steps.append(("reset", "-q", "--mixed", head))  # the branch back; the files stay as they are
