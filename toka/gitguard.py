@@ -17,11 +17,13 @@ runs (a workspace script, a ``conftest.py`` under pytest) could plant them. So:
    repository, ``.git`` where there was none, or a bare repository under any name,
    which a ``.git`` file elsewhere may point to) may hold only what ``git init``
    writes: sample hooks and plain configuration keys (:data:`INIT_CONFIG_KEYS`).
-   Otherwise its control files are removed and the run stops. Git directories the
-   workspace held before the command are held to their control files like its own.
+   Otherwise its control files are removed and the run stops. In one the workspace
+   held before the command, a command may change what everyday git writes (the same
+   keys, sample hooks, ``info/exclude``); anything else is put back and stops the run.
    Whether a directory is one is decided after each command, whatever it was named
-   and in whatever order its parts were made. A rebase or cherry-pick left in
-   progress may not carry ``exec`` lines either.
+   and in whatever order its parts were made. A ``.git`` file or link pointing out of
+   the workspace, or into the runtime's state, is removed and stops the run. A rebase
+   or cherry-pick left in progress may not carry ``exec`` lines either.
 
 The runtime's own git calls go through :func:`git_argv`, which switches hooks,
 fsmonitor, pagers, editors, external diff, and the filters, textconv and merge drivers
@@ -201,22 +203,13 @@ def _read_config(path: Path) -> list[tuple[str, str]] | None:
 def git_dirs(workspace: Path) -> list[Path]:
     """The git directories of the repository the workspace is the top of: its git dir and common dir."""
     dot = workspace / ".git"
-    if dot.is_symlink():
-        return [dot.resolve()] if dot.resolve().is_dir() else []
-    if dot.is_dir():
+    if dot.is_dir() and not dot.is_symlink():
         gitdir = dot
-    elif dot.is_file():
-        try:
-            text = dot.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            return []
-        if not text.startswith("gitdir:"):
-            return []
-        gitdir = (workspace / text.removeprefix("gitdir:").strip()).resolve()
-        if not gitdir.is_dir():
-            return []
     else:
-        return []
+        pointed = _pointed_to(dot)
+        if pointed is None or not pointed.is_dir():
+            return []
+        gitdir = pointed
     found = [gitdir]
     commondir = gitdir / "commondir"
     if commondir.is_file():
@@ -224,6 +217,22 @@ def git_dirs(workspace: Path) -> list[Path]:
         if common.is_dir() and common != gitdir:
             found.append(common)
     return found
+
+
+def _pointed_to(dot: Path) -> Path | None:
+    """Where a ``.git`` link, or a ``.git`` file's ``gitdir:`` line, sends git (None: it is
+    neither, or cannot be read)."""
+    try:
+        if dot.is_symlink():
+            return dot.resolve()
+        if not dot.is_file():
+            return None
+        text = dot.read_text(encoding="utf-8", errors="replace").strip()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return None
+    if not text.startswith("gitdir:"):
+        return None
+    return (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
 
 
 def looks_like_gitdir(path: Path, adding: str | None = None) -> bool:
@@ -351,21 +360,18 @@ class GitGuard:
         now (relative paths): git directories that are new among them are held to what ``git
         init`` writes.
         """
-        violations: list[str] = []
         after: dict[Path, _Entry] = {}
         for d in self.dirs:
             after.update(_control_snapshot(d))
         if self.workspace / ".git" in self.before:
             _add(after, self.workspace / ".git")
-        for path in sorted(self.before.keys() | after.keys(), key=lambda p: (len(p.parts), str(p))):
-            if self.before.get(path) != after.get(path):
-                violations.append(self._shown(path))
+        violations = [self._shown(path) for path in _differing(self.before, after)]
         if violations:
             _restore(self.before, after)
         for gitdir, was in self.nested.items():  # what git init (or everyday use) writes is theirs to change
             now = _control_snapshot(gitdir)
-            unsafe = [path for path in sorted(was.keys() | now.keys(), key=lambda p: (len(p.parts), str(p)))
-                      if was.get(path) != now.get(path) and not _harmless(gitdir, path, was.get(path), now.get(path))]
+            unsafe = [path for path in _differing(was, now)
+                      if not _harmless(gitdir, path, was.get(path), now.get(path))]
             if unsafe:
                 violations += [self._shown(path) for path in unsafe]
                 _restore(was, now)
@@ -398,15 +404,8 @@ class GitGuard:
             if not rel.endswith("/.git"):
                 continue
             dot = self.workspace / rel
-            try:
-                if dot.is_symlink():
-                    target = dot.resolve()
-                else:
-                    text = dot.read_text(encoding="utf-8", errors="replace").strip()
-                    if not text.startswith("gitdir:"):
-                        continue
-                    target = (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
-            except (OSError, RuntimeError):
+            target = _pointed_to(dot)
+            if target is None:
                 continue
             if any(target.is_relative_to(d) for d in own):  # a submodule's, inside the repository's own
                 continue
@@ -481,6 +480,12 @@ def _remove(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _differing(before: dict[Path, _Entry], after: dict[Path, _Entry]) -> list[Path]:
+    """The control files that differ between two snapshots, shallowest first."""
+    return [path for path in sorted(before.keys() | after.keys(), key=lambda p: (len(p.parts), str(p)))
+            if before.get(path) != after.get(path)]
 
 
 def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry]) -> None:
