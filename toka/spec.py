@@ -527,14 +527,13 @@ class AgentSpec(BaseModel):
         """Domain-specific blocks, in file order, shown to the agent as context: unknown top-level
         blocks, then fields of ``metadata`` and ``security`` the runtime does not read."""
         blocks = dict(self.model_extra or {})
-        for path, extra in self._kept_fields():
-            blocks[_field_path(path)] = plain_data(extra)
+        for path, block in self._keeping_blocks():
+            blocks[_field_path(path)] = plain_data(block.model_extra)
         return blocks
 
-    def _kept_fields(self) -> list[tuple[tuple[str | int, ...], dict[str, Any]]]:
-        """Fields the runtime does not read, kept by the blocks that describe the agent (the tasks'
-        aside: they are shown with their task), with where each block is."""
-        found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
+    def _keeping_blocks(self) -> list[tuple[tuple[str | int, ...], BaseModel]]:
+        """The blocks that describe the agent and keep fields the runtime does not read (the tasks'
+        aside: theirs are shown with their task), with where each is."""
         blocks: list[tuple[tuple[str | int, ...], BaseModel]] = [
             ((name,), getattr(self, name)) for name in
             ("metadata", "spec", "capabilities", "reporting", "security", "behavioral_directives", "risk_mitigation")]
@@ -542,10 +541,7 @@ class AgentSpec(BaseModel):
         blocks += [(("reporting", "metrics", i), m) for i, m in enumerate(self.reporting.metrics)]
         blocks += [(("risk_mitigation", "high_priority_risks", i), r)
                    for i, r in enumerate(self.risk_mitigation.high_priority_risks)]
-        for path, block in blocks:
-            if block.model_extra:
-                found.append((path, block.model_extra))
-        return found
+        return [(path, block) for path, block in blocks if block.model_extra]
 
     @property
     def warnings(self) -> list[Problem]:
@@ -561,9 +557,9 @@ class AgentSpec(BaseModel):
             value = getattr(limits, field_name)
             if value is not None and value.guessed:
                 warn(value.guessed, "security", "resource_limits", field_name)
-        for path, extra in self._kept_fields():
-            known = list(type(self._block_at(path)).model_fields)
-            for key in extra:
+        for path, block in self._keeping_blocks():
+            known = list(type(block).model_fields)
+            for key in block.model_extra or {}:
                 close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 warn(f"not understood by the runtime; kept and shown to the agent as context{hint}", *path, key)
@@ -581,12 +577,6 @@ class AgentSpec(BaseModel):
                     if value is not None and value.guessed:
                         warn(value.guessed, *prefix, i, key)
         return found
-
-    def _block_at(self, path: tuple[str | int, ...]) -> Any:
-        block: Any = self
-        for part in path:
-            block = block[part] if isinstance(part, int) else getattr(block, part)
-        return block
 
     @property
     def source(self) -> str | None:
@@ -787,9 +777,7 @@ def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name:
 def _field_path(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, bool) or part is None:  # a mapping key YAML read as true, false or null
-            out += f".{as_written(part)}" if out else as_written(part)
-        elif isinstance(part, int):
+        if isinstance(part, int):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
