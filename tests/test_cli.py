@@ -159,6 +159,16 @@ class TestPlan:
         assert code == 2
         assert "did you mean 'storage-advancement'?" in err
 
+    def test_selecting_an_agent_whose_file_does_not_load_names_only_the_file(self, write_specs) -> None:
+        """The agent exists; its file is the problem, not the selection."""
+        bad = minimal_spec("bad")
+        bad["spec"]["priority"] = "urgent"
+        folder = write_specs(bad, minimal_spec("fine"))
+        code, _, err = toka("plan", folder, "--agent", "bad")
+        assert code == 2
+        assert "spec.priority: 'urgent' is not one of" in err
+        assert "unknown agent" not in err
+
 
 class TestSchema:
     def test_prints_json_schema_with_docstrings(self) -> None:

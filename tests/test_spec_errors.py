@@ -129,9 +129,19 @@ CASES = [
          f"{LIMIT}.max_processes", r"greater than or equal to 1", "max_processes:"),
     Case("processes-boolean", replace('timeout: "2h"', 'timeout: "2h"\n    max_processes: true'),
          f"{LIMIT}.max_processes", r"valid integer \(got a boolean \(true\)\)", "max_processes:"),
+    # The typo also leaves the required timeout missing: one defect, one problem.
     Case("limits-typo-timout", replace('timeout: "2h"', 'timout: "2h"'),
          f"{LIMIT}.timout", r"unknown field 'timout'; did you mean 'timeout'\? expected one of: timeout, ",
-         "timout:", count=2),  # the typo also leaves the required timeout missing
+         "timout:"),
+    # In blocks that keep unknown fields, the missing field names the key that misspells it.
+    Case("spec-priority-misspelt", replace('priority: "critical"', 'priorty: "critical"'),
+         "spec.priority", r"^required field is missing; 'priorty' looks like a misspelling of it$", "priorty:"),
+    Case("metadata-name-misspelt", replace('name: "build-system-stabilization"', 'nmae: "build-system-stabilization"'),
+         "metadata.name", r"^required field is missing; 'nmae' looks like a misspelling of it$", "nmae:"),
+    Case("task-description-misspelt",
+         replace('    - description: "Analyze current', '    - descriptin: "Analyze current'),
+         "tasks.default[0].description", r"^required field is missing; 'descriptin' looks like a misspelling",
+         "descriptin:"),
     Case("limits-missing", replace('  resource_limits:\n    max_memory: "512MB"\n    max_cpu: "75%"\n    timeout: "2h"\n', ""),
          "security.resource_limits", r"required field is missing", "security:"),
     # -- priorities ------------------------------------------------------------

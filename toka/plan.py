@@ -158,7 +158,7 @@ def make_plan(
         specs, problems = load_spec_set(paths)
     try:
         graph = AgentGraph.build(specs, partial=partial)
-        if agents:
+        if agents and not problems:  # an agent of a file that did not load is not unknown
             graph = graph.select(agents)
     except GraphError as e:
         if not problems:

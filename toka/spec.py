@@ -657,8 +657,13 @@ class AgentSpec(BaseModel):
             spec = cls.model_validate(data)
         except ValidationError as e:
             errors = e.errors()
+            # A misspelt required field in a block that takes no other fields is one defect: the
+            # unknown field's problem already says what it may have meant.
+            unknown = {_loc(err) for err in errors if err["type"] == "extra_forbidden"}
+            errors = [err for err in errors if err["type"] != "missing"
+                      or (*_loc(err)[:-1], _misspelling(err, data)) not in unknown]
             # dict.fromkeys: one defect that fails several alternatives of a type is one problem
-            problems += list(dict.fromkeys(_problem(err, yaml_source, name) for err in errors[:MAX_PROBLEMS]))
+            problems += list(dict.fromkeys(_problem(err, yaml_source, name, data) for err in errors[:MAX_PROBLEMS]))
             if len(errors) > MAX_PROBLEMS:  # each costs a line lookup, and nobody reads 40,000 lines
                 problems.append(Problem(f"{len(errors) - MAX_PROBLEMS:,} more problems not listed "
                                         f"(the first {MAX_PROBLEMS} of a file are)", source=name))
@@ -763,7 +768,8 @@ def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name:
             if not isinstance(key, str) or key in model.model_fields:
                 continue
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-            if close and close[0] not in block:
+            # A required field's misspelling is told with the field's own "missing" (:func:`_problem`).
+            if close and close[0] not in block and not model.model_fields[close[0]].is_required():
                 problems.append(Problem(
                     f"unknown field {key!r}; did you mean {close[0]!r}? expected one of: {', '.join(fields)}",
                     source=name, line=yaml_source.line_of([*path, key]) if yaml_source else None,
@@ -860,6 +866,36 @@ def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _at(data: Any, loc: tuple[str | int, ...]) -> Any:
+    """The value at ``loc`` in the spec's data, or None when the path does not lead anywhere."""
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _loc(err: ErrorDetails) -> tuple[str | int, ...]:
+    """Where the error is in the spec's data. Before-validators on a whole field report at the
+    field itself; unions and nested types add pseudo-locations (e.g. 'function-after[...]')."""
+    return tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+
+
+def _misspelling(err: ErrorDetails, data: Any) -> str | None:
+    """For a missing field: the key beside it that looks like it misspelt (no field of the block)."""
+    loc = _loc(err)
+    if err["type"] != "missing" or not loc or not isinstance(loc[-1], str):
+        return None
+    block = _at(data, loc[:-1])
+    if not isinstance(block, dict):
+        return None
+    known = _fields_at(loc)
+    unknown = [k for k in block if isinstance(k, str) and k not in known]
+    close = difflib.get_close_matches(loc[-1], unknown, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _model_in(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -870,10 +906,8 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None) -> Problem:
-    # Before-validators on a whole field report at the field itself; unions and
-    # nested types can add pseudo-locations (e.g. 'function-after[...]').
-    loc = tuple(p for p in err["loc"] if isinstance(p, int) or "[" not in str(p))
+def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None, data: Any = None) -> Problem:
+    loc = _loc(err)
     field = _field_path(loc)
     if loc and ((len(err["loc"]) > 1 and err["loc"][-1] == "[key]") or err["type"] == "invalid_key"):
         # A mapping key pydantic could not read: its location holds it as text or a number
@@ -883,8 +917,13 @@ def _problem(err: ErrorDetails, yaml_source: YamlSource | None, name: str | None
         field = f"{_field_path(loc[:-1])}.{shown}" if loc[:-1] else shown
         if not isinstance(key, (int, str)) or isinstance(key, bool):
             loc = loc[:-1]  # the line of the mapping that holds it
+    message = _message(err, _fields_at(loc))
+    typo = _misspelling(err, data)
+    if typo is not None:  # point at the key the author wrote, not at the block missing the field
+        message += f"; {typo!r} looks like a misspelling of it"
+        loc = (*loc[:-1], typo)
     return Problem(
-        _message(err, _fields_at(loc)),
+        message,
         source=name,
         line=yaml_source.line_of(loc) if yaml_source else None,
         field=field,
