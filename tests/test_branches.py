@@ -7,6 +7,7 @@ dependencies' work; the run ends with ``toka/<run>/_merged``; ``toka diff``, ``t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -240,6 +241,36 @@ def test_a_task_that_ran_no_tool_costs_no_git_process_and_its_agent_keeps_every_
     assert "two.txt" in git(repo, "show", "--name-only", "--format=", "toka/q/_merged")
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_diff_apply_and_discard_mean_the_newest_run_a_deployments_too(tmp_path: Path) -> None:
+    """A nightly deployment's run writes no command-line record: `toka diff` showed the run before it."""
+    from .conftest import run_pipeline
+
+    def writes(name: str) -> Callable[[ModelRequest], ModelResponse]:
+        def answer(request: ModelRequest) -> ModelResponse:
+            if not any(m.role == "assistant" for m in request.messages):
+                return tool_call("write_file", path=f"{name}.txt", content=f"{name}\n")
+            return submit(summary="written")
+        return answer
+
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    shown = toka(repo, "--run-key", "cli", model=FunctionModel(writes("by-the-cli")))
+    assert shown.exit_code == 0, shown.output
+    with override_model(FunctionModel(writes("by-the-deployment"))):
+        state, _ = asyncio.run(run_pipeline(repo, run_key="night", specs=[str(repo / "specs")]))
+    assert state.is_completed()
+
+    diff = toka(repo, "diff", "--stat")
+    assert diff.exit_code == 0, diff.output
+    assert "by-the-deployment.txt" in diff.output and "by-the-cli.txt" not in diff.output
+    assert "discarded run night: 2 branches removed" in toka(repo, "discard").output
+    # With the deployment's run gone, the command line's is the newest left.
+    assert "by-the-cli.txt" in toka(repo, "diff", "--stat").output
+    gone = toka(repo, "diff", "--run", "night")
+    assert gone.exit_code == 1
+    assert "runs with branches here, newest first: cli (choose one with --run KEY)" in gone.output
+
+
 def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) -> None:
     """`.toka/` deleted midway: the branches stayed in the repository and discard said the run had none."""
     repo = make_repo(tmp_path / "repo", writer("a"))
@@ -248,7 +279,7 @@ def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) ->
         git(repo, "branch", branch, head)
     discarded = toka(repo, "discard", "--run", "kh")
     assert discarded.exit_code == 0, discarded.output
-    assert "2 branches and worktrees removed" in discarded.output
+    assert "2 branches removed" in discarded.output
     assert git(repo, "branch", "--list", "toka/*", "--format=%(refname:short)").split() == ["toka/other/a"]
     missing = toka(repo, "discard", "--run", "none")
     assert missing.exit_code == 1 and "has no branches" in missing.output
@@ -759,8 +790,37 @@ def test_applying_one_agent_says_its_branch_holds_its_dependencies_work_too(tmp_
     changes = branches.agent_changes(run, "b")
     assert changes is not None and changes.files_changed == ["from-b.txt"]  # what `toka diff --agent b` shows
     done = branches.apply_changes(run, "b")
-    assert done == "merged toka/night/b into your checkout (2 files, with the work of the dependencies it built on)"
+    assert done.startswith("merged toka/night/b into your checkout (2 files, with the work of the dependencies "
+                           "it built on); undo with: git reset --keep ")
     assert (repo / "from-a.txt").is_file() and (repo / "from-b.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["repository", "plain folder"])
+def test_apply_says_how_to_take_it_back_and_that_works(tmp_path: Path, kind: str) -> None:
+    """The person's edits made since stay; what the run brought goes."""
+    folder = tmp_path / "work"
+    if kind == "repository":
+        make_repo(folder)
+    else:
+        folder.mkdir()
+        (folder / "shared.txt").write_text(SHARED)
+    run = branches.open_run(folder, folder / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    (Path(checkout.worktree) / "from-agent.txt").write_text("agent\n")
+    assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="write", state="completed")
+    branches.finish_run(run, ["a"])
+    head = git(folder, "rev-parse", "HEAD") if kind == "repository" else None
+
+    done = branches.apply_changes(run)
+    assert (folder / "from-agent.txt").read_text() == "agent\n"
+    (folder / "mine.txt").write_text("written after the apply\n")
+    undo = done.split("; undo with: ")[1]
+    subprocess.run(undo, shell=True, cwd=folder, check=True, capture_output=True)
+    assert not (folder / "from-agent.txt").exists()
+    assert (folder / "mine.txt").read_text() == "written after the apply\n"
+    assert (folder / "shared.txt").read_text() == SHARED
+    if head is not None:
+        assert git(folder, "rev-parse", "HEAD") == head
 
 
 def test_apply_needing_a_merge_commit_says_why_staged_changes_stop_it(tmp_path: Path) -> None:

@@ -168,6 +168,21 @@ def record_path(state_dir: Path, run_key: str) -> Path:
     return state_dir / "branches" / f"{run_file_name(run_key)}.json"
 
 
+def runs_with_branches(state_dir: Path) -> list[tuple[float, str]]:
+    """The runs whose branches are recorded in ``state_dir``, newest record first: (its time, run key).
+
+    Every run writes its record there, from ``toka run`` or from a deployment's flow run (which
+    ``.toka/runs/last.json``, the command line's own record, does not know of).
+    """
+    found = []
+    for path in (state_dir / "branches").glob("*.json"):
+        try:
+            found.append((path.stat().st_mtime, str(json.loads(path.read_text(encoding="utf-8"))["run_key"])))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # half-written or foreign: load_run names the problem when it is asked for
+    return sorted(found, reverse=True)
+
+
 def load_run(state_dir: Path, run_key: str) -> RunBranches:
     """The branches of run ``run_key``.
 
@@ -177,8 +192,11 @@ def load_run(state_dir: Path, run_key: str) -> RunBranches:
     try:
         return RunBranches(**json.loads(record_path(state_dir, run_key).read_text(encoding="utf-8")))
     except FileNotFoundError:
+        others = [key for _, key in runs_with_branches(state_dir)]
+        hint = f"; runs with branches here, newest first: {', '.join(others[:5])} (choose one with --run KEY)" \
+            if others else ""
         raise BranchError(f"run {run_key!r} has no branches in {state_dir} (it ran --in-place, "
-                          "or elsewhere, or its branches were discarded)") from None
+                          f"or elsewhere, or its branches were discarded){hint}") from None
     except (ValueError, TypeError) as e:
         raise BranchError(f"{record_path(state_dir, run_key)} is unreadable: {e}") from None
 
@@ -987,7 +1005,9 @@ def apply_changes(run: RunBranches, agent: str | None = None) -> str:
     if agent is not None and _agent_start(run, agent) != run.base:
         # Its branch starts from its dependencies' merged work: `toka diff --agent` shows its own.
         built_on = ", with the work of the dependencies it built on"
-    return f"merged {branch} into your checkout ({len(incoming)} files{built_on})"
+    files = f"{len(incoming)} file{'s' * (len(incoming) != 1)}"
+    # git reset --keep: takes the merge back, and refuses rather than lose edits made since.
+    return f"merged {branch} into your checkout ({files}{built_on}); undo with: git reset --keep {head[:12]}"
 
 
 #: What git leaves in its directory while an operation waits for the person, and its name.
@@ -1014,7 +1034,8 @@ def _apply_patch(run: RunBranches, branch: str) -> str:
     patch = _git(repo, "diff", "--binary", start, _head(repo, branch))
     if not patch:
         return f"nothing to apply: {branch} changes nothing"
-    path = Path(run.state_dir) / "tmp" / f"apply-{uuid.uuid4().hex[:8]}.patch"
+    # Kept once applied: it is how the person takes the changes back.
+    path = Path(run.state_dir) / "patches" / "applied" / f"{ref_part(branch.replace('/', '-'))}-{uuid.uuid4().hex[:8]}.patch"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(patch, encoding="utf-8", errors="surrogateescape")
     try:
@@ -1023,6 +1044,7 @@ def _apply_patch(run: RunBranches, branch: str) -> str:
             if done.returncode != 0:
                 raise BranchError(f"not applied: the patch of {branch} does not apply to {workspace} (files "
                                   f"changed since the run?): {done.stderr.strip()}")
-    finally:
+    except BaseException:
         path.unlink(missing_ok=True)
-    return f"applied the changes of {branch} to {workspace}"
+        raise
+    return f"applied the changes of {branch} to {workspace}; undo with: git apply -R {path}"

@@ -159,9 +159,9 @@ def _paths(paths: list[Path] | None) -> list[Path]:
     return list(paths) if paths else [DEFAULT_SPEC_DIR]
 
 
-def _count(n: int, noun: str) -> str:
+def _count(n: int, noun: str, plural: str | None = None) -> str:
     """``1 task``, ``2 tasks``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _deps(names: list[str]) -> str:
@@ -635,11 +635,28 @@ def _run_branches(workspace: Path, run_key: str | None, agent: str | None) -> An
     from .branches import load_run
 
     space = Workspace(workspace)
-    key = run_key or RunRecord.load_last(space.state_dir).run_key
+    key = run_key or _last_run_here(space.state_dir)
     branches = load_run(space.state_dir, key)
     if agent is not None and not branches.agent_record(agent).is_file():
         raise ConfigError(f"run {key} has no branch for an agent named {agent!r}")
     return branches
+
+
+def _last_run_here(state_dir: Path) -> str:
+    """The run that started last in the workspace, from ``toka run`` or a deployment (a nightly run).
+
+    Raises:
+        ConfigError: no run is recorded here.
+    """
+    from .branches import runs_with_branches
+
+    newest = runs_with_branches(state_dir)[:1]
+    last = RunRecord.path(state_dir)
+    # The command line's record is written as its run starts, the branches' record just after:
+    # a deployment's run, which only writes the latter, is the last one when its record is newer.
+    if newest and (not last.exists() or newest[0][0] >= last.stat().st_mtime):
+        return newest[0][1]
+    return RunRecord.load_last(state_dir).run_key
 
 
 @app.command(cls=_Command)
@@ -691,7 +708,11 @@ def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
     for worktree, left in discarded.uncommitted.items():
         files = f"{left} uncommitted file{'s' * (left != 1)}"
         err.print(f"[yellow]removed[/yellow] {escape(worktree)} (with {files}: gone)")
-    out.print(f"discarded run {escape(branches.run_key)}: {len(discarded.removed)} branches and worktrees removed")
+    worktrees = sum(not name.startswith("toka/") for name in discarded.removed)
+    parts = [_count(n, noun, plural) for n, noun, plural in (
+        (len(discarded.removed) - worktrees, "branch", "branches"), (worktrees, "worktree", None)) if n]
+    what = f"{' and '.join(parts)} removed" if parts else "no branch or worktree was left"
+    out.print(f"discarded run {escape(branches.run_key)}: {what}")
 
 
 @app.command(cls=_Command)
