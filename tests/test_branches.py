@@ -124,6 +124,7 @@ def test_agents_work_on_branches_and_the_persons_checkout_is_untouched(tmp_path:
     assert checkout_state(repo) == before  # files, index, HEAD, stash: byte for byte
     # The agents' worktrees are gone when the command returns (their branches hold the work).
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not (repo / ".toka" / "worktrees" / "night").exists()  # nor is their run's directory left empty
     assert "line 20 (a)" in seen["b"]  # b started from a's work
     assert "line 1 (mine)" not in seen["a"]  # nor uncommitted work...
     assert "does not exist" in seen["a:notes"]  # ...nor untracked files reach the agents
@@ -531,9 +532,15 @@ def test_a_task_failed_midway_continues_from_its_set_aside_edits_on_resume(tmp_p
     assert git(repo, "log", "--format=%s", "-2", "toka/again/a").splitlines() == [
         "a: set aside the failed task 1/1's edits", "a: FAILED task 1/1: a step 1"]
 
+    start = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "mine.txt").write_text("committed by the person since\n")
+    git(repo, "add", "mine.txt")
+    git(repo, "commit", "-q", "-m", "mine")
     broken[0], asked[:] = False, []
     resumed = toka(repo, "--resume", model=FunctionModel(answer))
     assert resumed.exit_code == 0, resumed.output
+    # It goes on from where the run started, and says so (it said "from HEAD").
+    assert f"worktree, from {start[:12]} (HEAD when the run started); your checkout" in resumed.output
     assert asked == [1]  # the write_file turn was replayed from the journal, onto its edits
     assert git(repo, "log", "--format=%s", "toka/again/a").splitlines() == ["a: task 1/1: a step 1", "start"]
     assert git(repo, "show", "toka/again/a:half.txt") == "half done\n"

@@ -88,9 +88,13 @@ def test_offline_run_then_resume_replays_everything(workspace: Path, api: dict[s
     # On the shared server; the embedded server's own lines ("starting Prefect's embedded
     # server", no "Prefect UI:") are checked on a real terminal in test_cli_output.py.
     out = workspace / "summary.json"
+    survey = workspace / "agent_specs" / "repo-survey.yaml"
+    survey.write_text(survey.read_text().replace("\nspec:\n", "\nspec:\n  colour: blue\n", 1))
     first = toka_run(workspace, "--json", str(out), **api)
     assert first.returncode == 0, first.stderr
     assert "model: offline (no ANTHROPIC_API_KEY set)" in first.stderr
+    # A field the runtime does not read is kept; the run says there is something to look at.
+    assert "warning: 1 spec warning in 1 file; `toka validate` lists them" in first.stderr
     assert "5/5 agents completed (offline model: placeholder results)" in first.stdout
     data = summary(out)
     assert data["format"] == "toka-run/1" and data["state"] == "completed" and data["offline"]

@@ -40,7 +40,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -845,6 +845,8 @@ def tidy_worktrees(run: RunBranches, agents: list[str]) -> None:
                     continue
                 raise
         _forget_missing_worktrees(repo, run.worktrees)
+        with suppress(OSError):  # the run's directory, when no worktree stayed
+            run.worktrees.rmdir()
 
 
 def merged_tip(run: RunBranches) -> str:

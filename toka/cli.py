@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -379,16 +379,24 @@ def run(
         verb = "resuming run" if resume else "run"
         err.print(f"{verb} {record.run_key}: {_count(len(plan.graph), 'agent')} in {_count(len(plan.waves), 'wave')}, "
                   f"workspace {space.root}")
+        if plan.warnings:  # one line: Toka's own files carry many fields kept as context
+            files = len({w.source for w in plan.warnings})
+            err.print(f"[yellow]warning:[/yellow] {_count(len(plan.warnings), 'spec warning')} in "
+                      f"{_count(files, 'file')}; `toka validate` lists them")
         if config.in_place:
             err.print(f"[yellow]warning:[/yellow] in place: the agents edit {escape(str(space.root))} directly, all in "
                       "the same tree (no branches to review or undo)")
         else:
-            from .branches import in_git_repository, ref_part
+            from .branches import in_git_repository, load_run, ref_part
 
             if in_git_repository(space.root):
                 start = " and your uncommitted work" if config.include_uncommitted else "; your checkout is not touched"
+                base = escape(config.base)
+                if resume:  # it goes on from where the run started, whatever was committed since
+                    with suppress(BranchError):
+                        base = f"{load_run(space.state_dir, record.run_key).base[:12]} ({base} when the run started)"
                 err.print(f"branches: each agent works on toka/{escape(ref_part(record.run_key))}/<agent> in its own "
-                          f"worktree, from {escape(config.base)}{start}")
+                          f"worktree, from {base}{start}")
             else:
                 err.print("branches: the workspace is not a git repository: the agents work on branches of a private "
                           "copy of it (.toka/copies/); the run ends with a patch for `toka apply`; the workspace is "

@@ -45,7 +45,9 @@ def find_spec_files(paths: Iterable[str | Path]) -> list[Path]:
         elif path.exists():  # a FIFO, a device: reading it could block or never end
             problems.append(Problem("not a regular file or a directory", source=str(path)))
         else:
-            problems.append(Problem("no such file or directory", source=str(path)))
+            hint = (" (the default spec directory, looked for in the current directory: give the spec files or "
+                    "directories as arguments)") if path == DEFAULT_SPEC_DIR else ""
+            problems.append(Problem(f"no such file or directory{hint}", source=str(path)))
     if problems:
         raise SpecError(problems)
     return list(found.values())
