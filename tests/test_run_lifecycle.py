@@ -182,9 +182,15 @@ def test_sigterm_on_a_lasting_server_leaves_no_agent_run_running(workspace: Path
         run.proc.send_signal(signal.SIGTERM)
         run.wait_exit(60)
     assert run.proc.returncode == 143, run.stderr()
-    runs = runs_of(prefect_api, run_key(run.stderr()))
+    key = run_key(run.stderr())
+    runs = runs_of(prefect_api, key)
     assert [r["name"].split()[0] for r in runs] == ["toka-pipeline", "repo-survey"]
     assert {r["state"]["type"] for r in runs} <= {"CRASHED", "CANCELLED"}, [(r["name"], r["state"]["name"]) for r in runs]
+    # The UI says what stopped it and how to go on (Prefect's own words were "Execution was
+    # cancelled by the runtime environment"), and the run's name carries its key and workspace.
+    assert runs[0]["state"]["message"] == (f"terminated (SIGTERM) in toka run; continue with: toka run --resume "
+                                           f"(run {key}) in {workspace}")
+    assert runs[0]["name"].endswith(f" {workspace.name} (run {key})")
 
 
 @pytest.mark.parametrize("then", [("--resume",), ()], ids=["resumed", "a new run"])

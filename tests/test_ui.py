@@ -212,7 +212,8 @@ def test_results_table_per_agent_and_readable_names(write_specs: Any) -> None:
 
     # The pipeline run and the agents' runs are named for what ran and when.
     pipeline_run = asyncio.run(_api("GET", f"/flow_runs/{run_id}"))
-    assert re.fullmatch(f"toka-pipeline {DATE}", pipeline_run["name"]), pipeline_run["name"]
+    assert re.fullmatch(fr"toka-pipeline {DATE} {folder.name} \(run ui-results\)", pipeline_run["name"]), \
+        pipeline_run["name"]
     agent_runs = {r["name"].split(" ")[0]: r for r in asyncio.run(_children(run_id))}
     assert set(agent_runs) == {"alpha", "beta"}
     assert all(re.fullmatch(f"{name} {DATE}", r["name"]) for name, r in agent_runs.items())

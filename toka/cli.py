@@ -418,7 +418,7 @@ _FIXED_ON_RESUME = {s.name: s.flag for s in run_settings() if s.name in (
 def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config: RunConfig, record: RunRecord,
                     space: Workspace, json_file: Path | None, *, verbose: bool, earlier: str | None = None) -> None:
     """Run the pipeline under the run guard, then print the summary and where everything is; exits."""
-    from .lifecycle import RunGuard, Stopped
+    from .lifecycle import EXIT_API_GONE, RunGuard, Stopped
 
     # Prefect's log lines (--verbose) go straight to the terminal and would break a live table.
     view = _LiveView(plan, live=err.is_terminal and not verbose)
@@ -430,6 +430,8 @@ def _run_and_report(plan: Plan, spec_paths: list[str], agents: list[str], config
                                          earlier=earlier))
     except Stopped as stop:  # SIGTERM, Ctrl-C, or the Prefect API died under the run
         guard.announce(stop)
+        if stop.exit_code != EXIT_API_GONE:
+            _say_why_stopped(record.run_key, config.workspace, stop.reason)
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/yellow]; continue with: toka run --resume (run {record.run_key})")
@@ -945,6 +947,20 @@ async def _execute(plan: Plan, specs: list[str], agents: list[str], config: RunC
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome  # type: ignore[no-any-return]
+
+
+def _say_why_stopped(run_key: str, workspace: str, reason: str) -> None:
+    """The stop's reason and the way on, as the state message of the run in the Prefect UI."""
+    from .pipeline import PIPELINE_FLOW
+    from .runs import say_why_stopped
+
+    how = {"interrupted": "interrupted (Ctrl-C)", "terminated": "terminated (SIGTERM)"}.get(reason, reason)
+    message = f"{how} in toka run; continue with: toka run --resume (run {run_key}) in {workspace}"
+    try:
+        asyncio.run(asyncio.wait_for(say_why_stopped(run_key, workspace, message,
+                                                     pipeline=PIPELINE_FLOW["name"]), timeout=10))
+    except Exception:  # the UI's wording: not worth more of the person's wait
+        pass
 
 
 def _last_run_key(state_dir: Path) -> str | None:

@@ -38,6 +38,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 from prefect.states import Cancelled, State
+from pydantic import BaseModel
 
 from .background import in_background, start_deferred, to_the_end, writes_finished
 from .branches import (
@@ -103,7 +104,18 @@ DEFAULT_SPECS: list[str] = [str(DEFAULT_SPEC_DIR)]
 
 
 def _pipeline_run_name() -> str:
-    return run_name("toka-pipeline")
+    """``toka-pipeline <date> <workspace> (run <key>)``: runs of several repositories tell apart in
+    the UI, and a resumed run names the run it goes on with (the workspace and key as given)."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.parameters.get("run")
+    if isinstance(run, BaseModel):
+        run = run.model_dump()
+    if not isinstance(run, dict):
+        return run_name("toka-pipeline")
+    workspace = Path(str(run.get("workspace") or ".")).resolve().name
+    key = run.get("run_key")
+    return run_name("toka-pipeline") + (f" {workspace}" if workspace else "") + (f" (run {key})" if key else "")
 
 
 #: The options of the ``toka-pipeline`` flow, wherever it is defined.

@@ -191,3 +191,37 @@ async def crash_left_running(run_key: str, workspace: str, *, pipeline: str) -> 
         for run in reversed(left):  # the agents' before the pipeline's, as they would have ended
             await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
         return len(left) + len(tasks)
+
+
+async def say_why_stopped(run_key: str, workspace: str, message: str, *, pipeline: str) -> bool:
+    """Put ``message`` on the pipeline run of ``run_key`` in ``workspace`` that a stop just ended;
+    returns whether there was one.
+
+    Prefect marks a cancelled run Crashed with "Execution was cancelled by the runtime environment",
+    which tells the person in the UI neither what happened (Ctrl-C, SIGTERM) nor what to do next.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.states import Crashed
+
+    async with get_client() as client:
+        ended = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[pipeline])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.CRASHED, StateType.CANCELLED]))),
+            sort=FlowRunSort.START_TIME_DESC, limit=20, offset=0)
+        run = next((r for r in ended if _run_parameter(r.parameters) == {"run_key": run_key, "workspace": workspace}),
+                   None)
+        if run is None:
+            return False
+        await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        return True
+
