@@ -119,6 +119,25 @@ class TestGitControlFilesInTheSandbox:
         person_uses_git(agent.root, mark)
 
 
+def host_directory(path: Path) -> Path:
+    """A directory of the host shaped like a git directory's control files, which no run may change."""
+    for rel, text in {"hooks/keep-me": "a file of the host\n", "remotes/also-mine": "another\n",
+                      "config": "[core]\n\tbare = true\n", "unrelated.txt": "untouched\n",
+                      # a host repository (as under .git/modules), and a directory as under .git/worktrees
+                      "alpha/HEAD": "ref: refs/heads/main\n", "alpha/objects/.keep": "", "alpha/refs/.keep": "",
+                      "alpha/config": "[remote \"origin\"]\n\turl = https://example.com/alpha.git\n",
+                      "alpha/hooks/keep-me": "", "app/config": "setting = 1\n"}.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    return path
+
+
+def tree_of(path: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every entry under ``path``: its mode and content (None for a directory)."""
+    return {str(p.relative_to(path)): (p.lstat().st_mode, None if p.is_dir() else p.read_bytes())
+            for p in sorted(path.rglob("*"))}
+
+
 def violation(agent: Agent, name: str, body: str) -> SandboxViolation:
     """What a workspace script ``name`` that must stop the run raised."""
     with pytest.raises(SandboxViolation) as caught:
@@ -245,6 +264,50 @@ class TestGitControlFilesWithoutTheSandbox:
         config = (agent.root / "sub" / ".git" / "config").read_text()
         assert "alias" not in config and "bob" in config  # back to what it was before the command
         person_uses_git(agent.root / "sub", mark)
+
+    def test_a_nested_git_directory_swapped_for_a_link_changes_nothing_where_it_points(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # The guard compared the nested repository's control files through the link, then "put
+        # them back" there: writing a config and setuid hooks into a host directory, and
+        # deleting the host's own files.
+        agent = unsandboxed_repo(make_agent)
+        host = host_directory(tmp_path / "host")
+        before = tree_of(host)
+        assert agent.run(agent.script("init.sh", "#!/bin/sh\ngit init -q sub\n")).text.startswith("exit code: 0")
+        caught = violation(agent, "swap.sh", f"#!/bin/sh\nrm -rf sub/.git && ln -s {host} sub/.git\n")
+        assert "sub/.git" in caught.paths
+        assert not os.path.lexists(agent.root / "sub" / ".git")
+        assert tree_of(host) == before
+        # Removing a nested repository is no violation: nothing runs from a git directory that is gone.
+        agent.run(agent.script("again.sh", "#!/bin/sh\ngit init -q sub2\n"))
+        assert agent.run(agent.script("rm.sh", "#!/bin/sh\nrm -rf sub2/.git\n")).text.startswith("exit code: 0")
+
+    @pytest.mark.parametrize("name", ["modules", "worktrees"])
+    def test_control_directories_made_links_out_change_nothing_where_they_point(
+        self, make_agent: MakeAgent, tmp_path: Path, name: str
+    ) -> None:
+        agent = unsandboxed_repo(make_agent)
+        host = host_directory(tmp_path / "host")
+        before = tree_of(host)
+        caught = violation(agent, "link.sh", f"#!/bin/sh\nln -s {host} .git/{name}\n")
+        assert f".git/{name}" in caught.paths
+        assert not os.path.lexists(agent.root / ".git" / name)
+        assert tree_of(host) == before
+
+    def test_a_git_file_in_a_plain_workspace_pointing_out_changes_nothing_where_it_points(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        agent = make_agent(*GIT_SCRIPT, sandbox=False, allow_unsandboxed=True, files={"README.md": "hello\n"})
+        outside = tmp_path / "outside.git"
+        subprocess.run(["git", "init", "-q", "--bare", str(outside)], check=True)
+        (outside / "hooks" / "pre-receive").write_text("#!/bin/sh\n")
+        (outside / "modules").mkdir()
+        before = tree_of(outside)
+        caught = violation(agent, "point.sh", f"#!/bin/sh\necho 'gitdir: {outside}' > .git\n")
+        assert caught.paths == [".git"]
+        assert not (agent.root / ".git").exists()
+        assert tree_of(outside) == before
 
     def test_a_rebase_todo_with_exec_lines_is_removed(self, make_agent: MakeAgent, tmp_path: Path) -> None:
         agent = unsandboxed_repo(make_agent)

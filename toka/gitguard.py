@@ -267,31 +267,57 @@ class _Entry:
 
 
 def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
+    """The control files of ``gitdir``. A link among them is an entry of its own, never followed:
+    a command may have made one (``modules`` -> a directory of the host), and what the guard reads
+    there it would also put back, or remove, there."""
     found: dict[Path, _Entry] = {}
     for name in CONTROL_FILES:
         _add(found, gitdir / name)
     for name in CONTROL_DIRS:
         root = gitdir / name
         if name == "modules":  # submodules' own git directories: only their control files
-            if root.is_dir():
+            if _real_dir(root):
                 for sub in _nested_gitdirs(root):
                     found.update(_control_snapshot(sub))
+            else:
+                _add(found, root)
             continue
         if name == "worktrees":  # linked worktrees' git directories: their index and refs move
             _add(found, root)
-            if root.is_dir():
+            if _real_dir(root):
                 for sub in sorted(root.iterdir()):
-                    if _agent_worktree(sub):
-                        continue
-                    for control in CONTROL_FILES:
-                        _add(found, sub / control)
+                    if not _real_dir(sub):
+                        _add(found, sub)
+                    elif not _agent_worktree(sub):
+                        for control in CONTROL_FILES:
+                            _add(found, sub / control)
             continue
         _add(found, root)
-        if root.is_dir() and not root.is_symlink():
-            for dirpath, dirnames, filenames in os.walk(root):
+        if _real_dir(root):
+            for dirpath, dirnames, filenames in os.walk(root):  # links inside are listed, not followed
                 for n in (*dirnames, *filenames):
                     _add(found, Path(dirpath, n))
     return found
+
+
+def _real_dir(path: Path) -> bool:
+    """A directory, not a link to one."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _linked_between(root: Path, path: Path) -> bool:
+    """Whether ``path`` is outside ``root``, or a link stands between them (``path`` included):
+    what the guard would read or change there is elsewhere, perhaps on the host."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return True
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            return True
+    return False
 
 
 def _agent_worktree(admin: Path) -> bool:
@@ -305,7 +331,7 @@ def _agent_worktree(admin: Path) -> bool:
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # not into links: os.walk lists them as names
         if "HEAD" in filenames and "objects" in dirnames:
             yield Path(dirpath)
             dirnames[:] = [d for d in dirnames if d == "modules"]
@@ -361,28 +387,48 @@ class GitGuard:
         init`` writes.
         """
         after: dict[Path, _Entry] = {}
+        replaced = [d for d in self.dirs if d.is_symlink()]  # the git directory itself, moved away for a link
         for d in self.dirs:
-            after.update(_control_snapshot(d))
+            if d not in replaced:
+                after.update(_control_snapshot(d))
         if self.workspace / ".git" in self.before:
             _add(after, self.workspace / ".git")
         violations = [self._shown(path) for path in _differing(self.before, after)]
+        for d in replaced:  # nothing is read or put back through the link: it goes, and the run stops
+            violations.append(self._shown(d))
+            d.unlink()
         if violations:
-            _restore(self.before, after)
+            for d in self.dirs:
+                if d in replaced:
+                    continue
+                _restore({p: e for p, e in self.before.items() if p.is_relative_to(d)},
+                         {p: e for p, e in after.items() if p.is_relative_to(d)}, root=d)
+            if self.workspace / ".git" in self.before:
+                _restore({p: e for p, e in self.before.items() if p == self.workspace / ".git"},
+                         {p: e for p, e in after.items() if p == self.workspace / ".git"}, root=self.workspace)
+        # Before anything is read in nested git directories: one may now be a link out of the workspace.
+        violations += self._pointers_out(files)
         for gitdir, was in self.nested.items():  # what git init (or everyday use) writes is theirs to change
+            if not os.path.lexists(gitdir):  # removed (a nested clone deleted): nothing runs from it
+                continue
+            if _linked_between(self.workspace, gitdir):  # nothing is read or put back through a link
+                if gitdir.is_symlink():
+                    violations.append(self._shown(gitdir))
+                    _remove(gitdir, root=self.workspace)
+                continue
             now = _control_snapshot(gitdir)
             unsafe = [path for path in _differing(was, now)
                       if not _harmless(gitdir, path, was.get(path), now.get(path))]
             if unsafe:
                 violations += [self._shown(path) for path in unsafe]
-                _restore(was, now)
-        violations += self._pointers_out(files)
+                _restore(was, now, root=gitdir)
         for gitdir in self._todo_dirs(changed):
             for name in _TODO_FILES:
                 todo = gitdir / name
                 try:
-                    if todo.is_file() and _EXEC_LINE.search(todo.read_bytes()):
+                    if not _linked_between(gitdir, todo) and todo.is_file() and _EXEC_LINE.search(todo.read_bytes()):
                         violations.append(self._shown(todo))
-                        todo.unlink()
+                        _remove(todo, root=gitdir)
                 except OSError:
                     continue
         known = [d.resolve() for d in (*self.dirs, *self.nested)]
@@ -401,9 +447,11 @@ class GitGuard:
         own = [d.resolve() for d in self.dirs]
         found: list[str] = []
         for rel in files:
-            if not rel.endswith("/.git"):
+            if rel != ".git" and not rel.endswith("/.git"):
                 continue
             dot = self.workspace / rel
+            if dot in self.before:  # the worktree's own pointer: compared with the control files
+                continue
             target = _pointed_to(dot)
             if target is None:
                 continue
@@ -411,7 +459,7 @@ class GitGuard:
                 continue
             if not target.is_relative_to(root) or (self.state is not None and target.is_relative_to(self.state.resolve())):
                 found.append(rel)
-                _remove(dot)
+                _remove(dot, root=self.workspace)
         return found
 
     def _todo_dirs(self, changed: Sequence[str]) -> list[Path]:
@@ -440,39 +488,50 @@ class GitGuard:
                     except OSError:
                         text = ""
                     target = (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
-                if target.resolve() not in own and target.is_dir():
+                # One outside the workspace (or reached through a link) is no directory of its: the
+                # pointer to it is (_pointers_out), and nothing there is read or removed.
+                if target.resolve() not in own and target.is_dir() and not _linked_between(self.workspace, target):
                     found.add(target)
                 break
         return sorted(found)
 
     def _untrusted(self, gitdir: Path) -> list[str]:
         """What in a command-made git directory goes beyond ``git init``; removed as it is found."""
+        if _linked_between(self.workspace, gitdir):
+            return []  # not the workspace's: reached through a link, whose pointer _pointers_out removes
         bad: list[str] = []
         hooks = gitdir / "hooks"
-        if hooks.is_dir():
+        if hooks.is_symlink():
+            bad.append(self._shown(hooks))
+            _remove(hooks, root=gitdir)
+        elif hooks.is_dir():
             for dirpath, _, filenames in os.walk(hooks):
                 for n in filenames:
-                    if not n.endswith(".sample"):
+                    if not n.endswith(".sample") or Path(dirpath, n).is_symlink():
                         bad.append(self._shown(Path(dirpath, n)))
-                        _remove(Path(dirpath, n))
+                        _remove(Path(dirpath, n), root=gitdir)
         for name in ("config", "config.worktree"):
             path = gitdir / name
-            pairs = _read_config(path)
-            if pairs is None or any(not _INIT_KEY.match(k) for k, _ in pairs):
+            pairs = None if path.is_symlink() else _read_config(path)
+            if path.is_symlink() or pairs is None or any(not _INIT_KEY.match(k) for k, _ in pairs):
                 bad.append(self._shown(path))
-                _remove(path)
+                _remove(path, root=gitdir)
         for name in ("commondir", "info/attributes"):
-            if (gitdir / name).exists():
+            if os.path.lexists(gitdir / name):
                 bad.append(self._shown(gitdir / name))
-                _remove(gitdir / name)
+                _remove(gitdir / name, root=gitdir)
         for sub in (gitdir / "modules", gitdir / "worktrees"):
-            if sub.exists():
+            if os.path.lexists(sub):
                 bad.append(self._shown(sub))
-                _remove(sub)
+                _remove(sub, root=gitdir)
         return bad
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, *, root: Path) -> None:
+    """Remove ``path`` (a link itself, never what it points to), when it is inside ``root`` with
+    no link on the way: the guard changes nothing outside what it watches."""
+    if _linked_between(root, path.parent):
+        return
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -488,27 +547,28 @@ def _differing(before: dict[Path, _Entry], after: dict[Path, _Entry]) -> list[Pa
             if before.get(path) != after.get(path)]
 
 
-def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry]) -> None:
-    """Put the control files ``after`` lists back as ``before`` had them."""
+def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry], *, root: Path) -> None:
+    """Put the control files ``after`` lists back as ``before`` had them, inside ``root`` only.
+
+    Shallowest first: a directory a command replaced with a link is a directory again before
+    anything is written in it; a path a link still stands before is left alone.
+    """
     for path in sorted(after.keys() - before.keys(), key=lambda p: -len(p.parts)):
-        _remove(path)
+        _remove(path, root=root)
     for path, entry in sorted(before.items(), key=lambda kv: len(kv[0].parts)):
-        if after.get(path) == entry:
+        if after.get(path) == entry or _linked_between(root, path.parent):
             continue
         if entry.content is None:
             if not path.is_dir() or path.is_symlink():
-                _remove(path)
-            path.mkdir(parents=True, exist_ok=True)
+                _remove(path, root=root)
+            path.mkdir(exist_ok=True)
             os.chmod(path, entry.mode)
         elif stat.S_ISLNK(entry.mode):
-            _remove(path)
+            _remove(path, root=root)
             os.symlink(entry.content.decode(), path)
         else:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.is_symlink():
-                path.unlink()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove(path, root=root)
+            path.parent.mkdir(parents=True, exist_ok=True)  # no link on the way: checked above
             path.write_bytes(entry.content)
             os.chmod(path, stat.S_IMODE(entry.mode))
 
