@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,22 @@ class TestReadFile:
         assert lines[3] == "[cut at 64000 characters; read on from line 2]"
         rest = call(toolbox, "read_file", path="app.min.js", start_line=2).text.splitlines()
         assert rest[1:] == ["    2  second", "    3  third"]
+
+    def test_a_gigabyte_without_a_line_break_costs_the_runtime_no_gigabyte(self, root: Path, toolbox: Toolbox) -> None:
+        """A sparse file costs a command nothing to make; read whole, one line of it took 4 GB of the
+        runtime's memory (no agent limit bounds the runtime), and edit_file 2 GB."""
+        size = 1 << 30
+        with (root / "huge.txt").open("wb") as f:
+            f.write(b"x" * 9000)
+            f.truncate(size)  # the rest reads as NUL bytes, past the binary probe
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        lines = call(toolbox, "read_file", path="huge.txt").text.splitlines()
+        assert lines[0] == "huge.txt: lines 1-1 of 1"
+        assert lines[2].startswith(f"[line 1 is {size} characters long")
+        writer = Toolbox(grant_tools(["filesystem-write"])[0], ToolContext(workspace=Workspace(root)))
+        edited = call(writer, "edit_file", path="huge.txt", old_text="xx", new_text="y")
+        assert edited.is_error and "over the 8000000-byte limit of a file edit_file changes" in edited.text
+        assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024 < 200_000_000
 
     def test_a_binary_file_is_refused_as_an_error_output(self, toolbox: Toolbox) -> None:
         out = call(toolbox, "read_file", path="image.bin")
@@ -297,6 +314,18 @@ class TestListDir:
 
 
 class TestSearchFiles:
+    def test_a_big_file_is_searched_and_one_over_the_limit_is_named(
+        self, root: Path, toolbox: Toolbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Files over a megabyte were skipped without a word: "0 matches" read as "not there"."""
+        (root / "data").mkdir()
+        (root / "data" / "big.txt").write_text("noise\n" * 230_000 + "the needle\n")  # 1.4 MB
+        out = call(toolbox, "search_files", pattern="needle", path="data")
+        assert out.text.splitlines() == ["1 matches for 'needle' in 1 files", "data/big.txt:230001: the needle"]
+        monkeypatch.setattr(SearchFiles, "file_size_limit", 1_000_000)
+        out = call(toolbox, "search_files", pattern="needle", path="data")
+        assert out.text.splitlines() == ["0 matches for 'needle' in 0 files", "[not searched, over 1 MB: data/big.txt]"]
+
     def test_matches_are_path_line_text_and_skip_vcs_ignored_binary_and_state(
         self, toolbox: Toolbox
     ) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import pathspec
 import regex
@@ -187,17 +187,20 @@ class ReadFile(BlockingTool):
             if b"\x00" in f.read(_BINARY_PROBE):
                 return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
             f.seek(0)
-            for total, raw in enumerate(f, 1):
+            for total, (raw, length) in enumerate(_capped_lines(f, _READ_LIMIT * 4), 1):
+                if total % 4096 == 0 and cancelled.is_set():
+                    break
                 if total < args.start_line or total > last or cut_at is not None:
                     continue
                 line = f"{total:>5}  {raw.decode('utf-8', errors='replace').rstrip(chr(10)).rstrip(chr(13))}"
-                if size + len(line) > _READ_LIMIT:
+                if size + len(line) > _READ_LIMIT or length > len(raw):
                     if out:
                         cut_at = total
                         continue
                     # One line longer than a whole read (minified code, a one-line saved output): its
                     # start, and the reading goes on after it; "read on from" that line again went nowhere.
-                    long_line = (total, len(line) - 7)
+                    whole = len(line) - 7 if length == len(raw) else length - len(raw) + len(line) - 7
+                    long_line = (total, whole)
                     line = line[:_READ_LIMIT]
                 out.append(line)
                 size += len(line) + 1
@@ -213,6 +216,22 @@ class ReadFile(BlockingTool):
         if cut_at is not None:
             out.append(f"[cut at {_READ_LIMIT} characters; read on from line {cut_at}]")
         return ToolOutput("\n".join([header, *out]), files_read=[rel])
+
+
+def _capped_lines(f: BinaryIO, cap: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of ``f`` (ending at '\n'), each cut at ``cap`` bytes, with its whole length.
+
+    A line is never held whole: one gigabyte without a line break (a sparse file costs a
+    command nothing to make) would take the runtime's memory, which no agent limit bounds.
+    """
+    while raw := f.readline(cap):
+        length = len(raw)
+        if len(raw) == cap and not raw.endswith(b"\n"):
+            while more := f.readline(1 << 20):
+                length += len(more)
+                if more.endswith(b"\n"):
+                    break
+        yield raw, length
 
 
 class ListDirArgs(_Args):
@@ -261,7 +280,7 @@ class SearchFiles(BlockingTool):
         "returns 'path:line: text' for each match, skipping .git and ignored files."
     )
     Input = SearchFilesArgs
-    file_size_limit: ClassVar[int] = 1_000_000
+    file_size_limit: ClassVar[int] = 32_000_000
     time_limit: ClassVar[float] = 10.0
 
     def run_blocking(self, args: SearchFilesArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
@@ -271,6 +290,7 @@ class SearchFiles(BlockingTool):
             return ToolOutput(f"invalid regular expression {args.pattern!r}: {e}", is_error=True)
         base = ctx.workspace.resolve(args.path, kind="dir")
         matches: list[str] = []
+        too_big: list[str] = []
         searched = 0
         stopped = False
         deadline = time.monotonic() + self.time_limit
@@ -280,26 +300,29 @@ class SearchFiles(BlockingTool):
                     break
                 if args.glob and not path.match(args.glob):
                     continue
+                rel = ctx.workspace.relative(path)
                 try:
                     with ctx.workspace.open(real, "rb") as f:
                         if os.fstat(f.fileno()).st_size > self.file_size_limit:
+                            too_big.append(rel)  # said, or the model takes "0 matches" for "not there"
                             continue
-                        data = f.read()
+                        if b"\x00" in f.read(_BINARY_PROBE):
+                            continue
+                        f.seek(0)
+                        searched += 1
+                        # Line by line, each cut at a megabyte: memory stays bounded whatever the file.
+                        for number, (raw, _) in enumerate(_capped_lines(f, 1 << 20), 1):
+                            line = raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+                            # A per-search time limit: a pathological pattern must not hang the search.
+                            # `concurrent`: the GIL is released while matching, so the loop runs meanwhile.
+                            if pattern.search(line, concurrent=True,
+                                              timeout=max(0.001, deadline - time.monotonic())):
+                                if len(matches) >= args.max_results:
+                                    stopped = True
+                                    break
+                                matches.append(f"{rel}:{number}: {line[:300]}")
                 except PathRefused:  # changed since the walk saw it: not searched
                     continue
-                if b"\x00" in data[:_BINARY_PROBE]:
-                    continue
-                searched += 1
-                rel = ctx.workspace.relative(path)
-                for number, raw in enumerate(data.split(b"\n"), 1):
-                    line = raw.decode("utf-8", errors="replace").rstrip("\r")
-                    # A per-search time limit: a pathological pattern must not hang the search.
-                    # `concurrent`: the GIL is released while matching, so the loop runs meanwhile.
-                    if pattern.search(line, concurrent=True, timeout=max(0.001, deadline - time.monotonic())):
-                        if len(matches) >= args.max_results:
-                            stopped = True
-                            break
-                        matches.append(f"{rel}:{number}: {line[:300]}")
                 if stopped:
                     break
         except TimeoutError:
@@ -310,6 +333,9 @@ class SearchFiles(BlockingTool):
             )
         header = f"{len(matches)} matches for {args.pattern!r} in {searched} files"
         tail = [f"[stopped after {args.max_results} matches]"] if stopped else []
+        if too_big:
+            shown = ", ".join(too_big[:10]) + (f" and {len(too_big) - 10} more" if len(too_big) > 10 else "")
+            tail.append(f"[not searched, over {self.file_size_limit // 1_000_000} MB: {shown}]")
         return ToolOutput("\n".join([header, *matches, *tail]))
 
 
@@ -358,6 +384,7 @@ class EditFile(BlockingTool):
         "Refused when old_text is missing or occurs more than once (add context to make it unique)."
     )
     Input = EditFileArgs
+    size_limit: ClassVar[int] = 8_000_000
 
     def run_blocking(self, args: EditFileArgs, ctx: ToolContext, cancelled: threading.Event) -> ToolOutput:
         path = ctx.workspace.resolve_for_write(args.path)
@@ -367,7 +394,10 @@ class EditFile(BlockingTool):
         if ctx.policy is not None:
             ctx.policy.check_write(rel)
         with ctx.workspace.open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="strict")
+            data = f.read(self.size_limit + 1)  # never more: a sparse gigabyte costs a command nothing
+        if len(data) > self.size_limit:
+            raise LimitRefused(f"{rel} is over the {self.size_limit}-byte limit of a file edit_file changes")
+        text = data.decode("utf-8", errors="strict")
         old, new = args.old_text, args.new_text
         if "\r\n" in text and "\r" not in old:  # the model reads lines without their '\r'
             old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
