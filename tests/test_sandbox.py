@@ -1349,3 +1349,17 @@ def test_a_cancelled_command_leaves_no_process_and_no_cgroup(tmp_path: Path, cgr
     assert time.monotonic() - started < 10
     assert processes_matching(mark) == []
     assert_groups_gone(cgroups)
+
+
+def test_a_command_cut_short_by_the_task_timeout_is_in_the_audit_trail(make_agent: MakeAgent) -> None:
+    """It had changed files (or sent data out) before the cut: the trail showed no call at all."""
+    agent = make_agent("script-execution")
+    slow = agent.script("slow.sh", "#!/bin/sh\necho changed > dropped.txt\nsleep 30\n")
+
+    async def cut_short() -> None:  # what the task's own timeout does to a running tool call
+        await asyncio.wait_for(agent.toolbox.call("run_command", {"argv": [slow]}), timeout=1.5)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(cut_short())
+    record = agent.audited("run_command", "allowed", "cut short while it ran")
+    assert record["arguments"] == {"argv": [slow]} and record["is_error"]

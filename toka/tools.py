@@ -550,6 +550,12 @@ class Toolbox:
             self._audit(name, arguments, "allowed", f"{name} failed: {type(e).__name__}: {as_text(str(e))}",
                         started=started, is_error=True)
             raise
+        except asyncio.CancelledError:
+            # Cut short (the task's timeout, a stop): what it did until then happened all the same.
+            self.calls.append(ToolCall(name, refused=False, is_error=True))
+            self._audit(name, arguments, "allowed", "cut short while it ran (the task's timeout, or the run "
+                        "stopped)", started=started, is_error=True)
+            raise
         # Whatever a tool read (a file name a command made that is not UTF-8) must reach the model
         # and the audit trail as text.
         text, files = as_text(output.text), [as_text(f) for f in output.files_changed]
