@@ -270,6 +270,12 @@ def test_diff_apply_and_discard_mean_the_newest_run_a_deployments_too(tmp_path: 
     gone = toka(repo, "diff", "--run", "night")
     assert gone.exit_code == 1
     assert "runs with branches here, newest first: cli (choose one with --run KEY)" in gone.output
+    # A discarded run is not resumed: its finished tasks would replay from the cache, their work gone.
+    assert (repo / ".toka" / "runs" / "last.json").exists()
+    assert toka(repo, "discard").exit_code == 0
+    resumed = toka(repo, "--resume", model=FunctionModel(writes("never")))
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
+    assert not (repo / ".toka" / "journal" / "cli").exists()
 
 
 def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) -> None:

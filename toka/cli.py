@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import json
 import os
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -704,6 +705,7 @@ def apply(run_id: RunOpt = None, agent: BranchAgentOpt = None, workspace: Worksp
 def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
     """Remove a run's branches and worktrees (its reports and audit trail stay)."""
     from .branches import discard_run, unrecorded_run
+    from .journal import journal_dir
 
     with _user_errors():
         try:
@@ -715,6 +717,11 @@ def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
             if branches is None:
                 raise
         discarded = discard_run(branches)
+        # Its journals would replay turns onto worktrees made anew without their edits, and a resume
+        # would replay its finished tasks from the cache: the work gone, the run "completed".
+        shutil.rmtree(journal_dir(Path(branches.state_dir), branches.run_key), ignore_errors=True)
+        if _last_run_key(Path(branches.state_dir)) == branches.run_key:
+            RunRecord.path(Path(branches.state_dir)).unlink(missing_ok=True)
     for worktree, left in discarded.uncommitted.items():
         files = f"{left} uncommitted file{'s' * (left != 1)}"
         err.print(f"[yellow]removed[/yellow] {escape(worktree)} (with {files}: gone)")

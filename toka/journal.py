@@ -70,8 +70,13 @@ def tool_fingerprint(response_fingerprint: str, tool_use_id: str, name: str, arg
 
 def journal_path(state_dir: Path, run_key: str, agent: str, task: int) -> Path:
     """Where task ``task`` of ``agent`` keeps its journal in run ``run_key``."""
+    return journal_dir(state_dir, run_key) / agent / f"{task}.jsonl"
+
+
+def journal_dir(state_dir: Path, run_key: str) -> Path:
+    """Where the tasks of run ``run_key`` keep their journals."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key).strip(".") or "_"
-    return state_dir / "journal" / safe / agent / f"{task}.jsonl"
+    return state_dir / "journal" / safe
 
 
 @dataclass
