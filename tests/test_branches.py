@@ -970,3 +970,61 @@ def test_a_sigint_the_runtime_ignores_does_not_reach_the_git_committing_for_it(t
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("0 "), done.stdout
     assert git(repo, "log", "-1", "--format=%s").strip() == "edited"
+
+
+def _appending(attempts: list[int], *, fail_first: bool) -> Callable[[ModelRequest], ModelResponse]:
+    """A model that adds a line to shared.txt, then submits; on the first attempt (``fail_first``)
+    its results are malformed until the attempt ends (InvalidToolInputError: retried)."""
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            attempts.append(1)
+            return tool_call("edit_file", path="shared.txt", old_text="line 20\n", new_text="line 20\nadded\n")
+        if fail_first and len(attempts) == 1:
+            return tool_call("submit_result", status="not-a-status", summary="x")
+        return submit(summary="added a line", files_changed=["shared.txt"])
+
+    return answer
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_retry_that_starts_afresh_sets_the_earlier_attempts_edits_aside(tmp_path: Path) -> None:
+    """Its journal dropped (malformed results), attempt 2 redid attempt 1's edit on top of it: twice."""
+    repo = make_repo(tmp_path / "repo", writer("a"))
+    attempts: list[int] = []
+    shown = toka(repo, "--run-key", "twice", model=FunctionModel(_appending(attempts, fail_first=True)))
+    assert shown.exit_code == 0, shown.output
+    assert len(attempts) == 2
+    assert git(repo, "show", "toka/twice/_merged:shared.txt").count("added") == 1
+    log = git(repo, "log", "--format=%s", "toka/twice/a").splitlines()
+    assert log == ["a: task 1/1: a step 1", "a: set aside the edits of an earlier attempt at task 1/1",
+                   "a: edits of an earlier attempt at task 1/1", "start"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(tmp_path: Path) -> None:
+    """The spec edited between the runs: replay stopped at the first request and the task went on
+    live on top of its recorded edits, which it then made again."""
+    from toka.errors import PermanentModelError
+
+    spec = writer("a", tasks=1)
+    spec["tasks"]["default"][0]["priority"] = "high"
+    repo = make_repo(tmp_path / "repo", spec)
+    broken = [True]
+    attempts: list[int] = []
+    appending = _appending(attempts, fail_first=False)
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        if broken[0] and any(m.role == "assistant" for m in request.messages):
+            raise PermanentModelError("the provider refused the request")
+        return appending(request)
+
+    assert toka(repo, "--run-key", "edited", model=FunctionModel(answer)).exit_code == 1
+    spec_file = repo / "specs" / "a.yaml"
+    spec_file.write_text(spec_file.read_text().replace("a agent", "a renamed agent"))
+    broken[0] = False
+    resumed = toka(repo, "--resume", model=FunctionModel(answer))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(attempts) == 2  # started over: the edit was asked for again...
+    assert git(repo, "show", "toka/edited/_merged:shared.txt").count("added") == 1  # ...and made once

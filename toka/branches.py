@@ -350,6 +350,8 @@ class AgentCheckout(BaseModel):
     start: str
     shared: bool = False
     """A read-only agent's: one worktree per start commit, shared, never committed to."""
+    reused: bool = False
+    """Found as an earlier process of the run left it (a resume): it may hold a task's edits."""
 
 
 def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False) -> AgentCheckout:
@@ -383,7 +385,7 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
     if (path / ".git").exists() and own is not None:
         _drop_stale_index_lock(path)
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                             start=own["start"])
+                             start=own["start"], reused=True)
     exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
                                          f"refs/heads/{branch}").returncode == 0
     if exists:
@@ -592,7 +594,34 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     return commit
 
 
+def set_aside_edits(checkout: AgentCheckout, *, run_key: str, index: int, total: int, why: str) -> str | None:
+    """Commit what the worktree holds uncommitted, then take it back out in a second commit:
+    task ``index`` starts over from the branch's last state, its edits kept in the history.
+    Returns the commit holding them (None: there were none).
+
+    For an attempt that starts afresh while an earlier one's edits are still in the worktree
+    (its recorded turns dropped): done again on top of them, each change would land twice.
+    """
+    if checkout.shared:
+        return None
+    worktree, env = Path(checkout.worktree), _identity(checkout.agent)
+    if not _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none"):
+        return None
+    _git(worktree, "add", "-A", "--", ".")
+    _leave_out(worktree)  # links out and nested repositories: never committed (see commit_task)
+    if run_git(worktree, "diff", "--cached", "--quiet", "--ignore-submodules=none").returncode == 0:
+        return None
+    trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RESTARTED}: {index}/{total}\n"
+    commit = _commit(worktree, f"{checkout.agent}: edits of an earlier attempt at task {index}/{total}\n\n"
+                               f"{why}\n\n{trailers}", env)
+    _git(worktree, "revert", "--no-commit", "HEAD", env=env)
+    _commit(worktree, f"{checkout.agent}: set aside the edits of an earlier attempt at task {index}/{total}\n\n"
+                      f"They stay in {commit[:12]}; the task starts over without them.\n\n{trailers}", env)
+    return commit
+
+
 _SET_ASIDE = "Toka-Set-Aside"
+_RESTARTED = "Toka-Restarted"
 _NESTED = "a git repository of its own (made inside the worktree); its files are left in the worktree, not committed"
 _LINK_MODE = "120000"
 _GITLINK_MODE = "160000"

@@ -23,6 +23,7 @@ it into readable lines, never a traceback, and exits with the class's
     │   ├── TurnLimitError         the task used all its turns
     │   ├── InvalidToolInputError  the model kept sending malformed input (retryable)
     │   └── TaskReportedFailure    the model submitted status failed/blocked
+    ├── ReplayDiverged         a task's journal stopped matching after edits: it starts over
     ├── ToolError              a tool could not run
     │   ├── Refusal                a decision, not a failure: goes back to the model
     │   │   ├── CommandRefused         no declared capability allows the command
@@ -93,6 +94,7 @@ __all__ = [
     "Problem",
     "ProviderAccessError",
     "Refusal",
+    "ReplayDiverged",
     "RunFailedError",
     "SandboxRefused",
     "SandboxViolation",
@@ -268,6 +270,12 @@ class InvalidToolInputError(StepError):
     """The model kept sending input that does not match a tool's schema."""
 
     retryable = True
+
+
+class ReplayDiverged(TokaError):
+    """A task's recorded turns stopped matching its requests (a setting or the spec changed) after
+    recorded tool calls had changed files: going on live would do those changes again on top of
+    themselves. The attempt's edits are set aside and the task starts over (:mod:`toka.llm_step`)."""
 
 
 class TaskReportedFailure(StepError):

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .background import soon
+from .errors import ReplayDiverged
 from .model import ModelRequest, ModelResponse, ToolResultBlock
 from .redact import redact_data, secret_values
 
@@ -188,6 +189,9 @@ class Replay:
     counter: str = ""
     """Which count of the task's tool calls this attempt adds to (:class:`toka.results.TaskCalls`);
     a replayed call recorded under another (a resume, a retried agent run) is counted again here."""
+    strict: bool = False
+    """Raise :class:`~toka.errors.ReplayDiverged` on a mismatch when a tool call not replayed yet
+    had changed files (they are in the workspace, and would be changed again)."""
 
     def __post_init__(self) -> None:
         if self.journal is not None and not self.entries:
@@ -207,6 +211,9 @@ class Replay:
             self.replayed += 1
             return entry
         self.on_mismatch(self.position, kind)
+        if self.strict and any(e.kind == "tool" and e.data.get("files_changed") for e in self.entries[self.position:]):
+            raise ReplayDiverged(f"the task's recorded turns stop matching at step {self.position + 1} (a setting "
+                                 "or the spec changed), after which recorded tool calls changed files")
         del self.entries[self.position:]
         if self.journal is not None:
             self.journal.rewrite(self.entries)

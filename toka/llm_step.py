@@ -26,11 +26,12 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
 from .audit import AuditLog, audit_path, run_file_name
+from .branches import AgentCheckout, set_aside_edits
 from .budget import Ledger, current_agent_budget, current_ledger
 from .capabilities import grant_tools
 from .config import RunConfig
 from .context import context_window
-from .errors import TokaError
+from .errors import ReplayDiverged, TokaError
 from .journal import Journal, journal_path
 from .model import Usage
 from .policy import AgentPolicy
@@ -39,7 +40,7 @@ from .providers import get_model
 from .results import TaskOutcome, current_agent_calls
 from .spec import AgentSpec
 from .step import StepLimits, run_step
-from .tools import Toolbox, ToolContext
+from .tools import Toolbox, ToolContext, workspace_settling
 from .workspace import Workspace
 
 __all__ = ["StepCachePolicy", "StepInput", "is_retryable", "llm_step"]
@@ -125,6 +126,26 @@ def _mirror_as_event(record: dict[str, Any]) -> None:
         related=[{"prefect.resource.id": f"toka.tool.{record.get('tool')}", "prefect.resource.role": "tool"}],
         payload=record,
     )
+
+
+def _has_entries(journal: Journal) -> bool:
+    try:
+        return journal.path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+async def _set_aside(checkout: AgentCheckout, run_key: str, index: int, total: int, why: str,
+                     logger: Any) -> None:
+    """Set the worktree's uncommitted edits aside on the agent's branch (:func:`set_aside_edits`);
+    the task starts over from its last commit. The previous task's commit lands first."""
+    settling = workspace_settling.get()
+    if settling is not None and not settling.done():
+        await asyncio.wait([settling])  # shielded: a cancelled attempt must not cancel a commit
+    commit = await asyncio.to_thread(set_aside_edits, checkout, run_key=run_key, index=index, total=total, why=why)
+    if commit is not None:
+        logger.warning("task %d/%d starts over: the earlier attempt's edits are set aside on %s (in %s). %s",
+                       index, total, checkout.branch, commit[:12], why)
 
 
 def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
@@ -226,8 +247,15 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         return workspace.saved_output_name(path)
 
     journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index), logger=logger)
-    try:
-        result = await run_step(
+    checkout = run.checkout
+    if checkout is not None and (attempt > 1 or checkout.reused) and not _has_entries(journal):
+        # An attempt that starts afresh where an earlier one left edits: a retry whose journal was
+        # dropped (the model's malformed results end an attempt so), or a resume of such a task. Done
+        # again on top of them, each change would land twice.
+        await _set_aside(checkout, run.run_key, step.index, len(tasks),
+                         "An earlier attempt ended without a result and its turns were not kept; "
+                         "this one starts over.", logger)
+    step_args: dict[str, Any] = dict(
             model=model,
             system=system_prompt(spec, tools=toolbox.names, on_branch=run.checkout is not None),
             task_message=task_message(spec, tasks, step.index, prior=step.prior, upstream=upstream_results),
@@ -251,7 +279,17 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
                           "prefect.resource.name": spec.name},
                 payload={"run_key": run.run_key, **data},
             ),
-        )
+    )
+    try:
+        try:
+            result = await run_step(**step_args, restart_on_divergence=checkout is not None)
+        except ReplayDiverged as diverged:
+            assert checkout is not None
+            journal.discard()
+            await _set_aside(checkout, run.run_key, step.index, len(tasks),
+                             f"{str(diverged)[:1].upper()}{str(diverged)[1:]}: done again on top of their own "
+                             "effects, they would land twice.", logger)
+            result = await run_step(**step_args)
     except TokaError as e:
         e.attempt = attempt  # for reports: a retried task's failure says how many attempts it took
         e.usage = task_ledger.charged  # every attempt so far

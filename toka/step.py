@@ -147,6 +147,7 @@ async def run_step(
     log: Callable[[str], None] | None = None,
     on_context: Callable[[str, dict[str, int]], None] | None = None,
     calls_counter: str = "",
+    restart_on_divergence: bool = False,
 ) -> StepRun:
     """Run the loop for one task attempt.
 
@@ -164,6 +165,9 @@ async def run_step(
             the turn and the tokens involved (for events).
         calls_counter: The tool-call count this attempt adds to (``TaskCalls.token``): a call
             replayed from the journal counts in ``toolbox.calls`` unless recorded under it.
+        restart_on_divergence: Raise :class:`~toka.errors.ReplayDiverged` when the journal stops
+            matching before recorded tool calls that changed files (the caller can set their
+            edits aside and start over); else the task goes on live from there.
 
     Raises:
         TaskReportedFailure: the model submitted ``failed`` or ``blocked``.
@@ -179,7 +183,7 @@ async def run_step(
         model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
         limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
         on_replayed=on_replayed, journal=journal, save_output=save_output, log=log, on_context=on_context,
-        calls_counter=calls_counter,
+        calls_counter=calls_counter, strict=restart_on_divergence,
     )
     try:
         return await conversation.run()
@@ -218,6 +222,7 @@ class _Conversation:
         log: Callable[[str], None] | None = None,
         on_context: Callable[[str, dict[str, int]], None] | None = None,
         calls_counter: str = "",
+        strict: bool = False,
     ) -> None:
         self.model = model
         self.system = system
@@ -242,7 +247,7 @@ class _Conversation:
         self.log = log or (lambda line: None)
         self.on_context = on_context or (lambda kind, data: None)
         self.model_fingerprint = model.fingerprint()
-        self.replay = Replay(journal, on_mismatch=self._mismatch, counter=calls_counter)
+        self.replay = Replay(journal, on_mismatch=self._mismatch, counter=calls_counter, strict=strict)
         if self.replay.entries:
             self.log(f"resuming the task from its journal: {len(self.replay.entries)} recorded steps "
                      "(model responses and tool results) are replayed, not asked for or run again")
