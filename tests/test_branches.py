@@ -1028,3 +1028,42 @@ def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(
     assert resumed.exit_code == 0, resumed.output
     assert len(attempts) == 2  # started over: the edit was asked for again...
     assert git(repo, "show", "toka/edited/_merged:shared.txt").count("added") == 1  # ...and made once
+
+
+@pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
+                    reason="needs a mount namespace (unshare -m)")
+@pytest.mark.usefixtures("prefect_server")
+def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Only homes and /tmp-like places (fresh in the sandbox) were hidden: from a checkout elsewhere
+    (here /opt), a command read the person's .env, their uncommitted files and the run's state."""
+    import tempfile
+
+    if not os.access("/opt", os.W_OK):
+        pytest.skip("needs a writable directory outside /tmp and the homes (/opt)")
+    tmp_path = Path(tempfile.mkdtemp(dir="/opt", prefix="toka-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    spec = writer("a")
+    spec["security"]["capabilities_required"].append("script-execution")
+    repo = make_repo(tmp_path / "repo", spec)
+    (repo / ".env").write_text("TOKEN=person-secret\n")
+    (repo / "draft.txt").write_text("uncommitted draft\n")
+    probe = (f"for f in {repo}/.env {repo}/draft.txt {repo}/.toka/runs/last.json; do "
+             "cat $f 2>/dev/null && echo READ $f; done; ls -A " + str(repo) + "; cat shared.txt | head -1")
+    outputs: list[str] = []
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return tool_call("write_file", path="probe.sh", content=probe + "\n")
+        if turn == 1:
+            return tool_call("run_command", argv=["sh", "probe.sh"])
+        outputs.append(last_tool_output(request))
+        return submit(summary="looked around")
+
+    shown = toka(repo, "--run-key", "peek", model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    (seen,) = outputs
+    assert "line 1" in seen, seen  # the worktree itself is there
+    assert "READ" not in seen and "person-secret" not in seen and "uncommitted draft" not in seen, seen

@@ -255,8 +255,14 @@ def _probe_confinement() -> bool:
 
 
 def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonly: Sequence[Path],
-                env: Mapping[str, str], tmpfs_size: int | None, network: bool = False) -> list[str]:
-    """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace."""
+                env: Mapping[str, str], tmpfs_size: int | None, network: bool = False,
+                private: Sequence[Path] = ()) -> list[str]:
+    """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace.
+
+    ``private``: directories hidden like the host's secrets, but for what the command needs in
+    them (its workspace, the worktree's git directories, its home): the person's checkout an
+    agent's worktree was made from.
+    """
     # The command's own programs stay reachable inside what is hidden.
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
     keep = sorted({*program_dirs(path_dirs), sys.prefix, sys.base_prefix,
@@ -268,10 +274,21 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     keep += [str(d) for d in git_dirs(workspace) if not d.resolve().is_relative_to(workspace.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
-              "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths()], "keep": keep,
+              "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths(), *map(str, private)], "keep": keep,
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
     return [sys.executable, "-I", "-S", str(CONFINE), json.dumps(config), "--"]
+
+
+def _checkout_of(worktree: Path, state_dir: Path) -> list[Path]:
+    """What an agent's worktree was made from: the run's workspace (whose state directory holds
+    the worktree), and the top of the repository it is in when that is above it."""
+    found = [state_dir.resolve().parent]
+    for gitdir in git_dirs(worktree):  # the worktree's own git directory, then the common one
+        top = gitdir.resolve().parent
+        if gitdir.name == ".git" and not any(top.is_relative_to(f) for f in found):
+            found.append(top)
+    return [f for f in found if f != Path(f.anchor)]  # a repository at / would hide the host
 
 
 def program_dirs(path_dirs: Sequence[str]) -> list[str]:
@@ -859,13 +876,17 @@ async def run_sandboxed(
         if sandbox:
             # Writable: the workspace and the command's home; the rest of the state directory
             # (audit trail, results, run records) is read-only to it.
+            in_worktree = workspace.resolve().is_relative_to(state_dir.resolve())
             confine = await asyncio.to_thread(
                 confinement, workspace, cwd, writable=[d for d in extra_disk_dirs if d.is_relative_to(state_dir)],
                 # An agent's worktree lies inside the state directory: there the rest of the host,
                 # the state directory included, is read-only already; binding it would cover the worktree.
-                readonly=[] if workspace.resolve().is_relative_to(state_dir.resolve()) else [state_dir],
+                readonly=[] if in_worktree else [state_dir],
                 env=env, network=network,
-                tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None)
+                tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None,
+                # The person's checkout (their uncommitted and ignored files, .env...) and the run's
+                # state (other agents' worktrees, audit trails, journals) are no agent's to read.
+                private=_checkout_of(workspace, state_dir) if in_worktree else ())
         full = sandbox_argv(argv, limits=limits, host=host, network=network, sandbox=sandbox, confine=confine,
                             cgroup_procs=group.procs_files if group else (), disk_grown=grown)
         started, times_before = time.monotonic(), os.times()
