@@ -634,3 +634,22 @@ def test_a_command_dies_with_a_runtime_killed_with_9(tmp_path: Path) -> None:
     time.sleep(1)
     assert [(ws / name).stat().st_size for name in ("beat", "beat-2")] == sizes, "a command outlived the runtime"
     assert processes_matching(mark) == []
+
+
+@needs_confinement
+def test_credentials_in_the_git_configuration_are_not_readable(make_agent: MakeAgent) -> None:
+    """Output redaction is no defence (`rev`, `base64`): the command must not read them at all."""
+    agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    token = "ghp_" + "Z9" * 18
+    subprocess.run(["git", "remote", "add", "origin", f"https://x-access-token:{token}@github.com/o/r.git"],
+                   cwd=agent.root, check=True)
+    subprocess.run(["git", "config", "http.https://github.com/.extraheader", "AUTHORIZATION: basic c2VjcmV0"],
+                   cwd=agent.root, check=True)
+    before = (agent.root / ".git" / "config").read_text()
+    out = agent.run(agent.script("peek.sh", "#!/bin/sh\ncat .git/config | rev\ngit remote -v | rev\n")).text
+    assert "exit code: 0" in out, out
+    assert "moc.buhtig//:sptth" in out  # the remote is there, without its user and token
+    for secret in (token, "c2VjcmV0", "x-access-token"):
+        assert secret[::-1] not in out and secret not in out, out
+    assert (agent.root / ".git" / "config").read_text() == before  # the runtime's own git still has them

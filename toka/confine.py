@@ -34,7 +34,7 @@ never runs half-confined.
 
 CONFIG_JSON keys: ``workspace``, ``cwd``, ``writable`` (directories inside the
 state directory that stay writable), ``readonly`` (directories inside the
-workspace made read-only), ``mask`` (paths hidden behind an empty tmpfs or
+workspace made read-only), ``replace`` (file -> the text it shows instead, read-only), ``mask`` (paths hidden behind an empty tmpfs or
 /dev/null), ``keep`` (paths that stay visible inside masked ones, e.g. the
 PATH), ``pin`` (git directories bound onto themselves), ``protect`` (paths inside the
 workspace made read-only), ``sockets`` (Unix socket paths to mask), ``tmpfs_size``
@@ -279,6 +279,17 @@ def confine(config):
         # Host services listening on Unix sockets: a read-only mount does not stop connect().
         if not _inside(path, workspace) and _is_socket(path):
             _bind("/dev/null", path, readonly=True)
+    replaced = config.get("replace") or {}
+    if replaced:
+        # Git's configuration with its credentials taken out (a token in a remote's URL, an
+        # authorization header): the copy lives in the private /tmp, read-only over the original.
+        os.makedirs("/tmp/.toka-replaced", exist_ok=True)
+        for n, (target, content) in enumerate(sorted(replaced.items())):
+            if os.path.isfile(target) and not os.path.islink(target):
+                copy = f"/tmp/.toka-replaced/{n}"
+                with open(copy, "w", encoding="utf-8") as f:
+                    f.write(content)
+                _bind(copy, target, readonly=True)
     _drop_capabilities()
     os.chdir(config["cwd"])  # through the new mounts, not the read-only one underneath
 

@@ -40,6 +40,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -274,10 +275,38 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     keep += [str(d) for d in git_dirs(workspace) if not d.resolve().is_relative_to(workspace.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
+              "replace": git_configs_without_credentials(workspace),
               "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths(), *map(str, private)], "keep": keep,
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
     return [sys.executable, "-I", "-S", str(CONFINE), json.dumps(config), "--"]
+
+
+# A remote's URL with a user and password or token (https://x-access-token:ghp_...@github.com/...),
+# and the keys that hold credentials (actions/checkout keeps an authorization header there).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_CREDENTIAL_KEY = re.compile(r"(?im)^[ \t]*(?:[\w.-]*extraheader|password|[\w.-]*token)[ \t]*=.*$")
+
+
+def git_configs_without_credentials(workspace: Path) -> dict[str, str]:
+    """The git configuration files a command in ``workspace`` could read that hold credentials,
+    each with the text it sees instead (the credentials out). Redaction of what a command prints
+    cannot stop ``rev`` or ``base64``; the command must not read them at all."""
+    replaced: dict[str, str] = {}
+    for gitdir in git_dirs(workspace):
+        for name in ("config", "config.worktree"):
+            path = gitdir / name
+            try:
+                if path.is_symlink() or not path.is_file():
+                    continue
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            clean = _CREDENTIAL_KEY.sub("\t# (a credential: hidden from the agent)",
+                                        _URL_USERINFO.sub(r"\1", text))
+            if clean != text:
+                replaced[str(path.resolve())] = clean
+    return replaced
 
 
 def _checkout_of(worktree: Path, state_dir: Path) -> list[Path]:
