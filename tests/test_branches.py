@@ -1067,3 +1067,18 @@ def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout
     (seen,) = outputs
     assert "line 1" in seen, seen  # the worktree itself is there
     assert "READ" not in seen and "person-secret" not in seen and "uncommitted draft" not in seen, seen
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_tasks_files_touched_holds_what_its_tools_wrote_not_only_what_it_reported(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", writer("a"))
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        if not any(m.role == "assistant" for m in request.messages):
+            return tool_call("write_file", path="notes.md", content="notes\n")
+        return submit(summary="wrote notes")  # and did not say so
+
+    shown = toka(repo, "--run-key", "touched", "--json", str(tmp_path / "out.json"), model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    (task,) = json.loads((tmp_path / "out.json").read_text())["agents"][0]["tasks"]
+    assert "notes.md" in task["files_touched"]

@@ -220,7 +220,7 @@ async def _record(
             duration_s=0.0 if cached else outcome.duration_s,
             usage=Usage() if cached else charged if charged is not None else outcome.usage,
             carried_usage=outcome.usage if cached else outcome.carried,
-            files_touched=sorted({*outcome.files_read, *outcome.result.files_changed}),
+            files_touched=sorted({*outcome.files_read, *outcome.files_changed, *outcome.result.files_changed}),
             tool_calls=0 if cached else outcome.tool_calls,
             refused_calls=0 if cached else outcome.refused_calls,
             compactions=0 if cached else outcome.compactions,

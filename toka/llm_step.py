@@ -316,6 +316,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         tool_calls=tool_calls,
         refused_calls=refused_calls,
         files_read=result.files_read,
+        files_changed=result.files_changed,
         model=model.name,
         duration_s=result.duration_s,
         attempt=attempt,

@@ -86,6 +86,8 @@ class TaskOutcome(BaseModel):
     """Every attempt's tool calls, when the task ran in an agent flow (else this attempt's)."""
     refused_calls: int = 0
     files_read: list[str] = []
+    files_changed: list[str] = []
+    """What its tool calls changed, and what the model reported changing."""
     model: str = ""
     duration_s: float = 0.0
     attempt: int = 1
