@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -524,6 +525,12 @@ def _check_result(data: object, known_metrics: set[str]) -> tuple[str, TaskResul
 def _delimit(tool: str, text: str) -> str:
     """Mark tool output as data, so it is not mistaken for instructions, with secrets redacted.
 
-    Every tool's output passes here: a file the model reads may hold a token too.
+    Every tool's output passes here: a file the model reads may hold a token too. A file or a
+    command may also print the closing tag, and what follows would read as no tool's output:
+    the tags inside are written ``&lt;tool_output``.
     """
-    return f'<tool_output tool="{tool}">\n{redact(text, secret_values())}\n</tool_output>'
+    inner = _TAG.sub(lambda tag: "&lt;" + tag[0][1:], redact(text, secret_values()))
+    return f'<tool_output tool="{tool}">\n{inner}\n</tool_output>'
+
+
+_TAG = re.compile(r"</?tool_output", re.IGNORECASE)
