@@ -917,6 +917,20 @@ class TestDiskGrowth:
         assert refused.is_error and "already grown" in refused.text and not (agent.root / "f.bin").exists()
         agent.audited("run_command", "refused", "max_disk_usage")
 
+    @pytest.mark.parametrize("fill", [
+        "import os\nfor i in range(4000): os.symlink('x' * 4000, f'l{i}')\n",  # 4 KB each, no file
+        "for i in range(4000): open(f'e{i}', 'w').close()\n",  # empty files: no block at all
+        # Sparse files, each under the limit of one file (RLIMIT_FSIZE): 2.7 MB of nothing on disk.
+        "for i in range(3):\n    f = open(f's{i}.bin', 'wb'); f.truncate(900_000); f.close()\n",
+    ], ids=["links", "empty-files", "sparse-file"])
+    def test_growth_counts_what_blocks_alone_miss(self, make_agent: MakeAgent, fill: str) -> None:
+        """Only regular files' blocks counted: 40,000 links grew a workspace 158 MB past a 10 MB limit."""
+        agent = make_agent("script-execution", limits={"max_disk_usage": "1MB"})
+        agent.script("fill.py", fill)
+        out = agent.run("python3", "fill.py")
+        assert out.is_error and "max_disk_usage" in out.text, out.text
+        assert agent.audited("run_command", "allowed")["usage"]["disk_growth_bytes"] > MB
+
     def test_files_a_command_changed_are_reported_and_audited(self, make_agent: MakeAgent) -> None:
         agent = make_agent("script-execution", files={"old.txt": "old\n", "gone.txt": "bye\n"})
         change = agent.script("change.sh", "#!/bin/sh\necho new > new.txt\necho more >> old.txt\nrm gone.txt\n")
