@@ -1377,3 +1377,12 @@ def test_a_command_cut_short_by_the_task_timeout_is_in_the_audit_trail(make_agen
         asyncio.run(cut_short())
     record = agent.audited("run_command", "allowed", "cut short while it ran")
     assert record["arguments"] == {"argv": [slow]} and record["is_error"]
+
+
+def test_unconfined_what_a_command_leaves_in_its_group_ends_with_it(make_agent: MakeAgent) -> None:
+    agent = make_agent("script-execution", sandbox=False, allow_unsandboxed=True)
+    start = agent.script("bg.sh", "#!/bin/sh\n(sleep 3; echo late > late.txt) >/dev/null 2>&1 &\n"
+                                  "nohup sh -c 'sleep 3; echo late > nohup.txt' >/dev/null 2>&1 &\necho started\n")
+    assert "started" in agent.run(start).text
+    time.sleep(4)
+    assert not (agent.root / "late.txt").exists() and not (agent.root / "nohup.txt").exists()

@@ -61,7 +61,8 @@ async def run_process(
     on_start: Callable[[int], None] | None = None,
     label: Sequence[str] | None = None,
 ) -> ProcessResult:
-    """Run ``argv`` (no shell) with stdin closed; kill its process group after ``timeout`` s.
+    """Run ``argv`` (no shell) with stdin closed; kill its process group when it ends, or after
+    ``timeout`` s.
 
     Raises:
         ToolTimeoutError: the program ran past ``timeout``; it has been killed.
@@ -95,6 +96,9 @@ async def run_process(
         with contextlib.suppress(Exception):
             await asyncio.shield(proc.wait())
         raise
+    # What it left running in its group (`cmd &`, nohup) goes with it: a command ends when it
+    # returns. (Sandboxed, its PID namespace takes everything, `setsid` ones included.)
+    _kill_group(proc)
     code = proc.returncode
     return ProcessResult(
         argv=tuple(argv),
