@@ -312,7 +312,7 @@ def test_a_reported_failure_fails_the_task_with_its_summary(toolbox: Toolbox, st
 
 def test_the_turn_limit(toolbox: Toolbox) -> None:
     model = ScriptedModel(default=tool_call("list_dir"))
-    with pytest.raises(TurnLimitError, match=r"no result after 3 model requests \(the turn limit\)"):
+    with pytest.raises(TurnLimitError, match=r"no result after 3 model requests \(the turn limit: a new run with --max-turns N"):
         step(model, toolbox, limits=StepLimits(max_turns=3))
     assert len(model.history) == 3
 

@@ -275,7 +275,9 @@ class _Conversation:
             done = await self._answer(response.tool_uses)
             if done is not None:
                 return done
-        raise TurnLimitError(f"no result after {self.limits.max_turns} model requests (the turn limit)")
+        raise TurnLimitError(f"no result after {self.limits.max_turns} model requests (the turn limit: a new run "
+                             "with --max-turns N, or the task's own max_turns in its spec, gives it more; on an "
+                             "agent's branch, its edits so far are kept in a commit marked FAILED)")
 
     def _mismatch(self, index: int, kind: str) -> None:
         self.log(f"replay stopped at recorded step {index + 1}: the {kind} differs from the recorded one "
