@@ -173,6 +173,8 @@ class TestPipeline:
         assert summary.state == "completed"
         started = [e.agent for e in events if e.kind == "agent-started"]
         finished = [e.agent for e in events if e.kind == "agent-finished"]
+        # Each model request of a task is told to the terminal's live view (turn 1: one request).
+        assert [(e.task, e.turn) for e in events if e.kind == "task-turn" and e.agent == "base"] == [(1, 1), (2, 1)]
         assert finished.index("base") < started.index("mid")
         assert finished.index("mid") < started.index("top")
         assert finished.index("side") < started.index("top")

@@ -1027,6 +1027,11 @@ class _LiveView:
             row["state"] = "running"
         elif event.kind == "task-started":
             row["task"] = f"{event.task}/{event.total} {event.description}"
+            row["turn"] = None
+        elif event.kind == "task-turn":
+            if row.get("turn") == event.turn:
+                return
+            row["turn"] = event.turn
         elif event.kind == "task-finished":
             row["done"] += 1
             if not self.live:
@@ -1048,8 +1053,9 @@ class _LiveView:
         for name in self.order:
             row = self.rows[name]
             style = _STATE_STYLE.get(row["state"], "white")
+            turn = f"turn {row['turn']}: " if row.get("turn") and row["state"] == "running" else ""
             table.add_row(name, f"[{style}]{row['state']}[/]", f"{row['done']}/{row['total']}",
-                          escape(str(row["task"]))[:70])
+                          escape(turn + str(row["task"]))[:70])
         return table
 
 

@@ -35,6 +35,7 @@ from .errors import ReplayDiverged, TokaError
 from .journal import Journal, journal_path
 from .model import Usage
 from .policy import AgentPolicy
+from .progress import ProgressEvent, notify
 from .prompt import system_prompt, task_message
 from .providers import get_model
 from .results import TaskOutcome, current_agent_calls
@@ -273,6 +274,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             calls_counter=calls.token if calls is not None else "",
             save_output=save_output,
             log=lambda line: logger.info("%s", line),
+            on_turn=lambda turn: notify(ProgressEvent("task-turn", spec.name, task=step.index, total=len(tasks),
+                                                      turn=turn)),
             on_context=lambda kind, data: emit_event(
                 event=f"toka.context.{kind}",
                 resource={"prefect.resource.id": f"toka.agent.{spec.name}.task.{step.index}",

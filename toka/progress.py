@@ -15,7 +15,7 @@ from typing import Literal
 
 __all__ = ["ProgressEvent", "listen", "notify"]
 
-EventKind = Literal["agent-started", "agent-finished", "task-started", "task-finished"]
+EventKind = Literal["agent-started", "agent-finished", "task-started", "task-finished", "task-turn"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class ProgressEvent:
     total: int | None = None
     description: str = ""
     reason: str | None = None
+    turn: int | None = None
+    """For task-turn events (told to listeners in this process only, never to Prefect): the
+    model request the task is at."""
 
 
 Listener = Callable[[ProgressEvent], None]

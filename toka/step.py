@@ -149,6 +149,7 @@ async def run_step(
     on_context: Callable[[str, dict[str, int]], None] | None = None,
     calls_counter: str = "",
     restart_on_divergence: bool = False,
+    on_turn: Callable[[int], None] | None = None,
 ) -> StepRun:
     """Run the loop for one task attempt.
 
@@ -166,6 +167,7 @@ async def run_step(
             the turn and the tokens involved (for events).
         calls_counter: The tool-call count this attempt adds to (``TaskCalls.token``): a call
             replayed from the journal counts in ``toolbox.calls`` unless recorded under it.
+        on_turn: Called with each turn's number before its model request (progress).
         restart_on_divergence: Raise :class:`~toka.errors.ReplayDiverged` when the journal stops
             matching before recorded tool calls that changed files (the caller can set their
             edits aside and start over); else the task goes on live from there.
@@ -184,7 +186,7 @@ async def run_step(
         model=model, system=system, task_message=task_message, toolbox=toolbox, metric_names=metric_names,
         limits=limits, metadata=metadata, before_request=before_request, after_request=after_request,
         on_replayed=on_replayed, journal=journal, save_output=save_output, log=log, on_context=on_context,
-        calls_counter=calls_counter, strict=restart_on_divergence,
+        calls_counter=calls_counter, strict=restart_on_divergence, on_turn=on_turn,
     )
     try:
         return await conversation.run()
@@ -224,8 +226,10 @@ class _Conversation:
         on_context: Callable[[str, dict[str, int]], None] | None = None,
         calls_counter: str = "",
         strict: bool = False,
+        on_turn: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
+        self.on_turn = on_turn or (lambda turn: None)
         self.system = system
         self.toolbox = toolbox
         self.limits = limits
@@ -262,6 +266,7 @@ class _Conversation:
     async def run(self) -> StepRun:
         for turn in range(1, self.limits.max_turns + 1):
             self.turn = turn
+            self.on_turn(turn)
             response = await self._request()
             self.messages.append(Message(role="assistant", content=_sendable(response.content)))
             self.cut = response.stop_reason == "max_tokens"
