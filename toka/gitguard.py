@@ -232,7 +232,10 @@ def _pointed_to(dot: Path) -> Path | None:
         return None
     if not text.startswith("gitdir:"):
         return None
-    return (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
+    try:
+        return (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return None
 
 
 def looks_like_gitdir(path: Path, adding: str | None = None) -> bool:
@@ -253,7 +256,10 @@ def _gitdirs_among(workspace: Path, files: Iterable[str], own: Sequence[Path]) -
         if rel != "HEAD" and not rel.endswith("/HEAD"):
             continue
         gitdir = (workspace / rel).parent
-        if not looks_like_gitdir(gitdir) or any(gitdir.resolve().is_relative_to(d) for d in own):
+        try:
+            if not looks_like_gitdir(gitdir) or any(gitdir.resolve().is_relative_to(d) for d in own):
+                continue
+        except (OSError, RuntimeError):  # a link loop on the way
             continue
         found.append(gitdir)
     return sorted(found)
@@ -487,11 +493,17 @@ class GitGuard:
                         text = dot.read_text(errors="replace").strip()
                     except OSError:
                         text = ""
-                    target = (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
-                # One outside the workspace (or reached through a link) is no directory of its: the
-                # pointer to it is (_pointers_out), and nothing there is read or removed.
-                if target.resolve() not in own and target.is_dir() and not _linked_between(self.workspace, target):
-                    found.add(target)
+                    target = dot.parent / text.removeprefix("gitdir:").strip()
+                try:
+                    real = target.resolve()
+                except (OSError, RuntimeError):  # a link loop: no git directory, and no crash of the check
+                    break
+                # One outside the workspace (or reached through a link), or inside the repository's own
+                # git directories (a submodule's, a linked worktree's: read-only to commands, and the
+                # person's), is no directory a command made: nothing there is read or removed.
+                if (not any(real.is_relative_to(d) for d in own) and target.is_dir()
+                        and not _linked_between(self.workspace, Path(os.path.normpath(target)))):
+                    found.add(Path(os.path.normpath(target)))
                 break
         return sorted(found)
 
