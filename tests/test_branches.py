@@ -1082,3 +1082,55 @@ def test_a_tasks_files_touched_holds_what_its_tools_wrote_not_only_what_it_repor
     assert shown.exit_code == 0, shown.output
     (task,) = json.loads((tmp_path / "out.json").read_text())["agents"][0]["tasks"]
     assert "notes.md" in task["files_touched"]
+
+
+@pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
+                    reason="needs a mount namespace (unshare -m)")
+@pytest.mark.parametrize("sub", ["", "app"], ids=["repository-top", "subdirectory"])
+@pytest.mark.usefixtures("prefect_server")
+def test_git_works_in_a_sandboxed_worktree_and_shows_no_credential_or_checkout(
+    sub: str, request: pytest.FixtureRequest
+) -> None:
+    """A run on a repository's subdirectory: git in the worktree failed ("not a git repository"),
+    and the checkout and the remote's token stayed readable."""
+    import tempfile
+
+    if not os.access("/opt", os.W_OK):
+        pytest.skip("needs a writable directory outside /tmp and the homes (/opt)")
+    base = Path(tempfile.mkdtemp(dir="/opt", prefix="toka-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    repo = base / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.name", "P")
+    git(repo, "config", "user.email", "p@example.com")
+    git(repo, "remote", "add", "origin", "https://x-access-token:SECRETTOKEN@github.com/o/r.git")
+    ws = repo / sub if sub else repo
+    ws.mkdir(exist_ok=True)
+    (ws / "shared.txt").write_text("line 1\n")
+    (repo / "top.env").write_text("TOPSECRET\n")
+    spec = writer("a")
+    spec["security"]["capabilities_required"].append("script-execution")
+    (ws / "specs").mkdir()
+    (ws / "specs" / "a.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "start")
+    (repo / "draft.txt").write_text("DRAFT\n")
+    probe = ("git branch --show-current; git status --short | head -5; "
+             f"cat {repo}/top.env {repo}/draft.txt; cat {repo}/.git/config | rev; echo END\n")
+    outputs: list[str] = []
+
+    def answer(req: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in req.messages if m.role == "assistant")
+        if turn == 0:
+            return tool_call("write_file", path="probe.sh", content=probe)
+        if turn == 1:
+            return tool_call("run_command", argv=["sh", "probe.sh"])
+        outputs.append(last_tool_output(req))
+        return submit(summary="looked")
+
+    shown = toka(ws, "--run-key", "peek", model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    (seen,) = outputs
+    assert "toka/peek/a" in seen and "END" in seen, seen  # git works in the worktree
+    assert "NEKOTTERCES" not in seen and "TOPSECRET" not in seen and "DRAFT" not in seen, seen

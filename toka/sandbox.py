@@ -271,11 +271,15 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
         keep.append(os.path.realpath("/etc/resolv.conf"))
     # A worktree's git directories are outside it (in the repository it was made from): they stay
-    # visible, read-only like the rest of the host, so git works in the worktree.
-    keep += [str(d) for d in git_dirs(workspace) if not d.resolve().is_relative_to(workspace.resolve())]
+    # visible, read-only like the rest of the host, so git works in the worktree. The workspace
+    # may be a directory inside the worktree (a run on a repository's subdirectory): its top too.
+    top = _git_top(workspace)
+    if top != workspace:
+        keep.append(str(top))
+    keep += [str(d) for d in git_dirs(top) if not d.resolve().is_relative_to(top.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
-              "replace": git_configs_without_credentials(workspace),
+              "replace": git_configs_without_credentials(top),
               "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths(), *map(str, private)], "keep": keep,
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
@@ -309,11 +313,22 @@ def git_configs_without_credentials(workspace: Path) -> dict[str, str]:
     return replaced
 
 
+def _git_top(path: Path) -> Path:
+    """The top of the git worktree ``path`` is in, when a ``.git`` file (a worktree's, as an
+    agent's is) is found above it; else ``path``. A ``.git`` directory above (a home kept in git)
+    is no reason to show more of the host."""
+    for candidate in (path, *path.parents):
+        dot = candidate / ".git"
+        if os.path.lexists(dot):
+            return candidate if candidate == path or (dot.is_file() and not dot.is_symlink()) else path
+    return path
+
+
 def _checkout_of(worktree: Path, state_dir: Path) -> list[Path]:
     """What an agent's worktree was made from: the run's workspace (whose state directory holds
     the worktree), and the top of the repository it is in when that is above it."""
     found = [state_dir.resolve().parent]
-    for gitdir in git_dirs(worktree):  # the worktree's own git directory, then the common one
+    for gitdir in git_dirs(_git_top(worktree)):  # the worktree's own git directory, then the common one
         top = gitdir.resolve().parent
         if gitdir.name == ".git" and not any(top.is_relative_to(f) for f in found):
             found.append(top)
