@@ -922,7 +922,8 @@ class TestDiskGrowth:
         "for i in range(4000): open(f'e{i}', 'w').close()\n",  # empty files: no block at all
         # Sparse files, each under the limit of one file (RLIMIT_FSIZE): 2.7 MB of nothing on disk.
         "for i in range(3):\n    f = open(f's{i}.bin', 'wb'); f.truncate(900_000); f.close()\n",
-    ], ids=["links", "empty-files", "sparse-file"])
+        "import os\nfor i in range(4000): os.mkdir(f'd{i}')\n",  # empty directories
+    ], ids=["links", "empty-files", "sparse-file", "directories"])
     def test_growth_counts_what_blocks_alone_miss(self, make_agent: MakeAgent, fill: str) -> None:
         """Only regular files' blocks counted: 40,000 links grew a workspace 158 MB past a 10 MB limit."""
         agent = make_agent("script-execution", limits={"max_disk_usage": "1MB"})

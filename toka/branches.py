@@ -1078,4 +1078,4 @@ def _apply_patch(run: RunBranches, branch: str) -> str:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return f"applied the changes of {branch} to {workspace}; undo with: git apply -R {path}"
+    return f"applied the changes of {branch} to {workspace}; undo with: git -C {workspace} apply -R {path}"

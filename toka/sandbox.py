@@ -647,19 +647,20 @@ def changed_files(before: Snapshot, after: Snapshot) -> list[str]:
 
 def _tree_size(root: Path, skip: Path) -> int:
     """What the files under ``root`` take, as max_disk_usage counts it: every entry (a link, an
-    empty file) at least 512 bytes, and a file its length when that is more than its blocks. Blocks
+    empty file, a directory) at least 512 bytes, and a file its length when that is more than its blocks. Blocks
     alone let 40,000 links grow a workspace 158 MB past a 10 MB limit, half a million empty files
     count nothing, and a sparse file of gigabytes cost the runtime's own `git add` minutes of CPU."""
     return sum(max(st.st_blocks * 512, st.st_size if stat.S_ISREG(st.st_mode) else 0, _ENTRY_BYTES)
-               for _, st in _files(root, [skip]))
+               for _, st in _files(root, [skip], dirs=True))
 
 
 #: What one directory entry counts for at the least (an inode, a directory slot).
 _ENTRY_BYTES = 512
 
 
-def _files(root: Path, skip: Sequence[Path]) -> Iterator[tuple[str, os.stat_result]]:
-    """Every non-directory under ``root`` (links not followed, ``skip`` directories left out)."""
+def _files(root: Path, skip: Sequence[Path], *, dirs: bool = False) -> Iterator[tuple[str, os.stat_result]]:
+    """Every non-directory under ``root`` (links not followed, ``skip`` directories left out);
+    with ``dirs``, the directories too."""
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -672,6 +673,8 @@ def _files(root: Path, skip: Sequence[Path]) -> Iterator[tuple[str, os.stat_resu
                 if entry.is_dir(follow_symlinks=False):
                     if Path(entry.path) not in skip:
                         stack.append(Path(entry.path))
+                        if dirs:
+                            yield entry.path, entry.stat(follow_symlinks=False)
                 else:
                     yield entry.path, entry.stat(follow_symlinks=False)
             except OSError:
