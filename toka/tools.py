@@ -187,7 +187,7 @@ class ReadFile(BlockingTool):
             if b"\x00" in f.read(_BINARY_PROBE):
                 return ToolOutput(f"{rel} is a binary file; it cannot be read as text", is_error=True)
             f.seek(0)
-            for total, (raw, length) in enumerate(_capped_lines(f, _READ_LIMIT * 4), 1):
+            for total, (raw, length) in enumerate(_capped_lines(f, _READ_LIMIT * 4, cancelled), 1):
                 if total % 4096 == 0 and cancelled.is_set():
                     break
                 if total < args.start_line or total > last or cut_at is not None:
@@ -218,7 +218,7 @@ class ReadFile(BlockingTool):
         return ToolOutput("\n".join([header, *out]), files_read=[rel])
 
 
-def _capped_lines(f: BinaryIO, cap: int) -> Iterator[tuple[bytes, int]]:
+def _capped_lines(f: BinaryIO, cap: int, cancelled: threading.Event | None = None) -> Iterator[tuple[bytes, int]]:
     """The lines of ``f`` (ending at '\n'), each cut at ``cap`` bytes, with its whole length.
 
     A line is never held whole: one gigabyte without a line break (a sparse file costs a
@@ -229,8 +229,8 @@ def _capped_lines(f: BinaryIO, cap: int) -> Iterator[tuple[bytes, int]]:
         if len(raw) == cap and not raw.endswith(b"\n"):
             while more := f.readline(1 << 20):
                 length += len(more)
-                if more.endswith(b"\n"):
-                    break
+                if more.endswith(b"\n") or (cancelled is not None and cancelled.is_set()):
+                    break  # cancelled: a sparse terabyte would be read on long after the task's end
         yield raw, length
 
 
@@ -312,6 +312,8 @@ class SearchFiles(BlockingTool):
                         searched += 1
                         # Line by line, each cut at a megabyte: memory stays bounded whatever the file.
                         for number, (raw, _) in enumerate(_capped_lines(f, 1 << 20), 1):
+                            if number % 1024 == 0 and (time.monotonic() > deadline or cancelled.is_set()):
+                                raise TimeoutError  # short lines of a fast pattern never reach the regex's own
                             line = raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
                             # A per-search time limit: a pathological pattern must not hang the search.
                             # `concurrent`: the GIL is released while matching, so the loop runs meanwhile.
