@@ -1030,6 +1030,25 @@ def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(
     assert git(repo, "show", "toka/edited/_merged:shared.txt").count("added") == 1  # ...and made once
 
 
+def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
+    """What the shell ``script``, run by an agent in its worktree of ``workspace``, printed."""
+    outputs: list[str] = []
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == 0:
+            return tool_call("write_file", path="probe.sh", content=script + "\n")
+        if turn == 1:
+            return tool_call("run_command", argv=["sh", "probe.sh"])
+        outputs.append(last_tool_output(request))
+        return submit(summary="looked around")
+
+    shown = toka(workspace, "--run-key", run_key, model=FunctionModel(answer))
+    assert shown.exit_code == 0, shown.output
+    (seen,) = outputs
+    return seen
+
+
 @pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
                     reason="needs a mount namespace (unshare -m)")
 @pytest.mark.usefixtures("prefect_server")
@@ -1051,20 +1070,7 @@ def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout
     (repo / "draft.txt").write_text("uncommitted draft\n")
     probe = (f"for f in {repo}/.env {repo}/draft.txt {repo}/.toka/runs/last.json; do "
              "cat $f 2>/dev/null && echo READ $f; done; ls -A " + str(repo) + "; cat shared.txt | head -1")
-    outputs: list[str] = []
-
-    def answer(request: ModelRequest) -> ModelResponse:
-        turn = sum(1 for m in request.messages if m.role == "assistant")
-        if turn == 0:
-            return tool_call("write_file", path="probe.sh", content=probe + "\n")
-        if turn == 1:
-            return tool_call("run_command", argv=["sh", "probe.sh"])
-        outputs.append(last_tool_output(request))
-        return submit(summary="looked around")
-
-    shown = toka(repo, "--run-key", "peek", model=FunctionModel(answer))
-    assert shown.exit_code == 0, shown.output
-    (seen,) = outputs
+    seen = probe_output(repo, probe, run_key="peek")
     assert "line 1" in seen, seen  # the worktree itself is there
     assert "READ" not in seen and "person-secret" not in seen and "uncommitted draft" not in seen, seen
 
@@ -1118,19 +1124,6 @@ def test_git_works_in_a_sandboxed_worktree_and_shows_no_credential_or_checkout(
     (repo / "draft.txt").write_text("DRAFT\n")
     probe = ("git branch --show-current; git status --short | head -5; "
              f"cat {repo}/top.env {repo}/draft.txt; cat {repo}/.git/config | rev; echo END\n")
-    outputs: list[str] = []
-
-    def answer(req: ModelRequest) -> ModelResponse:
-        turn = sum(1 for m in req.messages if m.role == "assistant")
-        if turn == 0:
-            return tool_call("write_file", path="probe.sh", content=probe)
-        if turn == 1:
-            return tool_call("run_command", argv=["sh", "probe.sh"])
-        outputs.append(last_tool_output(req))
-        return submit(summary="looked")
-
-    shown = toka(ws, "--run-key", "peek", model=FunctionModel(answer))
-    assert shown.exit_code == 0, shown.output
-    (seen,) = outputs
+    seen = probe_output(ws, probe, run_key="peek")
     assert "toka/peek/a" in seen and "END" in seen, seen  # git works in the worktree
     assert "NEKOTTERCES" not in seen and "TOPSECRET" not in seen and "DRAFT" not in seen, seen
