@@ -404,14 +404,18 @@ class GitGuard:
             violations.append(self._shown(d))
             d.unlink()
         if violations:
-            for d in self.dirs:
-                if d in replaced:
-                    continue
-                _restore({p: e for p, e in self.before.items() if p.is_relative_to(d)},
-                         {p: e for p, e in after.items() if p.is_relative_to(d)}, root=d)
-            if self.workspace / ".git" in self.before:
-                _restore({p: e for p, e in self.before.items() if p == self.workspace / ".git"},
-                         {p: e for p, e in after.items() if p == self.workspace / ".git"}, root=self.workspace)
+            # Each control file once, under the first of its roots: an agent worktree's git directory
+            # lies inside the repository's, and the worktree's .git pointer in the workspace. Those of a
+            # git directory replaced by a link are not put back (the link is gone; the run stops).
+            roots = [*self.dirs, self.workspace]
+
+            def under(root: Path, entries: dict[Path, _Entry]) -> dict[Path, _Entry]:
+                return {p: e for p, e in entries.items()
+                        if next((r for r in roots if p.is_relative_to(r)), None) == root}
+
+            for root in roots:
+                if root not in replaced:
+                    _restore(under(root, self.before), under(root, after), root=root)
         # Before anything is read in nested git directories: one may now be a link out of the workspace.
         violations += self._pointers_out(files)
         for gitdir, was in self.nested.items():  # what git init (or everyday use) writes is theirs to change
