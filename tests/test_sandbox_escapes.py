@@ -9,6 +9,7 @@ model make it, then checks from the host that nothing got out.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from toka.commands import scrubbed_env
 from toka.errors import SandboxViolation
 from toka.gitguard import git_argv, run_git
-from toka.sandbox import detect_host
+from toka.sandbox import config_without_credentials, confinement, detect_host
 
 from .conftest import ROOT
 from .test_sandbox import Agent, MakeAgent, _git_repo, make_agent, marker, processes_matching  # noqa: F401  (fixture)
@@ -653,3 +654,73 @@ def test_credentials_in_the_git_configuration_are_not_readable(make_agent: MakeA
     for secret in (token, "c2VjcmV0", "x-access-token"):
         assert secret[::-1] not in out and secret not in out, out
     assert (agent.root / ".git" / "config").read_text() == before  # the runtime's own git still has them
+
+
+@needs_confinement
+def test_credentials_in_included_files_helpers_and_submodules_are_not_readable(make_agent: MakeAgent) -> None:
+    """Git keeps credentials in more places than a remote's URL: a key on its section's line, a
+    value continued on the next line, an inline credential helper, a credential store file, a
+    file the configuration includes, a submodule's configuration, a URL's query."""
+    agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    git = agent.root / ".git"
+    secrets = {f"CANARY{n}" for n in range(1, 11)}
+    with (git / "config").open("a") as f:
+        f.write('[http] extraheader = AUTHORIZATION: basic CANARY1\n'
+                '[http "https://github.com/"]\n\textraHeader = AUTHORIZATION: basic \\\nCANARY2\n'
+                '[credential]\n\thelper = "!f() { echo password=CANARY3; }; f"\n'
+                '[credential "https://other"]\n\thelper = store --file=.git/store\n'
+                '[sendemail]\n\tsmtpPass = CANARY5\n\tsmtpUser = me@example.com\n'
+                '[include]\n\tpath = more.inc\n')
+    (git / "store").write_text("https://u:CANARY4@other\n")
+    (git / "more.inc").write_text("[github]\n\toauth-token = CANARY6\n[http]\n\tcookieFile = .git/cookies\n")
+    (git / "cookies").write_text("other\tFALSE\t/\tTRUE\t0\tsession\tCANARY7\n")
+    (git / "modules" / "lib").mkdir(parents=True)
+    (git / "modules" / "lib" / "config").write_text('[remote "origin"]\n\turl = https://u:CANARY8@h/lib.git\n')
+    subprocess.run(["git", "remote", "add", "mirror", "https://h/r.git?access_token=CANARY9"], cwd=agent.root,
+                   check=True)
+    (git / "config.worktree").write_text("[user]\n\tapi-key = CANARY10\n")
+    before = {p: p.read_bytes() for p in git.rglob("*") if p.is_file() and "objects" not in p.parts}
+    out = agent.run(agent.script("peek.sh", (
+        "#!/bin/sh\nfor f in $(find .git -type f ! -path '*/objects/*'); do rev \"$f\"; done\n"
+        "git config --list | rev\ngit config sendemail.smtpuser\n"))).text
+    assert "exit code: 0" in out, out
+    assert "me@example.com" in out  # git still reads the configuration, its other keys kept
+    assert "git/r.git" in out[::-1] or "tig.r/h//:sptth" in out  # the remote is there, without its token
+    for secret in secrets:
+        assert secret[::-1] not in out and secret not in out, (secret, out)
+    after = {p: p.read_bytes() for p in before}
+    assert after == before  # the runtime's own git still has them all
+
+
+@pytest.mark.parametrize("text, kept, hidden", [
+    ("[core]\n\teditor = vim\n[user]\n\tname = A\n", ["editor = vim", "name = A"], []),
+    ("[http] extraheader = X: SECRET\n[core]\n\tbare = false\n", ["[http]", "bare = false"], ["SECRET"]),
+    ("[sendemail]\n\tsmtppass = p\\\nSECRET\n\tsmtpuser = u\n", ["smtpuser = u"], ["SECRET", "p\\"]),
+    ('[remote "o"]\n\turl = https://tok:SECRET@h/r\n', ["https://h/r"], ["SECRET", "tok"]),
+    ("[credential]\n\tusername = SECRET\n", ["[credential]"], ["SECRET"]),
+    ("[core] # bare = SECRETISH\n", ["# bare = SECRETISH"], []),  # a comment stays a comment
+])
+def test_git_configuration_keeps_its_keys_and_loses_its_credentials(text: str, kept: list[str],
+                                                                   hidden: list[str], tmp_path: Path) -> None:
+    clean, _, _ = config_without_credentials(text)
+    for part in kept:
+        assert part in clean
+    for part in hidden:
+        assert part not in clean
+    (tmp_path / "config").write_text(clean)
+    assert subprocess.run(["git", "config", "--file", str(tmp_path / "config"), "--list"],
+                          capture_output=True).returncode == 0, clean
+
+
+def test_an_approved_push_alone_sees_the_credentials_it_pushes_with(tmp_path: Path) -> None:
+    """`git push` to a token remote needs the token; every other command sees the config without it."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", "https://u:CANARY@h/r.git"], cwd=tmp_path, check=True)
+
+    def shown(**options: bool) -> dict[str, str]:
+        argv = confinement(tmp_path, tmp_path, writable=[], readonly=[], env={}, tmpfs_size=None, **options)
+        return json.loads(argv[argv.index("--") - 1])["replace"]
+
+    assert [text for text in shown().values() if "https://h/r.git" in text and "CANARY" not in text]
+    assert shown(network=True, credentials=True) == {}

@@ -426,7 +426,7 @@ class RunCommand(Tool):
             result, usage, plan = await run_sandboxed(
                 argv, cwd=cwd, workspace=root, state_dir=state, env=env, limits=policy.limits,
                 timeout=timeout, network=network, sandbox=policy.sandbox, extra_disk_dirs=[home],
-                disk_baseline=baseline,
+                disk_baseline=baseline, git_credentials=grant.pushes and network,
             )
         except BaseException as e:
             # Cut short (refused, failed, or cancelled by the task's own timeout): what the command

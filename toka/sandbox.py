@@ -257,12 +257,13 @@ def _probe_confinement() -> bool:
 
 def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonly: Sequence[Path],
                 env: Mapping[str, str], tmpfs_size: int | None, network: bool = False,
-                private: Sequence[Path] = ()) -> list[str]:
+                private: Sequence[Path] = (), credentials: bool = False) -> list[str]:
     """The argv prefix that confines a command (see ``confine.py``); run it inside a new mount namespace.
 
     ``private``: directories hidden like the host's secrets, but for what the command needs in
     them (its workspace, the worktree's git directories, its home): the person's checkout an
-    agent's worktree was made from.
+    agent's worktree was made from. ``credentials``: the command sees git's credentials (an
+    approved ``git push``, which needs them); other commands see its configuration without them.
     """
     # The command's own programs stay reachable inside what is hidden.
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
@@ -279,7 +280,7 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     keep += [str(d) for d in git_dirs(top) if not d.resolve().is_relative_to(top.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
-              "replace": git_configs_without_credentials(top),
+              "replace": {} if credentials else git_configs_without_credentials(top),
               "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths(), *map(str, private)], "keep": keep,
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
@@ -287,30 +288,127 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
 
 
 # A remote's URL with a user and password or token (https://x-access-token:ghp_...@github.com/...),
-# and the keys that hold credentials (actions/checkout keeps an authorization header there).
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-_CREDENTIAL_KEY = re.compile(r"(?im)^[ \t]*(?:[\w.-]*extraheader|password|[\w.-]*token)[ \t]*=.*$")
+# and a token in a URL's query (?access_token=...): hidden wherever they stand in a config file.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@\"]+@")
+_URL_QUERY_SECRET = re.compile(r"(?i)([?&][\w.-]*(?:token|key|secret|password|sig)[\w.-]*=)[^&\s\"#;]+")
+# The keys that hold credentials: passwords (sendemail.smtpPass), tokens, authorization headers
+# (actions/checkout keeps one in http.<url>.extraheader), cookies; every key of a [credential]
+# section (an inline helper can print a password).
+_SECRET_KEY = re.compile(r"(?i)pass|token|secret|extraheader|cookie|api-?key|auth")
+_SECTION = re.compile(r'^(\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"(?:[^"\\]|\\.)*")?\s*\])(.*)$', re.S)
+_KEY = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:=(.*))?$", re.S)
+_HIDDEN_KEY = "# (a credential: hidden from the agent)"
+_FILE_OPTION = re.compile(r"--file(?:=|\s+)[\"']?([^\"'\s]+)")
+
+
+def _continues(line: str) -> bool:
+    """A value that goes on to the next line: it ends in an odd number of backslashes."""
+    body = line.rstrip("\r\n")
+    return (len(body) - len(body.rstrip("\\"))) % 2 == 1
+
+
+def _config_value(raw: str) -> str:
+    value = raw.strip()
+    if value.startswith('"'):
+        end = value.find('"', 1)
+        return value[1:end] if end > 0 else value[1:]
+    return re.split(r"\s[#;]|^[#;]", value, maxsplit=1)[0].strip()
+
+
+def config_without_credentials(text: str) -> tuple[str, list[str], list[str]]:
+    """``text`` (a git config file) with its credentials taken out, the files it includes
+    (``include.path``, ``includeIf.*.path``) and the files holding credentials it names (a
+    ``store --file`` helper's, ``http.cookieFile``), both as written."""
+    out: list[str] = []
+    includes: list[str] = []
+    secret_files: list[str] = []
+    section = ""
+    lines = iter(text.splitlines(keepends=True))
+    for line in lines:
+        head, body = "", line
+        header = _SECTION.match(line)
+        if header:  # a key may follow a section's header on its line
+            head, section, body = header.group(1), header.group(2).lower(), header.group(3)
+        key = _KEY.match(body)
+        if key is None or body.lstrip()[:1] in ("#", ";"):
+            out.append(line)
+            continue
+        entry = [line]
+        while _continues(entry[-1]):  # the value goes on: hidden or kept whole
+            more = next(lines, "")
+            if not more:
+                break
+            entry.append(more)
+        name = key.group(1).lower()
+        value = _config_value("".join([key.group(2) or "", *entry[1:]]).replace("\\\n", ""))
+        if name == "path" and (section == "include" or section.startswith("includeif")):
+            includes.append(value)
+        if section.startswith("credential") and name == "helper":
+            secret_files += _FILE_OPTION.findall(value)
+        if name == "cookiefile" and value:
+            secret_files.append(value)
+        if section == "credential" or section.startswith("credential.") or _SECRET_KEY.search(name):
+            newline = "\n" if entry[-1].endswith("\n") else ""
+            out.append(f"{head} {_HIDDEN_KEY}{newline}" if head else f"\t{_HIDDEN_KEY}{newline}")
+        else:
+            out += entry
+    clean = _URL_USERINFO.sub(r"\1", "".join(out))
+    return _URL_QUERY_SECRET.sub(r"\1***", clean), includes, secret_files
+
+
+def _config_files(workspace: Path) -> list[Path]:
+    """The git configuration files of the workspace's repository: its git directories' own, its
+    other worktrees', its submodules' (under ``modules``, nested ones too)."""
+    found: list[Path] = []
+    for gitdir in git_dirs(workspace):
+        found += [gitdir / "config", gitdir / "config.worktree"]
+        for sub in ("worktrees", "modules"):
+            top = gitdir / sub
+            if top.is_symlink() or not top.is_dir():
+                continue
+            for n, (folder, dirs, files) in enumerate(os.walk(top)):  # links are not followed
+                if n > 10_000:
+                    break
+                found += [Path(folder, name) for name in files if name in ("config", "config.worktree")]
+                if sub == "worktrees":
+                    dirs.clear()  # worktrees/<name>/ only
+    return found
 
 
 def git_configs_without_credentials(workspace: Path) -> dict[str, str]:
     """The git configuration files a command in ``workspace`` could read that hold credentials,
-    each with the text it sees instead (the credentials out). Redaction of what a command prints
-    cannot stop ``rev`` or ``base64``; the command must not read them at all."""
+    each with the text it sees instead (the credentials out; a credential store, nothing). Those it
+    includes are followed, as git does. Redaction of what a command prints cannot stop ``rev`` or
+    ``base64``: the command must not read them at all."""
     replaced: dict[str, str] = {}
-    for gitdir in git_dirs(workspace):
-        for name in ("config", "config.worktree"):
-            path = gitdir / name
-            try:
-                if path.is_symlink() or not path.is_file():
-                    continue
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
+    pending = [(path, 0) for path in _config_files(workspace)]
+    seen: set[Path] = set()
+    while pending:
+        path, depth = pending.pop()
+        try:
+            path = path.resolve()
+            if path in seen or not path.is_file():
                 continue
-            clean = _CREDENTIAL_KEY.sub("\t# (a credential: hidden from the agent)",
-                                        _URL_USERINFO.sub(r"\1", text))
-            if clean != text:
-                replaced[str(path.resolve())] = clean
+            seen.add(path)
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except (OSError, RuntimeError):  # unreadable, or a link loop
+            continue
+        clean, includes, secret_files = config_without_credentials(text)
+        if clean != text:
+            replaced[str(path)] = clean
+        for name in secret_files:  # relative: to where git runs (the top, mostly) or beside the file
+            for held in {_config_path(name, path), _config_path(name, workspace / ".git")}:
+                with contextlib.suppress(OSError, RuntimeError):
+                    if held.is_file():
+                        replaced[str(held.resolve())] = ""
+        if depth < 10:  # git's own limit on nested includes
+            pending += [(_config_path(name, path), depth + 1) for name in includes if name]
     return replaced
+
+
+def _config_path(name: str, config: Path) -> Path:
+    """A path as git reads it in ``config``: ``~`` is the home, a relative one is beside the file."""
+    return Path(os.path.expanduser(name)) if name.startswith("~") else config.parent / name
 
 
 def _git_top(path: Path) -> Path:
@@ -901,8 +999,11 @@ async def run_sandboxed(
     output_limit: int = 64_000,
     extra_disk_dirs: Sequence[Path] = (),
     disk_baseline: int | None = None,
+    git_credentials: bool = False,
 ) -> tuple[ProcessResult | None, CommandUsage, SandboxPlan]:
     """Run ``argv`` with every declared limit enforced; return its result and measured usage.
+
+    ``git_credentials``: the command may read git's credentials (an approved ``git push``).
 
     ``disk_baseline`` is the size ``max_disk_usage`` counts growth from (the agent run's
     start, see :func:`workspace_growth_baseline`); without it, this command's start.
@@ -938,7 +1039,7 @@ async def run_sandboxed(
                 # An agent's worktree lies inside the state directory: there the rest of the host,
                 # the state directory included, is read-only already; binding it would cover the worktree.
                 readonly=[] if in_worktree else [state_dir],
-                env=env, network=network,
+                env=env, network=network, credentials=git_credentials,
                 tmpfs_size=limits.max_disk_usage.bytes if limits.max_disk_usage else None,
                 # The person's checkout (their uncommitted and ignored files, .env...) and the run's
                 # state (other agents' worktrees, audit trails, journals) are no agent's to read.
