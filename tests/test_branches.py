@@ -1051,12 +1051,14 @@ def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
 
 @pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
                     reason="needs a mount namespace (unshare -m)")
+@pytest.mark.parametrize("on_path", [False, True], ids=["plain", "checkout-bin-on-PATH"])
 @pytest.mark.usefixtures("prefect_server")
 def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, on_path: bool
 ) -> None:
     """Only homes and /tmp-like places (fresh in the sandbox) were hidden: from a checkout elsewhere
-    (here /opt), a command read the person's .env, their uncommitted files and the run's state."""
+    (here /opt), a command read the person's .env, their uncommitted files and the run's state.
+    With the checkout's `bin` on the runtime's PATH, its parent (the checkout) was kept visible."""
     import tempfile
 
     if not os.access("/opt", os.W_OK):
@@ -1068,6 +1070,9 @@ def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout
     repo = make_repo(tmp_path / "repo", spec)
     (repo / ".env").write_text("TOKEN=person-secret\n")
     (repo / "draft.txt").write_text("uncommitted draft\n")
+    if on_path:
+        (repo / "bin").mkdir()
+        monkeypatch.setenv("PATH", f"{repo / 'bin'}{os.pathsep}{os.environ['PATH']}")
     probe = (f"for f in {repo}/.env {repo}/draft.txt {repo}/.toka/runs/last.json; do "
              "cat $f 2>/dev/null && echo READ $f; done; ls -A " + str(repo) + "; cat shared.txt | head -1")
     seen = probe_output(repo, probe, run_key="peek")

@@ -267,8 +267,11 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     """
     # The command's own programs stay reachable inside what is hidden.
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
-    keep = sorted({*program_dirs(path_dirs), sys.prefix, sys.base_prefix,
-                   *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))} - set(hidden_host_paths()))
+    # Not a private directory itself (PATH holding the checkout's `bin`: its parent is the checkout).
+    private_dirs = {os.path.realpath(p) for p in private}
+    keep = sorted(d for d in {*program_dirs(path_dirs), sys.prefix, sys.base_prefix,
+                              *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))}
+                  - set(hidden_host_paths()) if os.path.realpath(d) not in private_dirs)
     if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
         keep.append(os.path.realpath("/etc/resolv.conf"))
     # A worktree's git directories are outside it (in the repository it was made from): they stay
