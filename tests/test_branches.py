@@ -274,8 +274,19 @@ def test_diff_apply_and_discard_mean_the_newest_run_a_deployments_too(tmp_path: 
     assert (repo / ".toka" / "runs" / "last.json").exists()
     assert toka(repo, "discard").exit_code == 0
     resumed = toka(repo, "--resume", model=FunctionModel(writes("never")))
-    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
+    assert resumed.exit_code == 2 and "run cli was discarded" in resumed.output, resumed.output
     assert not (repo / ".toka" / "journal" / "cli").exists()
+    # Nor is a run under its key: the cache held its task, replayed as done without its file.
+    again = toka(repo, "--run-key", "cli", model=FunctionModel(writes("never")))
+    assert again.exit_code == 2 and "run cli was discarded" in again.output, again.output
+    from flows.pipeline import pipeline
+    from toka.config import grouped
+
+    with override_model(FunctionModel(writes("never"))):  # a deployment's run under a discarded key
+        state = asyncio.run(pipeline(specs=[str(repo / "specs")], return_state=True, **grouped(
+            {"workspace": str(repo), "run_key": "night", "retry_delay_seconds": 0})))
+    assert state.is_failed() and "run night was discarded" in str(state.message), state
+    assert git(repo, "branch", "--list", "toka/*") == ""
 
 
 def test_discard_removes_a_runs_branches_whose_record_is_gone(tmp_path: Path) -> None:

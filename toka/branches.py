@@ -168,6 +168,25 @@ def record_path(state_dir: Path, run_key: str) -> Path:
     return state_dir / "branches" / f"{run_file_name(run_key)}.json"
 
 
+def _discarded_path(state_dir: Path, run_key: str) -> Path:
+    return state_dir / "branches" / "discarded" / run_file_name(run_key)
+
+
+def refuse_discarded(state_dir: Path, run_key: str) -> None:
+    """Stop a run under the key of a discarded one.
+
+    Prefect's cache still holds that run's finished tasks: run again, they would be replayed,
+    and their changes, gone with its branches, reported as made.
+
+    Raises:
+        ConfigError: run ``run_key`` was discarded here.
+    """
+    if _discarded_path(state_dir, run_key).exists():
+        raise ConfigError(f"run {run_key} was discarded (`toka discard`): under its key, its finished tasks "
+                          "would be replayed from Prefect's cache without their changes; start a new run "
+                          "(without --run-key, or with another key)")
+
+
 def runs_with_branches(state_dir: Path) -> list[tuple[float, str]]:
     """The runs whose branches are recorded in ``state_dir``, newest record first: (its time, run key).
 
@@ -216,6 +235,7 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
             return found
     except BranchError:
         pass
+    refuse_discarded(state_dir, run_key)
     # The run starts with this: for a workspace in a repository, three git processes (two once
     # git's version is known) where there were five.
     top, common = _repository_of(workspace)
@@ -953,6 +973,9 @@ def discard_run(run: RunBranches) -> Discarded:
         shutil.rmtree(repo, ignore_errors=True)
         run.patch_path().unlink(missing_ok=True)
     shutil.rmtree(Path(run.state_dir) / "branches" / run.run_dir, ignore_errors=True)
+    tombstone = _discarded_path(Path(run.state_dir), run.run_key)
+    tombstone.parent.mkdir(parents=True, exist_ok=True)
+    tombstone.touch()  # before the record goes: a run under this key stays refused
     run.record_path.unlink(missing_ok=True)
     return Discarded(removed, uncommitted)
 

@@ -340,6 +340,8 @@ def run(
     **options: Any,
 ) -> None:
     """Run the agents (default: all of agent_specs/) as Prefect flows, in dependency order."""
+    from .branches import refuse_discarded
+
     given = {name: value for name, value in options.items() if value is not None and value is not False}
     with _user_errors():
         space = Workspace(Path(given.pop("workspace", ".")))
@@ -354,11 +356,14 @@ def run(
                 if value is not None and value != record.selection(option):
                     raise ConfigError(f"{option} {value!r} contradicts --resume: the last run here "
                                       f"({record.run_key}) used {record.selection(option)!r}")
+            refuse_discarded(space.state_dir, record.run_key)
             spec_paths, agent, contexts, model = record.specs, record.agents, record.contexts, record.model
             given = record.options_for_resume(given, _FIXED_ON_RESUME)
         else:
             spec_paths = [str(p) for p in _paths(paths)]
             model = model or "auto"
+            if run_key:
+                refuse_discarded(space.state_dir, run_key)
             record = RunRecord.start(specs=spec_paths, agents=list(agent or ()), model=model,
                                      contexts=list(contexts or ()), run_key=run_key, options=given)
         plan = make_plan(spec_paths, agents=agent or ())
@@ -717,11 +722,10 @@ def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
             if branches is None:
                 raise
         discarded = discard_run(branches)
-        # Its journals would replay turns onto worktrees made anew without their edits, and a resume
-        # would replay its finished tasks from the cache: the work gone, the run "completed".
+        # Its journals would replay turns onto worktrees made anew without their edits; a run under
+        # its key (a resume) is refused from now on (branches.refuse_discarded). Its record stays:
+        # the next run marks Crashed what a killed discarded run left Running.
         shutil.rmtree(journal_dir(Path(branches.state_dir), branches.run_key), ignore_errors=True)
-        if _last_run_key(Path(branches.state_dir)) == branches.run_key:
-            RunRecord.path(Path(branches.state_dir)).unlink(missing_ok=True)
     for worktree, left in discarded.uncommitted.items():
         files = f"{left} uncommitted file{'s' * (left != 1)}"
         err.print(f"[yellow]removed[/yellow] {escape(worktree)} (with {files}: gone)")
