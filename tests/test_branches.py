@@ -563,6 +563,34 @@ def test_a_task_failed_midway_continues_from_its_set_aside_edits_on_resume(tmp_p
     assert git(repo, "show", "toka/again/a:half.txt") == "half done\n"
 
 
+def test_a_file_too_large_to_commit_stays_out_of_the_branch_and_is_named(tmp_path: Path) -> None:
+    """A command's sparse 20 GB file: git read and compressed all of it (two minutes of the
+    runtime's CPU) to commit it; and a branch with a file over 100 MB cannot be pushed to GitHub."""
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "big")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+    with open(tree / "huge.bin", "wb") as f:
+        f.truncate(50 * 2**30)  # sparse: no disk taken, 50 GiB long
+    with open(tree / "shared.txt", "ab") as f:
+        f.truncate(branches.COMMIT_FILE_LIMIT + 1)  # a tracked file grown past the limit
+    (tree / "small.txt").write_text("kept\n")
+    started = time.monotonic()
+    commit = branches.commit_task(checkout, run_key="big", index=1, total=2, description="make files",
+                                  state="completed")
+    assert time.monotonic() - started < 30  # not read through (it took minutes)
+    assert commit
+    assert git(repo, "show", "--name-status", "--format=", commit).split() == ["A", "small.txt"]
+    message = git(repo, "log", "-1", "--format=%B", commit)
+    assert "- huge.bin: larger than 100 MiB, the most a commit takes; left in the worktree" in message
+    assert "- shared.txt: larger than 100 MiB" in message
+    (tree / "huge.bin").write_bytes(b"now small\n")  # the next task makes it small: committed then
+    assert branches.commit_task(checkout, run_key="big", index=2, total=2, description="shrink",
+                                state="completed")
+    assert git(repo, "show", "toka/big/a:huge.bin") == "now small\n"
+    assert branches.set_aside_edits(checkout, run_key="big", index=2, total=2, why="retry") is None
+
+
 def test_symbolic_links_leading_out_of_the_repository_never_reach_a_branch(tmp_path: Path) -> None:
     from toka.audit import AuditLog, read_audit
 

@@ -38,6 +38,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -568,8 +569,8 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
         return None  # a read-only agent's: nothing of it can have changed
-    if not files_changed and not _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all",
-                                      "--ignore-submodules=none"):
+    status = _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none")
+    if not files_changed and not status:
         # Nothing changed, and no file reported that the ignore rules keep out (named below): one
         # git process instead of the five the checks below take, for every task that only reads.
         return None
@@ -581,9 +582,10 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     # A git repository the task made inside (listed by git as "dir/") is not added: git would commit
     # a bare pointer to a commit nobody else has, or fail on one with no commit yet.
     nested = [d for d in _git(worktree, "ls-files", "-o", "-z", "--exclude-standard").split("\0") if d.endswith("/")]
-    _git(worktree, "add", "-A", "--", ".", *(f":(exclude,literal){d}" for d in nested))
-    left_out = ([(as_text(d.rstrip("/")), _NESTED) for d in nested] + _leave_out(worktree)
-                + _ignored(Path(checkout.root), files_changed))
+    large = _too_large(worktree, status)
+    _git(worktree, "add", "-A", "--", ".", *(f":(exclude,literal){d}" for d in [*nested, *large]))
+    left_out = ([(as_text(d.rstrip("/")), _NESTED) for d in nested] + [(as_text(f), _LARGE) for f in large]
+                + _leave_out(worktree) + _ignored(Path(checkout.root), files_changed))
     for path, why in left_out:
         if audit is not None:
             audit.record(agent=checkout.agent, task=index, tool="git-commit", arguments={"path": path},
@@ -625,9 +627,10 @@ def set_aside_edits(checkout: AgentCheckout, *, run_key: str, index: int, total:
     if checkout.shared:
         return None
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
-    if not _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none"):
+    status = _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none")
+    if not status:
         return None
-    _git(worktree, "add", "-A", "--", ".")
+    _git(worktree, "add", "-A", "--", ".", *(f":(exclude,literal){f}" for f in _too_large(worktree, status)))
     _leave_out(worktree)  # links out and nested repositories: never committed (see commit_task)
     if run_git(worktree, "diff", "--cached", "--quiet", "--ignore-submodules=none").returncode == 0:
         return None
@@ -638,6 +641,32 @@ def set_aside_edits(checkout: AgentCheckout, *, run_key: str, index: int, total:
     _commit(worktree, f"{checkout.agent}: set aside the edits of an earlier attempt at task {index}/{total}\n\n"
                       f"They stay in {commit[:12]}; the task starts over without them.\n\n{trailers}", env)
     return commit
+
+
+#: The largest file a task's commit takes (GitHub refuses larger ones): git reads and compresses
+#: the whole of a file it adds, and a command's 20 GB sparse file took the runtime two minutes.
+COMMIT_FILE_LIMIT = 100 * 2**20
+_LARGE = f"larger than {COMMIT_FILE_LIMIT // 2**20} MiB, the most a commit takes; left in the worktree"
+
+
+def _too_large(worktree: Path, status: str) -> list[str]:
+    """The files of ``git status --porcelain -z`` output too large to commit (by their length:
+    a sparse file's zeros are read and compressed like any others)."""
+    found = []
+    entries = iter(status.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        if entry[0] in "RC":
+            next(entries, None)  # the name it had
+        path = entry[3:]
+        try:
+            info = os.lstat(worktree / path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size > COMMIT_FILE_LIMIT:
+            found.append(path)
+    return found
 
 
 _SET_ASIDE = "Toka-Set-Aside"
