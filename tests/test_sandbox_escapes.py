@@ -266,6 +266,27 @@ class TestGitControlFilesWithoutTheSandbox:
         assert "alias" not in config and "bob" in config  # back to what it was before the command
         person_uses_git(agent.root / "sub", mark)
 
+    def test_a_persons_nested_clone_used_by_a_command_keeps_its_config_and_hooks(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # A clone the person had in the workspace before the run: a command's `git add` in it made
+        # the guard take it for a new repository and strip it to what `git init` writes.
+        agent = unsandboxed_repo(make_agent)
+        upstream = tmp_path / "upstream"
+        subprocess.run(["git", "init", "-q", str(upstream)], check=True)
+        lib = agent.root / "vendor" / "lib"
+        subprocess.run(["git", "clone", "-q", str(upstream), str(lib)], check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(lib), "config", "user.name", "Person"], check=True)
+        hook = lib / ".git" / "hooks" / "pre-commit"
+        hook.write_text("#!/bin/sh\nexit 0\n")
+        hook.chmod(0o755)
+        config = (lib / ".git" / "config").read_text()
+        (lib / "new.txt").write_text("new\n")
+        out = agent.run(agent.script("add.sh", "#!/bin/sh\ngit -C vendor/lib add -A && echo added\n")).text
+        assert "added" in out, out
+        assert (lib / ".git" / "config").read_text() == config
+        assert hook.read_text() == "#!/bin/sh\nexit 0\n"
+
     def test_a_nested_git_directory_swapped_for_a_link_changes_nothing_where_it_points(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:

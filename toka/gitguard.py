@@ -441,8 +441,11 @@ class GitGuard:
                         _remove(todo, root=gitdir)
                 except OSError:
                     continue
+        # Those there before the command (a person's clone in the workspace) are checked above,
+        # against what they held: not held to what `git init` writes, which would strip them.
         known = [d.resolve() for d in (*self.dirs, *self.nested)]
-        new = {*self._new_gitdirs(changed), *_gitdirs_among(self.workspace, files, known)}
+        new = {d for d in self._new_gitdirs(changed) if d.resolve() not in known}
+        new |= set(_gitdirs_among(self.workspace, files, known))
         for gitdir in sorted(new):
             violations += self._untrusted(gitdir)
         return sorted(set(violations))
