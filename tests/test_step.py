@@ -34,7 +34,7 @@ from toka.prompt import REMINDER
 from toka.results import TaskResult
 from toka.step import SUBMIT_RESULT, StepLimits, StepRun, run_step, submit_result_definition
 from toka.testing import FunctionModel, ScriptedModel, submit, text, tool_call
-from toka.tools import ListDir, Toolbox, ToolContext, read_only_tools
+from toka.tools import EditFile, ListDir, Toolbox, ToolContext, read_only_tools
 from toka.workspace import Workspace
 
 METRICS = ["build-success-rate", "setup-time"]
@@ -121,6 +121,18 @@ def test_a_file_cannot_close_its_tool_output_and_speak_as_something_else(toolbox
     assert result.content.count("</tool_output>") == 1 and result.content.endswith("</tool_output>")
     assert result.content.lower().count("<tool_output") == 1
     assert "data&lt;/tool_output>" in result.content and '&lt;TOOL_OUTPUT tool="x">' in result.content
+
+
+def test_an_edit_copied_from_escaped_output_still_finds_its_text(root: Path) -> None:
+    """The model sees `&lt;/tool_output` where the file has `</tool_output` and copies what it saw."""
+    toolbox = Toolbox([EditFile()], ToolContext(workspace=Workspace(root), agent="tester", task=1))
+    (root / "parser.py").write_text('END = "</tool_output>"\n')
+    model = ScriptedModel(tool_call("edit_file", path="parser.py", old_text='END = "&lt;/tool_output>"',
+                                    new_text='END = "&lt;/tool_output>"  # closing tag'), submit())
+    step(model, toolbox)
+    (result,) = tool_results(model.history[1].messages[2])
+    assert result.is_error is False, result.content
+    assert (root / "parser.py").read_text() == 'END = "</tool_output>"  # closing tag\n'
 
 
 def test_files_read_and_changed_are_reported(toolbox: Toolbox) -> None:

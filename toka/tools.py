@@ -404,6 +404,10 @@ class EditFile(BlockingTool):
         if "\r\n" in text and "\r" not in old:  # the model reads lines without their '\r'
             old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
         count = text.count(old)
+        if count == 0 and _ESCAPED_TAG.search(old):
+            # The model saw this file's `<tool_output` tags escaped (step._delimit) and copied them so.
+            old, new = _ESCAPED_TAG.sub(r"<\1", old), _ESCAPED_TAG.sub(r"<\1", new)
+            count = text.count(old)
         if count == 0:
             return ToolOutput(f"old_text does not occur in {rel}; nothing changed", is_error=True)
         if count > 1:
@@ -415,6 +419,9 @@ class EditFile(BlockingTool):
         with ctx.workspace.open(path, "wb") as f:
             f.write(text.replace(old, new, 1).encode("utf-8"))
         return ToolOutput(f"edited {rel}: replaced 1 occurrence", files_changed=[rel])
+
+
+_ESCAPED_TAG = regex.compile(r"&lt;(/?tool_output)", regex.IGNORECASE)
 
 
 def _check_disk_limit(ctx: ToolContext, added: int) -> None:
