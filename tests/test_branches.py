@@ -125,6 +125,7 @@ def test_agents_work_on_branches_and_the_persons_checkout_is_untouched(tmp_path:
     # The agents' worktrees are gone when the command returns (their branches hold the work).
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert not (repo / ".toka" / "worktrees" / "night").exists()  # nor is their run's directory left empty
+    assert not (repo / ".toka" / "journal" / "night").exists()  # nor the finished tasks' journal folders
     assert "line 20 (a)" in seen["b"]  # b started from a's work
     assert "line 1 (mine)" not in seen["a"]  # nor uncommitted work...
     assert "does not exist" in seen["a:notes"]  # ...nor untracked files reach the agents

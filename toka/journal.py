@@ -27,6 +27,7 @@ critical path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,6 +79,19 @@ def journal_dir(state_dir: Path, run_key: str) -> Path:
     """Where the tasks of run ``run_key`` keep their journals."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key).strip(".") or "_"
     return state_dir / "journal" / safe
+
+
+def remove_empty_journals(state_dir: Path, run_key: str) -> None:
+    """Remove run ``run_key``'s journal directories that no journal is left in (its tasks all
+    finished): what stays is what a resume replays."""
+    run_dir = journal_dir(state_dir, run_key)
+    try:
+        agents = list(run_dir.iterdir())
+    except OSError:
+        return
+    for folder in [*agents, run_dir]:
+        with contextlib.suppress(OSError):  # not empty, or not a directory: kept
+            folder.rmdir()
 
 
 @dataclass

@@ -76,6 +76,7 @@ from .errors import (
     UnknownAgentError,
 )
 from .graph import AgentGraph
+from .journal import remove_empty_journals
 from .limits import LimitSettings, check_limits
 from .plan import Plan, check_contexts, make_plan
 from .policy import check_unsandboxed
@@ -193,6 +194,7 @@ async def run_pipeline(
                                      run.workspace)
         async with writes_finished():  # the agents' report artifacts, written in the background
             summary = await run_agents(plan.graph, config, distributed=distributed, branches=branches)
+        remove_empty_journals(Workspace(run.workspace).state_dir, config.run_key)  # finished tasks' are gone
         return finished(summary, failures=_failures(summary))
     except TokaError as e:  # a bad setting, a missing API key, failed agents: one line in the UI
         return failed(e)
