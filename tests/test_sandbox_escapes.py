@@ -266,6 +266,37 @@ class TestGitControlFilesWithoutTheSandbox:
         assert "alias" not in config and "bob" in config  # back to what it was before the command
         person_uses_git(agent.root / "sub", mark)
 
+    def test_a_git_file_holding_a_nul_byte_does_not_stop_the_check_halfway(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # The guard crashed on it (ValueError: embedded null byte) before it looked at the nested
+        # repository the same command armed: its fsmonitor and alias ran on the person's `git status`.
+        agent = unsandboxed_repo(make_agent)
+        mark = tmp_path / "host-ran-it"
+        caught = violation(agent, "arm.sh", f"""\
+            #!/bin/sh
+            git init -q tool && git -C tool config alias.st '!echo alias >> {mark}'
+            git -C tool config core.fsmonitor 'echo fsmonitor >> {mark}; false'
+            printf '#!/bin/sh\\necho hook >> {mark}\\n' > tool/.git/hooks/post-checkout
+            chmod +x tool/.git/hooks/post-checkout
+            mkdir -p zz && printf 'gitdir: x\\000y\\n' > zz/.git
+            """)
+        assert {"tool/.git/config", "tool/.git/hooks/post-checkout"} <= set(caught.paths)
+        person_uses_git(agent.root / "tool", mark)
+
+    def test_a_sparse_git_file_is_not_read_whole(self, make_agent: MakeAgent, tmp_path: Path) -> None:
+        # A gigabyte of zeros costs the command nothing; read whole (twice, decoded), it took the
+        # runtime 5 GB.
+        import resource
+
+        agent = unsandboxed_repo(make_agent)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = agent.run(agent.script("sparse.sh", "#!/bin/sh\nmkdir -p sub e/hooks && truncate -s 1G sub/.git && "
+                                                  "git init -q nested && truncate -s 1G nested/.git/hooks/pre-push.sample"
+                                                  " && echo made\n")).text
+        assert "made" in out, out
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300 * 1024  # KiB: not the gigabyte
+
     def test_a_persons_nested_clone_used_by_a_command_keeps_its_config_and_hooks(
         self, make_agent: MakeAgent, tmp_path: Path
     ) -> None:

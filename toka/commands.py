@@ -28,10 +28,10 @@ import fnmatch
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -433,16 +433,16 @@ class RunCommand(Tool):
             # planted in git is still undone. A cancelled task is cancelled again at every await
             # (Prefect's timeouts), so after a cancellation that happens here and now, blocking.
             if isinstance(e, Exception):
-                undone = await asyncio.to_thread(_undo_git_changes, guard, before, root, skip)
+                undone = await asyncio.to_thread(_checked, _undo_git_changes, args.argv, guard, before, root, skip)
             else:
-                undone = _undo_git_changes(guard, before, root, skip)
+                undone = _checked(_undo_git_changes, args.argv, guard, before, root, skip)
             if undone:
                 raise SandboxViolation(_violation(args.argv, undone), paths=undone) from e
             raise
         assert result is not None
         after = await asyncio.to_thread(snapshot, root, skip)
         changed = changed_files(before, after)
-        violations = await asyncio.to_thread(guard.check, changed, after)
+        violations = await asyncio.to_thread(_checked, guard.check, args.argv, changed, after)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
         secrets = secret_values()
@@ -584,6 +584,18 @@ def _remove_new(root: Path, rel: str) -> None:
             parent.rmdir()
         except OSError:  # not empty, or gone
             break
+
+
+def _checked(check: Callable[..., list[str]], argv: Sequence[str], *args: Any) -> list[str]:
+    """``check(*args)``, the git guard's check after a command; one that fails midway (what the
+    command left tripped it) is a violation: what it had not looked at yet is not trusted."""
+    try:
+        return check(*args)
+    except Exception as e:
+        raise SandboxViolation(
+            f"the git control files could not all be checked after the command {' '.join(argv)!r} "
+            f"({type(e).__name__}: {e}); the run stops (what it left in git may run as whoever uses "
+            "the repository next: look before using git there)") from e
 
 
 def _violation(argv: Sequence[str], paths: Sequence[str]) -> str:

@@ -211,12 +211,34 @@ def git_dirs(workspace: Path) -> list[Path]:
             return []
         gitdir = pointed
     found = [gitdir]
-    commondir = gitdir / "commondir"
-    if commondir.is_file():
-        common = (gitdir / commondir.read_text(errors="replace").strip()).resolve()
+    named = _pointer_text(gitdir / "commondir")
+    if named:
+        try:
+            common = (gitdir / named).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return found
         if common.is_dir() and common != gitdir:
             found.append(common)
     return found
+
+
+def _pointer_text(dot: Path) -> str | None:
+    """The text of a ``.git`` file as git takes it (None: not a regular file, or unreadable):
+    its first 8 KiB at most (a sparse gigabyte costs a command nothing, and would cost the guard
+    its memory; git refuses a pointer that long), up to a NUL (where git's C string ends)."""
+    try:
+        fd = os.open(dot, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, 8192)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data.split(b"\0", 1)[0].decode("utf-8", errors="replace").strip()
 
 
 def _pointed_to(dot: Path) -> Path | None:
@@ -225,16 +247,14 @@ def _pointed_to(dot: Path) -> Path | None:
     try:
         if dot.is_symlink():
             return dot.resolve()
-        if not dot.is_file():
-            return None
-        text = dot.read_text(encoding="utf-8", errors="replace").strip()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop
         return None
-    if not text.startswith("gitdir:"):
+    text = _pointer_text(dot)
+    if text is None or not text.startswith("gitdir:"):
         return None
     try:
         return (dot.parent / text.removeprefix("gitdir:").strip()).resolve()
-    except (OSError, RuntimeError):  # a link loop
+    except (OSError, RuntimeError, ValueError):  # a link loop
         return None
 
 
@@ -329,11 +349,7 @@ def _linked_between(root: Path, path: Path) -> bool:
 def _agent_worktree(admin: Path) -> bool:
     """Whether ``admin`` (under ``worktrees/``) is the git directory of an agent's worktree, which
     the runtime adds and removes while other agents' commands run (see :mod:`toka.branches`)."""
-    try:
-        target = (admin / "gitdir").read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return False
-    return "/.toka/worktrees/" in target
+    return "/.toka/worktrees/" in (_pointer_text(admin / "gitdir") or "")
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:
@@ -352,11 +368,20 @@ def _add(found: dict[Path, _Entry], path: Path) -> None:
         found[path] = _Entry(stat.S_IMODE(st.st_mode), None)
     elif stat.S_ISLNK(st.st_mode):
         found[path] = _Entry(st.st_mode, os.readlink(path).encode())
+    elif stat.S_ISREG(st.st_mode) and st.st_size > _CONTENT_KEPT:
+        # Not read: a sparse gigabyte costs a command nothing. Known by its size, time and inode;
+        # one a command changed cannot be put back, and goes (see _restore).
+        found[path] = _Entry(st.st_mode, b"%s%d:%d:%d" % (_LARGE, st.st_size, st.st_mtime_ns, st.st_ino))
     else:
         try:
             found[path] = _Entry(st.st_mode, path.read_bytes() if stat.S_ISREG(st.st_mode) else b"")
         except OSError:
             found[path] = _Entry(st.st_mode, b"")
+
+
+#: The most of a control file the guard keeps to put back (hooks and configs are a few KB).
+_CONTENT_KEPT = 4 * 2**20
+_LARGE = b"\0toka-large-file:"
 
 
 @dataclass
@@ -436,7 +461,10 @@ class GitGuard:
             for name in _TODO_FILES:
                 todo = gitdir / name
                 try:
-                    if not _linked_between(gitdir, todo) and todo.is_file() and _EXEC_LINE.search(todo.read_bytes()):
+                    if _linked_between(gitdir, todo) or not todo.is_file():
+                        continue
+                    # A todo list of a real rebase is small; one too large to read is no less a threat.
+                    if todo.stat().st_size > _CONTENT_KEPT or _EXEC_LINE.search(todo.read_bytes()):
                         violations.append(self._shown(todo))
                         _remove(todo, root=gitdir)
                 except OSError:
@@ -496,14 +524,10 @@ class GitGuard:
                 dot = self.workspace.joinpath(*parts[:i + 1])
                 target = dot
                 if dot.is_file() and not dot.is_symlink():
-                    try:
-                        text = dot.read_text(errors="replace").strip()
-                    except OSError:
-                        text = ""
-                    target = dot.parent / text.removeprefix("gitdir:").strip()
+                    target = dot.parent / (_pointer_text(dot) or "").removeprefix("gitdir:").strip()
                 try:
                     real = target.resolve()
-                except (OSError, RuntimeError):  # a link loop: no git directory, and no crash of the check
+                except (OSError, RuntimeError, ValueError):  # a link loop: no git directory, no crash of the check
                     break
                 # One outside the workspace (or reached through a link), or inside the repository's own
                 # git directories (a submodule's, a linked worktree's: read-only to commands, and the
@@ -585,6 +609,8 @@ def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry], *, root: Pat
         elif stat.S_ISLNK(entry.mode):
             _remove(path, root=root)
             os.symlink(entry.content.decode(), path)
+        elif entry.content.startswith(_LARGE):  # not kept: what the command left goes
+            _remove(path, root=root)
         else:
             _remove(path, root=root)
             path.parent.mkdir(parents=True, exist_ok=True)  # no link on the way: checked above
