@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -631,3 +632,28 @@ def test_as_text_turns_what_is_not_utf8_into_replacement_characters(text: str, s
     from toka.process import as_text
 
     assert as_text(text) == shown
+
+
+def test_a_gitignore_that_is_a_link_is_not_read(toolbox: Toolbox, root: Path, tmp_path: Path) -> None:
+    """A command's `ln -s /etc/shadow .gitignore`: the runtime read the host file, as root, and used
+    its lines as rules (a file named like one vanished from list_dir: an oracle on any host file);
+    one to /proc/kmsg blocked the tool's thread for ever."""
+    (tmp_path / "host-file").write_text("README.md\nnotes.txt\n")
+    (root / ".gitignore").unlink()
+    (root / ".gitignore").symlink_to(tmp_path / "host-file")
+    listed = call(toolbox, "list_dir", path=".").text
+    assert "README.md" in listed and "notes.txt" in listed
+    assert "build/" in listed  # the workspace's own rules are gone with the file: none apply
+
+
+def test_gitignore_rules_cannot_stall_the_runtime(toolbox: Toolbox, root: Path) -> None:
+    """Python's regular expressions backtrack on `a*a*a*...b`, holding the GIL: the event loop, the
+    task's timeout and every other agent stopped (12 stars against a 100-character name: years)."""
+    (root / ".gitignore").write_text("a*" * 12 + "b\n")
+    (root / ("a" * 100)).write_text("x\n")
+    started = time.monotonic()
+    listed = call(toolbox, "list_dir", path=".").text
+    assert "a" * 100 in listed
+    found = call(toolbox, "search_files", pattern="x").text
+    assert "a" * 100 in found
+    assert time.monotonic() - started < 5

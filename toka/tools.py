@@ -448,11 +448,23 @@ def _check_disk_limit(ctx: ToolContext, added: int) -> None:
 
 
 def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
+    """The workspace's ``.gitignore`` rules (and .git and the state directory).
+
+    The file is a command's to write: read as the workspace's files are (never through a link:
+    one to ``/proc/kmsg`` blocked the tool's thread for ever; to a host file, made its lines the
+    rules), at most its first MiB, and matched by RE2, whose time grows with the name, never
+    exponentially (``a*a*a*...b`` held Python's regular expressions, and the GIL, for hours).
+    """
     lines = [".git/", f"{workspace.state_dir.name}/"]
-    gitignore = workspace.root / ".gitignore"
-    if gitignore.is_file():
-        lines += gitignore.read_text(encoding="utf-8", errors="replace").splitlines()
-    return pathspec.GitIgnoreSpec.from_lines(lines)
+    try:
+        with workspace.open(workspace.root / ".gitignore", "rb") as f:
+            lines += f.read(_IGNORE_READ).decode("utf-8", errors="replace").splitlines()
+    except (PathRefused, OSError):  # none, or not a plain file: no rules of its own
+        pass
+    return pathspec.GitIgnoreSpec.from_lines(lines, backend="re2")
+
+
+_IGNORE_READ = 2**20
 
 
 def _walk(
