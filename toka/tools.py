@@ -493,7 +493,9 @@ def _walk(
             if not real.is_relative_to(workspace.root) or workspace.is_state(real):
                 continue
             rel = path.relative_to(workspace.root).as_posix()
-            if ignored.match_file(rel + "/" if is_dir else rel):
+            # RE2 takes UTF-8 only: a name that is not is matched as the rules were read (with U+FFFD).
+            name = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if ignored.match_file(name + "/" if is_dir else name):
                 continue
             if is_dir:
                 if include_dirs:
