@@ -284,6 +284,23 @@ class TestGitControlFilesWithoutTheSandbox:
         assert {"tool/.git/config", "tool/.git/hooks/post-checkout"} <= set(caught.paths)
         person_uses_git(agent.root / "tool", mark)
 
+    def test_a_link_whose_target_is_not_utf8_does_not_stop_the_check(
+        self, make_agent: MakeAgent, tmp_path: Path
+    ) -> None:
+        # The snapshot of the nested repository raised UnicodeEncodeError on the link: the run
+        # stopped, but its armed fsmonitor stayed and ran on the person's `git status`.
+        agent = unsandboxed_repo(make_agent)
+        mark = tmp_path / "host-ran-it"
+        assert agent.run(agent.script("init.sh", "#!/bin/sh\ngit init -q tool\n")).text.startswith("exit code: 0")
+        caught = violation(agent, "arm.sh", f"""\
+            #!/bin/sh
+            git -C tool config core.fsmonitor 'echo fsmonitor >> {mark}; false'
+            {sys.executable} -c "import os; os.symlink(b'\\xff', b'tool/.git/hooks/x')"
+            """)
+        assert "tool/.git/config" in caught.paths
+        assert not os.path.lexists(agent.root / "tool" / ".git" / "hooks" / "x")
+        person_uses_git(agent.root / "tool", mark)
+
     def test_a_sparse_git_file_is_not_read_whole(self, make_agent: MakeAgent, tmp_path: Path) -> None:
         # A gigabyte of zeros costs the command nothing; read whole (twice, decoded), it took the
         # runtime 5 GB.

@@ -367,7 +367,7 @@ def _add(found: dict[Path, _Entry], path: Path) -> None:
     if stat.S_ISDIR(st.st_mode):
         found[path] = _Entry(stat.S_IMODE(st.st_mode), None)
     elif stat.S_ISLNK(st.st_mode):
-        found[path] = _Entry(st.st_mode, os.readlink(path).encode())
+        found[path] = _Entry(st.st_mode, os.fsencode(os.readlink(path)))  # any bytes, UTF-8 or not
     elif stat.S_ISREG(st.st_mode) and st.st_size > _CONTENT_KEPT:
         # Not read: a sparse gigabyte costs a command nothing. Known by its size, time and inode;
         # one a command changed cannot be put back, and goes (see _restore).
@@ -417,6 +417,25 @@ class GitGuard:
         now (relative paths): git directories that are new among them are held to what ``git
         init`` writes.
         """
+        files = list(files)
+        violations: list[str] = []
+        failed: list[BaseException] = []
+        # Each part runs whatever the others met: one tripped by what the command left (a link
+        # git never wrote) must not leave the rest unchecked. The own git directories come first;
+        # pointers out before anything is read in nested git directories (one may now be a link
+        # out of the workspace).
+        for part in (self._check_own, lambda: self._pointers_out(files), lambda: self._check_nested(failed),
+                     lambda: self._check_todos(changed), lambda: self._check_new(changed, files)):
+            try:
+                violations += part()
+            except Exception as e:
+                failed.append(e)
+        if failed:
+            undone = f"; undone: {', '.join(sorted(set(violations)))}" if violations else ""
+            raise RuntimeError(f"{type(failed[0]).__name__}: {failed[0]}{undone}") from failed[0]
+        return sorted(set(violations))
+
+    def _check_own(self) -> list[str]:
         after: dict[Path, _Entry] = {}
         replaced = [d for d in self.dirs if d.is_symlink()]  # the git directory itself, moved away for a link
         for d in self.dirs:
@@ -441,22 +460,34 @@ class GitGuard:
             for root in roots:
                 if root not in replaced:
                     _restore(under(root, self.before), under(root, after), root=root)
-        # Before anything is read in nested git directories: one may now be a link out of the workspace.
-        violations += self._pointers_out(files)
-        for gitdir, was in self.nested.items():  # what git init (or everyday use) writes is theirs to change
-            if not os.path.lexists(gitdir):  # removed (a nested clone deleted): nothing runs from it
-                continue
-            if _linked_between(self.workspace, gitdir):  # nothing is read or put back through a link
-                if gitdir.is_symlink():
-                    violations.append(self._shown(gitdir))
-                    _remove(gitdir, root=self.workspace)
-                continue
-            now = _control_snapshot(gitdir)
-            unsafe = [path for path in _differing(was, now)
-                      if not _harmless(gitdir, path, was.get(path), now.get(path))]
-            if unsafe:
-                violations += [self._shown(path) for path in unsafe]
-                _restore(was, now, root=gitdir)
+        return violations
+
+    def _check_nested(self, failed: list[BaseException]) -> list[str]:
+        """The git directories the workspace held before: what git init (or everyday use) writes
+        is theirs to change. One that cannot be compared is held to what git init writes."""
+        violations: list[str] = []
+        for gitdir, was in self.nested.items():
+            try:
+                if not os.path.lexists(gitdir):  # removed (a nested clone deleted): nothing runs from it
+                    continue
+                if _linked_between(self.workspace, gitdir):  # nothing is read or put back through a link
+                    if gitdir.is_symlink():
+                        violations.append(self._shown(gitdir))
+                        _remove(gitdir, root=self.workspace)
+                    continue
+                now = _control_snapshot(gitdir)
+                unsafe = [path for path in _differing(was, now)
+                          if not _harmless(gitdir, path, was.get(path), now.get(path))]
+                if unsafe:
+                    violations += [self._shown(path) for path in unsafe]
+                    _restore(was, now, root=gitdir)
+            except Exception as e:
+                failed.append(e)
+                violations += self._untrusted(gitdir)
+        return violations
+
+    def _check_todos(self, changed: Sequence[str]) -> list[str]:
+        violations: list[str] = []
         for gitdir in self._todo_dirs(changed):
             for name in _TODO_FILES:
                 todo = gitdir / name
@@ -469,14 +500,18 @@ class GitGuard:
                         _remove(todo, root=gitdir)
                 except OSError:
                     continue
-        # Those there before the command (a person's clone in the workspace) are checked above,
-        # against what they held: not held to what `git init` writes, which would strip them.
+        return violations
+
+    def _check_new(self, changed: Sequence[str], files: list[str]) -> list[str]:
+        # Those there before the command (a person's clone in the workspace) are checked against
+        # what they held (_check_nested): not held to what `git init` writes, which would strip them.
         known = [d.resolve() for d in (*self.dirs, *self.nested)]
         new = {d for d in self._new_gitdirs(changed) if d.resolve() not in known}
         new |= set(_gitdirs_among(self.workspace, files, known))
+        violations: list[str] = []
         for gitdir in sorted(new):
             violations += self._untrusted(gitdir)
-        return sorted(set(violations))
+        return violations
 
     def _shown(self, path: Path) -> str:
         return os.path.relpath(path, self.workspace) if path.is_relative_to(self.workspace) else str(path)
@@ -608,7 +643,7 @@ def _restore(before: dict[Path, _Entry], after: dict[Path, _Entry], *, root: Pat
             os.chmod(path, entry.mode)
         elif stat.S_ISLNK(entry.mode):
             _remove(path, root=root)
-            os.symlink(entry.content.decode(), path)
+            os.symlink(os.fsdecode(entry.content), path)
         elif entry.content.startswith(_LARGE):  # not kept: what the command left goes
             _remove(path, root=root)
         else:
