@@ -248,6 +248,14 @@ REFUSED: list[Any] = [
     ({"git-access"}, ["git", "push"], r"git push needs the capability 'git-push'"),
     ({"git-access"}, ["git", "push", "--force", "origin", "main"], r"git push needs the capability 'git-push'"),
     ({"git-access"}, ["git", "send-pack", "origin"], r"git send-pack needs the capability 'git-push'"),
+    # git's other ways to send: WebDAV push (reached a host server with git-access alone), the
+    # transport helpers a push runs, mail, LFS, svn and p4
+    pytest.param({"git-access"}, ["git", "http-push", "http://h/r.git/", "main"],
+                 r"git http-push needs the capability 'git-push'", id="was-bug-git-http-push"),
+    ({"git-access"}, ["git", "remote-https", "origin", "https://h/r"], r"git remote-https needs the capability"),
+    ({"git-access"}, ["git", "imap-send"], r"git imap-send needs the capability 'git-push'"),
+    ({"git-access"}, ["git", "lfs", "push", "origin"], r"git lfs push needs the capability 'git-push'"),
+    ({"git-access"}, ["git", "svn", "dcommit"], r"git svn needs the capability 'git-push'"),
     ({"git-push"}, ["git", "status"], r"git status needs the capability 'git-access'"),
     ({"git-push"}, ["git"], r"git needs the capability 'git-access'"),
     # cargo

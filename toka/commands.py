@@ -77,6 +77,21 @@ _GIT_SUBCOMMANDS_REFUSED = {"filter-branch": "runs arbitrary commands",
                             "upload-pack": "is the server side of a fetch",
                             "receive-pack": "is the server side of a push"}
 _GIT_NESTED_REFUSED = {("bisect", "run"), ("submodule", "foreach")}
+# What sends the repository's commits (or mail) elsewhere: git-push, as `git push` is. The
+# transport helpers (`git remote-https`...) are what a push runs.
+_GIT_SENDING = ("push", "send-email", "send-pack", "http-push", "imap-send", "request-pull")
+
+
+def _git_sends(sub: str | None, operands: Sequence[str]) -> bool:
+    if sub is None:
+        return False
+    if sub in _GIT_SENDING or sub.startswith("remote-"):
+        return True
+    if sub == "lfs":
+        return bool(operands) and operands[0] == "push"
+    if sub in ("svn", "p4"):  # git svn dcommit, git p4 submit
+        return bool(operands) and operands[0] in ("dcommit", "submit", "set-tree")
+    return False
 _SQLITE_FUNCTIONS_REFUSED = ("readfile", "writefile", "edit(", "load_extension", "fts3_tokenizer")
 _CARGO_REFUSED = ("--config", "-Z", "--manifest-path")
 
@@ -256,8 +271,8 @@ def check_command(argv: Sequence[str], *, capabilities: set[str], workspace: Pat
                 raise CommandRefused("git config may only be read (--get NAME, --get-all, --get-regexp, --list; "
                                      "`git config get NAME`, `git config list`): writing it could make git "
                                      "run other programs")
-        if sub in ("push", "send-email", "send-pack"):
-            grant = need("git-push", f"git {sub}")
+        if _git_sends(sub, operands):
+            grant = need("git-push", f"git {' '.join([sub or '', *operands[:1]]) if sub == 'lfs' else sub}")
             return CommandGrant(grant.capability, pushes=True)
         return need("git-access", f"git {sub or ''}".strip())
     if program == "sqlite3":
