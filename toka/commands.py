@@ -79,7 +79,7 @@ _GIT_SUBCOMMANDS_REFUSED = {"filter-branch": "runs arbitrary commands",
 _GIT_NESTED_REFUSED = {("bisect", "run"), ("submodule", "foreach")}
 # What sends the repository's commits (or mail) elsewhere: git-push, as `git push` is. The
 # transport helpers (`git remote-https`...) are what a push runs.
-_GIT_SENDING = ("push", "send-email", "send-pack", "http-push", "imap-send", "request-pull")
+_GIT_SENDING = ("push", "send-email", "send-pack", "http-push", "imap-send")
 
 
 def _git_sends(sub: str | None, operands: Sequence[str]) -> bool:
