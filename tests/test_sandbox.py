@@ -422,7 +422,9 @@ class TestWritePolicy:
         "os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))\"",
         "rm -rf src && ln -s docs src",  # a directory turned into a link
         "rm src/app.py && mkdir src/app.py && echo x > src/app.py/f",  # a file turned into a directory
-    ], ids=["commit", "mtime-set-back", "dir-to-link", "file-to-dir"])
+        # Ignored by the rules the command wrote, the workflow was left, then committed once they were undone.
+        "mkdir -p .github/workflows && echo evil > .github/workflows/ci.yml && echo .github/ >> .gitignore",
+    ], ids=["commit", "mtime-set-back", "dir-to-link", "file-to-dir", "ignore-rules-rewritten"])
     def test_a_change_outside_write_paths_is_undone_however_it_is_made(
         self, make_agent: MakeAgent, tmp_path: Path, attack: str
     ) -> None:

@@ -557,31 +557,50 @@ def _undo_outside_write_paths(ctx: ToolContext, changed: Sequence[str], head: st
     if head is None:
         raise stop(candidates, "the workspace is no git repository (or has no commit) to undo them from; they "
                                "are left for review and the run stops")
-    ignored = run_git(root, "check-ignore", "-z", "--stdin", input="\0".join(candidates) + "\0")
-    skipped = {p for p in ignored.stdout.split("\0") if p} if ignored.returncode in (0, 1) else set()
-    outside = [rel for rel in candidates if rel not in skipped]
+    in_worktree = root.is_relative_to(ctx.workspace.state_dir)  # an agent's own: undone there
+    # The ignore rules the command changed go back first: judged by its own rules, a file it
+    # wrote outside the paths was "ignored" and left, then committed once they were undone.
+    rules = [rel for rel in candidates if Path(rel).name == ".gitignore"] if in_worktree else []
+    if rules:
+        failed = _restore_from(root, head, rules)
+        if failed:
+            raise stop(rules, f"undoing it failed ({failed}); the run stops")
+    rest = [rel for rel in candidates if rel not in rules]
+    ignored = run_git(root, "check-ignore", "-z", "--stdin", input="\0".join(rest) + "\0") if rest else None
+    skipped = ({p for p in ignored.stdout.split("\0") if p}
+               if ignored is not None and ignored.returncode in (0, 1) else set())
+    outside = [*rules, *(rel for rel in rest if rel not in skipped)]
     if not outside:
         return []
-    if not root.is_relative_to(ctx.workspace.state_dir):  # not an agent's own worktree
+    if not in_worktree:
         raise stop(outside, "in this workspace that cannot be undone without a person's own changes, so "
                             "they are left for review and the run stops")
-    literal = {"GIT_LITERAL_PATHSPECS": "1"}  # a file named '*' is that file, not every file
-    existed = {p for i in range(0, len(outside), 500)
-               for p in run_git(root, "ls-tree", "-r", "-z", "--name-only", head, "--", *outside[i:i + 500],
-                                env=literal).stdout.split("\0") if p}
-    steps: list[tuple[str, ...]] = []
-    if now != head:
-        steps.append(("reset", "-q", "--mixed", head))  # the branch back; the files stay as they are
-    for rel in outside:  # new ones go first: a path may have turned from a file into a directory
-        if rel not in existed:
-            _remove_new(root, rel)
-    rest = [rel for rel in outside if rel in existed]
-    steps += [("checkout", head, "--", *rest[i:i + 500]) for i in range(0, len(rest), 500)]
-    for args in steps:
-        done = run_git(root, *args, env=literal)
+    if now != head:  # the branch back; the files stay as they are
+        done = run_git(root, "reset", "-q", "--mixed", head)
         if done.returncode != 0:
             raise stop(outside, f"undoing it failed ({done.stderr.strip()}); the run stops")
+    failed = _restore_from(root, head, [rel for rel in outside if rel not in rules])
+    if failed:
+        raise stop(outside, f"undoing it failed ({failed}); the run stops")
     return outside
+
+
+def _restore_from(root: Path, head: str, paths: Sequence[str]) -> str | None:
+    """Put ``paths`` back as commit ``head`` has them (removed when it has none); git's complaint
+    when that failed."""
+    literal = {"GIT_LITERAL_PATHSPECS": "1"}  # a file named '*' is that file, not every file
+    existed = {p for i in range(0, len(paths), 500)
+               for p in run_git(root, "ls-tree", "-r", "-z", "--name-only", head, "--", *paths[i:i + 500],
+                                env=literal).stdout.split("\0") if p}
+    for rel in paths:  # new ones go first: a path may have turned from a file into a directory
+        if rel not in existed:
+            _remove_new(root, rel)
+    rest = [rel for rel in paths if rel in existed]
+    for i in range(0, len(rest), 500):
+        done = run_git(root, "checkout", head, "--", *rest[i:i + 500], env=literal)
+        if done.returncode != 0:
+            return done.stderr.strip()
+    return None
 
 
 def _remove_new(root: Path, rel: str) -> None:
