@@ -696,6 +696,21 @@ def test_a_summary_that_reads_like_a_later_tasks_trailers_does_not_lose_that_tas
         "a:", "task", "2/2:", "two", "two.txt"]
 
 
+def test_a_worktree_made_again_holds_no_edits_for_a_journal_to_replay_onto(tmp_path: Path) -> None:
+    """A killed run's worktrees removed (by hand, by a discard cut short): the resume made them
+    again from the branch and replayed the in-flight task's journal as if its edits were there."""
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    (Path(checkout.worktree) / "half.txt").write_text("a task's edit, uncommitted when the run was killed\n")
+    again = branches.agent_checkout(run, "a", [])
+    assert again.reused and branches.reopen_task(again, run_key="night", index=1, total=1)  # still there
+    git(repo, "worktree", "remove", "--force", checkout.worktree)
+    remade = branches.agent_checkout(run, "a", [])
+    assert remade.remade and not (Path(remade.worktree) / "half.txt").exists()
+    assert not branches.reopen_task(remade, run_key="night", index=1, total=1)  # its journal goes
+
+
 def _finished_run(tmp_path: Path, files: dict[str, str],
                   committed: dict[str, str] | None = None) -> tuple[Path, branches.RunBranches]:
     """A repository (with ``committed`` added to its start) and a finished run whose one agent wrote ``files``."""
@@ -712,6 +727,27 @@ def _finished_run(tmp_path: Path, files: dict[str, str],
     assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="write", state="completed")
     branches.finish_run(run, ["a"])
     return repo, run
+
+
+def test_discard_and_apply_wait_for_the_run_they_name_to_end(tmp_path: Path) -> None:
+    """`toka discard` during a run (meaning the run reviewed before it) removed the running agents'
+    worktrees, their uncommitted work with them; the run then made its merged branch again."""
+    from toka.runs import hold_workspace
+
+    repo, run = _finished_run(tmp_path, {"from-agent.txt": "agent\n"})
+    held = hold_workspace(repo / ".toka", "night")  # `toka run --run-key night`, still running
+    try:
+        for command in ("discard", "apply"):
+            refused = toka(repo, command, "--run", "night")
+            assert refused.exit_code == 2, refused.output
+            assert f"run night is running (pid {os.getpid()}): {command} it when it has ended" in refused.output
+        assert "toka/night/_merged" in git(repo, "branch", "--list", "toka/*")
+    finally:
+        held.close()
+    assert toka(repo, "discard", "--run", "night").exit_code == 0
+    with pytest.raises(BranchError, match="run night was discarded while it ran"):
+        branches.finish_run(run, ["a"])  # a deployment's run (no workspace lock) discarded meanwhile
+    assert git(repo, "branch", "--list", "toka/*") == ""
 
 
 def test_apply_refuses_while_the_person_is_in_the_middle_of_a_merge_and_leaves_it_as_it_was(tmp_path: Path) -> None:

@@ -373,6 +373,9 @@ class AgentCheckout(BaseModel):
     """A read-only agent's: one worktree per start commit, shared, never committed to."""
     reused: bool = False
     """Found as an earlier process of the run left it (a resume): it may hold a task's edits."""
+    remade: bool = False
+    """Made again for an agent the run had begun (its worktree removed: by hand, by a discard cut
+    short): a task's uncommitted edits are not in it."""
 
 
 def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False) -> AgentCheckout:
@@ -423,7 +426,8 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         with _worktrees_locked(run):
             _add_worktree(run, path, "-B" if own is None else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
-    return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start)
+    return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
+                         remade=own is not None)
 
 
 def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:
@@ -761,7 +765,8 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     When the branch ends with this task's set-aside edits (it failed last time, and nothing
     came after it), they are taken back out of the history, uncommitted, so the task goes on
     from them: True. When they were set aside under later tasks' work, the worktree no longer
-    holds them and the task starts afresh: False. Nothing set aside: True.
+    holds them and the task starts afresh: False. Nothing set aside: True, but for a worktree
+    made again (``remade``), which holds no edits of the task.
     """
     if checkout.shared:
         return True
@@ -769,7 +774,8 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     found = [commit for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD")
              if trailers.get("Toka-Run") == run_key and trailers.get(_SET_ASIDE) == f"{index}/{total}"]
     if not found:
-        return True
+        # Its edits, uncommitted, are in the worktree they were made in; not in one made again.
+        return not checkout.remade
     head = _git(worktree, "rev-parse", "HEAD").strip()
     if found[0] != head or _git(worktree, "status", "--porcelain", "--untracked-files=all").strip():
         return False
@@ -883,6 +889,8 @@ def finish_run(run: RunBranches, agents: list[str], *, tidy: bool = True) -> Run
     ``tidy=False`` leaves their worktrees for :func:`tidy_worktrees` (two git processes an agent:
     the pipeline removes them beside its summary and last writes, and waits for that at its end).
     """
+    if _discarded_path(Path(run.state_dir), run.run_key).exists():
+        raise BranchError(f"run {run.run_key} was discarded while it ran (`toka discard`): its branch is not made")
     repo = Path(run.repo)
     started = [a for a in agents if run.agent_record(a).is_file()]
     heads = list(zip(started, _heads(repo, [run.branch(a) for a in started]), strict=True))
@@ -976,7 +984,11 @@ def unrecorded_run(workspace: Path, state_dir: Path, run_key: str) -> RunBranche
 
 
 def discard_run(run: RunBranches) -> Discarded:
-    """Remove the run's worktrees, branches, private copy and records."""
+    """Remove the run's worktrees, branches, private copy and records. From the start, a run under
+    its key is refused (:func:`refuse_discarded`): one cut short is no run to go on with."""
+    tombstone = _discarded_path(Path(run.state_dir), run.run_key)
+    tombstone.parent.mkdir(parents=True, exist_ok=True)
+    tombstone.touch()
     repo = Path(run.repo)
     removed: list[str] = []
     uncommitted: dict[str, int] = {}
@@ -1002,9 +1014,6 @@ def discard_run(run: RunBranches) -> Discarded:
         shutil.rmtree(repo, ignore_errors=True)
         run.patch_path().unlink(missing_ok=True)
     shutil.rmtree(Path(run.state_dir) / "branches" / run.run_dir, ignore_errors=True)
-    tombstone = _discarded_path(Path(run.state_dir), run.run_key)
-    tombstone.parent.mkdir(parents=True, exist_ok=True)
-    tombstone.touch()  # before the record goes: a run under this key stays refused
     run.record_path.unlink(missing_ok=True)
     return Discarded(removed, uncommitted)
 

@@ -33,7 +33,7 @@ from .config import settings as run_settings
 from .limits import LimitSettings
 from .providers import choose_model, describe_choice
 from .results import PipelineSummary
-from .runs import RunRecord, hold_workspace
+from .runs import RunRecord, hold_workspace, refuse_if_running
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR
 from .workspace import Workspace
@@ -702,7 +702,9 @@ def apply(run_id: RunOpt = None, agent: BranchAgentOpt = None, workspace: Worksp
     from .branches import apply_changes
 
     with _user_errors():
-        done = apply_changes(_run_branches(workspace, run_id, agent), agent)
+        branches = _run_branches(workspace, run_id, agent)
+        refuse_if_running(Path(branches.state_dir), branches.run_key, "apply")
+        done = apply_changes(branches, agent)
     out.print(escape(done))
 
 
@@ -721,11 +723,13 @@ def discard(run_id: RunOpt = None, workspace: WorkspaceOpt = Path(".")) -> None:
             branches = unrecorded_run(space.root, space.state_dir, run_id) if run_id else None
             if branches is None:
                 raise
-        discarded = discard_run(branches)
+        refuse_if_running(Path(branches.state_dir), branches.run_key, "discard")
         # Its journals would replay turns onto worktrees made anew without their edits; a run under
-        # its key (a resume) is refused from now on (branches.refuse_discarded). Its record stays:
-        # the next run marks Crashed what a killed discarded run left Running.
+        # its key (a resume) is refused from now on (branches.refuse_discarded), from before anything
+        # is removed: a discard cut short is no run to go on with. Its record stays: the next run
+        # marks Crashed what a killed discarded run left Running.
         shutil.rmtree(journal_dir(Path(branches.state_dir), branches.run_key), ignore_errors=True)
+        discarded = discard_run(branches)
     for worktree, left in discarded.uncommitted.items():
         files = f"{left} uncommitted file{'s' * (left != 1)}"
         err.print(f"[yellow]removed[/yellow] {escape(worktree)} (with {files}: gone)")

@@ -45,6 +45,28 @@ def hold_workspace(state_dir: Path, run_key: str) -> IO[str]:
     return held
 
 
+def refuse_if_running(state_dir: Path, run_key: str, doing: str) -> None:
+    """Stop ``doing`` (a discard, an apply) to run ``run_key`` while a ``toka run`` of it holds the
+    workspace: its agents' worktrees are in use, its branches not finished.
+
+    Raises:
+        ConfigError: it is running (its process is named).
+    """
+    path = state_dir / "runs" / "running.lock"
+    try:
+        held = open(path, encoding="utf-8")
+    except OSError:
+        return  # no run ever held it
+    with held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = held.read().strip()
+            if holder.startswith(f"run {run_key},"):
+                raise ConfigError(f"run {run_key} is running ({holder.removeprefix(f'run {run_key}, ')}): "
+                                  f"{doing} it when it has ended (or stop it first)") from None
+
+
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     """Settings as the record keeps them (JSON: tuples as lists, paths as text), so that given and
     recorded ones compare alike."""
