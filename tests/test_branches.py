@@ -729,6 +729,22 @@ def _finished_run(tmp_path: Path, files: dict[str, str],
     return repo, run
 
 
+def test_a_workspace_the_start_commit_lacks_is_refused_before_any_agent_starts(tmp_path: Path) -> None:
+    """`toka run --workspace newpkg` on an untracked directory: every agent failed at its first task
+    ("workspace .../newpkg is not a directory"), its worktree left behind."""
+    from toka.errors import ConfigError
+
+    repo = make_repo(tmp_path / "repo")
+    (repo / "newpkg").mkdir()
+    (repo / "newpkg" / "draft.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match=r"the workspace newpkg/ is not in the commit the agents start from "
+                                          r"\(HEAD: \w+\), .*: commit it, or pass --include-uncommitted"):
+        branches.open_run(repo / "newpkg", repo / "newpkg" / ".toka", "night")
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    run = branches.open_run(repo / "newpkg", repo / "newpkg" / ".toka", "night2", include_uncommitted=True)
+    assert run.prefix == "newpkg"
+
+
 def test_discard_and_apply_wait_for_the_run_they_name_to_end(tmp_path: Path) -> None:
     """`toka discard` during a run (meaning the run reviewed before it) removed the running agents'
     worktrees, their uncommitted work with them; the run then made its merged branch again."""

@@ -256,6 +256,11 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
         base_commit = resolved.stdout.strip()
         if include_uncommitted:
             base_commit = _snapshot_uncommitted(repo, base_commit, state_dir, run_key)
+        if prefix and run_git(repo, "cat-file", "-e", f"{base_commit}:{prefix}").returncode != 0:
+            # Else each agent's worktree lacks it, and every task fails ("not a directory").
+            how = "" if include_uncommitted else ", or pass --include-uncommitted"
+            raise ConfigError(f"the workspace {prefix}/ is not in the commit the agents start from ({base}: "
+                              f"{base_commit[:12]}), so their worktrees would not have it: commit it{how}")
         # Made now, before any agent runs a command: the git guard compares this directory
         # before and after each command, and another agent's worktree must not look like one.
         if common is None:
