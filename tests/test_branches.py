@@ -1219,8 +1219,17 @@ def test_git_works_in_a_sandboxed_worktree_and_shows_no_credential_or_checkout(
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "start")
     (repo / "draft.txt").write_text("DRAFT\n")
+    # The person's stash and staged files: in the repository's git directory, which stays visible.
+    (ws / "shared.txt").write_text("STASHEDWIP\n")
+    git(repo, "stash", "-q")
+    (repo / "staged.env").write_text("STAGEDKEY\n")
+    git(repo, "add", "staged.env")
     probe = ("git branch --show-current; git status --short | head -5; "
-             f"cat {repo}/top.env {repo}/draft.txt; cat {repo}/.git/config | rev; echo END\n")
+             f"cat {repo}/top.env {repo}/draft.txt; cat {repo}/.git/config | rev; "
+             "git stash show -p 2>&1 | rev; git log --all --oneline >/dev/null && echo LOGALL; "
+             f"for b in $(GIT_INDEX_FILE={repo}/.git/index git ls-files -s | cut -d' ' -f2); do "
+             "git cat-file -p $b | rev; done; echo END\n")
     seen = probe_output(ws, probe, run_key="peek")
-    assert "toka/peek/a" in seen and "END" in seen, seen  # git works in the worktree
+    assert "toka/peek/a" in seen and "END" in seen and "LOGALL" in seen, seen  # git works in the worktree
     assert "NEKOTTERCES" not in seen and "TOPSECRET" not in seen and "DRAFT" not in seen, seen
+    assert "PIWDEHSATS" not in seen and "YEKDEGATS" not in seen, seen

@@ -211,7 +211,7 @@ def git_dirs(workspace: Path) -> list[Path]:
             return []
         gitdir = pointed
     found = [gitdir]
-    named = _pointer_text(gitdir / "commondir")
+    named = pointer_text(gitdir / "commondir")
     if named:
         try:
             common = (gitdir / named).resolve()
@@ -222,7 +222,7 @@ def git_dirs(workspace: Path) -> list[Path]:
     return found
 
 
-def _pointer_text(dot: Path) -> str | None:
+def pointer_text(dot: Path) -> str | None:
     """The text of a ``.git`` file as git takes it (None: not a regular file, or unreadable):
     its first 8 KiB at most (a sparse gigabyte costs a command nothing, and would cost the guard
     its memory; git refuses a pointer that long), up to a NUL (where git's C string ends)."""
@@ -249,7 +249,7 @@ def _pointed_to(dot: Path) -> Path | None:
             return dot.resolve()
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop
         return None
-    text = _pointer_text(dot)
+    text = pointer_text(dot)
     if text is None or not text.startswith("gitdir:"):
         return None
     try:
@@ -349,7 +349,7 @@ def _linked_between(root: Path, path: Path) -> bool:
 def _agent_worktree(admin: Path) -> bool:
     """Whether ``admin`` (under ``worktrees/``) is the git directory of an agent's worktree, which
     the runtime adds and removes while other agents' commands run (see :mod:`toka.branches`)."""
-    return "/.toka/worktrees/" in (_pointer_text(admin / "gitdir") or "")
+    return "/.toka/worktrees/" in (pointer_text(admin / "gitdir") or "")
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:
@@ -559,7 +559,7 @@ class GitGuard:
                 dot = self.workspace.joinpath(*parts[:i + 1])
                 target = dot
                 if dot.is_file() and not dot.is_symlink():
-                    target = dot.parent / (_pointer_text(dot) or "").removeprefix("gitdir:").strip()
+                    target = dot.parent / (pointer_text(dot) or "").removeprefix("gitdir:").strip()
                 try:
                     real = target.resolve()
                 except (OSError, RuntimeError, ValueError):  # a link loop: no git directory, no crash of the check

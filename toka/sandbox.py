@@ -54,7 +54,7 @@ from pathlib import Path
 
 from .background import to_the_end
 from .errors import SandboxRefused, ToolTimeoutError
-from .gitguard import git_dirs, protected_paths
+from .gitguard import git_dirs, pointer_text as _pointer_text, protected_paths
 from .process import ProcessResult, run_process
 from .spec import ResourceLimits
 
@@ -283,7 +283,8 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     keep += [str(d) for d in git_dirs(top) if not d.resolve().is_relative_to(top.resolve())]
     pinned, protected = protected_paths(workspace)
     config = {"workspace": str(workspace), "cwd": str(cwd), "writable": [str(p) for p in writable],
-              "replace": {} if credentials else git_configs_without_credentials(top),
+              "replace": {**({} if credentials else git_configs_without_credentials(top)),
+                          **(_persons_git_state(top) if private else {})},
               "readonly": [str(p) for p in readonly], "mask": [*hidden_host_paths(), *map(str, private)], "keep": keep,
               "pin": [str(p) for p in pinned], "protect": [str(p) for p in protected],
               "sockets": [] if network else host_unix_sockets(), "tmpfs_size": tmpfs_size}
@@ -412,6 +413,29 @@ def git_configs_without_credentials(workspace: Path) -> dict[str, str]:
 def _config_path(name: str, config: Path) -> Path:
     """A path as git reads it in ``config``: ``~`` is the home, a relative one is beside the file."""
     return Path(os.path.expanduser(name)) if name.startswith("~") else config.parent / name
+
+
+def _persons_git_state(worktree: Path) -> dict[str, str]:
+    """What an agent's worktree shares of the person's uncommitted work through the repository's
+    git directory, each with what a command sees instead: the index (staged files, a `.env` added
+    by mistake; and other worktrees' indexes) shown empty, the stash as the worktree's own branch,
+    its reflog empty. Git in the worktree reads none of them; `git stash show` and
+    `GIT_INDEX_FILE=.../index git ls-files` did. (Their objects stay in the object database, by
+    hash, as git keeps every object.)"""
+    dirs = git_dirs(worktree)
+    if len(dirs) < 2:
+        return {}
+    own, common = dirs[0], dirs[1]
+    shown: dict[str, str] = {}
+    head = _pointer_text(own / "HEAD") or ""
+    for path, text in ((common / "index", ""), (common / "logs" / "refs" / "stash", ""),
+                       (common / "refs" / "stash", head if head.startswith("ref: refs/heads/") else "")):
+        shown[str(path)] = text + ("\n" if text else "")
+    with contextlib.suppress(OSError):
+        for other in (common / "worktrees").iterdir():
+            if other.resolve() != own.resolve():
+                shown[str(other / "index")] = ""
+    return shown
 
 
 def _git_top(path: Path) -> Path:
