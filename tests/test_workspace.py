@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,3 +308,36 @@ def test_saved_outputs_read_back_are_named_as_the_model_names_them_and_only_the_
     for other in ("run-1/writer/1/0001.txt", "run-0/reader/1/0001.txt", "run-1/reader/../writer/1/0001.txt"):
         with pytest.raises(PathRefused, match="not one of this agent's saved outputs"):
             ws.resolve(f".toka/outputs/{other}", kind="file")
+
+
+def test_a_file_rewritten_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Killed while edit_file rewrote a 6 MB file, the runtime left it empty (truncated in place,
+    then written): the task, resumed, committed the emptied file as done."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    ledger = root / "ledger.txt"
+    ledger.write_text("entry\n" * 1000)
+    ledger.chmod(0o640)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from pathlib import Path
+from toka.workspace import Workspace
+ws = Workspace(Path({str(root)!r}))
+with ws.open(ws.resolve("ledger.txt"), "wb") as f:
+    f.write(b"new" * 1000)
+    print("writing", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    assert ledger.read_text() == "entry\n" * 1000  # the old text, whole
+    assert sorted(p.name for p in root.iterdir()) == ["ledger.txt"]  # and nothing half-written beside it
+    ws = Workspace(root)
+    with ws.open(ws.resolve("ledger.txt"), "wb") as f:
+        f.write(b"new\n")
+    assert ledger.read_text() == "new\n" and stat.S_IMODE(ledger.stat().st_mode) == 0o640
+    with pytest.raises(RuntimeError), ws.open(ws.resolve("ledger.txt"), "wb") as f:
+        f.write(b"half")
+        raise RuntimeError("the write failed midway")
+    assert ledger.read_text() == "new\n" and sorted(p.name for p in root.iterdir()) == ["ledger.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -174,28 +175,28 @@ class Workspace:
                 inner = self._enter(directory, part, name, create=writing)
                 os.close(directory)
                 directory = inner
-            # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below). Not
-            # truncated yet: a file with other names is refused as it is.
+            # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below).
             flags = (os.O_WRONLY | os.O_CREAT if writing else os.O_RDONLY) | os.O_NOFOLLOW \
                 | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 fd = os.open(parts[-1], flags, 0o666, dir_fd=directory)
             except OSError as e:
                 raise self._changed(name, e) from None
-        finally:
-            os.close(directory)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise PathRefused(f"{name!r} is not a regular file")
-        if writing:
-            if info.st_nlink > 1:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 os.close(fd)
+                raise PathRefused(f"{name!r} is not a regular file")
+            if not writing:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+                return os.fdopen(fd, mode)
+            os.close(fd)  # made now if new; never truncated: the new text replaces it whole (see _Replacing)
+            if info.st_nlink > 1:
                 raise PathRefused(f"{name!r} has {info.st_nlink} names (hard links), and another may be outside "
                                   "the workspace: it is not written")
-            os.ftruncate(fd, 0)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        return os.fdopen(fd, mode)
+            replacing = _Replacing(os.dup(directory), parts[-1], stat.S_IMODE(info.st_mode))
+        finally:
+            os.close(directory)
+        return replacing  # type: ignore[return-value]  # a BinaryIO for what callers use: write, with
 
     def _enter(self, directory: int, part: str, name: str, *, create: bool) -> int:
         """The directory ``part`` below open ``directory``, opened without following a link."""
@@ -222,3 +223,55 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
+
+
+class _Replacing:
+    """A file written beside ``name`` in ``directory`` (an open descriptor, owned), that takes its
+    place when closed: a kill while it is written leaves the old text whole, not an emptied file
+    (an agent's 6 MB file, truncated then killed, was committed empty). Nameless while written
+    (``O_TMPFILE``) where the file system allows it, so a kill leaves nothing behind."""
+
+    def __init__(self, directory: int, name: str, mode: int) -> None:
+        self._directory, self._name, self._temp = directory, name, ""
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=directory)
+        except (OSError, AttributeError):  # no O_TMPFILE there: a named one, removed if this fails
+            self._temp = f".{name}.toka-{os.urandom(4).hex()}"
+            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=directory)
+        os.fchmod(fd, mode)  # as the file had it (the umask aside)
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def __enter__(self) -> _Replacing:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        try:
+            self._file.flush()
+            if not self._temp:  # given a name for the moment it takes the other's place
+                self._temp = f".{self._name}.toka-{os.urandom(4).hex()}"
+                os.link(f"/proc/self/fd/{self._file.fileno()}", self._temp, dst_dir_fd=self._directory,
+                        follow_symlinks=True)
+            self._file.close()
+            os.rename(self._temp, self._name, src_dir_fd=self._directory, dst_dir_fd=self._directory)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._directory)
+
+    def abort(self) -> None:
+        self._file.close()
+        if self._temp:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temp, dir_fd=self._directory)
+        with contextlib.suppress(OSError):
+            os.close(self._directory)
