@@ -1122,6 +1122,38 @@ def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(
     assert git(repo, "show", "toka/edited/_merged:shared.txt").count("added") == 1  # ...and made once
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_a_resume_after_a_stop_in_the_middle_of_an_edit_does_not_make_it_twice(tmp_path: Path) -> None:
+    """SIGTERM while edit_file ran in its thread: the edit was made, its result never recorded;
+    the resume replayed the model's request for it and made it again (the line twice, "completed")."""
+    from toka.errors import PermanentModelError
+
+    spec = writer("a", tasks=1)
+    spec["tasks"]["default"][0]["priority"] = "high"
+    repo = make_repo(tmp_path / "repo", spec)
+    stopped = [True]
+    attempts: list[int] = []
+    appending = _appending(attempts, fail_first=False)
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        if stopped[0] and any(m.role == "assistant" for m in request.messages):
+            raise PermanentModelError("stopped")  # the run ends here, its journal kept
+        return appending(request)
+
+    assert toka(repo, "--run-key", "cut", model=FunctionModel(answer)).exit_code == 1
+    # What the stop left: the edit made (set aside with the failed task, put back by the resume),
+    # its journal ending before the tool's result (the process died while the thread wrote).
+    (journal,) = (repo / ".toka" / "journal" / "cut" / "a").glob("*.jsonl")
+    lines = journal.read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "tool"
+    journal.write_text("\n".join(lines[:-1]) + "\n")
+    stopped[0] = False
+    resumed = toka(repo, "--resume", model=FunctionModel(answer))
+    assert resumed.exit_code == 0, resumed.output
+    assert len(attempts) == 2  # started over: what the cut call changed was not known
+    assert git(repo, "show", "toka/cut/_merged:shared.txt").count("added") == 1
+
+
 def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
     """What the shell ``script``, run by an agent in its worktree of ``workspace``, printed."""
     outputs: list[str] = []

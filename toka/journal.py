@@ -45,7 +45,7 @@ from .redact import redact_data, secret_values
 
 __all__ = ["Journal", "Replay", "journal_path", "request_fingerprint", "tool_fingerprint"]
 
-Kind = Literal["response", "tool", "too-long"]
+Kind = Literal["response", "tool", "too-long", "calling"]
 
 #: Marks the entries this process recorded: a response replayed after a Prefect retry in the
 #: same process was charged here already, one recorded by an earlier (killed) process was not.
@@ -129,6 +129,27 @@ class Journal:
         self._sync_queued = False
         self._sync_lock = threading.Lock()
 
+    def unfinished_call(self) -> str | None:
+        """The tool that changes files the journal ends in the middle of (its call recorded as
+        begun, no result after it: the process stopped while it ran), else None. What it changed
+        is not known: done again, an edit or an appending command would land twice."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                tail = f.read().splitlines()
+        except OSError:
+            return None
+        for line in reversed(tail):  # the last whole line: one torn by a kill is no entry
+            try:
+                last = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(last, dict) and last.get("kind") == "calling":
+                return str((last.get("data") or {}).get("tool", "a tool"))
+            return None
+        return None
+
     def load(self) -> list[Entry]:
         """The entries recorded so far; a torn last line (the process died writing it) is dropped."""
         try:
@@ -209,7 +230,8 @@ class Replay:
 
     def __post_init__(self) -> None:
         if self.journal is not None and not self.entries:
-            self.entries = self.journal.load()
+            # A call's "calling" marker only matters while no result follows it (unfinished_call).
+            self.entries = [e for e in self.journal.load() if e.kind != "calling"]
 
     @property
     def live(self) -> bool:
@@ -276,6 +298,10 @@ class Replay:
 
     async def record_too_long(self, fingerprint: str, message: str) -> None:
         await self.record("too-long", fingerprint, {"message": message})
+
+    async def record_calling(self, fingerprint: str, tool: str) -> None:
+        """Before a tool that changes files runs: a stop before its result is recorded leaves this."""
+        await self.record("calling", fingerprint, {"tool": tool})
 
     def tool(self, fingerprint: str) -> RecordedTool | None:
         entry = self.take("tool", fingerprint)

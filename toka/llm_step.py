@@ -249,6 +249,14 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
 
     journal = Journal(journal_path(workspace.state_dir, run.run_key, spec.name, step.index), logger=logger)
     checkout = run.checkout
+    cut_short = journal.unfinished_call() if checkout is not None else None
+    if checkout is not None and cut_short is not None:
+        # Stopped while a tool that changes files ran (SIGTERM with an edit in its thread, a full
+        # disk): done or not, its result was not recorded; replayed, it would be done again.
+        await _set_aside(checkout, run.run_key, step.index, len(tasks),
+                         f"The attempt before stopped while {cut_short} ran, so what it changed is not "
+                         "known; this one starts over.", logger)
+        journal.discard()
     if checkout is not None and (attempt > 1 or checkout.reused) and not _has_entries(journal):
         # An attempt that starts afresh where an earlier one left edits: a retry whose journal was
         # dropped (the model's malformed results end an attempt so), or a resume of such a task. Done

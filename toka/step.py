@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from .capabilities import READING_TOOLS
 from .context import (
     BYTES_PER_TOKEN,
     ContextBudget,
@@ -457,6 +458,8 @@ class _Conversation:
                 self.toolbox.count_replayed(call.name, refused=recorded.refused, is_error=block.is_error)
         else:
             calls_before = len(self.toolbox.calls)
+            if call.name not in READING_TOOLS:
+                await self.replay.record_calling(fingerprint, call.name)
             output = await self.toolbox.call(call.name, call.input)
             text = output.text
             if limit and self.save_output is not None and len(text.encode()) > limit:
