@@ -696,6 +696,24 @@ def test_a_summary_that_reads_like_a_later_tasks_trailers_does_not_lose_that_tas
         "a:", "task", "2/2:", "two", "two.txt"]
 
 
+def test_locks_a_killed_commit_left_are_dropped_when_the_run_goes_on(tmp_path: Path) -> None:
+    """kill -9 during a task's `git commit`: its ref and HEAD locks failed every resume ("remove
+    the file manually to continue", without the file's name)."""
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    gitdir = Path(git(Path(checkout.worktree), "rev-parse", "--absolute-git-dir").strip())
+    locks = [gitdir / "index.lock", gitdir / "HEAD.lock", repo / ".git" / "refs" / "heads" / "toka" / "night" / "a.lock"]
+    for lock in locks:
+        lock.write_text("")
+    (Path(checkout.worktree) / "new.txt").write_text("new\n")
+    with pytest.raises(BranchError, match=r"Unable to create '.*\.lock': File exists"):
+        branches.commit_task(checkout, run_key="night", index=1, total=1, description="one", state="completed")
+    resumed = branches.agent_checkout(run, "a", [])  # what a resume does first
+    assert not any(lock.exists() for lock in locks)
+    assert branches.commit_task(resumed, run_key="night", index=1, total=1, description="one", state="completed")
+
+
 def test_a_worktree_made_again_holds_no_edits_for_a_journal_to_replay_onto(tmp_path: Path) -> None:
     """A killed run's worktrees removed (by hand, by a discard cut short): the resume made them
     again from the branch and replayed the in-flight task's journal as if its edits were there."""

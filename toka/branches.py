@@ -100,8 +100,11 @@ def _git(repo: Path, *args: str, env: dict[str, str] | None = None, check: bool 
         raise ConfigError("git is not installed: agents work on branches when git is there "
                           "(or pass --in-place to let them edit the workspace directly)") from None
     if check and done.returncode != 0:
-        said = (done.stderr or done.stdout).strip().splitlines()
-        raise BranchError(f"git {args[0]} failed in {repo}: {said[-1] if said else f'exit {done.returncode}'}")
+        said = [line.strip() for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        # The line naming a lock file, which git's last line ("remove the file manually") does not.
+        lock = next((line for line in said[:-1] if ".lock'" in line), None)
+        last = said[-1] if said else f"exit {done.returncode}"
+        raise BranchError(f"git {args[0]} failed in {repo}: {f'{lock} ' if lock else ''}{last}")
     return done.stdout
 
 
@@ -412,7 +415,7 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
                              start=start, shared=True)
     path = run.worktree(agent)
     if (path / ".git").exists() and own is not None:
-        _drop_stale_index_lock(path)
+        _drop_stale_locks(path, branch)
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
                              start=own["start"], reused=True)
     exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
@@ -495,16 +498,25 @@ def _worktrees_of(repo: Path) -> list[Path]:
             if line.startswith("worktree ")]
 
 
-def _drop_stale_index_lock(worktree: Path) -> None:
-    """The lock a git command killed midway (a ``kill -9`` during a task's commit) left in the
-    worktree's git directory: no git command of this run is running there now."""
+def _drop_stale_locks(worktree: Path, branch: str) -> None:
+    """The locks a git command killed midway (a ``kill -9`` during a task's commit) left: the
+    worktree's index and HEAD, its branch's ref. No git command of this run is running there
+    now, and each failed every resume ("remove the file manually to continue")."""
     try:
         pointer = (worktree / ".git").read_text(encoding="utf-8").strip()
     except OSError:
         return
-    if pointer.startswith("gitdir: "):
-        gitdir = Path(pointer.removeprefix("gitdir: "))
-        (gitdir if gitdir.is_absolute() else worktree / gitdir).joinpath("index.lock").unlink(missing_ok=True)
+    if not pointer.startswith("gitdir: "):
+        return
+    gitdir = Path(pointer.removeprefix("gitdir: "))
+    gitdir = gitdir if gitdir.is_absolute() else worktree / gitdir
+    for name in ("index.lock", "HEAD.lock"):
+        (gitdir / name).unlink(missing_ok=True)
+    try:
+        common = gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    (common / "refs" / "heads" / f"{branch}.lock").unlink(missing_ok=True)
 
 
 def _heads(repo: Path, branches: list[str]) -> list[str]:
