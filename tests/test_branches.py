@@ -1172,6 +1172,41 @@ def test_a_resume_after_a_stop_in_the_middle_of_an_edit_does_not_make_it_twice(t
     assert git(repo, "show", "toka/cut/_merged:shared.txt").count("added") == 1
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_a_task_that_runs_again_after_its_spec_changed_leaves_its_new_work_on_the_branch(tmp_path: Path) -> None:
+    """Resumed after the spec was edited, task 1 ran again (a new cache key) and was reported with
+    its new result, but its new edits were set aside and the branch kept the old ones."""
+    from toka.errors import PermanentModelError
+
+    spec = writer("a", tasks=2)
+    for task in spec["tasks"]["default"]:
+        task["priority"] = "high"
+    repo = make_repo(tmp_path / "repo", spec)
+    broken = [True]
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        careful = "carefully" in (request.system or "")
+        step = int(request.metadata["task"])
+        if not any(m.role == "assistant" for m in request.messages):
+            if step == 2 and broken[0]:
+                raise PermanentModelError("the provider refused the request")
+            return tool_call("write_file", path=f"t{step}.txt", content="careful\n" if careful else "plain\n")
+        return submit(summary=f"wrote t{step}.txt")
+
+    assert toka(repo, "--run-key", "again", model=FunctionModel(answer)).exit_code == 1
+    assert git(repo, "show", "toka/again/a:t1.txt") == "plain\n"
+    spec_file = repo / "specs" / "a.yaml"
+    spec_file.write_text(spec_file.read_text().replace("a agent", "a agent that works carefully"))
+    broken[0] = False
+    resumed = toka(repo, "--resume", model=FunctionModel(answer))
+    assert resumed.exit_code == 0, resumed.output
+    assert git(repo, "show", "toka/again/_merged:t1.txt") == "careful\n"  # what the report says it did
+    assert git(repo, "show", "toka/again/_merged:t2.txt") == "careful\n"
+    log = git(repo, "log", "--format=%s", "toka/again/a").splitlines()
+    assert log[:3] == ["a: task 2/2: a step 2", "a: task 1/2: a step 1",
+                       "a: set aside the work of task 1/2 and after: it runs again"], log
+
+
 def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
     """What the shell ``script``, run by an agent in its worktree of ``workspace``, printed."""
     outputs: list[str] = []

@@ -691,6 +691,7 @@ def _too_large(worktree: Path, status: str) -> list[str]:
 
 
 _SET_ASIDE = "Toka-Set-Aside"
+_RAN_AGAIN = "Toka-Ran-Again"
 _RESTARTED = "Toka-Restarted"
 _NESTED = "a git repository of its own (made inside the worktree); its files are left in the worktree, not committed"
 _LINK_MODE = "120000"
@@ -802,12 +803,38 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     return True
 
 
-def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> bool:
-    """Whether the agent's branch has a commit of task ``index`` of run ``run_key`` finished
-    already (its edits set aside after a failure do not count)."""
-    return any(trailers.get("Toka-Run") == run_key and trailers.get("Toka-Task") == f"{index}/{total}"
-               and trailers.get("Toka-State") == "completed"
-               for _, trailers in _trailers(worktree, f"{checkout.start}..HEAD"))
+def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> str | None:
+    """The commit of task ``index`` of run ``run_key`` the agent's branch holds finished already,
+    if any (its edits set aside after a failure do not count, nor work set aside for a task that
+    ran again: :func:`set_aside_from_task`)."""
+    for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
+        if trailers.get("Toka-Run") != run_key:
+            continue
+        again = trailers.get(_RAN_AGAIN, "")
+        if again.partition("/")[0].isdigit() and int(again.partition("/")[0]) <= index:
+            return None  # this task's earlier commit, if any, is set aside below here
+        if trailers.get("Toka-Task") == f"{index}/{total}" and trailers.get("Toka-State") == "completed":
+            return commit
+    return None
+
+
+def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> str | None:
+    """Task ``index`` runs again though the branch holds its finished commit of this run (its
+    cache key changed: the spec or a setting was edited before a resume): its work and the later
+    tasks' are set aside by one commit that takes the worktree back to where the task started, so
+    what it does now lands on that (else its new edits were left out and the old ones kept, while
+    its report showed the new). Returns that commit (None: nothing to set aside)."""
+    if checkout.shared:
+        return None
+    worktree = Path(checkout.worktree)
+    done = _committed(worktree, checkout, run_key, index, total)
+    if done is None:
+        return None
+    _git(worktree, "read-tree", "-u", "--reset", f"{done}^")
+    trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: {index}/{total}\n"
+    return _commit(worktree, f"{checkout.agent}: set aside the work of task {index}/{total} and after: it runs "
+                             f"again\n\nIts spec or settings changed since {done[:12]} was made; the task starts "
+                             f"over from before it.\n\n{trailers}", _identity(checkout.agent))
 
 
 def _trailers(worktree: Path, revisions: str) -> list[tuple[str, dict[str, str]]]:

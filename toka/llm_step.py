@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
 from .audit import AuditLog, audit_path, run_file_name
-from .branches import AgentCheckout, set_aside_edits
+from .branches import AgentCheckout, set_aside_edits, set_aside_from_task
 from .budget import Ledger, current_agent_budget, current_ledger
 from .capabilities import grant_tools
 from .config import RunConfig
@@ -149,6 +149,20 @@ async def _set_aside(checkout: AgentCheckout, run_key: str, index: int, total: i
                        index, total, checkout.branch, commit[:12], why)
 
 
+async def _set_aside_earlier_work(checkout: AgentCheckout, run_key: str, index: int, total: int,
+                                  logger: Any) -> None:
+    """A task of a resumed run that runs again though the branch holds its finished commit (its
+    cache key changed: the spec was edited): its work and the later tasks' are set aside
+    (:func:`set_aside_from_task`), so what it does now is what the branch holds."""
+    settling = workspace_settling.get()
+    if settling is not None and not settling.done():
+        await asyncio.wait([settling])
+    commit = await asyncio.to_thread(set_aside_from_task, checkout, run_key=run_key, index=index, total=total)
+    if commit is not None:
+        logger.warning("task %d/%d runs again (its spec or settings changed since it was done): its earlier work "
+                       "and the later tasks' are set aside on %s (in %s)", index, total, checkout.branch, commit[:12])
+
+
 def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
     """The task's and the agent's ledgers for this attempt.
 
@@ -264,6 +278,8 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
         await _set_aside(checkout, run.run_key, step.index, len(tasks),
                          "An earlier attempt ended without a result and its turns were not kept; "
                          "this one starts over.", logger)
+    if checkout is not None and (checkout.reused or checkout.remade) and not _has_entries(journal):
+        await _set_aside_earlier_work(checkout, run.run_key, step.index, len(tasks), logger)
     step_args: dict[str, Any] = dict(
         model=model,
         system=system_prompt(spec, tools=toolbox.names, on_branch=run.checkout is not None),
