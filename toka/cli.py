@@ -894,6 +894,9 @@ def _prefect_environment(*, verbose: bool) -> None:
         # Failures are reported by our own summary; Prefect's console copies (with
         # tracebacks) only bury it. The API handler still ships every log to the UI.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        # Nor its services' errors: with the server gone, one 2 KB line per event it could not send
+        # (the event whole, tool arguments included) came before toka's own line saying so.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL", "CRITICAL")
     # Prefect's client prints a telemetry notice on a first run in a terminal (possibly over the
     # live table) that asks for PREFECT_SERVER_ANALYTICS_ENABLED=false, which is set above.
     os.environ.setdefault("DO_NOT_TRACK", "1")
