@@ -184,3 +184,48 @@ def test_every_task_run_of_a_run_on_the_embedded_server_is_recorded(tmp_path: Pa
     names = sorted(t["name"].split(" - ")[1] for t in task_runs)
     assert names == ["1/4", "2/4", "3/4", "4/4"], [t["name"] for t in task_runs]
     assert all(t["state"]["type"] == "COMPLETED" for t in task_runs), [t["state"] for t in task_runs]
+
+
+def test_a_killed_servers_warm_process_goes_with_its_record(tmp_path: Path) -> None:
+    """The server killed, its warm process (~150 MB) lived on, unseen by `toka server stop`."""
+    import signal
+    import time
+
+    from toka.server import STATE_FILE
+
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), NO_COLOR="1")
+
+    def toka(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TOKA, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+    started = toka("server", "start", "--port", str(free_port()))
+    assert started.returncode == 0, started.stderr
+    record = json.loads((home / STATE_FILE).read_text())
+    assert record["warm_pid"]
+    try:
+        os.killpg(record["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{record['pid']}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = toka("server", "status")
+        assert status.returncode == 1 and "not running" in status.stdout
+        deadline = time.monotonic() + 10
+        while _alive(record["warm_pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(record["warm_pid"]), "the warm process outlived its server's record"
+    finally:
+        for pid in (record["pid"], record["warm_pid"]):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -130,6 +130,8 @@ def recorded_server() -> LocalServer | None:
     except (OSError, ValueError, TypeError):
         return None
     if not _alive(server.pid, server.started):
+        if server.warm:  # the server was killed, its warm process not: it serves nothing now
+            _terminate(server.warm_pid, timeout=5.0, started=server.warm_started)  # type: ignore[arg-type]
         path.unlink(missing_ok=True)
         return None
     return server
