@@ -25,7 +25,7 @@ import pytest
 from toka.commands import scrubbed_env
 from toka.errors import SandboxViolation
 from toka.gitguard import git_argv, run_git
-from toka.sandbox import config_without_credentials, confinement, detect_host
+from toka.sandbox import config_without_credentials, confinement, detect_host, git_configs_without_credentials
 
 from .conftest import ROOT
 from .test_sandbox import Agent, MakeAgent, _git_repo, make_agent, marker, processes_matching  # noqa: F401  (fixture)
@@ -793,3 +793,17 @@ def test_an_approved_push_alone_sees_the_credentials_it_pushes_with(tmp_path: Pa
 
     assert [text for text in shown().values() if "https://h/r.git" in text and "CANARY" not in text]
     assert shown(network=True, credentials=True) == {}
+
+
+def test_other_worktrees_configurations_lose_their_credentials_too(tmp_path: Path) -> None:
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    repo.mkdir()
+    (repo / "README.md").write_text("hello\n")
+    _git_repo(repo)
+    subprocess.run(["git", "worktree", "add", "-q", str(other)], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "config", "extensions.worktreeConfig", "true"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "--worktree", "http.extraheader", "AUTHORIZATION: basic CANARY"], cwd=other,
+                   check=True)
+    shown = git_configs_without_credentials(repo)
+    (admin,) = [path for path in shown if path.endswith("config.worktree")]
+    assert "CANARY" not in shown[admin] and "CANARY" in Path(admin).read_text()

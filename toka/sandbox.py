@@ -366,16 +366,16 @@ def _config_files(workspace: Path) -> list[Path]:
     found: list[Path] = []
     for gitdir in git_dirs(workspace):
         found += [gitdir / "config", gitdir / "config.worktree"]
-        for sub in ("worktrees", "modules"):
-            top = gitdir / sub
-            if top.is_symlink() or not top.is_dir():
-                continue
-            for n, (folder, dirs, files) in enumerate(os.walk(top)):  # links are not followed
+        worktrees = gitdir / "worktrees"
+        if worktrees.is_dir() and not worktrees.is_symlink():
+            with contextlib.suppress(OSError):
+                found += [admin / "config.worktree" for admin in worktrees.iterdir()]
+        modules = gitdir / "modules"
+        if modules.is_dir() and not modules.is_symlink():
+            for n, (folder, _, files) in enumerate(os.walk(modules)):  # links are not followed
                 if n > 10_000:
                     break
                 found += [Path(folder, name) for name in files if name in ("config", "config.worktree")]
-                if sub == "worktrees":
-                    dirs.clear()  # worktrees/<name>/ only
     return found
 
 
