@@ -341,3 +341,29 @@ with ws.open(ws.resolve("ledger.txt"), "wb") as f:
         f.write(b"half")
         raise RuntimeError("the write failed midway")
     assert ledger.read_text() == "new\n" and sorted(p.name for p in root.iterdir()) == ["ledger.txt"]
+
+
+def test_a_replaced_file_keeps_its_owner_loses_set_id_bits_and_any_name_fits(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    root.mkdir()
+    ws = Workspace(root)
+    tool = root / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o4755)
+    if os.geteuid() == 0:
+        os.chown(tool, 1000, 1000)
+    with ws.open(ws.resolve("tool"), "wb") as f:
+        f.write(b"#!/bin/sh\necho agent\n")
+    info = tool.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o755  # a set-uid file rewritten by an agent is no set-uid file
+    if os.geteuid() == 0:
+        assert (info.st_uid, info.st_gid) == (1000, 1000)  # not handed to the runtime's user
+    long_name = "n" * 250  # the temporary name beside it must fit too
+    with ws.open(ws.resolve_for_write(long_name), "wb") as f:
+        f.write(b"long\n")
+    assert (root / long_name).read_text() == "long\n"
+    with pytest.raises(RuntimeError), ws.open(ws.resolve_for_write("new.txt"), "wb") as f:
+        f.write(b"half")
+        raise RuntimeError("the write failed midway")
+    assert not (root / "new.txt").exists()  # a new file appears whole or not at all
+    assert sorted(p.name for p in root.iterdir()) == sorted(["tool", long_name])

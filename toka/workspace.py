@@ -8,7 +8,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, NoReturn
 
 from .errors import ConfigError, PathRefused
 from .gitguard import looks_like_gitdir
@@ -176,12 +176,17 @@ class Workspace:
                 os.close(directory)
                 directory = inner
             # Non-blocking: a FIFO swapped in must fail the open, not hang it (cleared below).
-            flags = (os.O_WRONLY | os.O_CREAT if writing else os.O_RDONLY) | os.O_NOFOLLOW \
-                | os.O_CLOEXEC | os.O_NONBLOCK
+            flags = (os.O_WRONLY if writing else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             try:
-                fd = os.open(parts[-1], flags, 0o666, dir_fd=directory)
+                fd = os.open(parts[-1], flags, dir_fd=directory)
+            except FileNotFoundError as e:
+                if not writing:
+                    raise self._changed(name, e) from None
+                fd = -1  # a new file: made whole when written (see _Replacing)
             except OSError as e:
                 raise self._changed(name, e) from None
+            if fd == -1:
+                return _Replacing(os.dup(directory), parts[-1], name, 0o666 & ~_umask(), None)  # type: ignore[return-value]
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 os.close(fd)
@@ -189,14 +194,18 @@ class Workspace:
             if not writing:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
                 return os.fdopen(fd, mode)
-            os.close(fd)  # made now if new; never truncated: the new text replaces it whole (see _Replacing)
             if info.st_nlink > 1:
+                os.close(fd)
                 raise PathRefused(f"{name!r} has {info.st_nlink} names (hard links), and another may be outside "
                                   "the workspace: it is not written")
-            replacing = _Replacing(os.dup(directory), parts[-1], stat.S_IMODE(info.st_mode))
+            # Never truncated: the new text replaces it whole (see _Replacing); its owner and mode stay,
+            # but for the set-id bits (a file rewritten by another loses them, as the kernel does).
+            owner = (info.st_uid, info.st_gid)
+            os.close(fd)
+            return _Replacing(os.dup(directory), parts[-1], name,  # type: ignore[return-value]
+                              stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), owner)
         finally:
             os.close(directory)
-        return replacing  # type: ignore[return-value]  # a BinaryIO for what callers use: write, with
 
     def _enter(self, directory: int, part: str, name: str, *, create: bool) -> int:
         """The directory ``part`` below open ``directory``, opened without following a link."""
@@ -226,24 +235,48 @@ class Workspace:
 
 
 class _Replacing:
-    """A file written beside ``name`` in ``directory`` (an open descriptor, owned), that takes its
-    place when closed: a kill while it is written leaves the old text whole, not an emptied file
-    (an agent's 6 MB file, truncated then killed, was committed empty). Nameless while written
-    (``O_TMPFILE``) where the file system allows it, so a kill leaves nothing behind."""
+    """A file written beside ``name`` in ``directory`` (an open descriptor, owned) that takes its
+    place when closed: a kill while it is written leaves the old text whole (an agent's 6 MB file,
+    truncated then killed, was committed empty), and a new file appears whole or not at all.
+    Nameless while written (``O_TMPFILE``) where the file system allows it, so a kill leaves
+    nothing behind; named ``.toka-write-*`` for the moment it takes the old one's place, else.
+    Where the directory may not be written (only the file), the file is written in place."""
 
-    def __init__(self, directory: int, name: str, mode: int) -> None:
-        self._directory, self._name, self._temp = directory, name, ""
+    def __init__(self, directory: int, name: str, shown: str, mode: int, owner: tuple[int, int] | None) -> None:
+        self._directory, self._name, self._shown, self._temp = directory, name, shown, ""
+        self._fd = -1
         try:
-            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=directory)
-        except (OSError, AttributeError):  # no O_TMPFILE there: a named one, removed if this fails
-            self._temp = f".{name}.toka-{os.urandom(4).hex()}"
-            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                         dir_fd=directory)
-        os.fchmod(fd, mode)  # as the file had it (the umask aside)
-        self._file = os.fdopen(fd, "wb")
+            try:
+                self._fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=directory)
+            except (OSError, AttributeError):  # no O_TMPFILE there
+                self._temp = _temp_name()
+                self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   mode, dir_fd=directory)
+        except PermissionError:
+            if owner is None:
+                self._fail(f"{shown!r} cannot be made: its directory may not be written")
+            # The file may be written, its directory not: in place, as before (not whole on a kill).
+            self._fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_TRUNC, dir_fd=directory)
+            self._temp = None  # type: ignore[assignment]
+            return
+        except OSError as e:
+            self._fail(f"{shown!r}: {e.strerror or e}")
+        os.fchmod(self._fd, mode)  # as the file had it (the umask aside)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):  # only root may give a file away
+                os.fchown(self._fd, *owner)
+
+    def _fail(self, message: str) -> NoReturn:
+        with contextlib.suppress(OSError):
+            os.close(self._directory)
+        self._directory = -1
+        raise PathRefused(message)
 
     def write(self, data: bytes) -> int:
-        return self._file.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        return len(data)
 
     def __enter__(self) -> _Replacing:
         return self
@@ -255,23 +288,46 @@ class _Replacing:
             self.abort()
 
     def close(self) -> None:
+        if self._directory == -1:
+            return
         try:
-            self._file.flush()
-            if not self._temp:  # given a name for the moment it takes the other's place
-                self._temp = f".{self._name}.toka-{os.urandom(4).hex()}"
-                os.link(f"/proc/self/fd/{self._file.fileno()}", self._temp, dst_dir_fd=self._directory,
-                        follow_symlinks=True)
-            self._file.close()
-            os.rename(self._temp, self._name, src_dir_fd=self._directory, dst_dir_fd=self._directory)
-        except BaseException:
+            if self._temp == "":  # given a name for the moment it takes the other's place
+                self._temp = _temp_name()
+                os.link(f"/proc/self/fd/{self._fd}", self._temp, dst_dir_fd=self._directory, follow_symlinks=True)
+            if self._temp is not None:
+                os.rename(self._temp, self._name, src_dir_fd=self._directory, dst_dir_fd=self._directory)
+        except OSError as e:
             self.abort()
-            raise
-        os.close(self._directory)
+            raise PathRefused(f"{self._shown!r} was not written: {e.strerror or e}") from None
+        self._end()
 
     def abort(self) -> None:
-        self._file.close()
+        if self._directory == -1:
+            return
         if self._temp:
             with contextlib.suppress(OSError):
                 os.unlink(self._temp, dir_fd=self._directory)
-        with contextlib.suppress(OSError):
-            os.close(self._directory)
+        self._end()
+
+    def _end(self) -> None:
+        for fd in (self._fd, self._directory):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fd = self._directory = -1
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _temp_name() -> str:
+    # Short: beside a name of 255 bytes (the most a file system allows), a longer one would not fit.
+    return f".toka-write-{os.urandom(4).hex()}"
