@@ -807,3 +807,47 @@ def test_other_worktrees_configurations_lose_their_credentials_too(tmp_path: Pat
     shown = git_configs_without_credentials(repo)
     (admin,) = [path for path in shown if path.endswith("config.worktree")]
     assert "CANARY" not in shown[admin] and "CANARY" in Path(admin).read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the guard as another user (needs root)")
+@pytest.mark.parametrize("whose", ["made-by-the-command", "the-persons-clone"])
+def test_a_hooks_directory_made_unlistable_hides_no_hook_from_the_guard(whose: str) -> None:
+    """`chmod 0311 .git/hooks` (enterable, not listable): a walk saw no hook in it, and the armed one
+    ran on the person's next checkout. Root reads it anyway: the guard runs here as a plain user."""
+    import shutil
+    import tempfile
+
+    from toka.gitguard import GitGuard
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="toka-guard-"))  # pytest's own is root's alone
+    os.chown(tmp_path, 1000, 1000)
+    root, tool = tmp_path / "ws", tmp_path / "ws" / "tool"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: as user 1000, the guard's check around what a command did
+        try:
+            os.setgid(1000)
+            os.setuid(1000)
+            os.environ["HOME"] = str(tmp_path)
+            subprocess.run(["git", "init", "-q", str(root)], check=True, capture_output=True)
+            if whose == "the-persons-clone":
+                subprocess.run(["git", "init", "-q", str(tool)], check=True, capture_output=True)
+            guard = GitGuard.capture(root, ["tool/.git/HEAD"] if tool.exists() else [])
+            if not tool.exists():
+                subprocess.run(["git", "init", "-q", str(tool)], check=True, capture_output=True)
+            hook = tool / ".git" / "hooks" / "post-checkout"
+            hook.write_text("#!/bin/sh\necho EVIL\n")
+            hook.chmod(0o755)
+            (tool / ".git" / "hooks").chmod(0o311)
+            found = guard.check(["tool/.git/hooks/post-checkout"], ["tool/.git/HEAD"])
+            os.write(write, repr((found, hook.exists())).encode())
+        except BaseException as e:
+            os.write(write, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        said = f.read()
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert said == "(['tool/.git/hooks/post-checkout'], False)", said

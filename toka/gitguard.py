@@ -39,7 +39,7 @@ import signal
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,7 +311,7 @@ def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
         if name == "worktrees":  # linked worktrees' git directories: their index and refs move
             _add(found, root)
             if _real_dir(root):
-                for sub in sorted(root.iterdir()):
+                for sub in sorted(root / n for n in _listing(root)):
                     if not _real_dir(sub):
                         _add(found, sub)
                     elif not _agent_worktree(sub):
@@ -320,10 +320,37 @@ def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
             continue
         _add(found, root)
         if _real_dir(root):
-            for dirpath, dirnames, filenames in os.walk(root):  # links inside are listed, not followed
+            for dirpath, dirnames, filenames in _walk(root):  # links inside are listed, not followed
                 for n in (*dirnames, *filenames):
                     _add(found, Path(dirpath, n))
     return found
+
+
+def _listing(directory: Path) -> list[str]:
+    """The names in ``directory``; one its owner made unreadable (``chmod 0311 hooks``: enterable,
+    not listable, so a walk saw no hook in it) is made readable to its owner first."""
+    try:
+        return os.listdir(directory)
+    except PermissionError:
+        info = directory.lstat()
+        if not stat.S_ISDIR(info.st_mode):
+            raise
+        os.chmod(directory, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)  # raises if not ours: the check fails
+        return os.listdir(directory)
+
+
+def _walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` (links listed, never followed), where no directory is skipped unseen:
+    one made unreadable is made readable (:func:`_listing`), one that stays so fails the check."""
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        dirnames, filenames = [], []
+        for name in sorted(_listing(directory)):
+            path = directory / name
+            (dirnames if stat.S_ISDIR(path.lstat().st_mode) else filenames).append(name)
+        yield str(directory), dirnames, filenames
+        pending += [directory / d for d in reversed(dirnames)]
 
 
 def _real_dir(path: Path) -> bool:
@@ -353,7 +380,7 @@ def _agent_worktree(admin: Path) -> bool:
 
 
 def _nested_gitdirs(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):  # not into links: os.walk lists them as names
+    for dirpath, dirnames, filenames in _walk(root):  # not into links: they are listed as names
         if "HEAD" in filenames and "objects" in dirnames:
             yield Path(dirpath)
             dirnames[:] = [d for d in dirnames if d == "modules"]
@@ -464,7 +491,8 @@ class GitGuard:
 
     def _check_nested(self, failed: list[BaseException]) -> list[str]:
         """The git directories the workspace held before: what git init (or everyday use) writes
-        is theirs to change. One that cannot be compared is held to what git init writes."""
+        is theirs to change. One that cannot be compared is left as it is (a person's clone: its
+        hooks, config and submodules are theirs), and the check fails naming it."""
         violations: list[str] = []
         for gitdir, was in self.nested.items():
             try:
@@ -482,8 +510,7 @@ class GitGuard:
                     violations += [self._shown(path) for path in unsafe]
                     _restore(was, now, root=gitdir)
             except Exception as e:
-                failed.append(e)
-                violations += self._untrusted(gitdir)
+                failed.append(RuntimeError(f"{self._shown(gitdir)}: {type(e).__name__}: {e}"))
         return violations
 
     def _check_todos(self, changed: Sequence[str]) -> list[str]:
@@ -583,7 +610,7 @@ class GitGuard:
             bad.append(self._shown(hooks))
             _remove(hooks, root=gitdir)
         elif hooks.is_dir():
-            for dirpath, _, filenames in os.walk(hooks):
+            for dirpath, _, filenames in _walk(hooks):
                 for n in filenames:
                     if not n.endswith(".sample") or Path(dirpath, n).is_symlink():
                         bad.append(self._shown(Path(dirpath, n)))
