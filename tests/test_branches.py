@@ -696,6 +696,35 @@ def test_a_summary_that_reads_like_a_later_tasks_trailers_does_not_lose_that_tas
         "a:", "task", "2/2:", "two", "two.txt"]
 
 
+def test_a_task_that_runs_again_sets_aside_later_tasks_work_and_never_its_own_new_work(tmp_path: Path) -> None:
+    """Task 1 made no commit the first time, and does after the spec edit: task 2, running again,
+    set aside from its own old commit, which lay under task 1's new one: task 1's new work went."""
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+
+    def task(index: int, files: dict[str, str]) -> None:
+        for name, text in files.items():
+            (tree / name).write_text(text)
+        branches.commit_task(checkout, run_key="night", index=index, total=3, description=f"t{index}",
+                             state="completed")
+
+    task(1, {})  # it only read
+    task(2, {"t2.txt": "old\n"})
+    task(3, {"t3.txt": "old\n"})
+    checkout = branches.agent_checkout(run, "a", [])  # the resume, after a spec edit: all run again
+    assert branches.set_aside_from_task(checkout, run_key="night", index=1, total=3)
+    assert not (tree / "t2.txt").exists() and not (tree / "t3.txt").exists()
+    task(1, {"t1.txt": "new\n"})
+    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3) is None
+    assert (tree / "t1.txt").read_text() == "new\n"
+    task(2, {"t2.txt": "new\n"})
+    assert branches.set_aside_from_task(checkout, run_key="night", index=3, total=3) is None
+    task(3, {"t3.txt": "new\n"})
+    assert [git(repo, "show", f"toka/night/a:t{i}.txt") for i in (1, 2, 3)] == ["new\n"] * 3
+
+
 def test_locks_a_killed_commit_left_are_dropped_when_the_run_goes_on(tmp_path: Path) -> None:
     """kill -9 during a task's `git commit`: its ref and HEAD locks failed every resume ("remove
     the file manually to continue", without the file's name)."""

@@ -810,8 +810,8 @@ def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int
     for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
         if trailers.get("Toka-Run") != run_key:
             continue
-        again = trailers.get(_RAN_AGAIN, "")
-        if again.partition("/")[0].isdigit() and int(again.partition("/")[0]) <= index:
+        again = _task_number(trailers.get(_RAN_AGAIN))
+        if again is not None and again <= index:
             return None  # this task's earlier commit, if any, is set aside below here
         if trailers.get("Toka-Task") == f"{index}/{total}" and trailers.get("Toka-State") == "completed":
             return commit
@@ -819,22 +819,38 @@ def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int
 
 
 def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> str | None:
-    """Task ``index`` runs again though the branch holds its finished commit of this run (its
-    cache key changed: the spec or a setting was edited before a resume): its work and the later
-    tasks' are set aside by one commit that takes the worktree back to where the task started, so
-    what it does now lands on that (else its new edits were left out and the old ones kept, while
-    its report showed the new). Returns that commit (None: nothing to set aside)."""
+    """Task ``index`` runs again though the branch holds finished work of it or of a later task of
+    this run (its cache key changed: the spec or a setting was edited before a resume): that work
+    is set aside, from its oldest commit on, by one commit that takes the worktree back to before
+    it, so what the task does now lands there (else its new edits were left out and the old ones
+    kept, while its report showed the new). Returns that commit (None: nothing to set aside)."""
     if checkout.shared:
         return None
     worktree = Path(checkout.worktree)
-    done = _committed(worktree, checkout, run_key, index, total)
-    if done is None:
-        return None
-    _git(worktree, "read-tree", "-u", "--reset", f"{done}^")
+    oldest, finished = None, False
+    for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
+        if trailers.get("Toka-Run") != run_key:
+            continue
+        again = _task_number(trailers.get(_RAN_AGAIN))
+        if again is not None and again <= index:
+            break  # what is older was set aside already, when this task or an earlier one ran again
+        number = _task_number(trailers.get("Toka-Task") or trailers.get(_SET_ASIDE) or trailers.get(_RESTARTED))
+        if number is not None and number >= index:
+            oldest = commit
+            finished |= trailers.get("Toka-State") == "completed"
+    if oldest is None or not finished:
+        return None  # a failed task's set-aside edits: reopen_task's
+    _git(worktree, "read-tree", "-u", "--reset", f"{oldest}^")
     trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: {index}/{total}\n"
     return _commit(worktree, f"{checkout.agent}: set aside the work of task {index}/{total} and after: it runs "
-                             f"again\n\nIts spec or settings changed since {done[:12]} was made; the task starts "
+                             f"again\n\nIts spec or settings changed since {oldest[:12]} was made; the task starts "
                              f"over from before it.\n\n{trailers}", _identity(checkout.agent))
+
+
+def _task_number(trailer: str | None) -> int | None:
+    """2 of a ``Toka-Task: 2/4`` trailer's value."""
+    number = (trailer or "").partition("/")[0]
+    return int(number) if number.isdigit() else None
 
 
 def _trailers(worktree: Path, revisions: str) -> list[tuple[str, dict[str, str]]]:
