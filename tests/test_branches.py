@@ -1257,10 +1257,10 @@ def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
 
 @pytest.mark.skipif(not __import__("toka.sandbox").sandbox.detect_host().mountns,
                     reason="needs a mount namespace (unshare -m)")
-@pytest.mark.parametrize("on_path", [False, True], ids=["plain", "checkout-bin-on-PATH"])
+@pytest.mark.parametrize("on_path", ["", "bin", "node_modules/.bin"], ids=["plain", "bin-on-PATH", "npm-bin-on-PATH"])
 @pytest.mark.usefixtures("prefect_server")
 def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout(
-    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, on_path: bool
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, on_path: str
 ) -> None:
     """Only homes and /tmp-like places (fresh in the sandbox) were hidden: from a checkout elsewhere
     (here /opt), a command read the person's .env, their uncommitted files and the run's state.
@@ -1276,10 +1276,12 @@ def test_a_sandboxed_command_in_a_worktree_reads_nothing_of_the_persons_checkout
     repo = make_repo(tmp_path / "repo", spec)
     (repo / ".env").write_text("TOKEN=person-secret\n")
     (repo / "draft.txt").write_text("uncommitted draft\n")
+    (repo / "node_modules").mkdir()
+    (repo / "node_modules" / ".env.local").write_text("TOKEN=person-secret\n")
     if on_path:
-        (repo / "bin").mkdir()
-        monkeypatch.setenv("PATH", f"{repo / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    probe = (f"for f in {repo}/.env {repo}/draft.txt {repo}/.toka/runs/last.json; do "
+        (repo / on_path).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("PATH", f"{repo / on_path}{os.pathsep}{os.environ['PATH']}")
+    probe = (f"for f in {repo}/.env {repo}/draft.txt {repo}/.toka/runs/last.json {repo}/node_modules/.env.local; do "
              "cat $f 2>/dev/null && echo READ $f; done; ls -A " + str(repo) + "; cat shared.txt | head -1")
     seen = probe_output(repo, probe, run_key="peek")
     assert "line 1" in seen, seen  # the worktree itself is there
@@ -1336,6 +1338,7 @@ def test_git_works_in_a_sandboxed_worktree_and_shows_no_credential_or_checkout(
     # The person's stash and staged files: in the repository's git directory, which stays visible.
     (ws / "shared.txt").write_text("STASHEDWIP\n")
     git(repo, "stash", "-q")
+    git(repo, "pack-refs", "--all")  # as `git gc` does: the stash a line of packed-refs
     (repo / "staged.env").write_text("STAGEDKEY\n")
     git(repo, "add", "staged.env")
     probe = ("git branch --show-current; git status --short | head -5; "

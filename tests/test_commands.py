@@ -255,6 +255,8 @@ REFUSED: list[Any] = [
     ({"git-access"}, ["git", "remote-https", "origin", "https://h/r"], r"git remote-https needs the capability"),
     ({"git-access"}, ["git", "imap-send"], r"git imap-send needs the capability 'git-push'"),
     ({"git-access"}, ["git", "lfs", "push", "origin"], r"git lfs push needs the capability 'git-push'"),
+    ({"git-access"}, ["git", "lfs", "pre-push", "origin", "https://h/r"], r"git lfs pre-push needs the capability"),
+    ({"git-access"}, ["git", "subtree", "push", "-P", "lib", "https://h/r", "main"], r"git subtree needs the capability"),
     ({"git-access"}, ["git", "svn", "dcommit"], r"git svn needs the capability 'git-push'"),
     ({"git-push"}, ["git", "status"], r"git status needs the capability 'git-access'"),
     ({"git-push"}, ["git"], r"git needs the capability 'git-access'"),

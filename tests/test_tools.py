@@ -657,3 +657,11 @@ def test_gitignore_rules_cannot_stall_the_runtime(toolbox: Toolbox, root: Path) 
     found = call(toolbox, "search_files", pattern="x").text
     assert "a" * 100 in found
     assert time.monotonic() - started < 5
+
+
+def test_an_ignore_rule_that_does_not_compile_is_left_out_not_fatal(toolbox: Toolbox, root: Path) -> None:
+    """`[[:alpha:]]` (git takes it; RE2 and pathspec did not) failed every list_dir and search."""
+    (root / ".gitignore").write_text("*.log\n[[:alpha:]]\nfoo\\\n" + "a" * 200_000 + "\n")
+    listed = call(toolbox, "list_dir", path=".")
+    assert not listed.is_error and "README.md" in listed.text and "debug.log" not in listed.text
+    assert not call(toolbox, "search_files", pattern="TODO").is_error

@@ -233,13 +233,13 @@ def open_run(workspace: Path, state_dir: Path, run_key: str, *, base: str = "HEA
         BranchError: git failed.
     """
     workspace, state_dir = workspace.resolve(), state_dir.resolve()
+    refuse_discarded(state_dir, run_key)  # first: a discard cut short leaves the run's record
     try:
         found = load_run(state_dir, run_key)
         if Path(found.repo).is_dir():
             return found
     except BranchError:
         pass
-    refuse_discarded(state_dir, run_key)
     # The run starts with this: for a workspace in a repository, three git processes (two once
     # git's version is known) where there were five.
     top, common = _repository_of(workspace)

@@ -88,6 +88,8 @@ def _git_sends(sub: str | None, operands: Sequence[str]) -> bool:
     if sub in _GIT_SENDING or sub.startswith("remote-"):
         return True
     if sub == "lfs":
+        return bool(operands) and operands[0] in ("push", "pre-push")
+    if sub == "subtree":  # git subtree push: a push of a directory's history
         return bool(operands) and operands[0] == "push"
     if sub in ("svn", "p4"):  # git svn dcommit, git p4 submit
         return bool(operands) and operands[0] in ("dcommit", "submit", "set-tree")

@@ -287,7 +287,7 @@ def confine(config):
         for n, (target, content) in enumerate(sorted(replaced.items())):
             if os.path.isfile(target) and not os.path.islink(target):
                 copy = f"/tmp/.toka-replaced/{n}"
-                with open(copy, "w", encoding="utf-8") as f:
+                with open(copy, "w", encoding="utf-8", errors="surrogateescape") as f:
                     f.write(content)
                 _bind(copy, target, readonly=True)
     _drop_capabilities()

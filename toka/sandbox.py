@@ -269,7 +269,7 @@ def confinement(workspace: Path, cwd: Path, *, writable: Sequence[Path], readonl
     path_dirs = [d for d in env.get("PATH", "").split(os.pathsep) if d]
     # Not a private directory itself (PATH holding the checkout's `bin`: its parent is the checkout).
     private_dirs = {os.path.realpath(p) for p in private}
-    keep = sorted(d for d in {*program_dirs(path_dirs), sys.prefix, sys.base_prefix,
+    keep = sorted(d for d in {*program_dirs(path_dirs, sorted(private_dirs)), sys.prefix, sys.base_prefix,
                               *(env[k] for k in ("VIRTUAL_ENV", "RUSTUP_HOME") if env.get(k))}
                   - set(hidden_host_paths()) if os.path.realpath(d) not in private_dirs)
     if network and os.path.islink("/etc/resolv.conf"):  # a resolver stub under /run
@@ -431,6 +431,15 @@ def _persons_git_state(worktree: Path) -> dict[str, str]:
     for path, text in ((common / "index", ""), (common / "logs" / "refs" / "stash", ""),
                        (common / "refs" / "stash", head if head.startswith("ref: refs/heads/") else "")):
         shown[str(path)] = text + ("\n" if text else "")
+    packed = common / "packed-refs"  # after `git gc` the stash is a line there
+    with contextlib.suppress(OSError):
+        if packed.stat().st_size <= 64 * 2**20:
+            lines = packed.read_bytes().splitlines(keepends=True)
+            kept = [line for i, line in enumerate(lines)
+                    if not line.rstrip().endswith(b" refs/stash")
+                    and not (line.startswith(b"^") and i and lines[i - 1].rstrip().endswith(b" refs/stash"))]
+            if len(kept) != len(lines):
+                shown[str(packed)] = b"".join(kept).decode("utf-8", "surrogateescape")
     with contextlib.suppress(OSError):
         for other in (common / "worktrees").iterdir():
             if other.resolve() != own.resolve():
@@ -460,16 +469,17 @@ def _checkout_of(worktree: Path, state_dir: Path) -> list[Path]:
     return [f for f in found if f != Path(f.anchor)]  # a repository at / would hide the host
 
 
-def program_dirs(path_dirs: Sequence[str]) -> list[str]:
+def program_dirs(path_dirs: Sequence[str], private: Sequence[str] = ()) -> list[str]:
     """What stays visible of PATH's directories: each one, and the prefix it is the ``bin`` of (its
-    parent: a virtual environment's or /usr/local's libraries).
+    parent: a virtual environment's or /usr/local's libraries). ``private`` directories (a person's
+    checkout: ``node_modules/.bin`` on PATH) count as hidden places.
 
     A parent that is a hidden place itself (``~/bin`` on PATH: the home) is not kept, and one inside a
     hidden place (``~/.cargo/bin``: ``~/.cargo``) keeps only its directories whose names do not start
     with a dot, and a virtual environment's ``pyvenv.cfg``: not the files beside them
     (``~/.cargo/credentials.toml``).
     """
-    hidden = hidden_host_paths()
+    hidden = [*hidden_host_paths(), *private]
     kept: list[str] = []
     for directory in path_dirs:
         kept.append(directory)

@@ -461,7 +461,19 @@ def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
             lines += f.read(_IGNORE_READ).decode("utf-8", errors="replace").splitlines()
     except (PathRefused, OSError):  # none, or not a plain file: no rules of its own
         pass
-    return pathspec.GitIgnoreSpec.from_lines(lines, backend="re2")
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines, backend="re2")
+    except Exception:  # a rule git takes and pathspec or RE2 does not (`[[:alpha:]]`, `foo\`, a huge one)
+        return pathspec.GitIgnoreSpec.from_lines([line for line in lines if _usable_rule(line)], backend="re2")
+
+
+def _usable_rule(line: str) -> bool:
+    """Whether one ignore rule compiles: those that do not are left out (they only hide files)."""
+    try:
+        pathspec.GitIgnoreSpec.from_lines([line], backend="re2")
+    except Exception:
+        return False
+    return True
 
 
 _IGNORE_READ = 2**20
