@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .audit import AuditLog, audit_path, run_file_name
 from .errors import BranchError, ConfigError, MergeConflictError
-from .gitguard import run_git
+from .gitguard import git_dirs, run_git
 from .process import as_text
 
 __all__ = [
@@ -502,21 +502,11 @@ def _drop_stale_locks(worktree: Path, branch: str) -> None:
     """The locks a git command killed midway (a ``kill -9`` during a task's commit) left: the
     worktree's index and HEAD, its branch's ref. No git command of this run is running there
     now, and each failed every resume ("remove the file manually to continue")."""
-    try:
-        pointer = (worktree / ".git").read_text(encoding="utf-8").strip()
-    except OSError:
+    dirs = git_dirs(worktree)  # its own git directory, then the repository's
+    if len(dirs) < 2:
         return
-    if not pointer.startswith("gitdir: "):
-        return
-    gitdir = Path(pointer.removeprefix("gitdir: "))
-    gitdir = gitdir if gitdir.is_absolute() else worktree / gitdir
-    for name in ("index.lock", "HEAD.lock"):
-        (gitdir / name).unlink(missing_ok=True)
-    try:
-        common = gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()
-    except OSError:
-        return
-    (common / "refs" / "heads" / f"{branch}.lock").unlink(missing_ok=True)
+    for lock in (dirs[0] / "index.lock", dirs[0] / "HEAD.lock", dirs[1] / "refs" / "heads" / f"{branch}.lock"):
+        lock.unlink(missing_ok=True)
 
 
 def _heads(repo: Path, branches: list[str]) -> list[str]:
