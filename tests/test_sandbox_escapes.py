@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -504,6 +505,7 @@ def host_socket() -> Iterator[tuple[Path, list[bytes]]]:
 
 CONNECT = """\
 import socket
+import stat
 for path in {paths!r}:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -851,3 +853,16 @@ def test_a_hooks_directory_made_unlistable_hides_no_hook_from_the_guard(whose: s
         said = f.read()
     shutil.rmtree(tmp_path, ignore_errors=True)
     assert said == "(['tool/.git/hooks/post-checkout'], False)", said
+
+
+@needs_confinement
+def test_a_command_leaves_no_set_uid_program_behind(make_agent: MakeAgent) -> None:
+    """Commands run as the runtime's user (root here) and `chmod 4755` needs no capability: a
+    root-owned set-uid shell stayed in the workspace for any local account to run."""
+    agent = make_agent(*GIT_SCRIPT, files={"README.md": "hello\n"})
+    out = agent.run(agent.script("suid.sh", "#!/bin/sh\ncp /bin/sh ./rootsh && chmod 4755 ./rootsh && "
+                                            "cp /bin/sh \"$HOME/rootsh\" && chmod 6755 \"$HOME/rootsh\"\n")).text
+    assert "set-uid and set-gid bits were removed from: rootsh" in out, out
+    assert stat.S_IMODE((agent.root / "rootsh").stat().st_mode) == 0o755
+    homes = [p for p in agent.root.joinpath(".toka").rglob("rootsh")]
+    assert homes and all(not p.stat().st_mode & (stat.S_ISUID | stat.S_ISGID) for p in homes)

@@ -665,3 +665,16 @@ def test_an_ignore_rule_that_does_not_compile_is_left_out_not_fatal(toolbox: Too
     listed = call(toolbox, "list_dir", path=".")
     assert not listed.is_error and "README.md" in listed.text and "debug.log" not in listed.text
     assert not call(toolbox, "search_files", pattern="TODO").is_error
+
+
+def test_a_gitignore_of_thousands_of_odd_rules_neither_fails_nor_floods_the_terminal(
+    toolbox: Toolbox, root: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """840 KB of `*a*a*...b` rules: RE2 could not compile the set (list_dir failed) and wrote
+    55,000 lines to the runtime's terminal on the way."""
+    (root / ".gitignore").write_text("*.log\n" + ("*a" * 20 + "b\n") * 20_000)
+    started = time.monotonic()
+    listed = call(toolbox, "list_dir", path=".")
+    assert not listed.is_error and "README.md" in listed.text and "debug.log" not in listed.text
+    assert time.monotonic() - started < 5
+    assert capfd.readouterr().err.count("\n") < 10

@@ -460,6 +460,7 @@ class RunCommand(Tool):
         after = await asyncio.to_thread(snapshot, root, skip)
         changed = changed_files(before, after)
         violations = await asyncio.to_thread(_checked, guard.check, args.argv, changed, after)
+        set_id = await asyncio.to_thread(_drop_set_id_bits, root, changed, home)
         if violations:
             raise SandboxViolation(_violation(args.argv, violations), paths=violations)
         secrets = secret_values()
@@ -499,6 +500,10 @@ class RunCommand(Tool):
                 except ApprovalDenied as e:  # the model still sees what the command printed (a test run)
                     e.detail = "\n".join(["--- what the command printed ---", *text])
                     raise
+        if set_id:
+            text.append("set-uid and set-gid bits were removed from: " + ", ".join(set_id[:_CHANGES_SHOWN])
+                        + (" ..." if len(set_id) > _CHANGES_SHOWN else "")
+                        + " (a program the command left must not run as its owner for whoever starts it)")
         if changed:
             shown = changed[:_CHANGES_SHOWN] + ([f"... and {len(changed) - _CHANGES_SHOWN} more"]
                                                 if len(changed) > _CHANGES_SHOWN else [])
@@ -620,6 +625,36 @@ def _remove_new(root: Path, rel: str) -> None:
             parent.rmdir()
         except OSError:  # not empty, or gone
             break
+
+
+def _drop_set_id_bits(root: Path, changed: Sequence[str], home: Path) -> list[str]:
+    """Clear the set-uid and set-gid bits of what a command changed in the workspace, and of
+    anything in its home (blocking). Commands run as the runtime's user (root, often), and a
+    `chmod 4755` needs no capability: the host was left root-owned set-uid copies of a shell that
+    any local account could run. Returns the workspace's paths that had them."""
+    found: list[str] = []
+
+    def clear(path: Path) -> bool:
+        try:
+            if not path.lstat().st_mode & (stat.S_ISUID | stat.S_ISGID):
+                return False
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # never through a link
+        except OSError:
+            return False
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return False
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            return True
+        finally:
+            os.close(fd)
+
+    found += [rel for rel in changed if clear(root / rel)]
+    for folder, _, files in os.walk(home):
+        for name in files:
+            clear(Path(folder, name))
+    return found
 
 
 def _checked(check: Callable[..., list[str]], argv: Sequence[str], *args: Any) -> list[str]:

@@ -461,10 +461,20 @@ def _ignore_spec(workspace: Workspace) -> pathspec.PathSpec:
             lines += f.read(_IGNORE_READ).decode("utf-8", errors="replace").splitlines()
     except (PathRefused, OSError):  # none, or not a plain file: no rules of its own
         pass
+    # Rules no real .gitignore holds (thousands of characters, a dozen stars: RE2 gives up on them,
+    # writing a line to the terminal for each) are left out: ignore rules only hide files.
+    lines = [line for line in lines if len(line) <= _RULE_LENGTH and line.count("*") <= _RULE_STARS][:_RULES]
     try:
         return pathspec.GitIgnoreSpec.from_lines(lines, backend="re2")
     except Exception:  # a rule git takes and pathspec or RE2 does not (`[[:alpha:]]`, `foo\`, a huge one)
-        return pathspec.GitIgnoreSpec.from_lines([line for line in lines if _usable_rule(line)], backend="re2")
+        lines = [line for line in lines if _usable_rule(line)]
+    while True:  # too many for one RE2 set (its memory bound): the first ones, as many as fit
+        try:
+            return pathspec.GitIgnoreSpec.from_lines(lines, backend="re2")
+        except Exception:
+            if len(lines) <= 2:
+                raise
+            lines = lines[:len(lines) // 2]
 
 
 def _usable_rule(line: str) -> bool:
@@ -477,6 +487,7 @@ def _usable_rule(line: str) -> bool:
 
 
 _IGNORE_READ = 2**20
+_RULE_LENGTH, _RULE_STARS, _RULES = 4096, 8, 10_000
 
 
 def _walk(
