@@ -866,3 +866,23 @@ def test_a_command_leaves_no_set_uid_program_behind(make_agent: MakeAgent) -> No
     assert stat.S_IMODE((agent.root / "rootsh").stat().st_mode) == 0o755
     homes = [p for p in agent.root.joinpath(".toka").rglob("rootsh")]
     assert homes and all(not p.stat().st_mode & (stat.S_ISUID | stat.S_ISGID) for p in homes)
+
+
+def test_thousands_of_nested_repositories_or_sparse_control_files_cost_the_guard_little(
+    make_agent: MakeAgent,
+) -> None:
+    """2,000 empty repositories made every later command take a minute in the guard (each compared
+    with each); 200 sparse 4 MiB files in a nested info/ took 1.6 GB of the runtime at each."""
+    import resource
+
+    agent = unsandboxed_repo(make_agent)
+    made = agent.run(agent.script("many.sh", "#!/bin/sh\nfor i in $(seq 1500); do mkdir -p r/$i/.git/objects "
+                                             "r/$i/.git/refs && echo 'ref: refs/heads/main' > r/$i/.git/HEAD; done\n"
+                                             "git init -q tool && for i in $(seq 60); do "
+                                             "truncate -s 4194304 tool/.git/info/f$i; done; echo made\n")).text
+    assert "made" in made, made
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    assert agent.run(agent.script("noop.sh", "#!/bin/sh\necho ok\n")).text.startswith("exit code: 0")
+    assert time.monotonic() - started < 15
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 150 * 1024  # KiB

@@ -272,14 +272,18 @@ def _gitdirs_among(workspace: Path, files: Iterable[str], own: Sequence[Path]) -
     """The git directories other than ``own`` (and those inside them) holding one of ``files``
     (paths relative to ``workspace``, as :func:`toka.sandbox.snapshot` lists them)."""
     found: list[Path] = []
+    roots = set(own)  # a set: with thousands of nested repositories, comparing each to each took minutes
     for rel in files:
         if rel != "HEAD" and not rel.endswith("/HEAD"):
             continue
         gitdir = (workspace / rel).parent
         try:
-            if not looks_like_gitdir(gitdir) or any(gitdir.resolve().is_relative_to(d) for d in own):
+            if not looks_like_gitdir(gitdir):
                 continue
-        except (OSError, RuntimeError):  # a link loop on the way
+            real = gitdir.resolve()
+        except (OSError, RuntimeError, ValueError):  # a link loop on the way
+            continue
+        if real in roots or not roots.isdisjoint(real.parents):
             continue
         found.append(gitdir)
     return sorted(found)
@@ -292,37 +296,38 @@ class _Entry:
     """None for a directory."""
 
 
-def _control_snapshot(gitdir: Path) -> dict[Path, _Entry]:
+def _control_snapshot(gitdir: Path, budget: list[int] | None = None) -> dict[Path, _Entry]:
     """The control files of ``gitdir``. A link among them is an entry of its own, never followed:
     a command may have made one (``modules`` -> a directory of the host), and what the guard reads
     there it would also put back, or remove, there."""
+    budget = [_SNAPSHOT_KEPT] if budget is None else budget  # bytes of content it may still keep
     found: dict[Path, _Entry] = {}
     for name in CONTROL_FILES:
-        _add(found, gitdir / name)
+        _add(found, budget, gitdir / name)
     for name in CONTROL_DIRS:
         root = gitdir / name
         if name == "modules":  # submodules' own git directories: only their control files
             if _real_dir(root):
                 for sub in _nested_gitdirs(root):
-                    found.update(_control_snapshot(sub))
+                    found.update(_control_snapshot(sub, budget))
             else:
-                _add(found, root)
+                _add(found, budget, root)
             continue
         if name == "worktrees":  # linked worktrees' git directories: their index and refs move
-            _add(found, root)
+            _add(found, budget, root)
             if _real_dir(root):
                 for sub in sorted(root / n for n in _listing(root)):
                     if not _real_dir(sub):
-                        _add(found, sub)
+                        _add(found, budget, sub)
                     elif not _agent_worktree(sub):
                         for control in CONTROL_FILES:
-                            _add(found, sub / control)
+                            _add(found, budget, sub / control)
             continue
-        _add(found, root)
+        _add(found, budget, root)
         if _real_dir(root):
             for dirpath, dirnames, filenames in _walk(root):  # links inside are listed, not followed
                 for n in (*dirnames, *filenames):
-                    _add(found, Path(dirpath, n))
+                    _add(found, budget, Path(dirpath, n))
     return found
 
 
@@ -386,7 +391,9 @@ def _nested_gitdirs(root: Path) -> Iterable[Path]:
             dirnames[:] = [d for d in dirnames if d == "modules"]
 
 
-def _add(found: dict[Path, _Entry], path: Path) -> None:
+def _add(found: dict[Path, _Entry], budget: list[int] | None, path: Path) -> None:
+    """``path``'s entry: a directory's mode, a link's target, a file's content while ``budget``
+    (bytes the snapshot may still keep; None: no bound) lasts."""
     try:
         st = path.lstat()
     except OSError:
@@ -395,19 +402,24 @@ def _add(found: dict[Path, _Entry], path: Path) -> None:
         found[path] = _Entry(stat.S_IMODE(st.st_mode), None)
     elif stat.S_ISLNK(st.st_mode):
         found[path] = _Entry(st.st_mode, os.fsencode(os.readlink(path)))  # any bytes, UTF-8 or not
-    elif stat.S_ISREG(st.st_mode) and st.st_size > _CONTENT_KEPT:
-        # Not read: a sparse gigabyte costs a command nothing. Known by its size, time and inode;
-        # one a command changed cannot be put back, and goes (see _restore).
+    elif stat.S_ISREG(st.st_mode) and (st.st_size > _CONTENT_KEPT or (budget is not None and st.st_size > budget[0])):
+        # Not read: a sparse gigabyte, or two hundred sparse files of 4 MiB, cost a command nothing.
+        # Known by its size, time and inode; one a command changed cannot be put back, and goes
+        # (see _restore).
         found[path] = _Entry(st.st_mode, b"%s%d:%d:%d" % (_LARGE, st.st_size, st.st_mtime_ns, st.st_ino))
     else:
         try:
             found[path] = _Entry(st.st_mode, path.read_bytes() if stat.S_ISREG(st.st_mode) else b"")
         except OSError:
             found[path] = _Entry(st.st_mode, b"")
+        if budget is not None:
+            budget[0] -= st.st_size
 
 
 #: The most of a control file the guard keeps to put back (hooks and configs are a few KB).
 _CONTENT_KEPT = 4 * 2**20
+#: The most content one snapshot keeps in all (hooks and configs of a few repositories: far less).
+_SNAPSHOT_KEPT = 32 * 2**20
 _LARGE = b"\0toka-large-file:"
 
 
@@ -429,12 +441,14 @@ class GitGuard:
         """The control files now. ``files``: the workspace's files (relative paths), among which
         the git directories other than its own are found."""
         dirs = git_dirs(workspace)
+        budget = [_SNAPSHOT_KEPT]  # for all of them: thousands of nested repositories cost nothing to make
         before: dict[Path, _Entry] = {}
         for d in dirs:
-            before.update(_control_snapshot(d))
+            before.update(_control_snapshot(d, budget))
         if (workspace / ".git").is_file():  # a worktree's pointer to its git directory
-            _add(before, workspace / ".git")
-        nested = {d: _control_snapshot(d) for d in _gitdirs_among(workspace, files, [d.resolve() for d in dirs])}
+            _add(before, None, workspace / ".git")
+        nested = {d: _control_snapshot(d, budget)
+                  for d in _gitdirs_among(workspace, files, [d.resolve() for d in dirs])}
         return cls(workspace, dirs, before, nested, state)
 
     def check(self, changed: Sequence[str], files: Iterable[str] = ()) -> list[str]:
@@ -451,7 +465,9 @@ class GitGuard:
         # git never wrote) must not leave the rest unchecked. The own git directories come first;
         # pointers out before anything is read in nested git directories (one may now be a link
         # out of the workspace).
-        for part in (self._check_own, lambda: self._pointers_out(files), lambda: self._check_nested(failed),
+        budget = [_SNAPSHOT_KEPT]
+        for part in (lambda: self._check_own(budget), lambda: self._pointers_out(files),
+                     lambda: self._check_nested(failed, budget),
                      lambda: self._check_todos(changed), lambda: self._check_new(changed, files)):
             try:
                 violations += part()
@@ -462,14 +478,14 @@ class GitGuard:
             raise RuntimeError(f"{type(failed[0]).__name__}: {failed[0]}{undone}") from failed[0]
         return sorted(set(violations))
 
-    def _check_own(self) -> list[str]:
+    def _check_own(self, budget: list[int]) -> list[str]:
         after: dict[Path, _Entry] = {}
         replaced = [d for d in self.dirs if d.is_symlink()]  # the git directory itself, moved away for a link
         for d in self.dirs:
             if d not in replaced:
-                after.update(_control_snapshot(d))
+                after.update(_control_snapshot(d, budget))
         if self.workspace / ".git" in self.before:
-            _add(after, self.workspace / ".git")
+            _add(after, None, self.workspace / ".git")
         violations = [self._shown(path) for path in _differing(self.before, after)]
         for d in replaced:  # nothing is read or put back through the link: it goes, and the run stops
             violations.append(self._shown(d))
@@ -489,7 +505,7 @@ class GitGuard:
                     _restore(under(root, self.before), under(root, after), root=root)
         return violations
 
-    def _check_nested(self, failed: list[BaseException]) -> list[str]:
+    def _check_nested(self, failed: list[BaseException], budget: list[int]) -> list[str]:
         """The git directories the workspace held before: what git init (or everyday use) writes
         is theirs to change. One that cannot be compared is left as it is (a person's clone: its
         hooks, config and submodules are theirs), and the check fails naming it."""
@@ -503,7 +519,7 @@ class GitGuard:
                         violations.append(self._shown(gitdir))
                         _remove(gitdir, root=self.workspace)
                     continue
-                now = _control_snapshot(gitdir)
+                now = _control_snapshot(gitdir, budget)
                 unsafe = [path for path in _differing(was, now)
                           if not _harmless(gitdir, path, was.get(path), now.get(path))]
                 if unsafe:
@@ -532,9 +548,9 @@ class GitGuard:
     def _check_new(self, changed: Sequence[str], files: list[str]) -> list[str]:
         # Those there before the command (a person's clone in the workspace) are checked against
         # what they held (_check_nested): not held to what `git init` writes, which would strip them.
-        known = [d.resolve() for d in (*self.dirs, *self.nested)]
+        known = {d.resolve() for d in (*self.dirs, *self.nested)}
         new = {d for d in self._new_gitdirs(changed) if d.resolve() not in known}
-        new |= set(_gitdirs_among(self.workspace, files, known))
+        new |= set(_gitdirs_among(self.workspace, files, list(known)))
         violations: list[str] = []
         for gitdir in sorted(new):
             violations += self._untrusted(gitdir)
