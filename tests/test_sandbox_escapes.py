@@ -771,6 +771,10 @@ def test_credentials_in_included_files_helpers_and_submodules_are_not_readable(m
     ('[remote "o"]\n\turl = https://tok:SECRET@h/r\n', ["https://h/r"], ["SECRET", "tok"]),
     ("[credential]\n\tusername = SECRET\n", ["[credential]"], ["SECRET"]),
     ("[core] # bare = SECRETISH\n", ["# bare = SECRETISH"], []),  # a comment stays a comment
+    # git's proxy form has no scheme; a BOM git skips; a URL's token cut by a continuation line
+    ("[http]\n\tproxy = alice:SECRET@proxy.corp:3128\n", ["[http]"], ["SECRET", "alice"]),
+    ("\ufeff[credential]\n\thelper = \"!f() { echo password=SECRET; }; f\"\n", ["[credential]"], ["SECRET"]),
+    ('[remote "c"]\n\turl = https://u:SEC\\\nRET@host/x\n', ['[remote "c"]'], ["SEC", "RET@"]),
 ])
 def test_git_configuration_keeps_its_keys_and_loses_its_credentials(text: str, kept: list[str],
                                                                    hidden: list[str], tmp_path: Path) -> None:

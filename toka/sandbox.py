@@ -303,6 +303,11 @@ _SECTION = re.compile(r'^(\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"(?:[^"\\]|\\.)*")?\s*\]
 _KEY = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:=(.*))?$", re.S)
 _HIDDEN_KEY = "# (a credential: hidden from the agent)"
 _FILE_OPTION = re.compile(r"--file(?:=|\s+)[\"']?([^\"'\s]+)")
+_IDENTITY_OPTION = re.compile(r"(?:^|\s)-i\s*[\"']?([^\"'\s]+)")
+# A user and password before an @, with or without a scheme (git's proxy form: user:pass@host:port).
+_USERINFO_ANY = re.compile(r"(?:^|[\s\"'=/])[^/@\s:\"']+:[^/@\s\"']*@")
+# Keys naming files that hold a key or a password (a client key, an SSH identity, a signing key).
+_KEY_FILE_NAMES = ("sslkey", "sslcert", "signingkey")
 
 
 def _continues(line: str) -> bool:
@@ -327,7 +332,7 @@ def config_without_credentials(text: str) -> tuple[str, list[str], list[str]]:
     includes: list[str] = []
     secret_files: list[str] = []
     section = ""
-    lines = iter(text.splitlines(keepends=True))
+    lines = iter(text.removeprefix("\ufeff").splitlines(keepends=True))  # git skips a BOM
     for line in lines:
         head, body = "", line
         header = _SECTION.match(line)
@@ -349,9 +354,15 @@ def config_without_credentials(text: str) -> tuple[str, list[str], list[str]]:
             includes.append(value)
         if section.startswith("credential") and name == "helper":
             secret_files += _FILE_OPTION.findall(value)
-        if name == "cookiefile" and value:
+        if (name == "cookiefile" or name in _KEY_FILE_NAMES) and value:
             secret_files.append(value)
-        if section == "credential" or section.startswith("credential.") or _SECRET_KEY.search(name):
+        if name == "sshcommand":
+            secret_files += _IDENTITY_OPTION.findall(value)
+        # A user and password in the value as git reads it: a proxy's (no scheme), or a URL's cut by
+        # a continuation line (the URL pattern below sees the text, not the joined value).
+        joined_userinfo = (name == "proxy" or len(entry) > 1) and _USERINFO_ANY.search(value)
+        if (section == "credential" or section.startswith("credential.") or _SECRET_KEY.search(name)
+                or joined_userinfo):
             newline = "\n" if entry[-1].endswith("\n") else ""
             out.append(f"{head} {_HIDDEN_KEY}{newline}" if head else f"\t{_HIDDEN_KEY}{newline}")
         else:
@@ -363,7 +374,7 @@ def config_without_credentials(text: str) -> tuple[str, list[str], list[str]]:
 def _config_files(workspace: Path) -> list[Path]:
     """The git configuration files of the workspace's repository: its git directories' own, its
     other worktrees', its submodules' (under ``modules``, nested ones too)."""
-    found: list[Path] = []
+    found: list[Path] = [Path("/etc/gitconfig")]  # the system's, which every git reads
     for gitdir in git_dirs(workspace):
         found += [gitdir / "config", gitdir / "config.worktree"]
         worktrees = gitdir / "worktrees"
