@@ -890,3 +890,29 @@ def test_thousands_of_nested_repositories_or_sparse_control_files_cost_the_guard
     assert agent.run(agent.script("noop.sh", "#!/bin/sh\necho ok\n")).text.startswith("exit code: 0")
     assert time.monotonic() - started < 15
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 150 * 1024  # KiB
+
+
+def test_hooks_and_included_configuration_the_repository_names_are_control_files(
+    make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    """husky's `core.hooksPath = .husky/_` (ignored: `git status` shows nothing) and a tracked
+    `.gitconfig` the repository includes: a hook or an fsmonitor planted there ran on the person's
+    next `git commit` or `git status`."""
+    agent = make_agent(*GIT_SCRIPT, "filesystem-write", sandbox=False, allow_unsandboxed=True,
+                       files={"README.md": "hello\n"})
+    _git_repo(agent.root)
+    mark = tmp_path / "host-ran-it"
+    subprocess.run(["git", "config", "core.hooksPath", ".husky/_"], cwd=agent.root, check=True)
+    subprocess.run(["git", "config", "include.path", "../.gitconfig"], cwd=agent.root, check=True)
+    (agent.root / ".gitconfig").write_text("[user]\n\tname = Team\n")
+    (agent.root / ".husky" / "_").mkdir(parents=True)
+    (agent.root / ".husky" / "_" / ".gitignore").write_text("*\n")
+    caught = violation(agent, "hook.sh", f"#!/bin/sh\nprintf '#!/bin/sh\\necho hook >> {mark}\\n' > .husky/_/pre-commit\n"
+                                         "chmod +x .husky/_/pre-commit\n")
+    assert ".husky/_/pre-commit" in caught.paths
+    assert not (agent.root / ".husky" / "_" / "pre-commit").exists()
+    written = agent.call("write_file", path=".gitconfig",
+                                 content=f'[core]\n\tfsmonitor = "echo fsmonitor >> {mark}; false"\n')
+    assert written.is_error and "git's configuration has git read or run" in written.text, written.text
+    assert (agent.root / ".gitconfig").read_text() == "[user]\n\tname = Team\n"
+    person_uses_git(agent.root, mark)

@@ -222,6 +222,46 @@ def git_dirs(workspace: Path) -> list[Path]:
     return found
 
 
+def config_named_paths(workspace: Path) -> list[Path]:
+    """Files and directories of the workspace that the repository's git configuration has git
+    read as configuration or run: ``core.hooksPath``'s directory (husky's ``.husky/_``, ignored,
+    so `git status` shows nothing), ``include.path`` and ``includeIf.*.path`` targets (a tracked
+    ``.gitconfig``), ``core.fsmonitor``'s program. A person's next `git status` or `git commit`
+    runs what is in them: they are control files like ``.git/hooks``.
+
+    A path the configuration names in the person's checkout is taken at the same place in the
+    workspace (an agent's worktree: where its branch, merged, would put it).
+    """
+    found: list[Path] = []
+    try:
+        done = subprocess.run(["git", "-C", str(workspace), "config", "--null", "--show-origin", "--show-scope",
+                               "--get-regexp", r"^(core\.hookspath|core\.fsmonitor|include\.path|includeif\..*\.path)$"],
+                              capture_output=True, env=git_env(), timeout=30, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return found
+    fields = done.stdout.decode("utf-8", "surrogateescape").split("\0")
+    dirs = git_dirs(workspace)
+    top = dirs[-1].parent if dirs and dirs[-1].name == ".git" else workspace  # the person's checkout
+    for scope, origin, pair in zip(fields[0::3], fields[1::3], fields[2::3]):
+        key, _, value = pair.partition("\n")
+        if scope == "command" or not value or value in ("true", "false"):
+            continue
+        if value.startswith("~"):
+            continue  # in a home: hidden from commands, not the workspace's
+        if key.endswith(".path"):  # relative to the file that includes it
+            base = (workspace / origin.removeprefix("file:")).parent if origin.startswith("file:") else workspace
+        else:
+            base = workspace  # where hooks run: the worktree's top
+        try:
+            path = Path(os.path.normpath(base / value))
+            rel = path.relative_to(top) if path.is_relative_to(top) else path.relative_to(workspace)
+        except ValueError:
+            continue
+        if rel.parts and rel.parts[0] != ".git":
+            found.append(workspace / rel)
+    return found
+
+
 def pointer_text(dot: Path) -> str | None:
     """The text of a ``.git`` file as git takes it (None: not a regular file, or unreadable):
     its first 8 KiB at most (a sparse gigabyte costs a command nothing, and would cost the guard
@@ -331,6 +371,21 @@ def _control_snapshot(gitdir: Path, budget: list[int] | None = None) -> dict[Pat
     return found
 
 
+def _named_snapshot(workspace: Path, named: Sequence[Path], budget: list[int]) -> dict[Path, _Entry]:
+    """The entries of the workspace's files and directories git's configuration names; none read
+    through a link (one is an entry of its own)."""
+    found: dict[Path, _Entry] = {}
+    for path in named:
+        if _linked_between(workspace, path.parent):
+            continue
+        _add(found, budget, path)
+        if _real_dir(path):
+            for dirpath, dirnames, filenames in _walk(path):
+                for n in (*dirnames, *filenames):
+                    _add(found, budget, Path(dirpath, n))
+    return found
+
+
 def _listing(directory: Path) -> list[str]:
     """The names in ``directory``; one its owner made unreadable (``chmod 0311 hooks``: enterable,
     not listable, so a walk saw no hook in it) is made readable to its owner first."""
@@ -435,6 +490,8 @@ class GitGuard:
     """The control files of the other git directories the workspace held (nested repositories)."""
     state: Path | None = None
     """The runtime's state directory, where no git directory of the workspace may be."""
+    named: list[Path] = field(default_factory=list)
+    """The workspace's files git's configuration names (:func:`config_named_paths`)."""
 
     @classmethod
     def capture(cls, workspace: Path, files: Iterable[str] = (), state: Path | None = None) -> GitGuard:
@@ -449,7 +506,9 @@ class GitGuard:
             _add(before, None, workspace / ".git")
         nested = {d: _control_snapshot(d, budget)
                   for d in _gitdirs_among(workspace, files, [d.resolve() for d in dirs])}
-        return cls(workspace, dirs, before, nested, state)
+        named = config_named_paths(workspace)
+        before.update(_named_snapshot(workspace, named, budget))
+        return cls(workspace, dirs, before, nested, state, named)
 
     def check(self, changed: Sequence[str], files: Iterable[str] = ()) -> list[str]:
         """Undo what the command changed in git control files; return those paths (empty: nothing).
@@ -486,6 +545,7 @@ class GitGuard:
                 after.update(_control_snapshot(d, budget))
         if self.workspace / ".git" in self.before:
             _add(after, None, self.workspace / ".git")
+        after.update(_named_snapshot(self.workspace, self.named, budget))
         violations = [self._shown(path) for path in _differing(self.before, after)]
         for d in replaced:  # nothing is read or put back through the link: it goes, and the run stops
             violations.append(self._shown(d))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, NoReturn
 
 from .errors import ConfigError, PathRefused
-from .gitguard import looks_like_gitdir
+from .gitguard import config_named_paths, looks_like_gitdir
 
 __all__ = ["STATE_DIR_NAME", "PathRefused", "Workspace"]
 
@@ -123,6 +123,11 @@ class Workspace:
             if looks_like_gitdir(parent, adding=real.relative_to(parent).parts[0]):
                 raise PathRefused(f"{path!r} is inside a git directory ({self.relative(parent)}); "
                                   "version-control internals are not writable")
+        for named in config_named_paths(self.root):
+            if real == named or real.is_relative_to(named):
+                raise PathRefused(f"{path!r} is a file git's configuration has git read or run "
+                                  f"({self.relative(named)}: its hooks or an included configuration); "
+                                  "not writable, like .git/hooks")
         return real
 
     def is_state(self, real: Path) -> bool:
