@@ -1141,24 +1141,31 @@ def test_a_retry_that_starts_afresh_sets_the_earlier_attempts_edits_aside(tmp_pa
                    "a: edits of an earlier attempt at task 1/1", "start"]
 
 
-@pytest.mark.usefixtures("prefect_server")
-def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(tmp_path: Path) -> None:
-    """The spec edited between the runs: replay stopped at the first request and the task went on
-    live on top of its recorded edits, which it then made again."""
+def _adds_a_line_then_fails(tmp_path: Path) -> tuple[Path, list[int], list[bool], Callable[..., ModelResponse]]:
+    """A repository whose one agent (one high-priority task) adds a line to shared.txt, and a model
+    that fails the request after it while the returned flag holds (the run fails, its journal kept)."""
     from toka.errors import PermanentModelError
 
     spec = writer("a", tasks=1)
     spec["tasks"]["default"][0]["priority"] = "high"
     repo = make_repo(tmp_path / "repo", spec)
-    broken = [True]
+    failing = [True]
     attempts: list[int] = []
     appending = _appending(attempts, fail_first=False)
 
     def answer(request: ModelRequest) -> ModelResponse:
-        if broken[0] and any(m.role == "assistant" for m in request.messages):
+        if failing[0] and any(m.role == "assistant" for m in request.messages):
             raise PermanentModelError("the provider refused the request")
         return appending(request)
 
+    return repo, attempts, failing, answer
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(tmp_path: Path) -> None:
+    """The spec edited between the runs: replay stopped at the first request and the task went on
+    live on top of its recorded edits, which it then made again."""
+    repo, attempts, broken, answer = _adds_a_line_then_fails(tmp_path)
     assert toka(repo, "--run-key", "edited", model=FunctionModel(answer)).exit_code == 1
     spec_file = repo / "specs" / "a.yaml"
     spec_file.write_text(spec_file.read_text().replace("a agent", "a renamed agent"))
@@ -1173,20 +1180,7 @@ def test_a_resume_whose_journal_stops_matching_after_edits_starts_the_task_over(
 def test_a_resume_after_a_stop_in_the_middle_of_an_edit_does_not_make_it_twice(tmp_path: Path) -> None:
     """SIGTERM while edit_file ran in its thread: the edit was made, its result never recorded;
     the resume replayed the model's request for it and made it again (the line twice, "completed")."""
-    from toka.errors import PermanentModelError
-
-    spec = writer("a", tasks=1)
-    spec["tasks"]["default"][0]["priority"] = "high"
-    repo = make_repo(tmp_path / "repo", spec)
-    stopped = [True]
-    attempts: list[int] = []
-    appending = _appending(attempts, fail_first=False)
-
-    def answer(request: ModelRequest) -> ModelResponse:
-        if stopped[0] and any(m.role == "assistant" for m in request.messages):
-            raise PermanentModelError("stopped")  # the run ends here, its journal kept
-        return appending(request)
-
+    repo, attempts, stopped, answer = _adds_a_line_then_fails(tmp_path)  # the run ends, its journal kept
     assert toka(repo, "--run-key", "cut", model=FunctionModel(answer)).exit_code == 1
     # What the stop left: the edit made (set aside with the failed task, put back by the resume),
     # its journal ending before the tool's result (the process died while the thread wrote).
