@@ -240,8 +240,10 @@ def config_named_paths(workspace: Path) -> list[Path]:
     except (OSError, subprocess.TimeoutExpired):
         return found
     fields = done.stdout.decode("utf-8", "surrogateescape").split("\0")
-    dirs = git_dirs(workspace)
-    top = dirs[-1].parent if dirs and dirs[-1].name == ".git" else workspace  # the person's checkout
+    # Where hooks run: the top of the worktree the workspace is in (a run may be on a subdirectory).
+    here = next((p for p in (workspace, *workspace.parents) if os.path.lexists(p / ".git")), workspace)
+    dirs = git_dirs(here)
+    top = dirs[-1].parent if dirs and dirs[-1].name == ".git" else here  # the person's checkout
     for scope, origin, pair in zip(fields[0::3], fields[1::3], fields[2::3]):
         key, _, value = pair.partition("\n")
         if scope == "command" or not value or value in ("true", "false"):
@@ -249,16 +251,16 @@ def config_named_paths(workspace: Path) -> list[Path]:
         if value.startswith("~"):
             continue  # in a home: hidden from commands, not the workspace's
         if key.endswith(".path"):  # relative to the file that includes it
-            base = (workspace / origin.removeprefix("file:")).parent if origin.startswith("file:") else workspace
+            base = (here / origin.removeprefix("file:")).parent if origin.startswith("file:") else here
         else:
-            base = workspace  # where hooks run: the worktree's top
+            base = here  # where hooks run
         try:
             path = Path(os.path.normpath(base / value))
-            rel = path.relative_to(top) if path.is_relative_to(top) else path.relative_to(workspace)
+            rel = path.relative_to(top) if path.is_relative_to(top) else path.relative_to(here)
         except ValueError:
             continue
-        if rel.parts and rel.parts[0] != ".git":
-            found.append(workspace / rel)
+        if rel.parts and rel.parts[0] != ".git" and (here / rel).is_relative_to(workspace):
+            found.append(here / rel)
     return found
 
 
