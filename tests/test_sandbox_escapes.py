@@ -916,3 +916,17 @@ def test_hooks_and_included_configuration_the_repository_names_are_control_files
     assert written.is_error and "git's configuration has git read or run" in written.text, written.text
     assert (agent.root / ".gitconfig").read_text() == "[user]\n\tname = Team\n"
     person_uses_git(agent.root, mark)
+
+
+def test_a_command_that_leaves_too_many_files_stops_the_run(make_agent: MakeAgent,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing bounded the number of files: each command's checks keep two snapshots of them in the
+    runtime (400,000 empty files: 357 MB and 8 s a command; a disk's free inodes allow millions)."""
+    import toka.sandbox
+
+    monkeypatch.setattr(toka.sandbox, "SNAPSHOT_FILES", 200)  # a million, as shipped
+    agent = unsandboxed_repo(make_agent)
+    caught = violation(agent, "many.sh", "#!/bin/sh\nmkdir many && cd many && for i in $(seq 300); do : > f$i; done\n")
+    assert "left more than 200 files" in str(caught) and "the run stops" in str(caught)
+    refused = agent.run(agent.script("more.sh", "#!/bin/sh\necho ok\n"))
+    assert refused.is_error and "holds more than 200 files; commands are refused there" in refused.text

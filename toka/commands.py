@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from .capabilities import CAPABILITIES
-from .errors import ApprovalDenied, CommandRefused, SandboxViolation
+from .errors import ApprovalDenied, CommandRefused, LimitRefused, SandboxViolation
 from .gitguard import GitGuard, run_git
 from .redact import redact, secret_values
 from .sandbox import (
@@ -457,7 +457,15 @@ class RunCommand(Tool):
                 raise SandboxViolation(_violation(args.argv, undone), paths=undone) from e
             raise
         assert result is not None
-        after = await asyncio.to_thread(snapshot, root, skip)
+        try:
+            after = await asyncio.to_thread(snapshot, root, skip)
+        except LimitRefused as e:
+            # Left too many files for the checks to look at each: its own git directories are still
+            # checked (they need no list of files), and the run stops.
+            undone = await asyncio.to_thread(_checked, guard.check, args.argv, [], [])
+            raise SandboxViolation(f"the command {' '.join(args.argv)!r} {str(e).replace('the workspace holds', 'left')}"
+                                   f"{'; undone in git: ' + ', '.join(undone) if undone else ''}; the run stops "
+                                   "(look before using git there)", paths=undone) from None
         changed = changed_files(before, after)
         violations = await asyncio.to_thread(_checked, guard.check, args.argv, changed, after)
         set_id = await asyncio.to_thread(_drop_set_id_bits, root, changed, home)
