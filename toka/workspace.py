@@ -252,6 +252,8 @@ class _Replacing:
         self._fd = -1
         try:
             try:
+                if not _PROC_FDS:  # the nameless file is given its name through /proc/self/fd
+                    raise OSError("no /proc")
                 self._fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=directory)
             except (OSError, AttributeError):  # no O_TMPFILE there
                 self._temp = _temp_name()
@@ -319,6 +321,9 @@ class _Replacing:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fd = self._directory = -1
+
+
+_PROC_FDS = os.path.isdir("/proc/self/fd")
 
 
 def _umask() -> int:
