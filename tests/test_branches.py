@@ -714,15 +714,30 @@ def test_a_task_that_runs_again_sets_aside_later_tasks_work_and_never_its_own_ne
     task(2, {"t2.txt": "old\n"})
     task(3, {"t3.txt": "old\n"})
     checkout = branches.agent_checkout(run, "a", [])  # the resume, after a spec edit: all run again
-    assert branches.set_aside_from_task(checkout, run_key="night", index=1, total=3)
-    assert not (tree / "t2.txt").exists() and not (tree / "t3.txt").exists()
+    assert branches.set_aside_from_task(checkout, run_key="night", index=1, total=3) is None  # it had none
     task(1, {"t1.txt": "new\n"})
-    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3) is None
+    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3)  # 2 and 3 go, 1's new stays
     assert (tree / "t1.txt").read_text() == "new\n"
+    assert not (tree / "t2.txt").exists() and not (tree / "t3.txt").exists()
     task(2, {"t2.txt": "new\n"})
     assert branches.set_aside_from_task(checkout, run_key="night", index=3, total=3) is None
     task(3, {"t3.txt": "new\n"})
     assert [git(repo, "show", f"toka/night/a:t{i}.txt") for i in (1, 2, 3)] == ["new\n"] * 3
+
+
+def test_a_failed_task_running_again_leaves_the_later_tasks_work_on_the_branch(tmp_path: Path) -> None:
+    """Task 2 failed, task 3 finished; the resume ran task 2 again (no spec edit) and set task 3's
+    work aside, though task 3 was then replayed from the cache: its work gone, reported done."""
+    repo = make_repo(tmp_path / "repo")
+    run = branches.open_run(repo, repo / ".toka", "night")
+    checkout = branches.agent_checkout(run, "a", [])
+    tree = Path(checkout.worktree)
+    for index, state in ((1, "completed"), (2, "failed"), (3, "completed")):
+        (tree / f"t{index}.txt").write_text(f"{index}\n")
+        branches.commit_task(checkout, run_key="night", index=index, total=3, description=f"t{index}", state=state)
+    checkout = branches.agent_checkout(run, "a", [])
+    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3) is None
+    assert git(repo, "show", "toka/night/a:t3.txt") == "3\n"
 
 
 def test_locks_a_killed_commit_left_are_dropped_when_the_run_goes_on(tmp_path: Path) -> None:

@@ -817,7 +817,7 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
     if checkout.shared:
         return None
     worktree = Path(checkout.worktree)
-    oldest, finished = None, False
+    oldest, finished, ours, lower_above, seen_lower = None, False, [], False, False
     for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
         if trailers.get("Toka-Run") != run_key:
             continue
@@ -825,12 +825,24 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
         if again is not None and again <= index:
             break  # what is older was set aside already, when this task or an earlier one ran again
         number = _task_number(trailers.get("Toka-Task") or trailers.get(_SET_ASIDE) or trailers.get(_RESTARTED))
-        if number is not None and number >= index:
+        if number is None:
+            continue
+        if number >= index:
             oldest = commit
-            finished |= trailers.get("Toka-State") == "completed"
+            ours.append(commit)
+            lower_above |= seen_lower  # an earlier task's newer work lies above (it made none the first time)
+            # Only this task's own finished commit says it runs again after finishing (a failed task
+            # running again does not: the later tasks' work stays, and they replay from the cache).
+            finished |= number == index and trailers.get("Toka-State") == "completed"
+        else:
+            seen_lower = True
     if oldest is None or not finished:
         return None  # a failed task's set-aside edits: reopen_task's
-    _git(worktree, "read-tree", "-u", "--reset", f"{oldest}^")
+    if lower_above and run_git(worktree, "revert", "--no-commit", *ours).returncode != 0:
+        _git(worktree, "revert", "--abort", check=False)
+        lower_above = False
+    if not lower_above:
+        _git(worktree, "read-tree", "-u", "--reset", f"{oldest}^")
     trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: {index}/{total}\n"
     return _commit(worktree, f"{checkout.agent}: set aside the work of task {index}/{total} and after: it runs "
                              f"again\n\nIts spec or settings changed since {oldest[:12]} was made; the task starts "
