@@ -142,6 +142,14 @@ class TestCompiler:
         assert first.timeout_seconds == 30
         assert first.retry_condition_fn is is_retryable
 
+    def test_a_description_with_braces_names_its_run_as_written(self) -> None:
+        """CrewAI's `{topic}` placeholders: Prefect formats a run name with the task's parameters,
+        and the agent failed with KeyError 'topic' before its first request."""
+        spec = AgentSpec.from_dict({**minimal_spec("docs"),
+                                    "tasks": {"default": [{"description": "Research {topic} for {0} {"}]}})
+        task = step_task(spec, 1, 1, spec.task_list()[0], RunConfig.from_flat({"run_key": "k"}))
+        assert task.task_run_name.format(step="the step's input") == task.name == "docs - 1/1 - Research {topic} for {0} {"
+
     def test_task_timeout_never_exceeds_agent_timeout(self) -> None:
         spec = AgentSpec.from_dict(minimal_spec("a"))
         task = spec.task_list()[0]

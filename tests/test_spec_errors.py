@@ -223,6 +223,11 @@ CASES = [
     # -- whole-file and YAML-level defects -------------------------------------
     Case("block-misspelt-dependecies", replace("\ndependencies:\n", "\ndependecies:\n"),
          "dependecies", r"unknown block 'dependecies'; did you mean 'dependencies'\?", "dependecies:"),
+    # Other frameworks' names for it: kept as context, the agent ran without waiting for its dependency.
+    Case("block-named-depends-on", replace("\ndependencies:\n", "\ndepends_on:\n"),
+         "depends_on", r"unknown block 'depends_on'; did you mean 'dependencies'\?", "depends_on:"),
+    Case("block-named-dependency", replace("\ndependencies:\n", "\ndependency:\n"),
+         "dependency", r"unknown block 'dependency'; did you mean 'dependencies'\?", "dependency:"),
     Case("yaml-syntax-mapping-in-value", replace('  domain: "infrastructure"', "  domain: infrastructure: core"),
          None, r"^invalid YAML: mapping values are not allowed", "infrastructure: core"),
     Case("yaml-syntax-tab-indent", replace('  domain: "infrastructure"', '\tdomain: "infrastructure"'),

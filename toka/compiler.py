@@ -147,7 +147,9 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
         options["result_storage"] = storage or run.result_storage
     return llm_step.with_options(
         name=title,
-        task_run_name=title,
+        # Prefect formats a run name with the task's parameters: a description's `{topic}` (CrewAI's
+        # placeholders) failed the agent with KeyError 'topic'.
+        task_run_name=title.replace("{", "{{").replace("}", "}}"),
         retries=run.retries.get(task.priority, 1),
         retry_delay_seconds=run.limits.retry_delay_seconds,
         retry_jitter_factor=0.5 if run.limits.retry_delay_seconds else None,

@@ -691,7 +691,10 @@ class AgentSpec(BaseModel):
                     f"({place}.{key}); at the top level it would be ignored",
                     source=name, line=yaml_source.line_of([key]) if yaml_source else None, field=key))
                 continue
-            close = difflib.get_close_matches(key, cls._KNOWN_BLOCKS, n=1, cutoff=0.85)
+            # Other frameworks' names for the dependencies block: kept as context, the agent would
+            # run without waiting for what it needs.
+            alias = "dependencies" if key.lower() in _DEPENDENCY_ALIASES else None
+            close = [alias] if alias else difflib.get_close_matches(key, cls._KNOWN_BLOCKS, n=1, cutoff=0.85)
             if close and close[0] not in data:
                 problems.append(
                     Problem(
@@ -702,6 +705,9 @@ class AgentSpec(BaseModel):
                     )
                 )
         return problems
+
+
+_DEPENDENCY_ALIASES = frozenset({"dependency", "depends_on", "depends-on", "dependson", "depends", "requires"})
 
 
 def plain_data(value: Any) -> Any:
