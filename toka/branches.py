@@ -809,11 +809,12 @@ def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int
 
 
 def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> str | None:
-    """Task ``index`` runs again though the branch holds finished work of it or of a later task of
-    this run (its cache key changed: the spec or a setting was edited before a resume): that work
-    is set aside, from its oldest commit on, by one commit that takes the worktree back to before
-    it, so what the task does now lands there (else its new edits were left out and the old ones
-    kept, while its report showed the new). Returns that commit (None: nothing to set aside)."""
+    """Task ``index`` runs again though the branch holds its own finished commit of this run (its
+    cache key changed: the spec or a setting was edited before a resume): its work and the later
+    tasks' are set aside by one commit (a revert of their commits when an earlier task's newer work
+    lies above them, else a reset to before the oldest), so what the task does now lands there
+    (else its new edits were left out and the old ones kept, while its report showed the new). A
+    failed task running again sets nothing aside. Returns that commit (None: nothing set aside)."""
     if checkout.shared:
         return None
     worktree = Path(checkout.worktree)

@@ -365,12 +365,17 @@ def _control_snapshot(gitdir: Path, budget: list[int] | None = None) -> dict[Pat
                         for control in CONTROL_FILES:
                             _add(found, budget, sub / control)
             continue
-        _add(found, budget, root)
-        if _real_dir(root):
-            for dirpath, dirnames, filenames in _walk(root):  # links inside are listed, not followed
-                for n in (*dirnames, *filenames):
-                    _add(found, budget, Path(dirpath, n))
+        _add_tree(found, budget, root)
     return found
+
+
+def _add_tree(found: dict[Path, _Entry], budget: list[int], root: Path) -> None:
+    """``root``'s entry and, for a directory (not a link to one), every entry under it."""
+    _add(found, budget, root)
+    if _real_dir(root):
+        for dirpath, dirnames, filenames in _walk(root):  # links inside are listed, not followed
+            for n in (*dirnames, *filenames):
+                _add(found, budget, Path(dirpath, n))
 
 
 def _named_snapshot(workspace: Path, named: Sequence[Path], budget: list[int]) -> dict[Path, _Entry]:
@@ -378,13 +383,8 @@ def _named_snapshot(workspace: Path, named: Sequence[Path], budget: list[int]) -
     through a link (one is an entry of its own)."""
     found: dict[Path, _Entry] = {}
     for path in named:
-        if _linked_between(workspace, path.parent):
-            continue
-        _add(found, budget, path)
-        if _real_dir(path):
-            for dirpath, dirnames, filenames in _walk(path):
-                for n in (*dirnames, *filenames):
-                    _add(found, budget, Path(dirpath, n))
+        if not _linked_between(workspace, path.parent):
+            _add_tree(found, budget, path)
     return found
 
 
