@@ -145,6 +145,30 @@ def test_render_is_deterministic_and_names_every_agent() -> None:
     assert [line.split('"')[1] for line in block.splitlines() if line.strip().startswith("- name:")] == sorted(AGENTS)
 
 
+
+def test_spec_text_in_prefect_yaml_holds_no_placeholder_prefect_deploy_expands(
+    tmp_path: Path, write_specs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prefect deploy` fills `{{ $VAR }}` (and variables, blocks) in anywhere: a spec title must not
+    publish the deploying machine's secrets in a description, nor a path move the deployment."""
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    title = "Demo (key {{ $TOKA_TEST_SECRET }}, db {{ prefect.blocks.secret.db }}, {{{ $TOKA_TEST_SECRET }}})"
+    specs = write_specs(minimal_spec("alpha", spec={"name": title, "domain": "testing", "priority": "high"}))
+    target = tmp_path / "prefect.yaml"
+    target.write_text(PREFECT_YAML.read_text())
+    assert sync_deployments(target, [specs]) is True
+    (alpha,) = [d for d in yaml.safe_load(target.read_text())["deployments"] if d["name"] == "alpha"]
+    monkeypatch.setenv("TOKA_TEST_SECRET", "wJalrXUtnFEMI-EXAMPLE")
+    assert apply_values(alpha, dict(os.environ)) == alpha
+    assert not find_placeholders(alpha)
+    assert alpha["description"].startswith("Demo (key { { $TOKA_TEST_SECRET }}, db { { prefect.blocks")
+
+    templated = tmp_path / "q {{ $HOME }}"
+    shutil.copytree(specs, templated)
+    with pytest.raises(ConfigError, match=r"spec path 'q \{\{ \$HOME \}\}' contains '\{\{'"):
+        sync_deployments(target, [templated])
+
 # -- a real server ------------------------------------------------------------------------------
 
 

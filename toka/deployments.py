@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,18 @@ def _q(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _inert(text: str) -> str:
+    """``text`` with every ``{{`` broken as ``{ {``.
+
+    ``prefect deploy`` expands ``{{ $VAR }}``, ``{{ prefect.variables.* }}`` and
+    ``{{ prefect.blocks.* }}`` anywhere in a deployment, so a spec title copied in as
+    written could publish the deploying machine's environment or a Secret block in a
+    description anyone with UI access reads. A placeholder needs its two braces side by
+    side; a space between them leaves the text readable and inert.
+    """
+    return re.sub(r"\{(?=\{)", "{ ", text)
+
+
 def _spec_param(path: str | Path, base: Path) -> str:
     """A spec path as the deployment's working directory (the checkout) sees it."""
     p = Path(path)
@@ -72,13 +85,21 @@ def render_deployments(
     One deployment per agent, in name order. ``spec_params`` is the value of the
     deployments' ``specs`` parameter (paths relative to the checkout).
     """
+    for param in spec_params:
+        if "{{" in param:
+            # Broken up like a description, it would name another directory: refused instead.
+            raise ConfigError(
+                f"spec path {param!r} contains '{{{{', which `prefect deploy` expands as a template "
+                "placeholder (the deployment would read its specs from somewhere else); rename the "
+                "directory or file"
+            )
     graph = make_plan(specs=specs).graph
     lines = [f"{_INDENT}{BEGIN_MARKER}"]
     for name in sorted(graph.agents):
         spec = graph.agents[name]
         required = graph.upstream(name, "required")
         needs = f"after its required dependencies ({', '.join(required)})" if required else "(no required dependencies)"
-        description = f"{spec.spec.name}: runs {name} {needs}."
+        description = _inert(f"{spec.spec.name}: runs {name} {needs}.")
         tags = ["toka", "agent", f"priority:{spec.priority}"]
         lines += [
             f"{_INDENT}- name: {_q(name)}",
