@@ -277,3 +277,60 @@ def test_messages_show_values_and_keys_as_yaml_writes_them() -> None:
     assert [(p.field, p.message) for p in caught.value.problems] == [
         ("metadata.null", "a field name must be text, got nothing"),
         ("metadata.true", "a field name must be text, got a boolean (true)")]
+
+
+@pytest.mark.parametrize(("block", "field"), [
+    ("priority: critical", "spec"),
+    ("conditional: {hotfix: [{description: x}]}", "tasks"),
+])
+def test_a_field_of_spec_or_tasks_written_at_the_top_level_is_refused_naming_its_block(block: str, field: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(survey_text() + block + "\n", source="x.yaml")
+    (problem,) = caught.value.problems
+    key = block.split(":", 1)[0]
+    assert problem.field == key and problem.line == survey_text().count("\n") + 1
+    assert f"{key!r} is a field of {field!r}, not a block: move it under {field} ({field}.{key})" in problem.message
+
+
+def test_another_case_of_a_block_beside_it_is_refused() -> None:
+    """`Security: {sandbox: false}` beside `security:` was kept as context: the author's setting did nothing."""
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(survey_text() + "Security:\n  sandbox: false\n", source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "Security" and problem.line == survey_text().count("\n") + 1
+    assert problem.message.startswith("'Security' is another case of the block 'security'")
+    assert "merge it into 'security'" in problem.message
+
+
+@pytest.mark.parametrize(("block", "where"), [
+    ("max_turns: 3", "toka run --max-turns"),
+    ("model: claude-opus-4", "toka run --model"),
+    ("tools: [run_command, write_file]", "security.capabilities_required"),
+    ("llm_config: {model: gpt-4, temperature: 0.9}", "--temperature"),
+])
+def test_another_frameworks_run_setting_at_the_top_level_is_a_warning_naming_the_real_setting(
+    block: str, where: str
+) -> None:
+    spec = AgentSpec.from_text(survey_text() + block + "\n", source="x.yaml")
+    key = block.split(":", 1)[0]
+    (warning,) = [w for w in spec.warnings if w.field == key]
+    assert warning.level == "warning" and warning.line == survey_text().count("\n") + 1
+    assert "kept and shown to the agent as context only, it changes nothing" in warning.message
+    assert where in warning.message
+    assert key in spec.context_blocks
+
+
+def test_a_near_namesake_of_a_block_beside_it_is_a_warning() -> None:
+    spec = AgentSpec.from_text(survey_text() + "task:\n  default:\n    - description: extra\n", source="x.yaml")
+    (warning,) = [w for w in spec.warnings if w.field == "task"]
+    assert "unknown block 'task', beside 'tasks'" in warning.message and warning.line is not None
+    assert len(spec.tasks.default) == len(AgentSpec.from_text(survey_text()).tasks.default)
+
+
+def test_a_permission_name_among_the_descriptive_capabilities_is_a_warning() -> None:
+    text = re.sub(r"(?m)^  primary:\n", '  primary:\n    - "network-access"\n    - "filesystem-read"\n', survey_text())
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    warned = {w.field: w.message for w in spec.warnings}
+    assert "'network-access' is a permission name" in warned["capabilities.primary[0]"]
+    assert "add it to security.capabilities_required" in warned["capabilities.primary[0]"]
+    assert "capabilities.primary[1]" not in warned  # granted: filesystem-read is required too

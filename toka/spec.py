@@ -489,6 +489,8 @@ class AgentSpec(BaseModel):
     _source_name: str | None = PrivateAttr(default=None)
     _yaml: YamlSource | None = PrivateAttr(default=None)
     _digest: str | None = PrivateAttr(default=None)
+    #: Warnings found in the data as read, before validation (about unknown top-level blocks).
+    _load_warnings: tuple[Problem, ...] = PrivateAttr(default=())
 
     _KNOWN_BLOCKS: ClassVar[tuple[str, ...]] = (
         "metadata", "spec", "capabilities", "objectives", "tasks", "dependencies",
@@ -546,7 +548,7 @@ class AgentSpec(BaseModel):
     @property
     def warnings(self) -> list[Problem]:
         """What loads but deserves a look: values whose meaning is a guess, fields the runtime does not read."""
-        found: list[Problem] = []
+        found: list[Problem] = list(self._load_warnings)
 
         def warn(message: str, *path: str | int) -> None:
             found.append(Problem(message, source=self.source, line=self.line_of(*path),
@@ -563,6 +565,14 @@ class AgentSpec(BaseModel):
                 close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 warn(f"not understood by the runtime; kept and shown to the agent as context{hint}", *path, key)
+        from .capabilities import CAPABILITIES
+
+        granted = set(self.security.capabilities_required)
+        for kind in ("primary", "secondary"):
+            for i, skill in enumerate(getattr(self.capabilities, kind)):
+                if skill in CAPABILITIES and skill not in granted:
+                    warn(f"{skill!r} is a permission name, but 'capabilities' lists skills and grants nothing; "
+                         "to grant it, add it to security.capabilities_required", "capabilities", kind, i)
         lists = [("default", self.tasks.default), *(("conditional", c) for c in self.tasks.conditional.items())]
         for kind, tasks in lists:
             prefix: tuple[str | int, ...] = ("tasks", "default") if kind == "default" else ("tasks", "conditional",
@@ -651,7 +661,8 @@ class AgentSpec(BaseModel):
             raise SpecError(
                 [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
             )
-        problems = (cls._misspelt_blocks(data, yaml_source, name) + _misspelt_fields(data, yaml_source, name)
+        blocks = cls._misspelt_blocks(data, yaml_source, name)
+        problems = ([p for p in blocks if p.level == "error"] + _misspelt_fields(data, yaml_source, name)
                     + _misspelt_capabilities(data, yaml_source, name))
         try:
             spec = cls.model_validate(data)
@@ -673,41 +684,70 @@ class AgentSpec(BaseModel):
         assert spec is not None
         spec._source_name = name
         spec._yaml = yaml_source
+        spec._load_warnings = tuple(p for p in blocks if p.level == "warning")
         return spec
 
     @classmethod
     def _misspelt_blocks(
         cls, data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None
     ) -> list[Problem]:
-        """Unknown blocks are kept as context, unless one is surely a typo of a missing known block."""
+        """Unknown blocks are kept as context; one that would surely be lost there (a field of a known
+        block, another case of one, a typo of a missing one) is an error, and one that looks like a
+        setting but changes nothing (another framework's run setting, a near-namesake of a block that
+        is also there) a warning."""
         problems = []
         for key in data:
             if not isinstance(key, str) or key in cls._KNOWN_BLOCKS:
                 continue
-            place = _NESTED_FIELDS.get(key)
+
+            def problem(message: str, level: Literal["error", "warning"] = "error") -> None:
+                problems.append(Problem(message, source=name, line=yaml_source.line_of([key]) if yaml_source
+                                        else None, field=key, level=level))
+
+            shown, lower = repr(key), key.lower()
+            field = key if key in _NESTED_FIELDS else lower
+            place = _NESTED_FIELDS.get(field)
             if place is not None:  # kept as a block of context, it would change nothing: surely misplaced
-                problems.append(Problem(
-                    f"{key!r} is a field of {place!r}, not a block: move it under {place} "
-                    f"({place}.{key}); at the top level it would be ignored",
-                    source=name, line=yaml_source.line_of([key]) if yaml_source else None, field=key))
+                problem(f"{shown} is a field of {place!r}, not a block: move it under {place} "
+                        f"({place}.{field}); at the top level it would be ignored")
+                continue
+            if lower in cls._KNOWN_BLOCKS:
+                problem(f"{shown} is another case of the block {lower!r}: block names are lower-case, and at the "
+                        "top level it would be kept as context and change nothing" + (
+                            f"; merge it into {lower!r}" if lower in data else f"; write {lower!r}"))
+                continue
+            setting = _UNREAD_SETTINGS.get(lower)
+            if setting is not None:
+                problem(f"{shown} is not read by the runtime: kept and shown to the agent as context only, it "
+                        f"changes nothing; {setting}", "warning")
                 continue
             # Other frameworks' names for the dependencies block: kept as context, the agent would
             # run without waiting for what it needs.
-            alias = "dependencies" if key.lower() in _DEPENDENCY_ALIASES else None
+            alias = "dependencies" if lower in _DEPENDENCY_ALIASES else None
             close = [alias] if alias else difflib.get_close_matches(key, cls._KNOWN_BLOCKS, n=1, cutoff=0.85)
             if close and close[0] not in data:
-                problems.append(
-                    Problem(
-                        f"unknown block {key!r}; did you mean {close[0]!r}?",
-                        source=name,
-                        line=yaml_source.line_of([key]) if yaml_source else None,
-                        field=key,
-                    )
-                )
+                problem(f"unknown block {shown}; did you mean {close[0]!r}?")
+            elif close:  # beside the block it looks like: what it holds is read from neither
+                problem(f"unknown block {shown}, beside {close[0]!r}: kept and shown to the agent as context "
+                        f"only; nothing in it is read as part of {close[0]!r}", "warning")
         return problems
 
 
 _DEPENDENCY_ALIASES = frozenset({"dependency", "depends_on", "depends-on", "dependson", "depends", "requires"})
+
+#: Run settings of other frameworks (and of ``toka run``) that specs copied from them carry at the
+#: top level: the runtime reads none of them from a spec, so each is named with where it is set.
+_UNREAD_SETTINGS: dict[str, str] = {
+    **dict.fromkeys(("model", "llm", "llm_config"),
+                    "the model and how it is called are set for a run: toka run --model (or TOKA_MODEL), "
+                    "--temperature, --max-tokens"),
+    **dict.fromkeys(("temperature", "max_tokens"), "set for a run: toka run --temperature, --max-tokens"),
+    **dict.fromkeys(("max_turns", "max_iter", "max_iterations"),
+                    "model requests per task are set by a task's own max_turns or toka run --max-turns; "
+                    "token budgets go in the 'budget' block"),
+    "tools": "the tools an agent gets follow from security.capabilities_required",
+    "allow_unsandboxed": "it is an option of the run: toka run --allow-unsandboxed",
+}
 
 
 def plain_data(value: Any) -> Any:
@@ -726,6 +766,8 @@ _NESTED_FIELDS: dict[str, str] = {
     **dict.fromkeys(ResourceLimits.model_fields, "security.resource_limits"),
     **dict.fromkeys(Dependencies.model_fields, "dependencies"),
     **dict.fromkeys(Budget.model_fields, "budget"),
+    **dict.fromkeys(Tasks.model_fields, "tasks"),
+    "priority": "spec",
 }
 
 
