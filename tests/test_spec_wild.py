@@ -334,3 +334,43 @@ def test_a_permission_name_among_the_descriptive_capabilities_is_a_warning() -> 
     assert "'network-access' is a permission name" in warned["capabilities.primary[0]"]
     assert "add it to security.capabilities_required" in warned["capabilities.primary[0]"]
     assert "capabilities.primary[1]" not in warned  # granted: filesystem-read is required too
+
+
+def test_yaml_1_1_octal_hex_and_underscore_integers_are_text_as_written_where_text_is_meant() -> None:
+    """YAML 1.1 reads `010` as 8, `0x10` as 16 and `1_000` as 1000: the agent was called 8, and the
+    model was asked to do '493'."""
+    text = edited(survey_text(), '  name: "repo-survey"', "  name: 010")
+    text = re.sub(r"(?m)^  workstream: .*$", "  workstream: 1_000", text)
+    text = re.sub(r"(?m)^  domain: .*$", "  domain: 0x10", text)
+    text = re.sub(r"(?m)^    - description: .*$", "    - description: 0755\n      ticket: 0b11", text, count=1)
+    spec = AgentSpec.from_text(text + "notes: {mode: 0o17, plain: 10, ratio: 1.10, sizes: [0x1f, -5]}\n")
+    assert spec.name == "010" and spec.metadata.workstream == "1_000" and spec.spec.domain == "0x10"
+    assert spec.tasks.default[0].description == "0755"
+    prompt = system_prompt(spec, tools=["read_file"])
+    assert "mode: 0o17" in prompt and "plain: 10" in prompt and "ratio: 1.10" in prompt and "- 0x1f" in prompt
+    message = task_message(spec, spec.tasks.default, 1)
+    assert message.startswith("# Task 1 of 4: 0755\n") and "ticket: 0b11" in message
+    assert make_plan(specs=[spec]).to_dict()["agents"][0]["domain"] == "0x10"
+
+
+@pytest.mark.parametrize(("field", "written"), [
+    ("max_cpu", "0x20"), ("max_cpu", "010"), ("timeout", "1_800"), ("max_processes", "0x10"),
+])
+def test_a_yaml_1_1_integer_where_a_number_is_meant_is_refused_as_written(field: str, written: str) -> None:
+    text = re.sub(rf"(?m)^    {field}: .*$", f"    {field}: {written}", survey_text(), count=1)
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == f"security.resource_limits.{field}" and problem.line is not None
+    assert problem.message.startswith(f"{written!r} is not a decimal number (YAML 1.1 reads it as ")
+
+
+def test_a_yaml_1_1_integer_for_a_task_count_or_budget_is_refused_and_decimal_ones_still_load() -> None:
+    text = re.sub(r"(?m)^    - description: .*$", r"\g<0>\n      max_turns: 010", survey_text(), count=1)
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text + "budget: {task_tokens: 1_000}\n", source="x.yaml")
+    assert {p.field for p in caught.value.problems} == {"tasks.default[0].max_turns", "budget.task_tokens"}
+    text = re.sub(r"(?m)^    - description: .*$", r"\g<0>\n      max_turns: 10", survey_text(), count=1)
+    spec = AgentSpec.from_text(text + "budget: {task_tokens: 1000, agent_tokens: +5000}\n")
+    assert spec.tasks.default[0].max_turns == 10 and spec.budget.task_tokens == 1000
+    assert spec.budget.agent_tokens == 5000

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .spec import AgentSpec, Task, plain_data as _plain
+from .yaml_source import WrittenFloat, WrittenInt
 
 __all__ = ["REMINDER", "system_prompt", "task_message"]
 
@@ -25,6 +26,21 @@ REMINDER = (
 
 def _bullets(items: Sequence[str]) -> list[str]:
     return [f"- {item}" for item in items]
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """Numbers as the spec's author wrote them (``1.10``, ``0x1f``): YAML's safe dumper knows
+    only the plain number types, and would otherwise refuse them."""
+
+
+_SpecDumper.add_representer(WrittenFloat, lambda d, v: d.represent_scalar("tag:yaml.org,2002:float", v.text))
+_SpecDumper.add_representer(WrittenInt, lambda d, v: d.represent_scalar("tag:yaml.org,2002:int", v.text))
+
+
+def _yaml(data: Any) -> str:
+    """Spec data as YAML for the prompt, block style, in the spec's order."""
+    return str(yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, allow_unicode=True,
+                         default_flow_style=False)).rstrip()
 
 
 _PROMPTS: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -89,8 +105,7 @@ def _system_prompt(spec: AgentSpec, *, tools: Sequence[str], on_branch: bool = F
                          for x in spec.reporting.metrics])
     if spec.context_blocks:
         out += ["", "## Domain context (from the spec)", "```yaml",
-                yaml.safe_dump(spec.context_blocks, sort_keys=False, allow_unicode=True,
-                               default_flow_style=False).rstrip(), "```"]
+                _yaml(spec.context_blocks), "```"]
     granted = spec.security.capabilities_required
     out += [
         "", "## Permissions",
@@ -140,8 +155,7 @@ def task_message(
         out.append(f"Prerequisites named in the spec: {'; '.join(task.dependencies)}.")
     if task.model_extra:
         out += ["Other fields of this task in the spec:", "```yaml",
-                yaml.safe_dump(_plain(task.model_extra), sort_keys=False, allow_unicode=True,
-                               default_flow_style=False).rstrip(), "```"]
+                _yaml(_plain(task.model_extra)), "```"]
     out += ["", "## Results of this agent's earlier tasks"]
     out += ["```json", _json(list(prior)), "```"] if prior else ["None: this is the first task."]
     out += ["", "## Results of the agents this one depends on"]

@@ -28,14 +28,16 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import Problem, SpecError
 from .units import Bandwidth, ByteSize, CpuShare, Duration, as_written
-from .yaml_source import MAX_PROBLEMS, MAX_TASKS, YamlSource, load_yaml, read_spec_text
+from .yaml_source import MAX_PROBLEMS, MAX_TASKS, WrittenInt, YamlSource, load_yaml, read_spec_text
 
 __all__ = [
     "PRIORITIES",
@@ -141,6 +143,17 @@ class _Block(BaseModel):
         if not isinstance(data, dict) or not any(isinstance(v, float) for v in data.values()):
             return data
         return {k: str(v) if isinstance(v, float) and _takes_text(cls, k) else v for k, v in data.items()}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _counts_in_decimal(cls, value: Any, info: ValidationInfo) -> Any:
+        """An integer YAML 1.1 reads from ``010``, ``0x1f`` or ``1_000`` is its text where a field takes
+        text (``str()`` gives it); where a number is meant, a reading is a guess, so it is refused."""
+        if isinstance(value, WrittenInt) and info.field_name is not None and not _takes_text(cls, info.field_name):
+            raise PydanticCustomError("not_decimal", f"{value.text!r} is not a decimal number (YAML 1.1 reads it as "
+                                      f"{int(value)}, YAML 1.2 otherwise: which was meant is a guess); write it in "
+                                      "decimal digits")
+        return value
 
 
 class _Open(_Block):
@@ -898,7 +911,7 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
         return f"a field name must be text, got {_describe(value)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
-    if kind == "unit":
+    if kind in ("unit", "not_decimal"):
         return err["msg"]
     return f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {_describe(value)})"
 

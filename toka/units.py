@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
 
+from .yaml_source import WrittenInt
+
 __all__ = ["Bandwidth", "ByteSize", "CpuShare", "Duration"]
 
 
@@ -82,6 +84,8 @@ def as_written(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, WrittenInt):  # text as written where text is meant (a name, a description)
+        return repr(value.text)
     if isinstance(value, (date, datetime)):
         return value.isoformat()
     if isinstance(value, (dict, list)) and _at_most(value, 64):

@@ -26,6 +26,7 @@ characters in a value and 9 tasks.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "MAX_TASKS",
     "MAX_VALUE_CHARS",
+    "WrittenFloat",
+    "WrittenInt",
     "YamlSource",
     "load_yaml",
     "read_spec_text",
@@ -109,6 +112,30 @@ class WrittenFloat(float):
         return WrittenFloat, (float(self), self.text)
 
 
+class WrittenInt(int):
+    """A YAML 1.1 integer not written in plain decimal (``010``, ``0x1f``, ``1_000``, ``0b11``), with
+    the text the author wrote: where a spec field takes text it is that text, not 8, 31 or 1000;
+    where it takes a number it is refused (YAML 1.2 reads ``010`` as 10 and ``1_000`` as text:
+    which one the author meant is a guess)."""
+
+    text: str  # an int subclass cannot have __slots__ for it
+
+    def __new__(cls, value: int, text: str) -> WrittenInt:
+        made = super().__new__(cls, value)
+        made.text = text
+        return made
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self) -> tuple[type[WrittenInt], tuple[int, str]]:
+        return WrittenInt, (int(self), self.text)
+
+
+#: An integer as YAML 1.1 and 1.2 both read it (``10``, ``0``, ``-5``).
+_PLAIN_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+
+
 class _Builder:
     """Turns a composed node tree into Python objects, refusing duplicate keys.
 
@@ -140,6 +167,8 @@ class _Builder:
                 raise _BadScalar(node, e) from None
             if type(value) is float and not node.style:
                 return WrittenFloat(value, node.value)
+            if type(value) is int and not node.style and not _PLAIN_DECIMAL.fullmatch(node.value):
+                return WrittenInt(value, node.value)
             if isinstance(value, bytes):
                 try:
                     value.decode("utf-8")
