@@ -3,6 +3,7 @@ and every problem of a set comes out in one pass."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -374,3 +375,37 @@ def test_a_yaml_1_1_integer_for_a_task_count_or_budget_is_refused_and_decimal_on
     spec = AgentSpec.from_text(text + "budget: {task_tokens: 1000, agent_tokens: +5000}\n")
     assert spec.tasks.default[0].max_turns == 10 and spec.budget.task_tokens == 1000
     assert spec.budget.agent_tokens == 5000
+
+
+@pytest.mark.parametrize("written", ["reporting\x1b[8m", "my-cap\x1b[31mRED\nok other", "notes\u202e"])
+def test_a_capability_name_with_a_control_character_is_refused_escaped(written: str) -> None:
+    """Printed by plan, `reporting\\e[8m` concealed the git-push listed after it."""
+    quoted = json.dumps(written)  # a JSON string is a YAML double-quoted one, escapes included
+    text = re.sub(r"(?m)^  capabilities_required:\n", lambda m: f"{m[0]}    - {quoted}\n    - git-push\n",
+                  survey_text())
+    with pytest.raises(SpecError) as caught:
+        AgentSpec.from_text(text, source="x.yaml")
+    (problem,) = caught.value.problems
+    assert problem.field == "security.capabilities_required[0]" and problem.line is not None
+    assert problem.message.startswith(f"capability name {written!r} holds a control character")
+    assert "\x1b" not in str(problem) and "\n" not in str(problem)
+
+
+def test_names_from_a_spec_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    """A key, a dependency or a file name with an escape sequence or a newline could colour, hide
+    or forge lines of `toka validate` and `toka plan`."""
+    text = edited(survey_text(), "metadata:\n", 'metadata:\n  "evil\\e[31m\\nkey": 1\n')
+    text = re.sub(r"(?ms)^dependencies:\n.*?(?=^reporting:)",
+                  lambda m: 'dependencies:\n  optional:\n    "ghost\\e[8m[bold]": x\n', text)
+    (tmp_path / "survey\x1b[31m.yaml").write_text(text)
+    (tmp_path / "broken\x1b[2K\n.yaml").write_text("x: [\n")
+    for command in ("validate", "plan"):
+        done = subprocess.run([TOKA, command, str(tmp_path)], capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert "\x1b" not in output and "\u202e" not in output, output
+        assert "broken\\x1b[2K\\n.yaml:1: invalid YAML" in output
+    (tmp_path / "broken\x1b[2K\n.yaml").unlink()
+    done = subprocess.run([TOKA, "validate", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "\x1b" not in done.stdout + done.stderr
+    assert "survey\\x1b[31m.yaml:3: metadata.evil\\x1b[31m\\nkey: not understood" in done.stderr
+    assert "optional: ghost\\x1b[8m[bold] (not loaded)" in done.stdout

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from .errors import BranchError, ConfigError, Problem, RunFailedError, TokaError
+from .errors import BranchError, ConfigError, Problem, RunFailedError, TokaError, printable
 from .plan import Plan, check_contexts, limits_text, make_plan
 from .policy import approval_keys, check_unsandboxed
 from .progress import ProgressEvent, listen
@@ -166,7 +166,8 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
 
 
 def _deps(names: list[str]) -> str:
-    return ", ".join(names) if names else "-"
+    # An optional dependency that is not loaded is named as the spec wrote it: any text.
+    return escape(", ".join(printable(n) for n in names)) if names else "-"
 
 
 def _agent_line(plan: Plan, name: str) -> str:

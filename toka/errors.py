@@ -63,6 +63,7 @@ plain instance attributes, which pickle restores with the instance's
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -110,6 +111,27 @@ __all__ = [
 ]
 
 
+#: Characters a terminal acts on instead of showing (besides C0/C1 controls): line separators, and
+#: the bidirectional overrides that reorder what follows them.
+_INVISIBLE = frozenset("\u2028\u2029\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a character a terminal would act on rather than show."""
+    return any(c in _INVISIBLE or unicodedata.category(c) == "Cc" for c in text)
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\x1b``, ``\\n``).
+
+    Names from a spec file (a key, a file name) are printed on a terminal: raw, an escape
+    sequence could colour, hide or overwrite the rest of a line, and a newline forge one.
+    """
+    if not has_control(text):
+        return text
+    return "".join(repr(c)[1:-1] if c in _INVISIBLE or unicodedata.category(c) == "Cc" else c for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One located defect or warning: where it is and what is wrong.
@@ -131,9 +153,10 @@ class Problem:
     def __str__(self) -> str:
         where = ""
         if self.source is not None:
-            where = self.source if self.line is None else f"{self.source}:{self.line}"
+            source = printable(self.source)
+            where = source if self.line is None else f"{source}:{self.line}"
             where += ": "
-        field = f"{self.field}: " if self.field else ""
+        field = f"{printable(self.field)}: " if self.field else ""
         return f"{where}{field}{self.message}"
 
 

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, has_control
 from .units import Bandwidth, ByteSize, CpuShare, Duration, as_written
 from .yaml_source import MAX_PROBLEMS, MAX_TASKS, WrittenInt, YamlSource, load_yaml, read_spec_text
 
@@ -798,14 +798,19 @@ def _misspelt_capabilities(data: dict[Any, Any], yaml_source: YamlSource | None,
     for i, capability in enumerate(declared):
         if not isinstance(capability, str) or capability in CAPABILITIES:
             continue
+        line = yaml_source.line_of(["security", "capabilities_required", i]) if yaml_source else None
+        field = f"security.capabilities_required[{i}]"
+        if has_control(capability):
+            # Printed by plan and validate, it could hide the capabilities listed after it.
+            problems.append(Problem(f"capability name {capability!r} holds a control character; a capability "
+                                    "is a name such as 'filesystem-read'", source=name, line=line, field=field))
+            continue
         plain = capability.strip().lower().replace("_", "-").replace(" ", "-")
         close = [plain] if plain in CAPABILITIES else difflib.get_close_matches(plain, known, n=1, cutoff=0.85)
         if close:
             problems.append(Problem(
                 f"unknown capability {capability!r}; did you mean {close[0]!r}? (a name the runtime does "
-                "not know grants no tool)",
-                source=name, line=yaml_source.line_of(["security", "capabilities_required", i]) if yaml_source
-                else None, field=f"security.capabilities_required[{i}]"))
+                "not know grants no tool)", source=name, line=line, field=field))
     return problems
 
 
