@@ -409,3 +409,20 @@ def test_names_from_a_spec_reach_the_terminal_escaped(tmp_path: Path) -> None:
     assert done.returncode == 0 and "\x1b" not in done.stdout + done.stderr
     assert "survey\\x1b[31m.yaml:3: metadata.evil\\x1b[31m\\nkey: not understood" in done.stderr
     assert "optional: ghost\\x1b[8m[bold] (not loaded)" in done.stdout
+
+
+def test_an_api_key_pasted_into_a_spec_is_a_located_warning_and_never_reaches_the_model() -> None:
+    openai, anthropic = "sk-proj-Abc123DEF456ghi789JKL012mno345PQR678stu901VWX", "sk-ant-api03-AAAABBBBCCCC-DDDD1234"
+    text = survey_text() + (f"llm_config:\n  config_list:\n    - model: gpt-4\n      api_key: \"{openai}\"\n"
+                            f"  anthropic_key: \"{anthropic}\"\n")
+    text = re.sub(r"(?m)^    - description: .*$", rf"\g<0>\n      token: {anthropic}", text, count=1)
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    warned = {w.field: w for w in spec.warnings if "API key or token" in w.message}
+    lines = text.splitlines()
+    assert {f: w.line for f, w in warned.items()} == {
+        "llm_config.config_list[0].api_key": lines.index(f'      api_key: "{openai}"') + 1,
+        "llm_config.anthropic_key": lines.index(f'  anthropic_key: "{anthropic}"') + 1,
+        "tasks.default[0].token": lines.index(f"      token: {anthropic}") + 1}
+    assert all(openai not in str(w) and anthropic not in str(w) for w in warned.values())
+    prompt = system_prompt(spec, tools=["read_file"]) + task_message(spec, spec.tasks.default, 1)
+    assert openai not in prompt and anthropic not in prompt and "api_key: [REDACTED]" in prompt

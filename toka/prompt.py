@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .redact import redact
 from .spec import AgentSpec, Task, plain_data as _plain
 from .yaml_source import WrittenFloat, WrittenInt
 
@@ -56,7 +57,8 @@ def system_prompt(spec: AgentSpec, *, tools: Sequence[str], on_branch: bool = Fa
     if key not in _PROMPTS:
         if len(_PROMPTS) > 256:
             _PROMPTS.clear()
-        _PROMPTS[key] = _system_prompt(spec, tools=tools, on_branch=on_branch)
+        # A key pasted into a spec (another framework's llm_config) must not go to the model provider.
+        _PROMPTS[key] = redact(_system_prompt(spec, tools=tools, on_branch=on_branch))
     return _PROMPTS[key]
 
 
@@ -165,4 +167,4 @@ def task_message(
     else:
         out.append("None.")
     out += ["", "When the task is done (or cannot be done), call submit_result."]
-    return "\n".join(out) + "\n"
+    return redact("\n".join(out) + "\n")

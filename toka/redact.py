@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["REDACTED", "redact", "redact_data", "remember_secret", "secret_values"]
+__all__ = ["REDACTED", "looks_like_token", "redact", "redact_data", "remember_secret", "secret_values"]
 
 REDACTED = "[REDACTED]"
 
@@ -76,6 +76,11 @@ def _redact(text: str, known: list[str]) -> str:
     for secret in known:
         text = text.replace(secret, REDACTED)
     return _PATTERNS.sub(REDACTED, text)
+
+
+def looks_like_token(text: str) -> bool:
+    """Whether ``text`` holds a string of a known token format (what :func:`redact` replaces unasked)."""
+    return _PATTERNS.search(text) is not None
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

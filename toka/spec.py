@@ -674,7 +674,7 @@ class AgentSpec(BaseModel):
             raise SpecError(
                 [Problem(f"a spec must be a mapping of blocks (metadata, spec, tasks, ...), got {kind}", source=name)]
             )
-        blocks = cls._misspelt_blocks(data, yaml_source, name)
+        blocks = cls._misspelt_blocks(data, yaml_source, name) + _token_shaped(data, yaml_source, name)
         problems = ([p for p in blocks if p.level == "error"] + _misspelt_fields(data, yaml_source, name)
                     + _misspelt_capabilities(data, yaml_source, name))
         try:
@@ -812,6 +812,36 @@ def _misspelt_capabilities(data: dict[Any, Any], yaml_source: YamlSource | None,
                 f"unknown capability {capability!r}; did you mean {close[0]!r}? (a name the runtime does "
                 "not know grants no tool)", source=name, line=line, field=field))
     return problems
+
+
+def _token_shaped(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
+    """Values (and keys) that look like an API key or token: pasted from another framework's config,
+    one would reach the model with the spec (the prompt redacts it) and everyone who reads the file."""
+    from .redact import looks_like_token
+
+    found: list[Problem] = []
+
+    def walk(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and looks_like_token(key):
+                    found.append(warning((*path, key)))
+                walk(item, (*path, key if isinstance(key, (str, int)) else str(key)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+        elif isinstance(value, str) and looks_like_token(value):
+            found.append(warning(path))
+
+    def warning(path: tuple[str | int, ...]) -> Problem:
+        # The value itself is not repeated: the message would spread it further.
+        return Problem("looks like an API key or token: it is redacted from the prompt, but the spec file "
+                       "holds it; remove it from the spec and revoke it", source=name,
+                       line=yaml_source.line_of(path) if yaml_source else None, field=_field_path(path),
+                       level="warning")
+
+    walk(data, ())
+    return found
 
 
 def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
