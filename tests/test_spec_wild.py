@@ -426,3 +426,35 @@ def test_an_api_key_pasted_into_a_spec_is_a_located_warning_and_never_reaches_th
     assert all(openai not in str(w) and anthropic not in str(w) for w in warned.values())
     prompt = system_prompt(spec, tools=["read_file"]) + task_message(spec, spec.tasks.default, 1)
     assert openai not in prompt and anthropic not in prompt and "api_key: [REDACTED]" in prompt
+
+
+def test_a_limit_under_a_second_is_a_warning_and_a_task_that_runs_out_of_time_names_its_limit() -> None:
+    """A task's estimate is the limit of each attempt: `estimated_duration: 1ms` failed a task with
+    'Scope timed out after 0.001 second(s).', naming neither the field nor the file."""
+    import asyncio
+
+    from prefect.states import Failed
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from toka.compiler import _record, attempt_limit
+    from toka.config import RunConfig
+
+    text = re.sub(r"(?m)^    - description: .*$", r'\g<0>\n      estimated_duration: "1ms"', survey_text(), count=1)
+    text = re.sub(r"timeout: \S+", 'timeout: "500ms"', text, count=1)
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    warned = {w.field: w for w in spec.warnings}
+    line = text.splitlines().index('      estimated_duration: "1ms"') + 1
+    assert warned["tasks.default[0].estimated_duration"].line == line
+    assert "'1ms' is under a second" in warned["tasks.default[0].estimated_duration"].message
+    assert "'500ms' is under a second" in warned["security.resource_limits.timeout"].message
+    assert not any("under a second" in w.message for w in AgentSpec.from_text(survey_text()).warnings)
+
+    task = spec.tasks.default[0]
+    seconds, limit = attempt_limit(spec, task, RunConfig(run_key="k"))
+    assert (seconds, limit) == (0.001, f"1ms, tasks.default[0].estimated_duration in x.yaml:{line}")
+    assert attempt_limit(spec, spec.tasks.default[1], RunConfig(run_key="k"))[1].startswith(
+        "500ms, security.resource_limits.timeout in x.yaml:")
+    state = Failed(data=TaskRunTimeoutError("Scope timed out after 0.001 second(s)."))
+    record, _ = asyncio.run(_record(state, 1, task, 0, limit=limit))
+    assert record.error == ("TaskRunTimeoutError: Scope timed out after 0.001 second(s). (the time limit of one "
+                            f"attempt: 1ms, tasks.default[0].estimated_duration in x.yaml:{line})")

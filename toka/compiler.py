@@ -44,6 +44,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
 from prefect.states import Completed, Failed, State
+from prefect.task_engine import TaskRunTimeoutError
 from prefect.utilities.annotations import quote
 
 from .audit import AuditLog, audit_path
@@ -139,9 +140,6 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
     without it the slug is given, which Prefect loads from the API for every task run.
     """
     title = task_title(spec, index, total, task)
-    agent_timeout = spec.security.resource_limits.timeout.seconds
-    estimate = task.estimated_duration or task.estimated_time
-    default = estimate.seconds if estimate is not None else agent_timeout
     options: dict[str, Any] = {}
     if run.result_storage:
         options["result_storage"] = storage or run.result_storage
@@ -154,9 +152,40 @@ def step_task(spec: AgentSpec, index: int, total: int, task: SpecTask, run: RunC
         retry_delay_seconds=run.limits.retry_delay_seconds,
         retry_jitter_factor=0.5 if run.limits.retry_delay_seconds else None,
         retry_condition_fn=is_retryable,
-        timeout_seconds=min(agent_timeout, run.limits.task_timeout or default),
+        timeout_seconds=attempt_limit(spec, task, run)[0],
         **options,
     )
+
+
+def attempt_limit(spec: AgentSpec, task: SpecTask, run: RunConfig) -> tuple[float, str]:
+    """The seconds one attempt of ``task`` may take, and what set them, as a person finds it:
+    ``--task-timeout``, or the spec's field with its file and line (a task's estimate is its limit)."""
+    agent_timeout = spec.security.resource_limits.timeout
+    path: tuple[str | int, ...] = ("security", "resource_limits", "timeout")
+    seconds, text = agent_timeout.seconds, agent_timeout.text
+    estimate_field = "estimated_duration" if task.estimated_duration is not None else "estimated_time"
+    estimate = getattr(task, estimate_field)
+    if run.limits.task_timeout is not None:
+        if run.limits.task_timeout < seconds:
+            return run.limits.task_timeout, f"{run.limits.task_timeout:g}s, --task-timeout"
+    elif estimate is not None and estimate.seconds < seconds:
+        seconds, text = estimate.seconds, estimate.text
+        path = (*_task_path(spec, task), estimate_field)
+    line = spec.line_of(*path)
+    where = f" in {spec.source}{'' if line is None else f':{line}'}" if spec.source else ""
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    return seconds, f"{text}, {field}{where}"
+
+
+def _task_path(spec: AgentSpec, task: SpecTask) -> tuple[str | int, ...]:
+    for i, candidate in enumerate(spec.tasks.default):
+        if candidate is task:
+            return ("tasks", "default", i)
+    for context, tasks in spec.tasks.conditional.items():
+        for i, candidate in enumerate(tasks):
+            if candidate is task:
+                return ("tasks", "conditional", context, i)
+    return ("tasks",)
 
 
 def announce(event: ProgressEvent, *, run_key: str) -> None:
@@ -200,10 +229,11 @@ def finished(data: Any, *, failures: str | None) -> Any:
 
 async def _record(
     state: State[Any], index: int, task: SpecTask, retries: int, charged: Usage | None = None,
-    calls: TaskCalls | None = None,
+    calls: TaskCalls | None = None, limit: str | None = None,
 ) -> tuple[TaskRecord, BaseException | None]:
     """The task's report row, redacted; ``charged`` is what all its attempts in this run cost (its
-    ledger), ``calls`` the tool calls all its attempts made.
+    ledger), ``calls`` the tool calls all its attempts made, ``limit`` the time limit of one attempt
+    and what set it (:func:`attempt_limit`), named when the attempt ran out of time.
 
     The ledger is the figure of record: it also counts attempts that Prefect
     timed out, which leave no usage on their error. So are ``calls``: a failed
@@ -236,6 +266,9 @@ async def _record(
         return TaskRecord(**base, state="failed", attempts=1,
                           error=redact(state.message or state.name or "failed", secrets), **counts), None
     text = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+    if isinstance(exc, TaskRunTimeoutError) and limit is not None:
+        # Prefect's message gives the seconds only; a short estimate in the spec is the usual cause.
+        text += f" (the time limit of one attempt: {limit})"
     retryable = isinstance(exc, TimeoutError) or (isinstance(exc, TokaError) and exc.retryable)
     return TaskRecord(
         **base,
@@ -388,7 +421,7 @@ async def _run_tasks(
                 workspace_settling.reset(settling)
             charged = budget.tasks[index].charged if index in budget.tasks else None
             record, exc = await _record(state, index, task, run.retries.get(task.priority, 1), charged,
-                                        calls.tasks.get(index))
+                                        calls.tasks.get(index), attempt_limit(spec, task, run)[1])
             records.append(record)
             if state.is_completed():  # its result is persisted now: what a resume replays
                 # Off the loop, not waited for here (an unlink took a millisecond on a disk busy with

@@ -572,6 +572,9 @@ class AgentSpec(BaseModel):
             value = getattr(limits, field_name)
             if value is not None and value.guessed:
                 warn(value.guessed, "security", "resource_limits", field_name)
+        if limits.timeout.seconds < 1:
+            warn(f"{limits.timeout.text!r} is under a second: the agent would time out before its first "
+                 "model request is answered", "security", "resource_limits", "timeout")
         for path, block in self._keeping_blocks():
             known = list(type(block).model_fields)
             for key in block.model_extra or {}:
@@ -599,6 +602,11 @@ class AgentSpec(BaseModel):
                     value = getattr(task, key)
                     if value is not None and value.guessed:
                         warn(value.guessed, *prefix, i, key)
+                    if value is not None and value.seconds < 1:
+                        # An estimate is also the limit of each attempt (unless --task-timeout is given).
+                        warn(f"{value.text!r} is under a second, and a task's estimate is also the time limit of "
+                             "each of its attempts (toka run --task-timeout sets another): the task would time "
+                             "out", *prefix, i, key)
         return found
 
     @property
