@@ -458,3 +458,11 @@ def test_a_limit_under_a_second_is_a_warning_and_a_task_that_runs_out_of_time_na
     record, _ = asyncio.run(_record(state, 1, task, 0, limit=limit))
     assert record.error == ("TaskRunTimeoutError: Scope timed out after 0.001 second(s). (the time limit of one "
                             f"attempt: 1ms, tasks.default[0].estimated_duration in x.yaml:{line})")
+
+
+def test_an_unknown_dependency_is_never_said_to_mean_the_agent_itself() -> None:
+    text = re.sub(r"(?ms)^dependencies:\n.*?(?=^reporting:)", 'dependencies:\n  optional:\n    "repo-surve": x\n',
+                  survey_text())
+    plan = make_plan(specs=[AgentSpec.from_text(text, source="x.yaml")])
+    (warning,) = [w for w in plan.warnings if w.field == "dependencies.optional"]
+    assert "unknown optional dependency 'repo-surve'" in warning.message and "did you mean" not in warning.message

@@ -36,9 +36,10 @@ def _known_list(names: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _unknown_message(name: str, known: Iterable[str], what: str) -> str:
+def _unknown_message(name: str, known: Iterable[str], what: str, *, dependent: str | None = None) -> str:
     known = list(known)
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    # The agent itself is never the one meant: depending on itself would be a cycle.
+    close = difflib.get_close_matches(name, [k for k in known if k != dependent], n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown {what} {name!r}; {hint}known agents: {_known_list(known)}"
 
@@ -129,7 +130,7 @@ class AgentGraph:
                         continue
                     fatal = kind == "required" and not partial
                     problem = Problem(
-                        _unknown_message(dep, agents, f"{kind} dependency")
+                        _unknown_message(dep, agents, f"{kind} dependency", dependent=name)
                         + ("" if kind == "required" else " (ignored)")
                         + (" (not among the files named; check the whole set with `toka validate "
                            "DIRECTORY`)" if kind == "required" and partial else ""),
