@@ -740,6 +740,101 @@ def test_a_failed_task_running_again_leaves_the_later_tasks_work_on_the_branch(t
     assert git(repo, "show", "toka/night/a:t3.txt") == "3\n"
 
 
+class _Versions:
+    """An agent of three tasks on its branch, run under two versions of its spec (``v``: the
+    tasks' cache keys differ), as resumes with a spec edited, then the edit undone, leave it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.repo = make_repo(tmp_path / "repo")
+        self.run = branches.open_run(self.repo, self.repo / ".toka", "night")
+        self.checkout = branches.agent_checkout(self.run, "a", [])
+        self.tree = Path(self.checkout.worktree)
+        self.said: list[str] = []
+
+    def task(self, index: int, version: str, files: dict[str, str], state: str = "completed") -> str | None:
+        for name, text in files.items():
+            (self.tree / name).write_text(text)
+        return branches.commit_task(self.checkout, run_key="night", index=index, total=3, description=f"t{index}",
+                                    state=state, key=f"k{index}-{version}", log=self.said.append)
+
+    def resume(self) -> None:
+        self.checkout = branches.agent_checkout(self.run, "a", [])
+
+    def branch_files(self) -> dict[str, str]:
+        names = git(self.repo, "ls-tree", "--name-only", "toka/night/a").split()
+        return {n: git(self.repo, "show", f"toka/night/a:{n}") for n in names if n.startswith("t")}
+
+
+def test_a_spec_edit_undone_replays_the_first_versions_results_and_the_branch_holds_their_work(
+        tmp_path: Path) -> None:
+    """Edit, resume (all ran again), undo the edit, resume: every task replayed the first version's
+    result from the cache while the branch kept the second version's work."""
+    a = _Versions(tmp_path)
+    for i in (1, 2, 3):
+        a.task(i, "v1", {f"t{i}.txt": "first\n"})
+    a.resume()
+    assert branches.set_aside_from_task(a.checkout, run_key="night", index=1, total=3)
+    for i in (1, 2, 3):
+        a.task(i, "v2", {f"t{i}.txt": "second\n", "extra.txt": f"{i}\n"})
+    a.resume()
+    for i in (1, 2, 3):
+        assert a.task(i, "v1", {}, state="cached")  # restored
+    assert a.branch_files() == {f"t{i}.txt": "first\n" for i in (1, 2, 3)}
+    assert "restored" in a.said[0] and "another version's set aside" in a.said[0]
+    # Once restored, the next resume finds them there.
+    a.resume()
+    assert all(a.task(i, "v1", {}, state="cached") is None for i in (1, 2, 3))
+    assert a.branch_files() == {f"t{i}.txt": "first\n" for i in (1, 2, 3)}
+    assert not git(a.tree, "status", "--porcelain")
+
+
+def test_an_abandoned_attempt_of_another_version_is_never_committed_as_a_cached_tasks_work(tmp_path: Path) -> None:
+    """Edit, resume killed midway through task 1 (its half-done edits uncommitted), undo the edit,
+    resume: task 1, replayed from the cache, was committed with those half-done edits."""
+    a = _Versions(tmp_path)
+    for i in (1, 2, 3):
+        a.task(i, "v1", {f"t{i}.txt": "first\n"})
+    a.resume()
+    assert branches.set_aside_from_task(a.checkout, run_key="night", index=1, total=3)
+    (a.tree / "t1.txt").write_text("half of the second version\n")  # killed here
+    a.resume()
+    for i in (1, 2, 3):
+        assert a.task(i, "v1", {}, state="cached")
+    assert a.branch_files() == {f"t{i}.txt": "first\n" for i in (1, 2, 3)}
+    assert not git(a.tree, "status", "--porcelain")
+    aside = git(a.repo, "log", "--format=%s", "--grep=earlier attempt", "toka/night/a").splitlines()
+    assert aside == ["a: set aside the edits of an earlier attempt at task 1/3", "a: edits of an earlier attempt at task 1/3"]
+
+
+def test_a_cached_result_that_changed_nothing_leaves_no_other_versions_work(tmp_path: Path) -> None:
+    a = _Versions(tmp_path)
+    a.task(1, "v1", {})  # only read
+    for i in (2, 3):
+        a.task(i, "v1", {f"t{i}.txt": "first\n"})
+    a.resume()
+    a.task(1, "v2", {"t1.txt": "second\n"})
+    for i in (2, 3):
+        assert branches.set_aside_from_task(a.checkout, run_key="night", index=i, total=3) or i == 3
+        a.task(i, "v2", {f"t{i}.txt": "second\n"})
+    a.resume()
+    assert a.task(1, "v1", {}, state="cached") is None
+    assert "changed no file" in a.said[-1]
+    for i in (2, 3):
+        assert a.task(i, "v1", {}, state="cached")
+    assert a.branch_files() == {"t2.txt": "first\n", "t3.txt": "first\n"}
+
+
+def test_a_task_that_ran_again_under_a_new_key_commits_its_work_over_the_old_versions_commit(
+        tmp_path: Path) -> None:
+    """A task run afresh under another key while its old commit is still on the branch (a replay
+    that diverged sets aside only the uncommitted edits): its new work was left uncommitted."""
+    a = _Versions(tmp_path)
+    a.task(1, "v1", {"t1.txt": "first\n"})
+    assert a.task(1, "v2", {"t1.txt": "second\n"})
+    assert git(a.repo, "show", "toka/night/a:t1.txt") == "second\n"
+    assert a.task(1, "v2", {"t2.txt": "the next task's, in flight\n"}) is None  # the same key: done already
+
+
 def test_locks_a_killed_commit_left_are_dropped_when_the_run_goes_on(tmp_path: Path) -> None:
     """kill -9 during a task's `git commit`: its ref and HEAD locks failed every resume ("remove
     the file manually to continue", without the file's name)."""

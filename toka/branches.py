@@ -40,7 +40,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -562,8 +562,16 @@ def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str
 
 def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int, description: str,
                 state: str, summary: str = "", files_changed: list[str] | tuple[str, ...] = (),
-                audit: AuditLog | None = None) -> str | None:
+                audit: AuditLog | None = None, key: str | None = None,
+                log: Callable[[str], None] | None = None) -> str | None:
     """Commit what the task left in the agent's worktree; return the commit (None: nothing changed).
+
+    ``key``: the task's cache key (the result's), written in the commit (``Toka-Key``). A task
+    replayed from the cache (``state="cached"``) leaves the branch holding the work that result
+    made: when the branch holds another version of the task's work instead (the spec was
+    edited, the task ran again, and the edit was undone before this resume), that work and the
+    later tasks' are set aside and the cached result's commit is restored from the history;
+    ``log`` is told.
 
     A task that failed for good: its edits are committed marked as failed, then set aside
     by a second commit that undoes them, so the next task starts from the last good state
@@ -580,15 +588,21 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if checkout.shared:
         return None  # a read-only agent's: nothing of it can have changed
+    if state == "cached" and key:
+        handled, restored = _replay_on_branch(checkout, run_key=run_key, index=index, total=total, key=key, log=log)
+        if handled:
+            return restored
     status = _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none")
     if not files_changed and not status:
         # Nothing changed, and no file reported that the ignore rules keep out (named below): one
         # git process instead of the five the checks below take, for every task that only reads.
         return None
-    if state != "failed" and _committed(worktree, checkout, run_key, index, total):
+    live = None if state == "failed" else _committed(worktree, checkout, run_key, index, total)
+    if live is not None and (not key or live[1].get(_KEY) in (None, key)):
         # Done and committed by an earlier process (replayed from Prefect's cache, or run again
         # where that cache is out of reach): what the worktree holds now is a later task's, in
-        # flight when that process stopped, and goes to that task's commit.
+        # flight when that process stopped, and goes to that task's commit. (A commit of another
+        # version of the task, under another key, is not this one's: what it did now is committed.)
         return None
     # A git repository the task made inside (listed by git as "dir/") is not added: git would commit
     # a bare pointer to a commit nobody else has, or fail on one with no commit yet.
@@ -616,7 +630,7 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     if left_out:
         lines += ["Not committed:", *(f"- {path}: {why}" for path, why in left_out), ""]
     lines += [f"Toka-Run: {run_key}", f"Toka-Agent: {checkout.agent}", f"Toka-Task: {index}/{total}",
-              f"Toka-State: {'completed' if state == 'cached' else state}"]
+              f"Toka-State: {'completed' if state == 'cached' else state}"] + ([f"{_KEY}: {key}"] if key else [])
     commit = _commit(worktree, "\n".join(lines) + "\n", env)
     if failed:
         _git(worktree, "revert", "--no-commit", "HEAD", env=env)
@@ -680,6 +694,8 @@ def _too_large(worktree: Path, status: str) -> list[str]:
     return found
 
 
+_KEY = "Toka-Key"
+_RESTORED = "Toka-Restored"
 _SET_ASIDE = "Toka-Set-Aside"
 _RAN_AGAIN = "Toka-Ran-Again"
 _RESTARTED = "Toka-Restarted"
@@ -779,8 +795,8 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     if checkout.shared:
         return True
     worktree = Path(checkout.worktree)
-    found = [commit for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD")
-             if trailers.get("Toka-Run") == run_key and trailers.get(_SET_ASIDE) == f"{index}/{total}"]
+    found = [commit for commit, trailers in _own_commits(checkout, run_key)
+             if trailers.get(_SET_ASIDE) == f"{index}/{total}"]
     if not found:
         # Its edits, uncommitted, are in the worktree they were made in; not in one made again.
         return not checkout.remade
@@ -793,22 +809,81 @@ def reopen_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     return True
 
 
-def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int, total: int) -> str | None:
-    """The commit of task ``index`` of run ``run_key`` the agent's branch holds finished already,
-    if any (its edits set aside after a failure do not count, nor work set aside for a task that
-    ran again: :func:`set_aside_from_task`)."""
-    for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
-        if trailers.get("Toka-Run") != run_key:
-            continue
+def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int,
+               total: int) -> tuple[str, dict[str, str]] | None:
+    """The commit (with its trailers) of task ``index`` of run ``run_key`` the agent's branch holds
+    finished already, if any (its edits set aside after a failure do not count, nor work set aside
+    for a task that ran again: :func:`set_aside_from_task`)."""
+    for commit, trailers in _own_commits(checkout, run_key):  # newest first
         again = _task_number(trailers.get(_RAN_AGAIN))
         if again is not None and again <= index:
             return None  # this task's earlier commit, if any, is set aside below here
         if trailers.get("Toka-Task") == f"{index}/{total}" and trailers.get("Toka-State") == "completed":
-            return commit
+            return commit, trailers
     return None
 
 
-def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int) -> str | None:
+def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, total: int, key: str,
+                      log: Callable[[str], None] | None) -> tuple[bool, str | None]:
+    """Task ``index``, replayed from the cache under ``key``: make the branch hold the work of that
+    result. Returns whether that is done, and the commit restored (None: the branch holds that
+    work already, or the result made none). Not done: no version of the task's work is on the
+    branch or in its history, and what the worktree holds (if anything) is the result's to commit.
+
+    A spec edited and undone between resumes replays the first version's results while the
+    branch holds the second version's work (or, the second version's attempt killed midway, its
+    half-done edits in the worktree): the report would show one thing and ``toka apply`` bring
+    another."""
+    worktree = Path(checkout.worktree)
+    live = _committed(worktree, checkout, run_key, index, total)
+    if live is not None and live[1].get(_KEY) in (None, key):
+        return True, None  # already there (a commit of before keys were written counts as this one's)
+    made = next((commit for commit, trailers in _own_commits(checkout, run_key)
+                 if trailers.get("Toka-Task") == f"{index}/{total}" and trailers.get("Toka-State") == "completed"
+                 and trailers.get(_KEY) == key), None)
+    if live is None and made is None:
+        return False, None
+    why = (f"The task's result is replayed from the cache, and these edits are not that result's "
+           f"(an attempt at another version of the task{', cut short' if live is None else ''}).")
+    if set_aside_edits(checkout, run_key=run_key, index=index, total=total, why=why) and log is not None:
+        log(f"task {index}/{total}: uncommitted edits of another version of the task set aside on {checkout.branch}")
+    if live is not None:
+        set_aside_from_task(checkout, run_key=run_key, index=index, total=total,
+                            why=f"The result replayed from the cache ({key}) is not the one {live[0][:12]} holds "
+                                "the work of: the spec or settings changed back since.")
+    if made is None:
+        if log is not None:
+            log(f"task {index}/{total}: replayed from the cache; the work of another version of it is set aside "
+                f"on {checkout.branch} (the replayed result changed no file)")
+        return True, None
+    restored = _restore(checkout, made, run_key=run_key)
+    if log is not None:
+        log(f"task {index}/{total}: replayed from the cache; its work ({made[:12]}) is restored on "
+            f"{checkout.branch} as {restored[:12]}" + (", and another version's set aside" if live else ""))
+    return True, restored
+
+
+def _restore(checkout: AgentCheckout, commit: str, *, run_key: str) -> str:
+    """Apply ``commit``'s changes (a task's, set aside since) on the branch and commit them under its
+    message. Where they no longer apply as a patch, the files it changed are taken as it left them."""
+    worktree, env = Path(checkout.worktree), _identity(checkout.agent)
+    if run_git(worktree, "cherry-pick", "--no-commit", commit, env=env).returncode != 0:
+        run_git(worktree, "cherry-pick", "--abort")
+        _git(worktree, "reset", "-q", "--hard", "HEAD")
+        changed = _git(worktree, "diff-tree", "-r", "-z", "--no-commit-id", "--name-only", "--no-renames",
+                       f"{commit}^", commit).split("\0")
+        paths = [f":(literal){p}" for p in changed if p]
+        if paths:
+            _git(worktree, "restore", f"--source={commit}", "--staged", "--worktree", "--", *paths)
+    message = _git(worktree, "log", "-1", "--format=%B", commit).rstrip("\n")
+    body, _, trailers = message.rpartition("\n\n")
+    note = (f"Restored from {commit[:12]}: the run replays this task's result from the cache, and this is the "
+            f"work that result made.")
+    return _commit(worktree, f"{body}\n\n{note}\n\n{trailers}\n{_RESTORED}: {commit}\n", env)
+
+
+def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int,
+                        why: str = "") -> str | None:
     """Task ``index`` runs again though the branch holds its own finished commit of this run (its
     cache key changed: the spec or a setting was edited before a resume): its work and the later
     tasks' are set aside by one commit (a revert of their commits when an earlier task's newer work
@@ -819,9 +894,7 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
         return None
     worktree = Path(checkout.worktree)
     oldest, finished, ours, lower_above, seen_lower = None, False, [], False, False
-    for commit, trailers in _trailers(worktree, f"{checkout.start}..HEAD"):  # newest first
-        if trailers.get("Toka-Run") != run_key:
-            continue
+    for commit, trailers in _own_commits(checkout, run_key):  # newest first
         again = _task_number(trailers.get(_RAN_AGAIN))
         if again is not None and again <= index:
             break  # what is older was set aside already, when this task or an earlier one ran again
@@ -845,15 +918,22 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
     if not lower_above:
         _git(worktree, "read-tree", "-u", "--reset", f"{oldest}^")
     trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: {index}/{total}\n"
+    why = why or f"Its spec or settings changed since {oldest[:12]} was made; the task starts over from before it."
     return _commit(worktree, f"{checkout.agent}: set aside the work of task {index}/{total} and after: it runs "
-                             f"again\n\nIts spec or settings changed since {oldest[:12]} was made; the task starts "
-                             f"over from before it.\n\n{trailers}", _identity(checkout.agent))
+                             f"again\n\n{why}\n\n{trailers}", _identity(checkout.agent))
 
 
 def _task_number(trailer: str | None) -> int | None:
     """2 of a ``Toka-Task: 2/4`` trailer's value."""
     number = (trailer or "").partition("/")[0]
     return int(number) if number.isdigit() else None
+
+
+def _own_commits(checkout: AgentCheckout, run_key: str) -> list[tuple[str, dict[str, str]]]:
+    """The agent's own commits of run ``run_key`` on its branch since its start, newest first, with
+    their trailers (a dependency's work merged in since is not the agent's)."""
+    return [(commit, trailers) for commit, trailers in _trailers(Path(checkout.worktree), f"{checkout.start}..HEAD")
+            if trailers.get("Toka-Run") == run_key and trailers.get("Toka-Agent") == checkout.agent]
 
 
 def _trailers(worktree: Path, revisions: str) -> list[tuple[str, dict[str, str]]]:

@@ -431,7 +431,7 @@ async def _run_tasks(
             if run.checkout is not None and not _left_no_changes(record, calls.tasks.get(index), journalled):
                 # In the background: the next task's first model request need not wait for git; its
                 # tools do (workspace_settling), and so does each commit for the one before it.
-                committing = asyncio.create_task(_commit_after(committing, run, record, total))
+                committing = asyncio.create_task(_commit_after(committing, run, record, total, step.cache_key()))
                 moved = True
             if record.state == "cached":  # its earlier cost counts as spent (a replaying step carries its own)
                 for book in (budget.ledger, ledger):
@@ -478,14 +478,15 @@ async def _settled(committing: asyncio.Task[None] | None) -> None:
 
 
 async def _commit_after(previous: asyncio.Task[None] | None, run: RunConfig, record: TaskRecord,
-                        total: int) -> None:
+                        total: int, key: str) -> None:
     await _settled(previous)
-    await asyncio.to_thread(_commit, run, record, total)
+    await asyncio.to_thread(_commit, run, record, total, key)
 
 
-def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
-    """Commit what the task left in the agent's worktree (blocking: git); a task that failed for
-    good has its edits set aside (:func:`toka.branches.commit_task`)."""
+def _commit(run: RunConfig, record: TaskRecord, total: int, key: str) -> None:
+    """Commit what the task left in the agent's worktree (blocking: git), under its cache key; a
+    task that failed for good has its edits set aside, one replayed from the cache gets the work
+    of that result back on the branch (:func:`toka.branches.commit_task`)."""
     assert run.checkout is not None
     result = record.result
     audit = AuditLog(audit_path(Workspace(run.workspace).state_dir, run.run_key), run=run.run_key,
@@ -493,14 +494,18 @@ def _commit(run: RunConfig, record: TaskRecord, total: int) -> None:
     commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
                 description=record.description, state=record.state,
                 summary=result.summary if result else record.error or "",
-                files_changed=result.files_changed if result else (), audit=audit)
+                files_changed=result.files_changed if result else (), audit=audit, key=key, log=_warn)
 
 
 def _warn_refused_commit(entry: dict[str, Any]) -> None:
     # In the run's log (the UI), beside the audit trail's record.
+    _warn(entry["reason"])
+
+
+def _warn(line: str) -> None:
     try:
-        get_run_logger().warning("%s", entry["reason"])
-    except MissingContextError:  # committed outside a Prefect run: the audit trail holds it
+        get_run_logger().warning("%s", line)
+    except MissingContextError:  # committed outside a Prefect run: the audit trail, the history hold it
         pass
 
 
