@@ -80,3 +80,37 @@ def test_only_agents_without_a_tool_that_changes_files_are_read_only() -> None:
     with use_tools(Lookup()):  # an added tool may do anything
         assert changes_files(["lookup-access"])
     assert not changes_files(["lookup-access"])
+
+
+def test_a_dependent_that_starts_again_after_its_dependency_ran_again_works_on_its_new_work(tmp_path: Path) -> None:
+    """alpha -> beta ran to the end; alpha's spec edited; the resume ran both again, beta in its old
+    worktree on alpha's old work (while its prompt held alpha's new results), and `toka apply
+    --agent beta` applied alpha's superseded work."""
+    run = _open(tmp_path)
+
+    def task(checkout: branches.AgentCheckout, name: str, text: str) -> None:
+        (Path(checkout.worktree) / name).write_text(text)
+        assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="t", state="completed",
+                                    key=f"k-{text}")
+
+    alpha = branches.agent_checkout(run, "alpha", [])
+    task(alpha, "alpha.txt", "old\n")
+    beta = branches.agent_checkout(run, "beta", ["alpha"])
+    reader = branches.agent_checkout(run, "reader", ["alpha"], read_only=True)
+    task(beta, "beta.txt", "old\n")
+    assert branches.catch_up_with_dependencies(branches.agent_checkout(run, "beta", ["alpha"]), Path(run.state_dir),
+                                               "night") is None  # alpha has not moved
+    alpha = branches.agent_checkout(run, "alpha", [])  # the resume: alpha runs again
+    assert branches.set_aside_from_task(alpha, run_key="night", index=1, total=1)
+    task(alpha, "alpha.txt", "new\n")
+    beta = branches.agent_checkout(run, "beta", ["alpha"])
+    assert beta.reused and branches.set_aside_from_task(beta, run_key="night", index=1, total=1)
+    assert branches.catch_up_with_dependencies(beta, Path(run.state_dir), "night")
+    assert (Path(beta.worktree) / "alpha.txt").read_text() == "new\n"
+    task(beta, "beta.txt", "new\n")
+    changes = branches.agent_changes(run, "beta")
+    assert changes is not None and changes.files_changed == ["beta.txt"]  # its own, against its new start
+    assert git(Path(run.repo), "show", "toka/night/beta:alpha.txt") == "new\n"
+    # A read-only dependent, on the resume, reads alpha's work as it is now.
+    again = branches.agent_checkout(run, "reader", ["alpha"], read_only=True)
+    assert again.start != reader.start and (Path(again.worktree) / "alpha.txt").read_text() == "new\n"

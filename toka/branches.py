@@ -404,6 +404,9 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
     own = None if recorded is None or recorded.get("shared") else recorded  # its own worktree's record
     if read_only:
         start = recorded["start"] if recorded else _start_of(run, agent, deps)
+        if recorded and not _holds_dependencies(run, recorded.get("deps") or [], start):
+            # A resume after its dependencies ran again (a spec edit): it reads their work as it is now.
+            start, recorded = _start_of(run, agent, deps), None
         path = run.shared_worktree(start)
         with _worktrees_locked(run):
             if not (path / ".git").exists():
@@ -436,6 +439,45 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         _write_json(record, {"start": start, "deps": deps})
     return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
                          remade=own is not None)
+
+
+def _holds_dependencies(run: RunBranches, deps: list[str], commit: str) -> bool:
+    """Whether ``commit`` holds the work of ``deps`` as their branches have it now."""
+    repo = Path(run.repo)
+    return all(_is_ancestor(repo, head, commit) for head in _heads(repo, [run.branch(d) for d in deps]))
+
+
+def catch_up_with_dependencies(checkout: AgentCheckout, state_dir: Path, run_key: str) -> str | None:
+    """Before the agent's first task starts afresh in a worktree an earlier process made (a resume):
+    when its dependencies' branches moved since (they ran again: their spec was edited), their work
+    as it is now is merged into the agent's branch, as a fresh run would start from it (else the
+    agent works, and ``toka apply --agent`` applies, on their superseded work while its prompt holds
+    their new results). Its record's start becomes that merge of theirs. Returns the merge commit
+    (None: nothing moved)."""
+    if checkout.shared:
+        return None
+    run = load_run(state_dir, run_key)
+    record = run.agent_record(checkout.agent)
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    deps = recorded.get("deps") or []
+    worktree = Path(checkout.worktree)
+    if not deps or _holds_dependencies(run, deps, _git(worktree, "rev-parse", "HEAD").strip()):
+        return None
+    start = _start_of(run, checkout.agent, deps)
+    env = _identity(checkout.agent)
+    message = (f"{checkout.agent}: start again from the work of {', '.join(deps)} as it is now\n\n"
+               f"{'They' if len(deps) > 1 else 'It'} ran again since {recorded['start'][:12]}, where this branch "
+               f"started.\n\nToka-Run: {run_key}\nToka-Agent: {checkout.agent}\n")
+    if run_git(worktree, "merge", "-q", "--no-ff", "--no-verify", "-m", message, start, env=env).returncode != 0:
+        # The agent's own work left on the branch conflicts with theirs: it runs again from theirs.
+        run_git(worktree, "merge", "--abort")
+        _git(worktree, "reset", "-q", "--hard", "HEAD")
+        _git(worktree, "read-tree", "-u", "--reset", start)
+        tree = _git(worktree, "write-tree").strip()
+        commit = _git(worktree, "commit-tree", tree, "-p", "HEAD", "-p", start, "-m", message, env=env).strip()
+        _git(worktree, "update-ref", "HEAD", commit)
+    _write_json(record, {**recorded, "start": start})
+    return _git(worktree, "rev-parse", "HEAD").strip()
 
 
 def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:
