@@ -1340,6 +1340,58 @@ def test_a_task_that_runs_again_after_its_spec_changed_leaves_its_new_work_on_th
                        "a: set aside the work of task 1/2 and after: it runs again"], log
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_a_spec_edit_undone_before_the_next_resume_leaves_the_replayed_results_work_on_the_branch(
+        tmp_path: Path) -> None:
+    """Edited, resumed (both tasks ran again), the edit undone, resumed: both tasks replayed their
+    first results from the cache while the branch (and so `toka apply`) kept the edited spec's work.
+    And the edited resume set the in-flight task 2's leftover edits aside as task 1's."""
+    from toka.errors import PermanentModelError
+
+    spec = writer("a", tasks=2)
+    for task in spec["tasks"]["default"]:
+        task["priority"] = "high"
+    repo = make_repo(tmp_path / "repo", spec)
+    broken = [True]
+
+    def answer(request: ModelRequest) -> ModelResponse:
+        careful = "carefully" in (request.system or "")
+        step = int(request.metadata["task"])
+        if not any(m.role == "assistant" for m in request.messages):
+            return tool_call("write_file", path=f"t{step}.txt", content="careful\n" if careful else "plain\n")
+        if step == 2 and broken[0]:
+            raise PermanentModelError("the provider refused the request")
+        return submit(summary=f"wrote t{step}.txt")
+
+    assert toka(repo, "--run-key", "undo", model=FunctionModel(answer)).exit_code == 1
+    broken[0] = False
+    assert toka(repo, "--resume", model=FunctionModel(answer)).exit_code == 0
+    assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["plain\n"] * 2
+    # As a kill in task 2 leaves it: its edit uncommitted, its journal begun.
+    worktree = repo / ".toka" / "worktrees" / "undo" / "a"
+    git(repo, "worktree", "add", "-q", str(worktree), "toka/undo/a")  # the finished run removed it
+    (worktree / "t2.txt").write_text("half\n")
+    journal = repo / ".toka" / "journal" / "undo" / "a" / "2.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text('{"kind":"response"}\n')
+    spec_file = repo / "specs" / "a.yaml"
+    plain = spec_file.read_text()
+    spec_file.write_text(plain.replace("a agent", "a agent that works carefully"))
+    edited = toka(repo, "--resume", model=FunctionModel(answer))
+    assert edited.exit_code == 0, edited.output
+    assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["careful\n"] * 2
+    assert git(repo, "show", "--format=%s", "--name-only", "toka/undo/a~4").split() == [
+        "a:", "edits", "of", "an", "earlier", "attempt", "at", "task", "2/2", "t2.txt"]
+    spec_file.write_text(plain)  # the edit undone
+    undone = toka(repo, "--resume", model=FunctionModel(answer))
+    assert undone.exit_code == 0, undone.output
+    assert "2 tasks replayed from cache" in undone.output
+    assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["plain\n"] * 2
+    # Restored from the history, where both versions' work stays.
+    bodies = git(repo, "log", "-2", "--format=%B%x00", "toka/undo/a").split("\0")
+    assert all("Restored from" in body for body in bodies[:2]), bodies
+
+
 def probe_output(workspace: Path, script: str, *, run_key: str) -> str:
     """What the shell ``script``, run by an agent in its worktree of ``workspace``, printed."""
     outputs: list[str] = []

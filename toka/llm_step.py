@@ -137,16 +137,18 @@ def _has_entries(journal: Journal) -> bool:
 
 
 async def _set_aside(checkout: AgentCheckout, run_key: str, index: int, total: int, why: str,
-                     logger: Any) -> None:
-    """Set the worktree's uncommitted edits aside on the agent's branch (:func:`set_aside_edits`);
-    the task starts over from its last commit. The previous task's commit lands first."""
+                     logger: Any) -> str | None:
+    """Set the worktree's uncommitted edits (task ``index``'s) aside on the agent's branch
+    (:func:`set_aside_edits`), so the task starting now starts from its last commit; return the
+    commit holding them (None: there were none). The previous task's commit lands first."""
     settling = workspace_settling.get()
     if settling is not None and not settling.done():
         await asyncio.wait([settling])  # shielded: a cancelled attempt must not cancel a commit
     commit = await asyncio.to_thread(set_aside_edits, checkout, run_key=run_key, index=index, total=total, why=why)
     if commit is not None:
-        logger.warning("task %d/%d starts over: the earlier attempt's edits are set aside on %s (in %s). %s",
+        logger.warning("task %d/%d's uncommitted edits are set aside on %s (in %s). %s",
                        index, total, checkout.branch, commit[:12], why)
+    return commit
 
 
 async def _set_aside_earlier_work(checkout: AgentCheckout, run_key: str, index: int, total: int,
@@ -274,10 +276,18 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
     if checkout is not None and (attempt > 1 or checkout.reused) and not _has_entries(journal):
         # An attempt that starts afresh where an earlier one left edits: a retry whose journal was
         # dropped (the model's malformed results end an attempt so), or a resume of such a task. Done
-        # again on top of them, each change would land twice.
-        await _set_aside(checkout, run.run_key, step.index, len(tasks),
-                         "An earlier attempt ended without a result and its turns were not kept; "
-                         "this one starts over.", logger)
+        # again on top of them, each change would land twice. On a resume that runs an earlier task
+        # again (its spec was edited), they are the later task's that was in flight, named so.
+        later = [j for j in (Journal(journal_path(workspace.state_dir, run.run_key, spec.name, i), logger=logger)
+                             for i in range(step.index + 1, len(tasks) + 1)) if _has_entries(j)]
+        owner = int(later[-1].path.stem) if later and attempt == 1 else step.index
+        why = ("An earlier attempt ended without a result and its turns were not kept; this one starts over."
+               if owner == step.index else
+               f"Task {owner}/{len(tasks)} was in flight when the run stopped; task {step.index}/{len(tasks)} runs "
+               "again before it, from the last commit.")
+        if await _set_aside(checkout, run.run_key, owner, len(tasks), why, logger) and owner != step.index:
+            for stale in later:  # their recorded tools' effects are set aside: replayed, they would be missing
+                stale.discard()
     if checkout is not None and (checkout.reused or checkout.remade) and not _has_entries(journal):
         await _set_aside_earlier_work(checkout, run.run_key, step.index, len(tasks), logger)
         if step.index == 1:
