@@ -824,6 +824,18 @@ def test_a_cached_result_that_changed_nothing_leaves_no_other_versions_work(tmp_
     assert a.branch_files() == {"t2.txt": "first\n", "t3.txt": "first\n"}
 
 
+def test_a_cached_tasks_work_found_on_the_branch_already_is_not_committed_again(tmp_path: Path) -> None:
+    a = _Versions(tmp_path)
+    a.task(1, "v1", {"x.txt": "1\n"})
+    a.resume()
+    assert branches.set_aside_from_task(a.checkout, run_key="night", index=1, total=3)
+    a.task(1, "v2", {})
+    a.task(2, "v2", {"x.txt": "1\n"})  # the same change, by another task of the other version
+    a.resume()
+    assert a.task(1, "v1", {}, state="cached") is None  # git had nothing to commit: no error
+    assert git(a.repo, "show", "toka/night/a:x.txt") == "1\n"
+
+
 def test_a_task_that_ran_again_under_a_new_key_commits_its_work_over_the_old_versions_commit(
         tmp_path: Path) -> None:
     """A task run afresh under another key while its old commit is still on the branch (a replay

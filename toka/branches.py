@@ -898,16 +898,19 @@ def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, tota
             log(f"task {index}/{total}: replayed from the cache; the work of another version of it is set aside "
                 f"on {checkout.branch} (the replayed result changed no file)")
         return True, None
-    restored = _restore(checkout, made, run_key=run_key)
+    restored = _restore(checkout, made)
+    if restored is None:
+        return True, None  # its changes are on the branch already (another commit made the same)
     if log is not None:
         log(f"task {index}/{total}: replayed from the cache; its work ({made[:12]}) is restored on "
             f"{checkout.branch} as {restored[:12]}" + (", and another version's set aside" if live else ""))
     return True, restored
 
 
-def _restore(checkout: AgentCheckout, commit: str, *, run_key: str) -> str:
+def _restore(checkout: AgentCheckout, commit: str) -> str | None:
     """Apply ``commit``'s changes (a task's, set aside since) on the branch and commit them under its
-    message. Where they no longer apply as a patch, the files it changed are taken as it left them."""
+    message; return that commit (None: they change nothing there). Where they no longer apply as a
+    patch, the files it changed are taken as it left them."""
     worktree, env = Path(checkout.worktree), _identity(checkout.agent)
     if run_git(worktree, "cherry-pick", "--no-commit", commit, env=env).returncode != 0:
         run_git(worktree, "cherry-pick", "--abort")
@@ -917,6 +920,8 @@ def _restore(checkout: AgentCheckout, commit: str, *, run_key: str) -> str:
         paths = [f":(literal){p}" for p in changed if p]
         if paths:
             _git(worktree, "restore", f"--source={commit}", "--staged", "--worktree", "--", *paths)
+    if run_git(worktree, "diff", "--cached", "--quiet", "--ignore-submodules=none").returncode == 0:
+        return None
     message = _git(worktree, "log", "-1", "--format=%B", commit).rstrip("\n")
     body, _, trailers = message.rpartition("\n\n")
     note = (f"Restored from {commit[:12]}: the run replays this task's result from the cache, and this is the "
