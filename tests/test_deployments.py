@@ -169,6 +169,18 @@ def test_spec_text_in_prefect_yaml_holds_no_placeholder_prefect_deploy_expands(
     with pytest.raises(ConfigError, match=r"spec path 'q \{\{ \$HOME \}\}' contains '\{\{'"):
         sync_deployments(target, [templated])
 
+
+def test_a_key_pasted_into_a_spec_title_is_not_published_in_the_deployments_description(
+        tmp_path: Path, write_specs: Any) -> None:
+    key = "ghp_" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7c"
+    specs = write_specs(minimal_spec("alpha", spec={"name": f"Demo {key}", "domain": "testing", "priority": "high"}))
+    target = tmp_path / "prefect.yaml"
+    target.write_text(PREFECT_YAML.read_text())
+    assert sync_deployments(target, [specs]) is True
+    assert key not in target.read_text()
+    (alpha,) = [d for d in yaml.safe_load(target.read_text())["deployments"] if d["name"] == "alpha"]
+    assert alpha["description"].startswith("Demo [REDACTED]: runs alpha")
+
 # -- a real server ------------------------------------------------------------------------------
 
 

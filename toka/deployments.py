@@ -26,6 +26,7 @@ import yaml
 from .config import AGENT_RUNNER_DEPLOYMENT
 from .errors import ConfigError
 from .plan import make_plan
+from .redact import redact
 from .spec import AgentSpec
 from .specset import DEFAULT_SPEC_DIR
 
@@ -99,7 +100,9 @@ def render_deployments(
         spec = graph.agents[name]
         required = graph.upstream(name, "required")
         needs = f"after its required dependencies ({', '.join(required)})" if required else "(no required dependencies)"
-        description = _inert(f"{spec.spec.name}: runs {name} {needs}.")
+        # Redacted as prompts are: a key pasted into a title would be published to everyone with
+        # access to the UI (validate warns about it too).
+        description = _inert(redact(f"{spec.spec.name}: runs {name} {needs}."))
         tags = ["toka", "agent", f"priority:{spec.priority}"]
         lines += [
             f"{_INDENT}- name: {_q(name)}",
