@@ -836,6 +836,18 @@ def test_a_cached_tasks_work_found_on_the_branch_already_is_not_committed_again(
     assert git(a.repo, "show", "toka/night/a:x.txt") == "1\n"
 
 
+def test_a_restored_task_whose_changes_no_longer_apply_gets_its_files_as_it_left_them(tmp_path: Path) -> None:
+    a = _Versions(tmp_path)
+    (a.tree / "shared.txt").unlink()
+    made = a.task(1, "v1", {"t.txt": "1\nfirst\n3\n"})
+    assert made
+    a.task(2, "v1", {"t.txt": "1\nother\n3\n"})  # the same line since: the patch conflicts
+    restored = branches._restore(a.checkout, made)
+    assert restored and git(a.repo, "show", "toka/night/a:t.txt") == "1\nfirst\n3\n"
+    assert "Restored from" in git(a.repo, "log", "-1", "--format=%B", "toka/night/a")
+    assert not git(a.tree, "status", "--porcelain") and not (a.tree / "shared.txt").exists()
+
+
 def test_a_task_that_ran_again_under_a_new_key_commits_its_work_over_the_old_versions_commit(
         tmp_path: Path) -> None:
     """A task run afresh under another key while its old commit is still on the branch (a replay

@@ -915,11 +915,16 @@ def _restore(checkout: AgentCheckout, commit: str) -> str | None:
     if run_git(worktree, "cherry-pick", "--no-commit", commit, env=env).returncode != 0:
         run_git(worktree, "cherry-pick", "--abort")
         _git(worktree, "reset", "-q", "--hard", "HEAD")
-        changed = _git(worktree, "diff-tree", "-r", "-z", "--no-commit-id", "--name-only", "--no-renames",
-                       f"{commit}^", commit).split("\0")
-        paths = [f":(literal){p}" for p in changed if p]
-        if paths:
-            _git(worktree, "restore", f"--source={commit}", "--staged", "--worktree", "--", *paths)
+        fields = _git(worktree, "diff-tree", "-r", "-z", "--no-commit-id", "--name-status", "--no-renames",
+                      f"{commit}^", commit).split("\0")
+        # -z --name-status: "<status>" NUL "<path>" NUL, repeated.
+        changed = list(zip(fields[0::2], fields[1::2]))
+        kept = [f":(literal){path}" for status, path in changed if status != "D"]
+        deleted = [f":(literal){path}" for status, path in changed if status == "D"]
+        if kept:
+            _git(worktree, "checkout", "-q", commit, "--", *kept)
+        if deleted:
+            _git(worktree, "rm", "-q", "-r", "--ignore-unmatch", "--", *deleted)
     if run_git(worktree, "diff", "--cached", "--quiet", "--ignore-submodules=none").returncode == 0:
         return None
     message = _git(worktree, "log", "-1", "--format=%B", commit).rstrip("\n")
