@@ -1404,6 +1404,10 @@ def test_a_spec_edit_undone_before_the_next_resume_leaves_the_replayed_results_w
     edited = toka(repo, "--resume", model=FunctionModel(answer))
     assert edited.exit_code == 0, edited.output
     assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["careful\n"] * 2
+    # On the terminal, as it happens.
+    assert "a: task 2/2's uncommitted edits set aside" in edited.output
+    assert "a: task 1/2 runs again (its spec or settings changed): its earlier work and the later tasks' set " \
+           "aside" in edited.output
     assert git(repo, "show", "--format=%s", "--name-only", "toka/undo/a~4").split() == [
         "a:", "edits", "of", "an", "earlier", "attempt", "at", "task", "2/2", "t2.txt"]
     spec_file.write_text(plain)  # the edit undone
@@ -1411,6 +1415,7 @@ def test_a_spec_edit_undone_before_the_next_resume_leaves_the_replayed_results_w
     assert undone.exit_code == 0, undone.output
     assert "2 tasks replayed from cache" in undone.output
     assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["plain\n"] * 2
+    assert "a: task 1/2: replayed from the cache; its work (" in undone.output
     # Restored from the history, where both versions' work stays.
     bodies = git(repo, "log", "-2", "--format=%B%x00", "toka/undo/a").split("\0")
     assert all("Restored from" in body for body in bodies[:2]), bodies

@@ -1049,6 +1049,9 @@ class _LiveView:
             if not self.live:
                 note = f" ({event.reason})" if event.state == "failed" and event.reason else ""
                 err.print(f"{event.agent}: task {event.task}/{event.total} {event.state}{escape(note)}")
+        elif event.kind == "branch-note":
+            err.print(f"{event.agent}: {escape(event.reason or '')}")  # above the live table, when there is one
+            return
         elif event.kind == "agent-finished":
             row["state"], row["task"] = event.state or "", escape(event.reason or "")
             if not self.live:

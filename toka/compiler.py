@@ -66,7 +66,7 @@ from .journal import Journal, journal_path
 from .llm_step import StepInput, agent_ledger, is_retryable, llm_step
 from .model import Usage
 from .policy import approval_keys
-from .progress import ProgressEvent, notify
+from .progress import ProgressEvent, notify, tell_branch
 from .providers import get_model
 from .redact import redact, redact_data, secret_values
 from .report import agent_markdown, agent_results_table
@@ -494,12 +494,20 @@ def _commit(run: RunConfig, record: TaskRecord, total: int, key: str) -> None:
     commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
                 description=record.description, state=record.state,
                 summary=result.summary if result else record.error or "",
-                files_changed=result.files_changed if result else (), audit=audit, key=key, log=_warn)
+                files_changed=result.files_changed if result else (), audit=audit, key=key,
+                log=lambda line: _tell(run.checkout.agent if run.checkout else "", line))
 
 
 def _warn_refused_commit(entry: dict[str, Any]) -> None:
     # In the run's log (the UI), beside the audit trail's record.
     _warn(entry["reason"])
+
+
+def _tell(agent: str, line: str) -> None:
+    """What a commit did to the branch besides committing (a resume's restore): in the run's log
+    and on the terminal."""
+    _warn(line)
+    tell_branch(agent, line)
 
 
 def _warn(line: str) -> None:

@@ -35,7 +35,7 @@ from .errors import ReplayDiverged, TokaError
 from .journal import Journal, journal_path
 from .model import Usage
 from .policy import AgentPolicy
-from .progress import ProgressEvent, notify
+from .progress import ProgressEvent, notify, tell_branch
 from .prompt import system_prompt, task_message
 from .providers import get_model
 from .results import TaskOutcome, current_agent_calls
@@ -148,6 +148,7 @@ async def _set_aside(checkout: AgentCheckout, run_key: str, index: int, total: i
     if commit is not None:
         logger.warning("task %d/%d's uncommitted edits are set aside on %s (in %s). %s",
                        index, total, checkout.branch, commit[:12], why)
+        tell_branch(checkout.agent, f"task {index}/{total}'s uncommitted edits set aside (in {commit[:12]})")
     return commit
 
 
@@ -163,6 +164,8 @@ async def _set_aside_earlier_work(checkout: AgentCheckout, run_key: str, index: 
     if commit is not None:
         logger.warning("task %d/%d runs again (its spec or settings changed since it was done): its earlier work "
                        "and the later tasks' are set aside on %s (in %s)", index, total, checkout.branch, commit[:12])
+        tell_branch(checkout.agent, f"task {index}/{total} runs again (its spec or settings changed): its earlier "
+                                    f"work and the later tasks' set aside (in {commit[:12]})")
 
 
 def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
@@ -295,6 +298,7 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
             if merged is not None:
                 logger.warning("its dependencies ran again since the agent started: their work as it is now is "
                                "merged into %s (in %s)", checkout.branch, merged[:12])
+                tell_branch(spec.name, f"its dependencies ran again: their work as it is now merged in ({merged[:12]})")
     step_args: dict[str, Any] = dict(
         model=model,
         system=system_prompt(spec, tools=toolbox.names, on_branch=run.checkout is not None),

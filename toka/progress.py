@@ -13,9 +13,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ProgressEvent", "listen", "notify"]
+__all__ = ["ProgressEvent", "listen", "notify", "tell_branch"]
 
-EventKind = Literal["agent-started", "agent-finished", "task-started", "task-finished", "task-turn"]
+EventKind = Literal["agent-started", "agent-finished", "task-started", "task-finished", "task-turn", "branch-note"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class ProgressEvent:
     turn: int | None = None
     """For task-turn events (told to listeners in this process only, never to Prefect): the
     model request the task is at."""
+
+
+def tell_branch(agent: str, text: str) -> None:
+    """Tell listeners in this process (the terminal) what a resume did to the agent's branch: work
+    set aside, restored, merged in. The run's log holds it too; the history, in full."""
+    notify(ProgressEvent("branch-note", agent, reason=text))
 
 
 Listener = Callable[[ProgressEvent], None]
