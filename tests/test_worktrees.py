@@ -82,35 +82,39 @@ def test_only_agents_without_a_tool_that_changes_files_are_read_only() -> None:
     assert not changes_files(["lookup-access"])
 
 
-def test_a_dependent_that_starts_again_after_its_dependency_ran_again_works_on_its_new_work(tmp_path: Path) -> None:
+def test_a_dependent_resumed_after_its_dependency_ran_again_starts_again_from_its_new_work(tmp_path: Path) -> None:
     """alpha -> beta ran to the end; alpha's spec edited; the resume ran both again, beta in its old
     worktree on alpha's old work (while its prompt held alpha's new results), and `toka apply
-    --agent beta` applied alpha's superseded work."""
+    --agent beta` applied alpha's superseded work. A dependent whose tasks all replay from the cache
+    stayed on it too."""
     run = _open(tmp_path)
 
-    def task(checkout: branches.AgentCheckout, name: str, text: str) -> None:
-        (Path(checkout.worktree) / name).write_text(text)
-        assert branches.commit_task(checkout, run_key="night", index=1, total=1, description="t", state="completed",
-                                    key=f"k-{text}")
+    def task(checkout: branches.AgentCheckout, name: str, text: str, state: str = "completed") -> str | None:
+        if text:
+            (Path(checkout.worktree) / name).write_text(text)
+        return branches.commit_task(checkout, run_key="night", index=1, total=1, description="t", state=state,
+                                    key=f"k-{name}")
 
     alpha = branches.agent_checkout(run, "alpha", [])
     task(alpha, "alpha.txt", "old\n")
     beta = branches.agent_checkout(run, "beta", ["alpha"])
     reader = branches.agent_checkout(run, "reader", ["alpha"], read_only=True)
-    task(beta, "beta.txt", "old\n")
-    assert branches.catch_up_with_dependencies(branches.agent_checkout(run, "beta", ["alpha"]), Path(run.state_dir),
-                                               "night") is None  # alpha has not moved
+    task(beta, "beta.txt", "beta's\n")
+    (Path(beta.worktree) / "half.txt").write_text("a later task's, in flight\n")
+    again = branches.agent_checkout(run, "beta", ["alpha"], tasks=1)
+    assert again.reused and not again.restarted  # alpha has not moved
     alpha = branches.agent_checkout(run, "alpha", [])  # the resume: alpha runs again
     assert branches.set_aside_from_task(alpha, run_key="night", index=1, total=1)
-    task(alpha, "alpha.txt", "new\n")
-    beta = branches.agent_checkout(run, "beta", ["alpha"])
-    assert beta.reused and branches.set_aside_from_task(beta, run_key="night", index=1, total=1)
-    assert branches.catch_up_with_dependencies(beta, Path(run.state_dir), "night")
-    assert (Path(beta.worktree) / "alpha.txt").read_text() == "new\n"
-    task(beta, "beta.txt", "new\n")
+    assert task(alpha, "alpha.txt", "new\n")
+    beta = branches.agent_checkout(run, "beta", ["alpha"], tasks=1)
+    assert beta.restarted and (Path(beta.worktree) / "alpha.txt").read_text() == "new\n"
+    assert not (Path(beta.worktree) / "beta.txt").exists() and not (Path(beta.worktree) / "half.txt").exists()
+    assert task(beta, "beta.txt", "", state="cached")  # replayed: its work comes back, on alpha's new work
+    assert git(Path(run.repo), "show", "toka/night/beta:beta.txt") == "beta's\n"
+    assert git(Path(run.repo), "show", "toka/night/beta:alpha.txt") == "new\n"
     changes = branches.agent_changes(run, "beta")
     assert changes is not None and changes.files_changed == ["beta.txt"]  # its own, against its new start
-    assert git(Path(run.repo), "show", "toka/night/beta:alpha.txt") == "new\n"
+    assert branches.agent_checkout(run, "beta", ["alpha"], tasks=1).restarted is None  # once
     # A read-only dependent, on the resume, reads alpha's work as it is now.
-    again = branches.agent_checkout(run, "reader", ["alpha"], read_only=True)
-    assert again.start != reader.start and (Path(again.worktree) / "alpha.txt").read_text() == "new\n"
+    reread = branches.agent_checkout(run, "reader", ["alpha"], read_only=True)
+    assert reread.start != reader.start and (Path(reread.worktree) / "alpha.txt").read_text() == "new\n"

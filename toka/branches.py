@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict
 from .audit import AuditLog, audit_path, run_file_name
 from .errors import BranchError, ConfigError, MergeConflictError
 from .gitguard import git_dirs, run_git
+from .journal import journal_dir
 from .process import as_text
 
 __all__ = [
@@ -384,13 +385,18 @@ class AgentCheckout(BaseModel):
     remade: bool = False
     """Made again for an agent the run had begun (its worktree removed: by hand, by a discard cut
     short): a task's uncommitted edits are not in it."""
+    restarted: str | None = None
+    """The commit that started it again from its dependencies' new work (:func:`_start_again`)."""
 
 
-def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False) -> AgentCheckout:
+def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False,
+                   tasks: int = 0) -> AgentCheckout:
     """The agent's worktree on its branch, made from the base or its dependencies' merged work.
 
     ``deps``: the dependencies whose work it starts from, in plan order. A worktree that
-    exists already (a resumed run) is used as it is. A ``read_only`` agent (no tool of it can
+    exists already (a resumed run) is used as it is, unless their branches moved since (they ran
+    again): then the agent starts again from their work as it is now (:func:`_start_again`;
+    ``tasks``, how many it has, names them there). A ``read_only`` agent (no tool of it can
     change a file) reads a worktree shared by every such agent with the same start, detached
     at it; its branch is made at that start, where it stays.
 
@@ -419,8 +425,10 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
     path = run.worktree(agent)
     if (path / ".git").exists() and own is not None:
         _drop_stale_locks(path, branch)
-        return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                             start=own["start"], reused=True)
+        found = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
+                              start=own["start"], reused=True)
+        return _start_again(run, found, deps, tasks) if deps and not _holds_dependencies(run, deps, _head(
+            repo, branch)) else found
     exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
                                          f"refs/heads/{branch}").returncode == 0
     if exists:
@@ -437,8 +445,10 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         with _worktrees_locked(run):
             _add_worktree(run, path, "-B" if own is None else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
-    return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
+    made = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
                          remade=own is not None)
+    return _start_again(run, made, deps, tasks) if exists and deps and not _holds_dependencies(run, deps, _head(
+        repo, branch)) else made
 
 
 def _holds_dependencies(run: RunBranches, deps: list[str], commit: str) -> bool:
@@ -447,37 +457,36 @@ def _holds_dependencies(run: RunBranches, deps: list[str], commit: str) -> bool:
     return all(_is_ancestor(repo, head, commit) for head in _heads(repo, [run.branch(d) for d in deps]))
 
 
-def catch_up_with_dependencies(checkout: AgentCheckout, state_dir: Path, run_key: str) -> str | None:
-    """Before the agent's first task starts afresh in a worktree an earlier process made (a resume):
-    when its dependencies' branches moved since (they ran again: their spec was edited), their work
-    as it is now is merged into the agent's branch, as a fresh run would start from it (else the
-    agent works, and ``toka apply --agent`` applies, on their superseded work while its prompt holds
-    their new results). Its record's start becomes that merge of theirs. Returns the merge commit
-    (None: nothing moved)."""
-    if checkout.shared:
-        return None
-    run = load_run(state_dir, run_key)
-    record = run.agent_record(checkout.agent)
-    recorded = json.loads(record.read_text(encoding="utf-8"))
-    deps = recorded.get("deps") or []
-    worktree = Path(checkout.worktree)
-    if not deps or _holds_dependencies(run, deps, _git(worktree, "rev-parse", "HEAD").strip()):
-        return None
+def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tasks: int) -> AgentCheckout:
+    """The agent's branch, found by a resume, started from its dependencies' work as it was; they
+    ran again since (their spec was edited, or undone): it starts again from their work as it is
+    now, as a fresh run would. One commit on its branch takes its tree to theirs (its second parent)
+    and says its own work is set aside (``Toka-Ran-Again: 1``): each of its tasks the resume
+    replays from the cache gets its work back from the history (:func:`commit_task`), each that
+    runs again starts from theirs. Uncommitted edits are set aside first, and its journals go (their
+    tools' effects are set aside with them). Returns the checkout at its new start.
+
+    Else it kept working, and ``toka apply --agent`` applied, on their superseded work while its
+    prompt held their new results; and an agent whose tasks were all replayed stayed on it."""
+    worktree, total = Path(checkout.worktree), str(tasks or "?")
+    in_flight = sorted(int(p.stem) for p in (journal_dir(Path(run.state_dir), run.run_key) / checkout.agent).glob(
+        "*.jsonl") if p.stem.isdigit())
+    set_aside_edits(checkout, run_key=run.run_key, index=in_flight[-1] if in_flight else 1, total=total,
+                    why=f"The work of {', '.join(deps)} changed since the agent started; it starts again from it.")
     start = _start_of(run, checkout.agent, deps)
-    env = _identity(checkout.agent)
+    _git(worktree, "read-tree", "-u", "--reset", start)
+    tree = _git(worktree, "write-tree").strip()
     message = (f"{checkout.agent}: start again from the work of {', '.join(deps)} as it is now\n\n"
-               f"{'They' if len(deps) > 1 else 'It'} ran again since {recorded['start'][:12]}, where this branch "
-               f"started.\n\nToka-Run: {run_key}\nToka-Agent: {checkout.agent}\n")
-    if run_git(worktree, "merge", "-q", "--no-ff", "--no-verify", "-m", message, start, env=env).returncode != 0:
-        # The agent's own work left on the branch conflicts with theirs: it runs again from theirs.
-        run_git(worktree, "merge", "--abort")
-        _git(worktree, "reset", "-q", "--hard", "HEAD")
-        _git(worktree, "read-tree", "-u", "--reset", start)
-        tree = _git(worktree, "write-tree").strip()
-        commit = _git(worktree, "commit-tree", tree, "-p", "HEAD", "-p", start, "-m", message, env=env).strip()
-        _git(worktree, "update-ref", "HEAD", commit)
-    _write_json(record, {**recorded, "start": start})
-    return _git(worktree, "rev-parse", "HEAD").strip()
+               f"{'They' if len(deps) > 1 else 'It'} ran again since {checkout.start[:12]}, where this branch started: "
+               f"the agent's own work is set aside; a task replayed from the cache gets its work back.\n\n"
+               f"Toka-Run: {run.run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: 1/{total}\n")
+    commit = _git(worktree, "commit-tree", tree, "-p", "HEAD", "-p", start, "-m", message,
+                  env=_identity(checkout.agent)).strip()
+    _git(worktree, "update-ref", "HEAD", commit)
+    shutil.rmtree(journal_dir(Path(run.state_dir), run.run_key) / checkout.agent, ignore_errors=True)
+    record = run.agent_record(checkout.agent)
+    _write_json(record, {**json.loads(record.read_text(encoding="utf-8")), "start": start, "deps": deps})
+    return checkout.model_copy(update={"start": start, "restarted": commit})
 
 
 def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:
@@ -683,7 +692,7 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     return commit
 
 
-def set_aside_edits(checkout: AgentCheckout, *, run_key: str, index: int, total: int, why: str) -> str | None:
+def set_aside_edits(checkout: AgentCheckout, *, run_key: str, index: int, total: int | str, why: str) -> str | None:
     """Commit what the worktree holds uncommitted, then take it back out in a second commit:
     task ``index`` starts over from the branch's last state, its edits kept in the history.
     Returns the commit holding them (None: there were none).

@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
 from .audit import AuditLog, audit_path, run_file_name
-from .branches import AgentCheckout, catch_up_with_dependencies, set_aside_edits, set_aside_from_task
+from .branches import AgentCheckout, set_aside_edits, set_aside_from_task
 from .budget import Ledger, current_agent_budget, current_ledger
 from .capabilities import grant_tools
 from .config import RunConfig
@@ -293,12 +293,6 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
                 stale.discard()
     if checkout is not None and (checkout.reused or checkout.remade) and not _has_entries(journal):
         await _set_aside_earlier_work(checkout, run.run_key, step.index, len(tasks), logger)
-        if step.index == 1:
-            merged = await asyncio.to_thread(catch_up_with_dependencies, checkout, workspace.state_dir, run.run_key)
-            if merged is not None:
-                logger.warning("its dependencies ran again since the agent started: their work as it is now is "
-                               "merged into %s (in %s)", checkout.branch, merged[:12])
-                tell_branch(spec.name, f"its dependencies ran again: their work as it is now merged in ({merged[:12]})")
     step_args: dict[str, Any] = dict(
         model=model,
         system=system_prompt(spec, tools=toolbox.names, on_branch=run.checkout is not None),

@@ -80,7 +80,7 @@ from .journal import remove_empty_journals
 from .limits import LimitSettings, check_limits
 from .plan import Plan, check_contexts, make_plan
 from .policy import check_unsandboxed
-from .progress import ProgressEvent, listen
+from .progress import ProgressEvent, listen, tell_branch
 from .providers import choose_model, get_model
 from .redact import redact, secret_values
 from .report import pipeline_markdown
@@ -435,7 +435,14 @@ async def _schedule(
             try:
                 spec = graph.agents[name]
                 read_only = not changes_files(spec.security.capabilities_required)
-                checkout = await asyncio.to_thread(agent_checkout, branches, name, deps, read_only=read_only)
+                checkout = await asyncio.to_thread(agent_checkout, branches, name, deps, read_only=read_only,
+                                                   tasks=len(spec.task_list(run.contexts)))
+                if checkout.restarted:
+                    said = (f"its dependencies ran again: it starts again from their work as it is now "
+                            f"({checkout.restarted[:12]}); its own work is set aside, a task replayed from the cache "
+                            "gets its work back")
+                    get_run_logger().warning("%s: %s", name, said)
+                    tell_branch(name, said)
             except MergeConflictError as e:
                 reason = f"not started: {e}"
                 await _show_not_run(graph.agents[name], reason)
