@@ -277,6 +277,44 @@ def test_a_long_value_in_a_message_is_abridged() -> None:
     assert problem.field == "spec.priority" and len(problem.message) < 400
 
 
+# -- values shaped against the token check ----------------------------------------------
+
+#: About 65,000 characters each, shaped against the check for API keys (a warning at load, redacted
+#: from the prompt): a pattern that looked ahead to the end of the run at each `sk-` of the first
+#: took 4 s for it; the others are thousands of candidates found not random (`Bearer a-a-...`).
+TOKEN_RUNS = [
+    "sk-" * 21_800, "Bearer " + "a-" * 32_500, "x" + " sk-a-a-a-a-a-a-a-a-a-a" * 2_800, "ghp_" * 16_000,
+]
+TOKEN_RUNS_SPEC = BASE.replace('      priority: "critical"', '      priority: "critical"\n      notes: *n1', 1).replace(
+    "tasks:", "runs:\n" + "".join(f"  n{i}: &n{i} '{run}'\n" for i, run in enumerate(TOKEN_RUNS)) + "tasks:", 1)
+#: One value of 65,000 characters and 18,000 aliases of it: checked at each alias, it took 17.5 s.
+ALIASES_OF_A_LONG_VALUE = BASE + "notes:\n  big: &a " + "a" * 65_000 + "\n  copies:\n" + "    - *a\n" * 18_000
+
+
+@pytest.mark.parametrize("text", [TOKEN_RUNS_SPEC, ALIASES_OF_A_LONG_VALUE], ids=["token-runs", "aliases"])
+def test_values_shaped_against_the_token_check_load_quickly(text: str) -> None:
+    assert 200_000 < len(text.encode()) < MAX_SPEC_BYTES
+    spent = least_cpu_seconds(lambda: AgentSpec.from_text(text, source="x.yaml").warnings, bound=2)
+    assert spent < 2, f"took {spent:.2f} s of CPU to load and list the warnings"
+
+
+def test_the_prompts_redact_values_shaped_against_the_token_check_quickly() -> None:
+    """`toka run` redacts the system prompt and each task's message, where these values go."""
+    import toka.prompt
+    from toka.prompt import system_prompt, task_message
+
+    spec = AgentSpec.from_text(TOKEN_RUNS_SPEC, source="x.yaml")
+
+    def prompts() -> str:
+        toka.prompt._PROMPTS.clear()  # built once per spec: each run builds it anew
+        return system_prompt(spec, tools=["read_file"]) + task_message(spec, spec.tasks.default, 1)
+
+    spent = least_cpu_seconds(prompts, bound=2)
+    assert spent < 2, f"took {spent:.2f} s of CPU to build and redact the prompts"
+    text = prompts()
+    assert TOKEN_RUNS[0] in text and "[REDACTED]" not in text  # none of them is a key
+
+
 def test_every_real_spec_is_far_within_every_limit() -> None:
     for path in [*TOKA_SPECS.glob("*.yaml"), *AGENT_SPECS.glob("*.yaml")]:
         text = path.read_text(encoding="utf-8")

@@ -354,27 +354,48 @@ def test_yaml_1_1_octal_hex_and_underscore_integers_are_text_as_written_where_te
     assert make_plan(specs=[spec]).to_dict()["agents"][0]["domain"] == "0x10"
 
 
-@pytest.mark.parametrize(("field", "written"), [
-    ("max_cpu", "0x20"), ("max_cpu", "010"), ("timeout", "1_800"), ("max_processes", "0x10"),
+@pytest.mark.parametrize(("field", "written", "read"), [
+    ("max_processes", "1_000", 1000), ("max_processes", "0x10", 16), ("max_processes", "+8", 8),
+    ("max_processes", "07", 7),  # a leading zero, but 7 in YAML 1.1 and 1.2 alike
+    ("timeout", "1_800", "1800s"), ("max_cpu", "0x20", "32%"),
 ])
-def test_a_yaml_1_1_integer_where_a_number_is_meant_is_refused_as_written(field: str, written: str) -> None:
+def test_underscore_hex_and_signed_integers_where_a_number_is_meant_are_the_numbers_yaml_reads(
+    field: str, written: str, read: object
+) -> None:
+    """`1_000` is a common way to write a count, and loaded before YAML 1.1's other integers were
+    refused; YAML 1.2 reads hex the same, and `1_000` as nothing else but text."""
+    text = re.sub(rf"(?m)^    {field}: .*$", f"    {field}: {written}", survey_text(), count=1)
+    value = getattr(AgentSpec.from_text(text, source="x.yaml").security.resource_limits, field)
+    assert (value if isinstance(read, int) else str(value)) == read
+
+
+@pytest.mark.parametrize(("field", "written", "yaml_1_2"), [
+    ("max_cpu", "010", "as 10"), ("max_processes", "010", "as 10"), ("max_processes", "0_17", "as text"),
+])
+def test_a_leading_zero_octal_where_a_number_is_meant_is_refused_as_written(
+    field: str, written: str, yaml_1_2: str
+) -> None:
     text = re.sub(rf"(?m)^    {field}: .*$", f"    {field}: {written}", survey_text(), count=1)
     with pytest.raises(SpecError) as caught:
         AgentSpec.from_text(text, source="x.yaml")
     (problem,) = caught.value.problems
-    assert problem.field == f"security.resource_limits.{field}" and problem.line is not None
-    assert problem.message.startswith(f"{written!r} is not a decimal number (YAML 1.1 reads it as ")
+    assert problem.field == f"security.resource_limits.{field}"
+    assert problem.line == text.splitlines().index(f"    {field}: {written}") + 1
+    assert problem.message == (f"{written!r} has a leading zero: YAML 1.1 reads it as the octal number "
+                               f"{int(written.replace('_', ''), 8)}, YAML 1.2 {yaml_1_2} (which was meant is a "
+                               "guess); write it in decimal digits without the leading zero")
 
 
-def test_a_yaml_1_1_integer_for_a_task_count_or_budget_is_refused_and_decimal_ones_still_load() -> None:
+def test_token_budgets_and_task_counts_take_underscores_and_hex_and_refuse_only_octal() -> None:
     text = re.sub(r"(?m)^    - description: .*$", r"\g<0>\n      max_turns: 010", survey_text(), count=1)
     with pytest.raises(SpecError) as caught:
-        AgentSpec.from_text(text + "budget: {task_tokens: 1_000}\n", source="x.yaml")
-    assert {p.field for p in caught.value.problems} == {"tasks.default[0].max_turns", "budget.task_tokens"}
-    text = re.sub(r"(?m)^    - description: .*$", r"\g<0>\n      max_turns: 10", survey_text(), count=1)
-    spec = AgentSpec.from_text(text + "budget: {task_tokens: 1000, agent_tokens: +5000}\n")
-    assert spec.tasks.default[0].max_turns == 10 and spec.budget.task_tokens == 1000
+        AgentSpec.from_text(text + "budget: {task_tokens: 100_000}\n", source="x.yaml")
+    assert [p.field for p in caught.value.problems] == ["tasks.default[0].max_turns"]
+    text = re.sub(r"(?m)^    - description: .*$", r"\g<0>\n      max_turns: 0x0a", survey_text(), count=1)
+    spec = AgentSpec.from_text(text + "budget: {task_tokens: 100_000, agent_tokens: +5000}\n")
+    assert spec.tasks.default[0].max_turns == 10 and spec.budget.task_tokens == 100_000
     assert spec.budget.agent_tokens == 5000
+    assert not spec.warnings
 
 
 @pytest.mark.parametrize("written", ["reporting\x1b[8m", "my-cap\x1b[31mRED\nok other", "notes\u202e"])
@@ -426,6 +447,87 @@ def test_an_api_key_pasted_into_a_spec_is_a_located_warning_and_never_reaches_th
     assert all(openai not in str(w) and anthropic not in str(w) for w in warned.values())
     prompt = system_prompt(spec, tools=["read_file"]) + task_message(spec, spec.tasks.default, 1)
     assert openai not in prompt and anthropic not in prompt and "api_key: [REDACTED]" in prompt
+
+
+#: Real-looking keys (random, fixed here so that a failure is reproducible).
+REAL_KEYS = [
+    "sk-ant-api03-q8Zr2LkV0mWx5NcT7bYe3HdJ9fGa1SuP4oKi6RlE",
+    "Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    "ghp_7Hq2Vw9Lx4Bn0Ct6Rz1Ym8Ks3Dj5Fa2Ge9Pu",
+    "sk-Tz8Qw2Er5Ty7Ui1Op4As6Df9Gh3Jk0Lz2Xc5Vb8Nm1Qa4Ws",
+    "Bearer 550e8400-e29b-41d4-a716-446655440000",
+]
+
+
+@pytest.mark.parametrize("prose", [
+    "Add Bearer token-authentication to the API gateway", "Document the bearer authentication_flow",
+    "Check the Bearer authentication-headers.", "Port the sk-learn-compatible-pipelines-v2 notebooks",
+    "Tag v2-sk-2024-release-candidate-1", "Plan sk-2024-release-candidate-1",
+])
+def test_prose_that_mentions_bearer_or_sk_is_not_taken_for_a_key(prose: str) -> None:
+    """"Add Bearer token-authentication to the API gateway" was a warning, and the model was asked
+    to "Add [REDACTED] to the API gateway"."""
+    text = re.sub(r"(?m)^    - description: .*$", f'    - description: "{prose}"', survey_text(), count=1)
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    assert not [w for w in spec.warnings if "API key or token" in w.message]
+    assert task_message(spec, spec.tasks.default, 1).startswith(f"# Task 1 of 4: {prose}\n")
+
+
+@pytest.mark.parametrize("key", REAL_KEYS, ids=lambda key: key[:6])
+def test_a_real_looking_key_in_prose_is_still_warned_of_and_redacted(key: str) -> None:
+    text = re.sub(r"(?m)^    - description: .*$", f'    - description: "Call the API with {key} and report"',
+                  survey_text(), count=1)
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    (warning,) = [w for w in spec.warnings if "API key or token" in w.message]
+    assert (warning.field, warning.line) == ("tasks.default[0].description", 34)
+    message = task_message(spec, spec.tasks.default, 1)
+    assert message.startswith("# Task 1 of 4: Call the API with [REDACTED] and report\n") and key not in message
+
+
+def test_a_key_used_as_a_mapping_key_is_not_printed_in_the_field_path() -> None:
+    """`reporting.metrics[2].ghp_...: looks like an API key` printed the key it warned of."""
+    github, anthropic = REAL_KEYS[2], REAL_KEYS[0]
+    text = edited(survey_text(), '    - "config-files":', f'    - "{github}":')
+    text = edited(text, "metadata:\n", f"metadata:\n  {github}: 1\n")
+    text += f"notes:\n  {github}:\n    inner: {anthropic}\n"
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    lines = text.splitlines()
+    assert {(w.field, w.line) for w in spec.warnings} == {
+        ("reporting.metrics[2].[REDACTED]", lines.index(f'    - "{github}": "Build and CI configuration files found"') + 1),
+        ("metadata.[REDACTED]", 3),  # a token, and a field the runtime does not read: both warnings
+        ("notes.[REDACTED]", lines.index(f"  {github}:") + 1),
+        ("notes.[REDACTED].inner", lines.index(f"    inner: {anthropic}") + 1),
+    }
+    assert len(spec.warnings) == 5 and not any(github in str(w) or anthropic in str(w) for w in spec.warnings)
+
+
+def test_a_key_that_is_not_text_is_shown_as_a_key_on_its_own_line() -> None:
+    """`true:` in a block was shown as `notes[True]`, a list's index, at the block's line."""
+    key = REAL_KEYS[2]
+    text = survey_text() + f"notes:\n  true: {key}\n  null: {key}\n  5: {key}\n  plain: {key}\n"
+    spec = AgentSpec.from_text(text, source="x.yaml")
+    lines = text.splitlines()
+    assert {(w.field, w.line) for w in spec.warnings} == {
+        (f"notes.{written}", lines.index(f"  {written}: {key}") + 1) for written in ("true", "null", "5", "plain")}
+
+
+def test_a_signed_integer_reaches_the_agent_as_written() -> None:
+    """An unquoted `+5` in a context block reached the prompt as `5`."""
+    text = re.sub(r"(?m)^    - description: .*$", "    - description: +5\n      points: +3", survey_text(), count=1)
+    spec = AgentSpec.from_text(text + "notes: {delta: +5, drop: -5, plain: 5}\n", source="x.yaml")
+    assert "delta: +5\n  drop: -5\n  plain: 5\n" in system_prompt(spec, tools=["read_file"])
+    message = task_message(spec, spec.tasks.default, 1)
+    assert message.startswith("# Task 1 of 4: +5\n") and "points: +3" in message
+
+
+def test_a_key_used_through_aliases_is_warned_of_where_each_use_is() -> None:
+    key = REAL_KEYS[3]
+    text = edited(survey_text(), '  branch: "main"', f'  branch: &k "{key}"')
+    spec = AgentSpec.from_text(text + "notes:\n  copy: *k\n  copies:\n    - *k\n    - *k\n", source="x.yaml")
+    lines = text.splitlines()
+    assert [(w.field, w.line) for w in spec.warnings] == [
+        ("metadata.branch", 7), ("notes.copy", len(lines) + 2), ("notes.copies[0]", len(lines) + 4),
+        ("notes.copies[1]", len(lines) + 5)]
 
 
 def test_a_limit_under_a_second_is_a_warning_and_a_task_that_runs_out_of_time_names_its_limit() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 __all__ = ["REDACTED", "looks_like_token", "redact", "redact_data", "remember_secret", "secret_values"]
@@ -22,24 +22,77 @@ REDACTED = "[REDACTED]"
 
 T = TypeVar("T")
 
-# Each starts where a word does: "ta-sk-scheduler-implementation" is a file name, not a key. The
-# generic `sk-` form also needs a digit: keys are random, kebab-case words (`sk-...-overview`) are not.
+# Each starts where a word does: "ta-sk-scheduler-implementation" is a file name, not a key.
+# No pattern may look ahead over what follows or be retried inside its own match: a spec value
+# may be 65,536 characters of "sk-sk-sk-...", and a lookahead scanning to the end of the run at
+# each "sk-" in it took 4 s for one value. What the prefix alone cannot tell (is the rest random?)
+# is decided in Python, once per candidate (:func:`_is_token`).
 _PATTERNS = re.compile(
     r"(?<![A-Za-z0-9])(?:"
     + "|".join(
         [
             r"sk-ant-[A-Za-z0-9_\-]{8,}",  # Anthropic
-            r"sk-(?=[A-Za-z0-9_\-]*[0-9])(?:proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI-style
             r"gh[pousr]_[A-Za-z0-9]{20,}",  # GitHub tokens
             r"github_pat_[A-Za-z0-9_]{20,}",
             r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
             r"AKIA[0-9A-Z]{16}",  # AWS access key id
             r"glpat-[A-Za-z0-9_\-]{20,}",  # GitLab
-            r"(?i:bearer)\s+[A-Za-z0-9._\-]{16,}",
+            # Checked for randomness: "Bearer token-authentication" is prose.
+            r"(?i:bearer)\s+(?P<bearer>[A-Za-z0-9._\-]{16,})",
         ]
     )
-    + ")"
+    # OpenAI-style, checked for randomness too ("sk-learn-compatible-pipelines-v2" is a name), and
+    # only where a token starts (the text's start, a space, a quote, '=', ':', a bracket): in
+    # "v2-sk-2024-release-candidate-1" it is the middle of a name.
+    + r""")|(?<![^\s"'`=:,(\[{<])(?P<sk>sk-(?:proj-)?[A-Za-z0-9_\-]{20,})"""
 )
+_SEPARATORS = re.compile(r"[-_.]+")
+_DIGIT = re.compile(r"[0-9]")
+_LETTER = re.compile(r"[A-Za-z]")
+#: A run of letters and digits this long, holding both, is random, not a word ("Abc123DEF456...").
+_RANDOM_RUN = 16
+
+
+def _looks_random(value: str) -> bool:
+    """Whether ``value`` (a bearer token or an ``sk-`` key's body) looks generated, not written.
+
+    Keys and tokens mix letters and digits, in a long run (``abc123def456ghi789``, a JWT's
+    ``eyJhbGciOiJIUzI1NiJ9``) or in most of their parts (a UUID); names joined by hyphens have
+    digits in a version or a date at most (``learn-compatible-pipelines-v2``,
+    ``2024-release-candidate-1``).
+    """
+    if _LETTER.search(value) is None:
+        return False
+    parts = [part for part in _SEPARATORS.split(value) if part]
+    with_digit = [part for part in parts if _DIGIT.search(part) is not None]
+    return 2 * len(with_digit) > len(parts) or any(
+        len(part) >= _RANDOM_RUN and _LETTER.search(part) is not None for part in with_digit)
+
+
+def _is_token(match: re.Match[str]) -> bool:
+    if match["sk"] is not None:
+        return _looks_random(match["sk"][3:])
+    if match["bearer"] is not None:
+        return _looks_random(match["bearer"])
+    return True
+
+
+def _token_spans(text: str) -> Iterator[tuple[int, int]]:
+    """Where the token-shaped strings of ``text`` are, first to last.
+
+    A candidate found not random is searched again from just past its prefix ("Bearer " or
+    "sk-"), so that a token inside it is still found ("Bearer sk-ant-..."); each character is
+    looked at a bounded number of times, and the time taken stays linear in the text's length.
+    """
+    pos = 0
+    while (match := _PATTERNS.search(text, pos)) is not None:
+        if _is_token(match):
+            yield match.span()
+            pos = match.end()
+        else:
+            pos = match.start("bearer") if match["bearer"] is not None else match.start() + 3
+
+
 _SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|passwd|credential|auth)")
 
 
@@ -75,12 +128,16 @@ def _known(secrets: Iterable[str]) -> list[str]:
 def _redact(text: str, known: list[str]) -> str:
     for secret in known:
         text = text.replace(secret, REDACTED)
-    return _PATTERNS.sub(REDACTED, text)
+    out, last = [], 0
+    for start, end in _token_spans(text):
+        out += [text[last:start], REDACTED]
+        last = end
+    return "".join(out) + text[last:] if out else text
 
 
 def looks_like_token(text: str) -> bool:
     """Whether ``text`` holds a string of a known token format (what :func:`redact` replaces unasked)."""
-    return _PATTERNS.search(text) is not None
+    return next(_token_spans(text), None) is not None
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 import reprlib
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime
@@ -36,8 +37,17 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import Problem, SpecError, has_control
+from .redact import REDACTED, looks_like_token
 from .units import Bandwidth, ByteSize, CpuShare, Duration, as_written
-from .yaml_source import MAX_PROBLEMS, MAX_TASKS, WrittenInt, YamlSource, load_yaml, read_spec_text
+from .yaml_source import (
+    MAX_PROBLEMS,
+    MAX_TASKS,
+    WrittenFloat,
+    WrittenInt,
+    YamlSource,
+    load_yaml,
+    read_spec_text,
+)
 
 __all__ = [
     "PRIORITIES",
@@ -126,6 +136,15 @@ def _not_blank(value: str) -> str:
 NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
 
 
+#: A YAML 1.1 octal integer (``010``, ``-0_17``): a decimal number, or text, in YAML 1.2.
+_LEADING_ZERO = re.compile(r"[-+]?0[0-7_]+")
+
+
+def _yaml_1_2_int(text: str) -> int | None:
+    """The decimal integer YAML 1.2 (core schema) reads from ``text``, if it reads one."""
+    return int(text) if re.fullmatch(r"[-+]?[0-9]+", text) else None
+
+
 class _Block(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -146,14 +165,21 @@ class _Block(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _counts_in_decimal(cls, value: Any, info: ValidationInfo) -> Any:
-        """An integer YAML 1.1 reads from ``010``, ``0x1f`` or ``1_000`` is its text where a field takes
-        text (``str()`` gives it); where a number is meant, a reading is a guess, so it is refused."""
-        if isinstance(value, WrittenInt) and info.field_name is not None and not _takes_text(cls, info.field_name):
-            raise PydanticCustomError("not_decimal", f"{value.text!r} is not a decimal number (YAML 1.1 reads it as "
-                                      f"{int(value)}, YAML 1.2 otherwise: which was meant is a guess); write it in "
-                                      "decimal digits")
-        return value
+    def _integers_as_yaml_reads_them(cls, value: Any, info: ValidationInfo) -> Any:
+        """An integer YAML 1.1 reads from ``0x1f``, ``1_000``, ``+5`` or ``010`` is its text where a field
+        takes text (``str()`` gives it), and where a number is meant the number YAML 1.1 reads (YAML 1.2
+        reads hex the same, and ``1_000`` as nothing else); but ``010`` is 8 in YAML 1.1 and 10 in YAML
+        1.2, so it is refused (which was meant is a guess)."""
+        if not isinstance(value, WrittenInt) or info.field_name is None or _takes_text(cls, info.field_name):
+            return value
+        decimal = _yaml_1_2_int(value.text)
+        if _LEADING_ZERO.fullmatch(value.text) and decimal != int(value):
+            other = "as text" if decimal is None else f"as {decimal}"
+            raise PydanticCustomError("octal", f"{value.text!r} has a leading zero: YAML 1.1 reads it as the octal "
+                                      f"number {int(value)}, YAML 1.2 {other} (which was meant is a guess); write "
+                                      "it in decimal digits without the leading zero")
+        # A plain int from here on: a unit's parser (a timeout's seconds) reads str(), the text.
+        return int(value)
 
 
 class _Open(_Block):
@@ -565,7 +591,7 @@ class AgentSpec(BaseModel):
 
         def warn(message: str, *path: str | int) -> None:
             found.append(Problem(message, source=self.source, line=self.line_of(*path),
-                                 field=_field_path(path), level="warning"))
+                                 field=_shown_path(path), level="warning"))
 
         limits = self.security.resource_limits
         for field_name in ("timeout", "max_cpu"):
@@ -825,31 +851,57 @@ def _misspelt_capabilities(data: dict[Any, Any], yaml_source: YamlSource | None,
 def _token_shaped(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
     """Values (and keys) that look like an API key or token: pasted from another framework's config,
     one would reach the model with the spec (the prompt redacts it) and everyone who reads the file."""
-    from .redact import looks_like_token
-
     found: list[Problem] = []
+    # Each distinct text is checked once: an alias is the very string it names, and 19,000 aliases
+    # of one 65,000-character value took 17 s checked one by one. Each place is still warned of.
+    checked: dict[str, bool] = {}
 
-    def walk(value: Any, path: tuple[str | int, ...]) -> None:
+    def token(text: str) -> bool:
+        known = checked.get(text)
+        if known is None:
+            known = checked[text] = looks_like_token(text)
+        return known
+
+    def walk(value: Any, path: tuple[object, ...], shown: tuple[str | int, ...]) -> None:
+        # ``path`` holds the keys as read, to find the line; ``shown`` the field path as printed.
         if isinstance(value, dict):
             for key, item in value.items():
-                if isinstance(key, str) and looks_like_token(key):
-                    found.append(warning((*path, key)))
-                walk(item, (*path, key if isinstance(key, (str, int)) else str(key)))
+                if isinstance(key, str) and token(key):
+                    # Not printed in the field path either, here or under it.
+                    found.append(warning((*path, key), (*shown, REDACTED)))
+                    walk(item, (*path, key), (*shown, REDACTED))
+                else:
+                    walk(item, (*path, key), (*shown, _key_shown(key)))
         elif isinstance(value, list):
             for i, item in enumerate(value):
-                walk(item, (*path, i))
-        elif isinstance(value, str) and looks_like_token(value):
-            found.append(warning(path))
+                walk(item, (*path, i), (*shown, i))
+        elif isinstance(value, str) and token(value):
+            found.append(warning(path, shown))
 
-    def warning(path: tuple[str | int, ...]) -> Problem:
+    def warning(path: tuple[object, ...], shown: tuple[str | int, ...]) -> Problem:
         # The value itself is not repeated: the message would spread it further.
         return Problem("looks like an API key or token: it is redacted from the prompt, but the spec file "
                        "holds it; remove it from the spec and revoke it", source=name,
-                       line=yaml_source.line_of(path) if yaml_source else None, field=_field_path(path),
+                       line=yaml_source.line_of(path) if yaml_source else None, field=_field_path(shown),
                        level="warning")
 
-    walk(data, ())
+    walk(data, (), ())
     return found
+
+
+def _key_shown(key: object) -> str:
+    """A mapping key as a part of a field path: text as it is; another key (``true:``, ``5:``) as
+    written, never as a list's ``[5]``."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (WrittenInt, WrittenFloat)):
+        return str(key)  # the text written: 0x10, 1.10
+    return as_written(key)
+
+
+def _shown_path(path: tuple[str | int, ...]) -> str:
+    """``path`` as a warning prints it: a key that looks like a token is not repeated."""
+    return _field_path(tuple(REDACTED if isinstance(p, str) and looks_like_token(p) else p for p in path))
 
 
 def _misspelt_fields(data: dict[Any, Any], yaml_source: YamlSource | None, name: str | None) -> list[Problem]:
@@ -954,7 +1006,7 @@ def _message(err: ErrorDetails, model_fields: list[str]) -> str:
         return f"a field name must be text, got {_describe(value)}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
-    if kind in ("unit", "not_decimal"):
+    if kind in ("unit", "octal"):
         return err["msg"]
     return f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {_describe(value)})"
 

@@ -113,10 +113,10 @@ class WrittenFloat(float):
 
 
 class WrittenInt(int):
-    """A YAML 1.1 integer not written in plain decimal (``010``, ``0x1f``, ``1_000``, ``0b11``), with
-    the text the author wrote: where a spec field takes text it is that text, not 8, 31 or 1000;
-    where it takes a number it is refused (YAML 1.2 reads ``010`` as 10 and ``1_000`` as text:
-    which one the author meant is a guess)."""
+    """A YAML 1.1 integer not written in plain decimal (``010``, ``0x1f``, ``1_000``, ``0b11``, ``+5``),
+    with the text the author wrote: where a spec field takes text it is that text, not 8, 31 or 1000;
+    where it takes a number it is the number YAML 1.1 reads, except a leading-zero ``010``, which
+    is refused (YAML 1.2 reads it as 10: which one the author meant is a guess)."""
 
     text: str  # an int subclass cannot have __slots__ for it
 
@@ -132,8 +132,9 @@ class WrittenInt(int):
         return WrittenInt, (int(self), self.text)
 
 
-#: An integer as YAML 1.1 and 1.2 both read it (``10``, ``0``, ``-5``).
-_PLAIN_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+#: An integer as YAML 1.1 and 1.2 both read it, and as Python writes it back (``10``, ``0``, ``-5``):
+#: ``+5`` read as 5 would reach the prompt as ``5``.
+_PLAIN_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")
 
 
 class _Builder:
@@ -318,6 +319,8 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
                 except _OverLimit as e:
                     e.path.insert(0, len(items))
                     raise
+                if type(event) is AliasEvent:  # the item is the node it names, written elsewhere
+                    _alias_lines(node)[len(items)] = event.start_mark.line + 1
                 items.append(item)
                 if spans > height:
                     height = spans
@@ -395,12 +398,13 @@ class YamlSource:
                 self._root = None
         return self._root
 
-    def line_of(self, path: Sequence[str | int]) -> int | None:
+    def line_of(self, path: Sequence[object]) -> int | None:
         """The 1-based line of the deepest node along ``path`` that exists.
 
         A path into a missing field points at its parent mapping, which is
         where the user must add it. A string key met at a list is looked up
         among the list's single-key maps, the shape several spec blocks use.
+        A key that is not text (``true:``, ``null:``) is found by what YAML reads.
         """
         node = self._root_node()
         if node is None:
@@ -441,22 +445,45 @@ class YamlSource:
         return None
 
 
-def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
+def _alias_lines(node: yaml.SequenceNode) -> dict[int, int]:
+    """The lines of a list's items that are aliases, by index (kept on the node, made when one is met)."""
+    lines: dict[int, int] | None = getattr(node, "toka_alias_lines", None)
+    if lines is None:
+        lines = {}
+        node.toka_alias_lines = lines  # type: ignore[attr-defined]
+    return lines
+
+
+def _child(node: yaml.Node, part: object) -> tuple[int, yaml.Node] | None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+            if isinstance(key_node, yaml.ScalarNode) and _is_key(key_node, part):
                 return key_node.start_mark.line + 1, value_node
     elif isinstance(node, yaml.SequenceNode):
         if isinstance(part, int):
             if 0 <= part < len(node.value):
                 item = node.value[part]
-                return item.start_mark.line + 1, item
+                aliased = getattr(node, "toka_alias_lines", None)
+                return (aliased.get(part, item.start_mark.line + 1) if aliased else item.start_mark.line + 1), item
         else:
             for item in node.value:
                 found = _child(item, part)
                 if found is not None:
                     return found
     return None
+
+
+def _is_key(node: yaml.ScalarNode, part: object) -> bool:
+    """Whether the key written as ``node`` is ``part``, a key of the data built from it."""
+    if isinstance(part, str) or (isinstance(part, int) and not isinstance(part, bool)):
+        return node.value == str(part)  # a WrittenInt's str() is its text
+    # A key YAML reads as another type (`true:`, `yes:`, `null:`, `1.5:`, a date): compared as read,
+    # since its text is one of several spellings (True is `true`, `True` or `yes`).
+    try:
+        read = yaml.constructor.SafeConstructor().construct_object(node)
+    except Exception:  # PyYAML lets ValueError & co. escape for bad scalars
+        return False
+    return isinstance(read, bool) == isinstance(part, bool) and bool(read == part)
 
 
 def _invisible_cause(text: str, line: int) -> str:
