@@ -28,6 +28,7 @@ from toka.spec import AgentSpec
 from toka.specset import load_specs
 from toka.yaml_source import (
     MAX_DEPTH,
+    MAX_EXPANDED_CHARS,
     MAX_NODES,
     MAX_PROBLEMS,
     MAX_SPEC_BYTES,
@@ -287,13 +288,23 @@ TOKEN_RUNS = [
 ]
 TOKEN_RUNS_SPEC = BASE.replace('      priority: "critical"', '      priority: "critical"\n      notes: *n1', 1).replace(
     "tasks:", "runs:\n" + "".join(f"  n{i}: &n{i} '{run}'\n" for i, run in enumerate(TOKEN_RUNS)) + "tasks:", 1)
-#: One value of 65,000 characters and 18,000 aliases of it: checked at each alias, it took 17.5 s.
+#: One value of 65,000 characters and 18,000 aliases of it: checked at each alias, it took 17.5 s;
+#: written into the prompt, 1.2 GB.
 ALIASES_OF_A_LONG_VALUE = BASE + "notes:\n  big: &a " + "a" * 65_000 + "\n  copies:\n" + "    - *a\n" * 18_000
+#: As many aliases, of a value short enough for the text they expand to to stay within the limit.
+ALIASES_OF_A_VALUE = BASE + "notes:\n  big: &a " + "sk-a1" * 20 + "\n  copies:\n" + "    - *a\n" * 18_000
 
 
-@pytest.mark.parametrize("text", [TOKEN_RUNS_SPEC, ALIASES_OF_A_LONG_VALUE], ids=["token-runs", "aliases"])
+def test_aliases_that_expand_to_more_text_than_the_limit_are_refused_at_the_alias() -> None:
+    (problem,) = refused(ALIASES_OF_A_LONG_VALUE, seconds=2).problems
+    assert re.search(rf"alias \*a stands for 65,000 characters, which makes more than {MAX_EXPANDED_CHARS:,} "
+                     r"characters of text in all", problem.message), problem.message
+    assert problem.line == line_of(ALIASES_OF_A_LONG_VALUE, "- *a") + MAX_EXPANDED_CHARS // 65_000 - 1
+
+
+@pytest.mark.parametrize("text", [TOKEN_RUNS_SPEC, ALIASES_OF_A_VALUE], ids=["token-runs", "aliases"])
 def test_values_shaped_against_the_token_check_load_quickly(text: str) -> None:
-    assert 200_000 < len(text.encode()) < MAX_SPEC_BYTES
+    assert 100_000 < len(text.encode()) < MAX_SPEC_BYTES
     spent = least_cpu_seconds(lambda: AgentSpec.from_text(text, source="x.yaml").warnings, bound=2)
     assert spent < 2, f"took {spent:.2f} s of CPU to load and list the warnings"
 
@@ -340,6 +351,7 @@ def test_the_limits_hold_without_libyaml(monkeypatch: pytest.MonkeyPatch) -> Non
         get_single_node = ys._Loader.get_single_node
         _node = ys._Loader._node
         _alias = ys._Loader._alias
+        _check_chars = ys._Loader._check_chars
 
     monkeypatch.setattr(ys, "_Loader", PurePython)
     assert AgentSpec.from_text(BASE, source="x.yaml").name == "repo-survey"

@@ -65,6 +65,10 @@ MAX_DEPTH = 64
 #: Characters in one scalar, key or value (real specs: at most 137; the prompt shows
 #: every value to the model, and this is already about 16,000 tokens).
 MAX_VALUE_CHARS = 65_536
+#: Characters of text in one spec once its aliases are expanded, each a copy of what it names
+#: (real specs: about 8,000). The prompt holds every value: 20,000 aliases of one 65,536-character
+#: value are 1.3 GB of it, which building the prompt took minutes and gigabytes to write out.
+MAX_EXPANDED_CHARS = 2 * MAX_SPEC_BYTES
 #: Tasks of one agent, ``tasks.default`` and every ``tasks.conditional`` list together
 #: (real specs: at most 9); each is a Prefect task and at least one model request.
 #: Checked by the spec model (``toka.spec.Tasks``).
@@ -236,8 +240,9 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
 
     def get_single_node(self) -> yaml.Node | None:
         # anchor -> (node, nodes it expands to, levels it spans); None while it is composed
-        self._anchors: dict[str, tuple[yaml.Node, int | None, int]] = {}
+        self._anchors: dict[str, tuple[yaml.Node, int | None, int, int]] = {}
         self._nodes = 0
+        self._chars = 0  # of the scalars, aliases expanded
         #: Aliases met inside the collection they name, ``(anchor, mark)``: the data would
         #: contain itself. Refused once the data is built, so that a defect earlier in
         #: the file (a duplicate key) is still reported first, where it is.
@@ -277,7 +282,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
         if anchor is not None and anchor in self._anchors:
             first = self._anchors[anchor][0].start_mark.line + 1
             raise ComposerError(None, None, f"anchor &{anchor} is defined twice (first on line {first})", event.start_mark)
-        start = self._nodes
+        start, start_chars = self._nodes, self._chars
         self._nodes += 1
         if self._nodes > MAX_NODES:
             raise _OverLimit(
@@ -291,11 +296,13 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
                     f"a value of {len(event.value):,} characters; the limit for one value "
                     f"is {MAX_VALUE_CHARS:,}", event.start_mark,
                 )
+            self._chars += len(event.value)
+            self._check_chars(event.start_mark)
             if tag is None or tag == "!":
                 tag = self.resolve(yaml.ScalarNode, event.value, event.implicit)
             scalar = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
             if anchor is not None:
-                self._anchors[anchor] = (scalar, 1, 0)
+                self._anchors[anchor] = (scalar, 1, 0, len(event.value))
             return scalar, 0
         if level >= MAX_DEPTH:
             raise _OverLimit(
@@ -311,7 +318,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
                 tag = self.resolve(yaml.SequenceNode, None, event.implicit)
             node = yaml.SequenceNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
             if anchor is not None:
-                self._anchors[anchor] = (node, None, 0)
+                self._anchors[anchor] = (node, None, 0, 0)
             items = node.value
             while type(event := next_event()) is not SequenceEndEvent:
                 try:
@@ -329,7 +336,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
                 tag = self.resolve(yaml.MappingNode, None, event.implicit)
             node = yaml.MappingNode(tag, [], event.start_mark, None, flow_style=event.flow_style)
             if anchor is not None:
-                self._anchors[anchor] = (node, None, 0)
+                self._anchors[anchor] = (node, None, 0, 0)
             pairs = node.value
             while type(event := next_event()) is not MappingEndEvent:
                 key, spans = self._node(event, level + 1)
@@ -345,18 +352,27 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
                     height = spans
         node.end_mark = event.end_mark
         if anchor is not None:
-            self._anchors[anchor] = (node, self._nodes - start, height + 1)
+            self._anchors[anchor] = (node, self._nodes - start, height + 1, self._chars - start_chars)
         return node, height + 1
+
+    def _check_chars(self, mark: yaml.Mark, why: str = "") -> None:
+        if self._chars > MAX_EXPANDED_CHARS:
+            raise _OverLimit(
+                f"{why}more than {MAX_EXPANDED_CHARS:,} characters of text in all (an alias counts as a copy of "
+                f"what it names); the limit for a spec is {MAX_EXPANDED_CHARS:,}", mark,
+            )
 
     def _alias(self, event: AliasEvent, level: int) -> tuple[yaml.Node, int]:
         anchor = event.anchor
         if anchor not in self._anchors:
             raise ComposerError(None, None, f"found undefined alias {anchor!r}", event.start_mark)
-        node, size, height = self._anchors[anchor]
+        node, size, height, chars = self._anchors[anchor]
         if size is None:  # inside the collection it names
             self.recursive_aliases.append((anchor, event.start_mark))
             return node, 0
         self._nodes += size
+        self._chars += chars
+        self._check_chars(event.start_mark, f"alias *{anchor} stands for {chars:,} characters, which makes ")
         if self._nodes > MAX_NODES:
             raise _OverLimit(
                 f"alias *{anchor} stands for {size:,} nodes, which makes more than {MAX_NODES:,} "
