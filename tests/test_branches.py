@@ -750,12 +750,14 @@ class _Versions:
         self.checkout = branches.agent_checkout(self.run, "a", [])
         self.tree = Path(self.checkout.worktree)
         self.said: list[str] = []
+        self.journals = tmp_path / "journal" / "a"
 
     def task(self, index: int, version: str, files: dict[str, str], state: str = "completed") -> str | None:
         for name, text in files.items():
             (self.tree / name).write_text(text)
         return branches.commit_task(self.checkout, run_key="night", index=index, total=3, description=f"t{index}",
-                                    state=state, key=f"k{index}-{version}", log=self.said.append)
+                                    state=state, key=f"k{index}-{version}", log=self.said.append,
+                                    journals=self.journals)
 
     def resume(self) -> None:
         self.checkout = branches.agent_checkout(self.run, "a", [])
@@ -797,6 +799,8 @@ def test_an_abandoned_attempt_of_another_version_is_never_committed_as_a_cached_
     a.resume()
     assert branches.set_aside_from_task(a.checkout, run_key="night", index=1, total=3)
     (a.tree / "t1.txt").write_text("half of the second version\n")  # killed here
+    a.journals.mkdir(parents=True)
+    (a.journals / "1.jsonl").write_text('{"kind":"tool"}\n')  # its turns: their effects go with the edits
     a.resume()
     for i in (1, 2, 3):
         assert a.task(i, "v1", {}, state="cached")
@@ -804,6 +808,7 @@ def test_an_abandoned_attempt_of_another_version_is_never_committed_as_a_cached_
     assert not git(a.tree, "status", "--porcelain")
     aside = git(a.repo, "log", "--format=%s", "--grep=earlier attempt", "toka/night/a").splitlines()
     assert aside == ["a: set aside the edits of an earlier attempt at task 1/3", "a: edits of an earlier attempt at task 1/3"]
+    assert not list(a.journals.iterdir())
 
 
 def test_a_cached_result_that_changed_nothing_leaves_no_other_versions_work(tmp_path: Path) -> None:

@@ -469,8 +469,9 @@ def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tas
     Else it kept working, and ``toka apply --agent`` applied, on their superseded work while its
     prompt held their new results; and an agent whose tasks were all replayed stayed on it."""
     worktree, total = Path(checkout.worktree), str(tasks or "?")
-    in_flight = sorted(int(p.stem) for p in (journal_dir(Path(run.state_dir), run.run_key) / checkout.agent).glob(
-        "*.jsonl") if p.stem.isdigit())
+    journals = journal_dir(Path(run.state_dir), run.run_key) / checkout.agent
+    in_flight = sorted(int(p.stem) for p in journals.glob("*.jsonl") if p.stem.isdigit())
+    shutil.rmtree(journals, ignore_errors=True)  # first: a kill after the set-aside must not leave them
     set_aside_edits(checkout, run_key=run.run_key, index=in_flight[-1] if in_flight else 1, total=total,
                     why=f"The work of {', '.join(deps)} changed since the agent started; it starts again from it.")
     start = _start_of(run, checkout.agent, deps)
@@ -483,7 +484,6 @@ def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tas
     commit = _git(worktree, "commit-tree", tree, "-p", "HEAD", "-p", start, "-m", message,
                   env=_identity(checkout.agent)).strip()
     _git(worktree, "update-ref", "HEAD", commit)
-    shutil.rmtree(journal_dir(Path(run.state_dir), run.run_key) / checkout.agent, ignore_errors=True)
     record = run.agent_record(checkout.agent)
     _write_json(record, {**json.loads(record.read_text(encoding="utf-8")), "start": start, "deps": deps})
     return checkout.model_copy(update={"start": start, "restarted": commit})
@@ -614,7 +614,7 @@ def _merged(repo: Path, base: str, heads: list[tuple[str, str]], *, message: str
 def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int, description: str,
                 state: str, summary: str = "", files_changed: list[str] | tuple[str, ...] = (),
                 audit: AuditLog | None = None, key: str | None = None,
-                log: Callable[[str], None] | None = None) -> str | None:
+                log: Callable[[str], None] | None = None, journals: Path | None = None) -> str | None:
     """Commit what the task left in the agent's worktree; return the commit (None: nothing changed).
 
     ``key``: the task's cache key (the result's), written in the commit (``Toka-Key``). A task
@@ -622,7 +622,8 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     made: when the branch holds another version of the task's work instead (the spec was
     edited, the task ran again, and the edit was undone before this resume), that work and the
     later tasks' are set aside and the cached result's commit is restored from the history;
-    ``log`` is told.
+    ``log`` is told. Uncommitted edits set aside then are another attempt's: the journals in
+    ``journals`` (the agent's) go first, else that attempt's turns would replay without them.
 
     A task that failed for good: its edits are committed marked as failed, then set aside
     by a second commit that undoes them, so the next task starts from the last good state
@@ -640,7 +641,8 @@ def commit_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int
     if checkout.shared:
         return None  # a read-only agent's: nothing of it can have changed
     if state == "cached" and key:
-        handled, restored = _replay_on_branch(checkout, run_key=run_key, index=index, total=total, key=key, log=log)
+        handled, restored = _replay_on_branch(checkout, run_key=run_key, index=index, total=total, key=key, log=log,
+                                              journals=journals)
         if handled:
             return restored
     status = _git(worktree, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none")
@@ -875,7 +877,7 @@ def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int
 
 
 def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, total: int, key: str,
-                      log: Callable[[str], None] | None) -> tuple[bool, str | None]:
+                      log: Callable[[str], None] | None, journals: Path | None) -> tuple[bool, str | None]:
     """Task ``index``, replayed from the cache under ``key``: make the branch hold the work of that
     result. Returns whether that is done, and the commit restored (None: the branch holds that
     work already, or the result made none). Not done: no version of the task's work is on the
@@ -894,6 +896,9 @@ def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, tota
                  and trailers.get(_KEY) == key), None)
     if live is None and made is None:
         return False, None
+    if journals is not None and uncommitted_files(worktree):
+        for stale in journals.glob("*.jsonl"):  # first: a kill after the set-aside must not leave them
+            stale.unlink(missing_ok=True)
     why = (f"The task's result is replayed from the cache, and these edits are not that result's "
            f"(an attempt at another version of the task{', cut short' if live is None else ''}).")
     if set_aside_edits(checkout, run_key=run_key, index=index, total=total, why=why) and log is not None:

@@ -288,9 +288,10 @@ async def _run_llm_step(step: StepInput) -> TaskOutcome:
                if owner == step.index else
                f"Task {owner}/{len(tasks)} was in flight when the run stopped; task {step.index}/{len(tasks)} runs "
                "again before it, from the last commit.")
-        if await _set_aside(checkout, run.run_key, owner, len(tasks), why, logger) and owner != step.index:
-            for stale in later:  # their recorded tools' effects are set aside: replayed, they would be missing
-                stale.discard()
+        if owner != step.index:
+            for stale in later:  # their tools' effects go with the edits: replayed, they would be missing
+                stale.discard()  # (first: a kill after the set-aside must not leave them)
+        await _set_aside(checkout, run.run_key, owner, len(tasks), why, logger)
     if checkout is not None and (checkout.reused or checkout.remade) and not _has_entries(journal):
         await _set_aside_earlier_work(checkout, run.run_key, step.index, len(tasks), logger)
     step_args: dict[str, Any] = dict(
