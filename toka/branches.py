@@ -896,13 +896,16 @@ def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, tota
                  and trailers.get(_KEY) == key), None)
     if live is None and made is None:
         return False, None
+    owner = index  # whose edits the worktree holds: the task in flight when the run stopped, by its journal
     if journals is not None and uncommitted_files(worktree):
-        for stale in journals.glob("*.jsonl"):  # first: a kill after the set-aside must not leave them
-            stale.unlink(missing_ok=True)
-    why = (f"The task's result is replayed from the cache, and these edits are not that result's "
-           f"(an attempt at another version of the task{', cut short' if live is None else ''}).")
-    if set_aside_edits(checkout, run_key=run_key, index=index, total=total, why=why) and log is not None:
-        log(f"task {index}/{total}: uncommitted edits of another version of the task set aside on {checkout.branch}")
+        stale = [path for path in journals.glob("*.jsonl") if path.stem.isdigit()]
+        owner = max((int(path.stem) for path in stale), default=index)
+        for path in stale:  # first: a kill after the set-aside must not leave them
+            path.unlink(missing_ok=True)
+    why = (f"Task {index}/{total}'s result is replayed from the cache, and these edits are not that result's "
+           f"(an attempt at another version of the tasks{', cut short' if live is None else ''}).")
+    if set_aside_edits(checkout, run_key=run_key, index=owner, total=total, why=why) and log is not None:
+        log(f"task {owner}/{total}'s uncommitted edits (of another version of the tasks) set aside on {checkout.branch}")
     if live is not None:
         set_aside_from_task(checkout, run_key=run_key, index=index, total=total,
                             why=f"The result replayed from the cache ({key}) is not the one {live[0][:12]} holds "
