@@ -714,11 +714,12 @@ def test_a_task_that_runs_again_sets_aside_later_tasks_work_and_never_its_own_ne
     task(2, {"t2.txt": "old\n"})
     task(3, {"t3.txt": "old\n"})
     checkout = branches.agent_checkout(run, "a", [])  # the resume, after a spec edit: all run again
-    assert branches.set_aside_from_task(checkout, run_key="night", index=1, total=3) is None  # it had none
-    task(1, {"t1.txt": "new\n"})
-    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3)  # 2 and 3 go, 1's new stays
-    assert (tree / "t1.txt").read_text() == "new\n"
+    # Task 1 had no commit, tasks 2 and 3 go even so (else task 1 worked on top of their old work).
+    assert branches.set_aside_from_task(checkout, run_key="night", index=1, total=3)
     assert not (tree / "t2.txt").exists() and not (tree / "t3.txt").exists()
+    task(1, {"t1.txt": "new\n"})
+    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3) is None  # 1's new stays
+    assert (tree / "t1.txt").read_text() == "new\n"
     task(2, {"t2.txt": "new\n"})
     assert branches.set_aside_from_task(checkout, run_key="night", index=3, total=3) is None
     task(3, {"t3.txt": "new\n"})
@@ -727,17 +728,28 @@ def test_a_task_that_runs_again_sets_aside_later_tasks_work_and_never_its_own_ne
 
 def test_a_failed_task_running_again_leaves_the_later_tasks_work_on_the_branch(tmp_path: Path) -> None:
     """Task 2 failed, task 3 finished; the resume ran task 2 again (no spec edit) and set task 3's
-    work aside, though task 3 was then replayed from the cache: its work gone, reported done."""
+    work aside, though task 3 was then replayed from the cache: its work gone, reported done. (Not
+    set aside, task 2 worked on top of it, and a conflict in reverting it lost task 2's new work.)"""
     repo = make_repo(tmp_path / "repo")
     run = branches.open_run(repo, repo / ".toka", "night")
     checkout = branches.agent_checkout(run, "a", [])
     tree = Path(checkout.worktree)
+
+    def task(index: int, state: str) -> str | None:
+        return branches.commit_task(checkout, run_key="night", index=index, total=3, description=f"t{index}",
+                                    state=state, key=f"k{index}")
+
     for index, state in ((1, "completed"), (2, "failed"), (3, "completed")):
         (tree / f"t{index}.txt").write_text(f"{index}\n")
-        branches.commit_task(checkout, run_key="night", index=index, total=3, description=f"t{index}", state=state)
+        task(index, state)
     checkout = branches.agent_checkout(run, "a", [])
-    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3) is None
+    assert branches.set_aside_from_task(checkout, run_key="night", index=2, total=3)
+    assert not (tree / "t3.txt").exists()
+    (tree / "t2.txt").write_text("2 again\n")
+    task(2, "failed")  # fails again: task 3 keeps its cache key, and replays
+    assert task(3, "cached")
     assert git(repo, "show", "toka/night/a:t3.txt") == "3\n"
+    assert branches.run_git(repo, "cat-file", "-e", "toka/night/a:t2.txt").returncode != 0  # set aside, twice
 
 
 class _Versions:
@@ -831,13 +843,12 @@ def test_a_cached_result_that_changed_nothing_leaves_no_other_versions_work(tmp_
 
 def test_a_cached_tasks_work_found_on_the_branch_already_is_not_committed_again(tmp_path: Path) -> None:
     a = _Versions(tmp_path)
-    a.task(1, "v1", {"x.txt": "1\n"})
+    a.task(1, "v1", {})
+    a.task(2, "v1", {"x.txt": "1\n"})
     a.resume()
     assert branches.set_aside_from_task(a.checkout, run_key="night", index=1, total=3)
-    a.task(1, "v2", {})
-    a.task(2, "v2", {"x.txt": "1\n"})  # the same change, by another task of the other version
-    a.resume()
-    assert a.task(1, "v1", {}, state="cached") is None  # git had nothing to commit: no error
+    a.task(1, "v2", {"x.txt": "1\n"})  # the same change, by task 1 now; task 2's result is the same
+    assert a.task(2, "v1", {}, state="cached") is None  # git had nothing to commit: no error
     assert git(a.repo, "show", "toka/night/a:x.txt") == "1\n"
 
 

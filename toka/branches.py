@@ -906,10 +906,11 @@ def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, tota
            f"(an attempt at another version of the tasks{', cut short' if live is None else ''}).")
     if set_aside_edits(checkout, run_key=run_key, index=owner, total=total, why=why) and log is not None:
         log(f"task {owner}/{total}'s uncommitted edits (of another version of the tasks) set aside on {checkout.branch}")
-    if live is not None:
-        set_aside_from_task(checkout, run_key=run_key, index=index, total=total,
-                            why=f"The result replayed from the cache ({key}) is not the one {live[0][:12]} holds "
-                                "the work of: the spec or settings changed back since.")
+    # Another version's work of this task or of later ones (made since this task's was set aside)
+    # goes first: the result's work is restored where it was made.
+    set_aside_from_task(checkout, run_key=run_key, index=index, total=total,
+                        why=f"Task {index}/{total} replays its result from the cache ({key}), and this is not that "
+                            "result's work: the spec or settings changed back since.")
     if made is None:
         if log is not None:
             log(f"task {index}/{total}: replayed from the cache; the work of another version of it is set aside "
@@ -953,12 +954,15 @@ def _restore(checkout: AgentCheckout, commit: str) -> str | None:
 
 def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, total: int,
                         why: str = "") -> str | None:
-    """Task ``index`` runs again though the branch holds its own finished commit of this run (its
-    cache key changed: the spec or a setting was edited before a resume): its work and the later
-    tasks' are set aside by one commit (a revert of their commits when an earlier task's newer work
-    lies above them, else a reset to before the oldest), so what the task does now lands there
-    (else its new edits were left out and the old ones kept, while its report showed the new). A
-    failed task running again sets nothing aside. Returns that commit (None: nothing set aside)."""
+    """Task ``index`` runs again (its cache key changed: the spec or a setting was edited before a
+    resume; or it failed) though the branch holds its or a later task's finished commit of this
+    run: their work is set aside by one commit (a revert of their commits when an earlier task's
+    newer work lies above them, else a reset to before the oldest), so what the task does now
+    lands where it did first (else its new edits were left out and the old ones kept, while its
+    report showed the new; or it worked on top of the later tasks' old work). A later task that
+    then replays from the cache gets its work back from the history (:func:`commit_task`).
+    Returns that commit (None: nothing set aside; a failed task's own set-aside edits are
+    :func:`reopen_task`'s)."""
     if checkout.shared:
         return None
     worktree = Path(checkout.worktree)
@@ -974,13 +978,11 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
             oldest = commit
             ours.append(commit)
             lower_above |= seen_lower  # an earlier task's newer work lies above (it made none the first time)
-            # Only this task's own finished commit says it runs again after finishing (a failed task
-            # running again does not: the later tasks' work stays, and they replay from the cache).
-            finished |= number == index and trailers.get("Toka-State") == "completed"
+            finished |= trailers.get("Toka-State") == "completed"
         else:
             seen_lower = True
     if oldest is None or not finished:
-        return None  # a failed task's set-aside edits: reopen_task's
+        return None  # set-aside edits only: they change nothing
     if lower_above and run_git(worktree, "revert", "--no-commit", *ours).returncode != 0:
         _git(worktree, "revert", "--abort", check=False)
         lower_above = False
