@@ -483,9 +483,11 @@ def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tas
                f"Toka-Run: {run.run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: 1/{total}\n")
     commit = _git(worktree, "commit-tree", tree, "-p", "HEAD", "-p", start, "-m", message,
                   env=_identity(checkout.agent)).strip()
-    _git(worktree, "update-ref", "HEAD", commit)
+    # The record first: killed before the branch moves, the next resume starts again anew; after
+    # it, with the record's old start, the agent's changes would count its dependencies' as its own.
     record = run.agent_record(checkout.agent)
     _write_json(record, {**json.loads(record.read_text(encoding="utf-8")), "start": start, "deps": deps})
+    _git(worktree, "update-ref", "HEAD", commit)
     return checkout.model_copy(update={"start": start, "restarted": commit})
 
 
