@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from toka.branches import AgentCheckout
 from toka.claude import default_model
 from toka.journal import Journal, Replay, journal_path, request_fingerprint
 from toka.model import Message, ModelRequest, ModelResponse, TextBlock, Usage
@@ -264,3 +265,11 @@ def test_turn_limits_and_timeouts_for_real_work() -> None:
 
     assert key(2, run) != key(2, fewer)  # a different limit may give a different answer
     assert key(1, run) == key(1, fewer)  # task 1 keeps its own limit
+
+    # On a branch: the files its dependencies left are part of what its work was made on.
+    def on(tree: str) -> RunConfig:
+        checkout = AgentCheckout(agent="worker", worktree="w", root="w", branch="b", start="s", start_tree=tree)
+        return run.model_copy(update={"checkout": checkout})
+
+    assert key(1, on("")) == key(1, run)  # from the run's base: as without a branch
+    assert key(1, on("t1")) != key(1, on("t2")) and key(1, on("t1")) == key(1, on("t1"))

@@ -108,6 +108,7 @@ def test_a_dependent_resumed_after_its_dependency_ran_again_starts_again_from_it
     assert task(alpha, "alpha.txt", "new\n")
     beta = branches.agent_checkout(run, "beta", ["alpha"], tasks=1)
     assert beta.restarted and (Path(beta.worktree) / "alpha.txt").read_text() == "new\n"
+    assert beta.start_tree and again.start_tree and beta.start_tree != again.start_tree  # its tasks' cache keys
     assert not (Path(beta.worktree) / "beta.txt").exists() and not (Path(beta.worktree) / "half.txt").exists()
     assert task(beta, "beta.txt", "", state="cached")  # replayed: its work comes back, on alpha's new work
     assert git(Path(run.repo), "show", "toka/night/beta:beta.txt") == "beta's\n"

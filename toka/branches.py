@@ -387,6 +387,11 @@ class AgentCheckout(BaseModel):
     short): a task's uncommitted edits are not in it."""
     restarted: str | None = None
     """The commit that started it again from its dependencies' new work (:func:`_start_again`)."""
+    start_tree: str = ""
+    """The tree of ``start`` when it holds dependencies' work ('' when it is the run's base): part
+    of its tasks' cache keys. Their work was made on those files: when the dependencies' files
+    change while their results read the same, a task replayed would bring its old work onto
+    files it never saw (restored on their new work, or left on their superseded one)."""
 
 
 def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: bool = False,
@@ -421,12 +426,12 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
         if recorded is None:
             _write_json(record, {"start": start, "deps": deps, "shared": True})
         return AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                             start=start, shared=True)
+                             start=start, shared=True, start_tree=_tree_of(repo, start, deps))
     path = run.worktree(agent)
     if (path / ".git").exists() and own is not None:
         _drop_stale_locks(path, branch)
         found = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                              start=own["start"], reused=True)
+                              start=own["start"], reused=True, start_tree=_tree_of(repo, own["start"], deps))
         return _start_again(run, found, deps, tasks) if deps and not _holds_dependencies(run, deps, _head(
             repo, branch)) else found
     exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
@@ -446,9 +451,15 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
             _add_worktree(run, path, "-B" if own is None else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
     made = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
-                         remade=own is not None)
+                         remade=own is not None, start_tree=_tree_of(repo, start, deps))
     return _start_again(run, made, deps, tasks) if exists and deps and not _holds_dependencies(run, deps, _head(
         repo, branch)) else made
+
+
+def _tree_of(repo: Path, start: str, deps: list[str]) -> str:
+    """The tree of an agent's ``start`` when it holds the work of ``deps`` (one git process an agent
+    with dependencies); '' without them: the run's base, the same for the whole run."""
+    return _git(repo, "rev-parse", f"{start}^{{tree}}").strip() if deps else ""
 
 
 def _holds_dependencies(run: RunBranches, deps: list[str], commit: str) -> bool:
@@ -488,7 +499,7 @@ def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tas
     record = run.agent_record(checkout.agent)
     _write_json(record, {**json.loads(record.read_text(encoding="utf-8")), "start": start, "deps": deps})
     _git(worktree, "update-ref", "HEAD", commit)
-    return checkout.model_copy(update={"start": start, "restarted": commit})
+    return checkout.model_copy(update={"start": start, "restarted": commit, "start_tree": tree})
 
 
 def _start_of(run: RunBranches, agent: str, deps: list[str]) -> str:

@@ -83,6 +83,9 @@ class StepInput(BaseModel):
             "max_turns": self.max_turns,
             "run": self.run.run_key,
         }
+        if self.run.checkout is not None and self.run.checkout.start_tree:
+            # The files its dependencies left, which the task's work was made on (see AgentCheckout).
+            material["start"] = self.run.checkout.start_tree
         blob = json.dumps(material, sort_keys=True, default=str).encode()
         return f"toka-{self.spec.name}-{self.index}-{hashlib.sha256(blob).hexdigest()[:32]}"
 
