@@ -1345,10 +1345,11 @@ def test_a_resume_after_a_stop_in_the_middle_of_an_edit_does_not_make_it_twice(t
     assert git(repo, "show", "toka/cut/_merged:shared.txt").count("added") == 1
 
 
-@pytest.mark.usefixtures("prefect_server")
-def test_a_task_that_runs_again_after_its_spec_changed_leaves_its_new_work_on_the_branch(tmp_path: Path) -> None:
-    """Resumed after the spec was edited, task 1 ran again (a new cache key) and was reported with
-    its new result, but its new edits were set aside and the branch kept the old ones."""
+def _careful_writer(tmp_path: Path, *, fails_after_writing: bool
+                    ) -> tuple[Path, list[bool], Callable[[ModelRequest], ModelResponse]]:
+    """A repository whose agent's two (high-priority) tasks each write t<N>.txt, "careful" when its
+    spec says so, else "plain"; task 2's model request fails while the returned flag holds (before
+    it writes, or after: ``fails_after_writing``)."""
     from toka.errors import PermanentModelError
 
     spec = writer("a", tasks=2)
@@ -1360,12 +1361,21 @@ def test_a_task_that_runs_again_after_its_spec_changed_leaves_its_new_work_on_th
     def answer(request: ModelRequest) -> ModelResponse:
         careful = "carefully" in (request.system or "")
         step = int(request.metadata["task"])
-        if not any(m.role == "assistant" for m in request.messages):
-            if step == 2 and broken[0]:
-                raise PermanentModelError("the provider refused the request")
+        wrote = any(m.role == "assistant" for m in request.messages)
+        if step == 2 and broken[0] and wrote == fails_after_writing:
+            raise PermanentModelError("the provider refused the request")
+        if not wrote:
             return tool_call("write_file", path=f"t{step}.txt", content="careful\n" if careful else "plain\n")
         return submit(summary=f"wrote t{step}.txt")
 
+    return repo, broken, answer
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_task_that_runs_again_after_its_spec_changed_leaves_its_new_work_on_the_branch(tmp_path: Path) -> None:
+    """Resumed after the spec was edited, task 1 ran again (a new cache key) and was reported with
+    its new result, but its new edits were set aside and the branch kept the old ones."""
+    repo, broken, answer = _careful_writer(tmp_path, fails_after_writing=False)
     assert toka(repo, "--run-key", "again", model=FunctionModel(answer)).exit_code == 1
     assert git(repo, "show", "toka/again/a:t1.txt") == "plain\n"
     spec_file = repo / "specs" / "a.yaml"
@@ -1386,23 +1396,7 @@ def test_a_spec_edit_undone_before_the_next_resume_leaves_the_replayed_results_w
     """Edited, resumed (both tasks ran again), the edit undone, resumed: both tasks replayed their
     first results from the cache while the branch (and so `toka apply`) kept the edited spec's work.
     And the edited resume set the in-flight task 2's leftover edits aside as task 1's."""
-    from toka.errors import PermanentModelError
-
-    spec = writer("a", tasks=2)
-    for task in spec["tasks"]["default"]:
-        task["priority"] = "high"
-    repo = make_repo(tmp_path / "repo", spec)
-    broken = [True]
-
-    def answer(request: ModelRequest) -> ModelResponse:
-        careful = "carefully" in (request.system or "")
-        step = int(request.metadata["task"])
-        if not any(m.role == "assistant" for m in request.messages):
-            return tool_call("write_file", path=f"t{step}.txt", content="careful\n" if careful else "plain\n")
-        if step == 2 and broken[0]:
-            raise PermanentModelError("the provider refused the request")
-        return submit(summary=f"wrote t{step}.txt")
-
+    repo, broken, answer = _careful_writer(tmp_path, fails_after_writing=True)
     assert toka(repo, "--run-key", "undo", model=FunctionModel(answer)).exit_code == 1
     broken[0] = False
     assert toka(repo, "--resume", model=FunctionModel(answer)).exit_code == 0

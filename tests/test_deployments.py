@@ -37,7 +37,7 @@ from toka.deployments import (
 from toka.errors import ConfigError
 from toka.plan import make_plan
 
-from .conftest import AGENT_SPECS, PREFECT, ROOT, PrefectServer, free_port, minimal_spec, stop_process
+from .conftest import AGENT_SPECS, PREFECT, ROOT, PrefectServer, minimal_spec, stop_process
 from .postgres import PostgresUnavailable, temporary_database
 
 PREFECT_YAML = ROOT / "prefect.yaml"
