@@ -1416,8 +1416,8 @@ def test_a_spec_edit_undone_before_the_next_resume_leaves_the_replayed_results_w
     assert [git(repo, "show", f"toka/undo/_merged:t{i}.txt") for i in (1, 2)] == ["careful\n"] * 2
     # On the terminal, as it happens.
     assert "a: task 2/2's uncommitted edits set aside" in edited.output
-    assert "a: task 1/2 runs again (its spec or settings changed): its earlier work and the later tasks' set " \
-           "aside" in edited.output
+    assert "a: task 1/2 runs again (its spec, settings or an earlier task's result changed): its earlier work and the later " \
+           "tasks' set aside" in edited.output
     assert git(repo, "show", "--format=%s", "--name-only", "toka/undo/a~4").split() == [
         "a:", "edits", "of", "an", "earlier", "attempt", "at", "task", "2/2", "t2.txt"]
     spec_file.write_text(plain)  # the edit undone

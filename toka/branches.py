@@ -1002,7 +1002,8 @@ def set_aside_from_task(checkout: AgentCheckout, *, run_key: str, index: int, to
     if not lower_above:
         _git(worktree, "read-tree", "-u", "--reset", f"{oldest}^")
     trailers = f"Toka-Run: {run_key}\nToka-Agent: {checkout.agent}\n{_RAN_AGAIN}: {index}/{total}\n"
-    why = why or f"Its spec or settings changed since {oldest[:12]} was made; the task starts over from before it."
+    why = why or (f"Its spec, settings or an earlier task's result changed since {oldest[:12]} was made; the "
+                  "task starts over from before it.")
     return _commit(worktree, f"{checkout.agent}: set aside the work of task {index}/{total} and after: it runs "
                              f"again\n\n{why}\n\n{trailers}", _identity(checkout.agent))
 

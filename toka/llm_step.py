@@ -157,18 +157,20 @@ async def _set_aside(checkout: AgentCheckout, run_key: str, index: int, total: i
 
 async def _set_aside_earlier_work(checkout: AgentCheckout, run_key: str, index: int, total: int,
                                   logger: Any) -> None:
-    """A task of a resumed run that runs again though the branch holds its finished commit (its
-    cache key changed: the spec was edited): its work and the later tasks' are set aside
-    (:func:`set_aside_from_task`), so what it does now is what the branch holds."""
+    """A task of a resumed run that runs again though the branch holds its or a later task's
+    finished commit (its cache key changed: the spec was edited, or an earlier task's result;
+    or it failed): that work is set aside (:func:`set_aside_from_task`), so what it does now is
+    what the branch holds."""
     settling = workspace_settling.get()
     if settling is not None and not settling.done():
         await asyncio.wait([settling])
     commit = await asyncio.to_thread(set_aside_from_task, checkout, run_key=run_key, index=index, total=total)
     if commit is not None:
-        logger.warning("task %d/%d runs again (its spec or settings changed since it was done): its earlier work "
-                       "and the later tasks' are set aside on %s (in %s)", index, total, checkout.branch, commit[:12])
-        tell_branch(checkout.agent, f"task {index}/{total} runs again (its spec or settings changed): its earlier "
-                                    f"work and the later tasks' set aside (in {commit[:12]})")
+        logger.warning("task %d/%d runs again (its spec, settings or an earlier task's result changed since it was "
+                       "done): its earlier work and the later tasks' are set aside on %s (in %s)",
+                       index, total, checkout.branch, commit[:12])
+        tell_branch(checkout.agent, f"task {index}/{total} runs again (its spec, settings or an earlier task's result "
+                                    f"changed): its earlier work and the later tasks' set aside (in {commit[:12]})")
 
 
 def _budgets(step: StepInput, total: int) -> tuple[Ledger, Ledger]:
