@@ -430,10 +430,8 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
     path = run.worktree(agent)
     if (path / ".git").exists() and own is not None:
         _drop_stale_locks(path, branch)
-        found = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch,
-                              start=own["start"], reused=True, start_tree=_tree_of(repo, own["start"], deps))
-        return _start_again(run, found, deps, tasks) if deps and not _holds_dependencies(run, deps, _head(
-            repo, branch)) else found
+        return _at_start(run, AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix),
+                                             branch=branch, start=own["start"], reused=True), deps, tasks)
     exists = own is not None and run_git(repo, "rev-parse", "--verify", "--quiet",
                                          f"refs/heads/{branch}").returncode == 0
     if exists:
@@ -451,15 +449,36 @@ def agent_checkout(run: RunBranches, agent: str, deps: list[str], *, read_only: 
             _add_worktree(run, path, "-B" if own is None else "-b", branch, str(path), start)
         _write_json(record, {"start": start, "deps": deps})
     made = AgentCheckout(agent=agent, worktree=str(path), root=str(path / run.prefix), branch=branch, start=start,
-                         remade=own is not None, start_tree=_tree_of(repo, start, deps))
-    return _start_again(run, made, deps, tasks) if exists and deps and not _holds_dependencies(run, deps, _head(
-        repo, branch)) else made
+                         remade=own is not None)
+    # A branch found (its worktree made again) may have started from its dependencies' old work too.
+    return _at_start(run, made, deps, tasks) if exists else made.model_copy(
+        update={"start_tree": _tree_of(repo, start, deps)})
+
+
+def _at_start(run: RunBranches, found: AgentCheckout, deps: list[str], tasks: int) -> AgentCheckout:
+    """An agent's branch a resume found: started again from its dependencies' work when that moved
+    since (:func:`_start_again`), else as it is; with its ``start_tree`` either way."""
+    repo = Path(run.repo)
+    if deps and not _holds_dependencies(run, deps, _head(repo, found.branch)):
+        return _start_again(run, found, deps, tasks)
+    return found.model_copy(update={"start_tree": _tree_of(repo, found.start, deps)})
 
 
 def _tree_of(repo: Path, start: str, deps: list[str]) -> str:
     """The tree of an agent's ``start`` when it holds the work of ``deps`` (one git process an agent
     with dependencies); '' without them: the run's base, the same for the whole run."""
     return _git(repo, "rev-parse", f"{start}^{{tree}}").strip() if deps else ""
+
+
+def _drop_journals(directory: Path) -> int | None:
+    """Remove the task journals in ``directory`` (an agent's: their turns' effects are being set
+    aside, and replayed they would be missing); return the highest task number among them, the
+    task in flight when the run stopped (None: there were none). Removed before the set-aside,
+    so that a kill in between leaves none."""
+    found = [path for path in directory.glob("*.jsonl") if path.stem.isdigit()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return max((int(path.stem) for path in found), default=None)
 
 
 def _holds_dependencies(run: RunBranches, deps: list[str], commit: str) -> bool:
@@ -480,10 +499,8 @@ def _start_again(run: RunBranches, checkout: AgentCheckout, deps: list[str], tas
     Else it kept working, and ``toka apply --agent`` applied, on their superseded work while its
     prompt held their new results; and an agent whose tasks were all replayed stayed on it."""
     worktree, total = Path(checkout.worktree), str(tasks or "?")
-    journals = journal_dir(Path(run.state_dir), run.run_key) / checkout.agent
-    in_flight = sorted(int(p.stem) for p in journals.glob("*.jsonl") if p.stem.isdigit())
-    shutil.rmtree(journals, ignore_errors=True)  # first: a kill after the set-aside must not leave them
-    set_aside_edits(checkout, run_key=run.run_key, index=in_flight[-1] if in_flight else 1, total=total,
+    in_flight = _drop_journals(journal_dir(Path(run.state_dir), run.run_key) / checkout.agent)
+    set_aside_edits(checkout, run_key=run.run_key, index=in_flight or 1, total=total,
                     why=f"The work of {', '.join(deps)} changed since the agent started; it starts again from it.")
     start = _start_of(run, checkout.agent, deps)
     _git(worktree, "read-tree", "-u", "--reset", start)
@@ -880,7 +897,13 @@ def _committed(worktree: Path, checkout: AgentCheckout, run_key: str, index: int
     """The commit (with its trailers) of task ``index`` of run ``run_key`` the agent's branch holds
     finished already, if any (its edits set aside after a failure do not count, nor work set aside
     for a task that ran again: :func:`set_aside_from_task`)."""
-    for commit, trailers in _own_commits(checkout, run_key):  # newest first
+    return _live(_own_commits(checkout, run_key), index, total)
+
+
+def _live(commits: list[tuple[str, dict[str, str]]], index: int,
+          total: int) -> tuple[str, dict[str, str]] | None:
+    """:func:`_committed`, from the agent's own commits (:func:`_own_commits`)."""
+    for commit, trailers in commits:  # newest first
         again = _task_number(trailers.get(_RAN_AGAIN))
         if again is not None and again <= index:
             return None  # this task's earlier commit, if any, is set aside below here
@@ -901,20 +924,18 @@ def _replay_on_branch(checkout: AgentCheckout, *, run_key: str, index: int, tota
     half-done edits in the worktree): the report would show one thing and ``toka apply`` bring
     another."""
     worktree = Path(checkout.worktree)
-    live = _committed(worktree, checkout, run_key, index, total)
+    commits = _own_commits(checkout, run_key)
+    live = _live(commits, index, total)
     if live is not None and live[1].get(_KEY) in (None, key):
         return True, None  # already there (a commit of before keys were written counts as this one's)
-    made = next((commit for commit, trailers in _own_commits(checkout, run_key)
+    made = next((commit for commit, trailers in commits
                  if trailers.get("Toka-Task") == f"{index}/{total}" and trailers.get("Toka-State") == "completed"
                  and trailers.get(_KEY) == key), None)
     if live is None and made is None:
         return False, None
     owner = index  # whose edits the worktree holds: the task in flight when the run stopped, by its journal
     if journals is not None and uncommitted_files(worktree):
-        stale = [path for path in journals.glob("*.jsonl") if path.stem.isdigit()]
-        owner = max((int(path.stem) for path in stale), default=index)
-        for path in stale:  # first: a kill after the set-aside must not leave them
-            path.unlink(missing_ok=True)
+        owner = _drop_journals(journals) or index
     why = (f"Task {index}/{total}'s result is replayed from the cache, and these edits are not that result's "
            f"(an attempt at another version of the tasks{', cut short' if live is None else ''}).")
     if set_aside_edits(checkout, run_key=run_key, index=owner, total=total, why=why) and log is not None:

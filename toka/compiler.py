@@ -488,15 +488,14 @@ def _commit(run: RunConfig, record: TaskRecord, total: int, key: str) -> None:
     task that failed for good has its edits set aside, one replayed from the cache gets the work
     of that result back on the branch (:func:`toka.branches.commit_task`)."""
     assert run.checkout is not None
-    result = record.result
+    result, agent = record.result, run.checkout.agent
     state_dir = Workspace(run.workspace).state_dir
     audit = AuditLog(audit_path(state_dir, run.run_key), run=run.run_key, on_record=_warn_refused_commit)
     commit_task(run.checkout, run_key=run.run_key, index=record.index, total=total,
                 description=record.description, state=record.state,
                 summary=result.summary if result else record.error or "",
                 files_changed=result.files_changed if result else (), audit=audit, key=key,
-                log=lambda line: _tell(run.checkout.agent if run.checkout else "", line),
-                journals=journal_path(state_dir, run.run_key, run.checkout.agent, record.index).parent)
+                log=lambda line: _tell(agent, line), journals=journal_path(state_dir, run.run_key, agent, 1).parent)
 
 
 def _warn_refused_commit(entry: dict[str, Any]) -> None:
