@@ -355,8 +355,11 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
             self._anchors[anchor] = (node, self._nodes - start, height + 1, self._chars - start_chars)
         return node, height + 1
 
-    def _check_chars(self, mark: yaml.Mark, why: str = "") -> None:
+    def _check_chars(self, mark: yaml.Mark, alias: tuple[str, int] | None = None) -> None:
+        """Refuse the spec past :data:`MAX_EXPANDED_CHARS`, at ``mark`` (an ``alias``: its anchor and
+        the characters it stands for)."""
         if self._chars > MAX_EXPANDED_CHARS:
+            why = f"alias *{alias[0]} stands for {alias[1]:,} characters, which makes " if alias else ""
             raise _OverLimit(
                 f"{why}more than {MAX_EXPANDED_CHARS:,} characters of text in all (an alias counts as a copy of "
                 f"what it names); the limit for a spec is {MAX_EXPANDED_CHARS:,}", mark,
@@ -372,7 +375,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
             return node, 0
         self._nodes += size
         self._chars += chars
-        self._check_chars(event.start_mark, f"alias *{anchor} stands for {chars:,} characters, which makes ")
+        self._check_chars(event.start_mark, (anchor, chars))
         if self._nodes > MAX_NODES:
             raise _OverLimit(
                 f"alias *{anchor} stands for {size:,} nodes, which makes more than {MAX_NODES:,} "
